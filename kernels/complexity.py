@@ -1,0 +1,120 @@
+"""Closed-form FLOPs and params of many recipes at once.
+
+Both FLOPs (multiply-accumulates of conv and linear layers) and params (conv, linear, BN) of a pruned ResNet are a
+quadratic form in the kept-channel counts ``keep`` (one count per group of the layer table)::
+
+    value(keep) = const + sum_i linear[i] * keep[i] + sum_p weight[p] * keep[a[p]] * keep[b[p]]
+
+A conv whose input and output channels both belong to prunable groups contributes a pair term; one whose input (or
+output) is fixed (the image, an unpruned residual stream, the classifier's classes) contributes a linear term; what no
+group touches is the constant. All coefficients are non-negative integers, so the form is exact in int64 and monotone
+in every ``keep[i]``.
+
+This module imports only numpy and numba (DESIGN.md); the layer table in ``nps.pipeline.graph`` builds the forms.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from numba import njit
+
+# Tests may run the kernels as plain Python (ffcv's convention): NPS_NUMBA_DISABLE=1.
+if os.environ.get("NPS_NUMBA_DISABLE") == "1":  # pragma: no cover - exercised by the env switch
+    def njit(*args, **kwargs):  # noqa: F811
+        if args and callable(args[0]):
+            return args[0]
+        return lambda f: f
+
+
+class QuadraticForm:
+    """``const + linear·keep + Σ weight[p]·keep[a[p]]·keep[b[p]]`` with int64 coefficients.
+
+    Parameters
+    ----------
+    const : int
+        Part of the count that no group changes.
+    linear : array of int64, shape (G,)
+        Coefficient of ``keep[i]``.
+    pair_a, pair_b : arrays of int64, shape (P,)
+        Group indices of each product term (``a <= b``; ``a == b`` is a square term).
+    pair_w : array of int64, shape (P,)
+        Coefficient of ``keep[a] * keep[b]``.
+    """
+
+    def __init__(self, const, linear, pair_a, pair_b, pair_w):
+        self.const = int(const)
+        self.linear = np.ascontiguousarray(linear, dtype=np.int64)
+        self.pair_a = np.ascontiguousarray(pair_a, dtype=np.int64)
+        self.pair_b = np.ascontiguousarray(pair_b, dtype=np.int64)
+        self.pair_w = np.ascontiguousarray(pair_w, dtype=np.int64)
+        if not (len(self.pair_a) == len(self.pair_b) == len(self.pair_w)):
+            raise ValueError("pair_a, pair_b and pair_w must have the same length")
+
+    @property
+    def groups(self) -> int:
+        return len(self.linear)
+
+    def arrays(self):
+        """The coefficients as a tuple, in the order the numba kernels take them."""
+        return self.const, self.linear, self.pair_a, self.pair_b, self.pair_w
+
+    def __call__(self, keep) -> np.ndarray:
+        """Exact value for one keep vector (G,) or many (n, G); returns int64 of shape () or (n,)."""
+        keep = np.asarray(keep, dtype=np.int64)
+        if keep.ndim == 1:
+            return evaluate_many(keep[None, :], *self.arrays())[0]
+        return evaluate_many(np.ascontiguousarray(keep), *self.arrays())
+
+    def gradient(self, keep) -> np.ndarray:
+        """d value / d keep at one real-valued keep vector (float64, shape (G,))."""
+        keep = np.asarray(keep, dtype=np.float64)
+        g = self.linear.astype(np.float64).copy()
+        np.add.at(g, self.pair_a, self.pair_w * keep[self.pair_b])
+        np.add.at(g, self.pair_b, self.pair_w * keep[self.pair_a])
+        return g
+
+    def __eq__(self, other):
+        return isinstance(other, QuadraticForm) and self.const == other.const and all(
+            np.array_equal(x, y) for x, y in zip(self.arrays()[1:], other.arrays()[1:])
+        )
+
+    def __repr__(self):
+        return f"QuadraticForm(groups={self.groups}, pairs={len(self.pair_w)}, const={self.const})"
+
+
+@njit(nogil=True, cache=True)
+def evaluate_one(keep, const, linear, pair_a, pair_b, pair_w):
+    """Value of the form at one keep vector (int64 or float64 entries); returns float64."""
+    total = float(const)
+    for i in range(linear.shape[0]):
+        total += linear[i] * keep[i]
+    for p in range(pair_w.shape[0]):
+        total += pair_w[p] * keep[pair_a[p]] * keep[pair_b[p]]
+    return total
+
+
+@njit(nogil=True, cache=True)
+def evaluate_many(keep, const, linear, pair_a, pair_b, pair_w):
+    """Exact int64 value of the form for each row of ``keep`` (n, G)."""
+    n = keep.shape[0]
+    out = np.empty(n, dtype=np.int64)
+    for j in range(n):
+        total = const
+        row = keep[j]
+        for i in range(linear.shape[0]):
+            total += linear[i] * row[i]
+        for p in range(pair_w.shape[0]):
+            total += pair_w[p] * row[pair_a[p]] * row[pair_b[p]]
+        out[j] = total
+    return out
+
+
+def keep_from_recipe(recipe, channels) -> np.ndarray:
+    """Kept channels per group: ``max(1, floor((1 - r) * c + 0.5))`` (round half up, never zero).
+
+    Works on one recipe (G,) or many (n, G); float64 arithmetic, the same rule as the numba samplers.
+    """
+    r = np.asarray(recipe, dtype=np.float64)
+    c = np.asarray(channels, dtype=np.float64)
+    return np.maximum(1, np.floor((1.0 - r) * c + 0.5)).astype(np.int64)

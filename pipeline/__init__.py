@@ -1,0 +1,2 @@
+"""nps.pipeline."""
+__version__ = "0.1.0"

@@ -1,0 +1,72 @@
+"""The `nps` command: one subcommand per module in nps.pipeline.commands.
+
+Each command module defines ``register(subparsers)`` which adds its parser and sets ``func`` (called with the parsed
+namespace, returns an exit code). Library code never prints; commands own the terminal (rich).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nps.pipeline import __version__
+from nps.datasets.errors import DatasetError
+from nps.kernels.errors import SamplerError
+from nps.pipeline.errors import NpsError
+
+# Errors that mean bad input, not a bug: printed as one line, exit status 2.
+USER_ERRORS = (NpsError, SamplerError, DatasetError)
+
+# Order here is the order `nps --help` lists them.
+COMMANDS = ["convert", "sample", "run", "status", "report", "export", "presets"]
+
+DESCRIPTION = """\
+nps - network pruning spaces.
+
+Sample populations of pruned subnetworks of a trained ResNet under tight FLOPs constraints, prune and fine-tune them
+in cohorts, store every subnetwork's metrics in HDF5 and analyse the population (accuracy-drop EDFs, mCB).
+
+typical session:
+  nps convert fashion-mnist --out data/fmnist        # once per dataset
+  nps sample --model resnet56 --mode all --resolution 32 --classes 10 \\
+             --space std-0.05 --c-flops 0.25 -n 100 --out recipes.h5
+  nps run demo --out runs/demo                       # a whole experiment
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nps", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"nps {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"nps.pipeline.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"nps.pipeline.commands.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        # One line naming the input and what to do; no traceback for bad input.
+        print(f"nps {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nps {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
