@@ -1,0 +1,602 @@
+"""The results file: one HDF5 file per experiment, one writer, any number of SWMR readers.
+
+Layout (DESIGN.md, "results.h5")::
+
+    /                 attrs: nps_version, config, base_top1, base_top5, base_flops, base_params,
+                      dataset_fingerprint, created
+    /layers           the layer table (written by ``layer_table.to_hdf5(group)``)
+    /spaces/<name>/   one row per subnetwork; every dataset chunked and resizable along axis 0
+
+Rules the writer follows, and why:
+
+- **Exactly one writer.** :class:`ResultsStore` holds an exclusive ``flock`` on a side file ``<path>.lock`` for its
+  whole life. The operating system drops that lock when the process dies (even by ``kill -9``), so a later writer
+  can tell "the previous writer crashed" from "someone is writing right now".
+- **SWMR from the first update on.** HDF5 forbids creating groups, datasets or attributes while a file is in SWMR
+  mode. So :meth:`ResultsStore.create` / :meth:`ResultsStore.open` leave the file in normal write mode, where
+  :meth:`ResultsStore.add_space` and :meth:`ResultsStore.set_attrs` simply create what they need; the first row
+  update (or :meth:`ResultsStore.flush`) switches SWMR on for good. Creating every space before training is the
+  normal order. A space added *after* that (or attributes set) makes the writer close the file, reopen it
+  normally, make the change and switch SWMR back on: a short window in which new readers cannot open the file
+  (:func:`open_readonly` retries) and open readers may fail a read (call :meth:`ResultsReader.refresh`, which
+  reopens, and read again).
+- **Readers take no file lock.** SWMR reading needs none, and HDF5's shared lock would stop the writer from
+  reopening the file for such a change. HDF5's own "open for write" mark in the superblock still keeps readers out
+  while the writer is not in SWMR mode.
+- **Flush after every update, status last.** A finished row is written as: values, flush, ``status = 2``, flush.
+  A process killed at any point leaves either a complete row marked done or a row not marked done. Readers must
+  read ``status`` *before* the value columns (:meth:`ResultsReader.read` does): a row done in that snapshot has
+  its values on disk already.
+- **``error`` is fixed-length bytes** (``S256``, UTF-8, truncated to 256 bytes), not a variable-length string:
+  HDF5's variable-length data lives in the global heap, which SWMR does not support (readers of a file being
+  written fail on it; h5py issue #1273). :meth:`ResultsReader.errors` decodes it to ``str``.
+- **Crash recovery.** HDF5 marks a file "open for (SWMR) write" in its superblock while a writer has it; after a
+  crash the mark stays and HDF5 refuses a normal open ("may use h5clear"). When :meth:`ResultsStore.open` holds the
+  writer lock, no writer can be alive, so it clears the mark itself (what ``h5clear -s`` does: zero the
+  consistency flags and rewrite the superblock checksum). SWMR readers can open a crashed file without that.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import logging
+import math
+import os
+import struct
+import time
+from typing import Any, Iterable, Mapping
+
+import h5py
+import numpy as np
+
+from nps.pipeline import __version__ as NPS_VERSION
+from nps.pipeline.errors import NpsError
+
+log = logging.getLogger(__name__)
+
+PENDING, RUNNING, DONE, FAILED = 0, 1, 2, 3
+STATUS_NAMES = {PENDING: "pending", RUNNING: "running", DONE: "done", FAILED: "failed"}
+ERROR_BYTES = 256
+
+# Row fields given when recipes are sampled: name -> (dtype, has a per-group column axis).
+RECIPE_FIELDS: dict[str, tuple[str, bool]] = {
+    "recipe": ("f4", True),
+    "keep": ("i4", True),
+    "flops": ("i8", False),
+    "params": ("i8", False),
+    "c_flops": ("f4", False),
+    "c_params": ("f4", False),
+    "mcb": ("f4", False),
+    "std": ("f4", False),
+    "seed": ("i8", False),
+}
+# Fields filled in as subnetworks train; float fields start as NaN ("not known yet").
+RESULT_FIELDS: dict[str, str] = {
+    "status": "u1",
+    "top1": "f4",
+    "top5": "f4",
+    "loss": "f4",
+    "acc_drop": "f4",
+    "bn_top1": "f4",
+    "train_s": "f4",
+    "error": f"S{ERROR_BYTES}",
+}
+ROOT_ATTRS = ("base_top1", "base_top5", "base_flops", "base_params", "dataset_fingerprint")
+_ROW_CHUNK = 256  # rows per chunk: one update rewrites one small chunk per dataset
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Superblock consistency flags (the part of h5clear we need).
+
+
+def _rot(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & 0xFFFFFFFF
+
+
+def _lookup3(data: bytes, initval: int = 0) -> int:
+    """Bob Jenkins' lookup3 ``hashlittle``, the checksum HDF5 puts on version-2/3 superblocks."""
+    m = 0xFFFFFFFF
+    length = len(data)
+    a = b = c = (0xDEADBEEF + length + initval) & m
+    i = 0
+    while length > 12:
+        x, y, z = struct.unpack_from("<III", data, i)
+        a, b, c = (a + x) & m, (b + y) & m, (c + z) & m
+        a = (a - c) & m; a ^= _rot(c, 4); c = (c + b) & m  # noqa: E702
+        b = (b - a) & m; b ^= _rot(a, 6); a = (a + c) & m  # noqa: E702
+        c = (c - b) & m; c ^= _rot(b, 8); b = (b + a) & m  # noqa: E702
+        a = (a - c) & m; a ^= _rot(c, 16); c = (c + b) & m  # noqa: E702
+        b = (b - a) & m; b ^= _rot(a, 19); a = (a + c) & m  # noqa: E702
+        c = (c - b) & m; c ^= _rot(b, 4); b = (b + a) & m  # noqa: E702
+        length -= 12
+        i += 12
+    if length == 0:
+        return c
+    x, y, z = struct.unpack("<III", data[i:] + bytes(12 - length))
+    a, b, c = (a + x) & m, (b + y) & m, (c + z) & m
+    c ^= b; c = (c - _rot(b, 14)) & m  # noqa: E702
+    a ^= c; a = (a - _rot(c, 11)) & m  # noqa: E702
+    b ^= a; b = (b - _rot(a, 25)) & m  # noqa: E702
+    c ^= b; c = (c - _rot(b, 16)) & m  # noqa: E702
+    a ^= c; a = (a - _rot(c, 4)) & m  # noqa: E702
+    b ^= a; b = (b - _rot(a, 14)) & m  # noqa: E702
+    c ^= b; c = (c - _rot(b, 24)) & m  # noqa: E702
+    return c
+
+
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _superblock_flags(path: str) -> tuple[int, int] | None:
+    """(offset of the flags byte, flags) of a version-2/3 superblock at offset 0, else None."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if len(head) < 12 or head[:8] != _SIGNATURE or head[8] not in (2, 3):
+        return None
+    return 11, head[11]
+
+
+def clear_consistency_flags(path: str) -> bool:
+    """Zero the superblock's "open for write" flags left by a crashed writer; True if anything changed.
+
+    Only call this when no process can be writing the file (the caller holds the writer lock).
+    """
+    found = _superblock_flags(path)
+    if found is None or found[1] == 0:
+        return False
+    with open(path, "r+b") as fh:
+        head = bytearray(fh.read(64))
+        size_of_offsets = head[9]
+        end = 12 + 4 * size_of_offsets  # signature, 4 one-byte fields, 4 addresses
+        stored = struct.unpack_from("<I", head, end)[0]
+        if _lookup3(bytes(head[:end])) != stored:
+            raise NpsError(f"{path}: superblock checksum does not match; the file is damaged, not just unclosed")
+        head[11] = 0
+        struct.pack_into("<I", head, end, _lookup3(bytes(head[:end])))
+        fh.seek(0)
+        fh.write(bytes(head[: end + 4]))
+        fh.flush()
+        os.fsync(fh.fileno())
+    log.warning("%s: cleared the write flags left by a writer that did not close the file", path)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading (shared by the writer and the SWMR readers).
+
+
+def _encode_error(message: str) -> bytes:
+    raw = str(message).replace("\n", " ").encode("utf-8")
+    if len(raw) <= ERROR_BYTES:
+        return raw
+    return raw[:ERROR_BYTES].decode("utf-8", errors="ignore").encode("utf-8")
+
+
+def _decode_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class _ResultsFile:
+    """What both the writer and the readers can do with an open results file."""
+
+    path: str
+    _file: h5py.File
+
+    @property
+    def file(self) -> h5py.File:
+        """The underlying :class:`h5py.File` (read it, never write it directly)."""
+        return self._file
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return {k: _decode_attr(v) for k, v in self._file.attrs.items()}
+
+    @property
+    def layers(self) -> h5py.Group:
+        """The ``/layers`` group, for ``LayerTable.from_hdf5``."""
+        return self._file["layers"]
+
+    def spaces(self) -> list[str]:
+        return list(self._file["spaces"].keys()) if "spaces" in self._file else []
+
+    def _space(self, space: str) -> h5py.Group:
+        try:
+            return self._file["spaces"][space]
+        except KeyError:
+            raise NpsError(f"{self.path}: no space {space!r} (spaces: {', '.join(self.spaces()) or 'none'})") from None
+
+    def size(self, space: str) -> int:
+        return int(self._space(space)["status"].shape[0])
+
+    def epochs(self, space: str) -> int:
+        return int(self._space(space).attrs["epochs"])
+
+    def status(self, space: str) -> np.ndarray:
+        return self._space(space)["status"][()]
+
+    def read(self, space: str, fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Whole columns of one space as numpy arrays (``error`` as an object array of ``str``)."""
+        group = self._space(space)
+        names = list(group.keys()) if fields is None else list(fields)
+        if "status" in names:  # status first: rows done in this snapshot have their values flushed already
+            names.remove("status")
+            names.insert(0, "status")
+        out: dict[str, np.ndarray] = {}
+        for name in names:
+            if name not in group:
+                raise NpsError(f"{self.path}: space {space!r} has no field {name!r}")
+            data = group[name][()]
+            if name == "error":
+                data = np.array([b.decode("utf-8", errors="replace") for b in data], dtype=object)
+            out[name] = data
+        return out
+
+    def errors(self, space: str) -> list[str]:
+        return list(self.read(space, ["error"])["error"])
+
+    def pending_rows(self, space: str) -> np.ndarray:
+        return np.flatnonzero(self.status(space) == PENDING)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Per space: total rows and how many are pending / running / done / failed."""
+        out = {}
+        for space in self.spaces():
+            status = self.status(space)
+            counts = {"total": int(status.size)}
+            for code, name in STATUS_NAMES.items():
+                counts[name] = int(np.count_nonzero(status == code))
+            out[space] = counts
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "_file", None) is not None and self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ResultsReader(_ResultsFile):
+    """A read-only view of a results file, safe while its writer runs (SWMR). Get one from :func:`open_readonly`."""
+
+    def __init__(self, path: str, *, retry_s: float = 5.0):
+        self.path = str(path)
+        self._retry_s = retry_s
+        self.swmr = False
+        self._file = self._open()
+
+    def _open(self) -> h5py.File:
+        deadline = time.monotonic() + self._retry_s
+        while True:
+            try:
+                # SWMR read works on files being written in SWMR mode, on crashed ones and on closed ones.
+                self.swmr = True
+                return h5py.File(self.path, "r", swmr=True, libver="latest", locking=False)
+            except FileNotFoundError:
+                raise NpsError(f"{self.path}: no such results file") from None
+            except OSError as swmr_error:
+                try:  # an old-format file, or one no writer has in SWMR mode
+                    self.swmr = False
+                    return h5py.File(self.path, "r", locking=False)
+                except OSError:
+                    pass
+                if time.monotonic() >= deadline:
+                    # The writer is inside a structural change (add_space) or the file is not HDF5.
+                    raise NpsError(f"{self.path}: cannot open for reading ({swmr_error}); retry, or check the file")
+                time.sleep(0.05)
+
+    def refresh(self) -> None:
+        """See the writer's latest flushed state (reopens: new spaces and resized datasets included)."""
+        self.close()
+        self._file = self._open()
+
+
+def open_readonly(path: str | os.PathLike, *, retry_s: float = 5.0) -> ResultsReader:
+    """Open a results file read-only; works while a run is writing it (SWMR) and after a run was killed."""
+    return ResultsReader(os.fspath(path), retry_s=retry_s)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _check_rows(rows: Mapping[str, Any], groups: int | None) -> tuple[dict[str, np.ndarray], int]:
+    missing = [k for k in RECIPE_FIELDS if k not in rows]
+    if missing:
+        raise NpsError(f"rows lack {', '.join(missing)} (need {', '.join(RECIPE_FIELDS)})")
+    extra = [k for k in rows if k not in RECIPE_FIELDS]
+    if extra:
+        raise NpsError(f"rows have unknown fields {', '.join(extra)}")
+    arrays = {}
+    n = None
+    for name, (dtype, per_group) in RECIPE_FIELDS.items():
+        a = np.asarray(rows[name])
+        if per_group:
+            if a.ndim != 2:
+                raise NpsError(f"rows[{name!r}] must be n × groups, got shape {a.shape}")
+            if groups is not None and a.shape[1] != groups:
+                raise NpsError(f"rows[{name!r}] has {a.shape[1]} groups, the space has {groups}")
+            if a.shape[1] < 1:
+                raise NpsError(f"rows[{name!r}] has no group columns")
+            groups = a.shape[1]
+        elif a.ndim != 1:
+            raise NpsError(f"rows[{name!r}] must be one value per row, got shape {a.shape}")
+        if n is not None and a.shape[0] != n:
+            raise NpsError(f"rows[{name!r}] has {a.shape[0]} rows, {next(iter(arrays))!r} has {n}")
+        n = a.shape[0]
+        arrays[name] = a.astype(dtype)
+    return arrays, int(n)
+
+
+class ResultsStore(_ResultsFile):
+    """The one writer of a results file. Make one with :meth:`create` or :meth:`open`.
+
+    Every update is flushed before the method returns; see the module docstring for the SWMR rules.
+    """
+
+    def __init__(self, path: str, lock_fd: int):
+        # Use create() / open(); this only wires up an already locked path.
+        self.path = path
+        self._lock_fd = lock_fd
+        self._file = None  # type: ignore[assignment]
+        self._swmr = False
+
+    # -- lifetime ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _lock(path: str) -> int:
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise NpsError(f"{path} is being written by another process (pid {holder}); one writer per file") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        layer_table: Any,
+        config_text: str,
+        attrs: Mapping[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> "ResultsStore":
+        """Create a results file: root attrs, ``/layers`` (via ``layer_table.to_hdf5(group)``), empty ``/spaces``.
+
+        ``attrs`` gives ``base_top1``, ``base_top5``, ``base_flops``, ``base_params``, ``dataset_fingerprint``
+        (missing ones are stored as NaN / empty) and any extra root attributes.
+        """
+        path = os.fspath(path)
+        if os.path.exists(path) and not overwrite:
+            raise NpsError(f"{path} exists; open it to resume, or pass overwrite=True")
+        store = cls(path, cls._lock(path))
+        try:
+            f = h5py.File(path, "w", libver="latest")
+            store._file = f
+            attrs = dict(attrs or {})
+            f.attrs["nps_version"] = NPS_VERSION
+            f.attrs["config"] = str(config_text)
+            f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            for key in ROOT_ATTRS:
+                value = attrs.pop(key, "" if key == "dataset_fingerprint" else math.nan)
+                f.attrs[key] = value
+            for key, value in attrs.items():
+                f.attrs[key] = value
+            layers = f.create_group("layers")
+            if layer_table is not None:
+                layer_table.to_hdf5(layers)
+            f.create_group("spaces")
+            f.flush()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r+"):
+        """Open an existing results file: ``"r+"`` as its one writer (recovering from a crashed writer),
+        ``"r"`` read-only (same as :func:`open_readonly`)."""
+        path = os.fspath(path)
+        if mode == "r":
+            return open_readonly(path)
+        if mode != "r+":
+            raise NpsError(f"mode must be 'r' or 'r+', got {mode!r}")
+        if not os.path.exists(path):
+            raise NpsError(f"{path}: no such results file; create it first")
+        store = cls(path, cls._lock(path))
+        try:
+            clear_consistency_flags(path)  # we hold the lock: any writer mark is a dead writer's
+            store._file = h5py.File(path, "r+", libver="latest")
+            if "spaces" not in store._file:
+                raise NpsError(f"{path} is not an nps results file (no /spaces)")
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if getattr(self, "_lock_fd", None) is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
+
+    @property
+    def swmr(self) -> bool:
+        """Whether the file is in SWMR mode (readers can open it) — true from the first update on."""
+        return self._swmr
+
+    def flush(self) -> None:
+        """Write everything to the file and make it readable by SWMR readers."""
+        if not self._swmr:
+            self._file.swmr_mode = True
+            self._swmr = True
+        self._file.flush()
+
+    @contextlib.contextmanager
+    def _restructure(self):
+        """Objects can be created only outside SWMR mode: leave it (close, reopen) and come back after."""
+        was_swmr = self._swmr
+        if was_swmr:
+            self._file.close()
+            self._file = h5py.File(self.path, "r+", libver="latest")
+            self._swmr = False
+        try:
+            yield self._file
+        finally:
+            if was_swmr:
+                self.flush()
+            else:
+                self._file.flush()
+
+    def set_attrs(self, **attrs: Any) -> None:
+        """Set root attributes (e.g. ``base_top1`` once the base network is evaluated)."""
+        with self._restructure() as f:
+            for key, value in attrs.items():
+                f.attrs[key] = value
+
+    # -- rows ----------------------------------------------------------------------------------------------------
+
+    def add_space(
+        self, name: str, rows: Mapping[str, Any], epochs: int, attrs: Mapping[str, Any] | None = None
+    ) -> None:
+        """Create ``/spaces/<name>`` holding ``rows`` (status 0 = pending, results NaN).
+
+        ``rows`` maps each of recipe (n × N), keep (n × N), flops, params, c_flops, c_params, mcb, std, seed to an
+        array; ``epochs`` sets the width of ``curve``; ``attrs`` (the space's constraints) go on the group.
+        """
+        if "/" in name or not name:
+            raise NpsError(f"space name {name!r} must be non-empty and contain no '/'")
+        if name in self.spaces():
+            raise NpsError(f"{self.path} already has a space {name!r}; use append_rows")
+        if epochs < 0:
+            raise NpsError(f"epochs must be >= 0, got {epochs}")
+        arrays, n = _check_rows(rows, None)
+        groups = arrays["recipe"].shape[1]
+        width = max(int(epochs), 1)
+        with self._restructure() as f:
+            g = f["spaces"].create_group(name)
+            g.attrs["epochs"] = int(epochs)
+            g.attrs["groups"] = int(groups)
+            for key, value in (attrs or {}).items():
+                g.attrs[key] = value
+            for field, (dtype, per_group) in RECIPE_FIELDS.items():
+                cols = (groups,) if per_group else ()
+                g.create_dataset(field, data=arrays[field], dtype=dtype, maxshape=(None, *cols),
+                                 chunks=(_ROW_CHUNK, *cols))
+            for field, dtype in RESULT_FIELDS.items():
+                if dtype.startswith("f"):
+                    g.create_dataset(field, shape=(n,), dtype=dtype, maxshape=(None,), chunks=(_ROW_CHUNK,),
+                                     fillvalue=np.nan)
+                else:  # status 0 = pending, error empty
+                    g.create_dataset(field, shape=(n,), dtype=dtype, maxshape=(None,), chunks=(_ROW_CHUNK,))
+            g.create_dataset("curve", shape=(n, width), dtype="f4", maxshape=(None, width),
+                             chunks=(max(1, min(_ROW_CHUNK, 65536 // width)), width), fillvalue=np.nan)
+
+    def append_rows(self, space: str, rows: Mapping[str, Any]) -> np.ndarray:
+        """Add pending rows to an existing space (allowed in SWMR mode); returns their indices."""
+        g = self._space(space)
+        arrays, n = _check_rows(rows, int(g.attrs["groups"]))
+        start = self.size(space)
+        stop = start + n
+        for field in list(RECIPE_FIELDS) + list(RESULT_FIELDS) + ["curve"]:
+            ds = g[field]
+            ds.resize(stop, axis=0)
+            if field in arrays:
+                ds[start:stop] = arrays[field]
+            elif field == "curve":
+                ds[start:stop] = np.nan
+            elif field == "error":
+                ds[start:stop] = b""
+            elif field == "status":
+                ds[start:stop] = PENDING
+            else:
+                ds[start:stop] = np.nan
+        self.flush()
+        return np.arange(start, stop)
+
+    def _rows(self, space: str, rows: Iterable[int] | int) -> np.ndarray:
+        idx = np.unique(np.atleast_1d(np.asarray(rows, dtype=np.int64)))
+        n = self.size(space)
+        if idx.size and (idx[0] < 0 or idx[-1] >= n):
+            raise NpsError(f"space {space!r} has rows 0..{n - 1}; got {idx[0]}..{idx[-1]}")
+        return idx
+
+    def _set_status(self, space: str, rows: np.ndarray, code: int) -> None:
+        if rows.size:
+            self._space(space)["status"][rows] = np.full(rows.size, code, dtype="u1")
+        self.flush()
+
+    def mark_running(self, space: str, rows: Iterable[int] | int) -> None:
+        self._set_status(space, self._rows(space, rows), RUNNING)
+
+    def mark_done(
+        self,
+        space: str,
+        row: int,
+        *,
+        top1: float,
+        top5: float,
+        loss: float,
+        bn_top1: float = math.nan,
+        curve: Iterable[float] | None = None,
+        train_s: float = math.nan,
+    ) -> None:
+        """Store one finished subnetwork; ``acc_drop`` = base_top1 − top1 (percentage points)."""
+        (row,) = self._rows(space, row)
+        g = self._space(space)
+        base_top1 = float(self._file.attrs.get("base_top1", math.nan))
+        g["top1"][row] = top1
+        g["top5"][row] = top5
+        g["loss"][row] = loss
+        g["acc_drop"][row] = base_top1 - float(top1)
+        g["bn_top1"][row] = bn_top1
+        g["train_s"][row] = train_s
+        width = g["curve"].shape[1]
+        line = np.full(width, np.nan, dtype="f4")
+        if curve is not None:
+            values = np.asarray(list(curve), dtype="f4")[:width]
+            line[: values.size] = values
+        g["curve"][row] = line
+        g["error"][row] = b""
+        self.flush()  # values reach the file before the status says they are there
+        self._set_status(space, np.array([row]), DONE)
+
+    def mark_failed(self, space: str, row: int, error: str, *, train_s: float = math.nan,
+                    bn_top1: float = math.nan) -> None:
+        """Mark one subnetwork failed with a one-line reason (stored UTF-8, at most 256 bytes)."""
+        (row,) = self._rows(space, row)
+        g = self._space(space)
+        g["error"][row] = _encode_error(error)
+        g["train_s"][row] = train_s
+        g["bn_top1"][row] = bn_top1
+        self.flush()
+        self._set_status(space, np.array([row]), FAILED)
+
+    def reset_running(self, space: str) -> np.ndarray:
+        """On resume: rows left running by a dead writer go back to pending; returns all pending rows."""
+        status = self.status(space)
+        self._set_status(space, np.flatnonzero(status == RUNNING), PENDING)
+        return self.pending_rows(space)
+
+    def reset_failed(self, space: str) -> np.ndarray:
+        """Put failed rows back to pending (to retry them); returns all pending rows."""
+        rows = np.flatnonzero(self.status(space) == FAILED)
+        if rows.size:
+            self._space(space)["error"][rows] = np.full(rows.size, b"", dtype=f"S{ERROR_BYTES}")
+        self._set_status(space, rows, PENDING)
+        return self.pending_rows(space)
