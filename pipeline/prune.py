@@ -39,7 +39,12 @@ def _l1_scores(filters: torch.Tensor) -> torch.Tensor:
 
 
 def _fpgm_scores(filters: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(filters, filters, compute_mode="donot_use_mm_for_euclid_dist").sum(dim=1)
+    # Pairwise distances through the Gram matrix (float64 keeps the cancellation harmless): one matmul instead
+    # of an (out × out × in·k·k) difference tensor.
+    squares = (filters * filters).sum(dim=1)
+    distances = (squares[:, None] + squares[None, :] - 2.0 * filters @ filters.T).clamp_min_(0.0).sqrt_()
+    distances.fill_diagonal_(0.0)
+    return distances.sum(dim=1)
 
 
 CRITERIA: dict[str, FilterScorer | None] = {"l2": _l2_scores, "l1": _l1_scores, "fpgm": _fpgm_scores, "random": None}
@@ -49,7 +54,8 @@ CRITERIA: dict[str, FilterScorer | None] = {"l2": _l2_scores, "l1": _l1_scores, 
 def _checked_layout(model: nn.Module, table: LayerTable):
     layout = resnet_layout(model, table.mode)
     if layout.names != table.names or layout.members != table.members or \
-            not np.array_equal(layout.channels, table.channels):
+            not np.array_equal(layout.channels, table.channels) or \
+            model.fc.out_features != table.num_classes or model.conv1.in_channels != table.in_channels:
         raise NpsError(f"the model does not match the layer table of {table.model} ({table.mode} mode)")
     return layout
 
