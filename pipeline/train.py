@@ -1,0 +1,237 @@
+"""Retraining recipes (paper §2.2), evaluation and the adaptive-BN score.
+
+- **finetune** (the paper's standard setting): SGD with momentum, cosine annealing from ``lr`` (0.01) to 0 over
+  ``epochs``, no warm-up.
+- **rewind** (learning-rate rewinding / restarting): the large training learning rate ``rewind_lr`` (0.1) with a
+  linear warm-up over ``warmup_epochs`` (5), then cosine annealing to 0.
+- **scratch**: the pruned architecture with re-initialised weights, trained with the same schedule as ``rewind``
+  (the paper: "the original learning rate schedule is adopted").
+
+The schedule is stepped once per optimisation step (not per epoch), so short runs anneal smoothly.
+
+Adaptive BN (EagleEye, Li et al. 2020): recompute the BatchNorm statistics of a freshly pruned network on a few
+hundred training images, then evaluate; that accuracy (``bn_top1``) ranks candidates before any fine-tuning.
+
+Accuracies are percentages (0–100), losses mean cross-entropy per image.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from nps.pipeline.errors import NpsError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("finetune", "rewind", "scratch")
+
+
+@dataclasses.dataclass
+class RetrainConfig:
+    """How every subnetwork is retrained. Defaults are the paper's standard setting (fine-tuning, lr 0.01, cosine)."""
+
+    method: str = "finetune"
+    """``finetune`` | ``rewind`` | ``scratch`` (see the module docstring)."""
+    epochs: int = 50
+    """Retraining epochs t (the paper's standard setting: 50)."""
+    lr: float = 0.01
+    """Initial learning rate of fine-tuning."""
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    """L2 penalty on every parameter (BN included), as plain SGD weight decay."""
+    nesterov: bool = False
+    label_smoothing: float = 0.0
+    rewind_lr: float = 0.1
+    """Peak learning rate of ``rewind`` and ``scratch`` (the base network's training lr)."""
+    warmup_epochs: float = 5.0
+    """Linear warm-up of ``rewind`` and ``scratch``; fine-tuning has none."""
+
+    def check(self) -> "RetrainConfig":
+        """Reject impossible settings before any work starts (raises :class:`NpsError`); returns self."""
+        if self.method not in METHODS:
+            raise NpsError(f"retrain method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not (isinstance(self.epochs, int) and self.epochs >= 0):
+            raise NpsError(f"retrain epochs must be an integer >= 0, got {self.epochs!r}")
+        for name in ("lr", "rewind_lr"):
+            if not getattr(self, name) > 0:
+                raise NpsError(f"retrain {name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.momentum < 1:
+            raise NpsError(f"retrain momentum must be in [0, 1), got {self.momentum!r}")
+        if self.nesterov and self.momentum == 0:
+            raise NpsError("nesterov momentum needs momentum > 0")
+        if self.weight_decay < 0:
+            raise NpsError(f"retrain weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise NpsError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.warmup_epochs < 0:
+            raise NpsError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
+        if self.method != "finetune" and self.warmup_epochs > self.epochs:
+            raise NpsError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        return self
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.method == "finetune" else self.rewind_lr
+
+    @property
+    def warmup(self) -> float:
+        return 0.0 if self.method == "finetune" else float(self.warmup_epochs)
+
+
+def make_optimizer(model: nn.Module, config: RetrainConfig) -> torch.optim.SGD:
+    """SGD over the trainable parameters at the method's peak learning rate."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=config.peak_lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                           nesterov=config.nesterov)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the peak lr at ``step`` (0-based): linear warm-up, then cosine from 1 to 0 at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: RetrainConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule over ``config.epochs × steps_per_epoch`` steps; call ``.step()`` after every batch."""
+    if steps_per_epoch < 1:
+        raise NpsError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    total = config.epochs * steps_per_epoch
+    warmup = int(round(config.warmup * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
+
+
+def reinitialize(model: nn.Module, seed: int | None = None) -> nn.Module:
+    """Fresh weights for ``scratch`` retraining: every submodule's own ``reset_parameters``, BN stats reset.
+
+    ResNets then get the torchvision convention (Kaiming-normal fan-out convs, BN weight 1, bias 0).
+    """
+    gen_ctx = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with gen_ctx, torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_parameters()  # running stats and affine weights
+            elif hasattr(module, "reset_parameters") and not list(module.children()):
+                module.reset_parameters()
+    return model
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _batches(loader: Iterable, device: torch.device, channels_last: bool):
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, y.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate_many(models: Sequence[nn.Module], loader: Iterable, device: torch.device | str, *,
+                  amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> list[tuple[float, float, float]]:
+    """Top-1 %, top-5 % and mean loss of several models in ONE pass over ``loader`` (each batch moved once).
+
+    With fewer than 5 classes, top-5 counts the top ``num_classes`` (so it is 100 %).
+    """
+    device = torch.device(device)
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    n = 0
+    correct1 = [torch.zeros((), device=device, dtype=torch.float64) for _ in models]
+    correct5 = [torch.zeros((), device=device, dtype=torch.float64) for _ in models]
+    loss_sum = [torch.zeros((), device=device, dtype=torch.float64) for _ in models]
+    for x, y in _batches(loader, device, channels_last):
+        n += y.shape[0]
+        for i, m in enumerate(models):
+            with autocast_context(device, amp_dtype):
+                logits = m(x)
+            logits = logits.float()
+            loss_sum[i] += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top.eq(y.view(-1, 1))
+            correct1[i] += hit[:, 0].sum().double()
+            correct5[i] += hit.any(dim=1).sum().double()
+    for m, mode in zip(models, was_training):
+        m.train(mode)
+    if n == 0:
+        raise NpsError("the evaluation loader yielded no batches")
+    return [(100.0 * c1.item() / n, 100.0 * c5.item() / n, ls.item() / n)
+            for c1, c5, ls in zip(correct1, correct5, loss_sum)]
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str, **kwargs) -> tuple[float, float, float]:
+    """Top-1 %, top-5 % and mean cross-entropy of one model on ``loader`` (see :func:`evaluate_many`)."""
+    return evaluate_many([model], loader, device, **kwargs)[0]
+
+
+@torch.no_grad()
+def adaptive_bn_many(models: Sequence[nn.Module], loader: Iterable, device: torch.device | str, *,
+                     num_images: int = 500, amp_dtype: torch.dtype | None = None,
+                     channels_last: bool = False) -> int:
+    """Recompute every BatchNorm's running statistics from ``num_images`` training images (one pass, all models).
+
+    Running stats are reset and re-estimated as an exact cumulative average (``momentum=None``) with the models in
+    train mode and no gradients; each BN's momentum is restored afterwards and the models are left in eval mode,
+    ready to be evaluated (that accuracy is ``bn_top1``). Returns the number of images used.
+    """
+    if num_images < 1:
+        raise NpsError(f"adaptive BN needs num_images >= 1, got {num_images}")
+    device = torch.device(device)
+    saved = []
+    for m in models:
+        for bn in m.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats:
+                saved.append((bn, bn.momentum))
+                bn.reset_running_stats()
+                bn.momentum = None
+        m.train()
+    seen = 0
+    try:
+        for x, _ in _batches(loader, device, channels_last):
+            take = min(x.shape[0], num_images - seen)
+            if take < 2 and seen > 0:  # a 1-image batch gives BN no variance; the estimate is complete enough
+                break
+            for m in models:
+                with autocast_context(device, amp_dtype):
+                    m(x[:take])
+            seen += take
+            if seen >= num_images:
+                break
+    finally:
+        for bn, momentum in saved:
+            bn.momentum = momentum
+        for m in models:
+            m.eval()
+    if seen == 0:
+        raise NpsError("the training loader yielded no batches for adaptive BN")
+    if seen < num_images:
+        log.info("adaptive BN used %d images (the loader ran out before %d)", seen, num_images)
+    return seen
+
+
+def adaptive_bn(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu", *,
+                num_images: int = 500, **kwargs) -> int:
+    """Adaptive BN for one model (see :func:`adaptive_bn_many`)."""
+    return adaptive_bn_many([model], loader, device, num_images=num_images, **kwargs)

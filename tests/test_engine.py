@@ -1,0 +1,277 @@
+"""The cohort engine: one data stream for K models, NaN isolation, OOM halving, cohort sizing."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nps.pipeline.engine import (
+    CohortOutOfMemory, Result, choose_cohort_size, estimate_train_bytes, resolve_amp, run_cohorts, train_cohort,
+)
+from nps.pipeline.errors import NpsError
+from nps.pipeline.train import RetrainConfig
+
+torch.set_num_threads(1)
+
+
+def small_net(width=8, seed=0, classes=3):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
+
+
+def make_data(batches=12, batch=32, classes=3, seed=0):
+    """Separable toy data: the class sets which colour channel is bright."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batches):
+        y = torch.randint(0, classes, (batch,), generator=g)
+        x = torch.randn(batch, 3, 8, 8, generator=g) * 0.5
+        x[torch.arange(batch), y] += 1.0
+        out.append((x, y))
+    return out
+
+
+class CountingLoader:
+    """A re-iterable loader that counts how often it is iterated and how many batches it hands out."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.passes = 0
+        self.served = 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        self.passes += 1
+        for b in self.batches:
+            self.served += 1
+            yield b
+
+
+class Bomb(nn.Module):
+    """Wraps a model; from the chosen (epoch, step) of training on, its logits are inf."""
+
+    def __init__(self, inner, epoch, step, steps_per_epoch):
+        super().__init__()
+        self.inner = inner
+        self.trigger = (epoch - 1) * steps_per_epoch + step
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.trigger:
+                out = out * math.inf
+        return out
+
+
+class MemoryLimit:
+    """Fake device memory: at most ``limit`` models may run a forward on the same batch, else CUDA OOM."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.batch = None
+        self.count = 0
+
+
+class Hungry(nn.Module):
+    def __init__(self, inner, memory):
+        super().__init__()
+        self.inner = inner
+        self.memory = memory
+
+    def forward(self, x):
+        m = self.memory
+        if x is not m.batch:
+            m.batch, m.count = x, 0
+        m.count += 1
+        if m.count > m.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB (fake)")
+        return self.inner(x)
+
+    def __deepcopy__(self, memo):  # share the fake device between copies
+        return Hungry(copy.deepcopy(self.inner, memo), self.memory)
+
+
+def test_cohort_trains_all_models_on_one_loader_pass_per_epoch():
+    train, val = CountingLoader(make_data(12)), CountingLoader(make_data(4, seed=1))
+    models = [small_net(seed=s) for s in range(3)]
+    events = []
+    config = RetrainConfig(epochs=3, lr=0.1, weight_decay=0.0)
+    results = train_cohort(models, train, val, config, "cpu", ids=["a", "b", "c"], eval_every_epoch=True,
+                           on_event=events.append)
+    assert train.passes == 3 and train.served == 36  # each batch loaded once for all three models
+    assert [r.id for r in results] == ["a", "b", "c"] and all(r.ok for r in results)
+    for r in results:
+        assert len(r.curve) == 3 and r.top1 == r.curve[-1] and r.top1 > 60  # chance is 33 %
+        assert 0 < r.loss < 1.2 and r.top5 == 100.0 and r.train_s > 0 and r.cohort_size == 3
+        assert math.isnan(r.bn_top1)
+    kinds = [e["event"] for e in events]
+    assert kinds[:3] == ["start"] * 3 and kinds.count("epoch") == 3 and kinds[-3:] == ["done"] * 3
+    epoch = [e for e in events if e["event"] == "epoch"][0]
+    assert epoch["img_per_s"] > 0 and set(epoch["val_top1"]) == {"a", "b", "c"} and epoch["k_live"] == 3
+
+
+def test_cohort_member_trains_exactly_as_it_would_alone():
+    data = make_data(8)
+    base = small_net(seed=3)
+    alone, together = copy.deepcopy(base), copy.deepcopy(base)
+    config = RetrainConfig(epochs=2, lr=0.05)
+    r_alone = train_cohort([alone], data, data[:2], config, "cpu")[0]
+    r_together = train_cohort([small_net(seed=4), together, small_net(seed=5)], data, data[:2], config, "cpu")[1]
+    for p, q in zip(alone.parameters(), together.parameters()):
+        assert torch.equal(p, q)
+    assert r_alone.top1 == r_together.top1 and r_alone.loss == r_together.loss
+
+
+def test_nan_loss_stops_only_that_model():
+    data = make_data(6)
+    config = RetrainConfig(epochs=3, lr=0.05)
+    models = [small_net(seed=1), Bomb(small_net(seed=2), epoch=2, step=4, steps_per_epoch=6), small_net(seed=3)]
+    events = []
+    results = train_cohort(models, data, data[:2], config, "cpu", eval_every_epoch=True, on_event=events.append)
+    assert [r.status for r in results] == ["done", "failed", "done"]
+    bad = results[1]
+    assert bad.error == "loss became nan/inf at epoch 2 step 4"
+    assert bad.curve and len(bad.curve) == 1 and bad.epochs_done == 1  # epoch 1 finished before the failure
+    assert [e["id"] for e in events if e["event"] == "failed"] == [1]
+    last = [e for e in events if e["event"] == "epoch"][-1]
+    assert last["ids"] == [0, 2] and last["k_live"] == 2
+
+
+def test_divergent_weights_fail_with_inf_loss_at_first_step():
+    model = small_net(seed=1)
+    with torch.no_grad():
+        model[-1].weight.fill_(3e38)  # logits overflow float32
+    results = train_cohort([model, small_net(seed=2)], make_data(3), make_data(1), RetrainConfig(epochs=1), "cpu")
+    assert results[0].status == "failed" and results[0].error == "loss became nan/inf at epoch 1 step 1"
+    assert results[1].ok
+
+
+class FreshTensors:
+    """Like a real loader: every pass hands out new tensor objects."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return ((x.clone(), y.clone()) for x, y in self.batches)
+
+
+def test_oom_halves_the_cohort_and_keeps_finished_results():
+    memory = MemoryLimit(limit=2)
+    data = FreshTensors(make_data(4))
+    config = RetrainConfig(epochs=1, lr=0.05)
+    originals = [Hungry(small_net(seed=s), memory) for s in range(5)]
+    # one member diverges at step 1, before the OOM of step 1's third forward: its failure must be kept
+    with torch.no_grad():
+        originals[0].inner[-1].weight.fill_(3e38)
+    before = [copy.deepcopy(m.inner.state_dict()) for m in originals]
+    events = []
+    results = run_cohorts(originals, data, FreshTensors(make_data(1)), config, "cpu", k=5, on_event=events.append)
+    assert [r.status for r in results] == ["failed"] + ["done"] * 4
+    assert results[0].error.startswith("loss became nan/inf")
+    ooms = [e for e in events if e["event"] == "oom"]
+    assert len(ooms) == 1 and ooms[0]["k"] == 5 and ooms[0]["retry_k"] == 2
+    cohorts = [e["ids"] for e in events if e["event"] == "cohort"]
+    assert cohorts == [[0, 1, 2, 3, 4], [1, 2], [3, 4]]
+    assert ooms[0]["ids"] == [1, 2, 3, 4]
+    assert all(r.cohort_size == 2 for r in results[1:])
+    for m, sd in zip(originals, before):  # the originals are untouched (retries start from them)
+        for key, value in m.inner.state_dict().items():
+            assert torch.equal(value, sd[key])
+
+
+def test_oom_on_a_single_model_marks_it_failed():
+    memory = MemoryLimit(limit=0)
+    results = run_cohorts([Hungry(small_net(), memory)] * 2, make_data(2), make_data(1), RetrainConfig(epochs=1),
+                          "cpu", k=2)
+    assert [r.status for r in results] == ["failed", "failed"]
+    assert "does not fit even alone" in results[0].error
+
+
+def test_train_cohort_raises_cohort_oom_with_positions():
+    memory = MemoryLimit(limit=1)
+    with pytest.raises(CohortOutOfMemory) as info:
+        train_cohort([Hungry(small_net(), memory) for _ in range(3)], make_data(2), make_data(1),
+                     RetrainConfig(epochs=1), "cpu")
+    assert info.value.unfinished == [0, 1, 2] and info.value.finished == {}
+
+
+def test_run_cohorts_accepts_factories_and_keeps_order():
+    calls = []
+
+    def factory(seed):
+        def make():
+            calls.append(seed)
+            return small_net(seed=seed)
+        return make
+
+    results = run_cohorts([factory(s) for s in range(5)], make_data(3), make_data(1), RetrainConfig(epochs=1),
+                          "cpu", k=2, ids=[10, 11, 12, 13, 14], keep_models=True)
+    assert [r.id for r in results] == [10, 11, 12, 13, 14] and calls == [0, 1, 2, 3, 4]
+    assert [r.cohort_size for r in results] == [2, 2, 2, 2, 1]
+    assert all(isinstance(r.model, nn.Module) and next(r.model.parameters()).device.type == "cpu" for r in results)
+
+
+def test_adaptive_bn_score_and_scratch():
+    data = make_data(6)
+    base = small_net(seed=7)
+    # train the base a little so its weights are worth something
+    train_cohort([base], data, data[:1], RetrainConfig(epochs=2, lr=0.1), "cpu")
+    with torch.no_grad():
+        base[1].running_mean.fill_(5.0)  # stale statistics, as after pruning
+    scratch = copy.deepcopy(base)
+    r = train_cohort([copy.deepcopy(base)], data, data[:2], RetrainConfig(epochs=0), "cpu", bn_images=64)[0]
+    assert r.ok and r.bn_top1 == r.top1 and r.bn_top1 > 60  # epochs=0: the score itself is the result
+    rs = train_cohort([scratch], data, data[:2], RetrainConfig(method="scratch", epochs=1, warmup_epochs=0), "cpu",
+                      bn_images=64, keep_models=True)[0]
+    assert rs.bn_top1 == pytest.approx(r.bn_top1)  # scored before re-initialisation
+    assert not torch.equal(rs.model[0].weight, base[0].weight)
+
+
+def test_loader_without_len_needs_steps_per_epoch():
+    data = make_data(3)
+    gen_loader = type("Gen", (), {"__iter__": lambda self: iter(data)})()
+    with pytest.raises(NpsError, match="steps_per_epoch"):
+        train_cohort([small_net()], gen_loader, data[:1], RetrainConfig(epochs=1), "cpu")
+    assert train_cohort([small_net()], gen_loader, data[:1], RetrainConfig(epochs=1), "cpu", steps_per_epoch=3)[0].ok
+
+
+def test_channels_last_and_bf16_autocast_on_cpu_run():
+    r = train_cohort([small_net()], make_data(2), make_data(1), RetrainConfig(epochs=1), "cpu", channels_last=True,
+                     amp="bf16")[0]
+    assert r.ok and not math.isnan(r.loss)
+
+
+def test_choose_cohort_size():
+    models = [small_net(width=w) for w in (4, 8, 16)]
+    assert choose_cohort_size(models, "cpu", (32, 3, 8, 8)) == 3
+    assert choose_cohort_size(models * 5, "cpu", (32, 3, 8, 8)) == 8
+    assert choose_cohort_size(models * 5, "cpu", (32, 3, 8, 8), max_k=4) == 4
+    per = estimate_train_bytes(models[2], (32, 3, 8, 8))
+    assert per > 32 * 16 * 8 * 8 * 4  # at least the conv output of the batch
+    assert estimate_train_bytes(models[2], (64, 3, 8, 8)) > per
+    free = int(per * 6 / 0.85) + 1
+    assert choose_cohort_size(models * 5, "cpu", (32, 3, 8, 8), free_bytes=free) == 6
+    assert choose_cohort_size(models, "cpu", (32, 3, 8, 8), free_bytes=1) == 1
+
+
+def test_resolve_amp():
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16 and resolve_amp("fp16", cpu) is torch.float16
+    with pytest.raises(NpsError):
+        resolve_amp("int8", cpu)
+
+
+def test_result_is_plain_data():
+    r = Result(id=3, status="done", top1=1.0)
+    assert r.ok and r.curve == [] and r.model is None
