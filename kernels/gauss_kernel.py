@@ -1,0 +1,304 @@
+"""Numba kernels that draw recipes of the Gaussian spaces (STD-σ, mCB-refined) and of the uniform space.
+
+Exact sampling, fast (DESIGN.md, "recipe samplers"): the noise ``ε ~ N(0, σ²I)`` is split into its part ``e``
+orthogonal to a unit direction ``d`` with non-negative entries (the target's gradient at the uniform recipe) and
+``t·d`` with ``t ~ N(0, σ²)``; for an isotropic Gaussian the two are independent. Along ``t`` every kept-channel
+count is non-increasing, so for a given ``e`` the ``t`` that meet the target form an interval, and two quadratics
+(the form at ``keep ∓ 0.5``, which bound the form at the rounded counts) give a window ``[a, b]`` that contains it.
+The kernel draws ``e``, computes the window, accepts ``e`` with probability ``Z(e)/zmax`` (``Z`` = prior mass of
+``t`` in the window) and draws ``t`` from the prior truncated to the window. The product is the prior times the window indicator, so after the exact check of
+every constraint on the integer counts the accepted recipes follow the space's distribution, the same as plain
+rejection. ``zmax`` must bound ``Z``: the caller sets it from a pilot and the kernel reports any ``Z`` above it,
+and the caller then restarts with a larger bound.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from nps.kernels.complexity import njit
+
+# Rejection reasons, indices into the counters the kernels return.
+REASON_STD = 0        # std(r) outside its band
+REASON_WINDOW = 1     # no t meets the target inside [0, R] for this e
+REASON_ENVELOPE = 2   # internal: thinning by Z/zmax (not a constraint)
+REASON_TARGET = 3     # the target missed after rounding to integer channels
+REASON_MCB = 4        # mCB outside its band
+REASON_DUPLICATE = 5  # same keep vector as an earlier recipe
+REASON_BOX = 6        # a ratio outside [0, R] (uniform space never; float slop otherwise)
+N_REASONS = 7
+REASON_NAMES = ("std(r) band", "target with r in [0, R]", "envelope", "target after rounding", "mCB band",
+                "duplicate", "r in [0, R]")
+
+_SQRT2 = math.sqrt(2.0)
+
+
+@njit(nogil=True, cache=True)
+def _phi_cdf(x):
+    return 0.5 * math.erfc(-x / _SQRT2)
+
+
+@njit(nogil=True, cache=True)
+def _norm_ppf(p):
+    """Inverse standard normal CDF: Acklam's rational approximation refined by one Halley step."""
+    if p <= 0.0:
+        return -np.inf
+    if p >= 1.0:
+        return np.inf
+    a0, a1, a2, a3, a4, a5 = -3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02, \
+        1.383577518672690e+02, -3.066479806614716e+01, 2.506628277459239e+00
+    b0, b1, b2, b3, b4 = -5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02, \
+        6.680131188771972e+01, -1.328068155288572e+01
+    c0, c1, c2, c3, c4, c5 = -7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00, \
+        -2.549732539343734e+00, 4.374664141464968e+00, 2.938163982698783e+00
+    d0, d1, d2, d3 = 7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00, 3.754408661907416e+00
+    plow = 0.02425
+    if p < plow:
+        q = math.sqrt(-2.0 * math.log(p))
+        x = (((((c0 * q + c1) * q + c2) * q + c3) * q + c4) * q + c5) / ((((d0 * q + d1) * q + d2) * q + d3) * q + 1.0)
+    elif p <= 1.0 - plow:
+        q = p - 0.5
+        rr = q * q
+        x = (((((a0 * rr + a1) * rr + a2) * rr + a3) * rr + a4) * rr + a5) * q / \
+            (((((b0 * rr + b1) * rr + b2) * rr + b3) * rr + b4) * rr + 1.0)
+    else:
+        q = math.sqrt(-2.0 * math.log(1.0 - p))
+        x = -(((((c0 * q + c1) * q + c2) * q + c3) * q + c4) * q + c5) / \
+            ((((d0 * q + d1) * q + d2) * q + d3) * q + 1.0)
+    e = _phi_cdf(x) - p
+    u = e * math.sqrt(2.0 * math.pi) * math.exp(0.5 * x * x)
+    return x - u / (1.0 + 0.5 * x * u)
+
+
+@njit(nogil=True, cache=True)
+def truncated_normal(rng, a, b):
+    """One draw of N(0, 1) restricted to [a, b] by the inverse CDF (mirrored so the tail keeps its precision)."""
+    if a > 0.0:  # work on the lower tail, where the CDF has full relative precision
+        return -truncated_normal(rng, -b, -a)
+    fa = _phi_cdf(a)
+    fb = _phi_cdf(b)
+    x = _norm_ppf(fa + rng.random() * (fb - fa))
+    if x < a:
+        x = a
+    elif x > b:
+        x = b
+    return x
+
+
+@njit(nogil=True, cache=True)
+def _root_decreasing(a0, b1, q2, level):
+    """Smallest s with a0 - b1·s + q2·s² = level on the decreasing branch (b1 > 0); NaN when never reached."""
+    cc = a0 - level
+    if q2 == 0.0:
+        return cc / b1
+    disc = b1 * b1 - 4.0 * q2 * cc
+    if disc < 0.0:
+        return np.nan
+    return 2.0 * cc / (b1 + math.sqrt(disc))
+
+
+@njit(nogil=True, cache=True)
+def _hash_keep(keep):
+    h = np.uint64(1469598103934665603)
+    for i in range(keep.shape[0]):
+        h = (h ^ np.uint64(keep[i])) * np.uint64(1099511628211)
+        h ^= h >> np.uint64(29)
+    if h == np.uint64(0):
+        h = np.uint64(1)
+    return h
+
+
+@njit(nogil=True, cache=True)
+def seen_before(table, keep):
+    """Insert the keep vector's 64-bit hash into an open-addressing table; True when it was already there."""
+    h = _hash_keep(keep)
+    mask = np.uint64(table.shape[0] - 1)
+    slot = h & mask
+    while True:
+        cur = table[slot]
+        if cur == np.uint64(0):
+            table[slot] = h
+            return False
+        if cur == h:
+            return True
+        slot = (slot + np.uint64(1)) & mask
+
+
+@njit(nogil=True, cache=True)
+def _form_value(keep, const, linear, pa, pb, pw):
+    total = const
+    for i in range(linear.shape[0]):
+        total += linear[i] * keep[i]
+    for p in range(pw.shape[0]):
+        total += pw[p] * keep[pa[p]] * keep[pb[p]]
+    return total
+
+
+@njit(nogil=True, cache=True)
+def _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, oconst, olin, opa, opb,
+            opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup, hashes, counts):
+    """Round to integer channels and check every constraint exactly; returns (ok, target value, other value)."""
+    G = channels.shape[0]
+    mean = 0.0
+    for i in range(G):
+        if r[i] < 0.0 or r[i] > R:
+            counts[REASON_BOX] += 1
+            return False, 0, 0
+        mean += r[i]
+        k = math.floor((1.0 - r[i]) * channels[i] + 0.5)
+        keep[i] = max(1, int(k))
+    if std_hi < np.inf or std_lo > 0.0:
+        mean /= G
+        ss = 0.0
+        for i in range(G):
+            ss += (r[i] - mean) * (r[i] - mean)
+        sd = math.sqrt(ss / G)
+        if sd < std_lo or sd > std_hi:
+            counts[REASON_STD] += 1
+            return False, 0, 0
+    tv = _form_value(keep, tconst, tlin, tpa, tpb, tpw)
+    if tv < lo_t or tv > hi_t:
+        counts[REASON_TARGET] += 1
+        return False, 0, 0
+    ov = _form_value(keep, oconst, olin, opa, opb, opw)
+    if mcb_hi > 0.0:
+        if target_is_flops:
+            m = (tv / ov) / base_ratio
+        else:
+            m = (ov / tv) / base_ratio
+        if m < mcb_lo or m > mcb_hi:
+            counts[REASON_MCB] += 1
+            return False, 0, 0
+    if dedup and seen_before(hashes, keep):
+        counts[REASON_DUPLICATE] += 1
+        return False, 0, 0
+    return True, tv, ov
+
+
+@njit(nogil=True, cache=True)
+def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, direction, u, sigma,
+                 R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, q11, q1h, qhh,
+                 oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, zmax,
+                 dedup, hashes, counts):
+    """Fill rows ``start..`` of the outputs with accepted recipes of a Gaussian space.
+
+    ``direction`` is a unit vector with non-negative entries (the target's gradient at the uniform recipe); the
+    noise is split into its part orthogonal to it and ``t·direction``, ``t ~ N(0, σ²)``. Stops after ``n_want``
+    rows or ``max_proposals`` proposals; returns (rows filled, proposals used, largest window mass Z seen).
+    ``lo_t``/``hi_t`` are the absolute target bounds ((value ∓ δ)·base); with ``h = direction·channels``,
+    ``q11, q1h, qhh`` are the target form's pair sums Σw, Σw(h_a+h_b)/2 and Σw·h_a·h_b; ``mcb_hi <= 0`` disables
+    the mCB band.
+    """
+    G = channels.shape[0]
+    e = np.empty(G)
+    k0 = np.empty(G)
+    h = np.empty(G)
+    r = np.empty(G)
+    keep = np.empty(G, dtype=np.int64)
+    lin_sum = 0.0
+    lin_h = 0.0
+    for i in range(G):
+        h[i] = direction[i] * channels[i]
+        lin_sum += tlin[i]
+        lin_h += tlin[i] * h[i]
+    filled = 0
+    used = 0
+    zseen = 0.0
+    while filled < n_want and used < max_proposals:
+        used += 1
+        # e: the noise minus its component along `direction`
+        proj = 0.0
+        for i in range(G):
+            e[i] = rng.standard_normal()
+            proj += e[i] * direction[i]
+        box_lo = -np.inf
+        box_hi = np.inf
+        a0 = float(tconst)
+        for i in range(G):
+            e[i] = sigma * (e[i] - proj * direction[i])
+            k0[i] = (1.0 - u - e[i]) * channels[i]
+            a0 += tlin[i] * k0[i]
+            d = direction[i]
+            if d > 0.0:
+                lo_i = (-u - e[i]) / d
+                hi_i = (R - u - e[i]) / d
+                if lo_i > box_lo:
+                    box_lo = lo_i
+                if hi_i < box_hi:
+                    box_hi = hi_i
+        # target form along t at keep = k0 - t·h ± 0.5: A0 ± g1/2 + Q11/4 - t(gh ± Q1h) + t²Qhh
+        g1 = lin_sum
+        gh = lin_h
+        for p in range(tpw.shape[0]):
+            ka = k0[tpa[p]]
+            kb = k0[tpb[p]]
+            w = tpw[p]
+            a0 += w * ka * kb
+            g1 += w * (ka + kb)
+            gh += w * (ka * h[tpb[p]] + h[tpa[p]] * kb)
+        t_lo = _root_decreasing(a0 - 0.5 * g1 + 0.25 * q11, gh - q1h, qhh, hi_t)
+        if np.isnan(t_lo):
+            counts[REASON_WINDOW] += 1
+            continue
+        t_hi = _root_decreasing(a0 + 0.5 * g1 + 0.25 * q11, gh + q1h, qhh, lo_t)
+        if np.isnan(t_hi):
+            t_hi = np.inf
+        a = max(t_lo, box_lo) / sigma
+        b = min(t_hi, box_hi) / sigma
+        if not a < b:
+            counts[REASON_WINDOW] += 1
+            continue
+        if a > 0.0:
+            z = _phi_cdf(-a) - _phi_cdf(-b)
+        else:
+            z = _phi_cdf(b) - _phi_cdf(a)
+        if z > zseen:
+            zseen = z
+        if rng.random() * zmax >= z:
+            counts[REASON_ENVELOPE] += 1
+            continue
+        t = sigma * truncated_normal(rng, a, b)
+        for i in range(G):
+            r[i] = u + e[i] + t * direction[i]
+        ok, tv, ov = _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw,
+                             oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup,
+                             hashes, counts)
+        if not ok:
+            continue
+        row = start + filled
+        for i in range(G):
+            out_r[row, i] = r[i]
+            out_keep[row, i] = keep[i]
+        out_t[row] = tv
+        out_o[row] = ov
+        filled += 1
+    return filled, used, zseen
+
+
+@njit(nogil=True, cache=True)
+def sample_uniform(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, R, lo_t, hi_t,
+                   tconst, tlin, tpa, tpb, tpw, oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops,
+                   base_ratio, dedup, hashes, counts):
+    """Plain rejection of the initial space ``r_i ~ U[0, R]`` (the numba twin of the numpy reference)."""
+    G = channels.shape[0]
+    r = np.empty(G)
+    keep = np.empty(G, dtype=np.int64)
+    filled = 0
+    used = 0
+    while filled < n_want and used < max_proposals:
+        used += 1
+        for i in range(G):
+            r[i] = R * rng.random()
+        ok, tv, ov = _finish(r, keep, channels, R, 0.0, np.inf, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, oconst,
+                             olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup, hashes, counts)
+        if not ok:
+            continue
+        row = start + filled
+        for i in range(G):
+            out_r[row, i] = r[i]
+            out_keep[row, i] = keep[i]
+        out_t[row] = tv
+        out_o[row] = ov
+        filled += 1
+    return filled, used, 0.0

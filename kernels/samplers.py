@@ -1,0 +1,296 @@
+"""Recipe samplers: draw n distinct recipes of a pruning space that meet every constraint on integer channels.
+
+``sample_space`` is the fast sampler (numba kernels in :mod:`nps.kernels.gauss_kernel`); ``sample_naive`` is plain
+rejection sampling of the same space, vectorised in numpy: the reference the fast one is tested and benchmarked
+against. Both take a layer table (anything with ``channels``, ``flops``, ``params``, ``base_flops``,
+``base_params``, ``model`` and ``mode``) and a :class:`nps.kernels.spaces.Space`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nps.kernels import gauss_kernel as gk
+from nps.kernels.complexity import keep_from_recipe
+from nps.kernels.errors import SamplerError
+from nps.kernels.spaces import Space, check_feasible, target_form, uniform_ratio
+
+log = logging.getLogger(__name__)
+
+PILOT_PROPOSALS = 20_000
+ZMAX_MARGIN = 1.5
+CHUNK_PROPOSALS = 1 << 18
+# A space is "nearly empty" when fewer than this fraction of proposals survive...
+EMPTY_ACCEPTANCE = 1e-6
+# ...measured over at least this many proposals.
+EMPTY_MIN_PROPOSALS = 2_000_000
+
+
+@dataclass
+class Sample:
+    """Recipes of one space and what they cost.
+
+    ``recipe`` (n, G) float64, ``keep`` (n, G) int64, ``flops``/``params`` int64 and ``c_flops``, ``c_params``,
+    ``mcb``, ``std`` float64 per row; ``stats`` holds proposals, acceptance, rejections by reason, seconds, u.
+    """
+
+    space: Space
+    recipe: np.ndarray
+    keep: np.ndarray
+    flops: np.ndarray
+    params: np.ndarray
+    c_flops: np.ndarray
+    c_params: np.ndarray
+    mcb: np.ndarray
+    std: np.ndarray
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.recipe)
+
+
+def _measure(table, space, recipe, keep, flops=None, params=None) -> Sample:
+    flops = table.flops(keep) if flops is None else flops
+    params = table.params(keep) if params is None else params
+    c_flops = flops / table.base_flops
+    c_params = params / table.base_params
+    return Sample(space, recipe, keep, flops, params, c_flops, c_params, c_flops / c_params,
+                  np.asarray(recipe).std(axis=1))
+
+
+def _target_bounds(table, space):
+    (form, base), _ = target_form(table, space.target)
+    return (space.value - space.delta) * base, (space.value + space.delta) * base
+
+
+def _pair_sums(form, h):
+    """Σw, Σw(h_a+h_b)/2, Σw·h_a·h_b of a form's pair terms (constants of the kernel's quadratics)."""
+    w = form.pair_w.astype(np.float64)
+    ha, hb = h[form.pair_a], h[form.pair_b]
+    return float(w.sum()), float((w * (ha + hb)).sum() / 2.0), float((w * ha * hb).sum())
+
+
+def _direction(form, channels, u):
+    """Unit direction of steepest descent of the target at the uniform recipe (entries >= 0)."""
+    c = channels.astype(np.float64)
+    g = form.gradient((1.0 - u) * c) * c
+    if not np.all(np.isfinite(g)) or g.sum() <= 0:
+        g = np.ones_like(c)
+    return np.ascontiguousarray(g / np.linalg.norm(g))
+
+
+def _hash_table(n):
+    size = 1 << max(10, int(math.ceil(math.log2(4 * n + 1))))
+    return np.zeros(size, dtype=np.uint64)
+
+
+def _explain_empty(space, proposals, accepted, counts, table):
+    top = np.argsort(counts)[::-1]
+    named = ", ".join(f"{gk.REASON_NAMES[i]} {counts[i] / proposals:.1%}" for i in top[:3]
+                      if counts[i] and i != gk.REASON_ENVELOPE)
+    return (f"space {space.name} at {space.target}={space.value:g} (R={space.R:g}) is nearly empty for "
+            f"{table.model}/{table.mode}: {accepted} of {proposals:,} proposals met every constraint "
+            f"(rejected by {named}); lower σ, raise R, or choose another target")
+
+
+def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool = True,
+                 max_seconds: float = 600.0, progress=None) -> Sample:
+    """Draw ``n`` recipes of ``space``, each meeting every constraint exactly on integer channels.
+
+    Parameters
+    ----------
+    table : LayerTable
+        The base network's layer table.
+    space : Space
+        What to sample (see :func:`nps.kernels.spaces.parse_space`).
+    n : int
+        How many recipes.
+    seed : int
+        The same seed reproduces the same recipes.
+    distinct : bool
+        Reject a recipe whose keep vector (the subnetwork) was drawn before.
+    max_seconds : float
+        Stop with :class:`SamplerError` when the estimated time to finish exceeds this.
+    progress : callable, optional
+        Called as ``progress(done, n)`` after each chunk.
+    """
+    if n < 1:
+        raise SamplerError(f"n={n}: ask for at least one recipe")
+    check_feasible(table, space)
+    if space.mcb_band:
+        _check_mcb_reachable(table, space, seed)
+    channels = np.ascontiguousarray(table.channels, dtype=np.int64)
+    G = len(channels)
+    (tform, tbase), (oform, obase) = target_form(table, space.target)
+    lo_t, hi_t = _target_bounds(table, space)
+    target_is_flops = space.target == "c_flops"
+    base_ratio = table.base_flops / table.base_params
+    mcb_lo, mcb_hi = space.mcb_band if space.mcb_band else (0.0, 0.0)
+    common = (channels,)
+    forms = (tform.const, tform.linear, tform.pair_a, tform.pair_b, tform.pair_w)
+    others = (oform.const, oform.linear, oform.pair_a, oform.pair_b, oform.pair_w)
+    u = uniform_ratio(table, space.target, space.value) if space.kind != "uniform" else float("nan")
+    std_lo, std_hi = space.std_band if space.std_band else (0.0, np.inf)
+    direction = _direction(tform, channels, u) if space.kind != "uniform" else np.ones(G) / math.sqrt(G)
+    q11, q1h, qhh = _pair_sums(tform, direction * channels)
+
+    def run(zmax, rng, out, start, want, budget, hashes, counts):
+        r, keep, tv, ov = out
+        if space.kind == "uniform":
+            return gk.sample_uniform(rng, want, budget, r, keep, tv, ov, start, *common, space.R, lo_t, hi_t,
+                                     *forms, *others, mcb_lo, mcb_hi, target_is_flops, base_ratio, distinct,
+                                     hashes, counts)
+        return gk.sample_gauss(rng, want, budget, r, keep, tv, ov, start, *common, direction, u, space.sigma,
+                               space.R, std_lo, std_hi, lo_t, hi_t, *forms, q11, q1h, qhh, *others, mcb_lo, mcb_hi,
+                               target_is_flops, base_ratio, zmax, distinct, hashes, counts)
+
+    zmax = 1.0
+    if space.kind != "uniform":
+        # Pilot: the largest window mass over a few thousand draws, with margin, is the envelope. The kernel
+        # reports every Z it sees, so a bound that turns out too small is caught below and the run restarts.
+        zseen = _pilot(run, seed, G)
+        zmax = min(1.0, ZMAX_MARGIN * zseen) if zseen > 0 else 1.0
+    while True:
+        sample, zseen = _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G)
+        if sample is not None:
+            break
+        log.info("envelope %.3g was exceeded (%.3g); restarting with a larger one", zmax, zseen)
+        zmax = min(1.0, 2.0 * zseen)
+    sample.stats["u"] = u
+    sample.stats["zmax"] = zmax
+    _verify(table, space, sample)
+    return sample
+
+
+def _check_mcb_reachable(table, space, seed, pilot=2000):
+    """Fail at once when the mCB band misses every recipe the space draws at this target."""
+    free = dataclasses.replace(space, mcb_band=None)
+    probe = sample_space(table, free, pilot, seed + 7919, distinct=False, max_seconds=30.0)
+    lo, hi = float(probe.mcb.min()), float(probe.mcb.max())
+    band_lo, band_hi = space.mcb_band
+    if band_hi < lo or band_lo > hi:
+        raise SamplerError(f"mCB band [{band_lo:g}, {band_hi:g}] is out of reach at {space.target}="
+                           f"{space.value:g}: recipes of this space (σ={space.sigma:g}, R={space.R:g}) reach mCB "
+                           f"[{lo:.3f}, {hi:.3f}] ({pilot} drawn without the band)")
+
+
+def _pilot(run, seed, G):
+    """Largest window mass Z over PILOT_PROPOSALS draws (with its own random stream; nothing is kept)."""
+    scratch = (np.empty((1, G)), np.empty((1, G), np.int64), np.empty(1, np.int64), np.empty(1, np.int64))
+    rng = np.random.default_rng([seed, 1])
+    counts = np.zeros(gk.N_REASONS, np.int64)
+    zseen = 0.0
+    used_total = 0
+    while used_total < PILOT_PROPOSALS:
+        _, used, z = run(1.0, rng, scratch, 0, 1, PILOT_PROPOSALS - used_total, _hash_table(1), counts)
+        used_total += used
+        zseen = max(zseen, z)
+    return zseen
+
+
+def _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G):
+    rng = np.random.default_rng(seed)
+    out = (np.empty((n, G)), np.empty((n, G), np.int64), np.empty(n, np.int64), np.empty(n, np.int64))
+    hashes = _hash_table(n)
+    counts = np.zeros(gk.N_REASONS, np.int64)
+    filled = proposals = 0
+    zseen = 0.0
+    t0 = time.perf_counter()
+    t_rate = None  # the rate is measured from the end of the first chunk on (that one includes numba's compile)
+    rate_from = 0
+    chunk = 4096
+    while filled < n:
+        got, used, z = run(zmax, rng, out, filled, n - filled, chunk, hashes, counts)
+        filled += got
+        proposals += used
+        zseen = max(zseen, z)
+        if zseen > zmax:
+            return None, zseen
+        chunk = min(CHUNK_PROPOSALS, chunk * 2)
+        if progress is not None:
+            progress(filled, n)
+        if t_rate is None:
+            t_rate, rate_from = time.perf_counter(), filled
+            continue
+        if filled >= n:
+            break
+        if proposals >= EMPTY_MIN_PROPOSALS and filled < EMPTY_ACCEPTANCE * proposals:
+            raise SamplerError(_explain_empty(space, proposals, filled, counts, table))
+        elapsed = time.perf_counter() - t_rate
+        if elapsed > 1.0:
+            per_recipe = elapsed / max(filled - rate_from, 1)
+            eta = per_recipe * (n - filled)
+            if eta > max_seconds:
+                raise SamplerError(_explain_empty(space, proposals, filled, counts, table)
+                                   + f" (about {eta:,.0f} s more needed; limit {max_seconds:g} s)")
+    seconds = time.perf_counter() - t0
+    r, keep, tv, ov = out
+    if space.target == "c_flops":
+        sample = _measure(table, space, r, keep, tv, ov)
+    else:
+        sample = _measure(table, space, r, keep, ov, tv)
+    sample.stats.update(proposals=int(proposals), accepted=int(n), seconds=seconds,
+                        recipes_per_s=n / seconds if seconds > 0 else float("inf"),
+                        rejected={gk.REASON_NAMES[i]: int(c) for i, c in enumerate(counts) if c})
+    return sample, zseen
+
+
+def _verify(table, space, sample):
+    """The contract, checked on the integer counts before anything leaves the sampler."""
+    c = sample.c_flops if space.target == "c_flops" else sample.c_params
+    ok = np.abs(c - space.value) <= space.delta + 1e-12
+    ok &= (sample.recipe >= 0).all(axis=1) & (sample.recipe <= space.R).all(axis=1)
+    ok &= (keep_from_recipe(sample.recipe, table.channels) == sample.keep).all(axis=1)
+    if space.std_band:
+        ok &= (sample.std >= space.std_band[0]) & (sample.std <= space.std_band[1])
+    if space.mcb_band:
+        ok &= (sample.mcb >= space.mcb_band[0]) & (sample.mcb <= space.mcb_band[1])
+    if not ok.all():  # pragma: no cover - a kernel bug, never bad input
+        raise AssertionError(f"sampler returned {int((~ok).sum())} recipes that break the constraints")
+
+
+def sample_naive(table, space: Space, n: int, seed: int = 0, *, max_proposals: int = 10_000_000,
+                 batch: int = 100_000) -> tuple[Sample, int]:
+    """Plain rejection sampling of ``space`` in numpy; returns (sample of at most n rows, proposals used).
+
+    Proposals: ``U[0, R]^G`` for the uniform space, ``u + N(0, σ²)`` per group otherwise; kept when every
+    constraint holds. No de-duplication: this is the space's distribution as defined.
+    """
+    check_feasible(table, space)
+    rng = np.random.default_rng(seed)
+    channels = np.asarray(table.channels)
+    G = len(channels)
+    u = uniform_ratio(table, space.target, space.value) if space.kind != "uniform" else 0.0
+    kept_r = []
+    total = 0
+    used = 0
+    while total < n and used < max_proposals:
+        m = min(batch, max_proposals - used)
+        if space.kind == "uniform":
+            r = rng.random((m, G)) * space.R
+        else:
+            r = u + space.sigma * rng.standard_normal((m, G))
+        used += m
+        ok = (r >= 0).all(axis=1) & (r <= space.R).all(axis=1)
+        if space.std_band:
+            s = r.std(axis=1)
+            ok &= (s >= space.std_band[0]) & (s <= space.std_band[1])
+        r = r[ok]
+        keep = keep_from_recipe(r, channels)
+        f = table.flops(keep)
+        p = table.params(keep)
+        c = (f / table.base_flops) if space.target == "c_flops" else (p / table.base_params)
+        ok = np.abs(c - space.value) <= space.delta
+        if space.mcb_band:
+            mcb = (f / table.base_flops) / (p / table.base_params)
+            ok &= (mcb >= space.mcb_band[0]) & (mcb <= space.mcb_band[1])
+        kept_r.append(r[ok])
+        total += int(ok.sum())
+    r = np.concatenate(kept_r)[:n] if kept_r else np.empty((0, G))
+    sample = _measure(table, space, r, keep_from_recipe(r, channels))
+    return sample, used

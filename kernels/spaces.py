@@ -1,0 +1,189 @@
+"""Pruning spaces: names, constraints and what can be reached (numpy only).
+
+A space is a distribution over recipes ``r`` (one pruning ratio per group of the layer table) restricted by
+constraints (paper §3):
+
+``uniform``
+    The initial space: ``r_i ~ U[0, R]`` i.i.d. (EagleEye's sampler and the paper's baseline).
+``std-<σ>``
+    A uniform ratio ``u`` meeting the target plus ``N(0, σ)`` noise per group, truncated to ``[0, R]``, and
+    ``std(r)`` (population std over groups) within ``[STD_BAND[0]·σ, STD_BAND[1]·σ]``.
+``mcb-<lo>-<hi>``
+    The refined space of paper §4: the same noise model with ``σ = MCB_SIGMA`` and no std constraint, restricted to
+    ``lo <= mCB <= hi``.
+
+Every space also carries the regime's target, ``c_flops`` or ``c_params`` within ``±δ`` on the integer channel
+counts ``keep = max(1, floor((1 - r)·c + 0.5))``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from nps.kernels.complexity import keep_from_recipe
+from nps.kernels.errors import SamplerError
+
+DEFAULT_DELTA = 0.002
+DEFAULT_R = 0.95
+# std(r) must fall within this band around σ (as multiples of σ). With G groups the sample std of N(0, σ) noise has a
+# relative spread of about 1/sqrt(2G) (0.12 for ResNet-50's 37 groups), so the band removes only atypical draws and
+# the truncation at [0, R].
+STD_BAND = (0.5, 1.5)
+# Noise level of the mCB-refined space: the widest of the paper's STD spaces, so that the mCB band, not σ, is what
+# restricts the recipes.
+MCB_SIGMA = 0.1
+TARGETS = ("c_flops", "c_params")
+
+_STD_RE = re.compile(r"^std-(\d*\.?\d+)$")
+_MCB_RE = re.compile(r"^mcb-(\d*\.?\d+)-(\d*\.?\d+)$")
+
+
+@dataclass(frozen=True)
+class Space:
+    """One pruning space in one regime.
+
+    Parameters
+    ----------
+    name : str
+        ``uniform``, ``std-<σ>`` or ``mcb-<lo>-<hi>``.
+    target : str
+        ``c_flops`` or ``c_params``: which relative complexity the regime fixes.
+    value : float
+        The target, e.g. 0.25.
+    delta : float
+        Tolerance: ``|c - value| <= delta``.
+    R : float
+        Largest pruning ratio of a group.
+    sigma : float
+        Noise std per group (0 for ``uniform``).
+    std_band : tuple of float or None
+        Allowed ``std(r)`` range, absolute.
+    mcb_band : tuple of float or None
+        Allowed mCB range.
+    """
+
+    name: str
+    target: str
+    value: float
+    delta: float = DEFAULT_DELTA
+    R: float = DEFAULT_R
+    sigma: float = 0.0
+    std_band: tuple | None = None
+    mcb_band: tuple | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.name.split("-")[0]
+
+    @property
+    def regime(self) -> str:
+        """Group name of this space in results.h5: ``<space>@<target>=<value>``."""
+        return f"{self.name}@{self.target}={self.value:g}"
+
+
+def parse_space(name: str, target: str, value: float, *, delta: float = DEFAULT_DELTA, R: float = DEFAULT_R,
+                sigma: float | None = None) -> Space:
+    """Build a :class:`Space` from its name, checking every number; raises SamplerError naming the bad input."""
+    if target not in TARGETS:
+        raise SamplerError(f"target {target!r}: use one of {', '.join(TARGETS)}")
+    if not (0.0 < value <= 1.0):
+        raise SamplerError(f"{target}={value}: a relative complexity must be in (0, 1]")
+    if not (0.0 < delta < 0.5):
+        raise SamplerError(f"delta={delta}: the tolerance must be in (0, 0.5)")
+    if not (0.0 < R < 1.0):
+        raise SamplerError(f"R={R}: the largest pruning ratio must be in (0, 1)")
+    if name == "uniform":
+        return Space(name, target, float(value), delta, R)
+    m = _STD_RE.match(name)
+    if m:
+        s = float(m.group(1)) if sigma is None else float(sigma)
+        if not (0.0 < s < 1.0):
+            raise SamplerError(f"space {name!r}: σ must be in (0, 1)")
+        return Space(name, target, float(value), delta, R, s, (STD_BAND[0] * s, STD_BAND[1] * s))
+    m = _MCB_RE.match(name)
+    if m:
+        lo, hi = float(m.group(1)), float(m.group(2))
+        if not (0.0 < lo < hi):
+            raise SamplerError(f"space {name!r}: the mCB band needs 0 < lo < hi")
+        s = MCB_SIGMA if sigma is None else float(sigma)
+        return Space(name, target, float(value), delta, R, s, None, (lo, hi))
+    raise SamplerError(f"space {name!r}: use 'uniform', 'std-<sigma>' (e.g. std-0.05) or 'mcb-<lo>-<hi>' "
+                       "(e.g. mcb-0.9-1.1)")
+
+
+def target_form(table, target: str):
+    """(form, base value) of the constrained quantity, and of the other one."""
+    if target == "c_flops":
+        return (table.flops, table.base_flops), (table.params, table.base_params)
+    return (table.params, table.base_params), (table.flops, table.base_flops)
+
+
+def _continuous(form, keep) -> float:
+    """The form at real-valued keep counts (no rounding)."""
+    return float(form.const + form.linear @ keep + np.sum(form.pair_w * keep[form.pair_a] * keep[form.pair_b]))
+
+
+def uniform_ratio(table, target: str, value: float) -> float:
+    """The uniform pruning ratio ``u`` whose continuous keep counts ``(1 - u)·c`` give ``value`` (bisection)."""
+    (form, base), _ = target_form(table, target)
+    c = np.asarray(table.channels, dtype=np.float64)
+    lo, hi = 0.0, 1.0 - 0.5 / c.min()
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if _continuous(form, (1.0 - mid) * c) / base > value:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def reachable_range(table, target: str, R: float) -> tuple[float, float]:
+    """Smallest and largest relative complexity any recipe in ``[0, R]^G`` reaches (forms are monotone)."""
+    (form, base), _ = target_form(table, target)
+    c = np.asarray(table.channels)
+    low = form(keep_from_recipe(np.full(len(c), R), c)) / base
+    return float(low), 1.0
+
+
+def check_feasible(table, space: Space) -> None:
+    """Fail fast, naming the constraint and the reachable range, when the target cannot be met with this R."""
+    c_min = int(np.min(table.channels))
+    r_cap = 1.0 - 0.5 / c_min
+    if space.R > r_cap:
+        raise SamplerError(f"R={space.R}: at most {r_cap:.4f} for this layer table (its smallest group has {c_min} "
+                           "channels, and every group keeps at least one)")
+    low, high = reachable_range(table, space.target, space.R)
+    if space.value + space.delta < low:
+        hint = " (use mode 'all' to prune the stem and residual channels too)" if table.mode == "internal" else ""
+        raise SamplerError(f"{space.target}={space.value:g} is out of reach for {table.model} in mode "
+                           f"'{table.mode}' with R={space.R}: reachable {space.target} is [{low:.4f}, {high:.4f}]"
+                           f"{hint}")
+    if space.kind != "uniform":
+        u = uniform_ratio(table, space.target, space.value)
+        if u > space.R:
+            raise SamplerError(f"{space.target}={space.value:g} needs a uniform ratio of {u:.3f} > R={space.R}; "
+                               "raise R")
+
+
+def recipe_std(recipe) -> np.ndarray:
+    """Population std of each recipe over its groups (what the std band constrains)."""
+    return np.asarray(recipe, dtype=np.float64).std(axis=-1)
+
+
+def describe(space: Space) -> str:
+    """One line for logs and summaries."""
+    parts = [f"{space.name}: {space.target}={space.value:g}±{space.delta:g}", f"R={space.R:g}"]
+    if space.sigma:
+        parts.append(f"σ={space.sigma:g}")
+    if space.std_band:
+        parts.append(f"std(r)∈[{space.std_band[0]:.4g}, {space.std_band[1]:.4g}]")
+    if space.mcb_band:
+        parts.append(f"mCB∈[{space.mcb_band[0]:g}, {space.mcb_band[1]:g}]")
+    return ", ".join(parts)
+
+
+def isfinite_pos(x: float) -> bool:
+    return math.isfinite(x) and x > 0

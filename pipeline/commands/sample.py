@@ -1,0 +1,132 @@
+"""`nps sample`: draw recipes of one or more pruning spaces and write them to an HDF5 file (status 0)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from nps.kernels.spaces import DEFAULT_DELTA, DEFAULT_R, parse_space
+from nps.pipeline.errors import NpsError
+from nps.pipeline.graph import build_layer_table
+from nps.pipeline.models import MODELS
+from nps.pipeline.sampling import sample_rows
+from nps.pipeline.store import ResultsStore
+
+EPILOG = """\
+spaces:
+  uniform         r_i ~ U[0, R] i.i.d. (the initial space; nearly empty below c_flops ~0.3)
+  std-<sigma>     uniform ratio meeting the target + N(0, sigma) per group, std(r) in [0.5, 1.5]*sigma
+  mcb-<lo>-<hi>   the same noise with sigma 0.1, no std band, mCB in [lo, hi] (paper section 4)
+
+example:
+  nps sample --model resnet50 --mode all --resolution 224 --classes 10 \\
+             --space std-0.01 --c-flops 0.1 -n 1000 --seed 0 --out recipes.h5
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="draw recipes of pruning spaces into an HDF5 file",
+                       description="Draw n distinct recipes per space, each meeting the target within ±delta on "
+                                   "integer channel counts, and write /layers and /spaces/<space>@<target>=<value> "
+                                   "rows (status 0, pending) to --out.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help=f"base network: {', '.join(MODELS)}")
+    p.add_argument("--mode", choices=["internal", "all"], default="all",
+                   help="internal: convs inside residual blocks only; all: also stem and residual channels")
+    p.add_argument("--resolution", type=int, required=True, help="input resolution FLOPs are counted at")
+    p.add_argument("--classes", type=int, default=10, help="classifier outputs (default 10)")
+    p.add_argument("--in-channels", type=int, default=3, choices=[1, 3])
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--c-flops", type=float, help="target FLOPs(sub)/FLOPs(base)")
+    target.add_argument("--c-params", type=float, help="target Params(sub)/Params(base)")
+    p.add_argument("--space", action="append", required=True,
+                   help="uniform, std-<sigma> or mcb-<lo>-<hi>; repeat for several")
+    p.add_argument("-n", type=int, default=100, help="recipes per space (default 100)")
+    p.add_argument("--delta", type=float, default=DEFAULT_DELTA, help=f"tolerance (default {DEFAULT_DELTA})")
+    p.add_argument("--max-ratio", "-R", type=float, default=DEFAULT_R, dest="R",
+                   help=f"largest pruning ratio of a group (default {DEFAULT_R})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=600.0,
+                   help="give up on a space whose estimated sampling time exceeds this (default 600)")
+    p.add_argument("--out", required=True, help="HDF5 file to write")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    console = Console()
+    if args.n < 1:
+        raise NpsError(f"-n {args.n}: ask for at least one recipe")
+    if os.path.exists(args.out) and not args.force:
+        raise NpsError(f"{args.out} exists; pass --force to overwrite it")
+    target, value = ("c_flops", args.c_flops) if args.c_flops is not None else ("c_params", args.c_params)
+    table = build_layer_table(args.model, args.mode, args.resolution, args.classes, args.in_channels)
+    spaces = [parse_space(name, target, value, delta=args.delta, R=args.R) for name in args.space]
+    if len({s.regime for s in spaces}) != len(spaces):
+        raise NpsError("--space: each space may be given once")
+
+    results = []
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
+        for space in spaces:
+            task = bar.add_task(space.name, total=args.n)
+            rows, attrs, sample = sample_rows(table, space, args.n, args.seed, max_seconds=args.max_seconds,
+                                              progress=lambda done, n, t=task: bar.update(t, completed=done))
+            results.append((space, rows, attrs, sample))
+
+    # Write everything to a temporary name, then rename: never a half-written --out.
+    tmp = f"{args.out}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    try:
+        config = f"# nps sample\n{vars_to_toml(args)}"
+        store = ResultsStore.create(tmp, table, config, {"base_flops": table.base_flops,
+                                                         "base_params": table.base_params}, overwrite=True)
+        try:
+            for space, rows, attrs, _ in results:
+                store.add_space(space.regime, rows, epochs=0, attrs=attrs)
+            store.flush()
+        finally:
+            store.close()
+        os.replace(tmp, args.out)
+    finally:
+        for leftover in (tmp, tmp + ".lock"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+    console.print(summary_table(table, results))
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+def vars_to_toml(args) -> str:
+    keep = ("model", "mode", "resolution", "classes", "in_channels", "c_flops", "c_params", "space", "n", "delta",
+            "R", "seed")
+    lines = []
+    for key in keep:
+        value = getattr(args, key)
+        if value is None:
+            continue
+        lines.append(f"{key} = {value!r}".replace("'", '"'))
+    return "\n".join(lines) + "\n"
+
+
+def _span(x) -> str:
+    return f"{x.min():.4f} – {x.max():.4f}"
+
+
+def summary_table(table, results) -> Table:
+    """One column per space, one row per quantity (fits a narrow terminal)."""
+    t = Table(title=f"{table.model} ({table.mode}, {table.resolution} px, {len(table.channels)} groups)")
+    t.add_column("")
+    for space, *_ in results:
+        t.add_column(space.regime, justify="right")
+    samples = [s for *_, s in results]
+    t.add_row("n", *[f"{len(s):,}" for s in samples])
+    for label, key in (("c_flops", "c_flops"), ("c_params", "c_params"), ("std(r)", "std"), ("mCB", "mcb")):
+        t.add_row(label, *[_span(getattr(s, key)) for s in samples])
+    t.add_row("recipes/s", *[f"{s.stats['recipes_per_s']:,.0f}" for s in samples])
+    t.add_row("accepted", *[f"{s.stats['accepted'] / s.stats['proposals']:.3g} of proposals" for s in samples])
+    return t

@@ -1,0 +1,144 @@
+"""Recipe samplers: exact constraints on integer channels, distinct, reproducible, fail fast, no distortion."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nps.kernels.complexity import keep_from_recipe
+from nps.kernels.errors import SamplerError
+from nps.kernels.samplers import sample_naive, sample_space
+from nps.kernels.spaces import parse_space, reachable_range
+from nps.pipeline.graph import build_layer_table
+
+
+@pytest.fixture(scope="module")
+def r50():
+    return build_layer_table("resnet50", "all", 224, 10)
+
+
+@pytest.fixture(scope="module")
+def r56():
+    return build_layer_table("resnet56", "all", 32, 10)
+
+
+def assert_meets_space(table, space, s):
+    """Recompute everything from the recipes alone and check every constraint of the space."""
+    keep = keep_from_recipe(s.recipe, table.channels)
+    assert np.array_equal(keep, s.keep)
+    flops, params = table.flops(keep), table.params(keep)
+    assert np.array_equal(flops, s.flops) and np.array_equal(params, s.params)
+    c = flops / table.base_flops if space.target == "c_flops" else params / table.base_params
+    assert np.all(np.abs(c - space.value) <= space.delta)
+    assert s.recipe.min() >= 0 and s.recipe.max() <= space.R
+    if space.std_band:
+        std = s.recipe.std(axis=1)
+        assert std.min() >= space.std_band[0] and std.max() <= space.std_band[1]
+    if space.mcb_band:
+        mcb = (flops / table.base_flops) / (params / table.base_params)
+        assert mcb.min() >= space.mcb_band[0] and mcb.max() <= space.mcb_band[1]
+
+
+@pytest.mark.parametrize("name,target,value", [
+    ("std-0.01", "c_flops", 0.5), ("std-0.01", "c_flops", 0.02), ("std-0.05", "c_flops", 0.25),
+    ("std-0.1", "c_flops", 0.1), ("mcb-0.9-1.1", "c_flops", 0.25), ("std-0.05", "c_params", 0.1),
+    ("mcb-0.9-1.1", "c_params", 0.25),
+])
+def test_every_recipe_meets_every_constraint_resnet50(r50, name, target, value):
+    space = parse_space(name, target, value)
+    s = sample_space(r50, space, 20_000, seed=3)
+    assert len(s) == 20_000
+    assert_meets_space(r50, space, s)
+    assert len(np.unique(s.keep, axis=0)) == len(s), "recipes must be distinct subnetworks"
+
+
+@pytest.mark.parametrize("mode", ["internal", "all"])
+def test_every_recipe_meets_every_constraint_resnet56(mode):
+    table = build_layer_table("resnet56", mode, 32, 10)
+    for name in ("std-0.05", "uniform"):
+        space = parse_space(name, "c_flops", 0.5)
+        s = sample_space(table, space, 2_000, seed=0)
+        assert_meets_space(table, space, s)
+        assert len(np.unique(s.keep, axis=0)) == len(s)
+
+
+def test_seed_reproduces_and_differs(r50):
+    space = parse_space("std-0.05", "c_flops", 0.25)
+    a = sample_space(r50, space, 1000, seed=11)
+    b = sample_space(r50, space, 1000, seed=11)
+    c = sample_space(r50, space, 1000, seed=12)
+    assert np.array_equal(a.recipe, b.recipe) and np.array_equal(a.keep, b.keep)
+    assert not np.array_equal(a.keep, c.keep)
+
+
+def test_target_out_of_reach_fails_at_once_naming_range():
+    table = build_layer_table("resnet50", "internal", 224, 10)
+    low, _ = reachable_range(table, "c_flops", 0.95)
+    assert 0.12 < low < 0.15  # stem, shortcuts and head stay in internal mode
+    with pytest.raises(SamplerError, match=r"c_flops=0.05 is out of reach .*reachable c_flops is \[0\.1"):
+        sample_space(table, parse_space("std-0.01", "c_flops", 0.05), 10)
+
+
+def test_mcb_band_out_of_reach_fails_naming_range(r50):
+    with pytest.raises(SamplerError, match=r"mCB band \[3, 3.5\] is out of reach .* reach mCB \[0\.\d+, 1\.\d+\]"):
+        sample_space(r50, parse_space("mcb-3-3.5", "c_flops", 0.25), 10)
+
+
+def test_nearly_empty_space_stops_instead_of_spinning(r50):
+    space = parse_space("std-0.1", "c_flops", 0.02, R=0.95)
+    with pytest.raises(SamplerError, match="nearly empty"):
+        sample_space(r50, space, 1000, seed=0, max_seconds=3)
+
+
+@pytest.mark.parametrize("bad", ["std-0", "std-x", "mcb-1.1-0.9", "gauss-0.1"])
+def test_bad_space_names(bad):
+    with pytest.raises(SamplerError, match="space"):
+        parse_space(bad, "c_flops", 0.25)
+
+
+def _two_sample_ks(a, b):
+    grid = np.sort(np.concatenate([a, b]))
+    fa = np.searchsorted(np.sort(a), grid, side="right") / len(a)
+    fb = np.searchsorted(np.sort(b), grid, side="right") / len(b)
+    return np.abs(fa - fb).max()
+
+
+def _compare_to_rejection(table, space, n):
+    fast = sample_space(table, space, n, seed=1, distinct=False)
+    naive, used = sample_naive(table, space, n, seed=2, max_proposals=20_000_000)
+    assert len(naive) == n, f"naive rejection found only {len(naive)} in {used} proposals"
+    se_mean = np.sqrt(fast.recipe.var(axis=0) / n + naive.recipe.var(axis=0) / n)
+    assert np.all(np.abs(fast.recipe.mean(axis=0) - naive.recipe.mean(axis=0)) < 5 * se_mean + 1e-9)
+    sd_f, sd_n = fast.recipe.std(axis=0), naive.recipe.std(axis=0)
+    # the std of a std estimate is about sd/sqrt(2n) (normal case); allow 5 of them plus 2% for the truncation
+    assert np.all(np.abs(sd_f - sd_n) < 5 * sd_n * np.sqrt(1.0 / n) + 0.02 * sd_n)
+    # std(r) and the complexities: two-sample KS at alpha = 0.001 (c = 1.95)
+    crit = 1.95 * np.sqrt(2.0 / n)
+    for key in ("std", "c_flops", "c_params", "mcb"):
+        assert _two_sample_ks(getattr(fast, key), getattr(naive, key)) < crit, key
+    # the std(r) histogram, bin by bin
+    edges = np.quantile(naive.std, np.linspace(0, 1, 11))
+    hf, _ = np.histogram(np.clip(fast.std, edges[0], edges[-1]), edges)
+    hn, _ = np.histogram(naive.std, edges)
+    assert np.all(np.abs(hf - hn) < 5 * np.sqrt(hn + hf) + 1)
+
+
+@pytest.mark.parametrize("name,target,value", [
+    ("std-0.05", "c_flops", 0.25), ("std-0.1", "c_flops", 0.25), ("std-0.01", "c_flops", 0.5),
+    ("mcb-0.9-1.1", "c_flops", 0.25), ("std-0.05", "c_params", 0.25), ("uniform", "c_flops", 0.45),
+])
+def test_no_distortion_against_plain_rejection(r56, name, target, value):
+    _compare_to_rejection(r56, parse_space(name, target, value), 20_000)
+
+
+def test_kernels_run_as_plain_python():
+    """The NPS_NUMBA_DISABLE switch (ffcv's convention) runs the same sampler without numba."""
+    code = ("from nps.pipeline.graph import build_layer_table;from nps.kernels.spaces import parse_space;"
+            "from nps.kernels.samplers import sample_space;"
+            "t=build_layer_table('resnet20','internal',32,10);"
+            "s=sample_space(t, parse_space('std-0.05','c_flops',0.5), 20, seed=0);print(len(s))")
+    env = dict(os.environ, NPS_NUMBA_DISABLE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "20"
