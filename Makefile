@@ -27,8 +27,12 @@ $(STAMP): pyproject.toml | apt
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+DEMO_OUT ?= runs/demo
+
 demo: setup
-	$(BIN)/nps demo
+	$(BIN)/nps sample --model resnet50 --mode all --resolution 224 --classes 10 \
+	  --space std-0.01 --space std-0.05 --space std-0.1 --c-flops 0.1 -n 1000 --seed 0 \
+	  --out $(DEMO_OUT)/recipes.h5 --force
 
 test: setup
 	$(BIN)/python -m pytest -q

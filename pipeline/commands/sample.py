@@ -122,7 +122,7 @@ def summary_table(table, results) -> Table:
     t = Table(title=f"{table.model} ({table.mode}, {table.resolution} px, {len(table.channels)} groups)")
     t.add_column("")
     for space, *_ in results:
-        t.add_column(space.regime, justify="right")
+        t.add_column(space.regime, justify="right", overflow="fold")
     samples = [s for *_, s in results]
     t.add_row("n", *[f"{len(s):,}" for s in samples])
     for label, key in (("c_flops", "c_flops"), ("c_params", "c_params"), ("std(r)", "std"), ("mCB", "mcb")):
