@@ -168,7 +168,8 @@ def prune_model(model: nn.Module, table: LayerTable, keep, criterion: str = "l2"
 
     Parameters are as in ``channel_indices``. The copy has the same device, dtype, training mode and
     ``requires_grad`` flags as the original; the original is left untouched. Its FLOPs and params equal
-    ``table.flops(keep)`` and ``table.params(keep)`` exactly.
+    ``table.flops(keep)`` and ``table.params(keep)`` exactly. New weights are contiguous (NCHW): convert the copy
+    to ``channels_last`` after pruning if the training loop wants it.
 
     Raises
     ------

@@ -48,7 +48,7 @@ def test_closed_form_matches_flop_counter_on_pruned_models(name, mode):
     with torch.device("meta"):
         model = build_model(name, num_classes=10)
     # The random criterion reads no weights, so the whole check runs on shapes only (meta device).
-    keeps = sample_keeps(table, 4 if name in BIG else 10, seed=len(name))
+    keeps = sample_keeps(table, 4 if name in BIG else 6 if name == "resnet110" else 10, seed=len(name))
     closed_flops, closed_params = table.flops(keeps), table.params(keeps)
     for keep, flops, params in zip(keeps, closed_flops, closed_params):
         pruned = prune_model(model, table, keep, criterion="random")

@@ -111,8 +111,8 @@ def test_every_criterion_prunes_correctly(criterion, mode):
 
 
 def test_deterministic_and_original_untouched():
-    model = randomized("resnet50")
-    table = build_layer_table("resnet50", "all", RESOLUTION, num_classes=10)
+    model = randomized("resnet18")
+    table = build_layer_table("resnet18", "all", RESOLUTION, num_classes=10)
     keep = table.keep(np.random.default_rng(0).uniform(0, 0.9, len(table)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     modules_before = dict(model.named_modules())
