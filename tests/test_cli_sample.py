@@ -1,0 +1,74 @@
+"""`nps sample` end to end: the HDF5 file it writes, its summary, and its one-line errors."""
+import h5py
+import numpy as np
+import pytest
+
+from nps.kernels.samplers import sample_space
+from nps.kernels.spaces import parse_space
+from nps.pipeline.cli import main
+from nps.pipeline.graph import LayerTable, build_layer_table
+
+
+def test_sample_writes_layers_and_rows(tmp_path, capsys):
+    out = tmp_path / "recipes.h5"
+    rc = main(["sample", "--model", "resnet56", "--mode", "all", "--resolution", "32", "--classes", "10",
+               "--space", "std-0.05", "--space", "mcb-0.9-1.1", "--c-flops", "0.25", "-n", "200", "--seed", "0",
+               "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "std-0.05@c_flops=0.25" in text and "recipes/s" in text
+    table = build_layer_table("resnet56", "all", 32, 10)
+    with h5py.File(out, "r") as f:
+        stored = LayerTable.from_hdf5(f["layers"])
+        assert stored == table
+        assert f["layers"].attrs["mode"] == "all" and f["layers"].attrs["model"] == "resnet56"
+        members = [m.decode() if isinstance(m, bytes) else m for m in f["layers/members"][()]]
+        assert members[0].split(",")[0] == "conv1"
+        assert set(f["spaces"]) == {"std-0.05@c_flops=0.25", "mcb-0.9-1.1@c_flops=0.25"}
+        for name, g in f["spaces"].items():
+            recipe, keep = g["recipe"][()], g["keep"][()]
+            assert recipe.shape == (200, len(table.channels)) and keep.dtype == np.int32
+            # keep is authoritative; recipe is stored as f4 (DESIGN), so compare with the sampler's own draw
+            space = parse_space(name.split("@")[0], "c_flops", 0.25)
+            drawn = sample_space(table, space, 200, seed=0)
+            assert np.array_equal(drawn.keep, keep)
+            assert np.array_equal(drawn.recipe.astype(np.float32), recipe)
+            c = table.flops(keep.astype(np.int64)) / table.base_flops
+            assert np.all(np.abs(c - 0.25) <= 0.002)
+            assert np.allclose(g["c_flops"][()], c, atol=1e-6)
+            assert np.all(g["status"][()] == 0)
+            assert len(np.unique(g["seed"][()])) == 200
+            assert g.attrs["space"] == name.split("@")[0] and g.attrs["target"] == "c_flops"
+    # a second seed-identical run reproduces the rows
+    out2 = tmp_path / "again.h5"
+    main(["sample", "--model", "resnet56", "--resolution", "32", "--space", "std-0.05", "--c-flops", "0.25",
+          "-n", "200", "--seed", "0", "--out", str(out2)])
+    with h5py.File(out, "r") as a, h5py.File(out2, "r") as b:
+        assert np.array_equal(a["spaces/std-0.05@c_flops=0.25/keep"][()], b["spaces/std-0.05@c_flops=0.25/keep"][()])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "resnet50", "--mode", "internal", "--resolution", "64", "--space", "std-0.01", "--c-flops", "0.05"],
+     "c_flops=0.05 is out of reach for resnet50 in mode 'internal' with R=0.95: reachable c_flops is [0.1"),
+    (["--model", "resnet9", "--resolution", "32", "--space", "std-0.01", "--c-flops", "0.5"], "resnet9"),
+    (["--model", "resnet56", "--resolution", "32", "--space", "gauss", "--c-flops", "0.5"], "space 'gauss'"),
+    (["--model", "resnet56", "--resolution", "32", "--space", "std-0.05", "--c-flops", "1.5"], "c_flops=1.5"),
+    (["--model", "resnet56", "--resolution", "32", "--space", "mcb-3-4", "--c-flops", "0.25"],
+     "mCB band [3, 4] is out of reach"),
+])
+def test_bad_requests_fail_with_one_line_and_no_file(tmp_path, capsys, args, message):
+    out = tmp_path / "x.h5"
+    rc = main(["sample", *args, "-n", "10", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_overwrite_without_force(tmp_path, capsys):
+    out = tmp_path / "x.h5"
+    out.write_bytes(b"keep me")
+    rc = main(["sample", "--model", "resnet20", "--resolution", "32", "--space", "std-0.05", "--c-flops", "0.5",
+               "-n", "5", "--out", str(out)])
+    assert rc == 2 and "--force" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
