@@ -53,7 +53,15 @@ def space_attrs(space: Space, seed: int, stats: dict | None = None) -> dict:
     return attrs
 
 
+def space_seed(seed: int, regime: str) -> int:
+    """The sampler's seed for one space of a run: independent streams for the spaces of one experiment seed."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(regime.encode())]).generate_state(1)[0])
+
+
 def sample_rows(table, space: Space, n: int, seed: int, **kwargs) -> tuple[dict, dict, Sample]:
-    """Draw ``n`` recipes; returns (rows, space attrs, the sample with its stats)."""
-    sample = sample_space(table, space, n, seed, **kwargs)
+    """Draw ``n`` recipes; returns (rows, space attrs, the sample with its stats).
+
+    Each space draws from its own stream (:func:`space_seed`), so spaces of one run are independent samples.
+    """
+    sample = sample_space(table, space, n, space_seed(seed, space.regime), **kwargs)
     return rows_from_sample(sample, seed), space_attrs(space, seed, sample.stats), sample
