@@ -18,7 +18,7 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Iterator, List, Tuple
 
 import numpy as np
 
@@ -98,30 +98,64 @@ def _payload_sizes(reader, path: Path, data_ptr: np.ndarray, file_size: int) -> 
     return found
 
 
-def update_fingerprint(hasher, split: str, path: os.PathLike) -> BetonSummary:
-    """Feed one split's stored content into ``hasher`` (see the module docstring) and return its summary."""
-    path = Path(path)
+def _stored(path: Path):
+    """(reader-derived summary, per-sample payload sizes) of one .beton."""
     reader = _open_reader(path)
     image, label = _fields(reader)
     count = int(reader.num_samples)
-    headers = np.zeros(count, dtype=_HEADER)
-    headers["label"], headers["mode"] = label, image["mode"]
-    headers["height"], headers["width"] = image["height"], image["width"]
-    hasher.update(f"{split}:{count}\n".encode())
-    hasher.update(headers.tobytes())
-    file_size = path.stat().st_size
+    summary = BetonSummary(str(path), count, np.asarray(label, dtype=np.int64), np.asarray(image["height"]),
+                           np.asarray(image["width"]), np.asarray(image["mode"]))
     data_ptr = np.asarray(image["data_ptr"], dtype=np.uint64)
-    if count:
-        sizes = _payload_sizes(reader, path, data_ptr, file_size)
-        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            try:
-                for ptr, size in zip(data_ptr.tolist(), sizes.tolist()):
-                    hasher.update(view[ptr:ptr + size])
-            finally:
-                view.release()
-    return BetonSummary(str(path), count, np.asarray(label, dtype=np.int64), np.asarray(image["height"]),
-                        np.asarray(image["width"]), np.asarray(image["mode"]))
+    sizes = _payload_sizes(reader, path, data_ptr, path.stat().st_size) if count else np.zeros(0, np.int64)
+    return summary, data_ptr, sizes
+
+
+def iter_payloads(path: os.PathLike) -> Iterator[memoryview]:
+    """Each sample's stored image bytes in index order (raw ``H x W x 3`` pixels or a JPEG stream).
+
+    The views are only valid during the iteration step that yields them.
+    """
+    path = Path(path)
+    summary, data_ptr, sizes = _stored(path)
+    if not summary.count:
+        return
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        piece = None
+        try:
+            for ptr, size in zip(data_ptr.tolist(), sizes.tolist()):
+                piece = view[ptr:ptr + size]
+                yield piece
+                piece.release()
+        finally:
+            if piece is not None:
+                piece.release()  # also when the caller stops early: the mmap cannot close while a view lives
+            view.release()
+
+
+def read_raw_images(path: os.PathLike) -> Tuple[List[np.ndarray], np.ndarray]:
+    """The stored images of a raw-mode .beton as ``H x W x 3`` arrays (any sizes), and the labels."""
+    path = Path(path)
+    summary = read_summary(path)
+    if (summary.modes != 1).any():
+        raise DatasetError(f"{path}: holds JPEG images; decode them with a loader instead")
+    images = [np.frombuffer(bytes(piece), dtype=np.uint8).reshape(int(h), int(w), 3)
+              for piece, h, w in zip(iter_payloads(path), summary.heights, summary.widths)]
+    return images, summary.labels
+
+
+def update_fingerprint(hasher, split: str, path: os.PathLike) -> BetonSummary:
+    """Feed one split's stored content into ``hasher`` (see the module docstring) and return its summary."""
+    path = Path(path)
+    summary, _, _ = _stored(path)
+    headers = np.zeros(summary.count, dtype=_HEADER)
+    headers["label"], headers["mode"] = summary.labels, summary.modes
+    headers["height"], headers["width"] = summary.heights, summary.widths
+    hasher.update(f"{split}:{summary.count}\n".encode())
+    hasher.update(headers.tobytes())
+    for piece in iter_payloads(path):
+        hasher.update(piece)
+    return summary
 
 
 def fingerprint(paths: Iterable[Tuple[str, os.PathLike]]) -> Tuple[str, Dict[str, BetonSummary]]:

@@ -34,6 +34,7 @@ WRITE_MODES = ("raw", "jpg", "smart")
 # write_mode="smart": JPEG for images whose raw pixels exceed this many bytes (about 100 x 100 x 3), raw below.
 SMART_THRESHOLD = 32 * 1024
 PAGE_SIZE = 1 << 23  # FFCV page; no single stored image may be larger than this
+MIN_IMAGES_PER_WORKER = 500
 _ERROR_BYTES = 2048
 
 ProgressFn = Callable[[str, int, int], None]  # (split, images done, images total)
@@ -139,6 +140,9 @@ def _write_split(split_name: str, guarded: _GuardedSplit, tmp: Path, *, write_mo
 
     image_field = RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
                                 smart_threshold=SMART_THRESHOLD if write_mode == "smart" else None)
+    # Starting a writer process costs about a second here (fork of a process holding torch and numba), so
+    # small splits get fewer of them.
+    workers = max(1, min(workers, len(guarded) // MIN_IMAGES_PER_WORKER))
     writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()}, page_size=PAGE_SIZE,
                            num_workers=workers)
     # Small chunks keep both workers busy on small splits and make the progress bar move.

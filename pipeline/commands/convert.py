@@ -69,7 +69,7 @@ def _rich_progress():
     return bar, update
 
 
-def _line_progress(stream=sys.stdout, every_s: float = 2.0) -> Callable[[str, int, int], None]:
+def _line_progress(every_s: float = 2.0) -> Callable[[str, int, int], None]:
     """A plain line every ``every_s`` seconds and at the end of each split (stdout is not a terminal)."""
     state: Dict[str, list] = {}
 
@@ -82,8 +82,7 @@ def _line_progress(stream=sys.stdout, every_s: float = 2.0) -> Callable[[str, in
         rate = done / max(now - start, 1e-9)
         eta = (total - done) / rate if rate > 0 else float("inf")
         eta_text = f"ETA {eta:.0f}s" if done < total and eta != float("inf") else "done" if done >= total else ""
-        print(f"convert {split}: {done}/{total} images ({rate:,.0f} img/s) {eta_text}".rstrip(), file=stream,
-              flush=True)
+        print(f"convert {split}: {done}/{total} images ({rate:,.0f} img/s) {eta_text}".rstrip(), flush=True)
 
     return update
 
