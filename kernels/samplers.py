@@ -85,7 +85,7 @@ def _direction(form, channels, u):
 
 
 def _hash_table(n):
-    size = 1 << max(10, int(math.ceil(math.log2(4 * n + 1))))
+    size = 1 << max(10, int(math.ceil(math.log2(2 * n + 1))))  # load factor <= 0.5
     return np.zeros(size, dtype=np.uint64)
 
 
@@ -139,15 +139,15 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     direction = _direction(tform, channels, u) if space.kind != "uniform" else np.ones(G) / math.sqrt(G)
     q11, q1h, qhh = _pair_sums(tform, direction * channels)
 
-    def run(zmax, rng, out, start, want, budget, hashes, counts):
+    def run(zmax, rng, out, start, want, budget, hashes, counts, dedup=distinct):
         r, keep, tv, ov = out
         if space.kind == "uniform":
             return gk.sample_uniform(rng, want, budget, r, keep, tv, ov, start, *common, space.R, lo_t, hi_t,
-                                     *forms, *others, mcb_lo, mcb_hi, target_is_flops, base_ratio, distinct,
+                                     *forms, *others, mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup,
                                      hashes, counts)
         return gk.sample_gauss(rng, want, budget, r, keep, tv, ov, start, *common, direction, u, space.sigma,
                                space.R, std_lo, std_hi, lo_t, hi_t, *forms, q11, q1h, qhh, *others, mcb_lo, mcb_hi,
-                               target_is_flops, base_ratio, zmax, distinct, hashes, counts)
+                               target_is_flops, base_ratio, zmax, dedup, hashes, counts)
 
     zmax = 1.0
     if space.kind != "uniform":
@@ -180,16 +180,11 @@ def _check_mcb_reachable(table, space, seed, pilot=2000):
 
 
 def _pilot(run, seed, G):
-    """Largest window mass Z over PILOT_PROPOSALS draws (with its own random stream; nothing is kept)."""
-    scratch = (np.empty((1, G)), np.empty((1, G), np.int64), np.empty(1, np.int64), np.empty(1, np.int64))
+    """Largest window mass Z over PILOT_PROPOSALS draws (with its own random stream; the recipes are dropped)."""
+    m = PILOT_PROPOSALS
+    scratch = (np.empty((m, G)), np.empty((m, G), np.int64), np.empty(m, np.int64), np.empty(m, np.int64))
     rng = np.random.default_rng([seed, 1])
-    counts = np.zeros(gk.N_REASONS, np.int64)
-    zseen = 0.0
-    used_total = 0
-    while used_total < PILOT_PROPOSALS:
-        _, used, z = run(1.0, rng, scratch, 0, 1, PILOT_PROPOSALS - used_total, _hash_table(1), counts)
-        used_total += used
-        zseen = max(zseen, z)
+    _, _, zseen = run(1.0, rng, scratch, 0, m, m, _hash_table(1), np.zeros(gk.N_REASONS, np.int64), dedup=False)
     return zseen
 
 
