@@ -19,8 +19,17 @@ log = logging.getLogger(__name__)
 def load_split(path: str, *, device: torch.device, num_workers: int, batch_size: int = 1024):
     """Decode every image and label of one .beton into device tensors (``N x H x W x 3`` uint8, ``N`` int64).
 
-    The images must all have the same size (``meta.json`` ``image_shape`` not null).
+    The images must all have the same size (``meta.json`` ``image_shape`` not null). Raw-mode files are copied
+    straight from the stored bytes; JPEG ones are decoded by an FFCV loader in sequential order.
     """
+    from nps.datasets.betonfile import read_raw_array, read_summary
+
+    summary = read_summary(path)
+    if (summary.modes == 1).all():
+        images, labels = read_raw_array(path)
+        log.info("loaded %s onto %s: %s", path, device, images.shape)
+        return torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToTensor

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nps.datasets.betonfile import read_raw_images
+from nps.datasets.betonfile import read_raw_array, read_raw_images
 from nps.datasets.convert import convert_dataset, verify_dataset
 from nps.datasets.errors import DatasetError
 from nps.pipeline.cli import main
@@ -40,8 +40,7 @@ def leftovers(out_dir: Path):
 
 
 def stored(out_dir: Path, split: str):
-    images, labels = read_raw_images(out_dir / f"{split}.beton")
-    return np.stack(images), labels
+    return read_raw_array(out_dir / f"{split}.beton")
 
 
 # ------------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -58,25 +57,32 @@ def torchvision_fmnist_root(tmp_path_factory):
 
 
 @needs_fmnist
-def test_fashion_mnist_raw_round_trip_matches_torchvision(tmp_path, torchvision_fmnist_root, capsys):
+@pytest.mark.parametrize("limit", [pytest.param(None, marks=pytest.mark.slow, id="all-70000"),
+                                   pytest.param(4000, id="first-4000")])
+def test_fashion_mnist_raw_round_trip_matches_torchvision(tmp_path, torchvision_fmnist_root, capsys, limit):
     from torchvision.datasets import FashionMNIST
 
     out = tmp_path / "fmnist"
-    code, stdout, _ = cli(capsys, "fashion-mnist", "--out", out, "--workers", 2)
+    code, stdout, _ = cli(capsys, "fashion-mnist", "--out", out, "--workers", 2, *(["--limit", limit] if limit else []))
     assert code == 0
-    assert "convert train: 60000/60000" in stdout and "wrote" in stdout  # plain line log: stdout is not a tty
+    counts = {"train": limit or 60000, "val": limit or 10000}
+    assert f"convert train: {counts['train']}/{counts['train']}" in stdout  # plain line log: stdout is no tty
+    assert "wrote" in stdout
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["counts"] == {"train": 60000, "val": 10000}
-    assert meta["label_histogram"]["train"] == [6000] * 10 and meta["label_histogram"]["val"] == [1000] * 10
+    assert meta["counts"] == counts
+    if limit is None:
+        assert meta["label_histogram"]["train"] == [6000] * 10 and meta["label_histogram"]["val"] == [1000] * 10
     assert meta["image_shape"] == [28, 28] and meta["grayscale_replicated"] and meta["write_mode"] == "raw"
     assert meta["classes"][0] == "T-shirt/top" and len(meta["fingerprint"]) == 64
     for split, train in (("train", True), ("val", False)):
         reference = FashionMNIST(str(torchvision_fmnist_root), train=train, download=False)
         images, labels = stored(out, split)
-        assert images.shape == (len(reference), 28, 28, 3)
+        assert images.shape == (counts[split], 28, 28, 3)
         for c in range(3):  # grayscale stored as three equal channels
-            assert np.array_equal(images[..., c], reference.data.numpy())
-        assert np.array_equal(labels, reference.targets.numpy())
+            assert np.array_equal(images[..., c], reference.data.numpy()[:counts[split]])
+        assert np.array_equal(labels, reference.targets.numpy()[:counts[split]])
+        histogram = np.bincount(reference.targets.numpy()[:counts[split]], minlength=10).tolist()
+        assert meta["label_histogram"][split] == histogram
     assert leftovers(out) == ["meta.json", "train.beton", "val.beton"]
 
 
