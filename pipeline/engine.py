@@ -13,10 +13,16 @@ Robustness:
 - a CUDA out-of-memory error inside a cohort raises :class:`CohortOutOfMemory`; :func:`run_cohorts` then splits the
   unfinished subnetworks into halves and retries them from their original weights, keeping what had finished.
 
+On the CPU the analogue of streams is threads: ``cpu_workers`` threads each step their share of the cohort with ONE
+intra-op thread (the cores are split between models instead of within every small convolution). Pruned networks'
+convolutions have few channels, so splitting each of them across cores scales poorly and suffers badly when the cores
+are shared with other processes (OpenMP barriers wait for descheduled threads); one model per core does not.
+
 Library code never prints: progress goes to the ``on_event`` callback (plain dicts) and to ``logging``.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -32,7 +38,8 @@ from torch import nn
 
 from nps.pipeline.errors import NpsError
 from nps.pipeline.train import (
-    RetrainConfig, adaptive_bn_many, autocast_context, evaluate_many, make_optimizer, make_scheduler, reinitialize,
+    RetrainConfig, run_each, adaptive_bn_many, autocast_context, evaluate_many, make_optimizer, make_scheduler,
+    reinitialize,
 )
 
 log = logging.getLogger(__name__)
@@ -108,8 +115,39 @@ def resolve_channels_last(channels_last: bool | str, device: torch.device) -> bo
     return bool(channels_last)
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
+def resolve_cpu_workers(cpu_workers: int | str, device: torch.device, k: int) -> int:
+    """Threads stepping cohort members concurrently on the CPU: ``"auto"`` → one per intra-op thread torch may use
+    (``torch.get_num_threads()``), at most K; 1 = the plain loop (each op multi-threaded). Always 1 on a GPU."""
+    if device.type != "cpu":
+        return 1
+    if cpu_workers == "auto":
+        return max(1, min(k, torch.get_num_threads()))
+    if isinstance(cpu_workers, bool) or not isinstance(cpu_workers, int) or cpu_workers < 1:
+        raise NpsError(f"cpu_workers must be 'auto' or an integer >= 1, got {cpu_workers!r}")
+    return min(k, cpu_workers)
+
+
+class _CpuWorkers:
+    """A pool of threads that step cohort members concurrently, each op single-threaded (see the module doc)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._saved_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            workers, thread_name_prefix="nps-cohort", initializer=torch.set_num_threads, initargs=(1,))
+
+    def map(self, fn: Callable[[Any], None], items: Sequence[Any]) -> None:
+        """``fn(item)`` for every item, items dealt round-robin to the threads; re-raises the first error."""
+        shares = [items[i::self.workers] for i in range(self.workers)]
+        futures = [self._pool.submit(lambda share=share: [fn(item) for item in share]) for share in shares if share]
+        concurrent.futures.wait(futures)
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        torch.set_num_threads(self._saved_threads)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -251,6 +289,7 @@ def train_cohort(
     steps_per_epoch: int | None = None,
     check_every: int | None = None,
     keep_models: bool = False,
+    cpu_workers: int | str = "auto",
     progress_s: float = 2.0,
 ) -> list[Result]:
     """Retrain ``models`` together, one pass of ``train_loader`` per epoch shared by all of them.
@@ -283,6 +322,9 @@ def train_cohort(
         Steps between NaN/inf checks (default 1 on CPU, 25 on GPU); always at the end of an epoch.
     keep_models : bool
         Return each retrained model (moved to the CPU) in ``Result.model``.
+    cpu_workers : "auto" | int
+        On the CPU, threads stepping members concurrently (see :func:`resolve_cpu_workers`); ignored on GPUs.
+        While they run, ``torch.set_num_threads(1)`` is in force (restored afterwards).
 
     Returns
     -------
@@ -311,6 +353,7 @@ def train_cohort(
     live: list[_Slot] = []
     where = "setup"
     oom = False
+    workers: _CpuWorkers | None = None
 
     def fail(slot: _Slot, message: str) -> None:
         live.remove(slot)
@@ -331,6 +374,10 @@ def train_cohort(
                 fail(slot, f"loss became nan/inf at epoch {epoch} step {step}")
 
     try:
+        n_workers = resolve_cpu_workers(cpu_workers, device, k)
+        if n_workers > 1:
+            workers = _CpuWorkers(n_workers)
+        runner = workers.map if workers is not None else run_each
         for pos, model in enumerate(models):
             model.to(device)
             if nhwc:
@@ -342,9 +389,9 @@ def train_cohort(
         if bn_images > 0:
             where = "adaptive BN"
             adaptive_bn_many(models, train_loader, device, num_images=bn_images, amp_dtype=amp_dtype,
-                             channels_last=nhwc)
+                             channels_last=nhwc, runner=runner)
             bn_scores = [r[0] for r in evaluate_many(models, val_loader, device, amp_dtype=amp_dtype,
-                                                     channels_last=nhwc)]
+                                                     channels_last=nhwc, runner=runner)]
         if config.method == "scratch":
             for model in models:
                 reinitialize(model)
@@ -378,13 +425,16 @@ def train_cohort(
                 y = y.to(device, non_blocking=True)
                 images += y.shape[0]
                 code = epoch * _FAULT_SHIFT + step
-                for s in live:
-                    with s.stream_context():
-                        if s.stream is not None:
-                            s.stream.wait_stream(main_stream)  # the batch (copied on the main stream) is ready
-                            x.record_stream(s.stream)
-                            y.record_stream(s.stream)
-                        s.step(x, y, criterion, device, amp_dtype, code)
+                if workers is not None:
+                    workers.map(lambda s: s.step(x, y, criterion, device, amp_dtype, code), live)
+                else:
+                    for s in live:
+                        with s.stream_context():
+                            if s.stream is not None:
+                                s.stream.wait_stream(main_stream)  # the batch (copied on the main stream) is ready
+                                x.record_stream(s.stream)
+                                y.record_stream(s.stream)
+                            s.step(x, y, criterion, device, amp_dtype, code)
                 if main_stream is not None:
                     for s in live:
                         main_stream.wait_stream(s.stream)  # device-side join; the host runs ahead to the next batch
@@ -415,7 +465,7 @@ def train_cohort(
             if eval_every_epoch and live:
                 where = f"evaluation after epoch {epoch}"
                 scores = evaluate_many([s.model for s in live], val_loader, device, amp_dtype=amp_dtype,
-                                       channels_last=nhwc)
+                                       channels_last=nhwc, runner=runner)
                 for s, (top1, top5, loss) in zip(live, scores):
                     s.curve.append(top1)
                     s.final = (top1, top5, loss)
@@ -426,7 +476,7 @@ def train_cohort(
             where = "final evaluation"
             if not (eval_every_epoch and config.epochs > 0):
                 scores = evaluate_many([s.model for s in live], val_loader, device, amp_dtype=amp_dtype,
-                                       channels_last=nhwc)
+                                       channels_last=nhwc, runner=runner)
                 for s, score in zip(live, scores):
                     s.final = score
             for s in list(live):
@@ -442,6 +492,9 @@ def train_cohort(
             live.clear()
     except torch.cuda.OutOfMemoryError:
         oom = True
+    finally:
+        if workers is not None:
+            workers.close()
     if oom:
         # Out of the except block, so the traceback (and the frames holding activations) is already gone.
         # Members whose loss had already gone non-finite stay failed: retrying them would only fail again.

@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -138,6 +138,15 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+Runner = Callable[[Callable[[Any], None], Sequence[Any]], None]
+"""``runner(fn, items)`` calls ``fn(item)`` for every item, in any order or concurrently (the engine's CPU threads)."""
+
+
+def run_each(fn: Callable[[Any], None], items: Sequence[Any]) -> None:
+    for item in items:
+        fn(item)
+
+
 def _batches(loader: Iterable, device: torch.device, channels_last: bool):
     for x, y in loader:
         x = x.to(device, non_blocking=True)
@@ -148,7 +157,8 @@ def _batches(loader: Iterable, device: torch.device, channels_last: bool):
 
 @torch.no_grad()
 def evaluate_many(models: Sequence[nn.Module], loader: Iterable, device: torch.device | str, *,
-                  amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> list[tuple[float, float, float]]:
+                  amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                  runner: Runner = run_each) -> list[tuple[float, float, float]]:
     """Top-1 %, top-5 % and mean loss of several models in ONE pass over ``loader`` (each batch moved once).
 
     With fewer than 5 classes, top-5 counts the top ``num_classes`` (so it is 100 %).
@@ -163,16 +173,19 @@ def evaluate_many(models: Sequence[nn.Module], loader: Iterable, device: torch.d
     loss_sum = [torch.zeros((), device=device, dtype=torch.float64) for _ in models]
     for x, y in _batches(loader, device, channels_last):
         n += y.shape[0]
-        for i, m in enumerate(models):
-            with autocast_context(device, amp_dtype):
-                logits = m(x)
-            logits = logits.float()
-            loss_sum[i] += nn.functional.cross_entropy(logits, y, reduction="sum").double()
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            hit = top.eq(y.view(-1, 1))
-            correct1[i] += hit[:, 0].sum().double()
-            correct5[i] += hit.any(dim=1).sum().double()
+
+        def score(i: int, x=x, y=y) -> None:
+            with torch.no_grad():  # also in the runner's threads (grad mode is per thread)
+                with autocast_context(device, amp_dtype):
+                    logits = models[i](x)
+                logits = logits.float()
+                loss_sum[i] += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+                k = min(5, logits.shape[1])
+                hit = logits.topk(k, dim=1).indices.eq(y.view(-1, 1))
+                correct1[i] += hit[:, 0].sum().double()
+                correct5[i] += hit.any(dim=1).sum().double()
+
+        runner(score, range(len(models)))
     for m, mode in zip(models, was_training):
         m.train(mode)
     if n == 0:
@@ -189,7 +202,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str, **k
 @torch.no_grad()
 def adaptive_bn_many(models: Sequence[nn.Module], loader: Iterable, device: torch.device | str, *,
                      num_images: int = 500, amp_dtype: torch.dtype | None = None,
-                     channels_last: bool = False) -> int:
+                     channels_last: bool = False, runner: Runner = run_each) -> int:
     """Recompute every BatchNorm's running statistics from ``num_images`` training images (one pass, all models).
 
     Running stats are reset and re-estimated as an exact cumulative average (``momentum=None``) with the models in
@@ -213,9 +226,11 @@ def adaptive_bn_many(models: Sequence[nn.Module], loader: Iterable, device: torc
             take = min(x.shape[0], num_images - seen)
             if take < 2 and seen > 0:  # a 1-image batch gives BN no variance; the estimate is complete enough
                 break
-            for m in models:
-                with autocast_context(device, amp_dtype):
-                    m(x[:take])
+            def forward(m: nn.Module, batch=x[:take]) -> None:
+                with torch.no_grad(), autocast_context(device, amp_dtype):
+                    m(batch)
+
+            runner(forward, models)
             seen += take
             if seen >= num_images:
                 break

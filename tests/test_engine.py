@@ -128,12 +128,40 @@ def test_cohort_member_trains_exactly_as_it_would_alone():
     assert r_alone.top1 == r_together.top1 and r_alone.loss == r_together.loss
 
 
-def test_nan_loss_stops_only_that_model():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cohort_member_trains_exactly_as_it_would_alone_with_cpu_workers(workers):
+    data = make_data(6)
+    base = small_net(seed=3)
+    alone, together = copy.deepcopy(base), copy.deepcopy(base)
+    config = RetrainConfig(epochs=2, lr=0.05)
+    r_alone = train_cohort([alone], data, data[:2], config, "cpu", cpu_workers=1)[0]
+    others = [small_net(seed=s) for s in range(4, 8)]
+    r_together = train_cohort(others[:2] + [together] + others[2:], data, data[:2], config, "cpu",
+                              cpu_workers=workers, bn_images=0, eval_every_epoch=True)[2]
+    for p, q in zip(alone.parameters(), together.parameters()):
+        assert torch.equal(p, q)
+    assert r_alone.top1 == r_together.top1 and r_alone.loss == r_together.loss
+    assert torch.get_num_threads() == 1  # restored (the test module runs single-threaded)
+
+
+def test_cpu_workers_restore_the_thread_count():
+    torch.set_num_threads(2)
+    try:
+        train_cohort([small_net(), small_net()], make_data(2), make_data(1), RetrainConfig(epochs=1), "cpu",
+                     cpu_workers="auto")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_nan_loss_stops_only_that_model(workers):
     data = make_data(6)
     config = RetrainConfig(epochs=3, lr=0.05)
     models = [small_net(seed=1), Bomb(small_net(seed=2), epoch=2, step=4, steps_per_epoch=6), small_net(seed=3)]
     events = []
-    results = train_cohort(models, data, data[:2], config, "cpu", eval_every_epoch=True, on_event=events.append)
+    results = train_cohort(models, data, data[:2], config, "cpu", eval_every_epoch=True, on_event=events.append,
+                           cpu_workers=workers)
     assert [r.status for r in results] == ["done", "failed", "done"]
     bad = results[1]
     assert bad.error == "loss became nan/inf at epoch 2 step 4"
@@ -197,11 +225,12 @@ def test_oom_on_a_single_model_marks_it_failed():
     assert "does not fit even alone" in results[0].error
 
 
-def test_train_cohort_raises_cohort_oom_with_positions():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_train_cohort_raises_cohort_oom_with_positions(workers):
     memory = MemoryLimit(limit=1)
     with pytest.raises(CohortOutOfMemory) as info:
         train_cohort([Hungry(small_net(), memory) for _ in range(3)], make_data(2), make_data(1),
-                     RetrainConfig(epochs=1), "cpu")
+                     RetrainConfig(epochs=1), "cpu", cpu_workers=workers)
     assert info.value.unfinished == [0, 1, 2] and info.value.finished == {}
 
 
@@ -262,6 +291,16 @@ def test_choose_cohort_size():
     free = int(per * 6 / 0.85) + 1
     assert choose_cohort_size(models * 5, "cpu", (32, 3, 8, 8), free_bytes=free) == 6
     assert choose_cohort_size(models, "cpu", (32, 3, 8, 8), free_bytes=1) == 1
+
+
+def test_resolve_cpu_workers():
+    from nps.pipeline.engine import resolve_cpu_workers
+    cpu = torch.device("cpu")
+    assert resolve_cpu_workers(3, cpu, 8) == 3 and resolve_cpu_workers(16, cpu, 8) == 8
+    assert resolve_cpu_workers("auto", cpu, 8) == torch.get_num_threads()
+    assert resolve_cpu_workers(4, torch.device("meta"), 8) == 1
+    with pytest.raises(NpsError):
+        resolve_cpu_workers(0, cpu, 8)
 
 
 def test_resolve_amp():
