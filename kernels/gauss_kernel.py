@@ -194,12 +194,14 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
     e = np.empty(G)
     k0 = np.empty(G)
     h = np.empty(G)
+    inv_d = np.empty(G)
     r = np.empty(G)
     keep = np.empty(G, dtype=np.int64)
     lin_sum = 0.0
     lin_h = 0.0
     for i in range(G):
         h[i] = direction[i] * channels[i]
+        inv_d[i] = 1.0 / direction[i] if direction[i] > 0.0 else 0.0
         lin_sum += tlin[i]
         lin_h += tlin[i] * h[i]
     filled = 0
@@ -219,10 +221,9 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
             e[i] = sigma * (e[i] - proj * direction[i])
             k0[i] = (1.0 - u - e[i]) * channels[i]
             a0 += tlin[i] * k0[i]
-            d = direction[i]
-            if d > 0.0:
-                lo_i = (-u - e[i]) / d
-                hi_i = (R - u - e[i]) / d
+            if inv_d[i] > 0.0:
+                lo_i = (-u - e[i]) * inv_d[i]
+                hi_i = (R - u - e[i]) * inv_d[i]
                 if lo_i > box_lo:
                     box_lo = lo_i
                 if hi_i < box_hi:
