@@ -305,7 +305,10 @@ def test_resolve_cpu_workers():
 
 def test_resolve_amp():
     cpu = torch.device("cpu")
-    assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
+    from nps.pipeline.engine import cpu_has_native_bf16
+    assert resolve_amp("auto", cpu) is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert resolve_amp("off", cpu) is None and resolve_amp(None, cpu) is None
+    assert resolve_amp("auto", torch.device("meta")) is None
     assert resolve_amp("bf16", cpu) is torch.bfloat16 and resolve_amp("fp16", cpu) is torch.float16
     with pytest.raises(NpsError):
         resolve_amp("int8", cpu)
