@@ -65,13 +65,34 @@ def _rank_and_world(distributed: bool) -> Tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def pack_padded(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """``N x H x W x 3`` uint8 -> ``N x (H+2p) x (W+2p)`` int32, one pixel per int32 (RGB + a zero byte), zero border.
+
+    A pixel as one 4-byte element turns crop + flip into a single ``index_select`` of int32 (about 10x faster on
+    CPU than indexing 3-byte rows), and the zero border makes every crop index valid, so no masking pass is needed.
+    """
+    count, height, width, _ = images.shape
+    packed = torch.zeros((count, height + 2 * padding, width + 2 * padding, 4), dtype=torch.uint8,
+                         device=images.device)
+    packed[:, padding:padding + height, padding:padding + width, :3] = images
+    return packed.view(torch.int32).reshape(count, height + 2 * padding, width + 2 * padding)
+
+
+def device_bytes(count: int, height: int, width: int, padding: int, augment: bool) -> int:
+    """Device memory one split takes in a :class:`DeviceLoader` (packed and padded when augmented)."""
+    if augment:
+        return count * (height + 2 * padding) * (width + 2 * padding) * 4
+    return count * height * width * 3
+
+
 class DeviceLoader:
     """Batches drawn from a dataset held on the device, with pad-and-crop and flip done there.
 
     Parameters
     ----------
     images : torch.Tensor
-        ``N x H x W x 3`` uint8 on the device.
+        ``N x H x W x 3`` uint8 on the device. With ``augment`` it is repacked (see :func:`pack_padded`) and the
+        caller's tensor is not kept.
     labels : torch.Tensor
         ``N`` int64 on the device.
     batch_size : int
@@ -83,8 +104,8 @@ class DeviceLoader:
     padding : int
         Pixels of pad-and-crop.
     order : str
-        ``random`` (a new permutation each epoch, from ``seed + epoch``), ``quasi_random`` (same as random here:
-        the data is already in memory), or ``sequential``.
+        ``random`` (a new permutation each epoch, from ``seed`` and the epoch number), ``quasi_random`` (same as
+        random here: the data is already in memory), or ``sequential``.
     drop_last : bool
         Drop the last incomplete batch.
     seed : int
@@ -99,7 +120,8 @@ class DeviceLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
                  finisher: Callable[[torch.Tensor], torch.Tensor], augment: bool = True, padding: int = 4,
                  order: str = "random", drop_last: bool = True, seed: int = 0, distributed: bool = False):
-        self.images, self.labels = images, labels
+        self.labels = labels
+        self.count, self.height, self.width = int(images.shape[0]), int(images.shape[1]), int(images.shape[2])
         self.batch_size = int(batch_size)
         self.finisher = finisher
         self.augment, self.padding = augment, int(padding)
@@ -107,15 +129,19 @@ class DeviceLoader:
         self.rank, self.world = _rank_and_world(distributed)
         self.device = images.device
         self.epoch = 0
-        height, width = images.shape[1:3]
-        self._rows = torch.arange(height, device=self.device)
-        self._cols = torch.arange(width, device=self.device)
+        if augment:
+            self.packed = pack_padded(images, self.padding).reshape(-1)
+            self.images = None
+            self._rows = torch.arange(self.height, device=self.device)
+            self._cols = torch.arange(self.width, device=self.device)
+            self._cols_flipped = self._cols.flip(0)
+        else:
+            self.images = images
 
     @property
     def num_samples(self) -> int:
         """Samples this rank sees per epoch."""
-        total = len(self.labels)
-        return -(-total // self.world) if self.world > 1 else total
+        return -(-self.count // self.world) if self.world > 1 else self.count
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -123,28 +149,26 @@ class DeviceLoader:
         return -(-self.num_samples // self.batch_size)
 
     def _epoch_order(self, generator: torch.Generator) -> torch.Tensor:
-        total = len(self.labels)
         if self.order == "sequential":
-            order = torch.arange(total, device=self.device)
+            order = torch.arange(self.count, device=self.device)
         else:
-            order = torch.randperm(total, generator=generator, device=self.device)
+            order = torch.randperm(self.count, generator=generator, device=self.device)
         if self.world > 1:
             padded = self.num_samples * self.world
-            order = torch.cat([order, order[: padded - total]])[self.rank::self.world]
+            order = torch.cat([order, order[: padded - self.count]])[self.rank::self.world]
         return order
 
     def _crop_flip(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One gather: ``out[b, y, x] = src[b, y + dy - p, flip ? W-1-x + dx - p : x + dx - p]``, zero outside."""
+        """One gather: ``out[b, y, x] = padded[b, y + dy, (flip ? W-1-x : x) + dx]`` with ``dy, dx`` in ``0..2p``."""
         count, pad = len(index), self.padding
-        height, width = len(self._rows), len(self._cols)
-        shift = torch.randint(0, 2 * pad + 1, (2, count), generator=generator, device=self.device) - pad
+        padded_h, padded_w = self.height + 2 * pad, self.width + 2 * pad
+        shift = torch.randint(0, 2 * pad + 1, (2, count), generator=generator, device=self.device)
         flip = torch.rand(count, generator=generator, device=self.device) < 0.5
-        rows = self._rows[None, :] + shift[0][:, None]
-        cols = torch.where(flip[:, None], (width - 1 - self._cols)[None, :], self._cols[None, :]) + shift[1][:, None]
-        inside = (((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :])
-        out = self.images[index[:, None, None], rows.clamp(0, height - 1)[:, :, None],
-                          cols.clamp(0, width - 1)[:, None, :]]
-        return out.mul_(inside[..., None])
+        row_start = index[:, None] * (padded_h * padded_w) + (self._rows[None, :] + shift[0][:, None]) * padded_w
+        cols = torch.where(flip[:, None], self._cols_flipped[None, :], self._cols[None, :]) + shift[1][:, None]
+        where = (row_start[:, :, None] + cols[:, None, :]).reshape(-1)
+        pixels = self.packed.index_select(0, where)  # int32 RGB0 pixels
+        return pixels.view(torch.uint8).view(count, self.height, self.width, 4)[..., :3]
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator(device=self.device)
@@ -157,5 +181,5 @@ class DeviceLoader:
                 batch = self._crop_flip(index, generator)
             else:
                 batch = self.images[index]
-            # N x H x W x 3 -> N x 3 x H x W view, which is channels_last in memory
+            # N x H x W x 3 -> N x 3 x H x W view (channels_last memory when contiguous)
             yield self.finisher(batch.permute(0, 3, 1, 2)), self.labels[index]
