@@ -1,0 +1,219 @@
+"""nps report on results files written here with the store: summary.json against the raw HDF5 datasets, partial
+files (a writer still open), one space / one regime, no finished rows, and the output-directory rules."""
+import json
+import math
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from nps.kernels.samplers import sample_space
+from nps.kernels.spaces import parse_space, uniform_ratio
+from nps.pipeline.cli import main
+from nps.pipeline.errors import NpsError
+from nps.pipeline.graph import build_layer_table
+from nps.pipeline.report import write_report
+from nps.pipeline.store import DONE, FAILED, PENDING, RUNNING, ResultsStore
+
+torch.set_num_threads(1)
+
+BASE_TOP1 = 91.0
+CONFIG = '[model]\nname = "resnet20"\nmode = "all"\nresolution = 32\n'
+SPACES = [("std-0.01", "c_flops", 0.5), ("std-0.1", "c_flops", 0.5), ("std-0.01", "c_flops", 0.25),
+          ("std-0.1", "c_flops", 0.25), ("std-0.05", "c_params", 0.3)]
+N = 24
+K = 5
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def table():
+    return build_layer_table("resnet20", "all", 32, 10)
+
+
+def outcome(space_index: int, row: int) -> str:
+    """Which state the synthetic run leaves each row in."""
+    if row % 7 == 3:
+        return "failed"
+    if row % 11 == 5:
+        return "pending"
+    if row % 13 == 6:
+        return "running"
+    if space_index == 0 and row == 2:
+        return "nan"
+    return "done"
+
+
+def make_results(path, table, spaces=SPACES, n=N, outcome=outcome, keep_open=False):
+    """A results file as a run writes it: real sampled recipes, synthetic distinct top-1 values."""
+    store = ResultsStore.create(path, table, CONFIG, {"base_top1": BASE_TOP1, "base_top5": 99.0,
+                                                      "base_flops": table.base_flops,
+                                                      "base_params": table.base_params})
+    rng = np.random.default_rng(0)
+    drops = rng.permutation(len(spaces) * n) * 0.01 - 0.5  # distinct, some negative (better than the base)
+    for s, (name, target, value) in enumerate(spaces):
+        space = parse_space(name, target, value)
+        sample = sample_space(table, space, n, seed=s)
+        rows = {"recipe": sample.recipe, "keep": sample.keep, "flops": sample.flops, "params": sample.params,
+                "c_flops": sample.c_flops, "c_params": sample.c_params, "mcb": sample.mcb, "std": sample.std,
+                "seed": np.arange(n) + 100 * s}
+        store.add_space(space.regime, rows, epochs=2,
+                        attrs={"space": name, "target": target, "value": value, "delta": space.delta})
+    for s, (name, target, value) in enumerate(spaces):
+        regime = parse_space(name, target, value).regime
+        for row in range(n):
+            what = outcome(s, row)
+            if what == "failed":
+                store.mark_failed(regime, row, "loss became NaN")
+            elif what == "running":
+                store.mark_running(regime, [row])
+            elif what == "nan":
+                store.mark_done(regime, row, top1=math.nan, top5=math.nan, loss=math.nan)
+            elif what == "done":
+                store.mark_done(regime, row, top1=BASE_TOP1 - drops[s * n + row], top5=99.0, loss=0.5)
+    if keep_open:
+        return store
+    store.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, table):
+    root = tmp_path_factory.mktemp("report")
+    results = make_results(root / "results.h5", table)
+    summary = write_report(results, root / "out", k=K, n_boot=200, seed=1)
+    return results, root / "out", summary
+
+
+def raw_finished(results):
+    """Per group, straight from h5py: (rows, drops, the whole group) of done rows with finite scores."""
+    out = {}
+    with h5py.File(results, "r") as f:
+        for name, g in f["spaces"].items():
+            status, drop, top1 = g["status"][()], g["acc_drop"][()].astype(np.float64), g["top1"][()]
+            ok = (status == DONE) & np.isfinite(drop) & np.isfinite(top1)
+            out[name] = {"rows": np.flatnonzero(ok), "drop": drop[ok], "status": status,
+                         **{k: g[k][()][ok] for k in ("std", "c_flops", "c_params", "mcb", "recipe")}}
+    return out
+
+
+def test_summary_numbers_equal_the_raw_hdf5(report, table):
+    results, out, summary = report
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["regimes"][0]["edf_grid"] == summary["regimes"][0]["edf_grid"]
+    raw = raw_finished(results)
+    assert [r["key"] for r in on_disk["regimes"]] == ["c_flops=0.5", "c_flops=0.25", "c_params=0.3"]
+    total = 0
+    for reg in on_disk["regimes"]:
+        grid = np.asarray(reg["edf_grid"])
+        everyone = []
+        for sp in reg["spaces"]:
+            r = raw[sp["group"]]
+            status = r["status"]
+            assert sp["counts"] == {"total": N, "pending": int((status == PENDING).sum()),
+                                    "running": int((status == RUNNING).sum()), "done": int((status == DONE).sum()),
+                                    "failed": int((status == FAILED).sum()),
+                                    "nan": int((status == DONE).sum()) - r["rows"].size}
+            total += r["rows"].size
+            assert sp["n"] == r["rows"].size and sp["finished"]["row"] == r["rows"].tolist()
+            # Eq. 1, computed here from the raw drops
+            assert sp["edf"]["F"] == [float(np.mean(r["drop"] < e)) for e in grid]
+            for field in ("std", "c_flops", "c_params", "mcb"):
+                counts, _ = np.histogram(r[field].astype(np.float64), bins=np.asarray(reg["hist_edges"][field]))
+                assert sp["hist"][field] == counts.tolist(), field
+            best = int(np.argmin(r["drop"]))
+            assert sp["winner"]["row"] == int(r["rows"][best])
+            assert sp["winner"]["recipe"] == r["recipe"][best].astype(np.float64).tolist()
+            everyone += [(float(d), sp["space"], int(row)) for d, row in zip(r["drop"], r["rows"])]
+        everyone.sort()
+        bk = reg["best_k"]
+        assert list(zip(bk["acc_drop"], bk["space"], bk["row"])) == everyone[:K]
+        assert reg["winner"]["acc_drop"] == everyone[0][0]
+        u = uniform_ratio(table, reg["target"], reg["value"])
+        keep = table.keep(np.full(len(table), u))
+        assert reg["uniform"]["mcb"] == pytest.approx(float(table.mcb(keep)))
+    assert on_disk["counts"]["finished"] == total
+    assert on_disk["counts"]["failed"] == sum(int((r["status"] == FAILED).sum()) for r in raw.values())
+    om = on_disk["optimal_mcb"]
+    assert len(om["points"]["mcb"]) == 3 * K and om["fit"]["kind"] == "power"
+    assert on_disk["drop_vs_mcb"]["fit"]["kind"] == "linear"  # 3 regimes: too few winners for three parameters
+    assert any("pending" in n for n in on_disk["notes"]) and any("failed" in n for n in on_disk["notes"])
+
+
+def test_report_files_are_complete(report):
+    _, out, summary = report
+    html = (out / "index.html").read_text()
+    assert summary["figures"] and set(summary["figures"]) >= {"best_k", "optimal_mcb", "drop_vs_mcb", "spaces"}
+    for fig in summary["figures"].values():
+        assert (out / fig["file"]).read_bytes()[:8] == PNG
+        assert f'src="{fig["file"]}"' in html
+    assert "P(highest EDF)" in html and "pending" in html
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def summary_from_another_process(results):
+    """What a user does while a run writes the file: read it from another process (SWMR), as nps report does."""
+    code = ("import json, sys; from nps.pipeline.report import build_summary; "
+            "print(json.dumps(build_summary(sys.argv[1], k=3, n_boot=50)))")
+    done = subprocess.run([sys.executable, "-c", code, str(results)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_report_on_a_file_a_run_is_still_writing(tmp_path, table):
+    store = make_results(tmp_path / "live.h5", table, SPACES[:2], n=10,
+                         outcome=lambda s, row: "done" if row < 4 else "pending", keep_open=True)
+    try:
+        assert store.swmr  # a writer holds the file, as during nps run
+        first = summary_from_another_process(tmp_path / "live.h5")
+        assert first["counts"]["finished"] == 8 and first["counts"]["pending"] == 12
+        assert any("12 rows pending" in n for n in first["notes"])
+        store.mark_done("std-0.01@c_flops=0.5", 7, top1=95.0, top5=99.0, loss=0.1)
+        second = summary_from_another_process(tmp_path / "live.h5")
+        assert second["counts"]["finished"] == 9
+        assert second["regimes"][0]["winner"]["row"] == 7 and second["regimes"][0]["winner"]["acc_drop"] == -4.0
+    finally:
+        store.close()
+
+
+def test_single_space_single_regime(tmp_path, table):
+    path = make_results(tmp_path / "one.h5", table, SPACES[:1], n=12, outcome=lambda s, row: "done")
+    s = write_report(path, tmp_path / "out", k=40, n_boot=50)
+    (reg,) = s["regimes"]
+    assert reg["comparison"] is None and reg["best_k"]["n"] == 12
+    assert s["optimal_mcb"]["fit"]["kind"] == "constant" and s["drop_vs_mcb"]["fit"]["kind"] == "none"
+    assert any("two regimes" in n for n in s["notes"])
+    assert (tmp_path / "out" / "regime_c_flops_0.5.png").read_bytes()[:8] == PNG
+
+
+def test_no_finished_rows_still_writes_counts(tmp_path, table, capsys):
+    path = make_results(tmp_path / "fresh.h5", table, SPACES[:2], n=6, outcome=lambda s, row: "pending")
+    assert main(["report", str(path), "--out", str(tmp_path / "out")]) == 0
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["counts"] == {"total": 12, "pending": 12, "running": 0, "done": 0, "failed": 0, "nan": 0,
+                           "finished": 0}
+    assert s["figures"] == {} and all(r["best_k"] is None for r in s["regimes"])
+    assert "no finished rows yet" in (tmp_path / "out" / "index.html").read_text()
+    assert "no finished rows yet" in capsys.readouterr().out
+
+
+def test_output_directory_rules(tmp_path, table, capsys):
+    path = make_results(tmp_path / "r.h5", table, SPACES[:1], n=4, outcome=lambda s, row: "pending")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    assert main(["report", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not empty; pass --force" in err and len(err.strip().splitlines()) == 1
+    assert (out / "old.txt").exists()
+    assert main(["report", str(path), "--out", str(out), "--force"]) == 0
+    assert not (out / "old.txt").exists() and (out / "summary.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(NpsError, match="not a directory"):
+        write_report(path, path)
+    assert main(["report", str(path), "--out", str(tmp_path / "o2"), "--k", "0"]) == 2
+    assert main(["report", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "o3")]) == 2
+    assert "no such results file" in capsys.readouterr().err
