@@ -1,2 +1,3 @@
 """nps.pipeline."""
 __version__ = "0.1.0"
+from nps.pipeline.export import load_subnetwork  # noqa: E402,F401

@@ -1,0 +1,108 @@
+"""`nps export`: one trained subnetwork of a results file as a self-contained checkpoint, optionally re-evaluated."""
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+EPILOG = """\
+The fine-tuned weights come from weights/<space>/<row>.pt beside RESULTS.h5 (kept by nps run for the best rows of
+each space). The export holds the weights, recipe, keep counts, architecture, resolution and the run's config:
+
+  from nps.pipeline import load_subnetwork
+  model = load_subnetwork("winner.pt")        # an nn.Module; no base checkpoint needed
+
+--verify re-evaluates it on the val split of the run's dataset (config [dataset] dir, or --data DIR) and checks
+that top-1 equals the stored one: the same number of correct images unless --tolerance says otherwise.
+
+examples:
+  nps export runs/demo/results.h5 --space std-0.01@c_flops=0.1 --best --out winner.pt --verify
+  nps export runs/demo/results.h5 --space std-0.05 --row 17 --out row17.pt
+  nps export --verify winner.pt --data data/fmnist       # check an existing export
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="save a trained subnetwork as a self-contained checkpoint",
+                       description="Save one finished subnetwork of a results file (weights, recipe, keep counts, "
+                                   "architecture, config) as a file that nps.pipeline.load_subnetwork turns back "
+                                   "into an nn.Module.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="RESULTS.h5",
+                   help="results file (or, with --verify and no --space, an export to check)")
+    p.add_argument("--space", help="space group name (std-0.05@c_flops=0.25), or its space part if unique")
+    pick = p.add_mutually_exclusive_group()
+    pick.add_argument("--best", action="store_true", help="the finished row with the highest top-1 that has weights")
+    pick.add_argument("--row", type=int, help="a row index of the space")
+    p.add_argument("--out", metavar="FILE.pt", help="export file to write")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--verify", action="store_true", help="re-evaluate on the val split and compare with the stored "
+                                                         "top-1 (exit status 1 when they differ)")
+    p.add_argument("--data", metavar="DIR", help="converted dataset for --verify (default: config [dataset] dir)")
+    p.add_argument("--device", default="cpu", help="device for --verify (default cpu: deterministic float32)")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                   help="autocast for --verify; match how the run evaluated (default off)")
+    p.add_argument("--batch-size", type=int, default=500, help="val batch size for --verify (default 500)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="allowed |top-1 difference| in percentage points (default: half an image, i.e. the same "
+                        "number of correct images)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import os
+
+    import h5py
+
+    from nps.pipeline.errors import NpsError
+    from nps.pipeline.export import export_subnetwork, verify_subnetwork
+
+    console = Console()
+    if not os.path.exists(args.source):
+        raise NpsError(f"{args.source}: no such file")
+    is_results = h5py.is_hdf5(args.source)
+    if is_results:
+        if not args.space:
+            raise NpsError("--space NAME is required to export from a results file")
+        if not args.best and args.row is None:
+            raise NpsError("choose the subnetwork: --best or --row I")
+        if not args.out:
+            raise NpsError("--out FILE.pt is required")
+        if os.path.exists(args.out) and not args.force:
+            raise NpsError(f"--out {args.out} exists; pass --force to overwrite it")
+        info = export_subnetwork(args.source, args.space, args.out, row=args.row, best=args.best)
+        if info["note"]:
+            console.print(f"[yellow]note:[/yellow] {info['note']}")
+        console.print(f"wrote {args.out}: {info['model']} ({info['mode']}, {info['resolution']} px) "
+                      f"{info['space']} row {info['row']}, top-1 {info['top1']:.2f} % "
+                      f"(drop {info['acc_drop']:.2f} pp), c_flops {info['c_flops']:.4f}, "
+                      f"c_params {info['c_params']:.4f}, mCB {info['mcb']:.3f}")
+        target = args.out
+    else:
+        if not args.verify or args.space or args.out:
+            raise NpsError(f"{args.source} is not an HDF5 results file; to check an export, run "
+                           f"nps export --verify {args.source}")
+        target = args.source
+    if not args.verify:
+        return 0
+    if args.batch_size < 1:
+        raise NpsError(f"--batch-size {args.batch_size}: use at least 1")
+    with console.status("evaluating on the val split", spinner="dots") if console.is_terminal else _null():
+        result = verify_subnetwork(target, data_dir=args.data, device=args.device, batch_size=args.batch_size,
+                                   tolerance=args.tolerance, amp=args.amp)
+    line = (f"top-1 {result['top1']:.4f} % on {result['images']} val images; stored {result['stored_top1']:.4f} %; "
+            f"difference {result['diff']:+.4f} pp ({result['diff_images'] or 0:+d} images)")
+    if result["ok"]:
+        console.print(f"[green]verified:[/green] {line}")
+        return 0
+    console.print(f"[red]mismatch:[/red] {line}, tolerance {result['tolerance']:.4g} pp. If the run evaluated on a "
+                  "GPU under autocast, verify the same way (--device cuda --amp bf16), or pass --tolerance.")
+    return 1
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,394 @@
+"""Trained subnetworks out of a run: the weights kept beside results.h5, a self-contained export, and its check.
+
+Where fine-tuned weights live (the contract with the run driver)::
+
+    <directory of results.h5>/weights/<space>/<row>.pt
+
+``<space>`` is the space's group name in the file (``std-0.05@c_flops=0.25``), ``<row>`` its row index. The file
+holds the **state_dict of the physically pruned model** (the keys and shapes of ``prune_model(base, table, keep)``),
+on the CPU, contiguous; the run driver writes it with :func:`save_subnetwork_weights` (atomically) when a row
+finishes, for at least the best rows of each space. Nothing else is stored there: architecture, keep counts and
+scores are in results.h5.
+
+An **export** (:func:`export_subnetwork`, ``nps export``) is one ``torch.save`` file that needs neither results.h5
+nor the base checkpoint::
+
+    {"format": "nps-subnetwork-1", "model", "mode", "resolution", "num_classes", "in_channels",
+     "recipe", "keep", "groups", "channels", "config", "state_dict", "top1", "top5", "acc_drop",
+     "base_top1", "c_flops", "c_params", "mcb", "flops", "params", "space", "row", "results",
+     "dataset_fingerprint", "nps_version"}
+
+:func:`load_subnetwork` rebuilds it: the registry model, pruned to ``keep`` (weights random at that point, so the
+pruning criterion is irrelevant: only the shapes matter), then ``load_state_dict(strict=True)``.
+
+Heavy imports (torch, the model registry) happen inside the functions, so ``import nps.pipeline`` (which exports
+:func:`load_subnetwork`) stays cheap.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from nps.pipeline.errors import NpsError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "nps-subnetwork-1"
+WEIGHTS_DIR = "weights"
+_META_KEYS = ("model", "mode", "resolution", "num_classes", "in_channels", "recipe", "keep", "groups", "channels",
+              "config", "top1", "top5", "acc_drop", "base_top1", "c_flops", "c_params", "mcb", "flops", "params",
+              "space", "row", "results", "dataset_fingerprint", "nps_version")
+KEEP_WEIGHTS_HINT = ("the run driver saves fine-tuned weights as weights/<space>/<row>.pt beside results.h5 for the "
+                     "best rows of each space (see README, 'Reports and export'); re-run those rows with weight "
+                     "saving on")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Weights beside results.h5.
+
+
+def _check_space_name(space: str) -> str:
+    if not space or "/" in space or "\\" in space or space in (".", "..") or "\0" in space:
+        raise NpsError(f"space {space!r} is not a valid space name (a group name of results.h5, without '/')")
+    return space
+
+
+def _check_row(row) -> int:
+    if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or row < 0:
+        raise NpsError(f"row {row!r}: a row index is a non-negative integer")
+    return int(row)
+
+
+def weights_path(results_path: str | os.PathLike, space: str, row: int) -> Path:
+    """``<dir of results.h5>/weights/<space>/<row>.pt``: where the fine-tuned weights of one row are kept."""
+    return Path(results_path).resolve().parent / WEIGHTS_DIR / _check_space_name(space) / f"{_check_row(row)}.pt"
+
+
+def save_subnetwork_weights(results_path: str | os.PathLike, space: str, row: int, model) -> Path:
+    """Keep the fine-tuned weights of one row beside results.h5 (atomically: a temporary file, then a rename).
+
+    ``model`` is the physically pruned ``nn.Module`` (or its state_dict); tensors are stored on the CPU, contiguous
+    (a ``channels_last`` model is saved in the default layout). Returns the path written.
+    """
+    import torch
+
+    path = weights_path(results_path, space, row)
+    state = model.state_dict() if hasattr(model, "state_dict") else model
+    state = {k: v.detach().to("cpu").contiguous() if torch.is_tensor(v) else v for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_subnetwork_weights(results_path: str | os.PathLike, space: str, row: int) -> dict:
+    """The state_dict kept for one row (see :func:`save_subnetwork_weights`); NpsError if there is none."""
+    import torch
+
+    path = weights_path(results_path, space, row)
+    if not path.is_file():
+        raise NpsError(f"no weights for row {row} of {space!r} at {path}: {KEEP_WEIGHTS_HINT}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise NpsError(f"{path}: cannot read the weights ({error}); the file is damaged, re-run the row") from None
+
+
+def saved_weight_rows(results_path: str | os.PathLike, space: str) -> list[int]:
+    """Rows of ``space`` whose weights are kept, ascending."""
+    folder = weights_path(results_path, space, 0).parent
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.stem) for p in folder.glob("*.pt") if p.stem.isdigit())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Export.
+
+
+def resolve_space(spaces: Iterable[str], name: str) -> str:
+    """The group name meant by ``name``: itself, or the one group whose space part (before ``@``) it is."""
+    spaces = list(spaces)
+    if name in spaces:
+        return name
+    matches = [s for s in spaces if s.split("@")[0] == name]
+    if len(matches) == 1:
+        return matches[0]
+    listing = ", ".join(spaces) or "none"
+    if matches:
+        raise NpsError(f"--space {name!r} is in several regimes ({', '.join(matches)}); give the full name")
+    raise NpsError(f"--space {name!r}: no such space in the file (spaces: {listing})")
+
+
+def _pick_row(results_path, space: str, status: np.ndarray, top1: np.ndarray) -> tuple[int, str]:
+    """The done row with the highest top-1 whose weights are kept, and a note when a better row has none."""
+    from nps.pipeline.store import DONE
+
+    done = np.flatnonzero((status == DONE) & np.isfinite(top1))
+    if done.size == 0:
+        raise NpsError(f"space {space!r} has no finished rows yet; wait for the run, or pick another space")
+    order = done[np.lexsort((done, -top1[done]))]  # best top-1 first, lower row first among ties
+    kept = set(saved_weight_rows(results_path, space))
+    for rank, row in enumerate(order):
+        if int(row) in kept:
+            note = ""
+            if rank:
+                note = (f"the {rank} better finished row(s) of {space!r} (best: row {order[0]}, top-1 "
+                        f"{top1[order[0]]:.2f} %) have no kept weights; exported row {row} (top-1 {top1[row]:.2f} %)")
+            return int(row), note
+    raise NpsError(f"no fine-tuned weights kept for any finished row of {space!r} (looked in "
+                   f"{weights_path(results_path, space, 0).parent}): {KEEP_WEIGHTS_HINT}")
+
+
+def export_subnetwork(results_path: str | os.PathLike, space: str, out: str | os.PathLike, *,
+                      row: int | None = None, best: bool = False) -> dict:
+    """Write one trained subnetwork of a results file as a self-contained checkpoint (module docstring).
+
+    Exactly one of ``row`` and ``best``: ``best`` picks the finished row with the highest top-1 whose weights are
+    kept. Returns the export's metadata (everything but the state_dict) plus ``note`` (non-empty when a better
+    row had no weights) and ``out``.
+    """
+    import torch
+
+    from nps.pipeline.graph import LayerTable
+    from nps.pipeline.store import DONE, STATUS_NAMES, open_readonly
+
+    if (row is None) == (not best):
+        raise NpsError("choose the subnetwork with exactly one of --best and --row I")
+    with open_readonly(results_path) as reader:
+        space = resolve_space(reader.spaces(), space)
+        cols = reader.read(space, ["status", "top1", "top5", "acc_drop", "recipe", "keep", "c_flops", "c_params",
+                                   "mcb", "flops", "params"])
+        attrs = reader.attrs
+        try:
+            table = LayerTable.from_hdf5(reader.layers)
+        except Exception as error:
+            raise NpsError(f"{results_path}: no usable layer table in /layers ({error}); cannot rebuild the "
+                           "architecture") from None
+    n = len(cols["status"])
+    note = ""
+    if best:
+        row, note = _pick_row(results_path, space, cols["status"], cols["top1"].astype(np.float64))
+    else:
+        row = _check_row(row)
+        if row >= n:
+            raise NpsError(f"--row {row}: space {space!r} has rows 0..{n - 1}")
+        if cols["status"][row] != DONE:
+            state = STATUS_NAMES.get(int(cols["status"][row]), "?")
+            raise NpsError(f"row {row} of {space!r} is {state}: only finished rows have trained weights")
+    state_dict = load_subnetwork_weights(results_path, space, row)
+
+    def scalar(name, kind=float):
+        return kind(cols[name][row])
+
+    ckpt: dict[str, Any] = {
+        "format": FORMAT, "model": table.model, "mode": table.mode, "resolution": int(table.resolution),
+        "num_classes": int(table.num_classes), "in_channels": int(table.in_channels),
+        "recipe": [float(v) for v in cols["recipe"][row]], "keep": [int(v) for v in cols["keep"][row]],
+        "groups": list(table.names), "channels": [int(c) for c in table.channels],
+        "config": str(attrs.get("config", "")), "top1": scalar("top1"), "top5": scalar("top5"),
+        "acc_drop": scalar("acc_drop"), "base_top1": float(attrs.get("base_top1", math.nan)),
+        "c_flops": scalar("c_flops"), "c_params": scalar("c_params"), "mcb": scalar("mcb"),
+        "flops": scalar("flops", int), "params": scalar("params", int), "space": space, "row": int(row),
+        "results": str(Path(results_path).resolve()),
+        "dataset_fingerprint": str(attrs.get("dataset_fingerprint", "")),
+        "nps_version": str(attrs.get("nps_version", "")),
+    }
+    model = build_subnetwork(ckpt)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise NpsError(f"{weights_path(results_path, space, row)} does not fit row {row} of {space!r} (keep "
+                       f"{ckpt['keep']}): {' '.join(first[:2])}") from None
+    ckpt["state_dict"] = model.state_dict()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    info = {k: ckpt[k] for k in _META_KEYS}
+    info.update(note=note, out=str(out))
+    return info
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def read_subnetwork(path: str | os.PathLike) -> dict:
+    """The export as a dict (state_dict included), after checking its format."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise NpsError(f"{path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise NpsError(f"{path}: not a readable torch file ({error})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise NpsError(f"{path}: not an nps subnetwork export (format {found!r}, expected {FORMAT!r}); make one "
+                       "with nps export")
+    missing = [k for k in ("model", "num_classes", "in_channels", "mode", "resolution", "keep", "state_dict")
+               if k not in ckpt]
+    if missing:
+        raise NpsError(f"{path}: the export lacks {', '.join(missing)}; re-export it")
+    return ckpt
+
+
+def build_subnetwork(ckpt: dict):
+    """The export's architecture with random weights: the registry model pruned to ``ckpt["keep"]``."""
+    from nps.pipeline.graph import build_layer_table
+    from nps.pipeline.models import build_model
+    from nps.pipeline.prune import prune_model
+
+    table = build_layer_table(ckpt["model"], ckpt["mode"], int(ckpt["resolution"]), int(ckpt["num_classes"]),
+                              int(ckpt["in_channels"]))
+    base = build_model(ckpt["model"], num_classes=int(ckpt["num_classes"]), in_channels=int(ckpt["in_channels"]))
+    return prune_model(base, table, np.asarray(ckpt["keep"], dtype=np.int64))
+
+
+def load_subnetwork(path: str | os.PathLike, device: str = "cpu"):
+    """The exported subnetwork as an ``nn.Module`` in eval mode on ``device`` (no base checkpoint needed).
+
+    Example::
+
+        from nps.pipeline import load_subnetwork
+        model = load_subnetwork("winner.pt")      # e.g. resnet56 pruned to c_flops 0.25, trained weights
+    """
+    ckpt = read_subnetwork(path)
+    model = build_subnetwork(ckpt)
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as error:
+        raise NpsError(f"{path}: its weights do not fit its own keep counts ({str(error).splitlines()[0]}); "
+                       "re-export it") from None
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Verification on the val split.
+
+
+def _parse_config(text: str, where: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(text or "")
+    except tomllib.TOMLDecodeError as error:
+        raise NpsError(f"{where}: the stored config is not valid TOML ({error}); pass --data DIR") from None
+
+
+def dataset_dir(ckpt: dict, data_dir: str | os.PathLike | None = None) -> Path:
+    """The converted dataset the run used: ``data_dir`` if given, else the config's ``[dataset] dir``.
+
+    A relative ``dir`` is looked up from the current directory, then from the results file's directory.
+    """
+    if data_dir is not None:
+        path = Path(data_dir)
+        if not path.is_dir():
+            raise NpsError(f"--data {path}: no such directory (a dataset converted with nps convert)")
+        return path
+    cfg = _parse_config(ckpt.get("config", ""), "export")
+    entry = cfg.get("dataset", {}).get("dir") if isinstance(cfg.get("dataset"), dict) else None
+    if not entry:
+        raise NpsError("the export's config has no [dataset] dir; pass --data DIR (the directory written by "
+                       "nps convert for the run's dataset)")
+    candidates = [Path(entry)]
+    if not Path(entry).is_absolute() and ckpt.get("results"):
+        candidates.append(Path(ckpt["results"]).parent / entry)
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise NpsError(f"the run's dataset dir {entry!r} is not here (tried {', '.join(map(str, candidates))}); "
+                   "pass --data DIR")
+
+
+def _check_config_model(ckpt: dict) -> None:
+    """The config's [model] keys, where present, must agree with the layer table the keep counts refer to."""
+    cfg = _parse_config(ckpt.get("config", ""), "export")
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    for key, ours in (("name", ckpt["model"]), ("mode", ckpt["mode"]), ("resolution", ckpt["resolution"]),
+                      ("in_channels", ckpt["in_channels"]), ("num_classes", ckpt["num_classes"])):
+        if key in model and model[key] != ours:
+            raise NpsError(f"the export's config says [model] {key} = {model[key]!r} but its layer table says "
+                           f"{ours!r}; the results file is inconsistent, re-export from the right file")
+
+
+class _CountingLoader:
+    """Passes batches through and counts the images (the denominator of top-1)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.images = 0
+
+    def __iter__(self):
+        self.images = 0
+        for x, y in self.loader:
+            self.images += int(y.shape[0])
+            yield x, y
+
+    def __len__(self):
+        return len(self.loader)
+
+
+def verify_subnetwork(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, device: str = "cpu",
+                      batch_size: int = 500, val_loader=None, tolerance: float | None = None,
+                      amp: str = "off") -> dict:
+    """Re-evaluate an export on the val split and compare with the top-1 stored in results.h5.
+
+    Top-1 is ``100 · correct / N``, so two evaluations of the same weights on the same images differ by a multiple
+    of ``100 / N``. With the default ``tolerance`` (half an image, ``50 / N`` points, plus float32 rounding of the
+    stored value) the check passes exactly when the count of correct images is the same. On the CPU in float32 the
+    evaluation is deterministic, so a run that evaluated that way is reproduced exactly; a run that evaluated on a
+    GPU under autocast can differ by a few images: evaluate the same way (``device``, ``amp``) or pass a
+    ``tolerance`` in percentage points.
+
+    ``val_loader`` replaces the loader built from the dataset (tests). Returns ``{"top1", "top5", "loss",
+    "stored_top1", "diff", "images", "diff_images", "tolerance", "ok", "data"}``.
+    """
+    import torch
+
+    from nps.pipeline.engine import resolve_amp
+    from nps.pipeline.train import evaluate
+
+    ckpt = read_subnetwork(path)
+    _check_config_model(ckpt)
+    data = None
+    if val_loader is None:
+        from nps.datasets.loaders import make_loaders
+
+        data = dataset_dir(ckpt, data_dir)
+        _, val_loader, _ = make_loaders(data, batch_size=batch_size, resolution=int(ckpt["resolution"]),
+                                        device=device, in_channels=int(ckpt["in_channels"]), augment=False,
+                                        order="sequential", drop_last=False)
+    counting = _CountingLoader(val_loader)
+    model = load_subnetwork(path, device=device)
+    dev = torch.device(device)
+    top1, top5, loss = evaluate(model, counting, dev, amp_dtype=resolve_amp(amp, dev))
+    images = counting.images
+    stored = float(ckpt.get("top1", math.nan))
+    # float32 storage of a percentage: relative error 2^-24, i.e. < 1e-5 points below 100 %.
+    tol = 50.0 / images + 1e-4 if tolerance is None else float(tolerance)
+    diff = top1 - stored
+    return {"top1": top1, "top5": top5, "loss": loss, "stored_top1": stored, "diff": diff, "images": images,
+            "diff_images": int(round(diff * images / 100.0)) if math.isfinite(diff) else None, "tolerance": tol,
+            "ok": bool(math.isfinite(diff) and abs(diff) <= tol), "data": None if data is None else str(data)}
