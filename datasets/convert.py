@@ -8,6 +8,9 @@ Safety rules:
   files are renamed into place, so a directory is never described by a stale ``meta.json``;
 * the source is validated before writing (headers, counts, label range); image files that fail to decode inside
   FFCV's writer processes are reported after the split and stop the conversion with the file's name.
+
+FFCV's writer waits for its worker processes to report every sample; a worker killed from outside (OOM killer)
+would leave it waiting, which is why no exception may escape a worker (see :class:`_GuardedSplit`).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import numpy as np
 from nps.datasets.betonfile import FINGERPRINT_METHOD, fingerprint
 from nps.datasets.errors import DatasetError
 from nps.datasets.meta import FORMAT, FORMAT_VERSION, META_NAME, SPLITS, load_meta, nps_version, write_json_atomic
-from nps.datasets.sources import READERS, read_source
+from nps.datasets.sources import read_source
 
 log = logging.getLogger(__name__)
 
@@ -304,5 +307,3 @@ def verify_dataset(data_dir: os.PathLike) -> Dict:
                            f"({str(meta['fingerprint'])[:16]}...): the files changed since conversion")
     return {"counts": {n: s.count for n, s in summaries.items()}, "fingerprint": digest, "ok": True}
 
-
-KINDS = tuple(READERS)
