@@ -302,7 +302,8 @@ def fit_offset_power_law(x, y, *, exponent_range: tuple[float, float] = EXPONENT
     needs no optimiser beyond numpy.
 
     Needs at least 4 points with 3 distinct x for the three-parameter form (one residual degree of freedom for the
-    goodness of fit); with 2–3 distinct x the exponent is fixed at 1 (a line, noted); fewer gives no fit.
+    goodness of fit); with 2–3 distinct x, or when the best exponent runs to the edge of ``exponent_range`` (the
+    data show no curvature), a line ``e0 + a·mCB`` is fitted instead and the note says so; fewer gives no fit.
     """
     x, y = _clean(x, y)
     ok = x > 0
@@ -327,16 +328,19 @@ def fit_offset_power_law(x, y, *, exponent_range: tuple[float, float] = EXPONENT
     coarse = coarse[np.abs(coarse) > 1e-9]
     values = np.array([rss(b) for b in coarse])
     i = int(np.nanargmin(values))
-    step = coarse[1] - coarse[0]
-    a_, b_ = coarse[max(i - 1, 0)] - (step if i == 0 else 0), coarse[min(i + 1, coarse.size - 1)]
-    b_best = _golden_min(rss, a_, b_) if b_ > a_ else coarse[i]
+    if i in (0, coarse.size - 1):
+        # No interior optimum: the data pull the exponent to ±infinity (a step, not a curve) — too little
+        # curvature for three parameters. A line is the honest summary.
+        e0, a, _ = _linear_rss(x, y)
+        fit = Fit("linear", "drop = e0 + a · mCB", {"e0": e0, "a": a}, n=x.size, dof=x.size - 2,
+                  note=f"e0 + a·mCB^b has no optimum with b in [{lo:g}, {hi:g}] (the data show no curvature): "
+                       "fitted a line")
+        return _goodness(fit, x, y)
+    b_best = _golden_min(rss, coarse[i - 1], coarse[i + 1])
     if rss(b_best) > values[i]:
         b_best = coarse[i]
     e0, a, _ = _linear_rss(np.exp(b_best * logx), y)
     fit = Fit("offset_power", formula, {"e0": e0, "a": a, "b": float(b_best)}, n=x.size, dof=x.size - 3)
-    if abs(b_best) >= max(abs(lo), abs(hi)) - 2 * step:
-        fit.note = f"the exponent reached the edge of the searched range {exponent_range}: the data may not " \
-                   "support a curved form"
     return _goodness(fit, x, y)
 
 

@@ -248,6 +248,7 @@ _LABELS = {
 _TITLES = {"std": "Spread of the recipe: std(r)", "c_flops": "Remaining FLOPs",
            "c_params": "Remaining parameters", "mcb": "Mean computation budget"}
 _DROP = "accuracy drop (percentage points: base top-1 − top-1)"
+_DROP_SHORT = "accuracy drop (percentage points)"
 _UNIFORM = "#ff7f0e"
 
 
@@ -314,7 +315,8 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
     ax.set_xlabel(_DROP)
     ax.set_ylabel("F(e): fraction with drop < e")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(loc="lower right", fontsize=8.5)
+    # below the axes: inside, the wide labels would hide the curves' tails
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8.5, frameon=False)
     ax.grid(alpha=0.3)
 
     slots = {"std": gs[0, 1], "c_flops": gs[1, 0], "c_params": gs[1, 1], "mcb": gs[2, 0]}
@@ -352,7 +354,7 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
         ax.axvline(uni["mcb"], color=_UNIFORM, linestyle="--", linewidth=1.6, label="uniform recipe's mCB")
     ax.set_title("Accuracy drop vs mCB  (★ the winner of each space)")
     ax.set_xlabel(_LABELS["mcb"])
-    ax.set_ylabel(_DROP)
+    ax.set_ylabel(_DROP_SHORT)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 
@@ -439,7 +441,7 @@ def _fit_label(fit: dict) -> str:
         return "no fit: " + fit["note"]
     params = ", ".join(f"{k}={v:.4g}" for k, v in fit["params"].items())
     r2 = "n/a" if fit["r2"] is None else f"{fit['r2']:.3f}"
-    return f"fit {fit['formula']}: {params}  (R²={r2}, RMSE={fit['rmse']:.3g}, n={fit['n']})"
+    return f"fit {fit['formula']}:\n{params}  (R²={r2}, RMSE={fit['rmse']:.3g}, n={fit['n']})"
 
 
 def _fig_optimal_mcb(summary: dict, path: Path) -> None:
@@ -491,19 +493,24 @@ def _fig_drop_vs_mcb(summary: dict, path: Path) -> None:
     """Paper Fig. 5 left (Conjecture 4): accuracy drop of each regime's winner against its mCB, with the fit."""
     dv = summary["drop_vs_mcb"]
     pts = dv["points"]
-    fig = _figure(9, 6)
+    fig = _figure(13, 6.5)
     ax = fig.add_subplot()
-    for r in summary["regimes"]:
-        if r["best_k"]:
-            ax.scatter(r["best_k"]["mcb"], r["best_k"]["acc_drop"], s=10, color="0.72", edgecolors="none",
-                       label=f"best {summary['settings']['k']} of each regime (context, not fitted)"
-                       if r is summary["regimes"][0] else None)
+    from matplotlib import colormaps
+
+    regs = [r for r in summary["regimes"] if r["best_k"]]
+    cmap = colormaps["viridis"]
+    shade = {r["key"]: cmap(0.85 * i / max(1, len(regs) - 1)) for i, r in enumerate(regs)}
+    for r in regs:
+        ax.scatter(r["best_k"]["mcb"], r["best_k"]["acc_drop"], s=9, color=shade[r["key"]], alpha=0.35,
+                   edgecolors="none")
     x = np.asarray(pts["mcb"], float)
     y = np.asarray(pts["acc_drop"], float)
-    ax.scatter(x, y, s=70, color="#1f77b4", edgecolors="black", linewidths=0.6, zorder=4,
-               label="winner of each regime (best of all spaces)")
     for xi, yi, key, space in zip(x, y, pts["regime"], pts["space"]):
-        ax.annotate(f"{key}\n({space})", (xi, yi), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.scatter([xi], [yi], s=80, color=shade.get(key, "#1f77b4"), edgecolors="black", linewidths=0.8,
+                   zorder=4, label=f"winner at {key} ({space})")
+        ax.annotate(key, (xi, yi), textcoords="offset points", xytext=(7, 4), fontsize=8)
+    ax.scatter([], [], s=9, color="0.6", label=f"faint: best {summary['settings']['k']} of each regime "
+                                                "(context, not fitted)")
     fit = fit_from_dict(dv["fit"])
     if fit.kind != "none" and x.size:
         pad = 0.08 * max(x.max() - x.min(), 0.05)
@@ -514,7 +521,7 @@ def _fig_drop_vs_mcb(summary: dict, path: Path) -> None:
     ax.set_title("Accuracy drop of the winners vs their mCB (Conjecture 4)", fontsize=12, fontweight="bold")
     ax.set_xlabel(_LABELS["mcb"])
     ax.set_ylabel(_DROP)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot: one entry per regime
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100)
 
@@ -540,7 +547,7 @@ def _fig_spaces(summary: dict, colors: dict, path: Path) -> None:
     ax.set_title(f"Mean accuracy drop per space ({_band(summary)} bootstrap interval; lower is better)",
                  fontsize=12, fontweight="bold")
     ax.set_xlabel("regime")
-    ax.set_ylabel(f"mean {_DROP}")
+    ax.set_ylabel(f"mean {_DROP_SHORT}")
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100)

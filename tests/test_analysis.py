@@ -112,6 +112,9 @@ def test_offset_power_law_degrades_with_few_points():
     line = fit_offset_power_law([1.0, 1.2, 1.5], [0.1, 0.5, 1.1])
     assert line.kind == "linear" and "line" in line.note and line.dof == 1
     assert fit_offset_power_law([1.0, 1.2], [0.1, 0.5]).r2 == pytest.approx(1.0)
+    step = np.linspace(1, 2, 10)  # a jump at the end: the exponent would run off to infinity
+    edge = fit_offset_power_law(step, (step > 1.95) * 1.0)
+    assert edge.kind == "linear" and "no curvature" in edge.note and edge.dof == 8
     for x, y in (([1.0], [0.3]), ([], []), ([1.0, 1.0, 1.0], [0.1, 0.2, 0.3])):
         none = fit_offset_power_law(x, y)
         assert none.kind == "none" and "two regimes" in none.note and np.isnan(none.predict([1.0])).all()

@@ -76,12 +76,14 @@ class _null:
 
 
 def summary_table(summary: dict) -> Table:
+    """One line per space and regime; fits an 80-column terminal."""
     c = summary["counts"]
+    band = summary["settings"]["band"]
     t = Table(title=f"{c['finished']} finished of {c['total']} rows ({c['pending']} pending, {c['running']} running, "
                     f"{c['failed']} failed)")
-    for name, justify in (("regime", "left"), ("space", "left"), ("finished", "right"), ("best drop", "right"),
-                          ("mean drop [CI]", "right"), ("P(highest EDF)", "right")):
-        t.add_column(name, justify=justify)
+    for name, justify in (("regime", "left"), ("space", "left"), ("done", "right"), ("best", "right"),
+                          (f"mean drop [{band[1] - band[0]:g}% CI]", "right"), ("P(top)", "right")):
+        t.add_column(name, justify=justify, no_wrap=True)
     for reg in summary["regimes"]:
         comp = reg.get("comparison")
         for s in reg["spaces"]:
@@ -89,8 +91,9 @@ def summary_table(summary: dict) -> Table:
                 d = s["drop"]
                 ci = d["mean_ci"]
                 t.add_row(reg["key"], s["space"], f"{s['n']}/{s['counts']['total']}",
-                          f"{s['winner']['acc_drop']:.3f}", f"{d['mean']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]",
+                          f"{s['winner']['acc_drop']:.2f}", f"{d['mean']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]",
                           f"{comp['prob_best'][s['space']]:.2f}" if comp else "–")
             else:
                 t.add_row(reg["key"], s["space"], f"0/{s['counts']['total']}", "–", "–", "–")
+    t.caption = "drops in percentage points; P(top): bootstrap probability that the space's EDF is the highest"
     return t
