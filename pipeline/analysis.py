@@ -270,8 +270,10 @@ def fit_power_law(x, y, *, groups=None) -> Fit:
     levels = len(set(np.asarray(groups)[ok].tolist())) if groups is not None else np.unique(x).size
     if levels < 2:
         a = float(np.exp(np.mean(np.log(y))))
-        return _goodness(Fit("constant", "mCB = a", {"a": a}, n=x.size, dof=x.size - 1,
-                             note="one regime only: the exponent needs at least two; a is the geometric mean"), x, y)
+        fit = _goodness(Fit("constant", "mCB = a", {"a": a}, n=x.size, dof=x.size - 1,
+                            note="one regime only: the exponent needs at least two; a is the geometric mean"), x, y)
+        fit.r2 = math.nan  # a constant explains no variance by construction
+        return fit
     design = np.column_stack([np.ones_like(x), np.log(x)])
     (log_a, b), *_ = np.linalg.lstsq(design, np.log(y), rcond=None)
     fit = Fit("power", formula, {"a": float(np.exp(log_a)), "b": float(b)}, n=x.size, dof=x.size - 2)

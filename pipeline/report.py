@@ -169,7 +169,7 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
     if counts["finished"] == 0:
         notes.append("no finished rows yet: no figures")
     for fit_name, label in (("optimal_mcb", "optimal-mCB fit"), ("drop_vs_mcb", "drop-vs-mCB fit")):
-        if summary[fit_name]["fit"]["note"]:
+        if summary[fit_name]["fit"]["note"] and counts["finished"]:
             notes.append(f"{label}: {summary[fit_name]['fit']['note']}")
     model = None
     if table is not None:
@@ -328,10 +328,10 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
             ax.stairs(counts, edges, color=colors[s["space"]], linewidth=2, label=s["space"])
             ax.stairs(counts, edges, color=colors[s["space"]], alpha=0.12, fill=True)
         if uni and field in uni:
-            label = f"uniform recipe ({uni[field]:.3g})"
+            label = f"uniform recipe ({uni[field]:.4g})"
             if field == reg["target"] and reg.get("delta") is not None \
                     and abs(uni[field] - reg["value"]) > reg["delta"]:
-                label = f"uniform recipe ({uni[field]:.3g}: rounding to\ninteger channels misses ±{reg['delta']:g})"
+                label = f"uniform recipe ({uni[field]:.4g}: rounding to\ninteger channels misses ±{reg['delta']:g})"
             ax.axvline(uni[field], color=_UNIFORM, linestyle="--", linewidth=1.6, label=label)
         if field == "mcb":
             ax.axvline(1.0, color="0.4", linestyle=":", linewidth=1, label="base network (1.0)")
@@ -394,9 +394,9 @@ def _fig_best_k(summary: dict, colors: dict, path: Path) -> None:
     panels = [("c_flops", "c_params", "Parameters of the best subnetworks under a FLOPs target"),
               ("c_params", "c_flops", "FLOPs of the best subnetworks under a parameter target")]
     panels = [p for p in panels if any(r["target"] == p[0] and r["best_k"] for r in summary["regimes"])]
-    fig = _figure(7.5 * len(panels), 6)
-    fig.suptitle(f"The best {summary['settings']['k']} subnetworks of all spaces in each regime (coloured) among "
-                 "all finished ones (grey)", fontsize=12, fontweight="bold")
+    fig = _figure(max(9.5, 7.5 * len(panels)), 6)
+    fig.suptitle(f"Best {summary['settings']['k']} subnetworks of each regime, all spaces (coloured by space), "
+                 "among all finished (grey)", fontsize=12, fontweight="bold")
     rng = np.random.default_rng(0)
     for i, (target, shown, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
@@ -530,7 +530,7 @@ def _fig_spaces(summary: dict, colors: dict, path: Path) -> None:
     """Mean drop per space and regime with bootstrap intervals: the space comparison at a glance."""
     regs = [r for r in summary["regimes"] if r["n"]]
     names = sorted({s["space"] for r in regs for s in r["spaces"] if s["n"]})
-    fig = _figure(max(7.0, 1.6 * len(regs) + 3), 5.5)
+    fig = _figure(max(8.0, 1.6 * len(regs) + 3), 5.5)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
@@ -544,8 +544,9 @@ def _fig_spaces(summary: dict, colors: dict, path: Path) -> None:
                 hi.append(s["drop"]["mean_ci"][1] - s["drop"]["mean"])
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=4, color=colors[name], label=name, markersize=7)
     ax.set_xticks(range(len(regs)), [r["key"] for r in regs])
-    ax.set_title(f"Mean accuracy drop per space ({_band(summary)} bootstrap interval; lower is better)",
-                 fontsize=12, fontweight="bold")
+    ax.set_xlim(-0.6, len(regs) - 0.4)
+    fig.suptitle("Mean accuracy drop per space", fontsize=12, fontweight="bold")
+    ax.set_title(f"error bars: {_band(summary)} bootstrap interval; lower is better", fontsize=10)
     ax.set_xlabel("regime")
     ax.set_ylabel(f"mean {_DROP_SHORT}")
     ax.legend(fontsize=9)
