@@ -72,14 +72,17 @@ def weights_path(results_path: str | os.PathLike, space: str, row: int) -> Path:
 def save_subnetwork_weights(results_path: str | os.PathLike, space: str, row: int, model) -> Path:
     """Keep the fine-tuned weights of one row beside results.h5 (atomically: a temporary file, then a rename).
 
-    ``model`` is the physically pruned ``nn.Module`` (or its state_dict); tensors are stored on the CPU, contiguous
-    (a ``channels_last`` model is saved in the default layout). Returns the path written.
+    ``model`` is the physically pruned ``nn.Module`` (or its state_dict; a ``torch.compile`` wrapper is unwrapped);
+    tensors are stored on the CPU, contiguous (a ``channels_last`` model is saved in the default layout). Returns
+    the path written.
     """
     import torch
 
     path = weights_path(results_path, space, row)
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: save the module it wraps
     state = model.state_dict() if hasattr(model, "state_dict") else model
-    state = {k: v.detach().to("cpu").contiguous() if torch.is_tensor(v) else v for k, v in state.items()}
+    state = {k.removeprefix("_orig_mod."): v.detach().to("cpu").contiguous() if torch.is_tensor(v) else v
+             for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

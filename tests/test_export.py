@@ -90,6 +90,9 @@ def test_weights_live_beside_results_as_pruned_state_dicts(run_dir, tmp_path):
     written = save_subnetwork_weights(tmp_path / "r.h5", "s@c_flops=0.1", 7, model)
     assert torch.load(written, weights_only=True)["0.weight"].is_contiguous()
     assert [p.name for p in written.parent.iterdir()] == ["7.pt"]
+    wrapped = {"_orig_mod.0.weight": torch.ones(2)}  # the state_dict of a torch.compile'd module
+    assert list(torch.load(save_subnetwork_weights(tmp_path / "r.h5", "s", 8, wrapped), weights_only=True)) == \
+        ["0.weight"]
     for bad in ("", "a/b", ".."):
         with pytest.raises(NpsError, match="not a valid space name"):
             weights_path(tmp_path / "r.h5", bad, 0)

@@ -154,28 +154,48 @@ def test_report_files_are_complete(report):
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
 
 
-def summary_from_another_process(results):
-    """What a user does while a run writes the file: read it from another process (SWMR), as nps report does."""
-    code = ("import json, sys; from nps.pipeline.report import build_summary; "
-            "print(json.dumps(build_summary(sys.argv[1], k=3, n_boot=50)))")
-    done = subprocess.run([sys.executable, "-c", code, str(results)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+class ReaderProcess:
+    """What a user does while a run writes the file: read it from another process (SWMR), as nps report does.
+
+    One process (one torch import) answers every request: each line on its stdin asks for a fresh summary.
+    """
+
+    CODE = ("import json, sys\nfrom nps.pipeline.report import build_summary\nfor _ in sys.stdin:\n"
+            "    print(json.dumps(build_summary(sys.argv[1], k=3, n_boot=50)), flush=True)\n")
+
+    def __init__(self, results):
+        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE, str(results)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def summary(self) -> dict:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, self.proc.stderr.read()
+        return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=60) == 0, self.proc.stderr.read()
 
 
 def test_report_on_a_file_a_run_is_still_writing(tmp_path, table):
     store = make_results(tmp_path / "live.h5", table, SPACES[:2], n=10,
                          outcome=lambda s, row: "done" if row < 4 else "pending", keep_open=True)
+    reader = ReaderProcess(tmp_path / "live.h5")
     try:
         assert store.swmr  # a writer holds the file, as during nps run
-        first = summary_from_another_process(tmp_path / "live.h5")
+        first = reader.summary()
         assert first["counts"]["finished"] == 8 and first["counts"]["pending"] == 12
         assert any("12 rows pending" in n for n in first["notes"])
         store.mark_done("std-0.01@c_flops=0.5", 7, top1=95.0, top5=99.0, loss=0.1)
-        second = summary_from_another_process(tmp_path / "live.h5")
+        second = reader.summary()
         assert second["counts"]["finished"] == 9
         assert second["regimes"][0]["winner"]["row"] == 7 and second["regimes"][0]["winner"]["acc_drop"] == -4.0
+        reader.close()
     finally:
+        if reader.proc.poll() is None:
+            reader.proc.kill()
         store.close()
 
 
