@@ -325,48 +325,65 @@ def dataset_dir(ckpt: dict, data_dir: str | os.PathLike | None = None) -> Path:
                    "pass --data DIR")
 
 
-def _check_config_model(ckpt: dict) -> None:
-    """The config's [model] keys, where present, must agree with the layer table the keep counts refer to."""
-    cfg = _parse_config(ckpt.get("config", ""), "export")
-    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+def _config_section(cfg: dict, name: str) -> dict:
+    section = cfg.get(name)
+    return section if isinstance(section, dict) else {}
+
+
+def _check_config_model(cfg: dict, ckpt: dict) -> None:
+    """The config's [model] keys, where set, must agree with the layer table the keep counts refer to.
+
+    0 means "from the dataset" / "automatic" for resolution, in_channels and num_classes, and is not compared.
+    """
+    model = _config_section(cfg, "model")
     for key, ours in (("name", ckpt["model"]), ("mode", ckpt["mode"]), ("resolution", ckpt["resolution"]),
                       ("in_channels", ckpt["in_channels"]), ("num_classes", ckpt["num_classes"])):
-        if key in model and model[key] != ours:
-            raise NpsError(f"the export's config says [model] {key} = {model[key]!r} but its layer table says "
+        value = model.get(key)
+        if value in (None, 0, ""):
+            continue
+        if value != ours:
+            raise NpsError(f"the export's config says [model] {key} = {value!r} but its layer table says "
                            f"{ours!r}; the results file is inconsistent, re-export from the right file")
 
 
-class _CountingLoader:
-    """Passes batches through and counts the images (the denominator of top-1)."""
+class _EvalLoader:
+    """The val batches as the run evaluated them: the first ``images`` only (0: all; the last batch cut), NCHW-
+    contiguous on the CPU; counts the images (the denominator of top-1)."""
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, images: int = 0, contiguous: bool = False):
+        self.loader, self.limit, self.contiguous = loader, int(images or 0), contiguous
         self.images = 0
 
     def __iter__(self):
         self.images = 0
         for x, y in self.loader:
+            if self.limit and self.images >= self.limit:
+                break
+            if self.limit and self.images + int(y.shape[0]) > self.limit:
+                cut = self.limit - self.images
+                x, y = x[:cut], y[:cut]
             self.images += int(y.shape[0])
-            yield x, y
-
-    def __len__(self):
-        return len(self.loader)
+            yield (x.contiguous() if self.contiguous else x), y
 
 
 def verify_subnetwork(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, device: str = "cpu",
-                      batch_size: int = 500, val_loader=None, tolerance: float | None = None,
-                      amp: str = "off") -> dict:
+                      batch_size: int | None = None, val_loader=None, tolerance: float | None = None,
+                      amp: str | None = None) -> dict:
     """Re-evaluate an export on the val split and compare with the top-1 stored in results.h5.
+
+    The evaluation follows the run's config where it says how the run evaluated: ``[dataset] val_images`` (the
+    first N val images), ``val_batch_size`` and ``on_device``, and ``[retrain] amp`` (``auto`` is off on the CPU,
+    bf16/fp16 on a GPU); ``batch_size`` and ``amp`` override them.
 
     Top-1 is ``100 · correct / N``, so two evaluations of the same weights on the same images differ by a multiple
     of ``100 / N``. With the default ``tolerance`` (half an image, ``50 / N`` points, plus float32 rounding of the
     stored value) the check passes exactly when the count of correct images is the same. On the CPU in float32 the
-    evaluation is deterministic, so a run that evaluated that way is reproduced exactly; a run that evaluated on a
-    GPU under autocast can differ by a few images: evaluate the same way (``device``, ``amp``) or pass a
-    ``tolerance`` in percentage points.
+    evaluation is deterministic, so a run that evaluated that way is reproduced exactly; a GPU run under autocast
+    is reproduced on the same kind of GPU (``device="cuda"``), up to the nondeterminism of its kernels: pass a
+    ``tolerance`` in percentage points for a cross-device check.
 
     ``val_loader`` replaces the loader built from the dataset (tests). Returns ``{"top1", "top5", "loss",
-    "stored_top1", "diff", "images", "diff_images", "tolerance", "ok", "data"}``.
+    "stored_top1", "diff", "images", "diff_images", "tolerance", "ok", "data", "amp"}``.
     """
     import torch
 
@@ -374,24 +391,30 @@ def verify_subnetwork(path: str | os.PathLike, *, data_dir: str | os.PathLike | 
     from nps.pipeline.train import evaluate
 
     ckpt = read_subnetwork(path)
-    _check_config_model(ckpt)
+    cfg = _parse_config(ckpt.get("config", ""), str(path))
+    _check_config_model(cfg, ckpt)
+    dataset = _config_section(cfg, "dataset")
+    dev = torch.device(device)
+    amp = amp or str(_config_section(cfg, "retrain").get("amp", "auto"))
     data = None
     if val_loader is None:
         from nps.datasets.loaders import make_loaders
 
         data = dataset_dir(ckpt, data_dir)
-        _, val_loader, _ = make_loaders(data, batch_size=batch_size, resolution=int(ckpt["resolution"]),
-                                        device=device, in_channels=int(ckpt["in_channels"]), augment=False,
-                                        order="sequential", drop_last=False)
-    counting = _CountingLoader(val_loader)
+        batch = batch_size or int(dataset.get("val_batch_size", 0) or 256)
+        _, val_loader, _ = make_loaders(data, batch_size=batch, resolution=int(ckpt["resolution"]),
+                                        device=dev, in_channels=int(ckpt["in_channels"]), augment=False,
+                                        order="sequential", drop_last=False, val_batch_size=batch,
+                                        on_device=dataset.get("on_device", "auto"))
+    loader = _EvalLoader(val_loader, int(dataset.get("val_images", 0) or 0), contiguous=dev.type == "cpu")
     model = load_subnetwork(path, device=device)
-    dev = torch.device(device)
-    top1, top5, loss = evaluate(model, counting, dev, amp_dtype=resolve_amp(amp, dev))
-    images = counting.images
+    top1, top5, loss = evaluate(model, loader, dev, amp_dtype=resolve_amp(amp, dev))
+    images = loader.images
     stored = float(ckpt.get("top1", math.nan))
     # float32 storage of a percentage: relative error 2^-24, i.e. < 1e-5 points below 100 %.
     tol = 50.0 / images + 1e-4 if tolerance is None else float(tolerance)
     diff = top1 - stored
     return {"top1": top1, "top5": top5, "loss": loss, "stored_top1": stored, "diff": diff, "images": images,
             "diff_images": int(round(diff * images / 100.0)) if math.isfinite(diff) else None, "tolerance": tol,
-            "ok": bool(math.isfinite(diff) and abs(diff) <= tol), "data": None if data is None else str(data)}
+            "ok": bool(math.isfinite(diff) and abs(diff) <= tol), "data": None if data is None else str(data),
+            "amp": amp}

@@ -184,7 +184,7 @@ def test_cli_export_and_verify(run_dir, tmp_path, monkeypatch, capsys):
     assert "verified" in text and "row 0" in text
     (data_dir, kwargs), = calls
     assert data_dir == run_dir / "data" and kwargs["resolution"] == 32 and kwargs["in_channels"] == 3
-    assert kwargs["augment"] is False
+    assert kwargs["augment"] is False and kwargs["val_batch_size"] == 256 and kwargs["on_device"] == "auto"
     assert main(["export", str(run_dir / "results.h5"), "--space", SPACE, "--row", "1", "--out", str(out)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
     # an existing export, checked on its own against a dataset given on the command line
@@ -232,3 +232,26 @@ def test_verify_through_a_converted_dataset(tmp_path):
     export_subnetwork(tmp_path / "results.h5", SPACE, tmp_path / "w.pt", best=True)
     result = verify_subnetwork(tmp_path / "w.pt", batch_size=500)
     assert result["ok"] and result["images"] == 37 and math.isclose(result["top1"], top1, abs_tol=1e-9)
+
+
+def test_verify_follows_the_run_config(run_dir, tmp_path):
+    out = tmp_path / "row0.pt"
+    export_subnetwork(run_dir / "results.h5", SPACE, out, row=0)
+    ckpt = torch.load(out, weights_only=True)
+    model = load_subnetwork(out)
+    # [dataset] val_images: the run scored the first 40 images only; 0 means "from the dataset" for the counts
+    ckpt["config"] = ('[model]\nname = "resnet20"\nin_channels = 0\nnum_classes = 0\nresolution = 0\n'
+                      '[dataset]\ndir = "data"\nval_images = 40\n[retrain]\namp = "auto"\n')
+    first40 = [(x[:20], y[:20]) for x, y in val_batches()][:2]
+    ckpt["top1"] = evaluate(model, first40, "cpu")[0]
+    torch.save(ckpt, out)
+    result = verify_subnetwork(out, val_loader=val_batches())
+    assert result["ok"] and result["images"] == 40 and result["amp"] == "auto"
+    ckpt["config"] = '[model]\nname = "resnet56"\n'
+    torch.save(ckpt, out)
+    with pytest.raises(NpsError, match=r"\[model\] name = 'resnet56' but its layer table says 'resnet20'"):
+        verify_subnetwork(out, val_loader=val_batches())
+    ckpt["config"] = "[model\n"
+    torch.save(ckpt, out)
+    with pytest.raises(NpsError, match="not valid TOML"):
+        verify_subnetwork(out, val_loader=val_batches())

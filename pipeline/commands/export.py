@@ -40,9 +40,10 @@ def register(sub) -> None:
                                                          "top-1 (exit status 1 when they differ)")
     p.add_argument("--data", metavar="DIR", help="converted dataset for --verify (default: config [dataset] dir)")
     p.add_argument("--device", default="cpu", help="device for --verify (default cpu: deterministic float32)")
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
-                   help="autocast for --verify; match how the run evaluated (default off)")
-    p.add_argument("--batch-size", type=int, default=500, help="val batch size for --verify (default 500)")
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default=None,
+                   help="autocast for --verify (default: the run's [retrain] amp; auto is off on the CPU)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="val batch size for --verify (default: the run's [dataset] val_batch_size)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="allowed |top-1 difference| in percentage points (default: half an image, i.e. the same "
                         "number of correct images)")
@@ -85,7 +86,7 @@ def run(args) -> int:
         target = args.source
     if not args.verify:
         return 0
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise NpsError(f"--batch-size {args.batch_size}: use at least 1")
     with console.status("evaluating on the val split", spinner="dots") if console.is_terminal else _null():
         result = verify_subnetwork(target, data_dir=args.data, device=args.device, batch_size=args.batch_size,
