@@ -615,12 +615,16 @@ def run_cohorts(
         cohort, todo = todo[:k], todo[k:]
         _emit(on_event, {"event": "cohort", "ids": [ids[i] for i in cohort], "k": len(cohort)})
         trained = [_materialize(models[i]) for i in cohort]
+        oom = None
         try:
             out = train_cohort(trained, train_loader, val_loader, config, device, ids=[ids[i] for i in cohort],
                                on_event=on_event, **cohort_kwargs)
         except CohortOutOfMemory as exc:
-            finished, unfinished, message = exc.finished, exc.unfinished, str(exc)
-            del exc, trained
+            oom = (exc.finished, exc.unfinished, str(exc))
+        if oom is not None:
+            # Outside the except block: the exception, its traceback and the frames holding device tensors are gone.
+            finished, unfinished, message = oom
+            del trained
             _free_device_memory(device)
             for pos, result in finished.items():
                 results[cohort[pos]] = result

@@ -279,6 +279,7 @@ def main(argv=None):
     subnets, c_flops = build_subnetworks(args, num_classes, in_channels, max(ks))
     for k in ks:
         cohort_s = sequential_s = sequential_1t_s = 0.0
+        cpu = {"cohort": 0.0, "sequential": 0.0, "sequential_1t": 0.0}  # this process's CPU seconds per arm
         ratios = []
         one_thread_arm = not gpu and args.threads > 1 and not args.no_one_thread_arm
 
@@ -287,12 +288,18 @@ def main(argv=None):
             return [m.to(memory_format=torch.channels_last) for m in models] if nhwc else models
 
         for _ in range(args.repeats):
+            t_cpu = time.process_time()
             c = time_cohort(fresh(), loader, val, config, device, args, args.steps, args.warmup)
+            cpu["cohort"] += time.process_time() - t_cpu
+            t_cpu = time.process_time()
             s = time_sequential(fresh(), loader, config, device, amp_dtype, nhwc, args.steps, args.warmup)
+            cpu["sequential"] += time.process_time() - t_cpu
             if one_thread_arm:
                 torch.set_num_threads(1)
+                t_cpu = time.process_time()
                 sequential_1t_s += time_sequential(fresh(), loader, config, device, amp_dtype, nhwc, args.steps,
                                                    args.warmup)
+                cpu["sequential_1t"] += time.process_time() - t_cpu
                 torch.set_num_threads(args.threads)
             cohort_s += c
             sequential_s += s
@@ -307,6 +314,7 @@ def main(argv=None):
             **({"sequential_1t_img_per_s": round(images / sequential_1t_s, 1),
                 "ratio_vs_best_sequential": round(min(sequential_s, sequential_1t_s) / cohort_s, 3)}
                if one_thread_arm else {}),
+            **({"cpu_s_per_arm": {arm: round(v, 1) for arm, v in cpu.items() if v}} if not gpu else {}),
             "resolution": args.resolution, "batch_size": args.batch_size,
             "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
             "cpu_workers": resolve_cpu_workers(args.cpu_workers, device, k), "channels_last": nhwc,
