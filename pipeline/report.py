@@ -250,6 +250,9 @@ _TITLES = {"std": "Spread of the recipe: std(r)", "c_flops": "Remaining FLOPs",
 _DROP = "accuracy drop (percentage points: base top-1 − top-1)"
 _DROP_SHORT = "accuracy drop (percentage points)"
 _UNIFORM = "#ff7f0e"
+# Below this many subnetworks a 95 % EDF band covers most of [0, 1] and only hides the other spaces' curves: the
+# band is left out of the figure (it is still in summary.json).
+MIN_BAND_N = 10
 
 
 def _figure(width: float, height: float):
@@ -306,12 +309,16 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
         label = f"{s['space']}: n={s['n']}, mean drop {s['drop']['mean']:.2f} pp"
         if comp:
             label += f", P(highest EDF)={comp['prob_best'][s['space']]:.2f}"
-        ax.fill_between(grid, np.asarray(e["lo"], float), np.asarray(e["hi"], float), color=colors[s["space"]],
-                        alpha=0.18, linewidth=0, step="post")
+        if s["n"] >= MIN_BAND_N:
+            ax.fill_between(grid, np.asarray(e["lo"], float), np.asarray(e["hi"], float), color=colors[s["space"]],
+                            alpha=0.18, linewidth=0, step="post")
+        else:
+            label += f" (no band: n < {MIN_BAND_N})"
         ax.step(grid, np.asarray(e["F"], float), where="post", color=colors[s["space"]], linewidth=2, label=label)
     if grid.size and grid[0] < 0 < grid[-1]:
         ax.axvline(0, color="0.5", linewidth=0.8, linestyle=":")
-    ax.set_title(f"Accuracy-drop EDF (shaded: {_band(summary)} bootstrap band)")
+    banded = any(s["n"] >= MIN_BAND_N for s in spaces)
+    ax.set_title(f"Accuracy-drop EDF (shaded: {_band(summary)} bootstrap band)" if banded else "Accuracy-drop EDF")
     ax.set_xlabel(_DROP)
     ax.set_ylabel("F(e): fraction with drop < e")
     ax.set_ylim(-0.02, 1.02)
@@ -343,9 +350,10 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
 
     ax = fig.add_subplot(gs[2, 1])
+    dot = 12 if reg["n"] > 150 else 28
     for s in spaces:
         f = s["finished"]
-        ax.scatter(f["mcb"], f["acc_drop"], s=12, alpha=0.55, color=colors[s["space"]], label=s["space"],
+        ax.scatter(f["mcb"], f["acc_drop"], s=dot, alpha=0.55, color=colors[s["space"]], label=s["space"],
                    edgecolors="none")
         w = s["winner"]
         ax.scatter([w["mcb"]], [w["acc_drop"]], marker="*", s=260, color=colors[s["space"]], edgecolors="black",
@@ -453,11 +461,13 @@ def _fig_optimal_mcb(summary: dict, path: Path) -> None:
     c = np.asarray(pts["c_flops"], float)
     m = np.asarray(pts["mcb"], float)
     targets = np.asarray(pts["target"])
+    k = summary["settings"]["k"]
+    best = f"best {k}" if all(r["n"] >= k for r in summary["regimes"] if r["n"]) else f"best ≤ {k}"
     for target, marker in (("c_flops", "o"), ("c_params", "^")):
         sel = targets == target
         if sel.any():
             ax.scatter(100 * (1 - c[sel]), m[sel], marker=marker, s=18, alpha=0.6, color="#1f77b4",
-                       edgecolors="none", label=f"best {summary['settings']['k']} per {target} regime")
+                       edgecolors="none", label=f"{best} subnetworks of each {target} regime")
     sel = ~np.isin(targets, ["c_flops", "c_params"])
     if sel.any():
         ax.scatter(100 * (1 - c[sel]), m[sel], s=18, alpha=0.6, color="0.4", label="best per other regime")

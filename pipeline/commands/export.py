@@ -91,8 +91,9 @@ def run(args) -> int:
     with console.status("evaluating on the val split", spinner="dots") if console.is_terminal else _null():
         result = verify_subnetwork(target, data_dir=args.data, device=args.device, batch_size=args.batch_size,
                                    tolerance=args.tolerance, amp=args.amp)
+    diff = result["diff"] if abs(result["diff"]) >= 5e-5 else 0.0  # no "-0.0000" for float32 rounding
     line = (f"top-1 {result['top1']:.4f} % on {result['images']} val images; stored {result['stored_top1']:.4f} %; "
-            f"difference {result['diff']:+.4f} pp ({result['diff_images'] or 0:+d} images)")
+            f"difference {diff:+.4f} pp ({result['diff_images'] or 0:+d} images)")
     if result["ok"]:
         console.print(f"[green]verified:[/green] {line}")
         return 0
