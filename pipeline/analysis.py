@@ -487,8 +487,9 @@ def summarize_regime(pops: Sequence[Population], *, k: int, n_boot: int, seed: i
             cols[name] = [getattr(finished[owner[j]], name)[local[j]].item() for j in top]
         summary["best_k"] = {"k": int(k), "n": int(top.size), **cols}
         summary["winner"] = _winner(finished[owner[top[0]]], int(local[top[0]]))
-        summary["all"] = {name: _tolist(np.concatenate([getattr(p, name) for p in finished]))
-                          for name in ("c_flops", "c_params")}
+        rest = np.setdiff1d(np.arange(drops.size), top)  # the finished rows outside the best k
+        summary["rest"] = {name: _tolist(np.concatenate([getattr(p, name) for p in finished])[rest])
+                           for name in ("c_flops", "c_params")}
     else:
         summary["best_k"] = None
         summary["winner"] = None

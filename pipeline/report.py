@@ -403,17 +403,17 @@ def _fig_best_k(summary: dict, colors: dict, path: Path) -> None:
               ("c_params", "c_flops", "FLOPs of the best subnetworks under a parameter target")]
     panels = [p for p in panels if any(r["target"] == p[0] and r["best_k"] for r in summary["regimes"])]
     fig = _figure(max(9.5, 7.5 * len(panels)), 6)
-    fig.suptitle(f"Best {summary['settings']['k']} subnetworks of each regime, all spaces (coloured by space), "
-                 "among all finished (grey)", fontsize=12, fontweight="bold")
+    fig.suptitle(f"Best {summary['settings']['k']} subnetworks of each regime over all spaces (coloured by space; "
+                 "grey: the rest)", fontsize=12, fontweight="bold")
     rng = np.random.default_rng(0)
     for i, (target, shown, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         regs = [r for r in summary["regimes"] if r["target"] == target and r["best_k"]]
         seen = set()
         for j, r in enumerate(regs):
-            allv = np.asarray(r["all"][shown], float)
-            ax.scatter(j + rng.uniform(-0.3, 0.3, allv.size), allv, s=8, color="0.75", edgecolors="none",
-                       label="all finished" if j == 0 else None)
+            rest = np.asarray(r["rest"][shown], float)
+            ax.scatter(j + rng.uniform(-0.3, 0.3, rest.size), rest, s=8, color="0.75", edgecolors="none",
+                       label="the other finished subnetworks" if j == 0 else None)
             b = r["best_k"]
             for space in sorted(set(b["space"])):
                 v = np.asarray([val for sp, val in zip(b["space"], b[shown]) if sp == space], float)
@@ -422,12 +422,12 @@ def _fig_best_k(summary: dict, colors: dict, path: Path) -> None:
                 seen.add(space)
             med = float(np.median(b[shown]))
             ax.hlines(med, j - 0.35, j + 0.35, color="black", linewidth=2, zorder=4,
-                      label=f"median of best {summary['settings']['k']}" if j == 0 else None)
+                      label="median of the coloured ones" if j == 0 else None)
             if r.get("uniform"):
                 ax.scatter([j + 0.42], [r["uniform"][shown]], marker="D", s=45, color=_UNIFORM, zorder=4,
                            edgecolors="black", linewidths=0.4, label="uniform recipe" if j == 0 else None)
         ax.set_xticks(range(len(regs)), [f"{target}={r['value']:g}" for r in regs])
-        values = [v for r in regs for v in r["all"][shown] if v is not None]
+        values = [v for r in regs for v in r["rest"][shown] + r["best_k"][shown] if v is not None]
         if values and max(values) / max(min(values), 1e-12) > 4:
             from matplotlib.ticker import FuncFormatter
 

@@ -132,6 +132,7 @@ def test_summary_numbers_equal_the_raw_hdf5(report, table):
         bk = reg["best_k"]
         assert list(zip(bk["acc_drop"], bk["space"], bk["row"])) == everyone[:K]
         assert reg["winner"]["acc_drop"] == everyone[0][0]
+        assert len(reg["rest"]["c_params"]) == len(everyone) - K  # grey in best_k.png: the finished not in best-k
         u = uniform_ratio(table, reg["target"], reg["value"])
         keep = table.keep(np.full(len(table), u))
         assert reg["uniform"]["mcb"] == pytest.approx(float(table.mcb(keep)))
