@@ -1,0 +1,22 @@
+"""`nps presets`: the experiments shipped with nps, runnable by name (`nps run NAME`)."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("presets", help="list the experiments shipped with nps",
+                       description="List the preset experiments; run one with `nps run NAME`, show it with "
+                                   "`nps run NAME --print-config`.")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from nps.pipeline.config import expand_spaces, parse_config, preset_names, preset_text
+
+    for name in preset_names():
+        cfg = parse_config(preset_text(name), f"preset {name}")
+        spaces = expand_spaces(cfg)
+        n = sum(cfg.spaces[i].n for i, _ in spaces)
+        print(f"{name}\n    {cfg.experiment.description}\n    {cfg.model.name}, {len(spaces)} spaces, {n} "
+              f"subnetworks, dataset {cfg.dataset.dir}")
+    print("run one with `nps run NAME`; show its settings with `nps run NAME --print-config`")
+    return 0

@@ -1,0 +1,658 @@
+"""The experiment: one TOML file (or a preset shipped with nps), its schema, defaults and validation.
+
+An experiment file has these tables (every key optional; ``dump(Config())`` prints all defaults with comments)::
+
+    [experiment]  name, description, seed, out, devices
+    [dataset]     dir (written by `nps convert`), workers, on_device, val_batch_size, train_images, val_images
+    [model]       name, checkpoint, resolution, mode, in_channels, num_classes, criterion
+    [base]        how nps trains the base network when model.checkpoint is empty
+    [[spaces]]    name, c_flops or c_params (a number or a list: one space per value), delta, R, sigma, n,
+                  max_seconds
+    [retrain]     method, epochs, lr, ..., batch_size, cohort_size, bn_images, eval_every_epoch, amp, compile
+    [two_stage]   enabled, top_k, full_epochs
+    [output]      keep_weights, top_k
+
+Relative paths (``experiment.out``, ``dataset.dir``, ``model.checkpoint``) are relative to the current directory,
+like every other path given to ``nps``.
+
+:func:`load_config` parses and type-checks (unknown keys are refused with a suggestion); :func:`check_config`
+rejects impossible values without touching any file (``--print-config`` uses only that); :func:`validate` does
+everything before any work starts (pycls' ``assert_cfg``): the dataset directory, the checkpoint, and whether
+every space can be sampled at its target. Every error is one :class:`NpsError` line naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from nps.pipeline.errors import NpsError
+
+
+def _f(default=None, help: str = "", *, factory=None):  # noqa: A002 - the word the schema uses
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = _f("experiment", "a label, stored in results.h5")
+    description: str = _f("", "one line for `nps presets`")
+    seed: int = _f(0, "seeds recipe sampling, pruning ties, data order and base training")
+    out: str = _f("runs/experiment", "output directory: results.h5, base.pt, log.jsonl, weights/ (--out overrides)")
+    devices: str = _f("auto", "'auto' (every GPU, else the CPU), 'cpu', or GPU indices '0,1' (--devices overrides)")
+
+
+@dataclass
+class DatasetConfig:
+    dir: str = _f("", "a directory written by `nps convert` (train.beton, val.beton, meta.json)")
+    workers: int = _f(0, "loader threads per device worker (0: the CPUs available to it)")
+    on_device: bool | str = _f("auto", "keep the whole dataset on the device: 'auto', true or false")
+    val_batch_size: int = _f(256, "evaluation batch size")
+    augment: bool = _f(True, "training augmentation: pad-and-crop + flip (small images), random-resized crop + flip")
+    train_images: int = _f(0, "images per training epoch, drawn from the shuffled train split (0: all)")
+    val_images: int = _f(0, "evaluate on the first N validation images (0: all)")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("resnet50", "base network (registry name, see nps sample --help)")
+    checkpoint: str = _f("", "trained base weights (a state_dict .pt); empty: nps trains the base network ([base])")
+    resolution: int = _f(0, "input px; FLOPs are counted at it (0: stored size for images <= 64 px, else 224)")
+    mode: str = _f("all", "'all' (stem and residual channels too) or 'internal' (convs inside blocks only)")
+    in_channels: int = _f(0, "input channels (0: from the dataset, 1 for grayscale, else 3)")
+    num_classes: int = _f(0, "classifier outputs (0: from the dataset)")
+    criterion: str = _f("l2", "filter importance: l2 (the paper), l1, fpgm, random")
+
+
+@dataclass
+class BaseConfig:
+    epochs: int = _f(30, "base training epochs (only without model.checkpoint)")
+    batch_size: int = _f(128, "training batch size")
+    lr: float = _f(0.1, "peak learning rate (linear warm-up, then cosine to 0)")
+    warmup_epochs: float = _f(1.0, "linear warm-up epochs")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "SGD weight decay")
+    label_smoothing: float = _f(0.0, "label smoothing")
+    amp: str = _f("auto", "autocast: auto (bf16/fp16 on GPUs, off on CPU), bf16, fp16, off")
+
+
+@dataclass
+class SpaceConfig:
+    name: str = _f("std-0.05", "uniform, std-<sigma> or mcb-<lo>-<hi>")
+    c_flops: list[float] = _f(help="target FLOPs(sub)/FLOPs(base): a number or a list", factory=list)
+    c_params: list[float] = _f(help="target Params(sub)/Params(base) (instead of c_flops)", factory=list)
+    delta: float = _f(0.002, "tolerance: |c - target| <= delta on integer channel counts")
+    R: float = _f(0.95, "largest pruning ratio of a group")
+    sigma: float = _f(0.0, "noise std per group (0: from the name; 0.1 for mcb spaces)")
+    n: int = _f(100, "subnetworks sampled, pruned and retrained")
+    max_seconds: float = _f(600.0, "give up sampling a space that would take longer than this")
+
+
+@dataclass
+class RetrainConfig:
+    method: str = _f("finetune", "finetune (the paper's standard setting), rewind or scratch")
+    epochs: int = _f(50, "retraining epochs of every subnetwork (the short first stage when two_stage is on)")
+    lr: float = _f(0.01, "initial learning rate of fine-tuning (cosine to 0)")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "SGD weight decay")
+    nesterov: bool = _f(False, "Nesterov momentum")
+    label_smoothing: float = _f(0.0, "label smoothing")
+    rewind_lr: float = _f(0.1, "peak learning rate of rewind and scratch")
+    warmup_epochs: float = _f(5.0, "warm-up of rewind and scratch")
+    batch_size: int = _f(128, "training batch size (shared by a cohort)")
+    cohort_size: int | str = _f("auto", "subnetworks trained together on one device: 'auto' or a number")
+    bn_images: int = _f(500, "adaptive-BN images before fine-tuning; bn_top1 ranks candidates (0: skip)")
+    eval_every_epoch: bool = _f(False, "evaluate after every epoch (fills the curve column)")
+    amp: str = _f("auto", "autocast: auto (bf16/fp16 on GPUs, off on CPU), bf16, fp16, off")
+    compile: bool = _f(False, "torch.compile every subnetwork")
+
+
+@dataclass
+class TwoStageConfig:
+    enabled: bool = _f(False, "after retrain.epochs of every subnetwork, retrain the top_k of each space longer")
+    top_k: int = _f(5, "best subnetworks (by top-1 after stage 1) retrained per space")
+    full_epochs: int = _f(100, "epochs of the full retraining; results go to the space '<space>#top'")
+
+
+@dataclass
+class OutputConfig:
+    keep_weights: str = _f("topk", "fine-tuned weights kept as weights/<space>/<row>.pt: all, topk or none")
+    top_k: int = _f(5, "with keep_weights = 'topk': rows kept per space")
+
+
+@dataclass
+class Config:
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    spaces: list[SpaceConfig] = field(default_factory=list)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+# Keys that do not change any result: a run may be resumed with other values of these.
+RUNTIME_KEYS = frozenset({
+    "experiment.out", "experiment.devices", "experiment.description", "dataset.dir", "dataset.workers",
+    "dataset.on_device", "retrain.cohort_size", "retrain.compile", "output.keep_weights", "output.top_k",
+})
+
+PRESETS_DIR = "presets"  # inside the nps.pipeline package (pyproject: package-data)
+METHODS = ("finetune", "rewind", "scratch")
+AMP = ("auto", "bf16", "fp16", "off")
+KEEP_WEIGHTS = ("all", "topk", "none")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Parsing: dict -> dataclasses, with the key named in every error.
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})"
+
+
+def _type_name(tp) -> str:
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    return str(tp)
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """``value`` as type ``tp`` (bool, int, float, str, list[float] or a union of those), else NpsError."""
+    if isinstance(tp, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except NpsError:
+                continue
+        names = " or ".join(_type_name(t) for t in typing.get_args(tp))
+        raise NpsError(f"{key}: expected {names}, got {value!r}")
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise NpsError(f"{key}: an empty list")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(values)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise NpsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise NpsError(f"{prefix}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise NpsError(f"{prefix}.{key}: unknown key{_suggest(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    """A :class:`Config` from parsed TOML; unknown tables or keys and wrong types raise NpsError naming the key."""
+    kwargs: dict[str, Any] = {}
+    for section, value in data.items():
+        if section not in SECTIONS:
+            raise NpsError(f"{section}: unknown table{_suggest(section, SECTIONS)}")
+        if section == "spaces":
+            items = value if isinstance(value, list) else [value]
+            kwargs["spaces"] = [_build(SpaceConfig, item, f"spaces[{i}]") for i, item in enumerate(items)]
+        else:
+            kwargs[section] = _build(typing.get_type_hints(Config)[section], value, section)
+    return Config(**kwargs)
+
+
+def preset_names() -> list[str]:
+    """Names of the experiments shipped inside the package (``pipeline/presets/<name>.toml``)."""
+    root = resources.files("nps.pipeline").joinpath(PRESETS_DIR)
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def preset_text(name: str) -> str:
+    if name not in preset_names():
+        raise NpsError(f"no preset {name!r} (presets: {', '.join(preset_names())})")
+    return resources.files("nps.pipeline").joinpath(PRESETS_DIR, f"{name}.toml").read_text(encoding="utf-8")
+
+
+def experiment_text(source: str) -> tuple[str, str]:
+    """(TOML text, where it came from) of a TOML path or a preset name."""
+    path = Path(source)
+    if path.is_file():
+        return path.read_text(encoding="utf-8"), str(path)
+    if source.endswith(".toml") or os.sep in source:
+        raise NpsError(f"EXPERIMENT: {source} does not exist")
+    if source in preset_names():
+        return preset_text(source), f"preset {source}"
+    raise NpsError(f"EXPERIMENT: {source!r} is neither a TOML file nor a preset (presets: {', '.join(preset_names())})")
+
+
+def parse_config(text: str, origin: str = "config") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise NpsError(f"{origin}: not valid TOML ({exc})") from None
+    return config_from_dict(data)
+
+
+_OVERRIDE_RE = re.compile(r"^(?P<section>[a-z_]+)(?:\[(?P<index>\d+)\])?\.(?P<key>[A-Za-z_]+)=(?P<value>.*)$")
+
+
+def apply_overrides(cfg: Config, overrides) -> Config:
+    """``section.key=value`` (``spaces.key=value`` sets every space, ``spaces[i].key=value`` one); values are TOML
+    (``3``, ``0.1``, ``true``, ``[0.1, 0.05]``), anything else a string."""
+    for text in overrides or ():
+        m = _OVERRIDE_RE.match(text.strip())
+        if not m:
+            raise NpsError(f"--set {text!r}: use section.key=value (e.g. retrain.epochs=5)")
+        section, index, key, raw = m["section"], m["index"], m["key"], m["value"].strip()
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        if section not in SECTIONS:
+            raise NpsError(f"--set {section}: unknown table{_suggest(section, SECTIONS)}")
+        if section == "spaces":
+            targets = cfg.spaces if index is None else cfg.spaces[int(index):int(index) + 1]
+            if index is not None and not targets:
+                raise NpsError(f"--set spaces[{index}]: the experiment has {len(cfg.spaces)} spaces")
+            prefixes = [f"spaces[{i}]" for i in range(len(cfg.spaces))] if index is None else [f"spaces[{index}]"]
+        elif index is not None:
+            raise NpsError(f"--set {section}[{index}]: only spaces is a list")
+        else:
+            targets, prefixes = [getattr(cfg, section)], [section]
+        for obj, prefix in zip(targets, prefixes):
+            hints = typing.get_type_hints(type(obj))
+            if key not in hints:
+                raise NpsError(f"--set {prefix}.{key}: unknown key{_suggest(key, list(hints))}")
+            setattr(obj, key, _coerce(value, hints[key], f"{prefix}.{key}"))
+            if section == "spaces" and key in ("c_flops", "c_params"):  # one target per space
+                setattr(obj, "c_params" if key == "c_flops" else "c_flops", [])
+    return cfg
+
+
+def load_config(source: str, overrides=(), out: str | None = None) -> Config:
+    """Parse a TOML path or preset name, apply ``--set`` overrides and ``--out``; check the values (no files)."""
+    text, origin = experiment_text(source)
+    cfg = apply_overrides(parse_config(text, origin), overrides)
+    if out:
+        cfg.experiment.out = out
+    return check_config(cfg)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing TOML (a small emitter: flat tables and one array of tables; no dependency).
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        text = repr(value)
+        return text if any(c in text for c in ".en") else text + ".0"
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _table_lines(obj, comments: bool) -> list[str]:
+    lines = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, list):
+            if not value:
+                continue  # an unset target
+            value = value[0] if len(value) == 1 else value
+        line = f"{f.name} = {_toml_value(value)}"
+        if comments and f.metadata.get("help"):
+            line = f"{line:<34} # {f.metadata['help']}"
+        lines.append(line)
+    return lines
+
+
+def dump(cfg: Config, *, comments: bool = False) -> str:
+    """The experiment as TOML text; ``load``-ing it gives back an equal :class:`Config`."""
+    out: list[str] = []
+    for section in SECTIONS:
+        value = getattr(cfg, section)
+        if section == "spaces":
+            for space in value:
+                out += ["[[spaces]]", *_table_lines(space, comments), ""]
+        else:
+            out += [f"[{section}]", *_table_lines(value, comments), ""]
+    return "\n".join(out)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"retrain.epochs": 50, "spaces[0].n": 100, ...}``: for comparing two experiments key by key."""
+    flat = {}
+    for section in SECTIONS:
+        value = getattr(cfg, section)
+        if section == "spaces":
+            flat["spaces.count"] = len(value)
+            items = [(f"spaces[{i}]", s) for i, s in enumerate(value)]
+        else:
+            items = [(section, value)]
+        for prefix, obj in items:
+            for key, v in dataclasses.asdict(obj).items():
+                flat[f"{prefix}.{key}"] = v
+    return flat
+
+
+def differing_keys(a: Config, b: Config, *, ignore=RUNTIME_KEYS) -> list[tuple[str, Any, Any]]:
+    """``(key, value in a, value in b)`` for every key that differs (runtime-only keys ignored)."""
+    fa, fb = flatten(a), flatten(b)
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb), key=lambda k: (k not in fa, k))
+            if k not in ignore and fa.get(k) != fb.get(k)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checking values (no files touched).
+
+
+def _need(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise NpsError(f"{key}: {problem}")
+
+
+def _choice(value, key: str, choices) -> None:
+    _need(value in choices, key, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def check_config(cfg: Config) -> Config:
+    """Reject impossible values (raises NpsError naming the key); touches no file. Returns ``cfg``."""
+    from nps.pipeline.models import MODELS
+    from nps.pipeline.prune import CRITERIA
+
+    e, d, m, b, r, t, o = cfg.experiment, cfg.dataset, cfg.model, cfg.base, cfg.retrain, cfg.two_stage, cfg.output
+    _need(bool(e.name.strip()), "experiment.name", "must not be empty")
+    _need(e.seed >= 0, "experiment.seed", f"must be >= 0, got {e.seed}")
+    _need(bool(e.out.strip()), "experiment.out", "must not be empty")
+    parse_devices(e.devices, key="experiment.devices")
+
+    _need(bool(d.dir.strip()), "dataset.dir", "set it to a directory written by `nps convert`")
+    _need(d.workers >= 0, "dataset.workers", f"must be >= 0, got {d.workers}")
+    _need(d.on_device in (True, False, "auto"), "dataset.on_device", f"use 'auto', true or false, got {d.on_device!r}")
+    _need(d.val_batch_size >= 1, "dataset.val_batch_size", f"must be >= 1, got {d.val_batch_size}")
+    _need(d.train_images >= 0, "dataset.train_images", f"must be >= 0, got {d.train_images}")
+    _need(d.val_images >= 0, "dataset.val_images", f"must be >= 0, got {d.val_images}")
+
+    _need(m.name in MODELS, "model.name", f"unknown model {m.name!r}{_suggest(m.name, MODELS)}")
+    _need(m.resolution >= 0, "model.resolution", f"must be >= 0 (0: default), got {m.resolution}")
+    _choice(m.mode, "model.mode", ("all", "internal"))
+    _need(m.in_channels in (0, 1, 3), "model.in_channels", f"must be 1 or 3 (0: from the dataset), got {m.in_channels}")
+    _need(m.num_classes >= 0, "model.num_classes", f"must be >= 0 (0: from the dataset), got {m.num_classes}")
+    _choice(m.criterion, "model.criterion", tuple(CRITERIA))
+
+    if not m.checkpoint:
+        _need(b.epochs >= 1, "base.epochs", f"must be >= 1 to train the base network (or set model.checkpoint), "
+                                             f"got {b.epochs}")
+    _need(b.batch_size >= 1, "base.batch_size", f"must be >= 1, got {b.batch_size}")
+    _need(b.lr > 0, "base.lr", f"must be > 0, got {b.lr}")
+    _need(0 <= b.warmup_epochs <= max(b.epochs, 0), "base.warmup_epochs",
+          f"must be in [0, base.epochs={b.epochs}], got {b.warmup_epochs}")
+    _need(0 <= b.momentum < 1, "base.momentum", f"must be in [0, 1), got {b.momentum}")
+    _need(b.weight_decay >= 0, "base.weight_decay", f"must be >= 0, got {b.weight_decay}")
+    _need(0 <= b.label_smoothing < 1, "base.label_smoothing", f"must be in [0, 1), got {b.label_smoothing}")
+    _choice(b.amp, "base.amp", AMP)
+
+    _need(bool(cfg.spaces), "spaces", "no [[spaces]] given: add at least one")
+    for i, s in enumerate(cfg.spaces):
+        key = f"spaces[{i}]"
+        _need(bool(s.c_flops) != bool(s.c_params), f"{key}.c_flops",
+              "give exactly one of c_flops and c_params" if s.c_flops else "give c_flops or c_params")
+        target = "c_flops" if s.c_flops else "c_params"
+        for j, v in enumerate(getattr(s, target)):
+            _need(0 < v <= 1, f"{key}.{target}", f"{v:g} is not a relative complexity in (0, 1]")
+        _need(len(set(getattr(s, target))) == len(getattr(s, target)), f"{key}.{target}", "a value is repeated")
+        _need(0 < s.delta < 0.5, f"{key}.delta", f"must be in (0, 0.5), got {s.delta}")
+        _need(0 < s.R < 1, f"{key}.R", f"must be in (0, 1), got {s.R}")
+        _need(0 <= s.sigma < 1, f"{key}.sigma", f"must be in [0, 1) (0: from the name), got {s.sigma}")
+        _need(s.n >= 1, f"{key}.n", f"must be >= 1, got {s.n}")
+        _need(s.max_seconds > 0, f"{key}.max_seconds", f"must be > 0, got {s.max_seconds}")
+    seen: dict[str, str] = {}
+    for i, space in expand_spaces(cfg):
+        key = f"spaces[{i}]"
+        _need(space.regime not in seen, key, f"{space.regime} is already given by {seen.get(space.regime)}")
+        seen[space.regime] = key
+
+    _choice(r.method, "retrain.method", METHODS)
+    _need(r.epochs >= 1, "retrain.epochs", f"must be >= 1, got {r.epochs}")
+    for name in ("lr", "rewind_lr"):
+        _need(getattr(r, name) > 0, f"retrain.{name}", f"must be > 0, got {getattr(r, name)}")
+    _need(0 <= r.momentum < 1, "retrain.momentum", f"must be in [0, 1), got {r.momentum}")
+    _need(not (r.nesterov and r.momentum == 0), "retrain.nesterov", "needs retrain.momentum > 0")
+    _need(r.weight_decay >= 0, "retrain.weight_decay", f"must be >= 0, got {r.weight_decay}")
+    _need(0 <= r.label_smoothing < 1, "retrain.label_smoothing", f"must be in [0, 1), got {r.label_smoothing}")
+    epochs = [r.epochs] + ([t.full_epochs] if t.enabled else [])
+    _need(r.warmup_epochs >= 0, "retrain.warmup_epochs", f"must be >= 0, got {r.warmup_epochs}")
+    if r.method != "finetune":
+        _need(r.warmup_epochs <= min(epochs), "retrain.warmup_epochs",
+              f"{r.warmup_epochs} exceeds the retraining epochs ({min(epochs)})")
+    _need(r.batch_size >= 1, "retrain.batch_size", f"must be >= 1, got {r.batch_size}")
+    _need(r.cohort_size == "auto" or (isinstance(r.cohort_size, int) and r.cohort_size >= 1), "retrain.cohort_size",
+          f"use 'auto' or a number >= 1, got {r.cohort_size!r}")
+    _need(r.bn_images >= 0, "retrain.bn_images", f"must be >= 0, got {r.bn_images}")
+    _choice(r.amp, "retrain.amp", AMP)
+
+    if t.enabled:
+        _need(t.top_k >= 1, "two_stage.top_k", f"must be >= 1, got {t.top_k}")
+        _need(t.full_epochs >= 1, "two_stage.full_epochs", f"must be >= 1, got {t.full_epochs}")
+        smallest = min(s.n for s in cfg.spaces)
+        _need(t.top_k <= smallest, "two_stage.top_k", f"{t.top_k} is more than the smallest space's n ({smallest})")
+    _choice(o.keep_weights, "output.keep_weights", KEEP_WEIGHTS)
+    _need(o.top_k >= 1, "output.top_k", f"must be >= 1, got {o.top_k}")
+    return cfg
+
+
+def parse_devices(text: str, *, key: str = "--devices") -> list[str]:
+    """``auto`` → every CUDA device, else ``["cpu"]``; ``cpu`` (repeatable: ``cpu,cpu`` = two CPU workers);
+    GPU indices ``0,1`` or ``cuda:0``. Returns torch device strings, one per worker."""
+    text = str(text).strip()
+    if text == "auto":
+        import torch
+
+        count = torch.cuda.device_count()
+        return [f"cuda:{i}" for i in range(count)] if count else ["cpu"]
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if item == "cpu":
+            out.append("cpu")
+        elif item.isdigit():
+            out.append(f"cuda:{int(item)}")
+        elif re.fullmatch(r"cuda:\d+", item):
+            out.append(item)
+        else:
+            raise NpsError(f"{key}: {item!r} is not a device (use auto, cpu, or GPU indices like 0,1)")
+    _need(bool(out), key, "no device given")
+    cuda = [d for d in out if d != "cpu"]
+    _need(len(set(cuda)) == len(cuda), key, "a GPU is listed twice (one worker per GPU)")
+    return out
+
+
+def expand_spaces(cfg: Config):
+    """``[(index, Space)]``: one pruning space per [[spaces]] entry and target value, in file order."""
+    from nps.kernels.errors import SamplerError
+    from nps.kernels.spaces import parse_space
+
+    out = []
+    for i, s in enumerate(cfg.spaces):
+        target = "c_flops" if s.c_flops else "c_params"
+        for value in getattr(s, target):
+            key = f"spaces[{i}]"
+            try:
+                space = parse_space(s.name, target, value, delta=s.delta, R=s.R, sigma=s.sigma or None)
+            except SamplerError as exc:
+                raise NpsError(f"{key}.name: {exc}") from None
+            out.append((i, space))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Everything before any work starts.
+
+
+@dataclass
+class Plan:
+    """What :func:`validate` resolved: the dataset, the base network, the spaces to run."""
+
+    config: Config
+    meta: dict
+    table: Any  # LayerTable
+    resolution: int
+    in_channels: int
+    num_classes: int
+    spaces: list  # [(index into config.spaces, Space)]
+    checkpoint: str  # "" or a path to load the base weights from
+    results_path: str
+    base_path: str
+
+
+def default_resolution(meta: dict) -> int:
+    from nps.datasets.loaders import DEFAULT_LARGE_RESOLUTION, SMALL_IMAGE_MAX_SIDE
+
+    shape = meta.get("image_shape")
+    return max(shape) if shape and max(shape) <= SMALL_IMAGE_MAX_SIDE else DEFAULT_LARGE_RESOLUTION
+
+
+def load_state_dict(path: str) -> dict:
+    """The state_dict in a checkpoint file: a bare state_dict, or one under ``model``/``state_dict``."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise NpsError(f"model.checkpoint: {path} is not a readable torch checkpoint ({exc})") from None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise NpsError(f"model.checkpoint: {path} holds no state_dict")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+
+
+def checkpoint_mismatch(expected: dict, state: dict) -> str:
+    """Why ``state`` cannot be loaded into a model whose state_dict is ``expected`` ("" when it can)."""
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = []
+    if shapes:
+        parts.append(f"shape mismatch: {', '.join(shapes[:2])}")
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({', '.join(missing[:2])}, ...)")
+    if extra:
+        parts.append(f"{len(extra)} unexpected keys ({', '.join(extra[:2])}, ...)")
+    return "; ".join(parts)
+
+
+def check_checkpoint(path: str, model_name: str, num_classes: int, in_channels: int) -> dict:
+    """The checkpoint's state_dict, after checking it fits the configured model (NpsError naming model.checkpoint)."""
+    import torch
+
+    from nps.pipeline.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_name, num_classes=num_classes, in_channels=in_channels)
+    state = load_state_dict(path)
+    problem = checkpoint_mismatch(model.state_dict(), state)
+    if problem:
+        raise NpsError(f"model.checkpoint: {path} does not match {model_name} with {num_classes} classes and "
+                       f"{in_channels} input channels ({problem})")
+    return state
+
+
+def validate(cfg: Config) -> Plan:
+    """Check everything a run needs before it starts; returns the resolved :class:`Plan`.
+
+    On top of :func:`check_config`: the dataset directory is converted, the checkpoint matches the model, and each
+    space's target is reachable (the samplers' ``check_feasible``).
+    """
+    from nps.datasets.errors import DatasetError
+    from nps.datasets.meta import META_NAME, load_meta
+    from nps.kernels.errors import SamplerError
+    from nps.kernels.spaces import check_feasible
+    from nps.pipeline.graph import build_layer_table
+
+    check_config(cfg)
+    d, m = cfg.dataset, cfg.model
+    if not os.path.isdir(d.dir):
+        raise NpsError(f"dataset.dir: {d.dir} does not exist; convert a dataset first, e.g. "
+                       f"nps convert fashion-mnist --out {d.dir}")
+    if not os.path.isfile(os.path.join(d.dir, META_NAME)):
+        raise NpsError(f"dataset.dir: {d.dir} is not a converted dataset (no {META_NAME}); run "
+                       f"nps convert KIND --out {d.dir}")
+    try:
+        meta = load_meta(d.dir)
+    except DatasetError as exc:
+        raise NpsError(f"dataset.dir: {exc}") from None
+    for split in ("train", "val"):
+        if not os.path.isfile(os.path.join(d.dir, meta["files"][split])):
+            raise NpsError(f"dataset.dir: {d.dir} lacks {meta['files'][split]}; re-run nps convert")
+    in_channels = m.in_channels or (1 if meta.get("source_channels") == 1 else 3)
+    num_classes = m.num_classes or int(meta["num_classes"])
+    _need(num_classes >= int(meta["num_classes"]), "model.num_classes",
+          f"{num_classes} is fewer than the dataset's {meta['num_classes']} classes")
+    resolution = m.resolution or default_resolution(meta)
+    table = build_layer_table(m.name, m.mode, resolution, num_classes, in_channels)
+
+    spaces = []
+    for i, space in expand_spaces(cfg):
+        try:
+            check_feasible(table, space)
+        except SamplerError as exc:
+            raise NpsError(f"spaces[{i}].{space.target}: {exc}") from None
+        spaces.append((i, space))
+
+    out = cfg.experiment.out
+    base_path = os.path.join(out, "base.pt")
+    checkpoint = m.checkpoint
+    if checkpoint:
+        if not os.path.isfile(checkpoint):
+            raise NpsError(f"model.checkpoint: {checkpoint} does not exist")
+        check_checkpoint(checkpoint, m.name, num_classes, in_channels)
+    return Plan(cfg, meta, table, resolution, in_channels, num_classes, spaces, checkpoint,
+                os.path.join(out, "results.h5"), base_path)
