@@ -369,6 +369,13 @@ def _golden_min(f, lo: float, hi: float, tol: float = 1e-10, iters: int = 200) -
 # A whole results file, summarised.
 
 HIST_FIELDS = ("std", "c_flops", "c_params", "mcb")
+WHY_OPTIMAL_MCB = ("a power law in the remaining FLOPs: monotone and positive, two parameters (a few regimes pin "
+                   "it down), rising ever faster as c_flops -> 0 as the paper's curve does above 90 % reduction; "
+                   "a is the mCB extrapolated to the unpruned network (1 for the base itself)")
+WHY_DROP_VS_MCB = ("a power law with an offset: if the optimal mCB is a power law in c_flops and the drop above "
+                   "its floor e0 is a power law in the remaining capacity (pruning scaling laws, Rosenfeld et al. "
+                   "2021), then drop - e0 is a power law in mCB; linear in (e0, a) for a fixed b, so the fit is "
+                   "exact least squares in e0, a and a 1-D search in b")
 WINNER_FIELDS = ("acc_drop", "top1", "c_flops", "c_params", "mcb", "std", "flops", "params")
 
 
@@ -537,7 +544,8 @@ def _optimal_mcb(regimes: Sequence[dict]) -> dict:
             label += [reg["key"]] * reg["best_k"]["n"]
             target += [reg["target"]] * reg["best_k"]["n"]
     fit = fit_power_law(c, m, groups=label) if c else Fit("none", "mCB = a · c_flops^b", note="no finished rows")
-    return {"points": {"regime": label, "target": target, "c_flops": c, "mcb": m}, "fit": fit.as_dict()}
+    return {"points": {"regime": label, "target": target, "c_flops": c, "mcb": m}, "fit": fit.as_dict(),
+            "why": WHY_OPTIMAL_MCB}
 
 
 def _drop_vs_mcb(regimes: Sequence[dict]) -> dict:
@@ -549,7 +557,8 @@ def _drop_vs_mcb(regimes: Sequence[dict]) -> dict:
             pts["regime"].append(reg["key"])
             for name in ("space", "row", "mcb", "acc_drop"):
                 pts[name].append(w[name])
-    return {"points": pts, "fit": fit_offset_power_law(pts["mcb"], pts["acc_drop"]).as_dict()}
+    return {"points": pts, "fit": fit_offset_power_law(pts["mcb"], pts["acc_drop"]).as_dict(),
+            "why": WHY_DROP_VS_MCB}
 
 
 def fit_from_dict(d: Mapping) -> Fit:

@@ -674,14 +674,14 @@ def render_html(summary: dict) -> str:
                 parts.append(f"<tr><th class=l>{e(a)}</th>{cells}</tr>")
             parts.append("</table>")
     parts.append("<h2>Fits</h2><table><tr><th class=l>what</th><th class=l>form</th><th class=l>parameters</th>"
-                 "<th>n</th><th>R²</th><th>RMSE</th><th class=l>note</th></tr>")
+                 "<th>n</th><th>R²</th><th>RMSE</th><th class=l>note</th><th class=l>why this form</th></tr>")
     for label, key in (("optimal mCB vs remaining FLOPs (best-k points)", "optimal_mcb"),
                        ("accuracy drop vs mCB (each regime's winner)", "drop_vs_mcb")):
         f = summary[key]["fit"]
         params = ", ".join(f"{k} = {v:.4g}" for k, v in f["params"].items()) or "–"
         parts.append(f"<tr><td class=l>{label}</td><td class=l>{e(f['formula'])}</td><td class=l>{e(params)}</td>"
                      f"<td>{f['n']}</td><td>{_fmt(f['r2'])}</td><td>{_fmt(f['rmse'], '.3g')}</td>"
-                     f"<td class=l>{e(f['note'])}</td></tr>")
+                     f"<td class=l>{e(f['note'])}</td><td class=l>{e(summary[key].get('why', ''))}</td></tr>")
     parts.append("</table>")
     if summary.get("figures"):
         parts.append("<h2>Figures</h2>")
