@@ -132,28 +132,29 @@ def file_states(reader) -> list[SpaceState]:
 
 
 def writer_pid(results_path: str) -> int | None:
-    """The pid of a live process writing ``results_path`` (from its ``.lock`` side file), else None."""
+    """The pid of the process holding the writer lock of ``results_path`` (its ``.lock`` side file), else None.
+
+    Read from /proc/locks, so nothing is locked, not even briefly (a writer starting meanwhile is never refused).
+    """
+    lock = f"{results_path}.lock"
     try:
-        with open(f"{results_path}.lock", encoding="utf-8") as fh:
-            pid = int(fh.read().strip() or 0)
-    except (OSError, ValueError):
-        return None
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    try:  # a reused pid is not our writer
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            cmdline = fh.read()
-        if b"nps" not in cmdline and b"python" not in cmdline:
-            return None
+        st = os.stat(lock)
+        with open("/proc/locks", encoding="ascii", errors="replace") as fh:
+            table = fh.read().splitlines()
     except OSError:
-        pass
-    return pid
+        return None
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table:
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" (blocked waiters carry a "->" field first)
+        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        if parts[5].lower() == want:
+            try:
+                return int(parts[4])
+            except ValueError:
+                return None
+    return None
 
 
 def status_renderable(path: str):

@@ -534,7 +534,10 @@ class Driver:
             redone += int(np.count_nonzero(self.store.status(name) == RUNNING))
             self.store.reset_running(name)
         self.store.flush()
-        for name in names:
+        configured = [space.regime for _, space in plan.spaces]
+        for name in sorted(names, key=lambda n: (configured.index(n.removesuffix(TOP_SUFFIX))
+                                                  if n.removesuffix(TOP_SUFFIX) in configured else len(configured),
+                                                  n)):
             self._load_space(name)
         self.state.work_total += self._expected_top_units()
         os.makedirs(self.cfg.experiment.out, exist_ok=True)
@@ -864,6 +867,12 @@ class Driver:
 
     def loop(self) -> str:
         """Serve workers until every row has finished ("complete") or a stop request ("interrupted")."""
+        for name in list(self.order):  # spaces finished by an earlier run may still owe their two-stage space
+            s = self.state.spaces[name]
+            if s.pending == 0 and s.running == 0:
+                self._space_complete(name)
+        if self._all_finished():
+            return "complete"  # nothing to do: no worker needed
         self._start_workers()
         self._phase("starting workers (loading the dataset)")
         while True:

@@ -67,7 +67,7 @@ def run(args) -> int:
     view = LiveView(console) if console.is_terminal and not args.plain else PlainView()
     outcome = run_experiment(plan, view, devices=devices, retry_failed=args.retry_failed)
     if isinstance(view, PlainView):
-        console = Console(force_terminal=False, width=120)
+        console = Console(width=max(console.width, 120))
     console.print(space_table(outcome.spaces, outcome.base_top1,
                               title=f"{cfg.experiment.name}: {outcome.results_path}"))
     if outcome.status == "interrupted":

@@ -24,5 +24,8 @@ def run(args) -> int:
     if os.path.isdir(path):
         path = os.path.join(path, "results.h5")
     renderable, _ = status_renderable(path)
-    Console().print(renderable)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 120))  # a pipe: do not squeeze the space names
+    console.print(renderable)
     return 0

@@ -1,0 +1,238 @@
+"""Experiment files: parsing, defaults, TOML round trips, presets, overrides, and one test per invalid case (each
+error is one line naming the key)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nps.pipeline.config import (
+    Config, apply_overrides, check_config, differing_keys, dump, expand_spaces, load_config, parse_config,
+    preset_names, preset_text, validate,
+)
+from nps.pipeline.errors import NpsError
+
+torch.set_num_threads(1)
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+                                  reason="Debian dataset-fashion-mnist not installed (make setup installs it)")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Fashion-MNIST, first 64 images of each split, converted once for this module."""
+    if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian dataset-fashion-mnist not installed")
+    from nps.datasets.convert import convert_dataset
+
+    out = tmp_path_factory.mktemp("fmnist") / "fm64"
+    convert_dataset("fashion-mnist", out, limit=64, workers=1)
+    return out
+
+
+def tiny_toml(data_dir, out, extra: str = "", spaces: str | None = None) -> str:
+    spaces = spaces if spaces is not None else '[[spaces]]\nname = "std-0.05"\nc_flops = 0.25\nn = 4\n'
+    return f"""
+[experiment]
+name = "tiny"
+out = "{out}"
+devices = "cpu"
+
+[dataset]
+dir = "{data_dir}"
+
+[model]
+name = "resnet20"
+
+[base]
+epochs = 1
+
+{spaces}
+[retrain]
+epochs = 1
+{extra}
+"""
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def error_of(fn, *args, **kwargs) -> str:
+    with pytest.raises(NpsError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# --------------------------------------------------------------------------------------------------------- schema
+
+
+def test_defaults_dump_and_parse_back():
+    cfg = Config()
+    text = dump(cfg, comments=True)
+    assert "[retrain]" in text and "# " in text
+    assert parse_config(text) == cfg
+    assert parse_config(dump(cfg)) == cfg
+
+
+@pytest.mark.parametrize("name", ["demo", "paper-cifar10-resnet50", "paper-imagenet-resnet50"])
+def test_presets_load_check_and_round_trip(name):
+    assert name in preset_names()
+    cfg = load_config(name)
+    assert parse_config(dump(cfg)) == cfg
+    assert cfg.experiment.description
+
+
+def test_paper_presets_follow_the_paper():
+    cifar = load_config("paper-cifar10-resnet50")
+    spaces = expand_spaces(cifar)
+    assert sorted({s.name for _, s in spaces}) == ["std-0.01", "std-0.05", "std-0.1"]
+    assert sorted({s.value for _, s in spaces}) == [0.02, 0.05, 0.1, 0.25]
+    assert all(s.delta == 0.002 for _, s in spaces) and {c.n for c in cifar.spaces} == {100}
+    assert (cifar.model.name, cifar.model.resolution, cifar.retrain.epochs, cifar.retrain.lr) == \
+        ("resnet50", 224, 50, 0.01)
+    imagenet = load_config("paper-imagenet-resnet50")
+    (space_cfg,) = imagenet.spaces
+    assert space_cfg.name == "mcb-0.9-1.1" and space_cfg.n == 300 and imagenet.retrain.epochs == 5
+    assert imagenet.two_stage.enabled and imagenet.two_stage.top_k == 5 and imagenet.two_stage.full_epochs == 100
+
+
+def test_a_list_of_targets_is_one_space_per_value():
+    cfg = parse_config('[dataset]\ndir = "x"\n[[spaces]]\nname = "std-0.1"\nc_flops = [0.25, 0.1]\n')
+    assert [s.regime for _, s in expand_spaces(cfg)] == ["std-0.1@c_flops=0.25", "std-0.1@c_flops=0.1"]
+    assert parse_config(dump(cfg)) == cfg
+
+
+def test_overrides_and_out(tmp_path):
+    path = write(tmp_path, tiny_toml("data", "runs/x"))
+    cfg = load_config(path, ["retrain.epochs=3", "spaces.n=7", "dataset.on_device=false", "spaces[0].c_params=0.5"],
+                      out="elsewhere")
+    assert cfg.retrain.epochs == 3 and cfg.spaces[0].n == 7 and cfg.dataset.on_device is False
+    assert cfg.spaces[0].c_params == [0.5] and cfg.spaces[0].c_flops == []
+    assert cfg.experiment.out == "elsewhere"
+    assert "retrain.epoch: unknown key (did you mean 'epochs'?)" in error_of(apply_overrides, cfg, ["retrain.epoch=2"])
+
+
+def test_differing_keys_ignores_runtime_settings():
+    a, b = Config(), Config()
+    b.experiment.out, b.retrain.cohort_size, b.experiment.devices = "other", 3, "0,1"
+    assert differing_keys(a, b) == []
+    b.retrain.epochs = 7
+    assert differing_keys(a, b) == [("retrain.epochs", 50, 7)]
+
+
+def test_print_config_cli():
+    out = subprocess.run([sys.executable, "-m", "nps.pipeline.cli", "run", "demo", "--print-config"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert parse_config(out.stdout) == load_config("demo")
+
+
+# -------------------------------------------------------------------------------- invalid experiments: one each
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[retrain]\nepoch = 3\n", "retrain.epoch: unknown key (did you mean 'epochs'?)"),
+    ("[retrian]\nepochs = 3\n", "retrian: unknown table (did you mean 'retrain'?)"),
+    ("[retrain]\nepochs = 'ten'\n", "retrain.epochs: expected an integer, got 'ten'"),
+    ("[[spaces]]\nname = 'std-0.05'\nc_flops = 0.25\nsigmaa = 0.1\n", "spaces[0].sigmaa: unknown key (did you mean "
+                                                                     "'sigma'?)"),
+    ("[experiment\nname = 1\n", "not valid TOML"),
+])
+def test_unknown_keys_and_wrong_types(tmp_path, text, message):
+    assert message in error_of(load_config, write(tmp_path, text))
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("[retrain]\nepochs = 0\n", "retrain.epochs: must be >= 1"),
+    ("[retrain]\nmethod = 'prune-harder'\n", "retrain.method: 'prune-harder' is not one of finetune, rewind, scratch"),
+    ("[retrain]\ncohort_size = 0\n", "retrain.cohort_size: use 'auto' or a number >= 1"),
+    ("[model]\nname = 'resnet21'\n", "model.name: unknown model 'resnet21' (did you mean"),
+    ("[model]\nmode = 'some'\n", "model.mode: 'some' is not one of all, internal"),
+    ("[base]\nepochs = 0\n", "base.epochs: must be >= 1 to train the base network"),
+    ("[[spaces]]\nname = 'std-0.05'\nc_flops = 1.5\n", "spaces[0].c_flops: 1.5 is not a relative complexity"),
+    ("[[spaces]]\nname = 'std-0.05'\n", "spaces[0].c_flops: give c_flops or c_params"),
+    ("[[spaces]]\nname = 'std-0.05'\nc_flops = 0.25\nc_params = 0.25\n", "spaces[0].c_flops: give exactly one"),
+    ("[[spaces]]\nname = 'std-0.05'\nc_flops = 0.25\ndelta = 0.7\n", "spaces[0].delta: must be in (0, 0.5)"),
+    ("[[spaces]]\nname = 'std-0.05'\nc_flops = 0.25\nn = 0\n", "spaces[0].n: must be >= 1"),
+    ("[[spaces]]\nname = 'gauss-0.05'\nc_flops = 0.25\n", "spaces[0].name: space 'gauss-0.05'"),
+    ("[[spaces]]\nname = 'std-0.05'\nc_flops = 0.25\n[[spaces]]\nname = 'std-0.05'\nc_flops = [0.1, 0.25]\n",
+     "spaces[1]: std-0.05@c_flops=0.25 is already given by spaces[0]"),
+    ("[[spaces]]\nname = 'std-0.05'\nc_flops = 0.25\nn = 3\n[two_stage]\nenabled = true\ntop_k = 5\n",
+     "two_stage.top_k: 5 is more than the smallest space's n (3)"),
+    ("[output]\nkeep_weights = 'some'\n", "output.keep_weights: 'some' is not one of all, topk, none"),
+    ("[experiment]\ndevices = 'tpu'\n", "experiment.devices: 'tpu' is not a device"),
+])
+def test_impossible_values(tmp_path, extra, message):
+    base = '[dataset]\ndir = "d"\n'
+    if "[[spaces]]" not in extra:
+        base += '[[spaces]]\nname = "std-0.05"\nc_flops = 0.25\n'
+    assert message in error_of(load_config, write(tmp_path, base + extra))
+
+
+def test_missing_dataset_dir(tmp_path):
+    cfg = parse_config(tiny_toml(tmp_path / "nowhere", tmp_path / "run"))
+    message = error_of(validate, cfg)
+    assert message.startswith("dataset.dir: ") and "does not exist" in message and "nps convert" in message
+
+
+def test_dataset_dir_not_converted(tmp_path):
+    (tmp_path / "raw").mkdir()
+    cfg = parse_config(tiny_toml(tmp_path / "raw", tmp_path / "run"))
+    message = error_of(validate, cfg)
+    assert message.startswith("dataset.dir: ") and "not a converted dataset (no meta.json)" in message
+    assert "nps convert" in message
+
+
+@needs_fmnist
+def test_valid_experiment_resolves_from_the_dataset(data_dir, tmp_path):
+    plan = validate(parse_config(tiny_toml(data_dir, tmp_path / "run")))
+    assert (plan.in_channels, plan.num_classes, plan.resolution) == (1, 10, 28)
+    assert plan.table.in_channels == 1 and plan.table.resolution == 28
+    assert [s.regime for _, s in plan.spaces] == ["std-0.05@c_flops=0.25"]
+
+
+@needs_fmnist
+def test_checkpoint_that_does_not_match_the_model(data_dir, tmp_path):
+    from nps.pipeline.models import build_model
+
+    wrong = tmp_path / "resnet20-rgb.pt"
+    torch.save(build_model("resnet20", num_classes=10, in_channels=3).state_dict(), wrong)  # the data is grayscale
+    cfg = parse_config(tiny_toml(data_dir, tmp_path / "run"))
+    cfg.model.checkpoint = str(wrong)
+    message = error_of(validate, cfg)
+    assert message.startswith("model.checkpoint: ") and "does not match resnet20" in message
+    assert "conv1.weight" in message
+    cfg.model.checkpoint = str(tmp_path / "absent.pt")
+    assert error_of(validate, cfg).startswith("model.checkpoint: ")
+    right = tmp_path / "resnet20-grey.pt"
+    torch.save({"model": build_model("resnet20", num_classes=10, in_channels=1).state_dict()}, right)
+    cfg.model.checkpoint = str(right)
+    assert validate(cfg).checkpoint == str(right)
+
+
+@needs_fmnist
+def test_unsatisfiable_constraint_names_the_space_and_the_reachable_range(data_dir, tmp_path):
+    spaces = ('[[spaces]]\nname = "std-0.05"\nc_flops = 0.25\n'
+              '[[spaces]]\nname = "std-0.01"\nc_flops = [0.1, 0.001]\n')
+    cfg = parse_config(tiny_toml(data_dir, tmp_path / "run", spaces=spaces))
+    message = error_of(validate, cfg)
+    assert message.startswith("spaces[1].c_flops: c_flops=0.001 is out of reach for resnet20")
+    assert "reachable c_flops is [" in message
+
+
+def test_cli_reports_a_bad_experiment_in_one_line(tmp_path):
+    path = write(tmp_path, "[retrain]\nepoch = 3\n")
+    out = subprocess.run([sys.executable, "-m", "nps.pipeline.cli", "run", path], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 2
+    assert out.stderr.strip() == "nps run: error: retrain.epoch: unknown key (did you mean 'epochs'?)"

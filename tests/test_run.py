@@ -1,0 +1,288 @@
+"""`nps run` end to end on a tiny experiment (CPU): a full run with two-stage retraining, a run killed with SIGKILL
+and resumed (every row done exactly once, finished rows untouched), Ctrl-C leaving a resumable file, and a resume
+refused when the experiment changed."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nps.pipeline.store import DONE, PENDING, RUNNING, open_readonly
+
+torch.set_num_threads(1)
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+                                reason="Debian dataset-fashion-mnist not installed (make setup installs it)")
+RUN_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Fashion-MNIST, first 256 images of each split."""
+    from nps.datasets.convert import convert_dataset
+
+    out = tmp_path_factory.mktemp("fmnist") / "fm256"
+    convert_dataset("fashion-mnist", out, limit=256, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    """An untrained ResNet-20 for 1-channel 10-class input: resumption tests need weights, not accuracy."""
+    from nps.pipeline.models import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "resnet20-fm.pt"
+    torch.save(build_model("resnet20", num_classes=10, in_channels=1).state_dict(), path)
+    return path
+
+
+def experiment(tmp_path, data_dir, *, checkpoint="", n=4, epochs=1, cohort=2, two_stage=False, extra="") -> Path:
+    text = f"""
+[experiment]
+name = "tiny"
+seed = 1
+out = "{tmp_path / 'run'}"
+devices = "cpu"
+
+[dataset]
+dir = "{data_dir}"
+val_batch_size = 128
+augment = false
+
+[model]
+name = "resnet20"
+checkpoint = "{checkpoint}"
+
+[base]
+epochs = 1
+batch_size = 32
+lr = 0.05
+warmup_epochs = 0.0
+
+[[spaces]]
+name = "std-0.05"
+c_flops = 0.25
+n = {n}
+
+[[spaces]]
+name = "std-0.01"
+c_flops = 0.25
+n = {n}
+
+[retrain]
+epochs = {epochs}
+batch_size = 32
+cohort_size = {cohort}
+bn_images = 64
+eval_every_epoch = true
+
+[two_stage]
+enabled = {str(two_stage).lower()}
+top_k = 2
+full_epochs = 2
+
+[output]
+keep_weights = "topk"
+top_k = 2
+{extra}
+"""
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    return path
+
+
+def nps_command(*args) -> list[str]:
+    return [sys.executable, "-m", "nps.pipeline.cli", *map(str, args)]
+
+
+def run_nps(*args, timeout=RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(nps_command(*args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def start_nps(*args) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(nps_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def log_events(out_dir: Path) -> list[dict]:
+    with open(out_dir / "log.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def wait_for_done(results: Path, proc: subprocess.Popen, at_least: int, timeout=RUN_TIMEOUT) -> int:
+    """Poll results.h5 read-only (SWMR) while the run writes it until ``at_least`` rows are done."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended early: {proc.communicate()}"
+        if results.exists():
+            try:
+                with open_readonly(results, retry_s=1.0) as reader:
+                    done = sum(s["done"] for s in reader.summary().values())
+            except Exception:  # noqa: BLE001 - the writer may be between structural changes
+                done = 0
+            if done >= at_least:
+                return done
+        time.sleep(0.2)
+    raise AssertionError("no row finished in time")
+
+
+def read_all(results: Path) -> dict[str, dict[str, np.ndarray]]:
+    with open_readonly(results) as reader:
+        return {space: reader.read(space) for space in reader.spaces()}
+
+
+def test_full_run_with_two_stage(tmp_path, data_dir):
+    exp = experiment(tmp_path, data_dir, two_stage=True)
+    out = run_nps("run", exp)
+    assert out.returncode == 0, out.stderr + out.stdout
+    run_dir = tmp_path / "run"
+    results = run_dir / "results.h5"
+    spaces = read_all(results)
+    assert sorted(spaces) == ["std-0.01@c_flops=0.25", "std-0.01@c_flops=0.25#top", "std-0.05@c_flops=0.25",
+                              "std-0.05@c_flops=0.25#top"]
+    with open_readonly(results) as reader:
+        attrs = reader.attrs
+        top_attrs = dict(reader.file["spaces/std-0.05@c_flops=0.25#top"].attrs)
+        epochs = {s: reader.epochs(s) for s in spaces}
+    assert math.isfinite(attrs["base_top1"]) and attrs["base_trained"]
+    assert '[experiment]\nname = "tiny"' in attrs["config"]
+    assert (run_dir / "base.pt").is_file()
+    for name, cols in spaces.items():
+        assert (cols["status"] == DONE).all(), name
+        np.testing.assert_allclose(cols["acc_drop"], attrs["base_top1"] - cols["top1"], rtol=1e-5)
+        assert np.isfinite(cols["bn_top1"]).all() and (cols["train_s"] > 0).all()
+        assert np.isfinite(cols["curve"][:, :epochs[name]]).all()  # eval_every_epoch fills the curve
+    # two-stage: the 2 best of the 4 rows by top-1, same recipes, retrained for 2 epochs
+    parent = spaces["std-0.05@c_flops=0.25"]
+    top = spaces["std-0.05@c_flops=0.25#top"]
+    chosen = top_attrs["parent_rows"]
+    assert top_attrs["stage"] == "top" and top_attrs["parent"] == "std-0.05@c_flops=0.25" and len(chosen) == 2
+    assert set(np.argsort(-parent["top1"], kind="stable")[:2]) == set(chosen)
+    np.testing.assert_array_equal(top["keep"], parent["keep"][np.sort(chosen)])
+    assert epochs["std-0.05@c_flops=0.25#top"] == 2 and epochs["std-0.05@c_flops=0.25"] == 1
+    # a plain log line per finished subnetwork (stdout is a pipe), and the audit log
+    assert sum(1 for line in out.stdout.splitlines() if " row " in line and "acc_drop" in line) == 12
+    done = Counter((e["space"], e["row"]) for e in log_events(run_dir) if e["event"] == "done")
+    assert len(done) == 12 and set(done.values()) == {1}
+    # keep_weights = "topk", top_k = 2: weights of the 2 best rows of each space
+    for name, cols in spaces.items():
+        saved = sorted(int(p.stem) for p in (run_dir / "weights" / name).glob("*.pt"))
+        assert saved == sorted(np.argsort(-cols["top1"], kind="stable")[:2].tolist()), name
+    # `nps status` summarises the finished file
+    status = run_nps("status", results)
+    assert status.returncode == 0 and "complete: 12 done, 0 failed of 12" in status.stdout
+    # running it again finds nothing to do and recomputes nothing
+    again = run_nps("run", exp)
+    assert again.returncode == 0, again.stderr
+    assert sum(1 for e in log_events(run_dir) if e["event"] == "done") == 12
+    for name, cols in read_all(results).items():
+        np.testing.assert_array_equal(cols["top1"], spaces[name]["top1"])
+
+
+def test_sigkill_then_resume_does_every_row_exactly_once(tmp_path, data_dir, base_checkpoint):
+    exp = experiment(tmp_path, data_dir, checkpoint=base_checkpoint, n=5, epochs=2, cohort=1)
+    run_dir = tmp_path / "run"
+    results = run_dir / "results.h5"
+    proc = start_nps("run", exp)
+    try:
+        wait_for_done(results, proc, at_least=2)
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only: its workers must die with it
+        proc.communicate(timeout=60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break  # nothing of the run is left
+            time.sleep(0.1)
+        else:
+            raise AssertionError("worker processes outlived the killed run")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    before = read_all(results)
+    total = sum(len(c["status"]) for c in before.values())
+    finished_before = {(s, int(r)) for s, c in before.items() for r in np.flatnonzero(c["status"] == DONE)}
+    assert 2 <= len(finished_before) < total
+    assert all(((c["status"] == PENDING) | (c["status"] == RUNNING) | (c["status"] == DONE)).all()
+               for c in before.values())
+
+    out = run_nps("run", exp)
+    assert out.returncode == 0, out.stderr + out.stdout
+    after = read_all(results)
+    for name, cols in after.items():
+        assert (cols["status"] == DONE).all()
+        kept = before[name]["status"] == DONE
+        for field in ("top1", "top5", "loss", "bn_top1", "train_s", "curve"):  # finished rows were not recomputed
+            np.testing.assert_array_equal(cols[field][kept], before[name][field][kept])
+    done = Counter((e["space"], e["row"]) for e in log_events(run_dir) if e["event"] == "done")
+    assert len(done) == total and set(done.values()) == {1}
+    starts = [e for e in log_events(run_dir) if e["event"] == "start"]
+    assert [s["resumed"] for s in starts] == [False, True] and starts[1]["done"] == len(finished_before)
+    assert "resuming" in out.stdout
+
+
+def test_sigint_leaves_a_resumable_file(tmp_path, data_dir, base_checkpoint):
+    exp = experiment(tmp_path, data_dir, checkpoint=base_checkpoint, n=4, epochs=3, cohort=1)
+    run_dir = tmp_path / "run"
+    results = run_dir / "results.h5"
+    proc = start_nps("run", exp)
+    try:
+        wait_for_done(results, proc, at_least=1)
+        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C reaches the process group; the workers ignore it anyway
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    assert f"resume with: nps run {exp}" in stderr and "interrupted: " in stderr
+    cols = read_all(results)
+    status = np.concatenate([c["status"] for c in cols.values()])
+    assert not (status == RUNNING).any() and (status == DONE).sum() >= 1 and (status == PENDING).any()
+    assert [e["status"] for e in log_events(run_dir) if e["event"] == "end"] == ["interrupted"]
+    # the writer lock is free and the file opens for writing again (resumable)
+    from nps.pipeline.store import ResultsStore
+
+    ResultsStore.open(results).close()
+    status_out = run_nps("status", results)
+    assert "not running" in status_out.stdout
+
+
+def test_resume_refuses_a_changed_experiment(tmp_path, data_dir, base_checkpoint):
+    from nps.pipeline.config import parse_config, validate
+    from nps.pipeline.errors import NpsError
+    from nps.pipeline.run import open_results, sample_missing_spaces
+
+    exp = experiment(tmp_path, data_dir, checkpoint=base_checkpoint)
+    plan = validate(parse_config(exp.read_text()))
+    store, resumed = open_results(plan)
+    sample_missing_spaces(store, plan)
+    store.close()
+    assert not resumed
+    plan.config.retrain.cohort_size = 3  # runtime only: fine
+    store, resumed = open_results(plan)
+    store.close()
+    assert resumed
+    plan.config.retrain.epochs = 4
+    plan.config.spaces[1].n = 9
+    with pytest.raises(NpsError) as info:
+        open_results(plan)
+    message = str(info.value)
+    assert "holds a different experiment" in message and "retrain.epochs (stored 1, now 4)" in message
+    assert "spaces[1].n (stored 4, now 9)" in message and "--out" in message

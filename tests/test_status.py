@@ -1,0 +1,105 @@
+"""`nps status FILE`: the per-space summary from a results file, also while its writer has it open (SWMR)."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nps.pipeline.config import Config, dump
+from nps.pipeline.live import SpaceState, file_states, status_renderable, writer_pid
+from nps.pipeline.store import ResultsStore, open_readonly
+
+GROUPS = 3
+
+
+class StandInTable:
+    def to_hdf5(self, group):
+        group.create_dataset("channels", data=np.array([16, 32, 64], dtype="i8"))
+        group.attrs["model"] = "resnet20"
+        group.attrs["resolution"] = 28
+
+
+def rows(n, seed=0):
+    rng = np.random.default_rng(seed)
+    recipe = rng.uniform(0, 0.8, size=(n, GROUPS))
+    return dict(recipe=recipe, keep=np.ones((n, GROUPS), int), flops=np.full(n, 10**6), params=np.full(n, 10**4),
+                c_flops=np.full(n, 0.25), c_params=np.full(n, 0.3), mcb=np.full(n, 0.8), std=recipe.std(axis=1),
+                seed=np.arange(n))
+
+
+@pytest.fixture
+def results(tmp_path):
+    """A file mid-run: space a: 2 done (top-1 80, 85), 1 failed, 1 running, 1 pending; space b: all pending."""
+    cfg = Config()
+    cfg.experiment.name = "status-test"
+    path = tmp_path / "results.h5"
+    store = ResultsStore.create(path, StandInTable(), dump(cfg), {"base_top1": 90.0, "base_top5": 99.0})
+    store.add_space("std-0.05@c_flops=0.25", rows(5), epochs=2)
+    store.add_space("std-0.01@c_flops=0.25", rows(3), epochs=2)
+    store.mark_done("std-0.05@c_flops=0.25", 0, top1=80.0, top5=97.0, loss=0.5)
+    store.mark_done("std-0.05@c_flops=0.25", 3, top1=85.0, top5=98.0, loss=0.4)
+    store.mark_failed("std-0.05@c_flops=0.25", 1, "loss became nan/inf at epoch 1 step 3")
+    store.mark_running("std-0.05@c_flops=0.25", [2])
+    yield path, store
+    store.close()
+
+
+def test_file_states_count_every_status_and_the_best_drop(results):
+    path, store = results
+    store.close()  # (one process cannot hold an HDF5 file open twice; the CLI test reads it while it is open)
+    with open_readonly(path) as reader:
+        states = {s.name: s for s in file_states(reader)}
+    a = states["std-0.05@c_flops=0.25"]
+    assert (a.total, a.done, a.failed, a.running, a.pending, a.epochs) == (5, 2, 1, 1, 1, 2)
+    assert (a.best_top1, a.best_drop, a.best_row) == (85.0, 5.0, 3)
+    assert a.median_drop == pytest.approx(7.5)
+    b = states["std-0.01@c_flops=0.25"]
+    assert (b.total, b.pending, b.done) == (3, 3, 0) and math.isnan(b.best_drop)
+
+
+def test_renderable_says_who_writes_the_file(results):
+    path, store = results
+    assert writer_pid(str(path)) == os.getpid()
+    store.close()
+    assert writer_pid(str(path)) is None
+    renderable, states = status_renderable(str(path))
+    assert sum(s.done for s in states) == 2
+    from rich.console import Console
+
+    console = Console(width=160, record=True, file=open(os.devnull, "w"))
+    console.print(renderable)
+    text = console.export_text()
+    assert "not running: 2 done, 1 failed of 8 subnetworks" in text
+    assert "1 rows left 'running' by a stopped run will be redone" in text
+
+
+def test_space_state_tracks_the_best_row():
+    s = SpaceState("x", total=3)
+    s.add_done(0, 70.0, 20.0)
+    s.add_done(1, 75.0, 15.0)
+    s.add_done(2, float("nan"), float("nan"))
+    assert (s.best_row, s.best_drop, s.median_drop) == (1, 15.0, 17.5)
+
+
+def test_cli_while_a_writer_has_the_file_open(results):
+    path, _ = results
+    out = subprocess.run([sys.executable, "-m", "nps.pipeline.cli", "status", str(path.parent)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "experiment status-test" in text and f"a run is writing this file (pid {os.getpid()})" in text
+    assert "3/8 subnetworks finished" in text
+    assert "std-0.05@c_flops=0.25" in text and "std-0.01@c_flops=0.25" in text
+    line = next(line for line in text.splitlines() if "std-0.05@c_flops=0.25" in line)
+    assert [c.strip() for c in line.strip("│ ").split("│")] == \
+        ["std-0.05@c_flops=0.25", "5", "2", "1", "1", "1", "85.00", "5.00", "7.50"]
+
+
+def test_cli_on_a_missing_file(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "nps.pipeline.cli", "status", str(tmp_path / "none.h5")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "no such results file" in out.stderr
