@@ -317,3 +317,51 @@ def test_resolve_amp():
 def test_result_is_plain_data():
     r = Result(id=3, status="done", top1=1.0)
     assert r.ok and r.curve == [] and r.model is None
+
+
+def test_pruned_resnets_through_the_engine_into_the_store(tmp_path):
+    """How the run driver wires things: real pruned subnetworks, run_cohorts events → results.h5 rows."""
+    import numpy as np
+
+    from nps.pipeline.graph import build_layer_table
+    from nps.pipeline.models import build_model
+    from nps.pipeline.prune import prune_model
+    from nps.pipeline.store import DONE, FAILED, ResultsStore, open_readonly
+
+    table = build_layer_table("resnet20", "all", 8, 3, 3)
+    rng = np.random.default_rng(0)
+    recipe = rng.uniform(0.3, 0.6, size=(3, len(table.channels)))
+    keep = table.keep(recipe)
+    base = build_model("resnet20", num_classes=3, in_channels=3)
+    subnets = [prune_model(base, table, k) for k in keep]
+    with torch.no_grad():  # the third one diverges at once
+        subnets[2].fc.weight.fill_(3e38)
+    n = len(subnets)
+    rows = dict(recipe=recipe, keep=keep, flops=table.flops(keep), params=table.params(keep),
+                c_flops=table.c_flops(keep), c_params=table.c_params(keep), mcb=table.mcb(keep),
+                std=recipe.std(axis=1), seed=np.arange(n))
+    store = ResultsStore.create(tmp_path / "r.h5", table, "cfg", {"base_top1": 90.0})
+    store.add_space("std-0.1", rows, epochs=2)
+
+    def on_event(e):
+        if e["event"] == "start":
+            store.mark_running("std-0.1", [e["id"]])
+        elif e["event"] == "done":
+            r = e["result"]
+            store.mark_done("std-0.1", r.id, top1=r.top1, top5=r.top5, loss=r.loss, bn_top1=r.bn_top1, curve=r.curve,
+                            train_s=r.train_s)
+        elif e["event"] == "failed":
+            store.mark_failed("std-0.1", e["id"], e["error"], train_s=e["result"].train_s,
+                              bn_top1=e["result"].bn_top1)
+
+    data = make_data(4, batch=16)
+    results = run_cohorts(subnets, data, data[:1], RetrainConfig(epochs=2), "cpu", k=2, ids=list(range(n)),
+                          eval_every_epoch=True, bn_images=32, on_event=on_event)
+    store.close()
+    assert [r.status for r in results] == ["done", "done", "failed"]
+    with open_readonly(tmp_path / "r.h5") as reader:
+        cols = reader.read("std-0.1")
+        assert cols["status"].tolist() == [DONE, DONE, FAILED]
+        assert np.allclose(cols["top1"][:2], [r.top1 for r in results[:2]])
+        assert not np.isnan(cols["curve"][:2]).any() and not np.isnan(cols["bn_top1"]).any()
+        assert reader.errors("std-0.1")[2] == "loss became nan/inf at epoch 1 step 1"
