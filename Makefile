@@ -30,9 +30,11 @@ $(STAMP): pyproject.toml | apt
 DEMO_OUT ?= runs/demo
 
 demo: setup
-	$(BIN)/nps sample --model resnet50 --mode all --resolution 224 --classes 10 \
-	  --space std-0.01 --space std-0.05 --space std-0.1 --c-flops 0.1 -n 1000 --seed 0 \
-	  --out $(DEMO_OUT)/recipes.h5 --force
+	@[ -f data/fashion-mnist/meta.json ] || $(BIN)/nps convert fashion-mnist --out data/fashion-mnist
+	$(BIN)/nps run demo --out $(DEMO_OUT)
+	@if $(BIN)/nps report --help >/dev/null 2>&1; then \
+	  $(BIN)/nps report $(DEMO_OUT)/results.h5 --out $(DEMO_OUT)/report --force; \
+	else $(BIN)/nps status $(DEMO_OUT)/results.h5; fi
 
 test: setup
 	$(BIN)/python -m pytest -q

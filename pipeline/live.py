@@ -210,7 +210,9 @@ def _worker_line(wid: int, w: WorkerState) -> Text:
         text.append(f"{w.space} rows {rows} (k={len(w.rows)})")
     else:
         text.append(w.phase)
-    if w.epochs:
+    if w.epochs and w.epoch == 0:
+        text.append("  pruning, adaptive BN" if w.phase == "cohort" else "  starting")
+    elif w.epochs:
         text.append(f"  epoch {w.epoch}/{w.epochs}")
         if w.steps:
             text.append(f" step {w.step}/{w.steps}")
@@ -244,7 +246,8 @@ class LiveView:
         from rich.live import Live
 
         self._task = self._progress.add_task("overall", total=max(state.work_total, 1e-9), completed=state.work_done)
-        self._live = Live(self._render(state), console=self.console, auto_refresh=False, transient=False)
+        # transient: the command prints the final table itself once the display is gone
+        self._live = Live(self._render(state), console=self.console, auto_refresh=False, transient=True)
         self._live.start()
 
     def _render(self, state: RunState):

@@ -34,7 +34,8 @@ needs nothing: rows left 'running' are redone by the next run. Workers die with 
 
 Two-stage (``[two_stage] enabled``): when every row of a space has finished its ``retrain.epochs``, the ``top_k``
 rows by top-1 are copied (their recipes and seeds) into a new space ``<space>#top`` (attrs ``stage = "top"``,
-``parent``, ``parent_rows``), whose rows are then retrained from the pruned base weights for ``full_epochs``.
+``parent``, ``parent_rows``), whose rows are then retrained from the pruned base weights for ``full_epochs``. Its ``space`` attribute is the parent's
+with ``#top`` appended (``std-0.05#top``), so an analysis grouping by that attribute keeps the two populations apart.
 """
 from __future__ import annotations
 
@@ -801,7 +802,8 @@ class Driver:
         chosen = np.sort(order[: t.top_k])
         rows = {k: cols[k][chosen] for k in RECIPE_FIELDS}
         attrs = {k: v for k, v in self.store.file["spaces"][space].attrs.items() if k not in ("epochs", "groups")}
-        attrs.update(stage="top", parent=space, parent_rows=chosen.astype(np.int64), top_k=int(t.top_k))
+        attrs.update(space=f"{attrs.get('space', space)}{TOP_SUFFIX}", stage="top", parent=space,
+                     parent_rows=chosen.astype(np.int64), top_k=int(t.top_k))
         self.store.add_space(top, rows, epochs=t.full_epochs, attrs=attrs)
         self.state.work_total -= self._expected_top_units()
         self._load_space(top)
