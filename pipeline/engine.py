@@ -18,7 +18,17 @@ intra-op thread (the cores are split between models instead of within every smal
 convolutions have few channels, so splitting each of them across cores scales poorly and suffers badly when the cores
 are shared with other processes (OpenMP barriers wait for descheduled threads); one model per core does not.
 
-Library code never prints: progress goes to the ``on_event`` callback (plain dicts) and to ``logging``.
+Library code never prints: progress goes to the ``on_event`` callback (plain dicts) and to ``logging``. Events:
+
+- ``{"event": "cohort", "ids", "k"}`` (run_cohorts) before a cohort starts;
+- ``{"event": "start", "id", "k"}`` per subnetwork when its cohort starts (again after an OOM retry);
+- ``{"event": "progress", "epoch", "epochs", "step", "steps", "k_live", "img_per_s"}`` every ``progress_s``;
+- ``{"event": "epoch", "epoch", "epochs", "ids", "k_live", "steps", "seconds", "img_per_s", "train_loss"
+  (id → mean), "val_top1" (id → %, with evaluation per epoch)}`` after each epoch;
+- ``{"event": "done", "id", "result"}`` / ``{"event": "failed", "id", "error", "result"}`` per subnetwork;
+- ``{"event": "oom", "ids", "k", "retry_k"}`` (run_cohorts) when a cohort is halved.
+
+``img_per_s`` counts images × live subnetworks.
 """
 from __future__ import annotations
 
@@ -333,7 +343,7 @@ def train_cohort(
     compile : bool
         ``torch.compile`` each model's training forward.
     channels_last : bool | "auto"
-        NHWC memory format for models and inputs (``auto``: on GPUs only).
+        NHWC memory format for models and inputs (see :func:`resolve_channels_last`).
     steps_per_epoch : int, optional
         Batches per epoch, for the LR schedule, when ``len(train_loader)`` does not exist.
     check_every : int, optional
@@ -372,9 +382,12 @@ def train_cohort(
     where = "setup"
     oom = False
     workers: _CpuWorkers | None = None
+    epoch_started: list[float] = []  # start of the running epoch's training loop, if one is running
 
     def fail(slot: _Slot, message: str) -> None:
         live.remove(slot)
+        if epoch_started:
+            slot.train_s += time.perf_counter() - epoch_started[0]
         results[slot.position] = Result(slot.id, "failed", bn_top1=slot.bn_top1, curve=list(slot.curve),
                                         train_s=slot.train_s, error=message, epochs_done=slot.epochs_done,
                                         cohort_size=k)
@@ -433,6 +446,7 @@ def train_cohort(
             images = 0
             t_epoch = time.perf_counter()
             t_report = t_epoch
+            epoch_started[:] = [t_epoch]
             step = 0
             main_stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
             for x, y in train_loader:
@@ -469,9 +483,10 @@ def train_cohort(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - t_epoch
+            check_faults()  # (a member failing here gets this epoch's time added by fail())
+            epoch_started.clear()
             for s in live:
                 s.train_s += elapsed
-            check_faults()
             for s in live:
                 s.epochs_done = epoch
             if step == 0:

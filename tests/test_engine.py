@@ -166,6 +166,7 @@ def test_nan_loss_stops_only_that_model(workers):
     bad = results[1]
     assert bad.error == "loss became nan/inf at epoch 2 step 4"
     assert bad.curve and len(bad.curve) == 1 and bad.epochs_done == 1  # epoch 1 finished before the failure
+    assert 0 < bad.train_s < results[0].train_s
     assert [e["id"] for e in events if e["event"] == "failed"] == [1]
     last = [e for e in events if e["event"] == "epoch"][-1]
     assert last["ids"] == [0, 2] and last["k_live"] == 2
