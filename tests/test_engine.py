@@ -366,3 +366,19 @@ def test_pruned_resnets_through_the_engine_into_the_store(tmp_path):
         assert np.allclose(cols["top1"][:2], [r.top1 for r in results[:2]])
         assert not np.isnan(cols["curve"][:2]).any() and not np.isnan(cols["bn_top1"]).any()
         assert reader.errors("std-0.1")[2] == "loss became nan/inf at epoch 1 step 1"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["auto", "fp16", "off"])
+def test_cuda_streams_autocast_and_scaler(amp):
+    data = make_data(6)
+    models = [small_net(seed=s) for s in range(3)]
+    with torch.no_grad():
+        models[1][-1].weight.fill_(3e38)
+    results = train_cohort(models, data, data[:2], RetrainConfig(epochs=2, lr=0.1), "cuda", amp=amp,
+                           eval_every_epoch=True, check_every=2)
+    assert [r.status for r in results] == ["done", "failed", "done"]
+    assert results[1].error.startswith("loss became nan/inf at epoch 1 step")
+    assert all(r.top1 > 50 and len(r.curve) == 2 for r in (results[0], results[2]))
+    k = choose_cohort_size([small_net()] * 100, "cuda", (32, 3, 8, 8))
+    assert 1 <= k <= 100
