@@ -34,6 +34,7 @@ def load_split(path: str, *, device: torch.device, num_workers: int, batch_size:
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToTensor
 
+    threads = torch.get_num_threads()  # FFCV sets torch's thread count to its worker count; give it back after
     loader = Loader(path, batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
                     drop_last=False, os_cache=True,
                     pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()],
@@ -49,6 +50,7 @@ def load_split(path: str, *, device: torch.device, num_workers: int, batch_size:
         images[start:stop].copy_(batch_images)
         labels[start:stop].copy_(batch_labels.reshape(-1))
         start = stop
+    torch.set_num_threads(threads)
     if start != count:  # pragma: no cover - FFCV returns every sample with drop_last=False
         raise RuntimeError(f"{path}: read {start} of {count} samples")
     log.info("loaded %s onto %s: %s", path, device, tuple(images.shape))
