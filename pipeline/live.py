@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -270,7 +271,7 @@ class LiveView:
         self._live.update(self._render(state), refresh=True)
 
     def note(self, text: str) -> None:
-        self.console.print(text)
+        self.console.print(text, markup=False, highlight=False)
 
     def epoch(self, state: RunState, wid: int, text: str) -> None:
         if state.workers[wid].phase != "cohort":  # base training: keep its epochs on screen
@@ -278,7 +279,7 @@ class LiveView:
 
     def row_finished(self, state: RunState, space: str, row: int, info: dict[str, Any]) -> None:
         if info.get("status") == "failed":
-            self.console.print(f"[red]{space} row {row} failed:[/red] {info.get('error', '')}")
+            self.console.print(f"[red]{escape(space)} row {row} failed:[/red] {escape(str(info.get('error', '')))}")
 
     def stop(self, state: RunState) -> None:
         if self._live is not None:

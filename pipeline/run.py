@@ -771,13 +771,14 @@ class Driver:
                 continue
             code = proc.process.exitcode
             reason = f"the worker process on {proc.device} died (exit code {code})"
-            self._note(f"[red]{reason}[/red]" if hasattr(self.view, "console") else reason)
+            self._note(reason)
             self._log("worker_died", worker=wid, device=proc.device, exitcode=code)
             if proc.base:
                 self.fatal = f"{reason} while working on the base network"
                 continue
             self._requeue(proc, reason)
             if proc.restarts < MAX_RESTARTS:
+                self._note(f"restarting the worker on {proc.device}; its rows are queued again")
                 self._spawn(wid, proc.device, proc.restarts + 1)
             elif all(p.exited for p in self.procs.values()):
                 self.fatal = f"{reason}; every worker is gone"
@@ -913,8 +914,8 @@ class Driver:
         status = "failed"
         resumed = False
         try:
-            resumed = self.prepare()
             self.view.start(self.state)
+            resumed = self.prepare()
             for sig in previous:
                 signal.signal(sig, self._on_signal)
             status = self.loop()

@@ -65,7 +65,11 @@ def run(args) -> int:
 
     console = Console()
     view = LiveView(console) if console.is_terminal and not args.plain else PlainView()
-    outcome = run_experiment(plan, view, devices=devices, retry_failed=args.retry_failed)
+    try:
+        outcome = run_experiment(plan, view, devices=devices, retry_failed=args.retry_failed)
+    except KeyboardInterrupt:  # before training started (sampling); nothing half-written is left
+        print(f"interrupted; resume with: {resume_command(args)}", file=sys.stderr, flush=True)
+        return 130
     if isinstance(view, PlainView):
         console = Console(width=max(console.width, 120))
     console.print(space_table(outcome.spaces, outcome.base_top1,
