@@ -3,7 +3,8 @@
 An experiment file has these tables (every key optional; ``dump(Config())`` prints all defaults with comments)::
 
     [experiment]  name, description, seed, out, devices
-    [dataset]     dir (written by `nps convert`), workers, on_device, val_batch_size, train_images, val_images
+    [dataset]     dir (written by `nps convert`), workers, on_device, val_batch_size, augment, train_images,
+                  val_images
     [model]       name, checkpoint, resolution, mode, in_channels, num_classes, criterion
     [base]        how nps trains the base network when model.checkpoint is empty
     [[spaces]]    name, c_flops or c_params (a number or a list: one space per value), delta, R, sigma, n,
@@ -14,6 +15,12 @@ An experiment file has these tables (every key optional; ``dump(Config())`` prin
 
 Relative paths (``experiment.out``, ``dataset.dir``, ``model.checkpoint``) are relative to the current directory,
 like every other path given to ``nps``.
+
+Resolution and complexity: ``model.resolution`` is the input size the loaders produce *and* the size FLOPs are
+counted at (0: the stored size of small images, 224 otherwise); ``in_channels`` and ``num_classes`` default to the
+dataset's. ``dataset.train_images`` / ``val_images`` shorten epochs and evaluation (the demo uses them to fit two
+CPU cores); the base network and every subnetwork see the same validation images, so accuracy drops compare like
+with like.
 
 :func:`load_config` parses and type-checks (unknown keys are refused with a suggestion); :func:`check_config`
 rejects impossible values without touching any file (``--print-config`` uses only that); :func:`validate` does

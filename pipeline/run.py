@@ -34,8 +34,9 @@ needs nothing: rows left 'running' are redone by the next run. Workers die with 
 
 Two-stage (``[two_stage] enabled``): when every row of a space has finished its ``retrain.epochs``, the ``top_k``
 rows by top-1 are copied (their recipes and seeds) into a new space ``<space>#top`` (attrs ``stage = "top"``,
-``parent``, ``parent_rows``), whose rows are then retrained from the pruned base weights for ``full_epochs``. Its ``space`` attribute is the parent's
-with ``#top`` appended (``std-0.05#top``), so an analysis grouping by that attribute keeps the two populations apart.
+``parent``, ``parent_rows``), whose rows are then retrained from the pruned base weights for ``full_epochs``. Its
+``space`` attribute is the parent's with ``#top`` appended (``std-0.05#top``), so an analysis grouping by that
+attribute keeps the two populations apart.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ import os
 import queue
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -572,9 +573,14 @@ class Driver:
     # -- workers -----------------------------------------------------------------------------------------------------
 
     def _threads(self, device: str) -> int:
+        """Torch threads of a worker: the cores shared among the CPU workers (at most OMP_NUM_THREADS when set);
+        a GPU worker needs a few for its loader."""
         cores = len(os.sched_getaffinity(0))
-        cpu_workers = sum(1 for d in self.devices if d == "cpu")
-        return max(1, cores // max(1, cpu_workers)) if device == "cpu" else max(1, min(4, cores // len(self.devices)))
+        if device != "cpu":
+            return max(1, min(4, cores // len(self.devices)))
+        threads = max(1, cores // max(1, sum(1 for d in self.devices if d == "cpu")))
+        cap = os.environ.get("OMP_NUM_THREADS", "")
+        return max(1, min(threads, int(cap))) if cap.isdigit() and int(cap) > 0 else threads
 
     def _spawn(self, wid: int, device: str, restarts: int = 0) -> None:
         spec = WorkerSpec(self.cfg, self.plan.table, self.plan.resolution, self.plan.in_channels,
@@ -708,7 +714,8 @@ class Driver:
             if kind == "epoch" and proc.base:
                 self.view.epoch(self.state, wid, f"base epoch {p['epoch']}/{p['epochs']}: train loss "
                                                  f"{p.get('train_loss', math.nan):.3f}, val top-1 "
-                                                 f"{p.get('val_top1', math.nan):.2f} ({p.get('img_per_s', 0):,.0f} img/s)")
+                                                 f"{p.get('val_top1', math.nan):.2f} "
+                                                 f"({p.get('img_per_s', 0):,.0f} img/s)")
         elif kind == "base_done":
             self.store.set_attrs(base_top1=float(p["top1"]), base_top5=float(p["top5"]), base_loss=float(p["loss"]),
                                  base_trained=bool(p["trained"]),
@@ -948,5 +955,14 @@ def run_experiment(plan: Plan, view, *, devices: list[str] | None = None, retry_
     """Run (or resume) a validated experiment; ``view`` is a :mod:`nps.pipeline.live` view."""
     from nps.pipeline.config import parse_devices
 
-    devices = devices or parse_devices(plan.config.experiment.devices, key="experiment.devices")
+    key = "--devices" if devices else "experiment.devices"
+    devices = devices or parse_devices(plan.config.experiment.devices, key=key)
+    cuda = [d for d in devices if d.startswith("cuda")]
+    if cuda:
+        import torch
+
+        visible = torch.cuda.device_count()
+        absent = [d for d in cuda if int(d.split(":")[1]) >= visible]
+        if absent:
+            raise NpsError(f"{key}: {', '.join(absent)} not available ({visible} GPUs visible)")
     return Driver(plan, devices, view, retry_failed=retry_failed).run()

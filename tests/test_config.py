@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from nps.pipeline.config import (
-    Config, apply_overrides, check_config, differing_keys, dump, expand_spaces, load_config, parse_config,
-    preset_names, preset_text, validate,
+    Config, apply_overrides, differing_keys, dump, expand_spaces, load_config, parse_config, preset_names, validate,
 )
 from nps.pipeline.errors import NpsError
 

@@ -286,3 +286,14 @@ def test_resume_refuses_a_changed_experiment(tmp_path, data_dir, base_checkpoint
     message = str(info.value)
     assert "holds a different experiment" in message and "retrain.epochs (stored 1, now 4)" in message
     assert "spaces[1].n (stored 4, now 9)" in message and "--out" in message
+
+
+def test_unavailable_gpu_is_refused_before_any_work(tmp_path, data_dir, base_checkpoint):
+    from nps.pipeline.config import parse_config, validate
+    from nps.pipeline.errors import NpsError
+    from nps.pipeline.run import run_experiment
+
+    plan = validate(parse_config(experiment(tmp_path, data_dir, checkpoint=base_checkpoint).read_text()))
+    with pytest.raises(NpsError, match=r"--devices: cuda:9 not available \(\d+ GPUs visible\)"):
+        run_experiment(plan, view=None, devices=["cuda:9"])
+    assert not (tmp_path / "run" / "results.h5").exists()
