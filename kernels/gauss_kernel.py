@@ -25,7 +25,7 @@ REASON_WINDOW = 1     # no t meets the target inside [0, R] for this e
 REASON_ENVELOPE = 2   # internal: thinning by Z/zmax (not a constraint)
 REASON_TARGET = 3     # the target missed after rounding to integer channels
 REASON_MCB = 4        # mCB outside its band
-REASON_DUPLICATE = 5  # same keep vector as an earlier recipe
+REASON_DUPLICATE = 5  # same keep vector as an earlier recipe (counted by the caller, which de-duplicates)
 REASON_BOX = 6        # a ratio outside [0, R] (uniform space never; float slop otherwise)
 N_REASONS = 7
 REASON_NAMES = ("std(r) band", "target with r in [0, R]", "envelope", "target after rounding", "mCB band",
@@ -110,22 +110,6 @@ def _hash_keep(keep):
 
 
 @njit(nogil=True, cache=True)
-def seen_before(table, keep):
-    """Insert the keep vector's 64-bit hash into an open-addressing table; True when it was already there."""
-    h = _hash_keep(keep)
-    mask = np.uint64(table.shape[0] - 1)
-    slot = h & mask
-    while True:
-        cur = table[slot]
-        if cur == np.uint64(0):
-            table[slot] = h
-            return False
-        if cur == h:
-            return True
-        slot = (slot + np.uint64(1)) & mask
-
-
-@njit(nogil=True, cache=True)
 def _form_value(keep, const, linear, pa, pb, pw):
     total = const
     for i in range(linear.shape[0]):
@@ -137,7 +121,7 @@ def _form_value(keep, const, linear, pa, pb, pw):
 
 @njit(nogil=True, cache=True)
 def _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, oconst, olin, opa, opb,
-            opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup, hashes, counts):
+            opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts):
     """Round to integer channels and check every constraint exactly; returns (ok, target value, other value)."""
     G = channels.shape[0]
     mean = 0.0
@@ -170,9 +154,6 @@ def _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa,
         if m < mcb_lo or m > mcb_hi:
             counts[REASON_MCB] += 1
             return False, 0, 0
-    if dedup and seen_before(hashes, keep):
-        counts[REASON_DUPLICATE] += 1
-        return False, 0, 0
     return True, tv, ov
 
 
@@ -180,7 +161,7 @@ def _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa,
 def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, direction, u, sigma,
                  R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, q11, q1h, qhh,
                  oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, zmax,
-                 dedup, hashes, counts):
+                 dedup, out_hash, counts):
     """Fill rows ``start..`` of the outputs with accepted recipes of a Gaussian space.
 
     ``direction`` is a unit vector with non-negative entries (the target's gradient at the uniform recipe); the
@@ -263,8 +244,7 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
         for i in range(G):
             r[i] = u + e[i] + t * direction[i]
         ok, tv, ov = _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw,
-                             oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup,
-                             hashes, counts)
+                             oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts)
         if not ok:
             continue
         row = start + filled
@@ -273,6 +253,8 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
             out_keep[row, i] = keep[i]
         out_t[row] = tv
         out_o[row] = ov
+        if dedup:
+            out_hash[row] = _hash_keep(keep)
         filled += 1
     return filled, used, zseen
 
@@ -280,7 +262,7 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
 @njit(nogil=True, cache=True)
 def sample_uniform(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, R, lo_t, hi_t,
                    tconst, tlin, tpa, tpb, tpw, oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops,
-                   base_ratio, dedup, hashes, counts):
+                   base_ratio, dedup, out_hash, counts):
     """Plain rejection of the initial space ``r_i ~ U[0, R]`` (the numba twin of the numpy reference)."""
     G = channels.shape[0]
     r = np.empty(G)
@@ -292,7 +274,7 @@ def sample_uniform(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, st
         for i in range(G):
             r[i] = R * rng.random()
         ok, tv, ov = _finish(r, keep, channels, R, 0.0, np.inf, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, oconst,
-                             olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup, hashes, counts)
+                             olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts)
         if not ok:
             continue
         row = start + filled
@@ -301,5 +283,7 @@ def sample_uniform(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, st
             out_keep[row, i] = keep[i]
         out_t[row] = tv
         out_o[row] = ov
+        if dedup:
+            out_hash[row] = _hash_keep(keep)
         filled += 1
     return filled, used, 0.0

@@ -86,11 +86,6 @@ def _direction(form, channels, u):
     return np.ascontiguousarray(g / np.linalg.norm(g))
 
 
-def _hash_table(n):
-    size = 1 << max(10, int(math.ceil(math.log2(2 * n + 1))))  # load factor <= 0.5
-    return np.zeros(size, dtype=np.uint64)
-
-
 def _explain_empty(space, proposals, accepted, counts, table):
     top = np.argsort(counts)[::-1]
     named = ", ".join(f"{gk.REASON_NAMES[i]} {counts[i] / proposals:.1%}" for i in top[:3]
@@ -158,7 +153,7 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
         zseen = _pilot(run, seed, G)
         zmax = min(1.0, ZMAX_MARGIN * zseen) if zseen > 0 else 1.0
     while True:
-        sample, zseen = _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G)
+        sample, zseen = _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, distinct)
         if sample is not None:
             break
         log.info("envelope %.3g was exceeded (%.3g); restarting with a larger one", zmax, zseen)
@@ -186,14 +181,30 @@ def _pilot(run, seed, G):
     m = PILOT_PROPOSALS
     scratch = (np.empty((m, G)), np.empty((m, G), np.int64), np.empty(m, np.int64), np.empty(m, np.int64))
     rng = np.random.default_rng([seed, 1])
-    _, _, zseen = run(1.0, rng, scratch, 0, m, m, _hash_table(1), np.zeros(gk.N_REASONS, np.int64), dedup=False)
+    _, _, zseen = run(1.0, rng, scratch, 0, m, m, np.empty(1, np.uint64), np.zeros(gk.N_REASONS, np.int64),
+                      dedup=False)
     return zseen
 
 
-def _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G):
+def _drop_duplicates(out, hashes, filled, counts):
+    """Keep the first row of every keep vector (by its 64-bit hash), in order; returns the rows left.
+
+    Sorting the hashes once per batch is cache-friendly, unlike a hash-table probe per draw.
+    """
+    _, first = np.unique(hashes[:filled], return_index=True)
+    if len(first) == filled:
+        return filled
+    rows = np.sort(first)
+    for arr in (*out, hashes):
+        arr[:len(rows)] = arr[rows]
+    counts[gk.REASON_DUPLICATE] += filled - len(rows)
+    return len(rows)
+
+
+def _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, distinct):
     rng = np.random.default_rng(seed)
     out = (np.empty((n, G)), np.empty((n, G), np.int64), np.empty(n, np.int64), np.empty(n, np.int64))
-    hashes = _hash_table(n)
+    hashes = np.zeros(n, np.uint64)  # 64-bit hash of each row's keep vector, for de-duplication
     counts = np.zeros(gk.N_REASONS, np.int64)
     filled = proposals = 0
     zseen = 0.0
@@ -211,6 +222,8 @@ def _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G):
         chunk = min(CHUNK_PROPOSALS, chunk * 2)
         if progress is not None:
             progress(filled, n)
+        if filled >= n and distinct:
+            filled = _drop_duplicates(out, hashes, filled, counts)
         if t_rate is None:
             t_rate, rate_from = time.perf_counter(), filled
             continue

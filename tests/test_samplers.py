@@ -142,3 +142,14 @@ def test_kernels_run_as_plain_python():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "20"
+
+
+def test_duplicates_are_dropped_in_order():
+    """A small network with little noise draws the same subnetwork often: each keep vector must appear once."""
+    table = build_layer_table("resnet20", "internal", 32, 10)
+    space = parse_space("std-0.01", "c_flops", 0.5)
+    s = sample_space(table, space, 300, seed=0)
+    assert s.stats["rejected"].get("duplicate", 0) > 0
+    assert len(np.unique(s.keep, axis=0)) == 300
+    loose = sample_space(table, space, 300, seed=0, distinct=False)
+    assert len(np.unique(loose.keep, axis=0)) < 300
