@@ -69,12 +69,15 @@ def weights_path(results_path: str | os.PathLike, space: str, row: int) -> Path:
     return Path(results_path).resolve().parent / WEIGHTS_DIR / _check_space_name(space) / f"{_check_row(row)}.pt"
 
 
-def save_subnetwork_weights(results_path: str | os.PathLike, space: str, row: int, model) -> Path:
+def save_subnetwork_weights(results_path: str | os.PathLike, space: str, row: int, model, *,
+                            staged: bool = False) -> Path:
     """Keep the fine-tuned weights of one row beside results.h5 (atomically: a temporary file, then a rename).
 
     ``model`` is the physically pruned ``nn.Module`` (or its state_dict; a ``torch.compile`` wrapper is unwrapped);
     tensors are stored on the CPU, contiguous (a ``channels_last`` model is saved in the default layout). Returns
-    the path written.
+    the path written. With ``staged=True`` the file is left under a staging name (returned) until
+    :func:`commit_staged_weights` renames it into place: a worker stages, the results file's writer commits once it
+    has accepted the row's result, so a result it ignores never replaces the weights of one it kept.
     """
     import torch
 
@@ -85,13 +88,28 @@ def save_subnetwork_weights(results_path: str | os.PathLike, space: str, row: in
              for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    target = path.with_name(f".{path.name}{STAGED_SUFFIX}{os.getpid()}") if staged else path
     try:
         torch.save(state, tmp)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path
+    return target
+
+
+STAGED_SUFFIX = ".staged-"
+
+
+def commit_staged_weights(staged: str | os.PathLike) -> Path:
+    """Rename weights written with ``save_subnetwork_weights(..., staged=True)`` to their row's path."""
+    staged = Path(staged)
+    name = staged.name
+    if not (name.startswith(".") and STAGED_SUFFIX in name):
+        raise ValueError(f"{staged} is not a staged weights file")
+    final = staged.with_name(name[1:name.index(STAGED_SUFFIX)])
+    os.replace(staged, final)
+    return final
 
 
 def load_subnetwork_weights(results_path: str | os.PathLike, space: str, row: int) -> dict:

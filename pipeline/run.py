@@ -374,7 +374,9 @@ class _Worker:
                 try:
                     from nps.pipeline.export import save_subnetwork_weights
 
-                    save_subnetwork_weights(self.spec.results_path, space, int(row), result.model)
+                    staged = save_subnetwork_weights(self.spec.results_path, space, int(row), result.model,
+                                                     staged=True)
+                    payload["weights_staged"] = str(staged)
                 except Exception as exc:  # noqa: BLE001 - a result without its weights is still a result
                     self.send("note", {"text": f"could not save the weights of {space} row {row}: {_one_line(exc)}"})
                 result.model = None
@@ -727,9 +729,16 @@ class Driver:
             self._log("base_done", worker=wid, **p)
         elif kind in ("done", "failed"):
             space, row = p["space"], int(p["row"])
+            staged = p.get("weights_staged")
             if proc.task is None or proc.task.space != space or row not in proc.task.rows:
                 log.warning("ignoring a result for %s row %d that was not in flight on worker %d", space, row, wid)
+                if staged and os.path.exists(staged):
+                    os.remove(staged)
                 return
+            if staged:
+                from nps.pipeline.export import commit_staged_weights
+
+                commit_staged_weights(staged)
             proc.task.rows.discard(row)
             proc.task.units -= float(self.units[space][row])
             self.state.spaces[space].running -= 1

@@ -255,3 +255,19 @@ def test_verify_follows_the_run_config(run_dir, tmp_path):
     torch.save(ckpt, out)
     with pytest.raises(NpsError, match="not valid TOML"):
         verify_subnetwork(out, val_loader=val_batches())
+
+
+def test_staged_weights_appear_only_when_committed(tmp_path):
+    """A worker stages its weights; only the writer's commit puts them where export looks for them."""
+    import torch
+
+    from nps.pipeline.export import commit_staged_weights, save_subnetwork_weights, weights_path
+
+    results = tmp_path / "results.h5"
+    model = torch.nn.Linear(3, 2)
+    staged = save_subnetwork_weights(results, "std-0.05@c_flops=0.25", 7, model, staged=True)
+    final = weights_path(results, "std-0.05@c_flops=0.25", 7)
+    assert staged.exists() and not final.exists()
+    assert commit_staged_weights(staged) == final
+    assert final.exists() and not staged.exists()
+    assert torch.equal(torch.load(final)["weight"], model.weight.detach())
