@@ -85,8 +85,8 @@ class QuadraticForm:
 
 @njit(nogil=True, cache=True)
 def evaluate_one(keep, const, linear, pair_a, pair_b, pair_w):
-    """Value of the form at one keep vector (int64 or float64 entries); returns float64."""
-    total = float(const)
+    """Value of the form at one keep vector: exact int64 for integer counts, float64 for real-valued ones."""
+    total = const
     for i in range(linear.shape[0]):
         total += linear[i] * keep[i]
     for p in range(pair_w.shape[0]):

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from nps.kernels.complexity import njit
+from nps.kernels.complexity import evaluate_one, njit
 
 # Rejection reasons, indices into the counters the kernels return.
 REASON_STD = 0        # std(r) outside its band
@@ -110,13 +110,14 @@ def _hash_keep(keep):
 
 
 @njit(nogil=True, cache=True)
-def _form_value(keep, const, linear, pa, pb, pw):
-    total = const
-    for i in range(linear.shape[0]):
-        total += linear[i] * keep[i]
-    for p in range(pw.shape[0]):
-        total += pw[p] * keep[pa[p]] * keep[pb[p]]
-    return total
+def _store_row(row, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_hash):
+    for i in range(r.shape[0]):
+        out_r[row, i] = r[i]
+        out_keep[row, i] = keep[i]
+    out_t[row] = tv
+    out_o[row] = ov
+    if dedup:
+        out_hash[row] = _hash_keep(keep)
 
 
 @njit(nogil=True, cache=True)
@@ -141,11 +142,11 @@ def _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa,
         if sd < std_lo or sd > std_hi:
             counts[REASON_STD] += 1
             return False, 0, 0
-    tv = _form_value(keep, tconst, tlin, tpa, tpb, tpw)
+    tv = evaluate_one(keep, tconst, tlin, tpa, tpb, tpw)
     if tv < lo_t or tv > hi_t:
         counts[REASON_TARGET] += 1
         return False, 0, 0
-    ov = _form_value(keep, oconst, olin, opa, opb, opw)
+    ov = evaluate_one(keep, oconst, olin, opa, opb, opw)
     if mcb_hi > 0.0:
         if target_is_flops:
             m = (tv / ov) / base_ratio
@@ -247,14 +248,7 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
                              oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts)
         if not ok:
             continue
-        row = start + filled
-        for i in range(G):
-            out_r[row, i] = r[i]
-            out_keep[row, i] = keep[i]
-        out_t[row] = tv
-        out_o[row] = ov
-        if dedup:
-            out_hash[row] = _hash_keep(keep)
+        _store_row(start + filled, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_hash)
         filled += 1
     return filled, used, zseen
 
@@ -277,13 +271,6 @@ def sample_uniform(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, st
                              olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts)
         if not ok:
             continue
-        row = start + filled
-        for i in range(G):
-            out_r[row, i] = r[i]
-            out_keep[row, i] = keep[i]
-        out_t[row] = tv
-        out_o[row] = ov
-        if dedup:
-            out_hash[row] = _hash_keep(keep)
+        _store_row(start + filled, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_hash)
         filled += 1
     return filled, used, 0.0
