@@ -27,6 +27,9 @@ PILOT_PROPOSALS = 20_000
 # envelope (same seed), so a small margin costs nothing in exactness, only an occasional restart.
 ZMAX_MARGIN = 1.1
 CHUNK_PROPOSALS = 1 << 18
+# When the envelope is this close to 1 the window holds nearly all of t's prior (small σ): plain rejection of the
+# same space accepts as often and costs less per draw, so the sampler uses it.
+PLAIN_ABOVE = 0.9
 # A space is "nearly empty" when fewer than this fraction of proposals survive...
 EMPTY_ACCEPTANCE = 1e-6
 # ...measured over at least this many proposals.
@@ -136,15 +139,21 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     direction = _direction(tform, channels, u) if space.kind != "uniform" else np.ones(G) / math.sqrt(G)
     q11, q1h, qhh = _pair_sums(tform, direction * channels)
 
+    plain = False  # set below when the window buys nothing (see PLAIN_ABOVE)
+
     def run(zmax, rng, out, start, want, budget, hashes, counts, dedup=distinct):
         r, keep, tv, ov = out
         if space.kind == "uniform":
             return gk.sample_uniform(rng, want, budget, r, keep, tv, ov, start, *common, space.R, lo_t, hi_t,
                                      *forms, *others, mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup,
                                      hashes, counts)
+        if plain:
+            return gk.sample_gauss_plain(rng, want, budget, r, keep, tv, ov, start, *common, u, space.sigma,
+                                         space.R, std_lo, std_hi, lo_t, hi_t, *forms, *others, mcb_lo, mcb_hi,
+                                         target_is_flops, base_ratio, dedup, hashes, counts)
         return gk.sample_gauss(rng, want, budget, r, keep, tv, ov, start, *common, direction, u, space.sigma,
-                               space.R, std_lo, std_hi, lo_t, hi_t, *forms, q11, q1h, qhh, *others, mcb_lo, mcb_hi,
-                               target_is_flops, base_ratio, zmax, dedup, hashes, counts)
+                               space.R, std_lo, std_hi, lo_t, hi_t, *forms, q11, q1h, qhh, *others,
+                               mcb_lo, mcb_hi, target_is_flops, base_ratio, zmax, dedup, hashes, counts)
 
     zmax = 1.0
     if space.kind != "uniform":
@@ -152,6 +161,7 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
         # reports every Z it sees, so a bound that turns out too small is caught below and the run restarts.
         zseen = _pilot(run, seed, G)
         zmax = min(1.0, ZMAX_MARGIN * zseen) if zseen > 0 else 1.0
+        plain = zmax >= PLAIN_ABOVE
     while True:
         sample, zseen = _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, distinct)
         if sample is not None:
@@ -160,6 +170,8 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
         zmax = min(1.0, 1.25 * zseen)
     sample.stats["u"] = u
     sample.stats["zmax"] = zmax
+    sample.stats["method"] = "uniform rejection" if space.kind == "uniform" else (
+        "plain rejection" if plain else "window")
     _verify(table, space, sample)
     return sample
 

@@ -153,3 +153,14 @@ def test_duplicates_are_dropped_in_order():
     assert len(np.unique(s.keep, axis=0)) == 300
     loose = sample_space(table, space, 300, seed=0, distinct=False)
     assert len(np.unique(loose.keep, axis=0)) < 300
+
+
+def test_window_sampler_also_exact_where_plain_rejection_is_chosen(r56, monkeypatch):
+    """Small σ uses plain rejection (PLAIN_ABOVE); the window kernel must still give the same distribution there."""
+    import nps.kernels.samplers as samplers
+
+    space = parse_space("std-0.01", "c_flops", 0.5)
+    assert sample_space(r56, space, 100, seed=0).stats["method"] == "plain rejection"
+    monkeypatch.setattr(samplers, "PLAIN_ABOVE", 2.0)
+    assert sample_space(r56, space, 100, seed=0).stats["method"] == "window"
+    _compare_to_rejection(r56, space, 20_000)
