@@ -17,7 +17,6 @@ counts ``keep = max(1, floor((1 - r)·c + 0.5))``.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -183,7 +182,3 @@ def describe(space: Space) -> str:
     if space.mcb_band:
         parts.append(f"mCB∈[{space.mcb_band[0]:g}, {space.mcb_band[1]:g}]")
     return ", ".join(parts)
-
-
-def isfinite_pos(x: float) -> bool:
-    return math.isfinite(x) and x > 0
