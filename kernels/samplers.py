@@ -91,11 +91,13 @@ def _direction(form, channels, u):
 
 def _explain_empty(space, proposals, accepted, counts, table):
     top = np.argsort(counts)[::-1]
+    hint = ("use a std-<σ> space, raise R, or choose another target" if space.kind == "uniform"
+            else "lower σ, raise R, or choose another target")
     named = ", ".join(f"{gk.REASON_NAMES[i]} {counts[i] / proposals:.1%}" for i in top[:3]
                       if counts[i] and i != gk.REASON_ENVELOPE)
     return (f"space {space.name} at {space.target}={space.value:g} (R={space.R:g}) is nearly empty for "
             f"{table.model}/{table.mode}: {accepted} of {proposals:,} proposals met every constraint "
-            f"(rejected by {named}); lower σ, raise R, or choose another target")
+            f"(rejected by {named}); {hint}")
 
 
 def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool = True,
