@@ -254,13 +254,14 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
 
 
 @njit(nogil=True, cache=True)
-def sample_gauss_plain(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, u, sigma, R,
-                       std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, oconst, olin, opa, opb, opw,
-                       mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup, out_hash, counts):
-    """Plain rejection of a Gaussian space: ``r = u + N(0, σ²)`` per group, kept when every constraint holds.
+def sample_plain(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, gaussian, u, sigma, R,
+                 std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, oconst, olin, opa, opb, opw,
+                 mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup, out_hash, counts):
+    """Plain rejection: ``r = u + N(0, σ²)`` per group (``gaussian``) or ``r_i ~ U[0, R]`` (the initial space, the
+    numba twin of the numpy reference), kept when every constraint holds.
 
-    Cheaper per draw than :func:`sample_gauss`; the caller picks it when the window there would hold most of the
-    prior anyway (small σ), so that the window buys no acceptance.
+    For a Gaussian space it is cheaper per draw than :func:`sample_gauss`; the caller picks it when the window there
+    would hold most of the prior anyway (small σ), so that the window buys no acceptance.
     """
     G = channels.shape[0]
     r = np.empty(G)
@@ -269,33 +270,14 @@ def sample_gauss_plain(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o
     used = 0
     while filled < n_want and used < max_proposals:
         used += 1
-        for i in range(G):
-            r[i] = u + sigma * rng.standard_normal()
+        if gaussian:
+            for i in range(G):
+                r[i] = u + sigma * rng.standard_normal()
+        else:
+            for i in range(G):
+                r[i] = R * rng.random()
         ok, tv, ov = _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw,
                              oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts)
-        if not ok:
-            continue
-        _store_row(start + filled, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_hash)
-        filled += 1
-    return filled, used, 0.0
-
-
-@njit(nogil=True, cache=True)
-def sample_uniform(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, R, lo_t, hi_t,
-                   tconst, tlin, tpa, tpb, tpw, oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops,
-                   base_ratio, dedup, out_hash, counts):
-    """Plain rejection of the initial space ``r_i ~ U[0, R]`` (the numba twin of the numpy reference)."""
-    G = channels.shape[0]
-    r = np.empty(G)
-    keep = np.empty(G, dtype=np.int64)
-    filled = 0
-    used = 0
-    while filled < n_want and used < max_proposals:
-        used += 1
-        for i in range(G):
-            r[i] = R * rng.random()
-        ok, tv, ov = _finish(r, keep, channels, R, 0.0, np.inf, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, oconst,
-                             olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts)
         if not ok:
             continue
         _store_row(start + filled, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_hash)

@@ -136,7 +136,7 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     common = (channels,)
     forms = (tform.const, tform.linear, tform.pair_a, tform.pair_b, tform.pair_w)
     others = (oform.const, oform.linear, oform.pair_a, oform.pair_b, oform.pair_w)
-    u = uniform_ratio(table, space.target, space.value) if space.kind != "uniform" else float("nan")
+    u = uniform_ratio(table, space.target, space.value) if space.kind != "uniform" else 0.0
     std_lo, std_hi = space.std_band if space.std_band else (0.0, np.inf)
     direction = _direction(tform, channels, u) if space.kind != "uniform" else np.ones(G) / math.sqrt(G)
     q11, q1h, qhh = _pair_sums(tform, direction * channels)
@@ -145,14 +145,10 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
 
     def run(zmax, rng, out, start, want, budget, hashes, counts, dedup=distinct):
         r, keep, tv, ov = out
-        if space.kind == "uniform":
-            return gk.sample_uniform(rng, want, budget, r, keep, tv, ov, start, *common, space.R, lo_t, hi_t,
-                                     *forms, *others, mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup,
-                                     hashes, counts)
-        if plain:
-            return gk.sample_gauss_plain(rng, want, budget, r, keep, tv, ov, start, *common, u, space.sigma,
-                                         space.R, std_lo, std_hi, lo_t, hi_t, *forms, *others, mcb_lo, mcb_hi,
-                                         target_is_flops, base_ratio, dedup, hashes, counts)
+        if plain or space.kind == "uniform":
+            return gk.sample_plain(rng, want, budget, r, keep, tv, ov, start, *common, space.kind != "uniform", u,
+                                   space.sigma, space.R, std_lo, std_hi, lo_t, hi_t, *forms, *others, mcb_lo,
+                                   mcb_hi, target_is_flops, base_ratio, dedup, hashes, counts)
         return gk.sample_gauss(rng, want, budget, r, keep, tv, ov, start, *common, direction, u, space.sigma,
                                space.R, std_lo, std_hi, lo_t, hi_t, *forms, q11, q1h, qhh, *others,
                                mcb_lo, mcb_hi, target_is_flops, base_ratio, zmax, dedup, hashes, counts)
@@ -170,7 +166,7 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
             break
         log.info("envelope %.3g was exceeded (%.3g); restarting with a larger one", zmax, zseen)
         zmax = min(1.0, 1.25 * zseen)
-    sample.stats["u"] = u
+    sample.stats["u"] = u if space.kind != "uniform" else float("nan")
     sample.stats["zmax"] = zmax
     sample.stats["method"] = "uniform rejection" if space.kind == "uniform" else (
         "plain rejection" if plain else "window")
