@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--modes", default="all,internal")
     ap.add_argument("--spaces", default=",".join(SPACES))
     ap.add_argument("--c-flops", default=",".join(map(str, TARGETS)))
-    ap.add_argument("--n", type=int, default=200_000, help="recipes our sampler draws per line")
+    ap.add_argument("--n", type=int, default=1_000_000, help="recipes our sampler draws per line")
     ap.add_argument("--max-seconds", type=float, default=30.0, help="our sampler gives up past this")
     ap.add_argument("--naive-proposals", type=int, default=10_000_000)
     ap.add_argument("--naive-seconds", type=float, default=20.0)
