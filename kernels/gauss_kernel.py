@@ -110,10 +110,18 @@ def _hash_keep(keep):
 
 
 @njit(nogil=True, cache=True)
-def _store_row(row, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_hash):
-    for i in range(r.shape[0]):
+def _store_row(row, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_hash, out_std):
+    G = r.shape[0]
+    mean = 0.0
+    for i in range(G):
         out_r[row, i] = r[i]
         out_keep[row, i] = keep[i]
+        mean += r[i]
+    mean /= G
+    ss = 0.0
+    for i in range(G):
+        ss += (r[i] - mean) * (r[i] - mean)
+    out_std[row] = math.sqrt(ss / G)
     out_t[row] = tv
     out_o[row] = ov
     if dedup:
@@ -162,7 +170,7 @@ def _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa,
 def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, direction, u, sigma,
                  R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, q11, q1h, qhh,
                  oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, zmax,
-                 dedup, out_hash, counts):
+                 dedup, out_hash, out_std, counts):
     """Fill rows ``start..`` of the outputs with accepted recipes of a Gaussian space.
 
     ``direction`` is a unit vector with non-negative entries (the target's gradient at the uniform recipe); the
@@ -248,7 +256,7 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
                              oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts)
         if not ok:
             continue
-        _store_row(start + filled, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_hash)
+        _store_row(start + filled, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_hash, out_std)
         filled += 1
     return filled, used, zseen
 
@@ -256,7 +264,7 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
 @njit(nogil=True, cache=True)
 def sample_plain(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, gaussian, u, sigma, R,
                  std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, oconst, olin, opa, opb, opw,
-                 mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup, out_hash, counts):
+                 mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup, out_hash, out_std, counts):
     """Plain rejection: ``r = u + N(0, σ²)`` per group (``gaussian``) or ``r_i ~ U[0, R]`` (the initial space, the
     numba twin of the numpy reference), kept when every constraint holds.
 
@@ -280,6 +288,6 @@ def sample_plain(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
                              oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts)
         if not ok:
             continue
-        _store_row(start + filled, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_hash)
+        _store_row(start + filled, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_hash, out_std)
         filled += 1
     return filled, used, 0.0

@@ -1,6 +1,7 @@
 """Benchmark the recipe samplers against plain rejection sampling of the same space (the naive reference).
 
-One JSON line per (mode, space, c_flops):
+One JSON line per (mode, space, c_flops); recipes_per_s is n over the wall time of the whole ``sample_space`` call
+(pilot, sampling, de-duplication and the final checks included), best of --repeats runs.
   {"bench": "sampler", "model", "mode", "space", "c_flops", "recipes_per_s", "naive_recipes_per_s", "ratio", ...}
 
 Baseline: ``nps.kernels.samplers.sample_naive`` -- r ~ U[0, R]^G (uniform) or u + N(0, σ²) per group, every
@@ -37,14 +38,16 @@ def main() -> None:
     ap.add_argument("--modes", default="all,internal")
     ap.add_argument("--spaces", default=",".join(SPACES))
     ap.add_argument("--c-flops", default=",".join(map(str, TARGETS)))
-    ap.add_argument("--n", type=int, default=1_000_000, help="recipes our sampler draws per line")
+    ap.add_argument("--n", type=int, default=300_000, help="recipes our sampler draws per line")
+    ap.add_argument("--repeats", type=int, default=3, help="our sampler: best of this many runs (wall time of "
+                    "the whole sample_space call: pilot, sampling, de-duplication, checks)")
     ap.add_argument("--max-seconds", type=float, default=30.0, help="our sampler gives up past this")
     ap.add_argument("--naive-proposals", type=int, default=10_000_000)
     ap.add_argument("--naive-seconds", type=float, default=20.0)
     ap.add_argument("--quick", action="store_true", help="small n and budgets (a smoke run)")
     args = ap.parse_args()
     if args.quick:
-        args.n, args.naive_proposals, args.naive_seconds = 2000, 200_000, 2.0
+        args.n, args.naive_proposals, args.naive_seconds, args.repeats = 2000, 200_000, 2.0, 1
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
@@ -61,10 +64,14 @@ def measure(table, name, value, args) -> dict:
     space = parse_space(name, "c_flops", value)
     try:
         sample_space(table, space, 100, seed=1, max_seconds=args.max_seconds)  # compile, warm caches
-        s = sample_space(table, space, args.n, seed=0, max_seconds=args.max_seconds)
-        line["recipes_per_s"] = round(s.stats["recipes_per_s"])
+        best = 0.0
+        for rep in range(args.repeats):  # best of a few: this VM's cores are now and then taken away for a while
+            t0 = time.perf_counter()
+            s = sample_space(table, space, args.n, seed=rep, max_seconds=args.max_seconds)
+            best = max(best, len(s) / (time.perf_counter() - t0))
+        line["recipes_per_s"] = round(best)
         line["acceptance"] = round(s.stats["accepted"] / s.stats["proposals"], 5)
-        line["n"] = len(s)
+        line["n"], line["repeats"] = len(s), args.repeats
     except SamplerError as exc:
         line["recipes_per_s"] = 0
         line["error"] = str(exc)
