@@ -300,6 +300,14 @@ def _steps_per_epoch(loader: Iterable, given: int | None) -> int:
 _FAULT_SHIFT = 1 << 32  # fault code = epoch * 2^32 + step (both 1-based)
 
 
+def _ids_for(models, ids) -> list:
+    """The caller's ids for ``models`` (default 0..n-1), one per model."""
+    ids = list(range(len(models))) if ids is None else list(ids)
+    if len(ids) != len(models):
+        raise NpsError(f"got {len(models)} models but {len(ids)} ids")
+    return ids
+
+
 def train_cohort(
     models: Sequence[nn.Module],
     train_loader: Iterable,
@@ -366,9 +374,7 @@ def train_cohort(
     device = torch.device(device)
     config.check()
     k = len(models)
-    ids = list(range(k)) if ids is None else list(ids)
-    if len(ids) != k:
-        raise NpsError(f"got {k} models but {len(ids)} ids")
+    ids = _ids_for(models, ids)
     if k == 0:
         return []
     amp_dtype = resolve_amp(amp, device)
@@ -610,9 +616,7 @@ def run_cohorts(
     device = torch.device(device)
     config.check()
     n = len(models)
-    ids = list(range(n)) if ids is None else list(ids)
-    if len(ids) != n:
-        raise NpsError(f"got {n} models but {len(ids)} ids")
+    ids = _ids_for(models, ids)
     if n == 0:
         return []
     if k is None:

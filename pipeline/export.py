@@ -86,16 +86,24 @@ def save_subnetwork_weights(results_path: str | os.PathLike, space: str, row: in
     state = model.state_dict() if hasattr(model, "state_dict") else model
     state = {k.removeprefix("_orig_mod."): v.detach().to("cpu").contiguous() if torch.is_tensor(v) else v
              for k, v in state.items()}
+    target = path.with_name(f".{path.name}{STAGED_SUFFIX}{os.getpid()}") if staged else path
+    return save_atomic(state, target)
+
+
+def save_atomic(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary name beside ``path``, then rename: never a half-written file at ``path``."""
+    import torch
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    target = path.with_name(f".{path.name}{STAGED_SUFFIX}{os.getpid()}") if staged else path
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, target)
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return target
+    return path
 
 
 STAGED_SUFFIX = ".staged-"
@@ -233,15 +241,7 @@ def export_subnetwork(results_path: str | os.PathLike, space: str, out: str | os
         raise NpsError(f"{weights_path(results_path, space, row)} does not fit row {row} of {space!r} (keep "
                        f"{ckpt['keep']}): {' '.join(first[:2])}") from None
     ckpt["state_dict"] = model.state_dict()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    out = save_atomic(ckpt, out)
     info = {k: ckpt[k] for k in _META_KEYS}
     info.update(note=note, out=str(out))
     return info

@@ -329,11 +329,11 @@ class _Worker:
             if not result.ok:
                 raise NpsError(f"base training failed: {result.error}")
             state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
-            tmp = f"{s.base_path}.tmp-{os.getpid()}"
-            torch.save({"model": state, "model_name": self.cfg.model.name, "num_classes": s.num_classes,
-                        "in_channels": s.in_channels, "resolution": s.resolution, "top1": result.top1,
-                        "top5": result.top5, "epochs": b.epochs, "config": dump(self.cfg)}, tmp)
-            os.replace(tmp, s.base_path)
+            from nps.pipeline.export import save_atomic
+
+            save_atomic({"model": state, "model_name": self.cfg.model.name, "num_classes": s.num_classes,
+                         "in_channels": s.in_channels, "resolution": s.resolution, "top1": result.top1,
+                         "top5": result.top5, "epochs": b.epochs, "config": dump(self.cfg)}, s.base_path)
             top1, top5, loss = result.top1, result.top5, result.loss
         else:
             _, val, _ = self.loaders(self.cfg.retrain.batch_size)
