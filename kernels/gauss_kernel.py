@@ -88,14 +88,40 @@ def truncated_normal(rng, a, b):
 
 @njit(nogil=True, cache=True)
 def _root_decreasing(a0, b1, q2, level):
-    """Smallest s with a0 - b1·s + q2·s² = level on the decreasing branch (b1 > 0); NaN when never reached."""
+    """Smallest s with a0 - b1·s + q2·s² = level (q2 >= 0, the branch where the form decreases).
+
+    -inf when a form that never changes is already at or below ``level``; NaN when ``level`` is never reached.
+    """
     cc = a0 - level
     if q2 == 0.0:
-        return cc / b1
+        if b1 > 0.0:
+            return cc / b1
+        return -np.inf if cc <= 0.0 else np.nan
     disc = b1 * b1 - 4.0 * q2 * cc
     if disc < 0.0:
         return np.nan
     return 2.0 * cc / (b1 + math.sqrt(disc))
+
+
+@njit(nogil=True, cache=True)
+def _slack_sums(lin, pa, pb, pw, s, eta):
+    """The parts of the kernel's bounding quadratics that do not depend on the draw (see :func:`sample_gauss`):
+    Σ lin·s, Σ lin·eta and the pair sums Σw·s_a·s_b, Σw(s_a·eta_b + eta_a·s_b), Σw·eta_a·eta_b."""
+    ls = 0.0
+    le = 0.0
+    for i in range(lin.shape[0]):
+        ls += lin[i] * s[i]
+        le += lin[i] * eta[i]
+    ss = 0.0
+    se = 0.0
+    ee = 0.0
+    for p in range(pw.shape[0]):
+        a = pa[p]
+        b = pb[p]
+        ss += pw[p] * s[a] * s[b]
+        se += pw[p] * (s[a] * eta[b] + eta[a] * s[b])
+        ee += pw[p] * eta[a] * eta[b]
+    return ls, le, ss, se, ee
 
 
 @njit(nogil=True, cache=True)
@@ -110,18 +136,11 @@ def _hash_keep(keep):
 
 
 @njit(nogil=True, cache=True)
-def _store_row(row, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_hash, out_std):
-    G = r.shape[0]
-    mean = 0.0
-    for i in range(G):
+def _store_row(row, r, keep, tv, ov, sd, out_r, out_keep, out_t, out_o, dedup, out_hash, out_std):
+    for i in range(r.shape[0]):
         out_r[row, i] = r[i]
         out_keep[row, i] = keep[i]
-        mean += r[i]
-    mean /= G
-    ss = 0.0
-    for i in range(G):
-        ss += (r[i] - mean) * (r[i] - mean)
-    out_std[row] = math.sqrt(ss / G)
+    out_std[row] = sd
     out_t[row] = tv
     out_o[row] = ov
     if dedup:
@@ -131,29 +150,29 @@ def _store_row(row, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_h
 @njit(nogil=True, cache=True)
 def _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, oconst, olin, opa, opb,
             opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts):
-    """Round to integer channels and check every constraint exactly; returns (ok, target value, other value)."""
+    """Round to integer channels and check every constraint exactly; returns (ok, target value, other value,
+    std(r)). The target goes first: it is the check that fails most often, and std(r) is only computed after it."""
     G = channels.shape[0]
     mean = 0.0
     for i in range(G):
         if r[i] < 0.0 or r[i] > R:
             counts[REASON_BOX] += 1
-            return False, 0, 0
+            return False, 0, 0, 0.0
         mean += r[i]
         k = math.floor((1.0 - r[i]) * channels[i] + 0.5)
         keep[i] = max(1, int(k))
-    if std_hi < np.inf or std_lo > 0.0:
-        mean /= G
-        ss = 0.0
-        for i in range(G):
-            ss += (r[i] - mean) * (r[i] - mean)
-        sd = math.sqrt(ss / G)
-        if sd < std_lo or sd > std_hi:
-            counts[REASON_STD] += 1
-            return False, 0, 0
     tv = evaluate_one(keep, tconst, tlin, tpa, tpb, tpw)
     if tv < lo_t or tv > hi_t:
         counts[REASON_TARGET] += 1
-        return False, 0, 0
+        return False, 0, 0, 0.0
+    mean /= G
+    ss = 0.0
+    for i in range(G):
+        ss += (r[i] - mean) * (r[i] - mean)
+    sd = math.sqrt(ss / G)
+    if sd < std_lo or sd > std_hi:
+        counts[REASON_STD] += 1
+        return False, 0, 0, 0.0
     ov = evaluate_one(keep, oconst, olin, opa, opb, opw)
     if mcb_hi > 0.0:
         if target_is_flops:
@@ -162,38 +181,42 @@ def _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa,
             m = (ov / tv) / base_ratio
         if m < mcb_lo or m > mcb_hi:
             counts[REASON_MCB] += 1
-            return False, 0, 0
-    return True, tv, ov
+            return False, 0, 0, 0.0
+    return True, tv, ov, sd
 
 
 @njit(nogil=True, cache=True)
 def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, direction, u, sigma,
-                 R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, q11, q1h, qhh,
+                 R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw,
                  oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, zmax,
                  dedup, out_hash, out_std, counts):
     """Fill rows ``start..`` of the outputs with accepted recipes of a Gaussian space.
 
-    ``direction`` is a unit vector with non-negative entries (the target's gradient at the uniform recipe); the
-    noise is split into its part orthogonal to it and ``t·direction``, ``t ~ N(0, σ²)``. Stops after ``n_want``
-    rows or ``max_proposals`` proposals; returns (rows filled, proposals used, largest window mass Z seen).
-    ``lo_t``/``hi_t`` are the absolute target bounds ((value ∓ δ)·base); with ``h = direction·channels``,
-    ``q11, q1h, qhh`` are the target form's pair sums Σw, Σw(h_a+h_b)/2 and Σw·h_a·h_b; ``mcb_hi <= 0`` disables
-    the mCB band.
+    ``direction`` is a unit vector with non-negative entries; the noise is split into its part ``e`` orthogonal to
+    it and ``t·direction``, ``t ~ N(0, σ²)``. Stops after ``n_want`` rows or ``max_proposals`` proposals; returns
+    (rows filled, proposals used, largest window mass Z seen). ``lo_t``/``hi_t`` are the absolute target bounds
+    ((value ∓ δ)·base); ``mcb_hi <= 0`` disables the mCB band.
+
+    The window: a group the direction leaves out (``direction_i = 0``) has its count fixed by ``e``, and it is
+    computed exactly; a moving group's count at t is ``floor(k0_i - t·h_i + 1/2)``, within ``k0_i ± 1/2 - t·h_i``.
+    So every count lies in ``[m_i - s_i - t·eta_i, m_i + s_i - t·eta_i]`` (fixed: m exact, s = eta = 0; moving:
+    m = k0, s = 1/2, eta = h), and the target form (non-negative coefficients) at the upper and lower ends is a
+    pair of quadratics in t that bound it. Where the lower one is above ``hi_t`` or the upper one below ``lo_t``
+    no recipe exists; between, the window.
     """
     G = channels.shape[0]
     e = np.empty(G)
-    k0 = np.empty(G)
+    m = np.empty(G)
     h = np.empty(G)
+    s = np.empty(G)
     inv_d = np.empty(G)
     r = np.empty(G)
     keep = np.empty(G, dtype=np.int64)
-    lin_sum = 0.0
-    lin_h = 0.0
     for i in range(G):
         h[i] = direction[i] * channels[i]
+        s[i] = 0.5 if direction[i] > 0.0 else 0.0
         inv_d[i] = 1.0 / direction[i] if direction[i] > 0.0 else 0.0
-        lin_sum += tlin[i]
-        lin_h += tlin[i] * h[i]
+    ls, le, ss, se, ee = _slack_sums(tlin, tpa, tpb, tpw, s, h)
     filled = 0
     used = 0
     zseen = 0.0
@@ -206,33 +229,42 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
             proj += e[i] * direction[i]
         box_lo = -np.inf
         box_hi = np.inf
-        a0 = float(tconst)
+        lm = float(tconst)
+        out_of_box = False
         for i in range(G):
             e[i] = sigma * (e[i] - proj * direction[i])
-            k0[i] = (1.0 - u - e[i]) * channels[i]
-            a0 += tlin[i] * k0[i]
             if inv_d[i] > 0.0:
+                m[i] = (1.0 - u - e[i]) * channels[i]
                 lo_i = (-u - e[i]) * inv_d[i]
                 hi_i = (R - u - e[i]) * inv_d[i]
                 if lo_i > box_lo:
                     box_lo = lo_i
                 if hi_i < box_hi:
                     box_hi = hi_i
-        # target form along t at keep = k0 - t·h ± 0.5: A0 ± g1/2 + Q11/4 - t(gh ± Q1h) + t²Qhh
-        g1 = lin_sum
-        gh = lin_h
+            else:  # the same arithmetic as _finish, so the count is the one it will find
+                ri = u + e[i]
+                if ri < 0.0 or ri > R:
+                    out_of_box = True
+                m[i] = max(1.0, math.floor((1.0 - ri) * channels[i] + 0.5))
+            lm += tlin[i] * m[i]
+        if out_of_box:
+            counts[REASON_BOX] += 1
+            continue
+        mm = 0.0
+        ms = 0.0
+        me = 0.0
         for p in range(tpw.shape[0]):
-            ka = k0[tpa[p]]
-            kb = k0[tpb[p]]
+            ka = m[tpa[p]]
+            kb = m[tpb[p]]
             w = tpw[p]
-            a0 += w * ka * kb
-            g1 += w * (ka + kb)
-            gh += w * (ka * h[tpb[p]] + h[tpa[p]] * kb)
-        t_lo = _root_decreasing(a0 - 0.5 * g1 + 0.25 * q11, gh - q1h, qhh, hi_t)
+            mm += w * ka * kb
+            ms += w * (ka * s[tpb[p]] + s[tpa[p]] * kb)
+            me += w * (ka * h[tpb[p]] + h[tpa[p]] * kb)
+        t_lo = _root_decreasing(lm - ls + mm - ms + ss, le + me - se, ee, hi_t)
         if np.isnan(t_lo):
             counts[REASON_WINDOW] += 1
             continue
-        t_hi = _root_decreasing(a0 + 0.5 * g1 + 0.25 * q11, gh + q1h, qhh, lo_t)
+        t_hi = _root_decreasing(lm + ls + mm + ms + ss, le + me + se, ee, lo_t)
         if np.isnan(t_hi):
             t_hi = np.inf
         a = max(t_lo, box_lo) / sigma
@@ -254,11 +286,11 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
             r[i] = u + e[i] + t * direction[i]
         # check-and-store is written out in both kernels on purpose: folding it into one helper cost 15 % of
         # recipes/s (tools/bench_sampler.py, std-0.01 and std-0.05 at c_flops 0.1)
-        ok, tv, ov = _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw,
-                             oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts)
+        ok, tv, ov, sd = _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw,
+                                 oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts)
         if not ok:
             continue
-        _store_row(start + filled, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_hash, out_std)
+        _store_row(start + filled, r, keep, tv, ov, sd, out_r, out_keep, out_t, out_o, dedup, out_hash, out_std)
         filled += 1
     return filled, used, zseen
 
@@ -286,10 +318,10 @@ def sample_plain(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
         else:
             for i in range(G):
                 r[i] = R * rng.random()
-        ok, tv, ov = _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw,
-                             oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts)
+        ok, tv, ov, sd = _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw,
+                                 oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts)
         if not ok:
             continue
-        _store_row(start + filled, r, keep, tv, ov, out_r, out_keep, out_t, out_o, dedup, out_hash, out_std)
+        _store_row(start + filled, r, keep, tv, ov, sd, out_r, out_keep, out_t, out_o, dedup, out_hash, out_std)
         filled += 1
     return filled, used, 0.0
