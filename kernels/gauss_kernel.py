@@ -76,8 +76,12 @@ def truncated_normal(rng, a, b):
     """One draw of N(0, 1) restricted to [a, b] by the inverse CDF (mirrored so the tail keeps its precision)."""
     if a > 0.0:  # work on the lower tail, where the CDF has full relative precision
         return -truncated_normal(rng, -b, -a)
-    fa = _phi_cdf(a)
-    fb = _phi_cdf(b)
+    return _truncated_from(rng, a, b, _phi_cdf(a), _phi_cdf(b))
+
+
+@njit(nogil=True, cache=True)
+def _truncated_from(rng, a, b, fa, fb):
+    """:func:`truncated_normal` given ``fa = Φ(a)``, ``fb = Φ(b)`` (``a <= 0``), which the kernel already has."""
     x = _norm_ppf(fa + rng.random() * (fb - fa))
     if x < a:
         x = a
@@ -104,12 +108,19 @@ def _root_decreasing(a0, b1, q2, level):
 
 
 @njit(nogil=True, cache=True)
-def _slack_sums(lin, pa, pb, pw, s, eta):
-    """The parts of the kernel's bounding quadratics that do not depend on the draw (see :func:`sample_gauss`):
-    Σ lin·s, Σ lin·eta and the pair sums Σw·s_a·s_b, Σw(s_a·eta_b + eta_a·s_b), Σw·eta_a·eta_b."""
+def _slack_terms(lin, pa, pb, pw, s, eta):
+    """The parts of the kernel's bounding quadratics fixed for a whole run (see :func:`sample_gauss`).
+
+    Returns the constants Σ lin·s, Σ lin·eta, Σw·s_a·s_b, Σw(s_a·eta_b + eta_a·s_b), Σw·eta_a·eta_b and the
+    vectors ``cs``, ``ce`` with Σw(m_a·s_b + s_a·m_b) = cs·m and Σw(m_a·eta_b + eta_a·m_b) = ce·m, so that a draw
+    needs the pair loop only for Σw·m_a·m_b.
+    """
+    G = lin.shape[0]
     ls = 0.0
     le = 0.0
-    for i in range(lin.shape[0]):
+    cs = np.zeros(G)
+    ce = np.zeros(G)
+    for i in range(G):
         ls += lin[i] * s[i]
         le += lin[i] * eta[i]
     ss = 0.0
@@ -118,10 +129,15 @@ def _slack_sums(lin, pa, pb, pw, s, eta):
     for p in range(pw.shape[0]):
         a = pa[p]
         b = pb[p]
-        ss += pw[p] * s[a] * s[b]
-        se += pw[p] * (s[a] * eta[b] + eta[a] * s[b])
-        ee += pw[p] * eta[a] * eta[b]
-    return ls, le, ss, se, ee
+        w = pw[p]
+        ss += w * s[a] * s[b]
+        se += w * (s[a] * eta[b] + eta[a] * s[b])
+        ee += w * eta[a] * eta[b]
+        cs[a] += w * s[b]
+        cs[b] += w * s[a]
+        ce[a] += w * eta[b]
+        ce[b] += w * eta[a]
+    return ls, le, ss, se, ee, cs, ce
 
 
 @njit(nogil=True, cache=True)
@@ -216,7 +232,7 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
         h[i] = direction[i] * channels[i]
         s[i] = 0.5 if direction[i] > 0.0 else 0.0
         inv_d[i] = 1.0 / direction[i] if direction[i] > 0.0 else 0.0
-    ls, le, ss, se, ee = _slack_sums(tlin, tpa, tpb, tpw, s, h)
+    ls, le, ss, se, ee, cs, ce = _slack_terms(tlin, tpa, tpb, tpw, s, h)
     filled = 0
     used = 0
     zseen = 0.0
@@ -230,6 +246,8 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
         box_lo = -np.inf
         box_hi = np.inf
         lm = float(tconst)
+        ms = 0.0
+        me = 0.0
         out_of_box = False
         for i in range(G):
             e[i] = sigma * (e[i] - proj * direction[i])
@@ -247,19 +265,14 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
                     out_of_box = True
                 m[i] = max(1.0, math.floor((1.0 - ri) * channels[i] + 0.5))
             lm += tlin[i] * m[i]
+            ms += cs[i] * m[i]
+            me += ce[i] * m[i]
         if out_of_box:
             counts[REASON_BOX] += 1
             continue
         mm = 0.0
-        ms = 0.0
-        me = 0.0
         for p in range(tpw.shape[0]):
-            ka = m[tpa[p]]
-            kb = m[tpb[p]]
-            w = tpw[p]
-            mm += w * ka * kb
-            ms += w * (ka * s[tpb[p]] + s[tpa[p]] * kb)
-            me += w * (ka * h[tpb[p]] + h[tpa[p]] * kb)
+            mm += tpw[p] * m[tpa[p]] * m[tpb[p]]
         t_lo = _root_decreasing(lm - ls + mm - ms + ss, le + me - se, ee, hi_t)
         if np.isnan(t_lo):
             counts[REASON_WINDOW] += 1
@@ -272,16 +285,20 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
         if not a < b:
             counts[REASON_WINDOW] += 1
             continue
-        if a > 0.0:
-            z = _phi_cdf(-a) - _phi_cdf(-b)
-        else:
-            z = _phi_cdf(b) - _phi_cdf(a)
+        flip = a > 0.0  # work on the lower tail, where the CDF has full relative precision
+        if flip:
+            a, b = -b, -a
+        fa = _phi_cdf(a)
+        fb = _phi_cdf(b)
+        z = fb - fa
         if z > zseen:
             zseen = z
         if rng.random() * zmax >= z:
             counts[REASON_ENVELOPE] += 1
             continue
-        t = sigma * truncated_normal(rng, a, b)
+        t = sigma * _truncated_from(rng, a, b, fa, fb)
+        if flip:
+            t = -t
         for i in range(G):
             r[i] = u + e[i] + t * direction[i]
         # check-and-store is written out in both kernels on purpose: folding it into one helper cost 15 % of
