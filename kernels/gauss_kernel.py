@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from nps.kernels.complexity import evaluate_one, njit
+from nps.kernels.xoshiro import fill_normals, uniform
 
 # Rejection reasons, indices into the counters the kernels return.
 REASON_STD = 0        # std(r) outside its band
@@ -72,17 +73,17 @@ def _norm_ppf(p):
 
 
 @njit(nogil=True, cache=True)
-def truncated_normal(rng, a, b):
+def truncated_normal(state, a, b):
     """One draw of N(0, 1) restricted to [a, b] by the inverse CDF (mirrored so the tail keeps its precision)."""
     if a > 0.0:  # work on the lower tail, where the CDF has full relative precision
-        return -truncated_normal(rng, -b, -a)
-    return _truncated_from(rng, a, b, _phi_cdf(a), _phi_cdf(b))
+        return -truncated_normal(state, -b, -a)
+    return _truncated_from(state, a, b, _phi_cdf(a), _phi_cdf(b))
 
 
 @njit(nogil=True, cache=True)
-def _truncated_from(rng, a, b, fa, fb):
+def _truncated_from(state, a, b, fa, fb):
     """:func:`truncated_normal` given ``fa = Φ(a)``, ``fb = Φ(b)`` (``a <= 0``), which the kernel already has."""
-    x = _norm_ppf(fa + rng.random() * (fb - fa))
+    x = _norm_ppf(fa + uniform(state) * (fb - fa))
     if x < a:
         x = a
     elif x > b:
@@ -228,7 +229,7 @@ def _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa,
 
 
 @njit(nogil=True, cache=True)
-def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, direction, u, sigma,
+def sample_gauss(state, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, direction, u, sigma,
                  R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw,
                  oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, zmax,
                  dedup, out_hash, out_std, counts):
@@ -297,9 +298,9 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
     while filled < n_want and used < max_proposals:
         used += 1
         # e: the noise minus its component along `direction`
+        fill_normals(state, e)
         proj = 0.0
         for i in range(G):
-            e[i] = rng.standard_normal()
             proj += e[i] * direction[i]
         box_lo = -np.inf
         box_hi = np.inf
@@ -364,10 +365,10 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
         z = fb - fa
         if z > zseen:
             zseen = z
-        if rng.random() * zmax >= z:
+        if uniform(state) * zmax >= z:
             counts[REASON_ENVELOPE] += 1
             continue
-        t = sigma * _truncated_from(rng, a, b, fa, fb)
+        t = sigma * _truncated_from(state, a, b, fa, fb)
         if flip:
             t = -t
         # Exact checks on the integer counts, written out here (not shared with sample_plain: a shared helper cost
@@ -414,7 +415,7 @@ def sample_gauss(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
 
 
 @njit(nogil=True, cache=True)
-def sample_plain(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, gaussian, u, sigma, R,
+def sample_plain(state, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, gaussian, u, sigma, R,
                  std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, oconst, olin, opa, opb, opw,
                  mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup, out_hash, out_std, counts):
     """Plain rejection: ``r = u + N(0, σ²)`` per group (``gaussian``) or ``r_i ~ U[0, R]`` (the initial space, the
@@ -431,11 +432,12 @@ def sample_plain(rng, n_want, max_proposals, out_r, out_keep, out_t, out_o, star
     while filled < n_want and used < max_proposals:
         used += 1
         if gaussian:
+            fill_normals(state, r)
             for i in range(G):
-                r[i] = u + sigma * rng.standard_normal()
+                r[i] = u + sigma * r[i]
         else:
             for i in range(G):
-                r[i] = R * rng.random()
+                r[i] = R * uniform(state)
         ok, tv, ov, sd = _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw,
                                  oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts)
         if not ok:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nps.kernels import gauss_kernel as gk
+from nps.kernels.xoshiro import new_state
 from nps.kernels.complexity import keep_from_recipe
 from nps.kernels.errors import SamplerError
 from nps.kernels.spaces import Space, check_feasible, target_form, uniform_ratio
@@ -161,13 +162,13 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
 
     plain = False  # set below when the window buys nothing (see PLAIN_ABOVE)
 
-    def run(zmax, rng, out, start, want, budget, hashes, counts, dedup=distinct):
+    def run(zmax, state, out, start, want, budget, hashes, counts, dedup=distinct):
         r, keep, tv, ov, std = out
         if plain or space.kind == "uniform":
-            return gk.sample_plain(rng, want, budget, r, keep, tv, ov, start, *common, space.kind != "uniform", u,
+            return gk.sample_plain(state, want, budget, r, keep, tv, ov, start, *common, space.kind != "uniform", u,
                                    space.sigma, space.R, std_lo, std_hi, lo_t, hi_t, *forms, *others, mcb_lo,
                                    mcb_hi, target_is_flops, base_ratio, dedup, hashes, std, counts)
-        return gk.sample_gauss(rng, want, budget, r, keep, tv, ov, start, *common, direction, u, space.sigma,
+        return gk.sample_gauss(state, want, budget, r, keep, tv, ov, start, *common, direction, u, space.sigma,
                                space.R, std_lo, std_hi, lo_t, hi_t, *forms, *others,
                                mcb_lo, mcb_hi, target_is_flops, base_ratio, zmax, dedup, hashes, std, counts)
 
@@ -209,8 +210,8 @@ def _pilot(run, seed, G):
     """Largest window mass Z over PILOT_PROPOSALS draws (with its own random stream; the recipes are dropped)."""
     m = PILOT_PROPOSALS
     scratch = _outputs(m, G)
-    rng = np.random.default_rng([seed, 1])
-    _, _, zseen = run(1.0, rng, scratch, 0, m, m, np.empty(1, np.uint64), np.zeros(gk.N_REASONS, np.int64),
+    state = new_state([seed, 1])
+    _, _, zseen = run(1.0, state, scratch, 0, m, m, np.empty(1, np.uint64), np.zeros(gk.N_REASONS, np.int64),
                       dedup=False)
     return zseen
 
@@ -232,7 +233,7 @@ def _drop_duplicates(out, hashes, filled, counts):
 
 
 def _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, distinct):
-    rng = np.random.default_rng(seed)
+    state = new_state(seed)
     out = _outputs(n, G)
     hashes = np.zeros(n, np.uint64)  # 64-bit hash of each row's keep vector, for de-duplication
     counts = np.zeros(gk.N_REASONS, np.int64)
@@ -243,7 +244,7 @@ def _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, dis
     rate_from = 0
     chunk = 4096
     while filled < n:
-        got, used, z = run(zmax, rng, out, filled, n - filled, chunk, hashes, counts)
+        got, used, z = run(zmax, state, out, filled, n - filled, chunk, hashes, counts)
         filled += got
         proposals += used
         zseen = max(zseen, z)
