@@ -1,15 +1,16 @@
 """Numba kernels that draw recipes of the Gaussian spaces (STD-σ, mCB-refined) and of the uniform space.
 
 Exact sampling, fast (DESIGN.md, "recipe samplers"): the noise ``ε ~ N(0, σ²I)`` is split into its part ``e``
-orthogonal to a unit direction ``d`` with non-negative entries (the target's gradient at the uniform recipe) and
-``t·d`` with ``t ~ N(0, σ²)``; for an isotropic Gaussian the two are independent. Along ``t`` every kept-channel
-count is non-increasing, so for a given ``e`` the ``t`` that meet the target form an interval, and two quadratics
-(the form at ``keep ∓ 0.5``, which bound the form at the rounded counts) give a window ``[a, b]`` that contains it.
-The kernel draws ``e``, computes the window, accepts ``e`` with probability ``Z(e)/zmax`` (``Z`` = prior mass of
-``t`` in the window) and draws ``t`` from the prior truncated to the window. The product is the prior times the window indicator, so after the exact check of
-every constraint on the integer counts the accepted recipes follow the space's distribution, the same as plain
-rejection. ``zmax`` must bound ``Z``: the caller sets it from a pilot and the kernel reports any ``Z`` above it,
-and the caller then restarts with a larger bound.
+orthogonal to a unit direction ``d`` with non-negative entries and ``t·d`` with ``t ~ N(0, σ²)``; for an isotropic
+Gaussian the two are independent, whatever ``d`` is (the caller picks the target's gradient restricted to the groups
+worth moving, see ``samplers._direction``). Along ``t`` every kept-channel count is non-increasing, so for a given
+``e`` the ``t`` that meet the target form an interval, and two quadratics (the form at the upper and lower ends of
+every count: a moving count is rounded, a count ``d`` leaves out is exact) give a window ``[a, b]`` that contains
+it. The kernel draws ``e``, computes the window, accepts ``e`` with probability ``Z(e)/zmax`` (``Z`` = prior mass of
+``t`` in the window) and draws ``t`` from the prior truncated to the window. The product is the prior times the
+window indicator, so after the exact check of every constraint on the integer counts the accepted recipes follow the
+space's distribution, the same as plain rejection. ``zmax`` must bound ``Z``: the caller sets it from a pilot and the
+kernel reports any ``Z`` above it, and the caller then restarts with a larger bound.
 """
 from __future__ import annotations
 

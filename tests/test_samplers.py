@@ -164,3 +164,43 @@ def test_window_sampler_also_exact_where_plain_rejection_is_chosen(r56, monkeypa
     monkeypatch.setattr(samplers, "PLAIN_ABOVE", 2.0)
     assert sample_space(r56, space, 100, seed=0).stats["method"] == "window"
     _compare_to_rejection(r56, space, 20_000)
+
+
+@pytest.mark.parametrize("name,value", [("std-0.05", 0.5), ("mcb-0.9-1.1", 0.25)])
+def test_no_distortion_with_groups_held_fixed(r50, name, value):
+    """On ResNet-50 the kernel draws t along a few large groups only and computes the other counts exactly from
+    e; the population must still match plain rejection of the same space."""
+    from nps.kernels.samplers import _direction, _target_bounds
+    from nps.kernels.spaces import target_form, uniform_ratio
+
+    space = parse_space(name, "c_flops", value)
+    (form, _), _ = target_form(r50, "c_flops")
+    lo, hi = _target_bounds(r50, space)
+    d = _direction(form, np.asarray(r50.channels), uniform_ratio(r50, "c_flops", value), hi - lo)
+    assert np.all(d >= 0) and abs(np.linalg.norm(d) - 1) < 1e-12
+    assert 0 < (d > 0).sum() < len(d) // 2, "the direction should leave the small groups out"
+    assert sample_space(r50, space, 100, seed=0).stats["method"] == "window"
+    _compare_to_rejection(r50, space, 20_000)
+
+
+def test_inlined_normals_match_the_normal_distribution():
+    """xoshiro256++ with the ziggurat: moments, tails and a 40-bin histogram of 2 million draws."""
+    import math
+
+    from nps.kernels.xoshiro import fill_normals, new_state, uniform
+
+    x = np.empty(2_000_000)
+    fill_normals(new_state(3), x)
+    n = len(x)
+    assert abs(x.mean()) < 5 / math.sqrt(n) and abs(x.std() - 1) < 5 / math.sqrt(2 * n)
+    edges = np.linspace(-5, 5, 41)
+    cdf = np.array([0.5 * math.erfc(-e / math.sqrt(2)) for e in edges])
+    expected = np.diff(cdf) * n
+    observed, _ = np.histogram(x, edges)
+    assert np.all(np.abs(observed - expected) < 5 * np.sqrt(expected) + 2)
+    tail = (np.abs(x) > 3.6541528853610088).mean()  # beyond the ziggurat's last layer (the slow path)
+    assert abs(tail - math.erfc(3.6541528853610088 / math.sqrt(2))) < 5 * math.sqrt(2.7e-4 / n)
+    s1, s2 = new_state(7), new_state(7)
+    assert [uniform(s1) for _ in range(5)] == [uniform(s2) for _ in range(5)]
+    u = np.array([uniform(s1) for _ in range(100_000)])
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 5 * math.sqrt(1 / 12 / len(u))
