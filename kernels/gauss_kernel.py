@@ -74,16 +74,10 @@ def _norm_ppf(p):
 
 
 @njit(nogil=True, cache=True)
-def truncated_normal(state, a, b):
-    """One draw of N(0, 1) restricted to [a, b] by the inverse CDF (mirrored so the tail keeps its precision)."""
-    if a > 0.0:  # work on the lower tail, where the CDF has full relative precision
-        return -truncated_normal(state, -b, -a)
-    return _truncated_from(state, a, b, _phi_cdf(a), _phi_cdf(b))
-
-
-@njit(nogil=True, cache=True)
 def _truncated_from(state, a, b, fa, fb):
-    """:func:`truncated_normal` given ``fa = Φ(a)``, ``fb = Φ(b)`` (``a <= 0``), which the kernel already has."""
+    """One draw of N(0, 1) restricted to [a, b] by the inverse CDF, given ``fa = Φ(a)`` and ``fb = Φ(b)`` (which the
+    kernel has from the window mass). Call it with ``a <= 0`` (mirror the window otherwise), where the CDF keeps
+    its relative precision."""
     x = _norm_ppf(fa + uniform(state) * (fb - fa))
     if x < a:
         x = a
@@ -179,6 +173,31 @@ def _hash_keep(keep):
     return h
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _count(r, c):
+    """Kept channels of a group with ratio ``r`` and ``c`` channels: ``max(1, floor((1 - r)·c + 1/2))``, the rule of
+    ``complexity.keep_from_recipe``; every count in the kernels goes through here so they all agree."""
+    return max(1, int(math.floor((1.0 - r) * c + 0.5)))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _std(r, total):
+    """Population standard deviation of a recipe whose entries sum to ``total`` (the second of numpy's two
+    passes; the callers have the sum from a loop they run anyway)."""
+    G = r.shape[0]
+    mean = total / G
+    ss = 0.0
+    for i in range(G):
+        ss += (r[i] - mean) * (r[i] - mean)
+    return math.sqrt(ss / G)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _mcb(tv, ov, target_is_flops, base_ratio):
+    """mCB = c_flops / c_params from the target and the other form's values."""
+    return (tv / ov) / base_ratio if target_is_flops else (ov / tv) / base_ratio
+
+
 @njit(nogil=True, cache=True)
 def _store_row(row, r, keep, tv, ov, sd, out_r, out_keep, out_t, out_o, dedup, out_hash, out_std):
     for i in range(r.shape[0]):
@@ -196,33 +215,24 @@ def _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa,
             opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts):
     """Round to integer channels and check every constraint exactly; returns (ok, target value, other value,
     std(r)). The target goes first: it is the check that fails most often, and std(r) is only computed after it."""
-    G = channels.shape[0]
-    mean = 0.0
-    for i in range(G):
+    total = 0.0
+    for i in range(channels.shape[0]):
         if r[i] < 0.0 or r[i] > R:
             counts[REASON_BOX] += 1
             return False, 0, 0, 0.0
-        mean += r[i]
-        k = math.floor((1.0 - r[i]) * channels[i] + 0.5)
-        keep[i] = max(1, int(k))
+        total += r[i]
+        keep[i] = _count(r[i], channels[i])
     tv = evaluate_one(keep, tconst, tlin, tpa, tpb, tpw)
     if tv < lo_t or tv > hi_t:
         counts[REASON_TARGET] += 1
         return False, 0, 0, 0.0
-    mean /= G
-    ss = 0.0
-    for i in range(G):
-        ss += (r[i] - mean) * (r[i] - mean)
-    sd = math.sqrt(ss / G)
+    sd = _std(r, total)
     if sd < std_lo or sd > std_hi:
         counts[REASON_STD] += 1
         return False, 0, 0, 0.0
     ov = evaluate_one(keep, oconst, olin, opa, opb, opw)
     if mcb_hi > 0.0:
-        if target_is_flops:
-            m = (tv / ov) / base_ratio
-        else:
-            m = (ov / tv) / base_ratio
+        m = _mcb(tv, ov, target_is_flops, base_ratio)
         if m < mcb_lo or m > mcb_hi:
             counts[REASON_MCB] += 1
             return False, 0, 0, 0.0
@@ -325,7 +335,7 @@ def sample_gauss(state, n_want, max_proposals, out_r, out_keep, out_t, out_o, st
                 ri = u + e[i]
                 if ri < 0.0 or ri > R:
                     out_of_box = True
-                k = max(1, int(math.floor((1.0 - ri) * channels[i] + 0.5)))
+                k = _count(ri, channels[i])
                 keep[i] = k
                 m[i] = k
                 a_lin += tlin[i] * k
@@ -372,17 +382,19 @@ def sample_gauss(state, n_want, max_proposals, out_r, out_keep, out_t, out_o, st
         t = sigma * _truncated_from(state, a, b, fa, fb)
         if flip:
             t = -t
-        # Exact checks on the integer counts, written out here (not shared with sample_plain: a shared helper cost
-        # 15 % of recipes/s). Only the moving counts change with t; the fixed ones are in `keep` already.
+        # Exact checks on the integer counts. Only the moving counts change with t; the fixed ones are in `keep`
+        # already, so this is not _finish (which rounds every group and evaluates the whole form).
+        total = 0.0
         for i in range(G):
             r[i] = u + e[i] + t * direction[i]
+            total += r[i]
         tv = A
         out_of_box = False
         for j in range(n_mov):
             i = mov[j]
             if r[i] < 0.0 or r[i] > R:
                 out_of_box = True
-            k = max(1, int(math.floor((1.0 - r[i]) * channels[i] + 0.5)))
+            k = _count(r[i], channels[i])
             keep[i] = k
             tv += B[j] * k
         if out_of_box:
@@ -393,20 +405,13 @@ def sample_gauss(state, n_want, max_proposals, out_r, out_keep, out_t, out_o, st
         if tv < lo_t or tv > hi_t:
             counts[REASON_TARGET] += 1
             continue
-        mean = 0.0
-        for i in range(G):
-            mean += r[i]
-        mean /= G
-        sq = 0.0
-        for i in range(G):
-            sq += (r[i] - mean) * (r[i] - mean)
-        sd = math.sqrt(sq / G)
+        sd = _std(r, total)
         if sd < std_lo or sd > std_hi:
             counts[REASON_STD] += 1
             continue
         ov = evaluate_one(keep, oconst, olin, opa, opb, opw)
         if mcb_hi > 0.0:
-            mcb = (tv / ov) / base_ratio if target_is_flops else (ov / tv) / base_ratio
+            mcb = _mcb(tv, ov, target_is_flops, base_ratio)
             if mcb < mcb_lo or mcb > mcb_hi:
                 counts[REASON_MCB] += 1
                 continue

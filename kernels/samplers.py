@@ -157,8 +157,7 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     others = (oform.const, oform.linear, oform.pair_a, oform.pair_b, oform.pair_w)
     u = uniform_ratio(table, space.target, space.value) if space.kind != "uniform" else 0.0
     std_lo, std_hi = space.std_band if space.std_band else (0.0, np.inf)
-    direction = (_direction(tform, channels, u, hi_t - lo_t) if space.kind != "uniform"
-                 else np.ones(G) / math.sqrt(G))
+    direction = _direction(tform, channels, u, hi_t - lo_t) if space.kind != "uniform" else None
 
     plain = False  # set below when the window buys nothing (see PLAIN_ABOVE)
 

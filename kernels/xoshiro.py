@@ -43,11 +43,17 @@ def _step(s0, s1, s2, s3):
     return r, s0, s1, s2, s3
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _unit(r):
+    """The top 53 bits of a draw as a double in [0, 1)."""
+    return float(r >> np.uint64(11)) * _TO_UNIT
+
+
 @njit(nogil=True, cache=True)
 def uniform(state):
     """One double in [0, 1)."""
     r, state[0], state[1], state[2], state[3] = _step(state[0], state[1], state[2], state[3])
-    return float(r >> np.uint64(11)) * _TO_UNIT
+    return _unit(r)
 
 
 @njit(nogil=True, cache=True)
@@ -69,15 +75,15 @@ def fill_normals(state, out):
             if idx == 0:  # the tail beyond the last layer
                 while True:
                     r, s0, s1, s2, s3 = _step(s0, s1, s2, s3)
-                    xx = -_INV_R * np.log1p(-float(r >> np.uint64(11)) * _TO_UNIT)
+                    xx = -_INV_R * np.log1p(-_unit(r))
                     r, s0, s1, s2, s3 = _step(s0, s1, s2, s3)
-                    yy = -np.log1p(-float(r >> np.uint64(11)) * _TO_UNIT)
+                    yy = -np.log1p(-_unit(r))
                     if yy + yy > xx * xx:
                         break
                 out[i] = -(_R + xx) if (rabs >> np.uint64(8)) & np.uint64(1) else _R + xx
                 break
             r, s0, s1, s2, s3 = _step(s0, s1, s2, s3)
-            if (_FI[idx - 1] - _FI[idx]) * (float(r >> np.uint64(11)) * _TO_UNIT) + _FI[idx] < np.exp(-0.5 * x * x):
+            if (_FI[idx - 1] - _FI[idx]) * _unit(r) + _FI[idx] < np.exp(-0.5 * x * x):
                 out[i] = x
                 break
     state[0] = s0

@@ -9,7 +9,7 @@ constraint checked on integer channels, vectorised in numpy -- run in the same p
 after ours. The naive sampler gets at most --naive-proposals proposals (default 10 million) or --naive-seconds;
 when it finds nothing, naive_recipes_per_s is 0 and ratio is null. Both are pinned to one core.
 
-usage: python tools/bench_sampler.py [--model resnet50] [--n 200000] [--quick]
+usage: python tools/bench_sampler.py [--model resnet50] [--n 300000] [--quick]
 """
 from __future__ import annotations
 
