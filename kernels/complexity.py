@@ -110,11 +110,40 @@ def evaluate_many(keep, const, linear, pair_a, pair_b, pair_w):
     return out
 
 
-def keep_from_recipe(recipe, channels) -> np.ndarray:
-    """Kept channels per group: ``max(1, floor((1 - r) * c + 0.5))`` (round half up, never zero).
+def keep_from_recipe(recipe, channels, granularity=None) -> np.ndarray:
+    """Kept channels per group: ``g · max(1, floor((1 - r) · c / g + 0.5))`` (round half up, never zero), with
+    ``g = granularity`` (1 by default: ``max(1, floor((1 - r) · c + 0.5))``).
 
-    Works on one recipe (G,) or many (n, G); float64 arithmetic, the same rule as the numba samplers.
+    Works on one recipe (G,) or many (n, G); float64 arithmetic, the same rule as the numba samplers (which draw
+    unit counts ``c / g``, so ``(1 - r) · (c / g)`` is computed exactly as they do).
     """
     r = np.asarray(recipe, dtype=np.float64)
-    c = np.asarray(channels, dtype=np.float64)
-    return np.maximum(1, np.floor((1.0 - r) * c + 0.5)).astype(np.int64)
+    if granularity is None:
+        c = np.asarray(channels, dtype=np.float64)
+        return np.maximum(1, np.floor((1.0 - r) * c + 0.5)).astype(np.int64)
+    g = np.asarray(granularity, dtype=np.int64)
+    units = (np.asarray(channels, dtype=np.int64) // g).astype(np.float64)
+    return g * np.maximum(1, np.floor((1.0 - r) * units + 0.5)).astype(np.int64)
+
+
+class UnitTable:
+    """A layer table seen in unit counts (``channels / granularity``), what the samplers draw: ``channels`` are
+    the unit counts and the forms are the table's own (they are written over units)."""
+
+    def __init__(self, table):
+        self.table = table
+        self.unit_size = np.asarray(table.granularity, dtype=np.int64)
+        self.channels = np.asarray(table.channels, dtype=np.int64) // self.unit_size
+        self.flops, self.params = table.flops, table.params
+        self.base_flops, self.base_params = table.base_flops, table.base_params
+        self.model, self.mode = table.model, table.mode
+
+
+def unit_table(table):
+    """``(view, granularity)``: the view to sample on, and the granularity to multiply its unit counts by (None
+    when every group has granularity 1, the view then being the table itself)."""
+    g = getattr(table, "granularity", None)
+    if isinstance(table, UnitTable) or g is None or np.all(np.asarray(g) == 1):
+        return table, None
+    view = UnitTable(table)
+    return view, view.unit_size

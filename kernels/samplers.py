@@ -17,7 +17,7 @@ import numpy as np
 
 from nps.kernels import gauss_kernel as gk
 from nps.kernels.xoshiro import new_state
-from nps.kernels.complexity import keep_from_recipe
+from nps.kernels.complexity import keep_from_recipe, unit_table
 from nps.kernels.errors import SamplerError
 from nps.kernels.spaces import Space, check_feasible, target_form, uniform_ratio
 
@@ -80,7 +80,7 @@ def _target_bounds(table, space):
     return (space.value - space.delta) * base, (space.value + space.delta) * base
 
 
-def _direction(form, channels, u, band):
+def _direction(form, channels, u, band, R):
     """Unit direction (entries >= 0) along which the kernel draws t: the target's gradient at the uniform recipe,
     kept on the subset of groups that maximises the expected acceptance.
 
@@ -91,13 +91,17 @@ def _direction(form, channels, u, band):
     the price of a window whose position varies more, which costs a factor ``cos θ = |g_S| / |g|`` (g: the
     gradient over the ratios, S: the subset). Small groups with a large slack per channel (ResNet-50's 64- and
     128-channel groups) are worth leaving out: at c_flops 0.5 this doubles the acceptance.
+
+    A group so narrow that ``(1 - R)·c < 1/2`` can reach the rule's floor of one channel inside the box; the window's
+    rounding bounds would not hold for it, so it never moves (its count stays exact given e).
     """
     c = channels.astype(np.float64)
     slack = form.gradient((1.0 - u) * c)
     g = slack * c
-    if not np.all(np.isfinite(g)) or g.sum() <= 0:
-        return np.ones_like(c) / math.sqrt(len(c))
-    useful = g > 0
+    movable = (1.0 - R) * c >= 0.5
+    if not np.all(np.isfinite(g)) or g[movable].sum() <= 0:
+        return np.where(movable, 1.0, 0.0) / math.sqrt(max(1, movable.sum()))
+    useful = (g > 0) & movable
     order = np.argsort(-np.where(useful, g * g / np.where(useful, slack, 1.0), -1.0))
     order = order[:int(useful.sum())]
     cos = np.sqrt(np.cumsum(g[order] ** 2) / (g * g).sum())
@@ -142,6 +146,7 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     """
     if n < 1:
         raise SamplerError(f"n={n}: ask for at least one recipe")
+    table, unit_size = unit_table(table)  # groups with a granularity are drawn in units (see complexity.UnitTable)
     check_feasible(table, space)
     if space.mcb_band:
         _check_mcb_reachable(table, space, seed)
@@ -157,7 +162,7 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     others = (oform.const, oform.linear, oform.pair_a, oform.pair_b, oform.pair_w)
     u = uniform_ratio(table, space.target, space.value) if space.kind != "uniform" else 0.0
     std_lo, std_hi = space.std_band if space.std_band else (0.0, np.inf)
-    direction = _direction(tform, channels, u, hi_t - lo_t) if space.kind != "uniform" else None
+    direction = _direction(tform, channels, u, hi_t - lo_t, space.R) if space.kind != "uniform" else None
 
     plain = False  # set below when the window buys nothing (see PLAIN_ABOVE)
 
@@ -172,7 +177,9 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
                                mcb_lo, mcb_hi, target_is_flops, base_ratio, zmax, dedup, hashes, std, counts)
 
     zmax = 1.0
-    if space.kind != "uniform":
+    if space.kind != "uniform" and not np.any(direction > 0):
+        plain = True  # no group can move along t (every one is too narrow for R): nothing for a window to do
+    elif space.kind != "uniform":
         # Pilot: the largest window mass over a few thousand draws, with margin, is the envelope. The kernel
         # reports every Z it sees, so a bound that turns out too small is caught below and the run restarts.
         zseen = _pilot(run, seed, G)
@@ -190,6 +197,8 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     sample.stats["method"] = "uniform rejection" if space.kind == "uniform" else (
         "plain rejection" if plain else "window")
     _verify(table, space, sample)
+    if unit_size is not None:
+        sample.keep = sample.keep * unit_size
     return sample
 
 
@@ -302,6 +311,7 @@ def sample_naive(table, space: Space, n: int, seed: int = 0, *, max_proposals: i
     Proposals: ``U[0, R]^G`` for the uniform space, ``u + N(0, σ²)`` per group otherwise; kept when every
     constraint holds. No de-duplication: this is the space's distribution as defined.
     """
+    table, unit_size = unit_table(table)
     check_feasible(table, space)
     rng = np.random.default_rng(seed)
     channels = np.asarray(table.channels)
@@ -334,4 +344,6 @@ def sample_naive(table, space: Space, n: int, seed: int = 0, *, max_proposals: i
         total += int(ok.sum())
     r = np.concatenate(kept_r)[:n] if kept_r else np.empty((0, G))
     sample = _measure(table, space, r, keep_from_recipe(r, channels))
+    if unit_size is not None:
+        sample.keep = sample.keep * unit_size
     return sample, used

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nps.kernels.complexity import keep_from_recipe
+from nps.kernels.complexity import keep_from_recipe, unit_table
 from nps.kernels.errors import SamplerError
 
 DEFAULT_DELTA = 0.002
@@ -127,6 +127,7 @@ def _continuous(form, keep) -> float:
 
 def uniform_ratio(table, target: str, value: float) -> float:
     """The uniform pruning ratio ``u`` whose continuous keep counts ``(1 - u)·c`` give ``value`` (bisection)."""
+    table, _ = unit_table(table)
     (form, base), _ = target_form(table, target)
     c = np.asarray(table.channels, dtype=np.float64)
     lo, hi = 0.0, 1.0 - 0.5 / c.min()
@@ -141,6 +142,7 @@ def uniform_ratio(table, target: str, value: float) -> float:
 
 def reachable_range(table, target: str, R: float) -> tuple[float, float]:
     """Smallest and largest relative complexity any recipe in ``[0, R]^G`` reaches (forms are monotone)."""
+    table, _ = unit_table(table)
     (form, base), _ = target_form(table, target)
     c = np.asarray(table.channels)
     low = form(keep_from_recipe(np.full(len(c), R), c)) / base
@@ -148,12 +150,10 @@ def reachable_range(table, target: str, R: float) -> tuple[float, float]:
 
 
 def check_feasible(table, space: Space) -> None:
-    """Fail fast, naming the constraint and the reachable range, when the target cannot be met with this R."""
-    c_min = int(np.min(table.channels))
-    r_cap = 1.0 - 0.5 / c_min
-    if space.R > r_cap:
-        raise SamplerError(f"R={space.R}: at most {r_cap:.4f} for this layer table (its smallest group has {c_min} "
-                           "channels, and every group keeps at least one)")
+    """Fail fast, naming the constraint and the reachable range, when the target cannot be met with this R.
+
+    A group too narrow for R (``(1 - R)·c < 1/2`` units) simply keeps its smallest count (one unit) from some ratio
+    below R on: the rule's ``max(1, ·)``."""
     low, high = reachable_range(table, space.target, space.R)
     if space.value + space.delta < low:
         hint = " (use mode 'all' to prune the stem and residual channels too)" if table.mode == "internal" else ""

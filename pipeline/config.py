@@ -73,13 +73,16 @@ class DatasetConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("resnet50", "base network (registry name, see nps sample --help)")
+    name: str = _f("resnet50", "base network: a torchvision classification model (resnet50, mobilenet_v2, "
+                               "efficientnet_b0…), a CIFAR ResNet (resnet20…), timm:<name> or package.module:function")
     checkpoint: str = _f("", "trained base weights (a state_dict .pt); empty: nps trains the base network ([base])")
     resolution: int = _f(0, "input px; FLOPs are counted at it (0: stored size for images <= 64 px, else 224)")
     mode: str = _f("all", "'all' (stem and residual channels too) or 'internal' (convs inside blocks only)")
     in_channels: int = _f(0, "input channels (0: from the dataset, 1 for grayscale, else 3)")
     num_classes: int = _f(0, "classifier outputs (0: from the dataset)")
     criterion: str = _f("l2", "filter importance: l2 (the paper), l1, fpgm, random")
+    channel_multiple: int = _f(1, "keep channel counts in multiples of this where the width allows (8: tensor cores)")
+    flops: str = _f("macs", "FLOPs convention: macs (conv+linear multiply-accumulates) or paper (ptflops' count)")
 
 
 @dataclass
@@ -407,7 +410,8 @@ def _choice(value, key: str, choices) -> None:
 
 def check_config(cfg: Config) -> Config:
     """Reject impossible values (raises NpsError naming the key); touches no file. Returns ``cfg``."""
-    from nps.pipeline.models import MODELS
+    from nps.pipeline.graph import CONVENTIONS
+    from nps.pipeline.models import model_kind
     from nps.pipeline.prune import CRITERIA
 
     e, d, m, b, r, t, o = cfg.experiment, cfg.dataset, cfg.model, cfg.base, cfg.retrain, cfg.two_stage, cfg.output
@@ -423,12 +427,17 @@ def check_config(cfg: Config) -> Config:
     _need(d.train_images >= 0, "dataset.train_images", f"must be >= 0, got {d.train_images}")
     _need(d.val_images >= 0, "dataset.val_images", f"must be >= 0, got {d.val_images}")
 
-    _need(m.name in MODELS, "model.name", f"unknown model {m.name!r}{_suggest(m.name, MODELS)}")
+    try:
+        model_kind(m.name)
+    except NpsError as exc:
+        raise NpsError(f"model.name: {exc}") from None
     _need(m.resolution >= 0, "model.resolution", f"must be >= 0 (0: default), got {m.resolution}")
     _choice(m.mode, "model.mode", ("all", "internal"))
     _need(m.in_channels in (0, 1, 3), "model.in_channels", f"must be 1 or 3 (0: from the dataset), got {m.in_channels}")
     _need(m.num_classes >= 0, "model.num_classes", f"must be >= 0 (0: from the dataset), got {m.num_classes}")
     _choice(m.criterion, "model.criterion", tuple(CRITERIA))
+    _need(m.channel_multiple >= 1, "model.channel_multiple", f"must be >= 1, got {m.channel_multiple}")
+    _choice(m.flops, "model.flops", CONVENTIONS)
 
     if not m.checkpoint:
         _need(b.epochs >= 1, "base.epochs", f"must be >= 1 to train the base network (or set model.checkpoint), "
@@ -598,12 +607,9 @@ def checkpoint_mismatch(expected: dict, state: dict) -> str:
 
 def check_checkpoint(path: str, model_name: str, num_classes: int, in_channels: int) -> dict:
     """The checkpoint's state_dict, after checking it fits the configured model (NpsError naming model.checkpoint)."""
-    import torch
-
     from nps.pipeline.models import build_model
 
-    with torch.device("meta"):
-        model = build_model(model_name, num_classes=num_classes, in_channels=in_channels)
+    model = build_model(model_name, num_classes=num_classes, in_channels=in_channels, device="meta")
     state = load_state_dict(path)
     problem = checkpoint_mismatch(model.state_dict(), state)
     if problem:
@@ -644,7 +650,11 @@ def validate(cfg: Config) -> Plan:
     _need(num_classes >= int(meta["num_classes"]), "model.num_classes",
           f"{num_classes} is fewer than the dataset's {meta['num_classes']} classes")
     resolution = m.resolution or default_resolution(meta)
-    table = build_layer_table(m.name, m.mode, resolution, num_classes, in_channels)
+    try:
+        table = build_layer_table(m.name, m.mode, resolution, num_classes, in_channels, flops=m.flops,
+                                  channel_multiple=m.channel_multiple)
+    except NpsError as exc:
+        raise NpsError(f"model.name: {m.name}: {exc}") from None
 
     spaces = []
     for i, space in expand_spaces(cfg):

@@ -14,6 +14,7 @@ An **export** (:func:`export_subnetwork`, ``nps export``) is one ``torch.save`` 
 nor the base checkpoint::
 
     {"format": "nps-subnetwork-1", "model", "mode", "resolution", "num_classes", "in_channels",
+     "channel_multiple", "flops_convention",
      "recipe", "keep", "groups", "channels", "config", "state_dict", "top1", "top5", "acc_drop",
      "base_top1", "c_flops", "c_params", "mcb", "flops", "params", "space", "row", "results",
      "dataset_fingerprint", "nps_version"}
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "nps-subnetwork-1"
 WEIGHTS_DIR = "weights"
-_META_KEYS = ("model", "mode", "resolution", "num_classes", "in_channels", "recipe", "keep", "groups", "channels",
+_META_KEYS = ("model", "mode", "resolution", "num_classes", "in_channels", "channel_multiple", "flops_convention",
+              "recipe", "keep", "groups", "channels",
               "config", "top1", "top5", "acc_drop", "base_top1", "c_flops", "c_params", "mcb", "flops", "params",
               "space", "row", "results", "dataset_fingerprint", "nps_version")
 KEEP_WEIGHTS_HINT = ("the run driver saves fine-tuned weights as weights/<space>/<row>.pt beside results.h5 for the "
@@ -223,6 +225,7 @@ def export_subnetwork(results_path: str | os.PathLike, space: str, out: str | os
     ckpt: dict[str, Any] = {
         "format": FORMAT, "model": table.model, "mode": table.mode, "resolution": int(table.resolution),
         "num_classes": int(table.num_classes), "in_channels": int(table.in_channels),
+        "channel_multiple": int(table.channel_multiple), "flops_convention": table.flops_convention,
         "recipe": [float(v) for v in cols["recipe"][row]], "keep": [int(v) for v in cols["keep"][row]],
         "groups": list(table.names), "channels": [int(c) for c in table.channels],
         "config": str(attrs.get("config", "")), "top1": scalar("top1"), "top5": scalar("top5"),
@@ -274,13 +277,15 @@ def read_subnetwork(path: str | os.PathLike) -> dict:
 
 
 def build_subnetwork(ckpt: dict):
-    """The export's architecture with random weights: the registry model pruned to ``ckpt["keep"]``."""
+    """The export's architecture with random weights: the model pruned to ``ckpt["keep"]`` (exports written before
+    channel multiples and FLOPs conventions existed have neither: 1 and ``macs``)."""
     from nps.pipeline.graph import build_layer_table
     from nps.pipeline.models import build_model
     from nps.pipeline.prune import prune_model
 
     table = build_layer_table(ckpt["model"], ckpt["mode"], int(ckpt["resolution"]), int(ckpt["num_classes"]),
-                              int(ckpt["in_channels"]))
+                              int(ckpt["in_channels"]), flops=str(ckpt.get("flops_convention", "macs")),
+                              channel_multiple=int(ckpt.get("channel_multiple", 1)))
     base = build_model(ckpt["model"], num_classes=int(ckpt["num_classes"]), in_channels=int(ckpt["in_channels"]))
     return prune_model(base, table, np.asarray(ckpt["keep"], dtype=np.int64))
 

@@ -1,214 +1,205 @@
 """The layer table of a base network: its prunable channel groups and closed-form FLOPs/params.
 
-A **group** is a set of channels that are pruned together: the output channels of one conv inside a residual block,
-or, in ``all`` mode, the channels of the stem or of one stage's residual stream (every block's last conv and the
-stage's shortcut conv write into them, so they must keep the same indices). FLOPs and params of the pruned network
-are quadratic forms in the kept-channel counts (``nps.kernels.complexity.QuadraticForm``).
+A **group** is a set of channels that are pruned together (:mod:`nps.pipeline.channel_graph` finds them from the
+model's torch.fx graph, for any traceable CNN). FLOPs and params of the pruned network are quadratic forms in the
+groups' kept counts (``nps.kernels.complexity.QuadraticForm``).
 
-FLOPs here are **multiply-accumulates of every Conv2d and Linear layer** at the table's input resolution, batch 1:
-``in·out·k·k·H_out·W_out / groups`` per conv and ``in·out`` per linear layer (bias adds, BN, ReLU, pooling and the
-residual adds are not counted). ``torch.utils.flop_counter.FlopCounterMode`` counts 2 FLOPs per MAC of exactly these
-layers, so ``FLOPs = FlopCounterMode total / 2`` (tests check this). Params are the trainable parameters of conv,
-linear and BN layers (BN running statistics are buffers, not params).
+Granularity
+-----------
+A group whose channels feed or leave a grouped conv (ResNeXt, RegNet) keeps a multiple of the conv's groups, and
+the user's ``channel_multiple`` m (e.g. 8 for tensor cores) asks for multiples of m on top: group i keeps a multiple
+of ``g_i = lcm(conv groups, gcd(c_i, m))`` channels (the multiple of m where m divides its width c_i, else the
+largest common divisor of the two). The forms are written over **units** ``keep_i / g_i``, so their coefficients are
+integers and the samplers work on unit counts ``c_i / g_i`` unchanged. A recipe r keeps
+``keep_i = g_i · max(1, floor((1 − r_i) · c_i / g_i + 1/2))`` channels (for g = 1: ``max(1, round((1 − r)·c))``).
+A group with a single unit cannot be pruned and is not listed.
+
+FLOPs conventions
+-----------------
+``macs`` (the default): **multiply-accumulates of every conv and linear layer** at the table's input resolution,
+batch 1 (bias adds, normalisation, activations, pooling and elementwise adds are not counted).
+``torch.utils.flop_counter.FlopCounterMode`` counts 2 FLOPs per MAC of exactly these layers, so
+``FLOPs = FlopCounterMode total / 2`` (tests check this).
+
+``paper``: what the paper reports (ResNet-50: 4.12 G), the count of ptflops' module hooks: the MACs above plus the
+bias adds of convs and linear layers, 2 per element of BatchNorm/GroupNorm/InstanceNorm (1 for LayerNorm), 1 per
+output element of ReLU, ReLU6, PReLU, ELU, LeakyReLU and GELU, and 1 per input element of pooling layers (module
+types exactly as ptflops lists them: SiLU, Hardswish, sigmoids, elementwise adds and multiplies, concatenations and
+functional calls are not counted, as ptflops does not). Every extra term is linear in the kept channels.
+
+Params are the trainable parameters of the network (BN running statistics are buffers, not params).
 
 Modes
 -----
-``internal``
-    Only the convs inside residual blocks: ``conv1`` and ``conv2`` of a Bottleneck, ``conv1`` of a BasicBlock. The
-    stem, the residual streams, the shortcuts' outputs and the classifier keep their width.
-``all``
-    Also the stem and each stage's residual stream (one group per stage). Where the first stage has no shortcut
-    conv (resnet18/34, the CIFAR ResNets), the residual add ties the stem to that stage: they are one group, named
-    ``conv1+layer1.residual``.
-
-Groups are ordered as the walker meets them: the stem, then per block a new residual stream (where a shortcut conv
-starts one) followed by the block's internal convs.
+``all``: every group that is neither the image nor the classes. ``internal``: only channels that nothing ties across
+blocks (conv1/conv2 of a bottleneck, the expanded channels of an inverted residual, the squeeze-excitation
+bottleneck, a ConvNeXt block's hidden channels): the stem, the residual streams and the classifier keep their width.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from nps.kernels.complexity import QuadraticForm, keep_from_recipe
+from nps.pipeline.channel_graph import ChannelClass, ChannelGraph, Seg, analyze, classes
 from nps.pipeline.errors import NpsError
 from nps.pipeline.models import build_model
 
 MODES = ("internal", "all")
+CONVENTIONS = ("macs", "paper")
 
-FIXED = -1
-"""Group index of channels that no group prunes (the image, an unpruned stream, the classes)."""
-
-
-@dataclass(frozen=True)
-class ConvSlot:
-    """One conv (or the classifier) and the groups of its input and output channels (``FIXED`` if none)."""
-
-    conv: str
-    bn: str | None
-    in_group: int
-    out_group: int
+# ptflops' module hooks (pytorch backend, count_functional=False), by exact module type.
+_PAPER_OUTPUT = (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6, nn.GELU, nn.Upsample)
+_PAPER_INPUT = (nn.MaxPool1d, nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool3d,
+                nn.AdaptiveMaxPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d,
+                nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool3d)
+_PAPER_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+               nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass
-class ResNetLayout:
-    """Result of walking a ResNet: groups with their members, and every conv/linear with its channel groups."""
+class GroupSelection:
+    """The classes of channels a table prunes, in order, and the granularity of each."""
 
-    names: list[str] = field(default_factory=list)
-    channels: list[int] = field(default_factory=list)
-    members: list[list[str]] = field(default_factory=list)
-    slots: list[ConvSlot] = field(default_factory=list)
+    classes: list[ChannelClass]
+    granularity: list[int]
 
-    def new_group(self, name: str, channels: int) -> int:
-        self.names.append(name)
-        self.channels.append(int(channels))
-        self.members.append([])
-        return len(self.names) - 1
-
-    def add(self, conv: str, bn: str | None, in_group: int, out_group: int) -> None:
-        self.slots.append(ConvSlot(conv, bn, in_group, out_group))
-        if out_group != FIXED and bn is not None:
-            self.members[out_group].append(conv)
+    def index(self, graph: ChannelGraph) -> dict[int, tuple[int, int]]:
+        """Class root → (group index, granularity)."""
+        return {c.root: (i, g) for i, (c, g) in enumerate(zip(self.classes, self.granularity))}
 
 
-def resnet_layout(model: nn.Module, mode: str) -> ResNetLayout:
-    """Walk a torchvision-style ResNet (``conv1``, ``bn1``, ``layer1``…, ``fc``) and assign channels to groups.
-
-    The last slot is the classifier ``fc`` (with ``bn=None``). Raises ``NpsError`` for an unknown mode or a model
-    that is not a plain ResNet of BasicBlocks/Bottlenecks.
-    """
+def select_groups(graph: ChannelGraph, mode: str, channel_multiple: int = 1) -> GroupSelection:
+    """The groups of ``mode`` (see the module docstring), with their granularity under ``channel_multiple``."""
     if mode not in MODES:
         raise NpsError(f"unknown pruning mode {mode!r}; known modes: {', '.join(MODES)}")
-    for attr in ("conv1", "bn1", "layer1", "fc"):
-        if not hasattr(model, attr):
-            raise NpsError(f"{type(model).__name__} is not a torchvision-style ResNet (no {attr!r})")
-    prune_streams = mode == "all"
-    layout = ResNetLayout()
-
-    stream = layout.new_group("conv1", model.conv1.out_channels) if prune_streams else FIXED
-    layout.add("conv1", "bn1", FIXED, stream)
-
-    stage = 1
-    while hasattr(model, f"layer{stage}"):
-        stage_name = f"layer{stage}"
-        for index, block in enumerate(getattr(model, stage_name)):
-            prefix = f"{stage_name}.{index}"
-            if isinstance(block, Bottleneck):
-                internal, last = ("conv1", "conv2"), "conv3"
-            elif isinstance(block, BasicBlock):
-                internal, last = ("conv1",), "conv2"
-            else:
-                raise NpsError(f"{prefix} is a {type(block).__name__}; only BasicBlock and Bottleneck are supported")
-            for conv_name in (*internal, last):
-                if getattr(block, conv_name).groups != 1:
-                    raise NpsError(f"{prefix}.{conv_name} is a grouped conv; grouped convs are not supported")
-
-            block_in = stream
-            if block.downsample is not None:
-                # A shortcut conv starts a new residual stream.
-                stream = layout.new_group(f"{stage_name}.residual", block.downsample[0].out_channels) \
-                    if prune_streams else FIXED
-            elif index == 0 and stream != FIXED:
-                # The add ties this stage's stream to the previous one (the stem, for resnet18/34 and CIFAR).
-                layout.names[stream] += f"+{stage_name}.residual"
-
-            previous = block_in
-            for number, conv_name in enumerate(internal, start=1):
-                group = layout.new_group(f"{prefix}.{conv_name}", getattr(block, conv_name).out_channels)
-                layout.add(f"{prefix}.{conv_name}", f"{prefix}.bn{number}", previous, group)
-                previous = group
-            layout.add(f"{prefix}.{last}", f"{prefix}.bn{len(internal) + 1}", previous, stream)
-            if block.downsample is not None:
-                layout.add(f"{prefix}.downsample.0", f"{prefix}.downsample.1", block_in, stream)
-        stage += 1
-
-    layout.add("fc", None, stream, FIXED)
-    return layout
-
-
-def _spatial_sizes(model: nn.Module, resolution: int, in_channels: int) -> dict[str, int]:
-    """H_out·W_out of every Conv2d, from a forward pass (shape-only when the model is on the meta device)."""
-    sizes: dict[str, int] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            hooks.append(module.register_forward_hook(
-                lambda mod, args, out, name=name: sizes.__setitem__(name, out.shape[-2] * out.shape[-1])))
-    device = model.conv1.weight.device
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.empty(1, in_channels, resolution, resolution, device=device))
-    except RuntimeError as error:
-        raise NpsError(f"resolution {resolution} is too small for this network: {error}") from None
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    if any(size < 1 for size in sizes.values()):
-        raise NpsError(f"resolution {resolution} is too small for this network: a feature map vanishes")
-    return sizes
+    chosen, granularity = [], []
+    for c in classes(graph):
+        if c.fixed or (mode == "internal" and not c.internal):
+            continue
+        g = math.lcm(c.structural, math.gcd(c.size, int(channel_multiple)))
+        if c.size // g < 2:
+            continue
+        chosen.append(c)
+        granularity.append(g)
+    return GroupSelection(chosen, granularity)
 
 
 class _FormBuilder:
-    """Accumulates ``coef · n_in · n_out`` terms, where each count is either a group's keep or a fixed number."""
+    """Accumulates ``coef · A · B / divisor`` for linear combinations A, B of unit counts (exact integers)."""
 
     def __init__(self, groups: int):
         self.const = 0
-        self.linear = np.zeros(groups, dtype=np.int64)
+        self.linear = [0] * groups
         self.pairs: dict[tuple[int, int], int] = {}
 
-    def add(self, coef: int, group_a: int, fixed_a: int, group_b: int = FIXED, fixed_b: int = 1) -> None:
-        coef = int(coef)
-        if group_a != FIXED and group_b != FIXED:
-            key = (min(group_a, group_b), max(group_a, group_b))
-            self.pairs[key] = self.pairs.get(key, 0) + coef
-        elif group_a != FIXED:
-            self.linear[group_a] += coef * fixed_b
-        elif group_b != FIXED:
-            self.linear[group_b] += coef * fixed_a
-        else:
-            self.const += coef * fixed_a * fixed_b
+    @staticmethod
+    def _div(value: int, divisor: int) -> int:
+        if value % divisor:  # pragma: no cover - the granularity makes every term divisible
+            raise AssertionError(f"form term {value} is not divisible by {divisor}")
+        return value // divisor
+
+    def add(self, coef: int, a: tuple[int, dict], b: tuple[int, dict] | None = None, divisor: int = 1) -> None:
+        ca, la = a
+        cb, lb = b if b is not None else (1, {})
+        self.const += self._div(coef * ca * cb, divisor)
+        for i, w in la.items():
+            self.linear[i] += self._div(coef * w * cb, divisor)
+        for j, w in lb.items():
+            self.linear[j] += self._div(coef * ca * w, divisor)
+        for i, wa in la.items():
+            for j, wb in lb.items():
+                key = (min(i, j), max(i, j))
+                self.pairs[key] = self.pairs.get(key, 0) + self._div(coef * wa * wb, divisor)
 
     def form(self) -> QuadraticForm:
-        keys = sorted(self.pairs)
-        return QuadraticForm(self.const, self.linear,
+        keys = sorted(k for k, w in self.pairs.items() if w)
+        return QuadraticForm(self.const, np.array(self.linear, dtype=np.int64),
                              np.array([a for a, _ in keys], dtype=np.int64),
                              np.array([b for _, b in keys], dtype=np.int64),
                              np.array([self.pairs[k] for k in keys], dtype=np.int64))
 
 
-def _complexity_forms(model: nn.Module, layout: ResNetLayout, sizes: dict[str, int]):
-    modules = dict(model.named_modules())
-    groups = len(layout.names)
-    flops, params = _FormBuilder(groups), _FormBuilder(groups)
-    for slot in layout.slots:
-        layer = modules[slot.conv]
-        if isinstance(layer, nn.Linear):
-            n_in, n_out, kernel, area = layer.in_features, layer.out_features, 1, 1
+def _complexity_forms(graph: ChannelGraph, selection: GroupSelection, convention: str):
+    groups = selection.index(graph)
+
+    def combo(segs: tuple[Seg, ...]) -> tuple[int, dict]:
+        """Σ spread · keep over the segments, as (constant, {group: coefficient of its unit count})."""
+        const, lin = 0, {}
+        for seg in segs:
+            hit = groups.get(graph.root(seg.var))
+            if hit is None:
+                const += seg.spread * seg.length
+            else:
+                i, g = hit
+                lin[i] = lin.get(i, 0) + seg.spread * g
+        return const, lin
+
+    n = len(selection.classes)
+    flops, params = _FormBuilder(n), _FormBuilder(n)
+    covered: set[str] = set()
+    for name in graph.weight_order:
+        layer = graph.weights[name]
+        inp, out = combo(layer.inp), combo(layer.out)
+        if layer.kind == "depthwise":
+            for positions in layer.positions:
+                flops.add(layer.kernel * positions, out)
+            params.add(layer.kernel, out)
         else:
-            n_in, n_out = layer.in_channels, layer.out_channels
-            kernel = int(np.prod(layer.kernel_size))
-            area = sizes[slot.conv]
-        flops.add(kernel * area, slot.in_group, n_in, slot.out_group, n_out)
-        params.add(kernel, slot.in_group, n_in, slot.out_group, n_out)
-        if layer.bias is not None:
-            params.add(1, slot.out_group, n_out)
-        if slot.bn is not None:
-            bn = modules[slot.bn]
-            if bn.affine:
-                params.add(2, slot.out_group, n_out)
+            divisor = layer.groups
+            for positions in layer.positions:
+                flops.add(layer.kernel * positions, inp, out, divisor)
+            params.add(layer.kernel, inp, out, divisor)
+        covered.add(f"{name}.weight")
+        if layer.bias:
+            params.add(1, out)
+            covered.add(f"{name}.bias")
+    for tensors in graph.channel_tensors.values():
+        owner = graph.modules.get(tensors.owner)
+        for attr, axis in tensors.tensors.items():
+            value = getattr(owner, attr, None) if owner is not None else None
+            if isinstance(value, nn.Parameter):
+                params.add(value.numel() // value.shape[axis], combo(tensors.segs))
+                covered.add(f"{tensors.owner}.{attr}" if tensors.owner else attr)
+    params.const += sum(p.numel() for name, p in graph.model.named_parameters() if name not in covered)
+    if convention == "paper":
+        _paper_terms(graph, flops, combo)
     return flops.form(), params.form()
+
+
+def _paper_terms(graph: ChannelGraph, flops: _FormBuilder, combo) -> None:
+    """ptflops' extra terms per module call (see the module docstring)."""
+    for call in graph.calls:
+        module = graph.modules[call.name]
+        kind = type(module)
+        out = (call.out_const, call.out_per_channel, call.out_segs)
+        inp = (call.in_const, call.in_per_channel, call.in_segs)
+        if kind in (nn.Conv2d, nn.Linear) and getattr(module, "bias", None) is not None:
+            terms = [(1, out)]
+        elif kind in _PAPER_NORM:
+            terms = [(2 if getattr(module, "affine", False) else 1, inp)]
+        elif kind in _PAPER_OUTPUT:
+            terms = [(1, out)]
+        elif kind in _PAPER_INPUT:
+            terms = [(1, inp)]
+        else:
+            continue
+        for coef, (const, per_channel, segs) in terms:
+            flops.const += coef * const
+            if segs:
+                flops.add(coef * per_channel, combo(segs))
 
 
 @dataclass
 class LayerTable:
-    """Prunable channel groups of one base network and its FLOPs/params as functions of ``keep``.
+    """Prunable channel groups of one base network and its FLOPs/params as functions of the kept channels.
 
-    ``keep`` arguments are kept-channel counts, one per group: shape (G,) or (n, G).
+    ``flops`` and ``params`` are forms over unit counts ``keep / granularity`` (see the module docstring); use
+    :meth:`flops_of` / :meth:`params_of` for kept-channel counts. ``keep`` arguments are kept-channel counts, one
+    per group: shape (G,) or (n, G).
     """
 
     model: str
@@ -223,22 +214,37 @@ class LayerTable:
     params: QuadraticForm
     base_flops: int
     base_params: int
+    granularity: np.ndarray = field(default=None)  # type: ignore[assignment]
+    flops_convention: str = "macs"
+    channel_multiple: int = 1
+
+    def __post_init__(self):
+        self.channels = np.asarray(self.channels, dtype=np.int64)
+        if self.granularity is None:
+            self.granularity = np.ones(len(self.channels), dtype=np.int64)
+        self.granularity = np.asarray(self.granularity, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def units(self) -> np.ndarray:
+        """Unit counts per group: ``channels / granularity`` (what the samplers draw)."""
+        return self.channels // self.granularity
+
     def keep(self, recipe) -> np.ndarray:
-        """Kept channels for one recipe (G,) or many (n, G): ``max(1, round_half_up((1 - r) · c))``."""
+        """Kept channels for one recipe (G,) or many (n, G): ``g · max(1, round_half_up((1 - r) · c / g))``."""
         recipe = np.asarray(recipe, dtype=np.float64)
         if recipe.ndim not in (1, 2) or recipe.shape[-1] != len(self):
             raise NpsError(f"a recipe for {self.model} ({self.mode}) needs {len(self)} ratios, "
                            f"got shape {recipe.shape}")
         if not np.all((recipe >= 0.0) & (recipe <= 1.0)):
             raise NpsError("pruning ratios must lie in [0, 1]")
-        return keep_from_recipe(recipe, self.channels)
+        return keep_from_recipe(recipe, self.channels, self.granularity)
 
     def check_keep(self, keep) -> np.ndarray:
-        """``keep`` as int64 after checking its length and that 1 <= keep <= channels; raises ``NpsError``."""
+        """``keep`` as int64 after checking its length, that 1 <= keep <= channels and that every count is a
+        multiple of its group's granularity; raises ``NpsError``."""
         keep = np.asarray(keep)
         if keep.ndim not in (1, 2) or keep.shape[-1] != len(self):
             raise NpsError(f"a keep vector for {self.model} ({self.mode}) needs {len(self)} counts, "
@@ -251,24 +257,47 @@ class LayerTable:
             group = int(np.nonzero(bad.reshape(-1, len(self)).any(axis=0))[0][0])
             raise NpsError(f"kept channels of group {self.names[group]!r} must lie in "
                            f"[1, {self.channels[group]}]")
+        off = keep % self.granularity != 0
+        if np.any(off):
+            group = int(np.nonzero(off.reshape(-1, len(self)).any(axis=0))[0][0])
+            raise NpsError(f"kept channels of group {self.names[group]!r} must be a multiple of "
+                           f"{self.granularity[group]}")
         return keep
+
+    def to_units(self, keep) -> np.ndarray:
+        """Checked kept-channel counts as unit counts (what the forms take)."""
+        return self.check_keep(keep) // self.granularity
+
+    def flops_of(self, keep) -> np.ndarray:
+        """Exact FLOPs (this table's convention) per keep vector (int64)."""
+        return self.flops(self.to_units(keep))
+
+    def params_of(self, keep) -> np.ndarray:
+        """Exact params per keep vector (int64)."""
+        return self.params(self.to_units(keep))
 
     def c_flops(self, keep) -> np.ndarray:
         """FLOPs(sub) / FLOPs(base) per keep vector (float64)."""
-        return self.flops(self.check_keep(keep)) / self.base_flops
+        return self.flops_of(keep) / self.base_flops
 
     def c_params(self, keep) -> np.ndarray:
         """Params(sub) / Params(base) per keep vector (float64)."""
-        return self.params(self.check_keep(keep)) / self.base_params
+        return self.params_of(keep) / self.base_params
 
     def mcb(self, keep) -> np.ndarray:
         """Mean computation budget: (FLOPs(sub) / Params(sub)) / (FLOPs(base) / Params(base))."""
-        keep = self.check_keep(keep)
-        return (self.flops(keep) / self.params(keep)) / (self.base_flops / self.base_params)
+        units = self.to_units(keep)
+        return (self.flops(units) / self.params(units)) / (self.base_flops / self.base_params)
 
     def feasible_range(self, max_ratio: float) -> tuple[float, float]:
         """(min, max) c_flops reachable with every ratio in [0, max_ratio]; see ``feasible_range``."""
         return feasible_range(self, max_ratio)
+
+    def describe(self) -> str:
+        """One line: model, mode, resolution, groups and the FLOPs convention."""
+        extra = f", channel multiple {self.channel_multiple}" if self.channel_multiple > 1 else ""
+        return (f"{self.model} ({self.mode}, {self.resolution} px, {len(self)} groups{extra}; FLOPs: "
+                f"{'conv+linear MACs' if self.flops_convention == 'macs' else 'ptflops (paper)'})")
 
     def to_hdf5(self, group) -> None:
         """Write the table into an open ``h5py.Group`` (datasets and attrs; see ``from_hdf5``)."""
@@ -277,6 +306,7 @@ class LayerTable:
         text = h5py.string_dtype()
         group.create_dataset("names", data=np.array(self.names, dtype=object), dtype=text)
         group.create_dataset("channels", data=np.asarray(self.channels, dtype=np.int64))
+        group.create_dataset("granularity", data=np.asarray(self.granularity, dtype=np.int64))
         group.create_dataset("members", data=np.array([",".join(m) for m in self.members], dtype=object),
                              dtype=text)
         for prefix, form in (("flops", self.flops), ("params", self.params)):
@@ -285,14 +315,15 @@ class LayerTable:
             group.create_dataset(f"{prefix}_pair_a", data=form.pair_a)
             group.create_dataset(f"{prefix}_pair_b", data=form.pair_b)
             group.create_dataset(f"{prefix}_pair_w", data=form.pair_w)
-        for key in ("mode", "model"):
+        for key in ("mode", "model", "flops_convention"):
             group.attrs[key] = getattr(self, key)
-        for key in ("resolution", "num_classes", "in_channels", "base_flops", "base_params"):
+        for key in ("resolution", "num_classes", "in_channels", "base_flops", "base_params", "channel_multiple"):
             group.attrs[key] = np.int64(getattr(self, key))
 
     @classmethod
     def from_hdf5(cls, group) -> "LayerTable":
-        """Read a table written by ``to_hdf5``."""
+        """Read a table written by ``to_hdf5`` (files written before granularity and conventions existed read as
+        granularity 1, ``macs``)."""
 
         def text(value) -> str:
             return value.decode() if isinstance(value, bytes) else str(value)
@@ -303,54 +334,85 @@ class LayerTable:
                                  group[f"{prefix}_pair_w"][()])
 
         members = [text(m) for m in group["members"][()]]
+        channels = np.asarray(group["channels"][()], dtype=np.int64)
+        granularity = group["granularity"][()] if "granularity" in group else np.ones_like(channels)
         return cls(
             model=text(group.attrs["model"]), mode=text(group.attrs["mode"]),
             resolution=int(group.attrs["resolution"]), num_classes=int(group.attrs["num_classes"]),
             in_channels=int(group.attrs["in_channels"]),
-            names=[text(n) for n in group["names"][()]],
-            channels=np.asarray(group["channels"][()], dtype=np.int64),
+            names=[text(n) for n in group["names"][()]], channels=channels,
             members=[m.split(",") if m else [] for m in members],
             flops=form("flops"), params=form("params"),
             base_flops=int(group.attrs["base_flops"]), base_params=int(group.attrs["base_params"]),
+            granularity=np.asarray(granularity, dtype=np.int64),
+            flops_convention=text(group.attrs.get("flops_convention", "macs")),
+            channel_multiple=int(group.attrs.get("channel_multiple", 1)),
         )
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, LayerTable):
             return NotImplemented
         scalars = ("model", "mode", "resolution", "num_classes", "in_channels", "names", "members", "flops",
-                   "params", "base_flops", "base_params")
+                   "params", "base_flops", "base_params", "flops_convention", "channel_multiple")
         return all(getattr(self, k) == getattr(other, k) for k in scalars) and \
-            np.array_equal(self.channels, other.channels)
+            np.array_equal(self.channels, other.channels) and np.array_equal(self.granularity, other.granularity)
+
+
+def _check_options(mode: str, flops: str, channel_multiple: int) -> None:
+    if mode not in MODES:
+        raise NpsError(f"unknown pruning mode {mode!r}; known modes: {', '.join(MODES)}")
+    if flops not in CONVENTIONS:
+        raise NpsError(f"unknown FLOPs convention {flops!r}; use {' or '.join(CONVENTIONS)}")
+    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, (int, np.integer)) or \
+            channel_multiple < 1:
+        raise NpsError(f"channel multiple must be a positive integer, got {channel_multiple!r}")
+
+
+def table_from_graph(graph: ChannelGraph, model_name: str, mode: str, resolution: int, num_classes: int,
+                     in_channels: int, *, flops: str = "macs", channel_multiple: int = 1) -> LayerTable:
+    """The layer table of an analysed model (see :func:`nps.pipeline.channel_graph.analyze`)."""
+    _check_options(mode, flops, channel_multiple)
+    selection = select_groups(graph, mode, channel_multiple)
+    flops_form, params_form = _complexity_forms(graph, selection, flops)
+    channels = np.array([c.size for c in selection.classes], dtype=np.int64)
+    granularity = np.array(selection.granularity, dtype=np.int64)
+    units = channels // granularity
+    base_params = int(params_form(units))
+    total = sum(p.numel() for p in graph.model.parameters())
+    if base_params != total:  # pragma: no cover - every parameter is either per channel, a layer's or constant
+        raise AssertionError(f"params form gives {base_params} for the full network, which has {total}")
+    return LayerTable(model=model_name, mode=mode, resolution=int(resolution), num_classes=num_classes,
+                      in_channels=in_channels, names=[c.name for c in selection.classes], channels=channels,
+                      members=[list(c.members) for c in selection.classes], flops=flops_form, params=params_form,
+                      base_flops=int(flops_form(units)), base_params=base_params, granularity=granularity,
+                      flops_convention=flops, channel_multiple=int(channel_multiple))
 
 
 def table_from_model(model: nn.Module, model_name: str, mode: str, resolution: int, num_classes: int,
-                     in_channels: int) -> LayerTable:
-    """The layer table of an already built model (one batch-1 forward pass; a meta-device model costs nothing)."""
+                     in_channels: int, *, flops: str = "macs", channel_multiple: int = 1) -> LayerTable:
+    """The layer table of an already built model (one batch-1 forward pass on the meta device)."""
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
         raise NpsError(f"resolution must be a positive integer number of pixels, got {resolution!r}")
-    layout = resnet_layout(model, mode)
-    sizes = _spatial_sizes(model, int(resolution), in_channels)
-    flops, params = _complexity_forms(model, layout, sizes)
-    channels = np.asarray(layout.channels, dtype=np.int64)
-    return LayerTable(model=model_name, mode=mode, resolution=int(resolution), num_classes=num_classes,
-                      in_channels=in_channels, names=layout.names, channels=channels, members=layout.members,
-                      flops=flops, params=params, base_flops=int(flops(channels)), base_params=int(params(channels)))
+    _check_options(mode, flops, channel_multiple)
+    graph, _ = analyze(model, int(resolution), in_channels)
+    return table_from_graph(graph, model_name, mode, resolution, num_classes, in_channels, flops=flops,
+                            channel_multiple=channel_multiple)
 
 
-def build_layer_table(model_name: str, mode: str, resolution: int, num_classes: int,
-                      in_channels: int = 3) -> LayerTable:
-    """Layer table of a registry model (built on the meta device: no weights are allocated).
+def build_layer_table(model_name: str, mode: str, resolution: int, num_classes: int, in_channels: int = 3, *,
+                      flops: str = "macs", channel_multiple: int = 1) -> LayerTable:
+    """Layer table of a registry model (built on the meta device where it can be: no weights are allocated).
 
     Raises
     ------
     NpsError
-        Unknown model or mode, or a resolution at which a feature map would vanish.
+        Unknown model, mode or convention, a resolution at which a feature map would vanish, or a pattern the
+        channel analysis cannot follow (:class:`nps.pipeline.channel_graph.UnsupportedPattern`).
     """
-    if mode not in MODES:
-        raise NpsError(f"unknown pruning mode {mode!r}; known modes: {', '.join(MODES)}")
-    with torch.device("meta"):
-        model = build_model(model_name, num_classes=num_classes, in_channels=in_channels)
-    return table_from_model(model, model_name, mode, resolution, num_classes, in_channels)
+    _check_options(mode, flops, channel_multiple)
+    model = build_model(model_name, num_classes=num_classes, in_channels=in_channels, device="meta")
+    return table_from_model(model, model_name, mode, resolution, num_classes, in_channels, flops=flops,
+                            channel_multiple=channel_multiple)
 
 
 def feasible_range(table: LayerTable, max_ratio: float) -> tuple[float, float]:
@@ -364,3 +426,9 @@ def feasible_range(table: LayerTable, max_ratio: float) -> tuple[float, float]:
     low = table.c_flops(table.keep(np.full(len(table), max_ratio)))
     high = table.c_flops(table.channels)
     return float(low), float(high)
+
+
+def meta_model(table: LayerTable) -> nn.Module:
+    """The table's base architecture on the meta device (shapes only)."""
+    return build_model(table.model, num_classes=table.num_classes, in_channels=table.in_channels, device="meta")
+

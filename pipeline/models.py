@@ -1,19 +1,24 @@
-"""Base networks by name: a registry (timm style) of builders that return freshly initialised ResNets.
+"""Base networks by name: freshly initialised CNNs for any number of classes and input channels.
 
-Two families share one module layout so that one graph walker (``nps.pipeline.graph``) and one pruner
-(``nps.pipeline.prune``) serve both:
+A model name is one of:
 
-- the torchvision ImageNet ResNets (``resnet18`` … ``resnet152``, ``wide_resnet50_2``), built with ``weights=None``
-  (no download ever) and any number of classes; a stem for a different number of input channels replaces ``conv1``;
-- the CIFAR ResNets of He et al. 2016 §4.2 (``resnet20`` … ``resnet110``): a 3×3 stem of 16 channels with stride 1
-  and no max-pool, three stages of ``n = (depth - 2) / 6`` torchvision ``BasicBlock`` s with 16/32/64 channels,
-  stride 2 at the start of stages 2 and 3 with a 1×1 conv + BN shortcut where the shape changes (option B).
+- a name of this registry (timm style, ``name → builder``): the CIFAR ResNets of He et al. 2016 §4.2 (``resnet20``
+  … ``resnet110``: a 3×3 stem of 16 channels with stride 1 and no max-pool, three stages of ``n = (depth - 2) / 6``
+  torchvision ``BasicBlock`` s with 16/32/64 channels, stride 2 at the start of stages 2 and 3 with a 1×1 conv + BN
+  shortcut where the shape changes);
+- a torchvision classification model (``resnet50``, ``mobilenet_v2``, ``efficientnet_b0``, ``regnet_y_400mf``,
+  ``convnext_tiny``, ``densenet121``…), built with ``weights=None`` (nothing is ever downloaded);
+- ``timm:<name>``: a timm model (``pip install 'nps[timm]'``), ``pretrained=False``;
+- ``package.module:function``: the user's own network, a callable taking ``num_classes`` and ``in_channels``
+  (keywords) and returning an ``nn.Module``.
 
-Modules are named exactly as torchvision names them (``conv1``, ``bn1``, ``layer1`` … ``fc``; blocks with
-``conv1``/``bn1``/``conv2``/``bn2``/``downsample.0``/``downsample.1``).
+For a torchvision model and ``in_channels != 3``, the stem (the first ``Conv2d`` reading 3 channels) is replaced by
+the same conv reading ``in_channels``.
 """
 from __future__ import annotations
 
+import importlib
+import re
 from typing import Callable
 
 import torch
@@ -26,6 +31,16 @@ ModelBuilder = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, ModelBuilder] = {}
 
+TESTED_TORCHVISION = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d",
+    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b1",
+    "efficientnet_b2", "efficientnet_b3", "mnasnet0_5", "mnasnet1_0", "regnet_x_400mf", "regnet_y_400mf",
+    "regnet_y_1_6gf", "convnext_tiny", "densenet121",
+)
+"""torchvision models whose layer tables, pruning and complexity the test suite checks."""
+
+_CALLABLE_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
 
 def register(builder: ModelBuilder) -> ModelBuilder:
     """Add ``builder`` to the registry under its function name (``builder(num_classes, in_channels)``)."""
@@ -36,30 +51,145 @@ def register(builder: ModelBuilder) -> ModelBuilder:
     return builder
 
 
-def build_model(name: str, num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
+def torchvision_names() -> list[str]:
+    """torchvision's classification models (its registry, without the quantized variants)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def model_kind(name: str) -> str:
+    """``registry``, ``torchvision``, ``timm`` or ``callable``; NpsError for a name that is none of them."""
+    if not isinstance(name, str) or not name:
+        raise NpsError(f"model {name!r}: give a model name")
+    if name in _REGISTRY:
+        return "registry"
+    if name.startswith("timm:"):
+        if len(name) == 5:
+            raise NpsError("model 'timm:': give a timm model name, e.g. timm:mobilenetv3_small_050")
+        return "timm"
+    if _CALLABLE_RE.match(name):
+        return "callable"
+    if name in torchvision_names():
+        return "torchvision"
+    import difflib
+
+    close = difflib.get_close_matches(name, list(_REGISTRY) + torchvision_names(), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise NpsError(f"unknown model {name!r}{hint}; use a torchvision classification model (e.g. resnet50, "
+                   f"mobilenet_v2), a CIFAR ResNet ({', '.join(_REGISTRY)}), timm:<name>, or package.module:function")
+
+
+def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, *, device: str | None = None) -> nn.Module:
     """A freshly initialised base network.
 
     Parameters
     ----------
     name : str
-        A registered model name (see ``MODELS``).
+        A model name (see the module docstring).
     num_classes : int
-        Outputs of the final ``fc`` layer.
+        Outputs of the classifier.
     in_channels : int
         Channels of the input image (1 for grey-scale, 3 for RGB).
+    device : str, optional
+        ``"meta"`` builds it without allocating weights where the builder allows (shapes only); a builder that
+        computes with tensors while it builds (torchvision's RegNets) is built on the CPU and moved.
 
     Raises
     ------
     NpsError
-        Unknown name, or a non-positive class or channel count.
+        Unknown name, a user callable that cannot be imported or does not return a module, or a non-positive class
+        or channel count.
     """
-    builder = _REGISTRY.get(name)
-    if builder is None:
-        raise NpsError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    kind = model_kind(name)
     for what, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise NpsError(f"{what} must be a positive integer, got {value!r}")
-    return builder(num_classes=num_classes, in_channels=in_channels)
+    if kind == "registry":
+        builder = _REGISTRY[name]
+    elif kind == "torchvision":
+        builder = _torchvision_builder(name)
+    elif kind == "timm":
+        builder = _timm_builder(name)
+    else:
+        builder = _user_builder(name)
+    model = None
+    if device == "meta":
+        try:
+            with torch.device("meta"):
+                model = builder(num_classes=num_classes, in_channels=in_channels)
+        except NpsError:
+            raise
+        except Exception:  # noqa: BLE001 - builders that need real tensors while building: build on the CPU
+            model = None
+    if model is None:
+        model = builder(num_classes=num_classes, in_channels=in_channels)
+        if device is not None:
+            model = model.to(device)
+    if not isinstance(model, nn.Module):
+        raise NpsError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _replace_stem(model: nn.Module, in_channels: int) -> nn.Module:
+    if in_channels == 3:
+        return model
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d) and child.in_channels == 3:
+                new = nn.Conv2d(in_channels, child.out_channels, kernel_size=child.kernel_size, stride=child.stride,
+                                padding=child.padding, dilation=child.dilation, groups=1,
+                                bias=child.bias is not None, padding_mode=child.padding_mode,
+                                device=child.weight.device, dtype=child.weight.dtype)
+                if new.weight.device.type != "meta":
+                    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+                setattr(parent, child_name, new)
+                return model
+    raise NpsError(f"{type(model).__name__} has no conv reading 3 channels to adapt to {in_channels} input channels")
+
+
+def _torchvision_builder(name: str) -> ModelBuilder:
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        import torchvision
+
+        return _replace_stem(torchvision.models.get_model(name, weights=None, num_classes=num_classes), in_channels)
+
+    return build
+
+
+def _timm_builder(name: str) -> ModelBuilder:
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        try:
+            import timm
+        except ModuleNotFoundError:
+            raise NpsError(f"model {name!r} needs timm: pip install 'nps[timm]'") from None
+        try:
+            return timm.create_model(name[5:], pretrained=False, num_classes=num_classes, in_chans=in_channels)
+        except RuntimeError as exc:
+            raise NpsError(f"model {name!r}: {str(exc).splitlines()[0]}") from None
+
+    return build
+
+
+def _user_builder(name: str) -> ModelBuilder:
+    module_name, function_name = name.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise NpsError(f"model {name!r}: cannot import {module_name} ({exc}); put its package on PYTHONPATH or "
+                       "install it") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise NpsError(f"model {name!r}: {module_name} has no callable {function_name!r}")
+
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        try:
+            return function(num_classes=num_classes, in_channels=in_channels)
+        except TypeError as exc:
+            raise NpsError(f"model {name!r}: {function_name}(num_classes=..., in_channels=...) failed ({exc}); "
+                           "the function must take both keywords") from None
+
+    return build
 
 
 def _init_like_torchvision(model: nn.Module) -> None:
@@ -69,46 +199,6 @@ def _init_like_torchvision(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.constant_(m.weight, 1)
             nn.init.constant_(m.bias, 0)
-
-
-def _torchvision_resnet(factory: Callable[..., nn.Module], num_classes: int, in_channels: int) -> nn.Module:
-    model = factory(weights=None, num_classes=num_classes)
-    if in_channels != 3:
-        old = model.conv1
-        model.conv1 = nn.Conv2d(in_channels, old.out_channels, kernel_size=old.kernel_size, stride=old.stride,
-                                padding=old.padding, bias=False)
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
-    return model
-
-
-@register
-def resnet18(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
-    return _torchvision_resnet(tv_resnet.resnet18, num_classes, in_channels)
-
-
-@register
-def resnet34(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
-    return _torchvision_resnet(tv_resnet.resnet34, num_classes, in_channels)
-
-
-@register
-def resnet50(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
-    return _torchvision_resnet(tv_resnet.resnet50, num_classes, in_channels)
-
-
-@register
-def resnet101(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
-    return _torchvision_resnet(tv_resnet.resnet101, num_classes, in_channels)
-
-
-@register
-def resnet152(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
-    return _torchvision_resnet(tv_resnet.resnet152, num_classes, in_channels)
-
-
-@register
-def wide_resnet50_2(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
-    return _torchvision_resnet(tv_resnet.wide_resnet50_2, num_classes, in_channels)
 
 
 class CifarResNet(nn.Module):
@@ -174,5 +264,7 @@ def resnet110(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return CifarResNet(110, num_classes, in_channels)
 
 
-MODELS = _REGISTRY.keys()
-"""Registered model names in registration order (a live view: later ``register`` calls show up)."""
+CIFAR_MODELS = tuple(_REGISTRY)
+MODELS = CIFAR_MODELS + TESTED_TORCHVISION
+"""The CIFAR ResNets and the torchvision models the test suite covers (any torchvision classification model,
+``timm:<name>`` and ``package.module:function`` work too: see :func:`model_kind`)."""

@@ -108,9 +108,10 @@ def _uniform(table, pops, notes) -> tuple[dict, dict | None]:
                     "c_params": float(table.c_params(keep)), "mcb": float(table.mcb(keep))}
     # The curve uses continuous channel counts (1 − u)·c: at integer counts a small network's uniform recipes
     # zig-zag by rounding, which hides the trend; the per-regime points above are the real (integer) recipes.
-    r_max = 1.0 - 0.5 / float(np.min(table.channels))
+    units = np.asarray(table.units, dtype=np.float64)  # the forms are written over units (channels / granularity)
+    r_max = 1.0 - 0.5 / float(np.min(units))
     ratios = np.linspace(0.0, min(DEFAULT_R, r_max), 400)
-    keep = (1.0 - ratios[:, None]) * np.asarray(table.channels, dtype=np.float64)[None, :]
+    keep = (1.0 - ratios[:, None]) * units[None, :]
     c_flops = _continuous(table.flops, keep) / table.base_flops
     c_params = _continuous(table.params, keep) / table.base_params
     curve = {"ratio": ratios.tolist(), "c_flops": c_flops.tolist(), "c_params": c_params.tolist(),
@@ -176,7 +177,9 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
         model = {"name": table.model, "mode": table.mode, "resolution": table.resolution,
                  "num_classes": table.num_classes, "in_channels": table.in_channels, "groups": list(table.names),
                  "channels": [int(c) for c in table.channels], "base_flops": int(table.base_flops),
-                 "base_params": int(table.base_params)}
+                 "base_params": int(table.base_params), "granularity": [int(g) for g in table.granularity],
+                 "members": [list(m) for m in table.members], "flops_convention": table.flops_convention,
+                 "channel_multiple": int(table.channel_multiple)}
     summary.update({
         "format": FORMAT, "nps_version": NPS_VERSION, "results": os.path.abspath(os.fspath(results)),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -607,6 +610,13 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;border:1px so
 figure{margin:1.5em 0}figcaption{color:#555}code{background:#f3f3f3;padding:0 3px}"""
 
 
+def _convention_text(model: dict) -> str:
+    """How the file counts FLOPs (summaries written before conventions existed counted MACs)."""
+    if model.get("flops_convention", "macs") == "paper":
+        return "the paper's convention: ptflops' count, conv/linear MACs plus bias, BN, ReLU and pooling"
+    return "multiply-accumulates of conv and linear layers"
+
+
 def _fmt(x, spec: str = ".3f") -> str:
     return "–" if x is None else format(x, spec)
 
@@ -644,7 +654,7 @@ def render_html(summary: dict) -> str:
     if m:
         parts.append(f"<p>Base network <b>{e(m['name'])}</b> ({e(m['mode'])} mode, {m['resolution']} px, "
                      f"{m['num_classes']} classes, {len(m['groups'])} prunable groups): "
-                     f"{m['base_flops'] / 1e6:,.1f} M FLOPs (multiply-accumulates), "
+                     f"{m['base_flops'] / 1e6:,.1f} M FLOPs ({e(_convention_text(m))}), "
                      f"{m['base_params'] / 1e6:,.3f} M params, top-1 {_fmt(base.get('top1'), '.2f')} %.</p>")
     parts.append(f"<p>Rows: {c['total']} total, <b>{c['finished']} finished</b> (analysed), {c['pending']} pending, "
                  f"{c['running']} running, {c['failed']} failed, {c['nan']} done without a finite score.</p>")

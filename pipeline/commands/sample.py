@@ -10,8 +10,8 @@ from rich.table import Table
 
 from nps.kernels.spaces import DEFAULT_DELTA, DEFAULT_R, parse_space
 from nps.pipeline.errors import NpsError
-from nps.pipeline.graph import build_layer_table
-from nps.pipeline.models import MODELS
+from nps.pipeline.graph import CONVENTIONS, build_layer_table
+from nps.pipeline.models import CIFAR_MODELS, TESTED_TORCHVISION
 from nps.pipeline.sampling import sample_rows
 from nps.pipeline.store import ResultsStore
 
@@ -33,9 +33,18 @@ def register(sub) -> None:
                                    "integer channel counts, and write /layers and /spaces/<space>@<target>=<value> "
                                    "rows (status 0, pending) to --out.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help=f"base network: {', '.join(MODELS)}")
+    p.add_argument("--model", required=True,
+                   help="base network: a torchvision classification model (tested: "
+                        f"{', '.join(TESTED_TORCHVISION)}), a CIFAR ResNet ({', '.join(CIFAR_MODELS)}), "
+                        "timm:<name>, or package.module:function (your own, taking num_classes and in_channels)")
     p.add_argument("--mode", choices=["internal", "all"], default="all",
-                   help="internal: convs inside residual blocks only; all: also stem and residual channels")
+                   help="all (default): every group but the image and the classes; internal: only channels "
+                        "inside one block (bottleneck convs, expanded channels, squeeze-excitation)")
+    p.add_argument("--channel-multiple", type=int, default=1, metavar="M",
+                   help="keep channel counts in multiples of M where the width allows (e.g. 8; default 1)")
+    p.add_argument("--flops", choices=list(CONVENTIONS), default="macs",
+                   help="FLOPs convention: macs (conv+linear multiply-accumulates, default) or paper (ptflops' "
+                        "count with BN, ReLU and pooling, what the paper reports)")
     p.add_argument("--resolution", type=int, required=True, help="input resolution FLOPs are counted at")
     p.add_argument("--classes", type=int, default=10, help="classifier outputs (default 10)")
     p.add_argument("--in-channels", type=int, default=3, choices=[1, 3])
@@ -63,7 +72,8 @@ def run(args) -> int:
     if os.path.exists(args.out) and not args.force:
         raise NpsError(f"{args.out} exists; pass --force to overwrite it")
     target, value = ("c_flops", args.c_flops) if args.c_flops is not None else ("c_params", args.c_params)
-    table = build_layer_table(args.model, args.mode, args.resolution, args.classes, args.in_channels)
+    table = build_layer_table(args.model, args.mode, args.resolution, args.classes, args.in_channels,
+                              flops=args.flops, channel_multiple=args.channel_multiple)
     spaces = [parse_space(name, target, value, delta=args.delta, R=args.R) for name in args.space]
     if len({s.regime for s in spaces}) != len(spaces):
         raise NpsError("--space: each space may be given once")
@@ -102,7 +112,7 @@ def run(args) -> int:
 
 
 def vars_to_toml(args) -> str:
-    keep = ("model", "mode", "resolution", "classes", "in_channels", "c_flops", "c_params", "space", "n", "delta",
+    keep = ("model", "mode", "resolution", "classes", "in_channels", "channel_multiple", "flops", "c_flops", "c_params", "space", "n", "delta",
             "R", "seed")
     lines = []
     for key in keep:
@@ -119,7 +129,7 @@ def _span(x) -> str:
 
 def summary_table(table, results) -> Table:
     """One column per space, one row per quantity (fits a narrow terminal)."""
-    t = Table(title=f"{table.model} ({table.mode}, {table.resolution} px, {len(table.channels)} groups)")
+    t = Table(title=table.describe())
     t.add_column("")
     for space, *_ in results:
         t.add_column(space.regime, justify="right", overflow="fold")
