@@ -497,6 +497,11 @@ class _Analysis:
             return None
         if name == "getitem":
             return self.getitem(node, first, shape)
+        if name in ("split", "chunk", "tensor_split", "unbind", "split_with_sizes") and first is not None:
+            dim = _norm_dim(int(_arg(node, 2, "dim", 0 if name != "unbind" else _arg(node, 1, "dim", 0))),
+                            len(first.shape))
+            where = "the channel axis" if dim == first.axis else f"axis {dim}"
+            self.fail(node, f"a {name} along {where}")
         if shape is None:  # a Python value computed from shapes (sizes, dims): no channels involved
             if self.tensors_in(node) and name not in ("floordiv", "mul", "add", "sub"):
                 self.fail(node, f"{name} returns something other than a tensor")

@@ -34,7 +34,7 @@ def test_sample_writes_layers_and_rows(tmp_path, capsys):
             drawn = sample_space(table, space, 200, seed=space_seed(0, name))
             assert np.array_equal(drawn.keep, keep)
             assert np.array_equal(drawn.recipe.astype(np.float32), recipe)
-            c = table.flops(keep.astype(np.int64)) / table.base_flops
+            c = table.flops_of(keep.astype(np.int64)) / table.base_flops
             assert np.all(np.abs(c - 0.25) <= 0.002)
             assert np.allclose(g["c_flops"][()], c, atol=1e-6)
             assert np.all(g["status"][()] == 0)

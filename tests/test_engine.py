@@ -338,7 +338,7 @@ def test_pruned_resnets_through_the_engine_into_the_store(tmp_path):
     with torch.no_grad():  # the third one diverges at once
         subnets[2].fc.weight.fill_(3e38)
     n = len(subnets)
-    rows = dict(recipe=recipe, keep=keep, flops=table.flops(keep), params=table.params(keep),
+    rows = dict(recipe=recipe, keep=keep, flops=table.flops_of(keep), params=table.params_of(keep),
                 c_flops=table.c_flops(keep), c_params=table.c_params(keep), mcb=table.mcb(keep),
                 std=recipe.std(axis=1), seed=np.arange(n))
     store = ResultsStore.create(tmp_path / "r.h5", table, "cfg", {"base_top1": 90.0})

@@ -25,9 +25,10 @@ def r56():
 
 def assert_meets_space(table, space, s):
     """Recompute everything from the recipes alone and check every constraint of the space."""
-    keep = keep_from_recipe(s.recipe, table.channels)
+    keep = keep_from_recipe(s.recipe, table.channels, table.granularity)
     assert np.array_equal(keep, s.keep)
-    flops, params = table.flops(keep), table.params(keep)
+    assert np.all(keep % table.granularity == 0) and np.all(keep >= table.granularity)
+    flops, params = table.flops_of(keep), table.params_of(keep)
     assert np.array_equal(flops, s.flops) and np.array_equal(params, s.params)
     c = flops / table.base_flops if space.target == "c_flops" else params / table.base_params
     assert np.all(np.abs(c - space.value) <= space.delta)
@@ -61,6 +62,32 @@ def test_every_recipe_meets_every_constraint_resnet56(mode):
         s = sample_space(table, space, 2_000, seed=0)
         assert_meets_space(table, space, s)
         assert len(np.unique(s.keep, axis=0)) == len(s)
+
+
+@pytest.mark.parametrize("model, mode, kw", [
+    ("mobilenet_v2", "all", {}), ("efficientnet_b0", "all", {}), ("resnext50_32x4d", "internal", {}),
+    ("regnet_y_400mf", "all", {}), ("mobilenet_v2", "all", {"channel_multiple": 8}),
+    ("densenet121", "all", {"flops": "paper"}),
+])
+def test_every_recipe_meets_every_constraint_on_compact_and_grouped_networks(model, mode, kw):
+    table = build_layer_table(model, mode, 224, 10, **kw)
+    for name, value in (("std-0.05", 0.25), ("std-0.01", 0.25), ("mcb-0.9-1.1", 0.5)):
+        space = parse_space(name, "c_flops", value)
+        s = sample_space(table, space, 2_000, seed=5)
+        assert_meets_space(table, space, s)
+        assert len(np.unique(s.keep, axis=0)) == len(s)
+
+
+def test_no_distortion_on_grouped_convs_and_narrow_groups():
+    """Unit counts (RegNet's grouped convs keep multiples of their groups) and groups too narrow for R (EfficientNet's
+    4-channel squeeze-excitation bottlenecks reach the floor of one channel below R): the same distribution as
+    plain rejection."""
+    regnet = build_layer_table("regnet_x_400mf", "all", 32, 10)
+    assert regnet.granularity.max() > 1
+    _compare_to_rejection(regnet, parse_space("std-0.05", "c_flops", 0.5), 20_000)
+    effnet = build_layer_table("efficientnet_b0", "internal", 32, 10)
+    assert (0.05 * effnet.channels < 0.5).any()
+    _compare_to_rejection(effnet, parse_space("std-0.1", "c_flops", 0.6), 20_000)
 
 
 def test_seed_reproduces_and_differs(r50):
@@ -176,7 +203,7 @@ def test_no_distortion_with_groups_held_fixed(r50, name, value):
     space = parse_space(name, "c_flops", value)
     (form, _), _ = target_form(r50, "c_flops")
     lo, hi = _target_bounds(r50, space)
-    d = _direction(form, np.asarray(r50.channels), uniform_ratio(r50, "c_flops", value), hi - lo)
+    d = _direction(form, np.asarray(r50.channels), uniform_ratio(r50, "c_flops", value), hi - lo, space.R)
     assert np.all(d >= 0) and abs(np.linalg.norm(d) - 1) < 1e-12
     assert 0 < (d > 0).sum() < len(d) // 2, "the direction should leave the small groups out"
     assert sample_space(r50, space, 100, seed=0).stats["method"] == "window"

@@ -9,7 +9,7 @@ constraint checked on integer channels, vectorised in numpy -- run in the same p
 after ours. The naive sampler gets at most --naive-proposals proposals (default 10 million) or --naive-seconds;
 when it finds nothing, naive_recipes_per_s is 0 and ratio is null. Both are pinned to one core.
 
-usage: python tools/bench_sampler.py [--model resnet50] [--n 300000] [--quick]
+usage: python tools/bench_sampler.py [--model resnet50[,mobilenet_v2,...]] [--n 300000] [--quick]
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ TARGETS = [0.5, 0.25, 0.1, 0.05, 0.02]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--model", default="resnet50", help="one or more models, comma-separated: a line per model")
     ap.add_argument("--resolution", type=int, default=224)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--modes", default="all,internal")
@@ -51,11 +51,12 @@ def main() -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
-    for mode in args.modes.split(","):
-        table = build_layer_table(args.model, mode, args.resolution, args.classes)
-        for name in args.spaces.split(","):
-            for value in map(float, args.c_flops.split(",")):
-                print(json.dumps(measure(table, name, value, args)), flush=True)
+    for model in args.model.split(","):
+        for mode in args.modes.split(","):
+            table = build_layer_table(model, mode, args.resolution, args.classes)
+            for name in args.spaces.split(","):
+                for value in map(float, args.c_flops.split(",")):
+                    print(json.dumps(measure(table, name, value, args)), flush=True)
 
 
 def measure(table, name, value, args) -> dict:
