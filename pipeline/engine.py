@@ -116,17 +116,28 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def resolve_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
+def has_depthwise_convs(models: Sequence[nn.Module]) -> bool:
+    """Whether any of ``models`` has a depthwise conv (groups == in_channels > 1)."""
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+               for model in models for m in model.modules())
+
+
+def resolve_amp(amp: str | None, device: torch.device, models: Sequence[nn.Module] = ()) -> torch.dtype | None:
     """The autocast dtype. ``"auto"``: bf16 on GPUs that support it, else fp16 (with a GradScaler); on the CPU bf16
     where it has native bf16 instructions (tools/bench_cohort.py measured a pruned ResNet-56 step about 1.5–2× faster
-    on a Zen 4 core), else none."""
+    on a Zen 4 core), except for networks with depthwise convs (``models``): tools/bench_amp.py measured bf16
+    autocast about 2× *slower* than fp32 for MobileNetV2/V3, EfficientNet and MNASNet on an AMD EPYC with
+    AVX512-BF16, so those train in fp32; else none. Pruning keeps depthwise convs depthwise, so a base network and
+    its subnetworks resolve alike."""
     amp = "off" if amp in (None, False) else amp
     if amp == "off":
         return None
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+        if device.type == "cpu" and cpu_has_native_bf16() and not has_depthwise_convs(models):
+            return torch.bfloat16
+        return None
     if amp == "bf16":
         return torch.bfloat16
     if amp == "fp16":
@@ -377,7 +388,7 @@ def train_cohort(
     ids = _ids_for(models, ids)
     if k == 0:
         return []
-    amp_dtype = resolve_amp(amp, device)
+    amp_dtype = resolve_amp(amp, device, models)
     nhwc = resolve_channels_last(channels_last, device)
     spe = _steps_per_epoch(train_loader, steps_per_epoch) if config.epochs > 0 else 1
     check_every = check_every or (25 if device.type == "cuda" else 1)
@@ -623,7 +634,7 @@ def run_cohorts(
         if device.type == "cuda":
             shape = tuple(input_shape) if input_shape is not None else _first_input_shape(train_loader)
             sample = [m for m in models if isinstance(m, nn.Module)] or [_materialize(models[0])]
-            amp_dtype = resolve_amp(cohort_kwargs.get("amp", "auto"), device)
+            amp_dtype = resolve_amp(cohort_kwargs.get("amp", "auto"), device, sample)
             k = choose_cohort_size(sample, device, shape, max_k=max_k, amp_dtype=amp_dtype)
         else:
             k = choose_cohort_size(list(models), device, (1,), max_k=max_k)

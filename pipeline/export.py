@@ -431,7 +431,7 @@ def verify_subnetwork(path: str | os.PathLike, *, data_dir: str | os.PathLike | 
                                         on_device=dataset.get("on_device", "auto"))
     loader = _EvalLoader(val_loader, int(dataset.get("val_images", 0) or 0), contiguous=dev.type == "cpu")
     model = load_subnetwork(path, device=device)
-    top1, top5, loss = evaluate(model, loader, dev, amp_dtype=resolve_amp(amp, dev))
+    top1, top5, loss = evaluate(model, loader, dev, amp_dtype=resolve_amp(amp, dev, [model]))
     images = loader.images
     stored = float(ckpt.get("top1", math.nan))
     # float32 storage of a percentage: relative error 2^-24, i.e. < 1e-5 points below 100 %.

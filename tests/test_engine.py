@@ -310,6 +310,12 @@ def test_resolve_amp():
     assert resolve_amp("auto", cpu) is (torch.bfloat16 if cpu_has_native_bf16() else None)
     assert resolve_amp("off", cpu) is None and resolve_amp(None, cpu) is None
     assert resolve_amp("auto", torch.device("meta")) is None
+    from nps.pipeline.models import build_model
+
+    mobilenet, resnet = build_model("mobilenet_v2", 10, device="meta"), build_model("resnet20", 10, device="meta")
+    assert resolve_amp("auto", cpu, [mobilenet]) is None  # depthwise convs: fp32 (tools/bench_amp.py)
+    assert resolve_amp("auto", cpu, [resnet]) is resolve_amp("auto", cpu)
+    assert resolve_amp("bf16", cpu, [mobilenet]) is torch.bfloat16
     assert resolve_amp("bf16", cpu) is torch.bfloat16 and resolve_amp("fp16", cpu) is torch.float16
     with pytest.raises(NpsError):
         resolve_amp("int8", cpu)
