@@ -297,6 +297,27 @@ def _regime_title(summary: dict, reg: dict) -> str:
     return f"{what} pruned to {reg['key']} ± {delta}  ·  {base}  ·  {status}"
 
 
+_MAX_BARS = 40  # up to this many groups the winning recipes are bars, beyond it lines
+_MAX_TICKS = 45  # group names shown on the recipe axis; beyond it every k-th group is labelled
+
+
+def _group_ticks(ax, names: list[str]) -> None:
+    """Group names on the x axis: without their common prefix, and every k-th one when there are many."""
+    G = len(names)
+    parts = [n.split(".") for n in names]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    prefix = ".".join(parts[0][:common]) + "." if common else ""
+    step = max(1, -(-G // _MAX_TICKS))
+    ticks = np.arange(0, G, step)
+    ax.set_xticks(ticks, [names[i][len(prefix):] for i in ticks], rotation=90, fontsize=8 if G <= _MAX_BARS else 7)
+    label = "prunable channel group (network order"
+    label += f"; one in {step} of the {G} groups labelled" if step > 1 else ""
+    label += f"; names after '{prefix}'" if prefix else ""
+    ax.set_xlabel(label + ")")
+
+
 def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
     fig = _figure(14, 17)
     gs = fig.add_gridspec(4, 2, height_ratios=[1.25, 1, 1, 1.15])
@@ -377,19 +398,23 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
     x = np.arange(G)
     for i, s in enumerate(spaces):
         w = s["winner"]
-        ax.bar(x - 0.4 + width * (i + 0.5), np.asarray(w["recipe"], float), width, color=colors[s["space"]],
-               label=f"{s['space']}: row {w['row']}, drop {w['acc_drop']:.2f}, std(r) {w['std']:.3f}, "
-                     f"mCB {w['mcb']:.3f}")
+        label = (f"{s['space']}: row {w['row']}, drop {w['acc_drop']:.2f}, std(r) {w['std']:.3f}, "
+                 f"mCB {w['mcb']:.3f}")
+        if G <= _MAX_BARS:
+            ax.bar(x - 0.4 + width * (i + 0.5), np.asarray(w["recipe"], float), width, color=colors[s["space"]],
+                   label=label)
+        else:  # many groups: one line per space reads better than bars a pixel wide
+            ax.plot(x, np.asarray(w["recipe"], float), marker="o", markersize=2.5, linewidth=1.0,
+                    color=colors[s["space"]], label=label)
     if uni:
         ax.axhline(uni["ratio"], color=_UNIFORM, linestyle="--", linewidth=1.6,
                    label=f"uniform ratio meeting the target ({uni['ratio']:.3f})")
-    ax.set_xticks(x, names, rotation=90, fontsize=8 if G <= 40 else 6)
+    _group_ticks(ax, names)
     ax.set_xlim(-0.6, G - 0.4)
     ax.set_ylim(0, 1.3)  # room for the legend above the bars (ratios are at most R < 1)
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_title("Winning recipe of each space")
     ax.set_ylabel("pruning ratio r of the group")
-    ax.set_xlabel("prunable channel group (network order)")
     ax.legend(fontsize=8, loc="upper left", ncols=1 if len(spaces) < 3 else 2)
     ax.grid(alpha=0.3, axis="y")
     fig.savefig(path, dpi=100)
@@ -698,6 +723,34 @@ def render_html(summary: dict) -> str:
         for fig in summary["figures"].values():
             parts.append(f"<figure><img src=\"{e(fig['file'])}\" alt=\"{e(fig['caption'])}\">"
                          f"<figcaption>{e(fig['caption'])}</figcaption></figure>")
+    if m.get("groups"):
+        parts += _layer_table_html(summary)
     parts.append("<p>Every number shown here and in the figures is in <a href=summary.json>summary.json</a>.</p>"
                  "</body></html>\n")
     return "\n".join(parts)
+
+
+def _layer_table_html(summary: dict) -> list[str]:
+    """The prunable groups and each regime's winning recipe, per group (folded away when there are many)."""
+    e = html.escape
+    m = summary["model"]
+    groups, channels = m["groups"], m["channels"]
+    granularity = m.get("granularity") or [1] * len(groups)
+    members = m.get("members") or [[] for _ in groups]
+    winners = [(reg["key"], s["space"], s["winner"]) for reg in summary["regimes"] for s in reg["spaces"]
+               if s.get("winner") and len(s["winner"].get("keep") or []) == len(groups)]
+    head = "".join(f"<th>{e(space)}<br>{e(key)}</th>" for key, space, _ in winners)
+    rows = []
+    for i, (name, c, g, mem) in enumerate(zip(groups, channels, granularity, members)):
+        writers = ", ".join(mem[:3]) + (f" (+{len(mem) - 3})" if len(mem) > 3 else "")
+        kept = "".join(f"<td>{w['keep'][i]}</td>" for _, _, w in winners)
+        rows.append(f"<tr><td>{i}</td><td class=l>{e(name)}</td><td>{c}</td><td>{g}</td>"
+                    f"<td class=l>{e(writers)}</td>{kept}</tr>")
+    table = ("<table><tr><th>#</th><th class=l>group</th><th>channels</th><th>multiple</th>"
+             f"<th class=l>written by</th>{head}</tr>" + "".join(rows) + "</table>")
+    intro = (f"<p>{len(groups)} groups in network order; <i>multiple</i>: every count is a multiple of it (grouped "
+             "convs, channel_multiple); the last columns: channels each regime's winning subnetwork keeps.</p>")
+    if len(groups) > 40:
+        return ["<h2>Layer table</h2>", intro, f"<details><summary>show all {len(groups)} groups</summary>{table}"
+                "</details>"]
+    return ["<h2>Layer table</h2>", intro, table]

@@ -238,3 +238,25 @@ def test_output_directory_rules(tmp_path, table, capsys):
     assert main(["report", str(path), "--out", str(tmp_path / "o2"), "--k", "0"]) == 2
     assert main(["report", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "o3")]) == 2
     assert "no such results file" in capsys.readouterr().err
+
+
+def test_many_groups_and_granularity_stay_readable(tmp_path):
+    """DenseNet-121's 120 groups: the recipes are lines, the layer table folds away; RegNet's granularity and the
+    FLOPs convention are stated."""
+    dense = build_layer_table("densenet121", "all", 32, 10, flops="paper")
+    make_results(tmp_path / "dense.h5", dense, spaces=SPACES[:2], n=8, outcome=lambda s, r: "done")
+    summary = write_report(tmp_path / "dense.h5", tmp_path / "dense", k=3, n_boot=50)
+    assert summary["model"]["flops_convention"] == "paper" and len(summary["model"]["groups"]) == 120
+    page = (tmp_path / "dense" / "index.html").read_text()
+    assert "<h2>Layer table</h2>" in page and "<details><summary>show all 120 groups" in page
+    assert "ptflops" in page
+    assert "<td>119</td><td class=l>features.denseblock4.denselayer16.conv1</td><td>128</td>" in page
+    regnet = build_layer_table("regnet_x_400mf", "all", 32, 10, channel_multiple=8)
+    make_results(tmp_path / "regnet.h5", regnet, spaces=SPACES[:1], n=6, outcome=lambda s, r: "done")
+    summary = write_report(tmp_path / "regnet.h5", tmp_path / "regnet", k=3, n_boot=50)
+    assert summary["model"]["granularity"] == regnet.granularity.tolist()
+    assert summary["model"]["channel_multiple"] == 8
+    winner = summary["regimes"][0]["spaces"][0]["winner"]
+    assert all(k % g == 0 for k, g in zip(winner["keep"], summary["model"]["granularity"]))
+    page = (tmp_path / "regnet" / "index.html").read_text()
+    assert "<details>" not in page and "multiply-accumulates" in page
