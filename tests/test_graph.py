@@ -381,3 +381,11 @@ def test_grey_input(name):
     for keep in sample_keeps(table, 4, seed=1):
         assert counted(prune_model(model, table, keep, criterion="random"), 28, in_channels=1) == \
             (table.flops_of(keep), table.params_of(keep))
+
+
+def test_paper_presets_count_flops_the_papers_way():
+    from nps.pipeline.config import load_config
+
+    for name in ("paper-cifar10-resnet50", "paper-imagenet-resnet50"):
+        assert load_config(name).model.flops == "paper"
+    assert load_config("demo").model.flops == "macs" and load_config("demo-mobilenet").model.channel_multiple == 8
