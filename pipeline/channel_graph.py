@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from nps.pipeline.errors import NpsError
 
@@ -251,10 +250,23 @@ class ChannelGraph:
 
 
 def _shape(node: fx.Node):
-    meta = node.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape"):
-        return None
-    return tuple(int(s) for s in meta.shape)
+    return node.meta.get("nps_shape")
+
+
+class _Shapes(fx.Interpreter):
+    """Runs the graph (on the meta device) and records each node's output shape in ``node.meta["nps_shape"]``;
+    a node that fails is remembered in ``failed`` (torch.fx's ShapeProp prints a traceback instead)."""
+
+    failed: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception:
+            self.failed = self.failed or n
+            raise
+        n.meta["nps_shape"] = tuple(int(d) for d in result.shape) if isinstance(result, torch.Tensor) else None
+        return result
 
 
 class _Analysis:
@@ -725,20 +737,26 @@ def analyze(model: nn.Module, resolution: int, in_channels: int) -> tuple[Channe
     was_training = model.training
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = torch.empty(1, in_channels, resolution, resolution, device="meta")
+    shapes = None
     try:
         model.eval()
         meta_gm = gm if device.type == "meta" else fx.GraphModule(_meta_copy(model), gm.graph)
+        shapes = _Shapes(meta_gm)
         with torch.no_grad():
-            ShapeProp(meta_gm).propagate(example)
-    except NpsError:
-        raise
+            shapes.run(example)
     except Exception as exc:  # noqa: BLE001 - a failing forward pass at this size is a user-facing problem
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise NpsError(f"resolution {resolution} does not fit this network ({first[:160]}); a feature map "
-                       "vanishes or a shape does not match, try a larger resolution") from None
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        node = shapes.failed if shapes is not None else None
+        where = f" at {'layer ' + node.target if node.op == 'call_module' else 'operation ' + node.name}" \
+            if node is not None else ""
+        if "greater than actual input size" in first or "too small" in first:
+            raise NpsError(f"resolution {resolution} is too small for this network: a feature map vanishes{where} "
+                           f"({first}); use a larger resolution") from None
+        raise NpsError(f"the network does not run on {in_channels}×{resolution}×{resolution} inputs{where} "
+                       f"({first})") from None
     finally:
         model.train(was_training)
-    for node in gm.graph.nodes:  # ShapeProp ran on the meta copy over the same graph object
+    for node in gm.graph.nodes:  # the shapes were recorded on the meta copy's nodes, the same graph object
         shape = _shape(node)
         if shape is not None and node.op != "output" and any(s == 0 for s in shape):
             raise NpsError(f"resolution {resolution} is too small for this network: a feature map vanishes at "

@@ -92,8 +92,7 @@ def pruning_plan(model: nn.Module, table: LayerTable) -> tuple[ChannelGraph, Gro
 
 def _output_shape(node) -> tuple | None:
     value = node.args[0]
-    meta = value.meta.get("tensor_meta") if hasattr(value, "meta") else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    return value.meta.get("nps_shape") if hasattr(value, "meta") else None
 
 
 def _member_rows(graph: ChannelGraph, name: str, root: int) -> list[tuple[int, int]]:

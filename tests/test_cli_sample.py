@@ -56,6 +56,14 @@ def test_sample_writes_layers_and_rows(tmp_path, capsys):
     (["--model", "resnet56", "--resolution", "32", "--space", "std-0.05", "--c-flops", "1.5"], "c_flops=1.5"),
     (["--model", "resnet56", "--resolution", "32", "--space", "mcb-3-4", "--c-flops", "0.25"],
      "mCB band [3, 4] is out of reach"),
+    (["--model", "shufflenet_v2_x0_5", "--resolution", "32", "--space", "std-0.05", "--c-flops", "0.5"],
+     "a reshape that splits or mixes the channel axis (a channel shuffle?)"),
+    (["--model", "convnext_tiny", "--resolution", "28", "--space", "std-0.05", "--c-flops", "0.5"],
+     "resolution 28 is too small"),
+    (["--model", "mobilenet_v2", "--resolution", "32", "--channel-multiple", "0", "--space", "std-0.05",
+      "--c-flops", "0.5"], "channel multiple must be a positive integer"),
+    (["--model", "nopkg_xyz:net", "--resolution", "32", "--space", "std-0.05", "--c-flops", "0.5"],
+     "cannot import nopkg_xyz"),
 ])
 def test_bad_requests_fail_with_one_line_and_no_file(tmp_path, capsys, args, message):
     out = tmp_path / "x.h5"
@@ -73,3 +81,18 @@ def test_refuses_to_overwrite_without_force(tmp_path, capsys):
                "-n", "5", "--out", str(out)])
     assert rc == 2 and "--force" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
+
+
+def test_compact_convnet_with_channel_multiple_and_paper_flops(tmp_path, capsys):
+    out = tmp_path / "mb.h5"
+    rc = main(["sample", "--model", "mobilenet_v2", "--resolution", "32", "--channel-multiple", "8", "--flops",
+               "paper", "--space", "std-0.05", "--c-flops", "0.25", "-n", "50", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert "ptflops" in capsys.readouterr().out
+    with h5py.File(out, "r") as f:
+        table = LayerTable.from_hdf5(f["layers"])
+        assert table.flops_convention == "paper" and table.channel_multiple == 8
+        assert table == build_layer_table("mobilenet_v2", "all", 32, 10, flops="paper", channel_multiple=8)
+        keep = f["spaces/std-0.05@c_flops=0.25/keep"][()]
+        assert np.all(keep % table.granularity == 0)
+        assert np.all(np.abs(table.c_flops(keep) - 0.25) <= 0.002)

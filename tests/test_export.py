@@ -271,3 +271,34 @@ def test_staged_weights_appear_only_when_committed(tmp_path):
     assert commit_staged_weights(staged) == final
     assert final.exists() and not staged.exists()
     assert torch.equal(torch.load(final)["weight"], model.weight.detach())
+
+
+@pytest.mark.parametrize("name, kw", [("mobilenet_v3_small", {"channel_multiple": 8}), ("efficientnet_b0", {}),
+                                      ("regnet_y_400mf", {"flops": "paper"}), ("convnext_tiny", {}),
+                                      ("densenet121", {})])
+def test_export_load_gives_the_same_outputs_for_compact_convnets(tmp_path, name, kw):
+    """Export → load_subnetwork rebuilds the architecture from the registry name, the table options (granularity,
+    convention) and the keep counts alone, and computes what the trained subnetwork computed."""
+    from nps.pipeline.export import load_subnetwork
+
+    table = build_layer_table(name, "all", 32, 10, **kw)
+    sample = sample_space(table, parse_space("std-0.05", "c_flops", 0.5), 2, seed=0)
+    rows = {"recipe": sample.recipe, "keep": sample.keep, "flops": sample.flops, "params": sample.params,
+            "c_flops": sample.c_flops, "c_params": sample.c_params, "mcb": sample.mcb, "std": sample.std,
+            "seed": np.arange(2)}
+    config = CONFIG.replace('"resnet20"', f'"{name}"')
+    store = ResultsStore.create(tmp_path / "results.h5", table, config, {"base_top1": 90.0})
+    store.add_space(SPACE, rows, epochs=1, attrs={"space": "std-0.05", "target": "c_flops", "value": 0.5})
+    torch.manual_seed(0)
+    sub = trained_like(prune_model(build_model(name, num_classes=10), table, sample.keep[1]), seed=1)
+    store.mark_done(SPACE, 1, top1=50.0, top5=90.0, loss=1.0)
+    save_subnetwork_weights(tmp_path / "results.h5", SPACE, 1, sub)
+    store.close()
+    info = export_subnetwork(tmp_path / "results.h5", "std-0.05", tmp_path / "sub.pt", row=1)
+    assert info["channel_multiple"] == kw.get("channel_multiple", 1)
+    assert info["flops_convention"] == kw.get("flops", "macs")
+    loaded = load_subnetwork(tmp_path / "sub.pt")
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), sub.eval()(x))
+    assert sum(p.numel() for p in loaded.parameters()) == int(table.params_of(sample.keep[1]))
