@@ -454,7 +454,7 @@ def _fig_best_k(summary: dict, colors: dict, path: Path) -> None:
             if r.get("uniform"):
                 ax.scatter([j + 0.42], [r["uniform"][shown]], marker="D", s=45, color=_UNIFORM, zorder=4,
                            edgecolors="black", linewidths=0.4, label="uniform recipe" if j == 0 else None)
-        ax.set_xticks(range(len(regs)), [f"{target}={r['value']:g}" for r in regs])
+        ax.set_xticks(range(len(regs)), [f"{r['value']:g}" for r in regs])
         values = [v for r in regs for v in r["rest"][shown] + r["best_k"][shown] if v is not None]
         if values and max(values) / max(min(values), 1e-12) > 4:
             from matplotlib.ticker import FuncFormatter
@@ -465,7 +465,7 @@ def _fig_best_k(summary: dict, colors: dict, path: Path) -> None:
             ax.yaxis.set_minor_formatter(plain)
             ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_title(title)
-        ax.set_xlabel(f"regime ({target} target, more pruning to the right)")
+        ax.set_xlabel(f"regime: the {target} target (more pruning to the right)")
         ax.set_ylabel(_LABELS[shown])
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
