@@ -35,6 +35,8 @@ STD_BAND = (0.5, 1.5)
 # restricts the recipes.
 MCB_SIGMA = 0.1
 TARGETS = ("c_flops", "c_params")
+BASELINE = "baseline"
+"""The space name of a regime's uniform baseline: one row, the uniform ratio meeting the target (paper §3.1)."""
 
 _STD_RE = re.compile(r"^std-(\d*\.?\d+)$")
 _MCB_RE = re.compile(r"^mcb-(\d*\.?\d+)-(\d*\.?\d+)$")
@@ -138,6 +140,27 @@ def uniform_ratio(table, target: str, value: float) -> float:
         else:
             hi = mid
     return 0.5 * (lo + hi)
+
+
+def uniform_baseline(table, target: str, value: float, R: float = DEFAULT_R) -> tuple[float, np.ndarray, float]:
+    """``(ratio, keep, achieved)``: the uniform pruning ratio in [0, R] whose integer counts come closest to the
+    target, its unit counts and the relative complexity they give.
+
+    Every group's count is a step function of the ratio, so the target, a monotone function of them, takes
+    finitely many values: one per interval between the ratios where some count steps. The ratio returned is the
+    middle of the best interval (any ratio in it gives the same subnetwork).
+    """
+    table, _ = unit_table(table)
+    (form, base), _ = target_form(table, target)
+    c = np.asarray(table.channels, dtype=np.float64)
+    # count k of a group steps where (1 - r)·c = k - 1/2, i.e. at r = 1 - (k - 1/2)/c
+    steps = np.concatenate([1.0 - (np.arange(1, int(ci) + 1) - 0.5) / ci for ci in c])
+    edges = np.unique(np.clip(np.concatenate([[0.0, R], steps]), 0.0, R))
+    mids = 0.5 * (edges[:-1] + edges[1:]) if edges.size > 1 else edges
+    keeps = keep_from_recipe(np.repeat(mids[:, None], len(c), axis=1), table.channels)
+    achieved = form(keeps) / base
+    best = int(np.argmin(np.abs(achieved - value)))
+    return float(mids[best]), keeps[best], float(achieved[best])
 
 
 def reachable_range(table, target: str, R: float) -> tuple[float, float]:

@@ -451,9 +451,33 @@ def _winner(pop: Population, i: int) -> dict:
     return out
 
 
+BASELINE = "baseline"
+"""The ``space`` attribute of a regime's baseline group: one row, the uniform ratio meeting the target, trained
+like every other row (paper §3.1's reference subnetwork)."""
+
+
+def beats_baseline(drops, baseline_drop: float, n_boot: int, rng: np.random.Generator,
+                   band: Sequence[float] = DEFAULT_BAND) -> dict:
+    """The fraction of ``drops`` below the baseline's drop, with a bootstrap interval (the space's rows resampled
+    with replacement; the baseline is one trained subnetwork, a fixed reference)."""
+    d = np.asarray(drops, dtype=np.float64)
+    wins = (d < baseline_drop).astype(np.float64)
+    w = bootstrap_weights(d.size, n_boot, rng)
+    resampled = (w @ wins) / d.size
+    return {"fraction": float(wins.mean()), "ci": _tolist(np.percentile(resampled, band)), "n": int(d.size),
+            "baseline_drop": float(baseline_drop)}
+
+
+def _baseline_entry(pop: Population) -> dict:
+    entry = {"group": pop.group, "counts": dict(pop.counts), "n": pop.n}
+    if pop.n:
+        entry.update(_winner(pop, int(np.argmin(pop.acc_drop))))
+    return entry
+
+
 def summarize_regime(pops: Sequence[Population], *, k: int, n_boot: int, seed: int, edf_points: int,
-                     band: Sequence[float]) -> dict:
-    """Everything the per-regime figure shows, for the spaces of one regime."""
+                     band: Sequence[float], baseline: Population | None = None) -> dict:
+    """Everything the per-regime figure shows, for the spaces of one regime (and its baseline row, if any)."""
     target, value = pops[0].target, pops[0].value
     finished = [p for p in pops if p.n > 0]
     grid = edf_grid([p.acc_drop for p in finished], edf_points)
@@ -476,10 +500,14 @@ def summarize_regime(pops: Sequence[Population], *, k: int, n_boot: int, seed: i
                 "hist": {f: _tolist(histogram(getattr(p, f), edges[f])) for f in HIST_FIELDS},
                 "winner": _winner(p, best),
             })
+            if baseline is not None and baseline.n:
+                entry["beats_baseline"] = beats_baseline(p.acc_drop, float(np.min(baseline.acc_drop)), n_boot,
+                                                         _seed_for(seed, p.group + "|baseline"), band)
         spaces.append(entry)
     deltas = [p.delta for p in pops if math.isfinite(p.delta)]
     summary = {"key": regime_key(target, value), "target": target, "value": value,
                "delta": max(deltas) if deltas else None, "spaces": spaces,
+               "baseline": _baseline_entry(baseline) if baseline is not None else None,
                "n": sum(p.n for p in pops), "edf_grid": _tolist(grid),
                "hist_edges": {f: _tolist(e) for f, e in edges.items()},
                "comparison": compare_areas(areas) if len(areas) >= 2 else None}
@@ -515,12 +543,17 @@ def summarize(populations: Sequence[Population], *, k: int = 40, n_boot: int = D
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     by_regime: dict[tuple, list[Population]] = {}
+    baselines: dict[tuple, Population] = {}
     for p in populations:
-        by_regime.setdefault((p.target, p.value), []).append(p)
+        if p.space == BASELINE:
+            baselines[(p.target, p.value)] = p
+        else:
+            by_regime.setdefault((p.target, p.value), []).append(p)
     regimes = []
     for key in sorted(by_regime, key=lambda tv: _regime_order(*tv)):
         pops = sorted(by_regime[key], key=lambda p: p.space)
-        reg = summarize_regime(pops, k=k, n_boot=n_boot, seed=seed, edf_points=edf_points, band=band)
+        reg = summarize_regime(pops, k=k, n_boot=n_boot, seed=seed, edf_points=edf_points, band=band,
+                               baseline=baselines.get(key))
         reg["uniform"] = (uniform or {}).get(reg["key"])
         regimes.append(reg)
 

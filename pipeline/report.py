@@ -328,11 +328,15 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
 
     ax = fig.add_subplot(gs[0, 0])
     grid = np.asarray(reg["edf_grid"], dtype=float)
+    baseline = reg.get("baseline") or {}
     for s in spaces:
         e = s["edf"]
         label = f"{s['space']}: n={s['n']}, mean drop {s['drop']['mean']:.2f} pp"
         if comp:
             label += f", P(highest EDF)={comp['prob_best'][s['space']]:.2f}"
+        if s.get("beats_baseline"):
+            b = s["beats_baseline"]
+            label += f", beats the baseline: {_pct(b['fraction'])} [{_pct(b['ci'][0])}, {_pct(b['ci'][1])}]"
         if s["n"] >= MIN_BAND_N:
             ax.fill_between(grid, np.asarray(e["lo"], float), np.asarray(e["hi"], float), color=colors[s["space"]],
                             alpha=0.18, linewidth=0, step="post")
@@ -341,6 +345,10 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
         ax.step(grid, np.asarray(e["F"], float), where="post", color=colors[s["space"]], linewidth=2, label=label)
     if grid.size and grid[0] < 0 < grid[-1]:
         ax.axvline(0, color="0.5", linewidth=0.8, linestyle=":")
+    if baseline.get("n"):
+        ax.axvline(baseline["acc_drop"], color="black", linewidth=1.6, linestyle="--",
+                   label=f"uniform baseline (r = {_baseline_ratio(baseline):.3f}, trained): drop "
+                         f"{baseline['acc_drop']:.2f} pp")
     banded = any(s["n"] >= MIN_BAND_N for s in spaces)
     ax.set_title(f"Accuracy-drop EDF (shaded: {_band(summary)} bootstrap band)" if banded else "Accuracy-drop EDF")
     ax.set_xlabel(_DROP)
@@ -418,6 +426,11 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
     ax.legend(fontsize=8, loc="upper left", ncols=1 if len(spaces) < 3 else 2)
     ax.grid(alpha=0.3, axis="y")
     fig.savefig(path, dpi=100)
+
+
+def _baseline_ratio(baseline: dict) -> float:
+    recipe = baseline.get("recipe") or [math.nan]
+    return float(recipe[0]) if recipe[0] is not None else math.nan
 
 
 def _band(summary: dict) -> str:
@@ -581,6 +594,10 @@ def _fig_spaces(summary: dict, colors: dict, path: Path) -> None:
                 lo.append(s["drop"]["mean"] - s["drop"]["mean_ci"][0])
                 hi.append(s["drop"]["mean_ci"][1] - s["drop"]["mean"])
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=4, color=colors[name], label=name, markersize=7)
+    marked = [(j, r["baseline"]["acc_drop"]) for j, r in enumerate(regs) if (r.get("baseline") or {}).get("n")]
+    if marked:
+        ax.scatter([j for j, _ in marked], [d for _, d in marked], marker="_", s=900, linewidths=2.5,
+                   color="black", zorder=4, label="uniform baseline (one trained subnetwork)")
     ax.set_xticks(range(len(regs)), [r["key"] for r in regs])
     ax.set_xlim(-0.6, len(regs) - 0.4)
     fig.suptitle("Mean accuracy drop per space", fontsize=12, fontweight="bold")
@@ -658,10 +675,35 @@ def _regime_rows(reg: dict) -> list[str]:
             cells += [f"<td>{w['acc_drop']:.3f} (row {w['row']})</td>", f"<td>{d['median']:.3f}</td>",
                       f"<td>{d['mean']:.3f} [{_fmt(d['mean_ci'][0])}, {_fmt(d['mean_ci'][1])}]</td>",
                       f"<td>{_fmt(s['edf']['area'])}</td>",
-                      f"<td>{_fmt(comp['prob_best'][s['space']], '.2f') if comp else '–'}</td>"]
+                      f"<td>{_fmt(comp['prob_best'][s['space']], '.2f') if comp else '–'}</td>",
+                      f"<td>{_beats_text(s.get('beats_baseline'))}</td>"]
         else:
-            cells += ["<td>–</td>"] * 5
+            cells += ["<td>–</td>"] * 6
         rows.append("<tr>" + "".join(cells) + "</tr>")
+    return rows
+
+
+def _beats_text(beats: dict | None) -> str:
+    if not beats:
+        return "–"
+    return f"{_pct(beats['fraction'])} [{_pct(beats['ci'][0])}, {_pct(beats['ci'][1])}]"
+
+
+def _baseline_rows(summary: dict) -> list[str]:
+    """One line per regime with a trained baseline row."""
+    rows = []
+    for reg in summary["regimes"]:
+        b = reg.get("baseline")
+        if not b:
+            continue
+        if b.get("n"):
+            rows.append(f"<tr><td class=l>{html.escape(reg['key'])}</td><td>{_baseline_ratio(b):.4f}</td>"
+                        f"<td>{b['c_flops']:.4f}</td><td>{b['c_params']:.4f}</td><td>{b['mcb']:.3f}</td>"
+                        f"<td>{b['top1']:.2f}</td><td>{b['acc_drop']:.3f}</td></tr>")
+        else:
+            rows.append(f"<tr><td class=l>{html.escape(reg['key'])}</td><td colspan=6>not trained yet "
+                        f"({b['counts']['pending'] + b['counts']['running']} pending, {b['counts']['failed']} "
+                        "failed)</td></tr>")
     return rows
 
 
@@ -690,10 +732,19 @@ def render_html(summary: dict) -> str:
                  f"best-k with k = {s['k']}.</p>")
     parts.append("<h2>Spaces</h2><table><tr><th class=l>regime</th><th class=l>space</th><th>rows</th><th>done</th>"
                  "<th>pending</th><th>running</th><th>failed</th><th>NaN</th><th>best drop</th><th>median drop</th>"
-                 f"<th>mean drop [{band} CI]</th><th>EDF area</th><th>P(highest EDF)</th></tr>")
+                 f"<th>mean drop [{band} CI]</th><th>EDF area</th><th>P(highest EDF)</th>"
+                 f"<th>beats the baseline [{band} CI]</th></tr>")
     for reg in summary["regimes"]:
         parts += _regime_rows(reg)
     parts.append("</table>")
+    baselines = _baseline_rows(summary)
+    if baselines:
+        parts.append("<h2>Uniform baselines</h2><p>Per regime, the subnetwork with one uniform pruning ratio whose "
+                     "integer channel counts come closest to the target, trained like every other row (paper "
+                     "§3.1's reference). <i>Beats the baseline</i>: the fraction of a space's finished subnetworks "
+                     f"with a lower accuracy drop, with a {band} bootstrap interval over the space's rows.</p>"
+                     "<table><tr><th class=l>regime</th><th>ratio</th><th>c_flops</th><th>c_params</th><th>mCB</th>"
+                     "<th>top-1</th><th>drop</th></tr>" + "".join(baselines) + "</table>")
     comps = [r for r in summary["regimes"] if r.get("comparison")]
     if comps:
         parts.append("<h2>Which space's EDF is higher</h2><p>P(row space's EDF area &gt; column space's), from "

@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 
 from nps.kernels.samplers import Sample, sample_space
-from nps.kernels.spaces import Space, describe
+from nps.kernels.spaces import BASELINE, Space, describe, uniform_baseline
 
 
 def row_seeds(seed: int, regime: str, n: int) -> np.ndarray:
@@ -65,3 +65,28 @@ def sample_rows(table, space: Space, n: int, seed: int, **kwargs) -> tuple[dict,
     """
     sample = sample_space(table, space, n, space_seed(seed, space.regime), **kwargs)
     return rows_from_sample(sample, seed), space_attrs(space, seed, sample.stats), sample
+
+
+def baseline_key(target: str, value: float) -> str:
+    """Group name of a regime's baseline: ``baseline@<target>=<value>``."""
+    return f"{BASELINE}@{target}={value:g}"
+
+
+def baseline_rows(table, target: str, value: float, seed: int, *, delta: float, R: float) -> tuple[dict, dict]:
+    """(rows, attrs) of a regime's uniform baseline: one row, every group at the uniform ratio whose integer counts
+    come closest to the target (paper §3.1's reference, trained like every other row)."""
+    ratio, units, achieved = uniform_baseline(table, target, value, R)
+    recipe = np.full((1, len(table.channels)), ratio)
+    keep = (units * np.asarray(getattr(table, "granularity", 1), dtype=np.int64))[None, :]
+    flops, params = table.flops(units[None, :]), table.params(units[None, :])
+    c_flops, c_params = flops / table.base_flops, params / table.base_params
+    rows = {"recipe": recipe.astype(np.float32), "keep": keep.astype(np.int32), "flops": flops.astype(np.int64),
+            "params": params.astype(np.int64), "c_flops": c_flops.astype(np.float32),
+            "c_params": c_params.astype(np.float32), "mcb": (c_flops / c_params).astype(np.float32),
+            "std": np.zeros(1, np.float32), "seed": row_seeds(seed, baseline_key(target, value), 1)}
+    attrs = {"space": BASELINE, "target": target, "value": float(value), "delta": float(delta), "R": float(R),
+             "sigma": 0.0, "std_band": np.array([np.nan, np.nan]), "mcb_band": np.array([np.nan, np.nan]),
+             "seed": int(seed), "uniform_ratio": ratio, "achieved": achieved,
+             "within_delta": bool(abs(achieved - value) <= delta),
+             "description": f"uniform baseline: r = {ratio:.4f} in every group gives {target} {achieved:.4f}"}
+    return rows, attrs

@@ -260,3 +260,39 @@ def test_many_groups_and_granularity_stay_readable(tmp_path):
     assert all(k % g == 0 for k, g in zip(winner["keep"], summary["model"]["granularity"]))
     page = (tmp_path / "regnet" / "index.html").read_text()
     assert "multiply-accumulates" in page and "<th>multiple</th>" in page
+
+
+def test_baseline_rows_are_marked_and_beaten_fractions_match_the_raw_file(tmp_path, table):
+    from nps.pipeline.sampling import baseline_key, baseline_rows
+
+    path = tmp_path / "r.h5"
+    make_results(path, table, spaces=SPACES[:2], n=N, outcome=lambda s, r: "done")
+    store = ResultsStore.open(path)
+    rows, attrs = baseline_rows(table, "c_flops", 0.5, 0, delta=0.002, R=0.95)
+    store.add_space(baseline_key("c_flops", 0.5), rows, epochs=1, attrs=attrs)
+    store.mark_done(baseline_key("c_flops", 0.5), 0, top1=BASE_TOP1 + 0.25, top5=99.0, loss=0.5)
+    store.close()
+    summary = write_report(path, tmp_path / "report", k=K, n_boot=200)
+    (reg,) = summary["regimes"]
+    assert [s["space"] for s in reg["spaces"]] == ["std-0.01", "std-0.1"]  # the baseline is not a space
+    assert reg["baseline"]["n"] == 1 and reg["baseline"]["acc_drop"] == pytest.approx(-0.25, abs=1e-5)
+    # ResNet-20's 16-channel groups: the closest uniform recipe misses 0.5 by 0.0025 (said in the attrs)
+    assert reg["baseline"]["c_flops"] == pytest.approx(attrs["achieved"], abs=1e-6) and not attrs["within_delta"]
+    assert len(set(reg["baseline"]["recipe"])) == 1
+    with h5py.File(path, "r") as f:
+        baseline_drop = f["spaces"][baseline_key("c_flops", 0.5)]["acc_drop"][0]
+        for s in reg["spaces"]:
+            g = f["spaces"][s["group"]]
+            drops = g["acc_drop"][()][g["status"][()] == DONE]
+            beats = s["beats_baseline"]
+            assert beats["fraction"] == pytest.approx(np.mean(drops < baseline_drop)) and 0 < beats["fraction"] < 1
+            assert beats["ci"][0] <= beats["fraction"] <= beats["ci"][1] and beats["n"] == len(drops)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<h2>Uniform baselines</h2>" in page and "beats the baseline" in page
+    assert summary["counts"]["total"] == 2 * N + 1
+    # an old file, without baseline groups, reads as before
+    old = write_report(tmp_path / "r.h5", tmp_path / "again", k=K, n_boot=50, force=True)
+    assert old["regimes"][0]["baseline"] is not None
+    make_results(tmp_path / "old.h5", table, spaces=SPACES[:1], n=6, outcome=lambda s, r: "done")
+    old = write_report(tmp_path / "old.h5", tmp_path / "old", k=3, n_boot=50)
+    assert old["regimes"][0]["baseline"] is None and "beats_baseline" not in old["regimes"][0]["spaces"][0]
