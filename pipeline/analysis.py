@@ -27,6 +27,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from nps.pipeline import retraining_study
+from nps.pipeline.retraining_study import RATIOS
+
 DEFAULT_EDF_POINTS = 200
 DEFAULT_BOOTSTRAP = 1000
 DEFAULT_BAND = (2.5, 97.5)
@@ -405,6 +408,10 @@ class Population:
     keep: np.ndarray
     delta: float = math.nan
     """The regime's tolerance (``|c − value| <= delta``), NaN when the file does not say."""
+    criterion: str = ""
+    """How the rows were pruned and retrained (the group's attributes; empty or 0 when the file does not say)."""
+    method: str = ""
+    epochs: int = 0
 
     @property
     def n(self) -> int:
@@ -547,7 +554,7 @@ def summarize(populations: Sequence[Population], *, k: int = 40, n_boot: int = D
     for p in populations:
         if p.space == BASELINE:
             baselines[(p.target, p.value)] = p
-        else:
+        elif p.space != RATIOS:  # ratio spaces have no regime: see nps.pipeline.retraining_study
             by_regime.setdefault((p.target, p.value), []).append(p)
     regimes = []
     for key in sorted(by_regime, key=lambda tv: _regime_order(*tv)):
@@ -564,7 +571,8 @@ def summarize(populations: Sequence[Population], *, k: int = 40, n_boot: int = D
     counts["finished"] = sum(p.n for p in populations)
     return {"counts": counts, "settings": {"k": int(k), "bootstrap": int(n_boot), "seed": int(seed),
                                            "edf_points": int(edf_points), "band": [float(b) for b in band]},
-            "regimes": regimes, "optimal_mcb": _optimal_mcb(regimes), "drop_vs_mcb": _drop_vs_mcb(regimes)}
+            "regimes": regimes, "optimal_mcb": _optimal_mcb(regimes), "drop_vs_mcb": _drop_vs_mcb(regimes),
+            "ratio_study": retraining_study.summarize(populations)}
 
 
 def _optimal_mcb(regimes: Sequence[dict]) -> dict:

@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from nps.pipeline import __version__ as NPS_VERSION
+from nps.pipeline import retraining_study
 from nps.pipeline.analysis import (
-    DEFAULT_BAND, DEFAULT_BOOTSTRAP, DEFAULT_EDF_POINTS, Population, fit_from_dict, regime_key, summarize,
+    BASELINE, DEFAULT_BAND, DEFAULT_BOOTSTRAP, DEFAULT_EDF_POINTS, Population, fit_from_dict, regime_key, summarize,
 )
+from nps.pipeline.retraining_study import RATIOS
 from nps.pipeline.errors import NpsError
 from nps.pipeline.store import DONE, FAILED, PENDING, RUNNING, open_readonly
 
@@ -75,8 +77,12 @@ def read_population(reader, group: str) -> Population:
               "failed": int(np.count_nonzero(status == FAILED)), "nan": int(np.count_nonzero(done & ~finite))}
     pick = {name: cols[name][ok] for name in _FIELDS if name != "status"}
     delta = float(g.attrs["delta"]) if "delta" in g.attrs else math.nan
+    overrides = _text(g.attrs.get("overrides", ""))
+    if overrides and space not in (RATIOS, BASELINE):  # one space in several settings: tell them apart
+        space = f"{space} ({overrides})"
     return Population(group=group, space=space, target=target, value=value, counts=counts,
-                      row=np.flatnonzero(ok), delta=delta, **pick)
+                      row=np.flatnonzero(ok), delta=delta, criterion=_text(g.attrs.get("criterion", "")),
+                      method=_text(g.attrs.get("method", "")), epochs=int(g.attrs.get("epochs", 0)), **pick)
 
 
 def _layer_table(reader):
@@ -615,6 +621,14 @@ def render(summary: dict, out_dir: str | os.PathLike) -> dict:
     figures = {}
     if summary["counts"]["finished"] == 0:
         return figures
+    study = summary.get("ratio_study")
+    if study and study["panels"]:
+        retraining_study.draw(study, out / "ratio_study.png")
+        figures["ratio_study"] = {"file": "ratio_study.png", "caption": "Uniformly pruned subnetworks: accuracy drop "
+                                  "against the ratio per filter-importance criterion, against the fine-tuning "
+                                  "epochs per ratio, and per retraining method (paper Fig. 1)."}
+    if not summary["regimes"]:
+        return figures
     colors = _colors(summary)
     for reg in summary["regimes"]:
         if reg["n"]:
@@ -683,6 +697,19 @@ def _regime_rows(reg: dict) -> list[str]:
     return rows
 
 
+def _ratio_study_html(study: dict | None) -> list[str]:
+    """The §2 studies' points: mean drop per criterion, method, epochs and uniform ratio."""
+    if not study:
+        return []
+    rows = "".join(f"<tr><td class=l>{html.escape(p['criterion'])}</td><td class=l>{html.escape(p['method'])}</td>"
+                   f"<td>{p['epochs']}</td><td>{p['ratio']:g}</td><td>{p['n']}</td><td>{p['drop_mean']:.3f}</td>"
+                   f"<td>{p['drop_std']:.3f}</td></tr>" for p in study["points"])
+    return ["<h2>Uniform ratios (paper §2, Fig. 1)</h2><p>Rows of the ratio spaces: every group pruned at one ratio, "
+            "by the criterion and retrained by the method for the epochs of its space.</p><table><tr>"
+            "<th class=l>criterion</th><th class=l>method</th><th>epochs</th><th>ratio</th><th>rows</th>"
+            "<th>mean drop</th><th>std</th></tr>" + rows + "</table>"]
+
+
 def _beats_text(beats: dict | None) -> str:
     if not beats:
         return "–"
@@ -745,6 +772,7 @@ def render_html(summary: dict) -> str:
                      f"with a lower accuracy drop, with a {band} bootstrap interval over the space's rows.</p>"
                      "<table><tr><th class=l>regime</th><th>ratio</th><th>c_flops</th><th>c_params</th><th>mCB</th>"
                      "<th>top-1</th><th>drop</th></tr>" + "".join(baselines) + "</table>")
+    parts += _ratio_study_html(summary.get("ratio_study"))
     comps = [r for r in summary["regimes"] if r.get("comparison")]
     if comps:
         parts.append("<h2>Which space's EDF is higher</h2><p>P(row space's EDF area &gt; column space's), from "

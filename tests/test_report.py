@@ -296,3 +296,53 @@ def test_baseline_rows_are_marked_and_beaten_fractions_match_the_raw_file(tmp_pa
     make_results(tmp_path / "old.h5", table, spaces=SPACES[:1], n=6, outcome=lambda s, r: "done")
     old = write_report(tmp_path / "old.h5", tmp_path / "old", k=3, n_boot=50)
     assert old["regimes"][0]["baseline"] is None and "beats_baseline" not in old["regimes"][0]["spaces"][0]
+
+
+def test_ratio_study_panels_equal_the_raw_file(tmp_path, table):
+    """Fig. 1 from ratio spaces (criteria × epochs × methods as one space each): summary.json's points and panels
+    equal means computed here from the raw HDF5."""
+    store = ResultsStore.create(tmp_path / "r.h5", table, CONFIG, {"base_top1": BASE_TOP1})
+    rng = np.random.default_rng(1)
+    settings = [("l1", "finetune", 2), ("l2", "finetune", 2), ("fpgm", "finetune", 2), ("l2", "finetune", 4),
+                ("l2", "rewind", 2), ("l2", "rewind", 4), ("l2", "scratch", 2), ("l2", "scratch", 4)]
+    ratios = [0.25, 0.5, 0.75]
+    for criterion, method, epochs in settings:
+        recipe = np.repeat(np.repeat(ratios, 2)[:, None], len(table), axis=1)  # two rows (seeds) per ratio
+        keep = table.keep(recipe)
+        rows = {"recipe": recipe, "keep": keep, "flops": table.flops_of(keep), "params": table.params_of(keep),
+                "c_flops": table.c_flops(keep), "c_params": table.c_params(keep), "mcb": table.mcb(keep),
+                "std": np.zeros(len(keep)), "seed": np.arange(len(keep))}
+        name = f"ratios+criterion={criterion}+method={method}+epochs={epochs}"
+        store.add_space(name, rows, epochs=epochs, attrs={"space": "ratios", "criterion": criterion,
+                                                          "method": method,
+                                                          "overrides": f"{criterion}, {method}, {epochs} epochs"})
+        for row in range(len(keep)):
+            store.mark_done(name, row, top1=BASE_TOP1 - 10 * recipe[row, 0] ** 2 - rng.uniform(0, 1), top5=99,
+                            loss=0.5)
+    store.close()
+    summary = write_report(tmp_path / "r.h5", tmp_path / "report", k=3, n_boot=20)
+    study = summary["ratio_study"]
+    assert summary["regimes"] == [] and (tmp_path / "report" / "ratio_study.png").is_file()
+    expected = {}
+    with h5py.File(tmp_path / "r.h5", "r") as f:
+        for name, g in f["spaces"].items():
+            a = g.attrs
+            for r, d in zip(g["recipe"][()][:, 0], g["acc_drop"][()]):
+                key = (a["criterion"], a["method"], int(a["epochs"]), round(float(r), 6))
+                expected.setdefault(key, []).append(float(d))
+    got = {(p["criterion"], p["method"], p["epochs"], p["ratio"]): p for p in study["points"]}
+    assert got.keys() == expected.keys()
+    for key, drops in expected.items():
+        assert got[key]["drop_mean"] == pytest.approx(np.mean(drops)) and got[key]["n"] == 2
+    panels = {p["name"]: p for p in study["panels"]}
+    assert set(panels) == {"criteria", "epochs", "methods"}
+    crit = panels["criteria"]  # l1, l2, fpgm at finetune, 2 epochs over the ratios
+    assert crit["fixed"] == {"method": "finetune", "epochs": 2} and set(crit["lines"]) == {"l1", "l2", "fpgm"}
+    assert crit["lines"]["l1"]["drop_mean"] == [pytest.approx(np.mean(expected[("l1", "finetune", 2, r)]))
+                                               for r in ratios]
+    assert set(panels["epochs"]["lines"]) == {"0.25", "0.5", "0.75"}
+    assert panels["epochs"]["lines"]["0.5"]["x"] == [2, 4]
+    methods = panels["methods"]
+    assert methods["fixed"]["ratio"] == 0.75 and set(methods["lines"]) == {"finetune", "rewind", "scratch"}
+    assert methods["lines"]["scratch"]["drop_mean"][1] == pytest.approx(np.mean(expected[("l2", "scratch", 4, 0.75)]))
+    assert "Uniform ratios (paper §2, Fig. 1)" in (tmp_path / "report" / "index.html").read_text()
