@@ -189,8 +189,6 @@ def export_subnetwork(results_path: str | os.PathLike, space: str, out: str | os
     kept. Returns the export's metadata (everything but the state_dict) plus ``note`` (non-empty when a better
     row had no weights) and ``out``.
     """
-    import torch
-
     from nps.pipeline.graph import LayerTable
     from nps.pipeline.store import DONE, STATUS_NAMES, open_readonly
 

@@ -44,7 +44,8 @@ import numpy as np
 from torch import nn
 
 from nps.kernels.complexity import QuadraticForm, keep_from_recipe
-from nps.pipeline.channel_graph import ChannelClass, ChannelGraph, Seg, analyze, classes
+from nps.pipeline.channel_graph import ChannelGraph, Seg, analyze
+from nps.pipeline.channel_groups import ChannelClass, classes
 from nps.pipeline.errors import NpsError
 from nps.pipeline.models import build_model
 

@@ -30,7 +30,6 @@ import time
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from nps.kernels.samplers import sample_naive, sample_space  # noqa: E402
