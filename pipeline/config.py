@@ -34,7 +34,6 @@ import difflib
 import math
 import os
 import re
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from nps.pipeline.errors import NpsError
+from nps.pipeline.spec import RetrainSpec
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
+    import tomli as tomllib
 
 
 def _f(default=None, help: str = "", *, factory=None):  # noqa: A002 - the word the schema uses
@@ -107,16 +112,10 @@ class SpaceConfig:
 
 
 @dataclass
-class RetrainConfig:
-    method: str = _f("finetune", "finetune (the paper's standard setting), rewind or scratch")
-    epochs: int = _f(50, "retraining epochs of every subnetwork (the short first stage when two_stage is on)")
-    lr: float = _f(0.01, "initial learning rate of fine-tuning (cosine to 0)")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(5e-4, "SGD weight decay")
-    nesterov: bool = _f(False, "Nesterov momentum")
-    label_smoothing: float = _f(0.0, "label smoothing")
-    rewind_lr: float = _f(0.1, "peak learning rate of rewind and scratch")
-    warmup_epochs: float = _f(5.0, "warm-up of rewind and scratch")
+class RetrainConfig(RetrainSpec):
+    """``[retrain]``: the retraining recipe (:class:`~nps.pipeline.spec.RetrainSpec`, its fields and checks) plus
+    how the run trains and scores every subnetwork."""
+
     batch_size: int = _f(128, "training batch size (shared by a cohort)")
     cohort_size: int | str = _f("auto", "subnetworks trained together on one device: 'auto' or a number")
     bn_images: int = _f(500, "adaptive-BN images before fine-tuning; bn_top1 ranks candidates (0: skip)")
@@ -158,7 +157,6 @@ RUNTIME_KEYS = frozenset({
 })
 
 PRESETS_DIR = "presets"  # inside the nps.pipeline package (pyproject: package-data)
-METHODS = ("finetune", "rewind", "scratch")
 AMP = ("auto", "bf16", "fp16", "off")
 KEEP_WEIGHTS = ("all", "topk", "none")
 
@@ -459,22 +457,14 @@ def check_config(cfg: Config) -> Config:
     seen: dict[str, str] = {}
     for i, space in expand_spaces(cfg):
         key = f"spaces[{i}]"
-        _need(space.regime not in seen, key, f"{space.regime} is already given by {seen.get(space.regime)}")
-        seen[space.regime] = key
+        _need(space.key not in seen, key, f"{space.key} is already given by {seen.get(space.key)}")
+        seen[space.key] = key
 
-    _choice(r.method, "retrain.method", METHODS)
     _need(r.epochs >= 1, "retrain.epochs", f"must be >= 1, got {r.epochs}")
-    for name in ("lr", "rewind_lr"):
-        _need(getattr(r, name) > 0, f"retrain.{name}", f"must be > 0, got {getattr(r, name)}")
-    _need(0 <= r.momentum < 1, "retrain.momentum", f"must be in [0, 1), got {r.momentum}")
-    _need(not (r.nesterov and r.momentum == 0), "retrain.nesterov", "needs retrain.momentum > 0")
-    _need(r.weight_decay >= 0, "retrain.weight_decay", f"must be >= 0, got {r.weight_decay}")
-    _need(0 <= r.label_smoothing < 1, "retrain.label_smoothing", f"must be in [0, 1), got {r.label_smoothing}")
-    epochs = [r.epochs] + ([t.full_epochs] if t.enabled else [])
-    _need(r.warmup_epochs >= 0, "retrain.warmup_epochs", f"must be >= 0, got {r.warmup_epochs}")
-    if r.method != "finetune":
-        _need(r.warmup_epochs <= min(epochs), "retrain.warmup_epochs",
-              f"{r.warmup_epochs} exceeds the retraining epochs ({min(epochs)})")
+    r.check("retrain")
+    if t.enabled and r.method != "finetune":
+        _need(r.warmup_epochs <= t.full_epochs, "retrain.warmup_epochs",
+              f"{r.warmup_epochs} exceeds two_stage.full_epochs ({t.full_epochs})")
     _need(r.batch_size >= 1, "retrain.batch_size", f"must be >= 1, got {r.batch_size}")
     _need(r.cohort_size == "auto" or (isinstance(r.cohort_size, int) and r.cohort_size >= 1), "retrain.cohort_size",
           f"use 'auto' or a number >= 1, got {r.cohort_size!r}")
