@@ -9,6 +9,10 @@ Layout (DESIGN.md, "results.h5")::
 
 Rules the writer follows, and why:
 
+Errors: :class:`~nps.pipeline.errors.NpsError` for what a user can fix (a missing file, a file being written by
+another process); ``ValueError``/``IndexError`` for a caller's broken promise (rows of the wrong shape, a row out
+of range): those are bugs and show their traceback.
+
 - **Exactly one writer.** :class:`ResultsStore` holds an exclusive ``flock`` on a side file ``<path>.lock`` for its
   whole life. The operating system drops that lock when the process dies (even by ``kill -9``), so a later writer
   can tell "the previous writer crashed" from "someone is writing right now".
@@ -311,26 +315,26 @@ def open_readonly(path: str | os.PathLike, *, retry_s: float = 5.0) -> ResultsRe
 def _check_rows(rows: Mapping[str, Any], groups: int | None) -> tuple[dict[str, np.ndarray], int]:
     missing = [k for k in RECIPE_FIELDS if k not in rows]
     if missing:
-        raise NpsError(f"rows lack {', '.join(missing)} (need {', '.join(RECIPE_FIELDS)})")
+        raise ValueError(f"rows lack {', '.join(missing)} (need {', '.join(RECIPE_FIELDS)})")
     extra = [k for k in rows if k not in RECIPE_FIELDS]
     if extra:
-        raise NpsError(f"rows have unknown fields {', '.join(extra)}")
+        raise ValueError(f"rows have unknown fields {', '.join(extra)}")
     arrays = {}
     n = None
     for name, (dtype, per_group) in RECIPE_FIELDS.items():
         a = np.asarray(rows[name])
         if per_group:
             if a.ndim != 2:
-                raise NpsError(f"rows[{name!r}] must be n × groups, got shape {a.shape}")
+                raise ValueError(f"rows[{name!r}] must be n × groups, got shape {a.shape}")
             if groups is not None and a.shape[1] != groups:
-                raise NpsError(f"rows[{name!r}] has {a.shape[1]} groups, the space has {groups}")
+                raise ValueError(f"rows[{name!r}] has {a.shape[1]} groups, the space has {groups}")
             if a.shape[1] < 1:
-                raise NpsError(f"rows[{name!r}] has no group columns")
+                raise ValueError(f"rows[{name!r}] has no group columns")
             groups = a.shape[1]
         elif a.ndim != 1:
-            raise NpsError(f"rows[{name!r}] must be one value per row, got shape {a.shape}")
+            raise ValueError(f"rows[{name!r}] must be one value per row, got shape {a.shape}")
         if n is not None and a.shape[0] != n:
-            raise NpsError(f"rows[{name!r}] has {a.shape[0]} rows, {next(iter(arrays))!r} has {n}")
+            raise ValueError(f"rows[{name!r}] has {a.shape[0]} rows, {next(iter(arrays))!r} has {n}")
         n = a.shape[0]
         arrays[name] = a.astype(dtype)
     return arrays, int(n)
@@ -413,7 +417,7 @@ class ResultsStore(_ResultsFile):
         if mode == "r":
             return open_readonly(path)
         if mode != "r+":
-            raise NpsError(f"mode must be 'r' or 'r+', got {mode!r}")
+            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         if not os.path.exists(path):
             raise NpsError(f"{path}: no such results file; create it first")
         store = cls(path, cls._lock(path))
@@ -480,11 +484,11 @@ class ResultsStore(_ResultsFile):
         array; ``epochs`` sets the width of ``curve``; ``attrs`` (the space's constraints) go on the group.
         """
         if "/" in name or not name:
-            raise NpsError(f"space name {name!r} must be non-empty and contain no '/'")
+            raise ValueError(f"space name {name!r} must be non-empty and contain no '/'")
         if name in self.spaces():
-            raise NpsError(f"{self.path} already has a space {name!r}; use append_rows")
+            raise ValueError(f"{self.path} already has a space {name!r}; use append_rows")
         if epochs < 0:
-            raise NpsError(f"epochs must be >= 0, got {epochs}")
+            raise ValueError(f"epochs must be >= 0, got {epochs}")
         arrays, n = _check_rows(rows, None)
         groups = arrays["recipe"].shape[1]
         width = max(int(epochs), 1)
@@ -533,7 +537,7 @@ class ResultsStore(_ResultsFile):
         idx = np.unique(np.atleast_1d(np.asarray(rows, dtype=np.int64)))
         n = self.size(space)
         if idx.size and (idx[0] < 0 or idx[-1] >= n):
-            raise NpsError(f"space {space!r} has rows 0..{n - 1}; got {idx[0]}..{idx[-1]}")
+            raise IndexError(f"space {space!r} has rows 0..{n - 1}; got {idx[0]}..{idx[-1]}")
         return idx
 
     def _set_status(self, space: str, rows: np.ndarray, code: int) -> None:

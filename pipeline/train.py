@@ -55,7 +55,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: RetrainSpec,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step schedule over ``config.epochs × steps_per_epoch`` steps; call ``.step()`` after every batch."""
     if steps_per_epoch < 1:
-        raise NpsError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     total = config.epochs * steps_per_epoch
     warmup = int(round(config.warmup * steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
@@ -161,7 +161,7 @@ def adaptive_bn_many(models: Sequence[nn.Module], loader: Iterable, device: torc
     ready to be evaluated (that accuracy is ``bn_top1``). Returns the number of images used.
     """
     if num_images < 1:
-        raise NpsError(f"adaptive BN needs num_images >= 1, got {num_images}")
+        raise ValueError(f"adaptive BN needs num_images >= 1, got {num_images}")
     device = torch.device(device)
     saved = []
     for m in models:

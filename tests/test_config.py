@@ -235,3 +235,24 @@ def test_cli_reports_a_bad_experiment_in_one_line(tmp_path):
                          timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 2
     assert out.stderr.strip() == "nps run: error: retrain.epoch: unknown key (did you mean 'epochs'?)"
+
+
+def test_debug_shows_the_traceback_of_bad_input(tmp_path):
+    path = write(tmp_path, "[retrain]\nepoch = 3\n")
+    out = subprocess.run([sys.executable, "-m", "nps.pipeline.cli", "--debug", "run", path], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback (most recent call last)" in out.stderr
+    assert out.stderr.strip().endswith("nps run: error: retrain.epoch: unknown key (did you mean 'epochs'?)")
+
+
+def test_a_broken_invariant_is_a_bug_not_bad_input(monkeypatch):
+    """Only bad input becomes a one-line error (exit 2); anything else propagates with its traceback."""
+    import nps.pipeline.commands.presets as presets
+    from nps.pipeline.cli import main
+
+    def broken(args):
+        raise RuntimeError("rows were queued but are not all pending")
+
+    monkeypatch.setattr(presets, "run", broken)
+    with pytest.raises(RuntimeError, match="not all pending"):
+        main(["presets"])

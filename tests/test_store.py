@@ -104,14 +104,15 @@ def test_append_rows_and_long_error_truncated_on_utf8_boundary(store):
 
 def test_bad_input_is_one_line_error(store, tmp_path):
     rows = make_rows(3)
-    with pytest.raises(NpsError, match="lack"):
+    # a caller's broken promise is a bug (a traceback), not bad input
+    with pytest.raises(ValueError, match="lack"):
         store.add_space("s", {k: v for k, v in rows.items() if k != "seed"}, epochs=1)
     store.add_space("s", rows, epochs=1)
-    with pytest.raises(NpsError, match="already has"):
+    with pytest.raises(ValueError, match="already has"):
         store.add_space("s", rows, epochs=1)
-    with pytest.raises(NpsError, match="groups"):
+    with pytest.raises(ValueError, match="groups"):
         store.append_rows("s", make_rows(2) | {"recipe": np.zeros((2, 3)), "keep": np.ones((2, 3))})
-    with pytest.raises(NpsError, match="rows 0..2"):
+    with pytest.raises(IndexError, match="rows 0..2"):
         store.mark_done("s", 3, top1=1, top5=1, loss=1)
     with pytest.raises(NpsError, match="no space"):
         store.status("nope")
