@@ -144,6 +144,25 @@ def test_random_order_follows_the_seed(rgb_dir, on_device):
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[0], other[0])
 
 
+@pytest.mark.parametrize("on_device", [False, True])
+def test_set_epoch_fixes_a_pass_whatever_was_iterated_before(rgb_dir, on_device):
+    """The seed rule's data side: epoch e is the same pass on every loader of the seed, however often (or how far)
+    it was iterated before (adaptive BN and shape probes iterate it too)."""
+    def loader():
+        return make_loaders(rgb_dir, batch_size=32, on_device=on_device, seed=5, num_workers=1, augment=on_device)[0]
+
+    fresh, used = loader(), loader()
+    for _ in range(3):
+        next(iter(used))  # partial passes
+    collect(used)
+    fresh.set_epoch(2)
+    used.set_epoch(2)
+    (x1, y1), (x2, y2) = collect(fresh), collect(used)
+    assert torch.equal(y1, y2) and torch.equal(x1, x2)
+    used.set_epoch(1)
+    assert not torch.equal(collect(used)[1], y1)
+
+
 def test_device_loader_shards_like_distributed_sampler(monkeypatch):
     import nps.datasets.device_loader as device_module
 
