@@ -16,24 +16,7 @@ from nps.pipeline.store import (
     DONE, ERROR_BYTES, FAILED, PENDING, RUNNING, ResultsStore, clear_consistency_flags, open_readonly,
 )
 
-GROUPS = 4
-
-
-class StandInTable:
-    """Anything with ``to_hdf5(group)`` can be the layer table."""
-
-    def to_hdf5(self, group):
-        group.create_dataset("channels", data=np.array([16, 32, 64, 64], dtype="i4"))
-        group.attrs["names"] = "a,b,c,d"
-
-
-def make_rows(n, seed=0):
-    rng = np.random.default_rng(seed)
-    recipe = rng.uniform(0, 0.8, size=(n, GROUPS))
-    keep = np.maximum(1, np.round((1 - recipe) * np.array([16, 32, 64, 64]))).astype(int)
-    return dict(recipe=recipe, keep=keep, flops=rng.integers(1e6, 1e8, n), params=rng.integers(1e4, 1e6, n),
-                c_flops=rng.uniform(0.2, 0.3, n), c_params=rng.uniform(0.2, 0.3, n), mcb=rng.uniform(0.9, 1.1, n),
-                std=recipe.std(axis=1), seed=np.arange(n) + 1000)
+from helpers import GROUPS, StandInTable, rows_for_store as make_rows  # noqa: E402 - shared with other tests
 
 
 @pytest.fixture
