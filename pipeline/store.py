@@ -548,6 +548,52 @@ class ResultsStore(_ResultsFile):
     def mark_running(self, space: str, rows: Iterable[int] | int) -> None:
         self._set_status(space, self._rows(space, rows), RUNNING)
 
+    def mark_pending(self, space: str, rows: Iterable[int] | int) -> None:
+        """Rows whose training was abandoned (a worker died, a stop request) go back to pending."""
+        self._set_status(space, self._rows(space, rows), PENDING)
+
+    def record(self, space: str, rows: Iterable[int], *, done: Iterable[bool], top1, top5, loss, bn_top1, train_s,
+               curves: Iterable[Iterable[float] | None], errors: Iterable[str]) -> None:
+        """Store several finished rows of one space at once: ``done`` (else failed) and one value per row in every
+        other argument. Two flushes for all of them (values, then status), so the file holds either a row's whole
+        result or none of it, as with :meth:`mark_done`; failed rows keep NaN scores and get their error."""
+        idx = np.asarray(list(rows), dtype=np.int64)
+        if idx.size == 0:
+            return
+        if np.unique(idx).size != idx.size:
+            raise ValueError(f"record: rows of {space!r} repeat: {idx.tolist()}")
+        order = np.argsort(idx, kind="stable")
+        idx = idx[order]
+        self._rows(space, idx)  # range check
+        g = self._space(space)
+        done_mask = np.asarray(list(done), dtype=bool)[order]
+        base_top1 = float(self._file.attrs.get("base_top1", math.nan))
+
+        def column(values) -> np.ndarray:
+            return np.asarray(list(values), dtype=np.float64)[order]
+
+        scores = {"top1": column(top1), "top5": column(top5), "loss": column(loss)}
+        for name in scores:
+            scores[name][~done_mask] = np.nan
+        scores["acc_drop"] = base_top1 - scores["top1"]
+        scores["bn_top1"], scores["train_s"] = column(bn_top1), column(train_s)
+        for name, values in scores.items():
+            g[name][idx] = values.astype("f4")
+        width = g["curve"].shape[1]
+        lines = np.full((idx.size, width), np.nan, dtype="f4")
+        curves = list(curves)
+        for i, src in enumerate(order):
+            if done_mask[i] and curves[src] is not None:
+                values = np.asarray(list(curves[src]), dtype="f4")[:width]
+                lines[i, : values.size] = values
+        g["curve"][idx] = lines
+        errors = list(errors)
+        g["error"][idx] = np.array([b"" if d else _encode_error(errors[src]) for d, src in zip(done_mask, order)],
+                                   dtype=f"S{ERROR_BYTES}")
+        self.flush()  # values reach the file before the status says they are there
+        g["status"][idx] = np.where(done_mask, DONE, FAILED).astype("u1")
+        self.flush()
+
     def mark_done(
         self,
         space: str,
