@@ -2,7 +2,7 @@
 
 An experiment file has these tables (every key optional; ``dump(Config())`` prints all defaults with comments)::
 
-    [experiment]  name, description, seed, out, devices
+    [experiment]  name, description, seed, out, devices, ray
     [dataset]     dir (written by `nps convert`), workers, on_device, val_batch_size, augment, train_images,
                   val_images
     [model]       name, checkpoint, resolution, mode, in_channels, num_classes, criterion
@@ -63,6 +63,8 @@ class ExperimentConfig:
     seed: int = _f(0, "seeds recipe sampling, pruning ties, data order and base training")
     out: str = _f("runs/experiment", "output directory: results.h5, base.pt, log.jsonl, weights/ (--out overrides)")
     devices: str = _f("auto", "'auto' (every GPU, else the CPU), 'cpu', or GPU indices '0,1' (--devices overrides)")
+    ray: str = _f("", "a Ray cluster: 'auto' (RAY_ADDRESS, else a local Ray) or HOST:PORT; empty: processes on this "
+                      "machine (--ray overrides)")
 
 
 @dataclass
@@ -152,7 +154,8 @@ class Config:
 SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
 # Keys that do not change any result: a run may be resumed with other values of these.
 RUNTIME_KEYS = frozenset({
-    "experiment.out", "experiment.devices", "experiment.description", "dataset.dir", "dataset.workers",
+    "experiment.out", "experiment.devices", "experiment.ray", "experiment.description", "dataset.dir",
+    "dataset.workers",
     "dataset.on_device", "retrain.cohort_size", "retrain.compile", "output.keep_weights", "output.top_k",
 })
 
@@ -413,6 +416,7 @@ def check_config(cfg: Config) -> Config:
     _need(e.seed >= 0, "experiment.seed", f"must be >= 0, got {e.seed}")
     _need(bool(e.out.strip()), "experiment.out", "must not be empty")
     parse_devices(e.devices, key="experiment.devices")
+    check_ray_address(e.ray, key="experiment.ray")
 
     _need(bool(d.dir.strip()), "dataset.dir", "set it to a directory written by `nps convert`")
     _need(d.workers >= 0, "dataset.workers", f"must be >= 0, got {d.workers}")
@@ -479,6 +483,14 @@ def check_config(cfg: Config) -> Config:
     _choice(o.keep_weights, "output.keep_weights", KEEP_WEIGHTS)
     _need(o.top_k >= 1, "output.top_k", f"must be >= 1, got {o.top_k}")
     return cfg
+
+
+def check_ray_address(text: str, *, key: str = "--ray") -> str:
+    """``""`` (no Ray), ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT`` (Ray Client); returns it stripped."""
+    text = str(text).strip()
+    _need(text in ("", "auto") or re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}", text) is not None, key,
+          f"{text!r} is not a Ray address: use auto or HOST:PORT of the head node (e.g. 10.0.0.1:6379)")
+    return text
 
 
 def parse_devices(text: str, *, key: str = "--devices") -> list[str]:

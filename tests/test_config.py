@@ -245,3 +245,19 @@ def test_a_broken_invariant_is_a_bug_not_bad_input(monkeypatch):
     monkeypatch.setattr(presets, "run", broken)
     with pytest.raises(RuntimeError, match="not all pending"):
         main(["presets"])
+
+
+def test_ray_without_ray_installed_says_how_to_install_it(tmp_path):
+    fake = tmp_path / "no-ray" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
+    cli = [sys.executable, "-m", "nps.pipeline.cli", "run", "demo"]
+    out = subprocess.run(cli + ["--ray"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("nps run: error: --ray: Ray is not installed; install Ray: pip install 'nps[ray]' "
+                                  "(or pip install 'ray[default]')")
+    out = subprocess.run(cli + ["--set", "experiment.ray=auto"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and out.stderr.startswith("nps run: error: experiment.ray: Ray is not installed")
+    out = subprocess.run(cli + ["--ray", "headnode"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--ray: 'headnode' is not a Ray address: use auto or HOST:PORT" in out.stderr

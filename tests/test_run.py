@@ -312,3 +312,24 @@ def test_a_rows_result_depends_on_the_experiment_recipe_and_seed_only(tmp_path, 
             for field in ("top1", "top5", "loss", "bn_top1", "curve", "seed", "keep"):
                 np.testing.assert_array_equal(cols[field], reference[space][field], err_msg=f"{name} {space} {field}")
     assert len({float(v) for cols in reference.values() for v in cols["loss"]}) > 1  # rows do differ
+
+
+def test_a_worker_checks_its_dataset_against_the_drivers_fingerprint(tmp_path, data_dir, base_checkpoint):
+    """A worker whose copy of the dataset is not the one the driver validated (another node, another conversion)
+    stops the run with one line naming the node and the path; nothing is left running."""
+    import socket
+
+    from nps.pipeline.config import parse_config, validate
+    from nps.pipeline.errors import NpsError
+    from nps.pipeline.run import run_experiment
+
+    plan = validate(parse_config(experiment(tmp_path, data_dir, checkpoint=base_checkpoint).read_text()))
+    plan.meta = {**plan.meta, "fingerprint": "0" * 64}  # what the driver saw differs from the worker's copy
+    with pytest.raises(NpsError) as info:
+        run_experiment(plan, _Silent(), devices=["cpu"])
+    message = str(info.value)
+    assert message.startswith(f"node {socket.gethostname()}: dataset.dir {data_dir}: fingerprint ")
+    assert "differs from the driver's 000000000000" in message and "shared filesystem" in message
+    assert "\n" not in message
+    with open_readonly(tmp_path / "run" / "results.h5") as reader:
+        assert all((reader.status(name) == PENDING).all() for name in reader.spaces())

@@ -1,4 +1,4 @@
-"""The run driver behind `nps run`: an experiment end to end, resumable.
+"""The run driver behind `nps run`: an experiment end to end, resumable, on this machine or on a Ray cluster.
 
 The data flow, and who owns what::
 
@@ -8,7 +8,7 @@ The data flow, and who owns what::
     outputs    kept weights (keep_weights), the two-stage top-k spaces
     protocol   the typed tasks and events between the driver and its workers
     worker     one device's work (base network, cohorts); the same code under every transport
-    pools      the transport: LocalPool (a process per device)
+    pools      the transport: LocalPool (a process per device) and, in ray_pool, RayPool (an actor per GPU)
     session    run_experiment: the pool chosen, the loop, signals, and a clean end
 
 The driver is the only writer of results.h5 and of every file beside it; workers send results, kept weights and a

@@ -3,7 +3,7 @@
 :class:`WorkerPool` is all the driver knows of its workers: it starts them, submits a task to one, polls the events
 of all, asks them to stop, closes them. What a task or an event means is the driver's business; a pool only moves
 them and reports workers it started or lost. :class:`LocalPool` runs one spawned process per device of this machine
-(the default).
+(the default); :class:`nps.pipeline.run.ray_pool.RayPool` runs one Ray actor per GPU of a cluster.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The results file at the start of a run: created, or reopened to resume the same experiment.
 
 Resuming: the same command opens results.h5 (the stored config must match, runtime-only keys such as ``out``,
-``devices`` or ``cohort_size`` aside), keeps every finished row, puts rows left running by a dead run back
+``devices``, ``ray`` or ``cohort_size`` aside), keeps every finished row, puts rows left running by a dead run back
 to pending, samples only the spaces that are missing, and skips the base network when its metrics are stored
 (``out/base.pt`` or the configured checkpoint gives the weights).
 """

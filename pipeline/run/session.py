@@ -1,6 +1,7 @@
 """A run from start to end: the transport chosen, the driver's loop, signals, and what is left behind.
 
-:func:`run_experiment` picks the pool (worker processes on this machine), runs the :class:`~nps.pipeline.run.driver.Driver` until every row has finished or a stop
+:func:`run_experiment` picks the pool (worker processes on this machine, or Ray actors with ``--ray`` /
+``[experiment] ray``), runs the :class:`~nps.pipeline.run.driver.Driver` until every row has finished or a stop
 request, and always ends the same way: workers closed, rows still in flight back to pending, the file closed.
 """
 from __future__ import annotations
@@ -111,10 +112,19 @@ def run(d: Driver) -> Outcome:
     return Outcome(status, d.plan.results_path, spaces, d.state.base_top1, time.monotonic() - t0, resumed)
 
 
-def make_pool(plan: Plan, *, devices: list[str] | None) -> WorkerPool:
-    """Worker processes on this machine, one per device (``--devices`` over ``experiment.devices``)."""
-    from nps.pipeline.config import parse_devices
+def make_pool(plan: Plan, *, devices: list[str] | None, ray: str | None) -> WorkerPool:
+    """Ray actors when a Ray address is given (``--ray`` over ``experiment.ray``), else local processes."""
+    from nps.pipeline.config import check_ray_address, parse_devices
 
+    address = check_ray_address(ray) if ray is not None else plan.config.experiment.ray
+    if address:
+        from nps.pipeline.run.ray_pool import RayPool
+
+        if devices:
+            raise NpsError("--devices: not used on a Ray cluster (every GPU of it gets a worker); drop --devices or "
+                           "the Ray address")
+
+        return RayPool(address, key="--ray" if ray is not None else "experiment.ray")
     key = "--devices" if devices else "experiment.devices"
     devices = devices or parse_devices(plan.config.experiment.devices, key=key)
     cuda = [d for d in devices if d.startswith("cuda")]
@@ -128,9 +138,9 @@ def make_pool(plan: Plan, *, devices: list[str] | None) -> WorkerPool:
     return LocalPool(devices)
 
 
-def run_experiment(plan: Plan, view, *, devices: list[str] | None = None, retry_failed: bool = False,
-                   pool: WorkerPool | None = None) -> Outcome:
-    """Run (or resume) a validated experiment; ``view`` is a :mod:`nps.pipeline.live` view; ``pool`` replaces the
-    transport."""
-    pool = pool or make_pool(plan, devices=devices)
+def run_experiment(plan: Plan, view, *, devices: list[str] | None = None, ray: str | None = None,
+                   retry_failed: bool = False, pool: WorkerPool | None = None) -> Outcome:
+    """Run (or resume) a validated experiment; ``view`` is a :mod:`nps.pipeline.live` view. ``ray`` is an address
+    (``auto``, ``HOST:PORT``) to run on a Ray cluster; ``pool`` replaces the transport altogether."""
+    pool = pool or make_pool(plan, devices=devices, ray=ray)
     return run(Driver(plan, pool, view, retry_failed=retry_failed))
