@@ -106,8 +106,8 @@ class DeviceLoader:
     padding : int
         Pixels of pad-and-crop.
     order : str
-        ``random`` (a new permutation each epoch, from ``seed`` and the epoch number), ``quasi_random`` (same as
-        random here: the data is already in memory), or ``sequential``.
+        ``random`` (a new permutation each epoch, from ``seed`` and the epoch number, see :meth:`set_epoch`),
+        ``quasi_random`` (same as random here: the data is already in memory), or ``sequential``.
     drop_last : bool
         Drop the last incomplete batch.
     seed : int
@@ -171,6 +171,11 @@ class DeviceLoader:
         where = (row_start[:, :, None] + cols[:, None, :]).reshape(-1)
         pixels = self.packed.index_select(0, where)  # int32 RGB0 pixels
         return pixels.view(torch.uint8).view(count, self.height, self.width, 4)[..., :3]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch ``epoch``: its order and augmentation depend on ``seed`` and ``epoch`` only, not
+        on how often the loader was iterated before (each pass otherwise advances the epoch by one)."""
+        self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator(device=self.device)

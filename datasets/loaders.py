@@ -92,6 +92,12 @@ class FFCVImageLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch ``epoch``: FFCV draws its order from the seed and the epoch. (Its augmentations
+        draw from numba's per-thread generators, which FFCV does not seed: only the on-device loader makes a
+        pass's crops and flips a function of seed and epoch too.)"""
+        self.loader.next_epoch = int(epoch)
+
     def __iter__(self):
         threads = torch.get_num_threads()
         batches = iter(self.loader)

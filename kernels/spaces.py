@@ -14,6 +14,11 @@ constraints (paper §3):
 
 Every space also carries the regime's target, ``c_flops`` or ``c_params`` within ``±δ`` on the integer channel
 counts ``keep = max(1, floor((1 - r)·c + 0.5))``.
+
+A **space key** names one space in one regime, and is its group name in results.h5: ``<space>@<target>=<value>``
+(``std-0.05@c_flops=0.25``; the part after ``@`` is the **regime key**), with ``#top`` appended for the two-stage
+retraining of that space's best rows. :func:`space_key` writes one, :func:`parse_space_key` reads one; nothing
+else builds or splits these strings.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ MCB_SIGMA = 0.1
 TARGETS = ("c_flops", "c_params")
 BASELINE = "baseline"
 """The space name of a regime's uniform baseline: one row, the uniform ratio meeting the target (paper §3.1)."""
+
+TOP_SUFFIX = "#top"  # the two-stage space of a space key
 
 _STD_RE = re.compile(r"^std-(\d*\.?\d+)$")
 _MCB_RE = re.compile(r"^mcb-(\d*\.?\d+)-(\d*\.?\d+)$")
@@ -80,9 +87,67 @@ class Space:
         return self.name.split("-")[0]
 
     @property
+    def key(self) -> str:
+        """The space key: group name of this space in results.h5, ``<space>@<target>=<value>``."""
+        return space_key(self.name, self.target, self.value)
+
+    @property
     def regime(self) -> str:
-        """Group name of this space in results.h5: ``<space>@<target>=<value>``."""
-        return f"{self.name}@{self.target}={self.value:g}"
+        """The older name of :attr:`key`."""
+        return self.key
+
+
+def regime_key(target: str, value: float) -> str:
+    """``c_flops=0.25``: the regime part of a space key (just the target when the value is unknown)."""
+    return f"{target}={value:g}" if np.isfinite(value) else str(target)
+
+
+def space_key(space: str, target: str, value: float, *, top: bool = False) -> str:
+    """``<space>@<target>=<value>`` (``std-0.05@c_flops=0.25``), with ``#top`` for the two-stage space."""
+    return f"{space}@{regime_key(target, value)}{TOP_SUFFIX if top else ''}"
+
+
+@dataclass(frozen=True)
+class SpaceKey:
+    """A parsed space key: the space's name, its regime, and whether it is a two-stage ``#top`` space."""
+
+    space: str
+    target: str
+    value: float
+    top: bool = False
+
+    @property
+    def regime(self) -> str:
+        return regime_key(self.target, self.value)
+
+    @property
+    def label(self) -> str:
+        """The space's name with ``#top`` for a two-stage space (keeps the two populations apart)."""
+        return self.space + (TOP_SUFFIX if self.top else "")
+
+    @property
+    def parent(self) -> str:
+        """The key of the sampled space (itself, without ``#top``)."""
+        return space_key(self.space, self.target, self.value)
+
+    def __str__(self) -> str:
+        return space_key(self.space, self.target, self.value, top=self.top)
+
+
+_KEY_RE = re.compile(r"^(?P<space>[^@/]+)@(?P<target>c_flops|c_params)=(?P<value>[0-9.eE+-]+)"
+                     rf"(?P<top>{re.escape(TOP_SUFFIX)})?$")
+
+
+def parse_space_key(key: str) -> SpaceKey | None:
+    """The parts of a space key, or None when ``key`` is not one (a group written by other tools)."""
+    m = _KEY_RE.match(key)
+    if not m:
+        return None
+    try:
+        value = float(m.group("value"))
+    except ValueError:
+        return None
+    return SpaceKey(m.group("space"), m.group("target"), value, bool(m.group("top")))
 
 
 def parse_space(name: str, target: str, value: float, *, delta: float = DEFAULT_DELTA, R: float = DEFAULT_R,

@@ -423,8 +423,10 @@ class Population:
 
 
 def regime_key(target: str, value: float) -> str:
-    """``c_flops=0.25``: the regime part of a group name ``<space>@<target>=<value>``."""
-    return f"{target}={value:g}" if math.isfinite(value) else str(target)
+    """``c_flops=0.25``: the regime part of a space key (:func:`nps.kernels.spaces.regime_key`)."""
+    from nps.kernels.spaces import regime_key as key
+
+    return key(target, value)
 
 
 def _regime_order(target: str, value: float) -> tuple:

@@ -10,12 +10,11 @@ import importlib
 import sys
 
 from nps.pipeline import __version__
-from nps.datasets.errors import DatasetError
-from nps.kernels.errors import SamplerError
-from nps.pipeline.errors import NpsError
+from nps.pipeline.errors import user_errors
 
-# Errors that mean bad input, not a bug: printed as one line, exit status 2.
-USER_ERRORS = (NpsError, SamplerError, DatasetError)
+# Errors that mean bad input, not a bug: printed as one line, exit status 2. Anything else is a bug and shows its
+# traceback (exit status 1); `nps --debug` shows the traceback of bad input too.
+USER_ERRORS = user_errors()
 
 # Order here is the order `nps --help` lists them.
 COMMANDS = ["convert", "sample", "run", "status", "report", "export", "presets"]
@@ -39,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nps", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"nps {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of every error, and debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -57,10 +58,18 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.debug:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:
         # One line naming the input and what to do; no traceback for bad input.
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"nps {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

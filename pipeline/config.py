@@ -2,7 +2,7 @@
 
 An experiment file has these tables (every key optional; ``dump(Config())`` prints all defaults with comments)::
 
-    [experiment]  name, description, seed, out, devices
+    [experiment]  name, description, seed, out, devices, ray
     [dataset]     dir (written by `nps convert`), workers, on_device, val_batch_size, augment, train_images,
                   val_images
     [model]       name, checkpoint, resolution, mode, in_channels, num_classes, criterion
@@ -34,7 +34,6 @@ import difflib
 import math
 import os
 import re
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from nps.pipeline.errors import NpsError
+from nps.pipeline.spec import RetrainSpec
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
+    import tomli as tomllib
 
 
 def _f(default=None, help: str = "", *, factory=None):  # noqa: A002 - the word the schema uses
@@ -58,6 +63,8 @@ class ExperimentConfig:
     seed: int = _f(0, "seeds recipe sampling, pruning ties, data order and base training")
     out: str = _f("runs/experiment", "output directory: results.h5, base.pt, log.jsonl, weights/ (--out overrides)")
     devices: str = _f("auto", "'auto' (every GPU, else the CPU), 'cpu', or GPU indices '0,1' (--devices overrides)")
+    ray: str = _f("", "a Ray cluster: 'auto' (RAY_ADDRESS, else a local Ray) or HOST:PORT; empty: processes on this "
+                      "machine (--ray overrides)")
 
 
 @dataclass
@@ -110,16 +117,10 @@ class SpaceConfig:
 
 
 @dataclass
-class RetrainConfig:
-    method: str = _f("finetune", "finetune (the paper's standard setting), rewind or scratch")
-    epochs: int = _f(50, "retraining epochs of every subnetwork (the short first stage when two_stage is on)")
-    lr: float = _f(0.01, "initial learning rate of fine-tuning (cosine to 0)")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(5e-4, "SGD weight decay")
-    nesterov: bool = _f(False, "Nesterov momentum")
-    label_smoothing: float = _f(0.0, "label smoothing")
-    rewind_lr: float = _f(0.1, "peak learning rate of rewind and scratch")
-    warmup_epochs: float = _f(5.0, "warm-up of rewind and scratch")
+class RetrainConfig(RetrainSpec):
+    """``[retrain]``: the retraining recipe (:class:`~nps.pipeline.spec.RetrainSpec`, its fields and checks) plus
+    how the run trains and scores every subnetwork."""
+
     batch_size: int = _f(128, "training batch size (shared by a cohort)")
     cohort_size: int | str = _f("auto", "subnetworks trained together on one device: 'auto' or a number")
     bn_images: int = _f(500, "adaptive-BN images before fine-tuning; bn_top1 ranks candidates (0: skip)")
@@ -156,12 +157,12 @@ class Config:
 SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
 # Keys that do not change any result: a run may be resumed with other values of these.
 RUNTIME_KEYS = frozenset({
-    "experiment.out", "experiment.devices", "experiment.description", "dataset.dir", "dataset.workers",
+    "experiment.out", "experiment.devices", "experiment.ray", "experiment.description", "dataset.dir",
+    "dataset.workers",
     "dataset.on_device", "retrain.cohort_size", "retrain.compile", "output.keep_weights", "output.top_k",
 })
 
 PRESETS_DIR = "presets"  # inside the nps.pipeline package (pyproject: package-data)
-METHODS = ("finetune", "rewind", "scratch")
 AMP = ("auto", "bf16", "fp16", "off")
 KEEP_WEIGHTS = ("all", "topk", "none")
 
@@ -419,6 +420,7 @@ def check_config(cfg: Config) -> Config:
     _need(e.seed >= 0, "experiment.seed", f"must be >= 0, got {e.seed}")
     _need(bool(e.out.strip()), "experiment.out", "must not be empty")
     parse_devices(e.devices, key="experiment.devices")
+    check_ray_address(e.ray, key="experiment.ray")
 
     _need(bool(d.dir.strip()), "dataset.dir", "set it to a directory written by `nps convert`")
     _need(d.workers >= 0, "dataset.workers", f"must be >= 0, got {d.workers}")
@@ -468,22 +470,14 @@ def check_config(cfg: Config) -> Config:
     seen: dict[str, str] = {}
     for i, space in expand_spaces(cfg):
         key = f"spaces[{i}]"
-        _need(space.regime not in seen, key, f"{space.regime} is already given by {seen.get(space.regime)}")
-        seen[space.regime] = key
+        _need(space.key not in seen, key, f"{space.key} is already given by {seen.get(space.key)}")
+        seen[space.key] = key
 
-    _choice(r.method, "retrain.method", METHODS)
     _need(r.epochs >= 1, "retrain.epochs", f"must be >= 1, got {r.epochs}")
-    for name in ("lr", "rewind_lr"):
-        _need(getattr(r, name) > 0, f"retrain.{name}", f"must be > 0, got {getattr(r, name)}")
-    _need(0 <= r.momentum < 1, "retrain.momentum", f"must be in [0, 1), got {r.momentum}")
-    _need(not (r.nesterov and r.momentum == 0), "retrain.nesterov", "needs retrain.momentum > 0")
-    _need(r.weight_decay >= 0, "retrain.weight_decay", f"must be >= 0, got {r.weight_decay}")
-    _need(0 <= r.label_smoothing < 1, "retrain.label_smoothing", f"must be in [0, 1), got {r.label_smoothing}")
-    epochs = [r.epochs] + ([t.full_epochs] if t.enabled else [])
-    _need(r.warmup_epochs >= 0, "retrain.warmup_epochs", f"must be >= 0, got {r.warmup_epochs}")
-    if r.method != "finetune":
-        _need(r.warmup_epochs <= min(epochs), "retrain.warmup_epochs",
-              f"{r.warmup_epochs} exceeds the retraining epochs ({min(epochs)})")
+    r.check("retrain")
+    if t.enabled and r.method != "finetune":
+        _need(r.warmup_epochs <= t.full_epochs, "retrain.warmup_epochs",
+              f"{r.warmup_epochs} exceeds two_stage.full_epochs ({t.full_epochs})")
     _need(r.batch_size >= 1, "retrain.batch_size", f"must be >= 1, got {r.batch_size}")
     _need(r.cohort_size == "auto" or (isinstance(r.cohort_size, int) and r.cohort_size >= 1), "retrain.cohort_size",
           f"use 'auto' or a number >= 1, got {r.cohort_size!r}")
@@ -498,6 +492,14 @@ def check_config(cfg: Config) -> Config:
     _choice(o.keep_weights, "output.keep_weights", KEEP_WEIGHTS)
     _need(o.top_k >= 1, "output.top_k", f"must be >= 1, got {o.top_k}")
     return cfg
+
+
+def check_ray_address(text: str, *, key: str = "--ray") -> str:
+    """``""`` (no Ray), ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT`` (Ray Client); returns it stripped."""
+    text = str(text).strip()
+    _need(text in ("", "auto") or re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}", text) is not None, key,
+          f"{text!r} is not a Ray address: use auto or HOST:PORT of the head node (e.g. 10.0.0.1:6379)")
+    return text
 
 
 def parse_devices(text: str, *, key: str = "--devices") -> list[str]:

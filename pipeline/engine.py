@@ -16,7 +16,14 @@ Robustness:
 On the CPU the analogue of streams is threads: ``cpu_workers`` threads each step their share of the cohort with ONE
 intra-op thread (the cores are split between models instead of within every small convolution). Pruned networks'
 convolutions have few channels, so splitting each of them across cores scales poorly and suffers badly when the cores
-are shared with other processes (OpenMP barriers wait for descheduled threads); one model per core does not.
+are shared with other processes (OpenMP barriers wait for descheduled threads); one model per core does not. It also
+makes a member's numbers independent of the cohort: oneDNN's convolutions may sum in another order with another
+thread count, so a cohort of one steps its member on one intra-op thread too (``member_threads=1``, the default).
+
+What a member sees is fixed by its inputs only (the seed rule of the run driver): each epoch's data comes from
+``train_loader.set_epoch(epoch - 1)`` when the loader has it (the nps loaders: order and augmentation from their seed
+and the epoch, whatever was iterated before), adaptive BN from the first ``bn_images`` of epoch 0, and a ``scratch``
+member's fresh weights from its entry in ``seeds``.
 
 Library code never prints: progress goes to the ``on_event`` callback (plain dicts) and to ``logging``. Events:
 
@@ -49,7 +56,7 @@ from torch import nn
 
 from nps.pipeline.errors import NpsError
 from nps.pipeline.train import (
-    RetrainConfig, run_each, adaptive_bn_many, autocast_context, evaluate_many, make_optimizer, make_scheduler,
+    RetrainSpec, run_each, adaptive_bn_many, autocast_context, evaluate_many, make_optimizer, make_scheduler,
     reinitialize,
 )
 
@@ -315,18 +322,26 @@ def _ids_for(models, ids) -> list:
     """The caller's ids for ``models`` (default 0..n-1), one per model."""
     ids = list(range(len(models))) if ids is None else list(ids)
     if len(ids) != len(models):
-        raise NpsError(f"got {len(models)} models but {len(ids)} ids")
+        raise ValueError(f"got {len(models)} models but {len(ids)} ids")
     return ids
+
+
+def _set_epoch(loader: Iterable, epoch: int) -> None:
+    """The next pass of ``loader`` is epoch ``epoch`` (0-based), for loaders that can be told (``set_epoch``)."""
+    set_epoch = getattr(loader, "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(epoch)
 
 
 def train_cohort(
     models: Sequence[nn.Module],
     train_loader: Iterable,
     val_loader: Iterable,
-    config: RetrainConfig,
+    config: RetrainSpec,
     device: torch.device | str = "cpu",
     *,
     ids: Sequence[Any] | None = None,
+    seeds: Sequence[int] | None = None,
     eval_every_epoch: bool = False,
     bn_images: int = 0,
     on_event: EventCallback | None = None,
@@ -337,6 +352,7 @@ def train_cohort(
     check_every: int | None = None,
     keep_models: bool = False,
     cpu_workers: int | str = "auto",
+    member_threads: int | None = 1,
     progress_s: float = 2.0,
 ) -> list[Result]:
     """Retrain ``models`` together, one pass of ``train_loader`` per epoch shared by all of them.
@@ -347,10 +363,12 @@ def train_cohort(
         The pruned subnetworks. They are moved to ``device`` and trained in place.
     train_loader, val_loader : iterable of (images, labels)
         Any re-iterable batch source (an FFCV or torch DataLoader, a list). Batches are moved to ``device`` once.
-    config : RetrainConfig
+    config : RetrainSpec
         Method, epochs and optimiser settings, shared by the cohort.
     ids : sequence, optional
         A label per model for results and events (default ``0..K-1``).
+    seeds : sequence of int, optional
+        One per model: seeds ``scratch`` re-initialisation (default: torch's global generator).
     eval_every_epoch : bool
         Evaluate on ``val_loader`` after every epoch (fills ``Result.curve``); otherwise only at the end.
     bn_images : int
@@ -372,6 +390,10 @@ def train_cohort(
     cpu_workers : "auto" | int
         On the CPU, threads stepping members concurrently (see :func:`resolve_cpu_workers`); ignored on GPUs.
         While they run, ``torch.set_num_threads(1)`` is in force (restored afterwards).
+    member_threads : 1 or None
+        On the CPU, intra-op threads of one member: 1 (each member's numbers independent of the cohort size and the
+        cores) or None (a single-thread cohort uses every thread torch may use: one model alone, such as the base
+        network, trains faster).
 
     Returns
     -------
@@ -386,6 +408,8 @@ def train_cohort(
     config.check()
     k = len(models)
     ids = _ids_for(models, ids)
+    if seeds is not None and len(seeds) != k:
+        raise ValueError(f"got {k} models but {len(seeds)} seeds")
     if k == 0:
         return []
     amp_dtype = resolve_amp(amp, device, models)
@@ -423,7 +447,7 @@ def train_cohort(
 
     try:
         n_workers = resolve_cpu_workers(cpu_workers, device, k)
-        if n_workers > 1:
+        if n_workers > 1 or (device.type == "cpu" and member_threads == 1):
             workers = _CpuWorkers(n_workers)
         runner = workers.map if workers is not None else run_each
         for pos, model in enumerate(models):
@@ -436,13 +460,14 @@ def train_cohort(
         bn_scores = [math.nan] * k
         if bn_images > 0:
             where = "adaptive BN"
+            _set_epoch(train_loader, 0)  # a fixed image set: the first images of epoch 0
             adaptive_bn_many(models, train_loader, device, num_images=bn_images, amp_dtype=amp_dtype,
                              channels_last=nhwc, runner=runner)
             bn_scores = [r[0] for r in evaluate_many(models, val_loader, device, amp_dtype=amp_dtype,
                                                      channels_last=nhwc, runner=runner)]
         if config.method == "scratch":
-            for model in models:
-                reinitialize(model)
+            for pos, model in enumerate(models):
+                reinitialize(model, seed=None if seeds is None else int(seeds[pos]))
 
         where = "setup"
         for pos, model in enumerate(models):
@@ -466,6 +491,7 @@ def train_cohort(
             epoch_started[:] = [t_epoch]
             step = 0
             main_stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+            _set_epoch(train_loader, epoch - 1)
             for x, y in train_loader:
                 step += 1
                 x = x.to(device, non_blocking=True)
@@ -573,7 +599,7 @@ def _materialize(source: ModelSource) -> nn.Module:
         return copy.deepcopy(source)
     model = source()
     if not isinstance(model, nn.Module):
-        raise NpsError(f"a model factory returned {type(model).__name__}, not an nn.Module")
+        raise TypeError(f"a model factory returned {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -593,12 +619,13 @@ def run_cohorts(
     models: Sequence[ModelSource],
     train_loader: Iterable,
     val_loader: Iterable,
-    config: RetrainConfig,
+    config: RetrainSpec,
     device: torch.device | str = "cpu",
     *,
     k: int | None = None,
     max_k: int | None = None,
     ids: Sequence[Any] | None = None,
+    seeds: Sequence[int] | None = None,
     input_shape: Sequence[int] | None = None,
     on_event: EventCallback | None = None,
     **cohort_kwargs: Any,
@@ -610,6 +637,8 @@ def run_cohorts(
     models : sequence of nn.Module or zero-argument callables returning one
         Never modified: each cohort trains fresh copies (modules are deep-copied, callables called), so a cohort
         that runs out of memory restarts its unfinished subnetworks from their original weights.
+    seeds : sequence of int, optional
+        One per model, for ``scratch`` re-initialisation (see :func:`train_cohort`).
     k : int, optional
         Cohort size; by default :func:`choose_cohort_size` (free GPU memory; 8 on the CPU), capped by ``max_k``.
     input_shape : (N, C, H, W), optional
@@ -628,6 +657,8 @@ def run_cohorts(
     config.check()
     n = len(models)
     ids = _ids_for(models, ids)
+    if seeds is not None and len(seeds) != n:
+        raise ValueError(f"got {n} models but {len(seeds)} seeds")
     if n == 0:
         return []
     if k is None:
@@ -648,6 +679,7 @@ def run_cohorts(
         oom = None
         try:
             out = train_cohort(trained, train_loader, val_loader, config, device, ids=[ids[i] for i in cohort],
+                               seeds=None if seeds is None else [seeds[i] for i in cohort],
                                on_event=on_event, **cohort_kwargs)
         except CohortOutOfMemory as exc:
             oom = (exc.finished, exc.unfinished, str(exc))

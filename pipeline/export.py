@@ -148,11 +148,14 @@ def saved_weight_rows(results_path: str | os.PathLike, space: str) -> list[int]:
 
 
 def resolve_space(spaces: Iterable[str], name: str) -> str:
-    """The group name meant by ``name``: itself, or the one group whose space part (before ``@``) it is."""
+    """The space key meant by ``name``: itself, or the one key whose space part (``std-0.05#top`` for the two-stage
+    space) it is."""
+    from nps.kernels.spaces import parse_space_key
+
     spaces = list(spaces)
     if name in spaces:
         return name
-    matches = [s for s in spaces if s.split("@")[0] == name]
+    matches = [s for s in spaces if (k := parse_space_key(s)) is not None and k.label == name]
     if len(matches) == 1:
         return matches[0]
     listing = ", ".join(spaces) or "none"

@@ -1,11 +1,11 @@
 """What `nps run` shows while it works, and what `nps status` shows from a file.
 
-The run driver (:mod:`nps.pipeline.run`) keeps a :class:`RunState` up to date and tells a view about it; this module
-only renders. Two views:
+The run driver (:mod:`nps.pipeline.run`) keeps a :class:`RunState` up to date (its per-space counts read from the
+row ledger) and tells a view about it; this module only renders. Two views:
 
 - :class:`LiveView` (stdout is a terminal): a rich ``Live`` display redrawn a few times a second: the overall
-  progress bar with its ETA, one line per device (what it trains, epoch, step, img/s), and the per-space table
-  (done / failed / running / pending, best and median accuracy drop so far);
+  progress bar with its ETA, one line per worker, by node and device (what it trains, epoch, step, img/s), and the
+  per-space table (done / failed / running / pending, best and median accuracy drop so far);
 - :class:`PlainView` (a pipe or a log file): one line per finished subnetwork (space, row, top-1, accuracy drop,
   c_flops, training seconds) and one per phase, nothing redrawn.
 
@@ -67,9 +67,10 @@ class SpaceState:
 
 @dataclass
 class WorkerState:
-    """One device worker as the live view shows it."""
+    """One worker as the live view shows it."""
 
     device: str
+    node: str = ""
     phase: str = "starting"
     space: str = ""
     rows: list[int] = field(default_factory=list)
@@ -192,8 +193,10 @@ def status_renderable(path: str):
 
 
 def _config_name(text: str) -> str:
-    import tomllib
-
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
     try:
         return str(tomllib.loads(text).get("experiment", {}).get("name", "?"))
     except Exception:  # noqa: BLE001 - a file from `nps sample` has another config
@@ -204,8 +207,8 @@ def _config_name(text: str) -> str:
 # Views.
 
 
-def _worker_line(wid: int, w: WorkerState) -> Text:
-    text = Text.assemble((f"{w.device:>7} ", "bold cyan"))
+def _worker_line(wid: int, w: WorkerState, node_width: int = 0) -> Text:
+    text = Text.assemble((f"{w.node:<{node_width}} " if node_width else "", "cyan"), (f"{w.device:>7} ", "bold cyan"))
     if w.phase == "cohort":
         rows = _rows_text(w.rows)
         text.append(f"{w.space} rows {rows} (k={len(w.rows)})")
@@ -256,7 +259,10 @@ class LiveView:
                              f"base top-1 {_fmt(state.base_top1)}" if math.isfinite(state.base_top1)
                              else state.base_note)
         phase = Text(state.phase, style="yellow")
-        workers = [_worker_line(wid, w) for wid, w in sorted(state.workers.items())]
+        nodes = {w.node for w in state.workers.values()}
+        width = max(map(len, nodes)) if len(nodes) > 1 else 0  # one machine: the device says it all
+        workers = [_worker_line(wid, w, width)
+                   for wid, w in sorted(state.workers.items(), key=lambda item: (item[1].node, item[1].device, item[0]))]
         return Group(head, phase, self._progress, *workers,
                      space_table(list(state.spaces.values()), state.base_top1))
 
@@ -274,8 +280,9 @@ class LiveView:
         self.console.print(text, markup=False, highlight=False)
 
     def epoch(self, state: RunState, wid: int, text: str) -> None:
-        if state.workers[wid].phase != "cohort":  # base training: keep its epochs on screen
-            self.console.print(f"{state.workers[wid].device}: {text}")
+        w = state.workers[wid]
+        if w.phase != "cohort":  # base training: keep its epochs on screen
+            self.console.print(f"{w.device}: {text}", markup=False, highlight=False)
 
     def row_finished(self, state: RunState, space: str, row: int, info: dict[str, Any]) -> None:
         if info.get("status") == "failed":

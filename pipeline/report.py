@@ -18,12 +18,12 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from nps.kernels.spaces import parse_space_key
 from nps.pipeline import __version__ as NPS_VERSION
 from nps.pipeline.analysis import (
     BASELINE, DEFAULT_BAND, DEFAULT_BOOTSTRAP, DEFAULT_EDF_POINTS, Population, regime_key, summarize,
@@ -36,7 +36,6 @@ from nps.pipeline.store import DONE, FAILED, PENDING, RUNNING, open_readonly
 log = logging.getLogger(__name__)
 
 FORMAT = "nps-report-1"
-_GROUP_RE = re.compile(r"^(?P<space>[^@]+)@(?P<target>c_flops|c_params)=(?P<value>[0-9.eE+-]+)$")
 _FIELDS = ("status", "top1", "acc_drop", "c_flops", "c_params", "mcb", "std", "flops", "params", "recipe", "keep")
 
 
@@ -49,13 +48,13 @@ def _text(value) -> str:
 
 
 def space_regime(group: str, attrs) -> tuple[str, str, float]:
-    """(space, target, value) of a space group: from its attributes, else parsed from ``<space>@<target>=<value>``."""
-    m = _GROUP_RE.match(group)
-    space = _text(attrs["space"]) if "space" in attrs else (m.group("space") if m else group)
+    """(space, target, value) of a space group: from its attributes, else parsed from its space key."""
+    key = parse_space_key(group)
+    space = _text(attrs["space"]) if "space" in attrs else (key.label if key else group)
     if "target" in attrs and "value" in attrs:
         return space, _text(attrs["target"]), float(attrs["value"])
-    if m:
-        return space, m.group("target"), float(m.group("value"))
+    if key:
+        return space, key.target, key.value
     return space, "unspecified", math.nan
 
 

@@ -12,9 +12,9 @@ from nps.kernels.samplers import Sample, sample_space
 from nps.kernels.spaces import BASELINE, Space, describe, uniform_baseline
 
 
-def row_seeds(seed: int, regime: str, n: int) -> np.ndarray:
+def row_seeds(seed: int, key: str, n: int) -> np.ndarray:
     """Per-row seeds (pruning ties, data order of the row's training): distinct across spaces of one run."""
-    start = np.random.default_rng([seed, zlib.crc32(regime.encode())]).integers(0, 2**52)
+    start = np.random.default_rng([seed, zlib.crc32(key.encode())]).integers(0, 2**52)
     return start + np.arange(n, dtype=np.int64)
 
 
@@ -29,12 +29,12 @@ def rows_from_sample(sample: Sample, seed: int) -> dict[str, np.ndarray]:
         "c_params": sample.c_params.astype(np.float32),
         "mcb": sample.mcb.astype(np.float32),
         "std": sample.std.astype(np.float32),
-        "seed": row_seeds(seed, sample.space.regime, len(sample)),
+        "seed": row_seeds(seed, sample.space.key, len(sample)),
     }
 
 
 def space_attrs(space: Space, seed: int, stats: dict | None = None) -> dict:
-    """Attributes of ``/spaces/<regime>``: the constraints, so a file says what its rows were drawn from."""
+    """Attributes of ``/spaces/<space key>``: the constraints, so a file says what its rows were drawn from."""
     attrs = {
         "space": space.name,
         "target": space.target,
@@ -53,9 +53,9 @@ def space_attrs(space: Space, seed: int, stats: dict | None = None) -> dict:
     return attrs
 
 
-def space_seed(seed: int, regime: str) -> int:
+def space_seed(seed: int, key: str) -> int:
     """The sampler's seed for one space of a run: independent streams for the spaces of one experiment seed."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(regime.encode())]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, zlib.crc32(key.encode())]).generate_state(1)[0])
 
 
 def sample_rows(table, space: Space, n: int, seed: int, **kwargs) -> tuple[dict, dict, Sample]:
@@ -63,7 +63,7 @@ def sample_rows(table, space: Space, n: int, seed: int, **kwargs) -> tuple[dict,
 
     Each space draws from its own stream (:func:`space_seed`), so spaces of one run are independent samples.
     """
-    sample = sample_space(table, space, n, space_seed(seed, space.regime), **kwargs)
+    sample = sample_space(table, space, n, space_seed(seed, space.key), **kwargs)
     return rows_from_sample(sample, seed), space_attrs(space, seed, sample.stats), sample
 
 

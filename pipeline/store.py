@@ -9,6 +9,10 @@ Layout (DESIGN.md, "results.h5")::
 
 Rules the writer follows, and why:
 
+Errors: :class:`~nps.pipeline.errors.NpsError` for what a user can fix (a missing file, a file being written by
+another process); ``ValueError``/``IndexError`` for a caller's broken promise (rows of the wrong shape, a row out
+of range): those are bugs and show their traceback.
+
 - **Exactly one writer.** :class:`ResultsStore` holds an exclusive ``flock`` on a side file ``<path>.lock`` for its
   whole life. The operating system drops that lock when the process dies (even by ``kill -9``), so a later writer
   can tell "the previous writer crashed" from "someone is writing right now".
@@ -311,26 +315,26 @@ def open_readonly(path: str | os.PathLike, *, retry_s: float = 5.0) -> ResultsRe
 def _check_rows(rows: Mapping[str, Any], groups: int | None) -> tuple[dict[str, np.ndarray], int]:
     missing = [k for k in RECIPE_FIELDS if k not in rows]
     if missing:
-        raise NpsError(f"rows lack {', '.join(missing)} (need {', '.join(RECIPE_FIELDS)})")
+        raise ValueError(f"rows lack {', '.join(missing)} (need {', '.join(RECIPE_FIELDS)})")
     extra = [k for k in rows if k not in RECIPE_FIELDS]
     if extra:
-        raise NpsError(f"rows have unknown fields {', '.join(extra)}")
+        raise ValueError(f"rows have unknown fields {', '.join(extra)}")
     arrays = {}
     n = None
     for name, (dtype, per_group) in RECIPE_FIELDS.items():
         a = np.asarray(rows[name])
         if per_group:
             if a.ndim != 2:
-                raise NpsError(f"rows[{name!r}] must be n × groups, got shape {a.shape}")
+                raise ValueError(f"rows[{name!r}] must be n × groups, got shape {a.shape}")
             if groups is not None and a.shape[1] != groups:
-                raise NpsError(f"rows[{name!r}] has {a.shape[1]} groups, the space has {groups}")
+                raise ValueError(f"rows[{name!r}] has {a.shape[1]} groups, the space has {groups}")
             if a.shape[1] < 1:
-                raise NpsError(f"rows[{name!r}] has no group columns")
+                raise ValueError(f"rows[{name!r}] has no group columns")
             groups = a.shape[1]
         elif a.ndim != 1:
-            raise NpsError(f"rows[{name!r}] must be one value per row, got shape {a.shape}")
+            raise ValueError(f"rows[{name!r}] must be one value per row, got shape {a.shape}")
         if n is not None and a.shape[0] != n:
-            raise NpsError(f"rows[{name!r}] has {a.shape[0]} rows, {next(iter(arrays))!r} has {n}")
+            raise ValueError(f"rows[{name!r}] has {a.shape[0]} rows, {next(iter(arrays))!r} has {n}")
         n = a.shape[0]
         arrays[name] = a.astype(dtype)
     return arrays, int(n)
@@ -413,7 +417,7 @@ class ResultsStore(_ResultsFile):
         if mode == "r":
             return open_readonly(path)
         if mode != "r+":
-            raise NpsError(f"mode must be 'r' or 'r+', got {mode!r}")
+            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         if not os.path.exists(path):
             raise NpsError(f"{path}: no such results file; create it first")
         store = cls(path, cls._lock(path))
@@ -480,11 +484,11 @@ class ResultsStore(_ResultsFile):
         array; ``epochs`` sets the width of ``curve``; ``attrs`` (the space's constraints) go on the group.
         """
         if "/" in name or not name:
-            raise NpsError(f"space name {name!r} must be non-empty and contain no '/'")
+            raise ValueError(f"space name {name!r} must be non-empty and contain no '/'")
         if name in self.spaces():
-            raise NpsError(f"{self.path} already has a space {name!r}; use append_rows")
+            raise ValueError(f"{self.path} already has a space {name!r}; use append_rows")
         if epochs < 0:
-            raise NpsError(f"epochs must be >= 0, got {epochs}")
+            raise ValueError(f"epochs must be >= 0, got {epochs}")
         arrays, n = _check_rows(rows, None)
         groups = arrays["recipe"].shape[1]
         width = max(int(epochs), 1)
@@ -533,7 +537,7 @@ class ResultsStore(_ResultsFile):
         idx = np.unique(np.atleast_1d(np.asarray(rows, dtype=np.int64)))
         n = self.size(space)
         if idx.size and (idx[0] < 0 or idx[-1] >= n):
-            raise NpsError(f"space {space!r} has rows 0..{n - 1}; got {idx[0]}..{idx[-1]}")
+            raise IndexError(f"space {space!r} has rows 0..{n - 1}; got {idx[0]}..{idx[-1]}")
         return idx
 
     def _set_status(self, space: str, rows: np.ndarray, code: int) -> None:
@@ -543,6 +547,52 @@ class ResultsStore(_ResultsFile):
 
     def mark_running(self, space: str, rows: Iterable[int] | int) -> None:
         self._set_status(space, self._rows(space, rows), RUNNING)
+
+    def mark_pending(self, space: str, rows: Iterable[int] | int) -> None:
+        """Rows whose training was abandoned (a worker died, a stop request) go back to pending."""
+        self._set_status(space, self._rows(space, rows), PENDING)
+
+    def record(self, space: str, rows: Iterable[int], *, done: Iterable[bool], top1, top5, loss, bn_top1, train_s,
+               curves: Iterable[Iterable[float] | None], errors: Iterable[str]) -> None:
+        """Store several finished rows of one space at once: ``done`` (else failed) and one value per row in every
+        other argument. Two flushes for all of them (values, then status), so the file holds either a row's whole
+        result or none of it, as with :meth:`mark_done`; failed rows keep NaN scores and get their error."""
+        idx = np.asarray(list(rows), dtype=np.int64)
+        if idx.size == 0:
+            return
+        if np.unique(idx).size != idx.size:
+            raise ValueError(f"record: rows of {space!r} repeat: {idx.tolist()}")
+        order = np.argsort(idx, kind="stable")
+        idx = idx[order]
+        self._rows(space, idx)  # range check
+        g = self._space(space)
+        done_mask = np.asarray(list(done), dtype=bool)[order]
+        base_top1 = float(self._file.attrs.get("base_top1", math.nan))
+
+        def column(values) -> np.ndarray:
+            return np.asarray(list(values), dtype=np.float64)[order]
+
+        scores = {"top1": column(top1), "top5": column(top5), "loss": column(loss)}
+        for name in scores:
+            scores[name][~done_mask] = np.nan
+        scores["acc_drop"] = base_top1 - scores["top1"]
+        scores["bn_top1"], scores["train_s"] = column(bn_top1), column(train_s)
+        for name, values in scores.items():
+            g[name][idx] = values.astype("f4")
+        width = g["curve"].shape[1]
+        lines = np.full((idx.size, width), np.nan, dtype="f4")
+        curves = list(curves)
+        for i, src in enumerate(order):
+            if done_mask[i] and curves[src] is not None:
+                values = np.asarray(list(curves[src]), dtype="f4")[:width]
+                lines[i, : values.size] = values
+        g["curve"][idx] = lines
+        errors = list(errors)
+        g["error"][idx] = np.array([b"" if d else _encode_error(errors[src]) for d, src in zip(done_mask, order)],
+                                   dtype=f"S{ERROR_BYTES}")
+        self.flush()  # values reach the file before the status says they are there
+        g["status"][idx] = np.where(done_mask, DONE, FAILED).astype("u1")
+        self.flush()
 
     def mark_done(
         self,

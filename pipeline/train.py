@@ -17,7 +17,6 @@ Accuracies are percentages (0–100), losses mean cross-entropy per image.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 from typing import Any, Callable, Iterable, Sequence
@@ -26,65 +25,17 @@ import torch
 from torch import nn
 
 from nps.pipeline.errors import NpsError
+from nps.pipeline.spec import METHODS, RetrainSpec  # noqa: F401 - the recipe is defined once, in spec
 
 log = logging.getLogger(__name__)
 
-METHODS = ("finetune", "rewind", "scratch")
 
 
-@dataclasses.dataclass
-class RetrainConfig:
-    """How every subnetwork is retrained. Defaults are the paper's standard setting (fine-tuning, lr 0.01, cosine)."""
-
-    method: str = "finetune"
-    """``finetune`` | ``rewind`` | ``scratch`` (see the module docstring)."""
-    epochs: int = 50
-    """Retraining epochs t (the paper's standard setting: 50)."""
-    lr: float = 0.01
-    """Initial learning rate of fine-tuning."""
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    """L2 penalty on every parameter (BN included), as plain SGD weight decay."""
-    nesterov: bool = False
-    label_smoothing: float = 0.0
-    rewind_lr: float = 0.1
-    """Peak learning rate of ``rewind`` and ``scratch`` (the base network's training lr)."""
-    warmup_epochs: float = 5.0
-    """Linear warm-up of ``rewind`` and ``scratch``; fine-tuning has none."""
-
-    def check(self) -> "RetrainConfig":
-        """Reject impossible settings before any work starts (raises :class:`NpsError`); returns self."""
-        if self.method not in METHODS:
-            raise NpsError(f"retrain method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if not (isinstance(self.epochs, int) and self.epochs >= 0):
-            raise NpsError(f"retrain epochs must be an integer >= 0, got {self.epochs!r}")
-        for name in ("lr", "rewind_lr"):
-            if not getattr(self, name) > 0:
-                raise NpsError(f"retrain {name} must be > 0, got {getattr(self, name)!r}")
-        if not 0 <= self.momentum < 1:
-            raise NpsError(f"retrain momentum must be in [0, 1), got {self.momentum!r}")
-        if self.nesterov and self.momentum == 0:
-            raise NpsError("nesterov momentum needs momentum > 0")
-        if self.weight_decay < 0:
-            raise NpsError(f"retrain weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise NpsError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.warmup_epochs < 0:
-            raise NpsError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
-        if self.method != "finetune" and self.warmup_epochs > self.epochs:
-            raise NpsError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
-        return self
-
-    @property
-    def peak_lr(self) -> float:
-        return self.lr if self.method == "finetune" else self.rewind_lr
-
-    @property
-    def warmup(self) -> float:
-        return 0.0 if self.method == "finetune" else float(self.warmup_epochs)
+RetrainConfig = RetrainSpec
+"""The older name of :class:`~nps.pipeline.spec.RetrainSpec`."""
 
 
-def make_optimizer(model: nn.Module, config: RetrainConfig) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, config: RetrainSpec) -> torch.optim.SGD:
     """SGD over the trainable parameters at the method's peak learning rate."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=config.peak_lr, momentum=config.momentum, weight_decay=config.weight_decay,
@@ -100,11 +51,11 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: RetrainConfig,
+def make_scheduler(optimizer: torch.optim.Optimizer, config: RetrainSpec,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step schedule over ``config.epochs × steps_per_epoch`` steps; call ``.step()`` after every batch."""
     if steps_per_epoch < 1:
-        raise NpsError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     total = config.epochs * steps_per_epoch
     warmup = int(round(config.warmup * steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
@@ -210,7 +161,7 @@ def adaptive_bn_many(models: Sequence[nn.Module], loader: Iterable, device: torc
     ready to be evaluated (that accuracy is ``bn_top1``). Returns the number of images used.
     """
     if num_images < 1:
-        raise NpsError(f"adaptive BN needs num_images >= 1, got {num_images}")
+        raise ValueError(f"adaptive BN needs num_images >= 1, got {num_images}")
     device = torch.device(device)
     saved = []
     for m in models:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,23 +14,13 @@ from nps.pipeline.config import (
 )
 from nps.pipeline.errors import NpsError
 
-torch.set_num_threads(1)
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
-                                  reason="Debian dataset-fashion-mnist not installed (make setup installs it)")
+needs_fmnist = pytest.mark.fmnist  # conftest: skipped without the Debian files, failed under CI
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """Fashion-MNIST, first 64 images of each split, converted once for this module."""
-    if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Debian dataset-fashion-mnist not installed")
-    from nps.datasets.convert import convert_dataset
-
-    out = tmp_path_factory.mktemp("fmnist") / "fm64"
-    convert_dataset("fashion-mnist", out, limit=64, workers=1)
-    return out
+def data_dir(fmnist_dir):
+    """Fashion-MNIST, first 64 images of each split."""
+    return fmnist_dir(64)
 
 
 def tiny_toml(data_dir, out, extra: str = "", spaces: str | None = None) -> str:
@@ -235,3 +224,40 @@ def test_cli_reports_a_bad_experiment_in_one_line(tmp_path):
                          timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 2
     assert out.stderr.strip() == "nps run: error: retrain.epoch: unknown key (did you mean 'epochs'?)"
+
+
+def test_debug_shows_the_traceback_of_bad_input(tmp_path):
+    path = write(tmp_path, "[retrain]\nepoch = 3\n")
+    out = subprocess.run([sys.executable, "-m", "nps.pipeline.cli", "--debug", "run", path], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback (most recent call last)" in out.stderr
+    assert out.stderr.strip().endswith("nps run: error: retrain.epoch: unknown key (did you mean 'epochs'?)")
+
+
+def test_a_broken_invariant_is_a_bug_not_bad_input(monkeypatch):
+    """Only bad input becomes a one-line error (exit 2); anything else propagates with its traceback."""
+    import nps.pipeline.commands.presets as presets
+    from nps.pipeline.cli import main
+
+    def broken(args):
+        raise RuntimeError("rows were queued but are not all pending")
+
+    monkeypatch.setattr(presets, "run", broken)
+    with pytest.raises(RuntimeError, match="not all pending"):
+        main(["presets"])
+
+
+def test_ray_without_ray_installed_says_how_to_install_it(tmp_path):
+    fake = tmp_path / "no-ray" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
+    cli = [sys.executable, "-m", "nps.pipeline.cli", "run", "demo"]
+    out = subprocess.run(cli + ["--ray"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("nps run: error: --ray: Ray is not installed; install Ray: pip install 'nps[ray]' "
+                                  "(or pip install 'ray[default]')")
+    out = subprocess.run(cli + ["--set", "experiment.ray=auto"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and out.stderr.startswith("nps run: error: experiment.ray: Ray is not installed")
+    out = subprocess.run(cli + ["--ray", "headnode"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--ray: 'headnode' is not a Ray address: use auto or HOST:PORT" in out.stderr

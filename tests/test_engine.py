@@ -144,6 +144,59 @@ def test_cohort_member_trains_exactly_as_it_would_alone_with_cpu_workers(workers
     assert torch.get_num_threads() == 1  # restored (the test module runs single-threaded)
 
 
+def test_a_member_computes_the_same_alone_and_in_a_cohort_on_several_cores():
+    """oneDNN may sum a convolution in another order with another thread count: a member steps on one intra-op
+    thread whatever the cohort size, so its numbers are bit-identical alone and in a cohort."""
+    from nps.pipeline.models import build_model
+
+    torch.manual_seed(0)
+    base = build_model("resnet20", num_classes=3, in_channels=3)
+    data = make_data(4, batch=16)
+    data = [(torch.nn.functional.interpolate(x, size=16), y) for x, y in data]
+    config = RetrainConfig(epochs=1, lr=0.05)
+    torch.set_num_threads(2)
+    try:
+        alone = copy.deepcopy(base)
+        r_alone = train_cohort([alone], data, data[:2], config, "cpu", amp="off")[0]
+        cohort = [copy.deepcopy(base) for _ in range(3)]
+        r_cohort = train_cohort(cohort, data, data[:2], config, "cpu", amp="off")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    for r, model in zip(r_cohort, cohort):
+        assert (r.top1, r.loss) == (r_alone.top1, r_alone.loss)
+        for p, q in zip(alone.parameters(), model.parameters()):
+            assert torch.equal(p, q)
+
+
+class EpochLoader(CountingLoader):
+    """Records the epochs the engine asks for (the nps loaders' set_epoch)."""
+
+    def __init__(self, batches):
+        super().__init__(batches)
+        self.epochs = []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+
+def test_each_pass_is_told_its_epoch_and_scratch_draws_from_the_row_seed():
+    train = EpochLoader(make_data(4))
+    base = small_net(seed=1)
+    config = RetrainConfig(method="scratch", epochs=2, warmup_epochs=0)
+    torch.manual_seed(123)
+    first = train_cohort([copy.deepcopy(base), copy.deepcopy(base)], train, make_data(1), config, "cpu", bn_images=32,
+                         seeds=[7, 8], keep_models=True)
+    assert train.epochs == [0, 0, 1]  # adaptive BN reads epoch 0's first images, then epochs 0 and 1
+    torch.manual_seed(456)  # the global generator does not matter
+    second = train_cohort([copy.deepcopy(base)], EpochLoader(make_data(4)), make_data(1), config, "cpu",
+                          bn_images=32, seeds=[8], keep_models=True)
+    assert torch.equal(first[1].model[0].weight, second[0].model[0].weight)
+    assert not torch.equal(first[0].model[0].weight, first[1].model[0].weight)
+    with pytest.raises(ValueError, match="2 seeds"):
+        train_cohort([small_net()], make_data(1), make_data(1), config, "cpu", seeds=[1, 2])
+
+
 def test_cpu_workers_restore_the_thread_count():
     torch.set_num_threads(2)
     try:

@@ -14,9 +14,6 @@ from nps.datasets.device_loader import DeviceLoader
 from nps.datasets.errors import DatasetError
 from nps.datasets.loaders import make_loaders
 
-torch.set_num_threads(1)
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +30,8 @@ def rgb_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fmnist_dir(tmp_path_factory):
-    if not FMNIST.is_file():
-        pytest.skip("Debian dataset-fashion-mnist not installed")
-    out = tmp_path_factory.mktemp("fm") / "out"
-    convert_dataset("fashion-mnist", out, limit=600, workers=1)
-    return out
+def fm600(fmnist_dir):
+    return fmnist_dir(600)
 
 
 def collect(loader):
@@ -92,12 +85,12 @@ def _matches_shift_flip(out: np.ndarray, src: np.ndarray, pad: int) -> bool:
 
 
 @pytest.mark.parametrize("on_device", [False, True])
-def test_augmented_batches_are_shifted_and_flipped_copies(fmnist_dir, on_device):
+def test_augmented_batches_are_shifted_and_flipped_copies(fm600, on_device):
     # one FFCV thread: numba compiles the parallel version of this pipeline far more slowly (~20 s here)
-    train, _, info = make_loaders(fmnist_dir, batch_size=50, on_device=on_device, order="sequential", augment=True,
+    train, _, info = make_loaders(fm600, batch_size=50, on_device=on_device, order="sequential", augment=True,
                                   num_workers=1)
     assert "pad-and-crop (pad 4) + horizontal flip" in info.train_augmentation
-    pixels, _, _, mean, std = reference(fmnist_dir, "train")
+    pixels, _, _, mean, std = reference(fm600, "train")
     images, labels = next(iter(train))
     check_batch_format(images, labels, 3, 28)
     restored = np.rint(images.permute(0, 2, 3, 1).numpy() * std + mean).astype(np.int64)
@@ -110,23 +103,23 @@ def test_augmented_batches_are_shifted_and_flipped_copies(fmnist_dir, on_device)
 
 
 @pytest.mark.parametrize("on_device", [False, True])
-def test_one_channel_and_resize_on_device(fmnist_dir, on_device):
-    train, val, info = make_loaders(fmnist_dir, batch_size=40, resolution=32, in_channels=1, on_device=on_device,
+def test_one_channel_and_resize_on_device(fm600, on_device):
+    train, val, info = make_loaders(fm600, batch_size=40, resolution=32, in_channels=1, on_device=on_device,
                                     order="sequential", augment=False, num_workers=1)
     assert info.resolution == [32, 32] and info.in_channels == 1
     images, labels = next(iter(val))
     check_batch_format(images, labels, 1, 32)
-    _, expected, _, _, _ = reference(fmnist_dir, "val")
+    _, expected, _, _, _ = reference(fm600, "val")
     resized = torch.nn.functional.interpolate(torch.from_numpy(expected[:40, ..., :1]).permute(0, 3, 1, 2).float(),
                                               size=(32, 32), mode="bilinear", align_corners=False)
     assert torch.allclose(images, resized, atol=1e-4)
 
 
-def test_auto_picks_on_device_when_the_dataset_fits(fmnist_dir, monkeypatch):
-    _, _, info = make_loaders(fmnist_dir, batch_size=100, num_workers=1)
+def test_auto_picks_on_device_when_the_dataset_fits(fm600, monkeypatch):
+    _, _, info = make_loaders(fm600, batch_size=100, num_workers=1)
     assert info.implementation == "on-device" and "fits on cpu" in info.reason
     monkeypatch.setattr(loaders_module, "ON_DEVICE_MAX_BYTES", 1000)
-    train, _, info = make_loaders(fmnist_dir, batch_size=100, num_workers=1)
+    train, _, info = make_loaders(fm600, batch_size=100, num_workers=1)
     assert info.implementation == "ffcv" and "over the 0 MiB on-device budget" in info.reason
     assert "ffcv loader" in str(info) and len(train) == 6
 
@@ -142,6 +135,25 @@ def test_random_order_follows_the_seed(rgb_dir, on_device):
     assert len(first[0]) == 192  # drop_last: 6 full batches of 32
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[0], other[0])
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_set_epoch_fixes_a_pass_whatever_was_iterated_before(rgb_dir, on_device):
+    """The seed rule's data side: epoch e is the same pass on every loader of the seed, however often (or how far)
+    it was iterated before (adaptive BN and shape probes iterate it too)."""
+    def loader():
+        return make_loaders(rgb_dir, batch_size=32, on_device=on_device, seed=5, num_workers=1, augment=on_device)[0]
+
+    fresh, used = loader(), loader()
+    for _ in range(3):
+        next(iter(used))  # partial passes
+    collect(used)
+    fresh.set_epoch(2)
+    used.set_epoch(2)
+    (x1, y1), (x2, y2) = collect(fresh), collect(used)
+    assert torch.equal(y1, y2) and torch.equal(x1, x2)
+    used.set_epoch(1)
+    assert not torch.equal(collect(used)[1], y1)
 
 
 def test_device_loader_shards_like_distributed_sampler(monkeypatch):
@@ -186,10 +198,10 @@ def test_large_images_use_random_resized_crop_and_center_crop(tmp_path):
     assert np.abs(restored - expected).max() <= 4  # JPEG of a flat color is nearly exact
 
 
-def test_bad_arguments(fmnist_dir, tmp_path):
+def test_bad_arguments(fm600, tmp_path):
     with pytest.raises(DatasetError, match="meta.json: missing"):
         make_loaders(tmp_path / "nothing", batch_size=8)
     with pytest.raises(DatasetError, match="order 'shuffled'"):
-        make_loaders(fmnist_dir, batch_size=8, order="shuffled")
+        make_loaders(fm600, batch_size=8, order="shuffled")
     with pytest.raises(DatasetError, match="in_channels 2"):
-        make_loaders(fmnist_dir, batch_size=8, in_channels=2)
+        make_loaders(fm600, batch_size=8, in_channels=2)

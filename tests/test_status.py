@@ -13,22 +13,7 @@ from nps.pipeline.config import Config, dump
 from nps.pipeline.live import SpaceState, file_states, status_renderable, writer_pid
 from nps.pipeline.store import ResultsStore, open_readonly
 
-GROUPS = 3
-
-
-class StandInTable:
-    def to_hdf5(self, group):
-        group.create_dataset("channels", data=np.array([16, 32, 64], dtype="i8"))
-        group.attrs["model"] = "resnet20"
-        group.attrs["resolution"] = 28
-
-
-def rows(n, seed=0):
-    rng = np.random.default_rng(seed)
-    recipe = rng.uniform(0, 0.8, size=(n, GROUPS))
-    return dict(recipe=recipe, keep=np.ones((n, GROUPS), int), flops=np.full(n, 10**6), params=np.full(n, 10**4),
-                c_flops=np.full(n, 0.25), c_params=np.full(n, 0.3), mcb=np.full(n, 0.8), std=recipe.std(axis=1),
-                seed=np.arange(n))
+from helpers import StandInTable, rows_for_store as rows  # noqa: E402
 
 
 @pytest.fixture

@@ -16,24 +16,7 @@ from nps.pipeline.store import (
     DONE, ERROR_BYTES, FAILED, PENDING, RUNNING, ResultsStore, clear_consistency_flags, open_readonly,
 )
 
-GROUPS = 4
-
-
-class StandInTable:
-    """Anything with ``to_hdf5(group)`` can be the layer table."""
-
-    def to_hdf5(self, group):
-        group.create_dataset("channels", data=np.array([16, 32, 64, 64], dtype="i4"))
-        group.attrs["names"] = "a,b,c,d"
-
-
-def make_rows(n, seed=0):
-    rng = np.random.default_rng(seed)
-    recipe = rng.uniform(0, 0.8, size=(n, GROUPS))
-    keep = np.maximum(1, np.round((1 - recipe) * np.array([16, 32, 64, 64]))).astype(int)
-    return dict(recipe=recipe, keep=keep, flops=rng.integers(1e6, 1e8, n), params=rng.integers(1e4, 1e6, n),
-                c_flops=rng.uniform(0.2, 0.3, n), c_params=rng.uniform(0.2, 0.3, n), mcb=rng.uniform(0.9, 1.1, n),
-                std=recipe.std(axis=1), seed=np.arange(n) + 1000)
+from helpers import GROUPS, StandInTable, rows_for_store as make_rows  # noqa: E402 - shared with other tests
 
 
 @pytest.fixture
@@ -104,14 +87,15 @@ def test_append_rows_and_long_error_truncated_on_utf8_boundary(store):
 
 def test_bad_input_is_one_line_error(store, tmp_path):
     rows = make_rows(3)
-    with pytest.raises(NpsError, match="lack"):
+    # a caller's broken promise is a bug (a traceback), not bad input
+    with pytest.raises(ValueError, match="lack"):
         store.add_space("s", {k: v for k, v in rows.items() if k != "seed"}, epochs=1)
     store.add_space("s", rows, epochs=1)
-    with pytest.raises(NpsError, match="already has"):
+    with pytest.raises(ValueError, match="already has"):
         store.add_space("s", rows, epochs=1)
-    with pytest.raises(NpsError, match="groups"):
+    with pytest.raises(ValueError, match="groups"):
         store.append_rows("s", make_rows(2) | {"recipe": np.zeros((2, 3)), "keep": np.ones((2, 3))})
-    with pytest.raises(NpsError, match="rows 0..2"):
+    with pytest.raises(IndexError, match="rows 0..2"):
         store.mark_done("s", 3, top1=1, top5=1, loss=1)
     with pytest.raises(NpsError, match="no space"):
         store.status("nope")

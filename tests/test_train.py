@@ -129,3 +129,23 @@ def test_reinitialize_gives_fresh_weights_and_resets_bn():
     again = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
     reinitialize(again, seed=1)
     torch.testing.assert_close(again[0].weight, model[0].weight)  # seeded: reproducible
+
+
+def test_one_spec_for_the_experiment_the_engine_and_the_file():
+    from nps.pipeline.config import Config, RetrainConfig as ExperimentRetrain
+    from nps.pipeline.spec import RetrainSpec, SpaceSpec
+
+    cfg = Config()
+    cfg.retrain.method, cfg.retrain.epochs, cfg.retrain.warmup_epochs = "rewind", 3, 2.0
+    assert isinstance(cfg.retrain, RetrainSpec) and issubclass(ExperimentRetrain, RetrainConfig)
+    spec = cfg.retrain.spec()
+    assert type(spec) is RetrainSpec and spec == RetrainSpec(method="rewind", epochs=3, warmup_epochs=2.0)
+    assert RetrainSpec.from_json(spec.to_json()) == spec
+    assert spec.with_epochs(1).warmup_epochs == 1.0 and spec.with_epochs(10) == RetrainSpec(
+        method="rewind", epochs=10, warmup_epochs=2.0)
+    stored = SpaceSpec(spec, "random")
+    assert SpaceSpec.from_attrs(stored.attrs(), SpaceSpec(RetrainSpec(), "l2")) == stored
+    # a file written before spaces stored their spec: the experiment's, with the space's epochs
+    assert SpaceSpec.from_attrs({"epochs": 7}, stored) == SpaceSpec(spec.with_epochs(7), "random")
+    with pytest.raises(NpsError, match=r"^stage2\.momentum: must be in \[0, 1\)"):
+        RetrainSpec(momentum=1.5).check("stage2")

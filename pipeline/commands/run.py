@@ -13,6 +13,8 @@ examples:
   nps run demo --out runs/demo
   nps run demo --print-config > my.toml        # every key with its default, commented
   nps run my.toml --devices 0,1 --set retrain.epochs=10
+  nps run my.toml --ray                        # on the Ray cluster of RAY_ADDRESS (else a local Ray)
+  nps run my.toml --ray 10.0.0.1:6379          # on the Ray cluster whose head is there
   nps status runs/demo/results.h5             # from another terminal, while it runs
 """
 
@@ -27,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--devices", metavar="LIST",
                    help="auto, cpu, or GPU indices like 0,1: one worker process per device (overrides "
                         "experiment.devices)")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="run on a Ray cluster: one worker per GPU of every node (auto: RAY_ADDRESS, else a local "
+                        "Ray; or HOST:PORT of the head node); overrides experiment.ray")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override one setting, e.g. retrain.epochs=5 or spaces.n=10 (repeatable)")
     p.add_argument("--retry-failed", action="store_true", help="run failed subnetworks again")
@@ -41,6 +46,8 @@ def resume_command(args) -> str:
         parts += ["--out", args.out]
     if args.devices:
         parts += ["--devices", args.devices]
+    if args.ray:
+        parts += ["--ray"] + ([args.ray] if args.ray != "auto" else [])
     for item in args.overrides:
         parts += ["--set", item]
     return shlex.join(parts)
@@ -51,7 +58,8 @@ def run(args) -> int:
 
     from rich.console import Console
 
-    from nps.pipeline.config import dump, load_config, parse_devices, validate
+    from nps.pipeline.config import check_ray_address, dump, load_config, parse_devices, validate
+    from nps.pipeline.errors import NpsError
     from nps.pipeline.live import LiveView, PlainView, space_table
 
     cfg = load_config(args.experiment, args.overrides, out=args.out)
@@ -59,6 +67,14 @@ def run(args) -> int:
         sys.stdout.write(dump(cfg, comments=True))
         return 0
     devices = parse_devices(args.devices) if args.devices else None
+    if args.ray is not None:
+        if args.devices:
+            raise NpsError("--devices and --ray: choose one (on Ray every GPU of the cluster gets a worker)")
+        check_ray_address(args.ray)
+    if args.ray is not None or cfg.experiment.ray:
+        from nps.pipeline.run.ray_pool import require_ray
+
+        require_ray("--ray" if args.ray is not None else "experiment.ray")
     plan = validate(cfg)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from nps.pipeline.run import run_experiment
@@ -66,7 +82,7 @@ def run(args) -> int:
     console = Console()
     view = LiveView(console) if console.is_terminal and not args.plain else PlainView()
     try:
-        outcome = run_experiment(plan, view, devices=devices, retry_failed=args.retry_failed)
+        outcome = run_experiment(plan, view, devices=devices, ray=args.ray, retry_failed=args.retry_failed)
     except KeyboardInterrupt:  # before training started (sampling); nothing half-written is left
         print(f"interrupted; resume with: {resume_command(args)}", file=sys.stderr, flush=True)
         return 130

@@ -1,0 +1,132 @@
+"""What the driver writes beside results.h5: kept weights, the base network, and the two-stage top-k spaces.
+
+Kept weights (``[output] keep_weights``) arrive inside row results as the bytes of their ``.pt`` file and are
+written to ``weights/<space key>/<row>.pt`` (the layout :mod:`nps.pipeline.export` reads) by
+:class:`WeightsKeeper`. With ``topk`` it keeps a space's ``top_k`` rows by top-1 as results come in: a row outside
+the current top-k can never enter it later (only better rows can push rows out), so its weights are never written,
+and a row pushed out loses its file at once. A space's end trims once more from the file, which also covers weights
+left by an earlier run.
+
+Two-stage (``[two_stage] enabled``): when every row of a space has finished, :func:`top_space_rows` picks its
+``top_k`` rows by top-1 (adaptive-BN top-1, then row, break ties) and the driver adds them, recipes and seeds
+unchanged, as the space ``<space key>#top`` retrained for ``full_epochs`` by the parent's spec.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from nps.pipeline.spec import SpaceSpec
+from nps.pipeline.store import DONE, RECIPE_FIELDS
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` to ``path`` through a temporary name and a rename: never a half-written file at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _rank_key(top1: float, row: int) -> tuple[float, int]:
+    """Sort key of the top-k: higher top-1 first, then the lower row (NaN ranks last)."""
+    return (-(top1 if np.isfinite(top1) else -1.0), int(row))
+
+
+class WeightsKeeper:
+    """Writes and removes ``weights/<space>/<row>.pt`` by the ``keep_weights`` policy."""
+
+    def __init__(self, results_path: str, policy: str, top_k: int):
+        self.results_path, self.policy, self.top_k = results_path, policy, int(top_k)
+        self._kept: dict[str, dict[int, float]] = {}
+
+    @property
+    def wanted(self) -> bool:
+        """Whether workers should send weights back at all."""
+        return self.policy != "none"
+
+    def _path(self, space: str, row: int) -> Path:
+        from nps.pipeline.export import weights_path
+
+        return weights_path(self.results_path, space, row)
+
+    def start_space(self, space: str, status: np.ndarray, top1: np.ndarray) -> None:
+        """What an earlier run kept of this space (rows with weights on disk, among its done rows)."""
+        from nps.pipeline.export import saved_weight_rows
+
+        kept = {}
+        for row in saved_weight_rows(self.results_path, space):
+            if row < status.size and status[row] == DONE:
+                kept[row] = float(top1[row])
+        self._kept[space] = kept
+
+    def add(self, space: str, row: int, top1: float, weights: bytes | None) -> None:
+        """A done row's weights: written if the policy keeps them (topk: if the row ranks in the top_k so far)."""
+        if weights is None or self.policy == "none":
+            return
+        kept = self._kept.setdefault(space, {})
+        top1 = float(np.float32(top1))  # ranked as the file stores it, so the final trim agrees
+        if self.policy == "topk":
+            ranked = sorted([*kept.items(), (row, top1)], key=lambda rt: _rank_key(rt[1], rt[0]))
+            if row not in [r for r, _ in ranked[: self.top_k]]:
+                return
+            for r, _ in ranked[self.top_k:]:
+                self._remove(space, r)
+        write_atomic(self._path(space, row), weights)
+        kept[row] = top1
+
+    def _remove(self, space: str, row: int) -> None:
+        self._kept.get(space, {}).pop(row, None)
+        try:
+            os.remove(self._path(space, row))
+        except OSError:
+            pass
+
+    def finish_space(self, space: str, status: np.ndarray, top1: np.ndarray) -> None:
+        """``topk``: remove the weights of rows outside the space's final top_k by top-1."""
+        if self.policy != "topk":
+            return
+        from nps.pipeline.export import saved_weight_rows
+
+        done = np.flatnonzero(status == DONE)
+        keep = set(done[np.argsort(-np.nan_to_num(top1[done], nan=-1), kind="stable")][: self.top_k].tolist())
+        for row in saved_weight_rows(self.results_path, space):
+            if row not in keep:
+                self._remove(space, row)
+
+
+def top_space_rows(store, space: str, top_k: int) -> tuple[np.ndarray, dict]:
+    """(the parent rows chosen, the recipe fields of those rows) for the two-stage space of ``space``."""
+    cols = store.read(space, ["status", "top1", "bn_top1"] + list(RECIPE_FIELDS))
+    done = np.flatnonzero(cols["status"] == DONE)
+    order = done[np.lexsort((-np.nan_to_num(cols["bn_top1"][done], nan=-1),
+                             -np.nan_to_num(cols["top1"][done], nan=-1)))]
+    chosen = np.sort(order[:top_k])
+    return chosen, {k: cols[k][chosen] for k in RECIPE_FIELDS}
+
+
+def top_space_attrs(store, space: str, chosen: np.ndarray, top_k: int) -> dict:
+    """The ``#top`` space's attributes: the parent's constraints, where it came from."""
+    attrs = {k: v for k, v in store.file["spaces"][space].attrs.items()
+             if k not in ("epochs", "groups", "retrain_spec", "criterion")}
+    name = attrs.get("space", space)
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    from nps.kernels.spaces import TOP_SUFFIX
+
+    attrs.update(space=f"{name}{TOP_SUFFIX}", stage="top", parent=space, parent_rows=chosen.astype(np.int64),
+                 top_k=int(top_k))
+    return attrs
+
+
+def top_space_spec(parent: SpaceSpec, full_epochs: int) -> SpaceSpec:
+    """The parent's recipe over ``full_epochs``."""
+    return SpaceSpec(parent.retrain.with_epochs(full_epochs), parent.criterion)

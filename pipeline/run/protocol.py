@@ -1,0 +1,222 @@
+"""What the run driver and its workers say to each other: typed messages, the same over every transport.
+
+The driver sends a worker tasks (:class:`BaseTask`, :class:`CohortTask`) together with the base network's weights
+(:class:`BaseWeights`); the worker answers with events. A local worker process puts them on a queue, a Ray actor
+yields them from a streaming generator; either way each is one of the dataclasses below, pickled. Kept weights
+travel inside :class:`RowResult` as the bytes of their ``.pt`` file, so no worker writes anything the driver owns:
+the driver is the only writer of results.h5, base.pt and weights/.
+
+A worker's life, as the driver sees it::
+
+    WorkerStarted (from the transport) → Ready (dataset checked, loaders built)
+    → per task: Progress… RowResult… (or BaseResult) → TaskEnd
+    → WorkerLost (the process, actor or node died) or WorkerFailed (it cannot work: the run stops)
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+from nps.pipeline.spec import SpaceSpec
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker needs to know about the experiment (pickled once into each worker)."""
+
+    config: Any  # nps.pipeline.config.Config
+    table: Any  # LayerTable
+    resolution: int
+    in_channels: int
+    num_classes: int
+    fingerprint: str  # the dataset's, as the driver validated it: every worker checks its copy against it
+    log_level: int = logging.WARNING
+    worker_class: Any = None  # None: nps.pipeline.run.worker.Worker (tools/bench_dispatch.py runs a simulated one)
+
+
+@dataclass(frozen=True)
+class BaseWeights:
+    """The base network's weights as a worker receives them: a file it can read (workers on the driver's machine) or
+    that file's bytes (Ray: through the object store, so no node needs the driver's files). ``key`` names the
+    content, so a worker loads each version once."""
+
+    key: str
+    path: str = ""
+    data: bytes | None = field(default=None, repr=False)
+    ref: Any = None  # a Ray ObjectRef of ``data``: fetched by the worker only when it does not hold ``key`` yet
+
+    def open(self):
+        """The checkpoint as something ``torch.load`` reads: the bytes (fetched once from Ray), else the path."""
+        import io
+
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        if self.ref is not None:
+            import ray
+
+            return io.BytesIO(ray.get(self.ref))
+        return self.path
+
+    @classmethod
+    def from_file(cls, path: str, *, embed: bool) -> "BaseWeights":
+        st = os.stat(path)
+        if not embed:
+            return cls(f"{os.path.abspath(path)}:{st.st_mtime_ns}:{st.st_size}", path=path)
+        with open(path, "rb") as fh:
+            data = fh.read()
+        return cls(hashlib.sha256(data).hexdigest(), path=path, data=data)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tasks (driver → worker).
+
+
+@dataclass(frozen=True)
+class BaseTask:
+    """Train the base network (``[base]``) or evaluate the given weights; answered by one :class:`BaseResult`."""
+
+    task_id: int
+    train: bool
+
+
+@dataclass(frozen=True)
+class CohortTask:
+    """Prune, adaptive-BN score and retrain these rows of one space, together; one :class:`RowResult` per row."""
+
+    task_id: int
+    space: str
+    rows: tuple[int, ...]
+    keep: np.ndarray  # len(rows) × groups, int32
+    seeds: tuple[int, ...]
+    spec: SpaceSpec
+    k: int | None  # the engine's cohort size; None: as many as fit (GPU memory)
+    keep_weights: bool  # send each retrained subnetwork's weights back
+
+
+Task = Union[BaseTask, CohortTask]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Events (worker or transport → driver).
+
+
+@dataclass(frozen=True)
+class WorkerStarted:
+    """The transport started a worker (it is loading the dataset)."""
+
+    worker: int
+    node: str
+    device: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The worker checked its dataset and waits for tasks."""
+
+    worker: int
+    node: str
+    device: str
+    threads: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the worker's task is; sent at most a few times a second, and after every epoch (``epoch_end``)."""
+
+    worker: int
+    task_id: int
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    img_per_s: float
+    epoch_end: bool = False
+    train_loss: float = float("nan")
+    val_top1: float = float("nan")
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """One subnetwork finished (``status`` "done") or failed; ``weights`` is its ``.pt`` file when asked for."""
+
+    worker: int
+    task_id: int
+    space: str
+    row: int
+    status: str
+    top1: float = float("nan")
+    top5: float = float("nan")
+    loss: float = float("nan")
+    bn_top1: float = float("nan")
+    curve: tuple[float, ...] = ()
+    train_s: float = float("nan")
+    cohort_size: int = 1
+    error: str = ""
+    weights: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class BaseResult:
+    """The base network's metrics; ``checkpoint`` is the ``base.pt`` file when the worker trained it."""
+
+    worker: int
+    task_id: int
+    top1: float
+    top5: float
+    loss: float
+    trained: bool
+    seconds: float
+    checkpoint: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Note:
+    """A line for the user (e.g. a cohort halved after running out of memory)."""
+
+    worker: int
+    text: str
+
+
+@dataclass(frozen=True)
+class TaskEnd:
+    """The task is over: ``error`` when it raised (its rows without a result fail), ``stopped`` on a stop request
+    (they go back to pending)."""
+
+    worker: int
+    task_id: int
+    error: str = ""
+    detail: str = ""  # the traceback, for a bug
+    stopped: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """The worker cannot work (its dataset, the base network): the run stops. ``user_error`` says whether the
+    message is about the input (one line) or a bug (``detail`` holds the traceback)."""
+
+    worker: int
+    error: str
+    detail: str = ""
+    user_error: bool = True
+
+
+@dataclass(frozen=True)
+class WorkerLost:
+    """The transport lost the worker (its process, actor or node died); its task's rows go back to pending."""
+
+    worker: int
+    reason: str
+
+
+Event = Union[WorkerStarted, Ready, Progress, RowResult, BaseResult, Note, TaskEnd, WorkerFailed, WorkerLost]
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -1,0 +1,136 @@
+"""The results file at the start of a run: created, or reopened to resume the same experiment.
+
+Resuming: the same command opens results.h5 (the stored config must match, runtime-only keys such as ``out``,
+``devices``, ``ray`` or ``cohort_size`` aside), keeps every finished row, puts rows left running by a dead run back
+to pending, samples only the spaces that are missing, and skips the base network when its metrics are stored
+(``out/base.pt`` or the configured checkpoint gives the weights).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from nps.pipeline.config import Plan, differing_keys, dump, parse_config
+from nps.pipeline.errors import NpsError
+from nps.pipeline.spec import SpaceSpec
+from nps.pipeline.store import FAILED, RUNNING, ResultsStore
+
+
+def default_spec(plan: Plan) -> SpaceSpec:
+    """The spec of the experiment's spaces: ``[retrain]`` and ``model.criterion``."""
+    cfg = plan.config
+    return SpaceSpec(cfg.retrain.spec(), cfg.model.criterion)
+
+
+def open_results(plan: Plan) -> tuple[ResultsStore, bool]:
+    """(store, resumed): a new results.h5, or the existing one after checking it holds this experiment."""
+    cfg, path = plan.config, plan.results_path
+    attrs = {"base_flops": plan.table.base_flops, "base_params": plan.table.base_params,
+             "dataset_fingerprint": plan.meta["fingerprint"], "experiment": cfg.experiment.name}
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return ResultsStore.create(path, plan.table, dump(cfg), attrs), False
+    store = ResultsStore.open(path)
+    try:
+        _check_same_experiment(store, plan)
+    except BaseException:
+        store.close()
+        raise
+    return store, True
+
+
+def _check_same_experiment(store: ResultsStore, plan: Plan) -> None:
+    from nps.pipeline.graph import LayerTable
+
+    path = plan.results_path
+    hint = "resume with the same settings, or start a new run with another --out"
+    try:
+        stored = parse_config(store.attrs.get("config", ""), f"{path} (stored config)")
+    except NpsError as exc:
+        raise NpsError(f"{path} was not written by `nps run` or by an incompatible version ({exc}); {hint}") from None
+    diff = differing_keys(stored, plan.config)
+    if diff:
+        shown = ", ".join(f"{k} (stored {a!r}, now {b!r})" for k, a, b in diff[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise NpsError(f"{path} holds a different experiment: {shown}{more}; {hint}")
+    if store.attrs.get("dataset_fingerprint") != plan.meta["fingerprint"]:
+        raise NpsError(f"dataset.dir: {plan.config.dataset.dir} is not the dataset {path} was made with "
+                       f"(fingerprints differ); {hint}")
+    if "layers" in store.file and LayerTable.from_hdf5(store.layers) != plan.table:
+        raise NpsError(f"{path}: its layer table differs from {plan.config.model.name} as configured; {hint}")
+
+
+def sample_missing_spaces(store: ResultsStore, plan: Plan, progress=None) -> list[str]:
+    """Sample every configured space the file does not have yet (rows pending); returns their space keys.
+
+    All spaces are drawn in memory before any is written, so an interrupt while sampling leaves no half space. Each
+    space stores its spec (``retrain_spec``, ``criterion``) beside its constraints.
+    """
+    from nps.kernels.errors import SamplerError
+    from nps.pipeline.sampling import sample_rows
+
+    cfg = plan.config
+    present = set(store.spaces())
+    spec = default_spec(plan)
+    drawn = []
+    for index, space in plan.spaces:
+        if space.key in present:
+            continue
+        scfg = cfg.spaces[index]
+        if progress:
+            progress(f"sampling {space.key}: {scfg.n} recipes")
+        try:
+            rows, attrs, _ = sample_rows(plan.table, space, scfg.n, cfg.experiment.seed,
+                                         max_seconds=scfg.max_seconds)
+        except SamplerError as exc:
+            raise NpsError(f"spaces[{index}]: {exc}") from None
+        attrs.update(stage="sample", n=int(scfg.n), **spec.attrs())
+        drawn.append((space.key, rows, attrs))
+    for name, rows, attrs in drawn:
+        store.add_space(name, rows, epochs=spec.retrain.epochs, attrs=attrs)
+    return [name for name, _, _ in drawn]
+
+
+def reset_rows(store: ResultsStore, *, retry_failed: bool) -> tuple[int, dict[str, int]]:
+    """Rows left running by a dead run back to pending (and failed ones, with ``retry_failed``).
+
+    Returns (rows that were running, failed rows put back per space)."""
+    redone, retried = 0, {}
+    for name in store.spaces():
+        if retry_failed:
+            failed = int(np.count_nonzero(store.status(name) == FAILED))
+            store.reset_failed(name)
+            if failed:
+                retried[name] = failed
+        redone += int(np.count_nonzero(store.status(name) == RUNNING))
+        store.reset_running(name)
+    store.flush()
+    return redone, retried
+
+
+def base_state(store: ResultsStore, plan: Plan) -> tuple[float, bool | None]:
+    """(stored base top-1, what is left to do): None when the metrics are stored, else whether to train it."""
+    base_top1 = float(store.attrs.get("base_top1", math.nan))
+    weights = plan.config.model.checkpoint or plan.base_path
+    if math.isfinite(base_top1):
+        if not os.path.isfile(weights):
+            raise NpsError(f"{plan.results_path} has base metrics but the base weights {weights} are gone; "
+                           "start a new run with another --out")
+        return base_top1, None
+    return base_top1, not plan.config.model.checkpoint and not os.path.isfile(plan.base_path)
+
+
+def space_order(names: list[str], plan: Plan) -> list[str]:
+    """Space keys in the experiment's order, each ``#top`` space right after its parent."""
+    from nps.kernels.spaces import parse_space_key
+
+    configured = [space.key for _, space in plan.spaces]
+
+    def rank(name: str):
+        key = parse_space_key(name)
+        parent = key.parent if key else name
+        return (configured.index(parent) if parent in configured else len(configured), name)
+
+    return sorted(names, key=rank)

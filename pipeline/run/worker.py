@@ -1,0 +1,298 @@
+"""A worker: one device that trains the base network or cohorts of subnetworks, whatever carries its messages.
+
+:class:`Worker` does the work and reports through an ``emit`` callback; :func:`serve_task` wraps one task with its
+:class:`~nps.pipeline.run.protocol.TaskEnd`. The local transport calls them in a spawned process, the Ray transport
+in an actor; neither adds behaviour. A worker writes no file: results, kept weights and a trained base network go
+back as messages, and the driver writes them.
+
+The seed rule: what a row's training sees depends on the experiment, the row's recipe and its seed only, never on
+the worker, its device index or what it did before. The loaders are seeded with ``experiment.seed`` and told the
+epoch before each pass (``set_epoch``), adaptive BN uses the first ``bn_images`` of epoch 0, and the ``random``
+criterion and ``scratch`` re-initialisation draw from the row's ``seed``. On the CPU every member steps on one
+intra-op thread whatever the cohort size (see :mod:`nps.pipeline.engine`), so the same rows give the same numbers
+in cohorts of 1 or 8, on one worker or on many.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import time
+import traceback
+from typing import Any, Callable
+
+import numpy as np
+
+from nps.pipeline.errors import NpsError, user_errors
+from nps.pipeline.run.protocol import (
+    BaseResult, BaseTask, BaseWeights, CohortTask, Note, Progress, Ready, RowResult, TaskEnd, WorkerFailed,
+    WorkerSpec, one_line,
+)
+
+log = logging.getLogger(__name__)
+
+PROGRESS_S = 0.5  # at most one progress message per this many seconds (and one per epoch)
+
+
+class Stopped(Exception):
+    """Raised inside a task when the driver asked the workers to stop (Ctrl-C)."""
+
+
+def check_dataset(data_dir: str, fingerprint: str, node: str) -> dict:
+    """The dataset's meta.json on this node, after checking it is the one the driver validated (one line naming the
+    node and the path when not)."""
+    from nps.datasets.errors import DatasetError
+    from nps.datasets.meta import load_meta
+
+    where = f"node {node}: dataset.dir {data_dir}"
+    hint = "convert the same dataset to the same path on every node, or put it on a shared filesystem"
+    try:
+        meta = load_meta(data_dir)
+    except DatasetError as exc:
+        raise NpsError(f"{where}: {exc}; {hint}") from None
+    if meta.get("fingerprint") != fingerprint:
+        raise NpsError(f"{where}: fingerprint {str(meta.get('fingerprint'))[:12]}… differs from the driver's "
+                       f"{fingerprint[:12]}…; {hint}")
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, meta["files"][split])
+        if not os.path.isfile(path):
+            raise NpsError(f"{where}: {path} is missing; {hint}")
+    return meta
+
+
+def state_bytes(obj: Any) -> bytes:
+    """A module's (or state_dict's) tensors on the CPU, contiguous, as the bytes of a ``torch.save`` file."""
+    import torch
+
+    obj = getattr(obj, "_orig_mod", obj)  # torch.compile's wrapper: the module it wraps
+    state = obj.state_dict() if hasattr(obj, "state_dict") else obj
+    state = {k.removeprefix("_orig_mod."): v.detach().to("cpu").contiguous() if torch.is_tensor(v) else v
+             for k, v in state.items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+class _Limited:
+    """At most ``images`` images of each pass over ``loader``: whole batches (training) or exactly ``images``
+    (evaluation, the last batch cut). On the CPU batches are made NCHW-contiguous (what the engine trains in)."""
+
+    def __init__(self, loader, images: int, *, whole_batches: bool, contiguous: bool):
+        self.loader, self.images, self.whole, self.contiguous = loader, int(images), whole_batches, contiguous
+        batch = int(getattr(loader, "batch_size", 0) or 1)
+        full = len(loader)
+        if not self.images:
+            self.batches = full
+        elif whole_batches:
+            self.batches = max(1, min(full, self.images // batch))
+        else:
+            self.batches = min(full, -(-self.images // batch))
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        seen = 0
+        for i, (x, y) in enumerate(self.loader):
+            if i >= self.batches:
+                break
+            if self.images and not self.whole and seen + len(y) > self.images:
+                cut = self.images - seen
+                x, y = x[:cut], y[:cut]
+            seen += len(y)
+            yield (x.contiguous() if self.contiguous else x), y
+
+
+class Worker:
+    """One device's work. ``emit`` takes every event; ``should_stop`` is polled between training steps."""
+
+    def __init__(self, wid: int, spec: WorkerSpec, device: str, threads: int, node: str,
+                 emit: Callable[[Any], None], should_stop: Callable[[], bool], progress_s: float = PROGRESS_S):
+        import torch
+
+        self.wid, self.spec, self.node, self.threads = wid, spec, node, threads
+        self.device = torch.device(device)
+        self.cfg = spec.config
+        self.emit, self.should_stop, self.progress_s = emit, should_stop, progress_s
+        self._loaders: dict[int, tuple] = {}
+        self._base: tuple[str, Any] | None = None
+        self._last_progress = 0.0
+        torch.set_num_threads(threads)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def setup(self) -> Ready:
+        """Check this node's dataset against the driver's fingerprint and build the loaders."""
+        check_dataset(self.cfg.dataset.dir, self.spec.fingerprint, self.node)
+        self.loaders(self.cfg.retrain.batch_size)
+        return Ready(self.wid, self.node, str(self.device), self.threads)
+
+    def loaders(self, batch_size: int):
+        if batch_size not in self._loaders:
+            from nps.datasets.loaders import make_loaders
+
+            d = self.cfg.dataset
+            train, val, info = make_loaders(
+                d.dir, batch_size=batch_size, resolution=self.spec.resolution, device=self.device,
+                in_channels=self.spec.in_channels, num_workers=d.workers or self.threads, on_device=d.on_device,
+                seed=self.cfg.experiment.seed, val_batch_size=d.val_batch_size, augment=d.augment)
+            cpu = self.device.type == "cpu"
+            self._loaders[batch_size] = (_Limited(train, d.train_images, whole_batches=True, contiguous=cpu),
+                                         _Limited(val, d.val_images, whole_batches=False, contiguous=cpu), info)
+        return self._loaders[batch_size]
+
+    def run(self, task, base: BaseWeights | None) -> None:
+        if self.should_stop():
+            raise Stopped()
+        if isinstance(task, BaseTask):
+            self.base(task, base)
+        elif isinstance(task, CohortTask):
+            self.cohort(task, base)
+        else:
+            raise TypeError(f"not a task: {task!r}")
+
+    # -- events from the engine -------------------------------------------------------------------------------------
+
+    def _on_event(self, task_id: int, cohort: bool):
+        def handle(event: dict) -> None:
+            kind = event["event"]
+            if kind in ("progress", "epoch"):
+                if self.should_stop():
+                    raise Stopped()
+                now = time.monotonic()
+                if kind == "progress" and now - self._last_progress < self.progress_s:
+                    return
+                self._last_progress = now
+                extra = {}
+                if kind == "epoch":
+                    losses = list(event.get("train_loss", {}).values())
+                    tops = list(event.get("val_top1", {}).values())
+                    extra = dict(epoch_end=True, train_loss=float(np.mean(losses)) if losses else math.nan,
+                                 val_top1=float(np.max(tops)) if tops else math.nan)
+                steps = int(event.get("steps", 0))
+                self.emit(Progress(self.wid, task_id, int(event["epoch"]), int(event["epochs"]),
+                                   steps if kind == "epoch" else int(event["step"]), steps,
+                                   float(event.get("img_per_s", math.nan)), **extra))
+            elif kind in ("done", "failed") and cohort:
+                self.emit(self._row_result(task_id, event["result"]))
+            elif kind == "oom":
+                self.emit(Note(self.wid, f"{self.device}: out of memory with {event['k']} subnetworks; retrying in "
+                                         f"cohorts of {event['retry_k']}"))
+        return handle
+
+    def _row_result(self, task_id: int, result) -> RowResult:
+        space, row = result.id
+        weights = None
+        if result.ok and result.model is not None:
+            weights = state_bytes(result.model)
+        result.model = None
+        return RowResult(self.wid, task_id, space, int(row), result.status, top1=float(result.top1),
+                         top5=float(result.top5), loss=float(result.loss), bn_top1=float(result.bn_top1),
+                         curve=tuple(float(v) for v in result.curve), train_s=float(result.train_s),
+                         cohort_size=int(result.cohort_size), error=result.error, weights=weights)
+
+    # -- base network ------------------------------------------------------------------------------------------------
+
+    def base_model(self, base: BaseWeights):
+        if self._base is None or self._base[0] != base.key:
+            from nps.pipeline.config import check_checkpoint
+            from nps.pipeline.models import build_model
+
+            s = self.spec
+            state = check_checkpoint(base.open(), self.cfg.model.name, s.num_classes, s.in_channels)
+            model = build_model(self.cfg.model.name, num_classes=s.num_classes, in_channels=s.in_channels)
+            model.load_state_dict(state)
+            self._base = (base.key, model.eval())
+        return self._base[1]
+
+    def base(self, task: BaseTask, base: BaseWeights | None) -> None:
+        import torch
+
+        from nps.pipeline.config import dump
+        from nps.pipeline.engine import resolve_amp, train_cohort
+        from nps.pipeline.models import build_model
+        from nps.pipeline.spec import RetrainSpec
+        from nps.pipeline.train import evaluate
+
+        b, s = self.cfg.base, self.spec
+        t0 = time.perf_counter()
+        checkpoint = None
+        if task.train:
+            train, val, _ = self.loaders(b.batch_size)
+            torch.manual_seed(self.cfg.experiment.seed)
+            model = build_model(self.cfg.model.name, num_classes=s.num_classes, in_channels=s.in_channels)
+            settings = RetrainSpec(method="rewind", epochs=b.epochs, rewind_lr=b.lr, warmup_epochs=b.warmup_epochs,
+                                   momentum=b.momentum, weight_decay=b.weight_decay,
+                                   label_smoothing=b.label_smoothing)
+            (result,) = train_cohort([model], train, val, settings, self.device, ids=["base"], eval_every_epoch=True,
+                                     amp=b.amp, keep_models=True, progress_s=self.progress_s, member_threads=None,
+                                     on_event=self._on_event(task.task_id, cohort=False))
+            if not result.ok:
+                raise NpsError(f"base training failed: {result.error}; lower base.lr or check the dataset")
+            buffer = io.BytesIO()
+            state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
+            torch.save({"model": state, "model_name": self.cfg.model.name, "num_classes": s.num_classes,
+                        "in_channels": s.in_channels, "resolution": s.resolution, "top1": result.top1,
+                        "top5": result.top5, "epochs": b.epochs, "config": dump(self.cfg)}, buffer)
+            checkpoint = buffer.getvalue()
+            top1, top5, loss = result.top1, result.top5, result.loss
+        else:
+            if base is None:
+                raise ValueError("evaluating the base network needs its weights")
+            _, val, _ = self.loaders(self.cfg.retrain.batch_size)
+            model = self.base_model(base).to(self.device)
+            top1, top5, loss = evaluate(model, val, self.device, amp_dtype=resolve_amp(b.amp, self.device, [model]))
+            model.to("cpu")
+        self.emit(BaseResult(self.wid, task.task_id, float(top1), float(top5), float(loss), task.train,
+                             time.perf_counter() - t0, checkpoint))
+
+    # -- cohorts -----------------------------------------------------------------------------------------------------
+
+    def cohort(self, task: CohortTask, base: BaseWeights | None) -> None:
+        from nps.pipeline.engine import run_cohorts
+        from nps.pipeline.prune import prune_model
+
+        if base is None:
+            raise ValueError("a cohort needs the base network's weights")
+        r = self.cfg.retrain
+        train, val, _ = self.loaders(r.batch_size)
+        model, table, criterion = self.base_model(base), self.spec.table, task.spec.criterion
+        factories = [lambda keep=np.asarray(keep), seed=int(seed): prune_model(model, table, keep, criterion, seed)
+                     for keep, seed in zip(task.keep, task.seeds)]
+        run_cohorts(factories, train, val, task.spec.retrain, self.device, k=task.k,
+                    ids=[(task.space, row) for row in task.rows], seeds=list(task.seeds),
+                    eval_every_epoch=r.eval_every_epoch, bn_images=r.bn_images, amp=r.amp, compile=r.compile,
+                    keep_models=task.keep_weights, progress_s=self.progress_s, member_threads=1,
+                    on_event=self._on_event(task.task_id, cohort=True))
+
+
+def serve_task(worker: Worker, task, base: BaseWeights | None, emit: Callable[[Any], None]) -> bool:
+    """Run one task and end it with its :class:`TaskEnd` (or a :class:`WorkerFailed`); False when the worker must
+    exit (stopped, or it cannot work)."""
+    try:
+        worker.run(task, base)
+    except Stopped:
+        emit(TaskEnd(worker.wid, task.task_id, stopped=True))
+        return False
+    except Exception as exc:  # noqa: BLE001 - reported to the driver, which decides
+        detail = traceback.format_exc()
+        if isinstance(task, BaseTask):  # without a base network nothing can run
+            user = isinstance(exc, user_errors())
+            emit(WorkerFailed(worker.wid, f"{worker.node} {worker.device}: {exc if user else one_line(exc)}", detail,
+                              user))
+            return False
+        log.error("worker %d (%s): a cohort failed\n%s", worker.wid, worker.device, detail)
+        emit(TaskEnd(worker.wid, task.task_id, error=one_line(exc), detail=detail))
+        return True
+    emit(TaskEnd(worker.wid, task.task_id))
+    return True
+
+
+def setup_failure(wid: int, exc: BaseException) -> WorkerFailed:
+    """The :class:`WorkerFailed` of a worker that could not start (its dataset, its device)."""
+    user = isinstance(exc, user_errors())
+    return WorkerFailed(wid, str(exc) if user else one_line(exc), traceback.format_exc(), user)

@@ -1,0 +1,92 @@
+"""Fixtures and markers shared by the test modules.
+
+- ``@pytest.mark.fmnist``: the test needs Debian's Fashion-MNIST (``dataset-fashion-mnist``, what ``make setup``
+  installs: the embedded default dataset). Without it the test is skipped, except under CI (``NPS_CI=1``, set by
+  ``.ci/run``), where it fails: a CI run must never pass by skipping the run tests.
+- ``fmnist_source``: the directory of those files (same rule); ``fmnist_dir(limit)``: a converted subset, converted
+  once per size per session; ``base_checkpoint``: an untrained ResNet-20 for that data.
+- ``stand_in_table`` and ``make_rows``: a layer-table stand-in and recipe rows for tests of the store and the ledger
+  (plain helpers live in ``tests/helpers.py``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import StandInTable, rows_for_store
+
+torch.set_num_threads(1)  # tests run single-threaded unless they say otherwise (2 cores, shared)
+
+FMNIST = Path(os.environ.get("NPS_TEST_FMNIST", "/usr/share/datasets/fashion-mnist"))  # Debian's copy
+CI = os.environ.get("NPS_CI", "") not in ("", "0")
+
+
+def fmnist_installed() -> bool:
+    return (FMNIST / "train-images-idx3-ubyte.gz").is_file()
+
+
+def require_fmnist() -> Path:
+    """The Fashion-MNIST directory; skips the test without it, or fails it under CI."""
+    if fmnist_installed():
+        return FMNIST
+    message = f"Debian dataset-fashion-mnist not installed ({FMNIST}); make setup installs it"
+    if CI:
+        pytest.fail(f"NPS_CI is set and the embedded dataset is missing: {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fmnist: needs Debian's Fashion-MNIST (skipped without it, failed under CI)")
+    config.addinivalue_line("markers", "ray: starts a Ray cluster on loopback (in its own network namespace)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("fmnist") is not None:
+        require_fmnist()
+
+
+@pytest.fixture(scope="session")
+def fmnist_source() -> Path:
+    return require_fmnist()
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory, fmnist_source):
+    """``fmnist_dir(limit)``: Fashion-MNIST's first ``limit`` images of each split, converted once per session."""
+    from nps.datasets.convert import convert_dataset
+
+    made: dict[int, Path] = {}
+
+    def convert(limit: int) -> Path:
+        if limit not in made:
+            out = tmp_path_factory.mktemp("fmnist") / f"fm{limit}"
+            convert_dataset("fashion-mnist", out, limit=limit, workers=1)
+            made[limit] = out
+        return made[limit]
+
+    return convert
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(tmp_path_factory):
+    """An untrained ResNet-20 for 1-channel 10-class input: tests of the run need weights, not accuracy."""
+    from nps.pipeline.models import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "resnet20-fm.pt"
+    torch.save(build_model("resnet20", num_classes=10, in_channels=1).state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def stand_in_table():
+    return StandInTable()
+
+
+@pytest.fixture
+def make_rows():
+    """``make_rows(n, seed=0)``: recipe rows (every field a results file needs) for a space of n subnetworks."""
+    return rows_for_store

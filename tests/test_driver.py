@@ -1,0 +1,212 @@
+"""The driver over a fake, in-process worker pool: dispatch, results and kept weights written by the driver only,
+two-stage, lost workers, failing workers, Ctrl-C. No training, no processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from nps.pipeline.config import Config, Plan, expand_spaces
+from nps.pipeline.errors import NpsError
+from nps.pipeline.run import run_experiment
+from nps.pipeline.run.pools import WorkerPool
+from nps.pipeline.run.protocol import (
+    BaseResult, BaseTask, BaseWeights, Progress, Ready, RowResult, TaskEnd, WorkerFailed, WorkerLost, WorkerStarted,
+)
+from nps.pipeline.store import DONE, PENDING, open_readonly
+
+
+class FakePool(WorkerPool):
+    """Workers that answer at once: base metrics, and per row a result whose kept weights are ``b"<space>/<row>"``.
+    ``lose`` names task ids whose worker dies instead (a replacement starts); ``on_poll`` runs before each poll."""
+
+    kind = "fake"
+
+    def __init__(self, workers=2, lose=(), fail_setup=None, on_poll=None):
+        self.n, self.lose, self.fail_setup, self.on_poll = workers, set(lose), fail_setup, on_poll
+        self.events, self.next, self.tasks, self.stopped, self.closed = [], 0, [], False, False
+        self.held = []  # tasks not answered yet (to stop them)
+
+    def _add(self):
+        wid, self.next = self.next, self.next + 1
+        self.events += [WorkerStarted(wid, "node-a", "cpu"), Ready(wid, "node-a", "cpu", 1)]
+
+    def start(self, spec):
+        self.spec = spec
+        if self.fail_setup is not None:
+            self.events.append(self.fail_setup)
+        for _ in range(self.n):
+            self._add()
+
+    def submit(self, worker, task, base):
+        self.tasks.append((worker, task, base))
+        if task.task_id in self.lose:
+            self.events.append(WorkerLost(worker, f"the worker process on cpu died (task {task.task_id})"))
+            self._add()
+            return
+        if isinstance(task, BaseTask):
+            self.events += [BaseResult(worker, task.task_id, 80.0, 99.0, 0.5, task.train, 1.0,
+                                       b"base-weights" if task.train else None), TaskEnd(worker, task.task_id)]
+            return
+        self.held.append((worker, task))
+
+    def _answer(self, worker, task):
+        self.events.append(Progress(worker, task.task_id, 1, 2, 1, 2, 100.0))
+        for row, seed in zip(task.rows, task.seeds):
+            top1 = float(seed % 97)
+            weights = f"{task.space}/{row}".encode() if task.keep_weights else None
+            self.events.append(RowResult(worker, task.task_id, task.space, row, "done", top1=top1, top5=99.0,
+                                         loss=1.0, bn_top1=top1 - 5, curve=(top1,), train_s=2.0,
+                                         cohort_size=len(task.rows), weights=weights))
+        self.events.append(TaskEnd(worker, task.task_id))
+
+    def poll(self, timeout):
+        if self.on_poll:
+            self.on_poll(self)
+        if not self.stopped:
+            for worker, task in self.held:
+                self._answer(worker, task)
+            self.held = []
+        out, self.events = self.events, []
+        return out
+
+    def request_stop(self):
+        self.stopped = True
+        self.events += [TaskEnd(w, t.task_id, stopped=True) for w, t in self.held]
+        self.held = []
+
+    def terminate(self):
+        self.stopped = True
+
+    def close(self, timeout=10.0):
+        self.closed = True
+
+    def exhausted(self):
+        return False
+
+
+class Quiet:
+    def __init__(self):
+        self.notes, self.finished = [], []
+
+    def start(self, state): pass
+    def update(self, state, force=False): pass
+    def note(self, text): self.notes.append(text)
+    def epoch(self, state, wid, text): pass
+    def row_finished(self, state, space, row, info): self.finished.append((space, row, info["status"]))
+    def stop(self, state): pass
+
+
+@pytest.fixture(scope="module")
+def table():
+    from nps.pipeline.graph import build_layer_table
+
+    return build_layer_table("resnet20", "all", 28, 10, 1)
+
+
+def make_plan(tmp_path, table, *, n=5, two_stage=False, keep="topk", checkpoint=None) -> Plan:
+    cfg = Config()
+    cfg.experiment.name, cfg.experiment.out = "fake", str(tmp_path / "run")
+    cfg.dataset.dir, cfg.model.name, cfg.base.epochs = "unused", "resnet20", 1
+    from nps.pipeline.config import SpaceConfig
+
+    cfg.spaces = [SpaceConfig(name="std-0.05", c_flops=[0.25], n=n), SpaceConfig(name="std-0.01", c_flops=[0.25], n=n)]
+    cfg.retrain.epochs, cfg.retrain.cohort_size = 2, 2
+    cfg.two_stage.enabled, cfg.two_stage.top_k, cfg.two_stage.full_epochs = two_stage, 2, 3
+    cfg.output.keep_weights, cfg.output.top_k = keep, 2
+    if checkpoint:
+        cfg.model.checkpoint = str(checkpoint)
+    out = tmp_path / "run"
+    return Plan(cfg, {"fingerprint": "fake-data"}, table, 28, 1, 10, expand_spaces(cfg), cfg.model.checkpoint,
+                str(out / "results.h5"), str(out / "base.pt"))
+
+
+def read(plan):
+    with open_readonly(plan.results_path) as reader:
+        return {name: reader.read(name) for name in reader.spaces()}
+
+
+def events(plan):
+    with open(os.path.join(plan.config.experiment.out, "log.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_a_run_over_a_fake_pool(tmp_path, table):
+    plan = make_plan(tmp_path, table, two_stage=True)
+    pool = FakePool(workers=2)
+    outcome = run_experiment(plan, Quiet(), pool=pool)
+    assert outcome.status == "complete" and outcome.done == 14 and pool.closed
+    spaces = read(plan)
+    assert sorted(spaces) == ["std-0.01@c_flops=0.25", "std-0.01@c_flops=0.25#top", "std-0.05@c_flops=0.25",
+                              "std-0.05@c_flops=0.25#top"]
+    for name, cols in spaces.items():
+        assert (cols["status"] == DONE).all()
+        np.testing.assert_array_equal(cols["top1"], (cols["seed"] % 97).astype("f4"))
+    # the base network the worker trained was written by the driver; cohorts got it as a file to read
+    assert open(plan.base_path, "rb").read() == b"base-weights"
+    cohorts = [(w, t, b) for w, t, b in pool.tasks if not isinstance(t, BaseTask)]
+    assert all(isinstance(b, BaseWeights) and b.path == plan.base_path for _, _, b in cohorts)
+    assert all(len(t.rows) <= 2 and t.spec.retrain.epochs == (3 if t.space.endswith("#top") else 2)
+               for _, t, _ in cohorts)
+    # kept weights: the bytes the workers sent, top_k=2 per space by top-1 (ties: lower row)
+    run = tmp_path / "run"
+    for name, cols in spaces.items():
+        best = sorted(np.argsort(-cols["top1"], kind="stable")[:2].tolist())
+        files = sorted(int(p.stem) for p in (run / "weights" / name).glob("*.pt"))
+        assert files == best, name
+        assert all((run / "weights" / name / f"{r}.pt").read_bytes() == f"{name}/{r}".encode() for r in files)
+    done = Counter((e["space"], e["row"]) for e in events(plan) if e["event"] == "done")
+    assert len(done) == 14 and set(done.values()) == {1}
+
+
+def test_a_lost_worker_requeues_its_rows(tmp_path, table):
+    plan = make_plan(tmp_path, table, n=3, keep="none")
+    pool = FakePool(workers=2, lose={2, 3})  # the first two cohorts: their workers die (base is task 1)
+    view = Quiet()
+    outcome = run_experiment(plan, view, pool=pool)
+    assert outcome.status == "complete" and outcome.done == 6 and outcome.failed == 0
+    log = events(plan)
+    assert sum(e["event"] == "worker_lost" for e in log) == 2 and sum(e["event"] == "requeue" for e in log) == 2
+    done = Counter((e["space"], e["row"]) for e in log if e["event"] == "done")
+    assert len(done) == 6 and set(done.values()) == {1}
+    assert not (tmp_path / "run" / "weights").exists()  # keep_weights = none: workers were not asked for them
+    assert all(not t.keep_weights for _, t, _ in pool.tasks if not isinstance(t, BaseTask))
+
+
+def test_worker_failures_end_the_run_as_bad_input_or_as_a_bug(tmp_path, table):
+    plan = make_plan(tmp_path, table)
+    failed = WorkerFailed(0, "node node-a: dataset.dir /data: fingerprint 1234… differs from the driver's")
+    with pytest.raises(NpsError, match="^node node-a: dataset.dir /data: fingerprint"):
+        run_experiment(plan, Quiet(), pool=FakePool(fail_setup=failed))
+    bug = WorkerFailed(0, "AttributeError: 'NoneType' object has no attribute 'x'", "Traceback ...\n  line 3",
+                       user_error=False)
+    with pytest.raises(RuntimeError, match=r"(?s)a worker failed: AttributeError.*Traceback \.\.\."):
+        run_experiment(plan, Quiet(), pool=FakePool(fail_setup=bug))
+    with open_readonly(plan.results_path) as reader:  # nothing left running
+        assert all((reader.status(name) == PENDING).all() for name in reader.spaces())
+
+
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path, table, base_checkpoint):
+    plan = make_plan(tmp_path, table, n=4, checkpoint=base_checkpoint)
+    polls = []
+
+    def interrupt_once(pool):
+        polls.append(1)
+        if len(polls) == 4:  # after the first cohorts answered, while the next ones are held
+            os.kill(os.getpid(), signal.SIGINT)  # the driver's handler asks the pool to stop
+
+    first = run_experiment(plan, Quiet(), pool=FakePool(workers=2, on_poll=interrupt_once))
+    assert first.status == "interrupted" and 0 < first.done < 8 and first.pending == 8 - first.done
+    cols = read(plan)
+    assert sum(int((c["status"] == DONE).sum()) for c in cols.values()) == first.done
+    assert [e["status"] for e in events(plan) if e["event"] == "end"] == ["interrupted"]
+    view = Quiet()
+    second = run_experiment(plan, view, pool=FakePool(workers=2))
+    assert second.status == "complete" and second.done == 8 and second.resumed
+    assert any(n.startswith(f"resuming {plan.results_path}: {first.done} subnetworks done are kept") for n in view.notes)
+    done = Counter((e["space"], e["row"]) for e in events(plan) if e["event"] == "done")
+    assert len(done) == 8 and set(done.values()) == {1}
