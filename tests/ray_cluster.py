@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -24,6 +25,11 @@ def main() -> int:
     parser.add_argument("--cpus", type=int, default=1)
     parser.add_argument("--temp", required=True, help="Ray's temp directory (short: socket paths are limited)")
     args = parser.parse_args()
+    # Ray's cluster_utils writes the head's address to <RAY_TMPDIR>/ray/ray_current_cluster (default /tmp/ray, which
+    # a fresh machine lacks): keep it inside this cluster's own temp directory, where no other Ray client looks.
+    temp = os.path.abspath(args.temp)
+    os.makedirs(os.path.join(temp, "ray"), exist_ok=True)
+    os.environ["RAY_TMPDIR"] = temp
 
     from ray.cluster_utils import Cluster
 
