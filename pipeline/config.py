@@ -8,7 +8,8 @@ An experiment file has these tables (every key optional; ``dump(Config())`` prin
     [model]       name, checkpoint, resolution, mode, in_channels, num_classes, criterion
     [base]        how nps trains the base network when model.checkpoint is empty
     [[spaces]]    name, c_flops or c_params (a number or a list: one space per value), delta, R, sigma, n,
-                  max_seconds
+                  max_seconds; ratios (a ratio space); criterion, retrain.method, retrain.epochs (overrides:
+                  a list expands into one space each; see nps.pipeline.space_plan)
     [retrain]     method, epochs, lr, ..., batch_size, cohort_size, bn_images, eval_every_epoch, amp, compile
     [two_stage]   enabled, top_k, full_epochs
     [output]      keep_weights, top_k
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from nps.pipeline.errors import NpsError
+from nps.pipeline import space_plan
 from nps.pipeline.spec import RetrainSpec
 
 try:
@@ -63,6 +65,7 @@ class ExperimentConfig:
     seed: int = _f(0, "seeds recipe sampling, pruning ties, data order and base training")
     out: str = _f("runs/experiment", "output directory: results.h5, base.pt, log.jsonl, weights/ (--out overrides)")
     devices: str = _f("auto", "'auto' (every GPU, else the CPU), 'cpu', or GPU indices '0,1' (--devices overrides)")
+    baseline: bool = _f(True, "train the uniform baseline of every regime (one row, paper section 3.1)")
     ray: str = _f("", "a Ray cluster: 'auto' (RAY_ADDRESS, else a local Ray) or HOST:PORT; empty: processes on this "
                       "machine (--ray overrides)")
 
@@ -102,18 +105,30 @@ class BaseConfig:
     weight_decay: float = _f(5e-4, "SGD weight decay")
     label_smoothing: float = _f(0.0, "label smoothing")
     amp: str = _f("auto", "autocast: auto (bf16/fp16 on GPUs, off on CPU), bf16, fp16, off")
+    bn_images: int = _f(2048, "precise BN: recompute BN statistics on this many training images after training, "
+                              "before the final evaluation (0: off)")
+
+
+@dataclass
+class SpaceRetrainConfig:
+    method: list[str] = _f(help="this space's retrain.method: a method or a list (one space each)", factory=list)
+    epochs: list[int] = _f(help="this space's retrain.epochs: a number or a list (one space each)", factory=list)
 
 
 @dataclass
 class SpaceConfig:
-    name: str = _f("std-0.05", "uniform, std-<sigma> or mcb-<lo>-<hi>")
+    name: str = _f("std-0.05", "uniform, std-<sigma>, mcb-<lo>-<hi>, or ratios (fixed uniform ratios, paper section 2)")
     c_flops: list[float] = _f(help="target FLOPs(sub)/FLOPs(base): a number or a list", factory=list)
     c_params: list[float] = _f(help="target Params(sub)/Params(base) (instead of c_flops)", factory=list)
+    ratios: list[float] = _f(help="a ratio space's uniform pruning ratios (n rows each)", factory=list)
     delta: float = _f(0.002, "tolerance: |c - target| <= delta on integer channel counts")
     R: float = _f(0.95, "largest pruning ratio of a group")
     sigma: float = _f(0.0, "noise std per group (0: from the name; 0.1 for mcb spaces)")
-    n: int = _f(100, "subnetworks sampled, pruned and retrained")
+    n: int = _f(100, "subnetworks sampled, pruned and retrained (a ratio space: rows per ratio)")
     max_seconds: float = _f(600.0, "give up sampling a space that would take longer than this")
+    criterion: list[str] = _f(help="this space's filter importance (default model.criterion): one or a list",
+                              factory=list)
+    retrain: SpaceRetrainConfig = _f(help="overrides of [retrain] for this space", factory=SpaceRetrainConfig)
 
 
 @dataclass
@@ -127,6 +142,7 @@ class RetrainConfig(RetrainSpec):
     eval_every_epoch: bool = _f(False, "evaluate after every epoch (fills the curve column)")
     amp: str = _f("auto", "autocast: auto (bf16/fp16 on GPUs, off on CPU), bf16, fp16, off")
     compile: bool = _f(False, "torch.compile every subnetwork")
+    train_images: int = _f(0, "images per retraining epoch, from the shuffled train split (0: dataset.train_images)")
 
 
 @dataclass
@@ -198,6 +214,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
                 continue
         names = " or ".join(_type_name(t) for t in typing.get_args(tp))
         raise NpsError(f"{key}: expected {names}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
     if typing.get_origin(tp) is list:
         (item,) = typing.get_args(tp)
         values = value if isinstance(value, list) else [value]
@@ -345,15 +363,18 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def _table_lines(obj, comments: bool) -> list[str]:
+def _table_lines(obj, comments: bool, prefix: str = "") -> list[str]:
     lines = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):  # a sub-table of an array element: dotted keys
+            lines += _table_lines(value, comments, f"{prefix}{f.name}.")
+            continue
         if isinstance(value, list):
             if not value:
                 continue  # an unset target
             value = value[0] if len(value) == 1 else value
-        line = f"{f.name} = {_toml_value(value)}"
+        line = f"{prefix}{f.name} = {_toml_value(value)}"
         if comments and f.metadata.get("help"):
             line = f"{line:<34} # {f.metadata['help']}"
         lines.append(line)
@@ -453,25 +474,8 @@ def check_config(cfg: Config) -> Config:
     _need(0 <= b.label_smoothing < 1, "base.label_smoothing", f"must be in [0, 1), got {b.label_smoothing}")
     _choice(b.amp, "base.amp", AMP)
 
-    _need(bool(cfg.spaces), "spaces", "no [[spaces]] given: add at least one")
-    for i, s in enumerate(cfg.spaces):
-        key = f"spaces[{i}]"
-        _need(bool(s.c_flops) != bool(s.c_params), f"{key}.c_flops",
-              "give exactly one of c_flops and c_params" if s.c_flops else "give c_flops or c_params")
-        target = "c_flops" if s.c_flops else "c_params"
-        for j, v in enumerate(getattr(s, target)):
-            _need(0 < v <= 1, f"{key}.{target}", f"{v:g} is not a relative complexity in (0, 1]")
-        _need(len(set(getattr(s, target))) == len(getattr(s, target)), f"{key}.{target}", "a value is repeated")
-        _need(0 < s.delta < 0.5, f"{key}.delta", f"must be in (0, 0.5), got {s.delta}")
-        _need(0 < s.R < 1, f"{key}.R", f"must be in (0, 1), got {s.R}")
-        _need(0 <= s.sigma < 1, f"{key}.sigma", f"must be in [0, 1) (0: from the name), got {s.sigma}")
-        _need(s.n >= 1, f"{key}.n", f"must be >= 1, got {s.n}")
-        _need(s.max_seconds > 0, f"{key}.max_seconds", f"must be > 0, got {s.max_seconds}")
-    seen: dict[str, str] = {}
-    for i, space in expand_spaces(cfg):
-        key = f"spaces[{i}]"
-        _need(space.key not in seen, key, f"{space.key} is already given by {seen.get(space.key)}")
-        seen[space.key] = key
+    _need(b.bn_images >= 0, "base.bn_images", f"must be >= 0, got {b.bn_images}")
+    _need(r.train_images >= 0, "retrain.train_images", f"must be >= 0, got {r.train_images}")
 
     _need(r.epochs >= 1, "retrain.epochs", f"must be >= 1, got {r.epochs}")
     r.check("retrain")
@@ -487,8 +491,7 @@ def check_config(cfg: Config) -> Config:
     if t.enabled:
         _need(t.top_k >= 1, "two_stage.top_k", f"must be >= 1, got {t.top_k}")
         _need(t.full_epochs >= 1, "two_stage.full_epochs", f"must be >= 1, got {t.full_epochs}")
-        smallest = min(s.n for s in cfg.spaces)
-        _need(t.top_k <= smallest, "two_stage.top_k", f"{t.top_k} is more than the smallest space's n ({smallest})")
+    space_plan.check(cfg)
     _choice(o.keep_weights, "output.keep_weights", KEEP_WEIGHTS)
     _need(o.top_k >= 1, "output.top_k", f"must be >= 1, got {o.top_k}")
     return cfg
@@ -529,21 +532,8 @@ def parse_devices(text: str, *, key: str = "--devices") -> list[str]:
 
 
 def expand_spaces(cfg: Config):
-    """``[(index, Space)]``: one pruning space per [[spaces]] entry and target value, in file order."""
-    from nps.kernels.errors import SamplerError
-    from nps.kernels.spaces import parse_space
-
-    out = []
-    for i, s in enumerate(cfg.spaces):
-        target = "c_flops" if s.c_flops else "c_params"
-        for value in getattr(s, target):
-            key = f"spaces[{i}]"
-            try:
-                space = parse_space(s.name, target, value, delta=s.delta, R=s.R, sigma=s.sigma or None)
-            except SamplerError as exc:
-                raise NpsError(f"{key}.name: {exc}") from None
-            out.append((i, space))
-    return out
+    """Every space the experiment runs (:class:`nps.pipeline.space_plan.PlannedSpace`), in order."""
+    return space_plan.expand(cfg)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -560,7 +550,7 @@ class Plan:
     resolution: int
     in_channels: int
     num_classes: int
-    spaces: list  # [(index into config.spaces, Space)]
+    spaces: list  # [PlannedSpace]: every space of the experiment, in order
     checkpoint: str  # "" or a path to load the base weights from
     results_path: str
     base_path: str
@@ -658,13 +648,14 @@ def validate(cfg: Config) -> Plan:
     except NpsError as exc:
         raise NpsError(f"model.name: {m.name}: {exc}") from None
 
-    spaces = []
-    for i, space in expand_spaces(cfg):
+    spaces = expand_spaces(cfg)
+    for p in spaces:
+        if p.kind != "sampled":
+            continue
         try:
-            check_feasible(table, space)
+            check_feasible(table, p.space)
         except SamplerError as exc:
-            raise NpsError(f"spaces[{i}].{space.target}: {exc}") from None
-        spaces.append((i, space))
+            raise NpsError(f"spaces[{p.index}].{p.target}: {exc}") from None
 
     out = cfg.experiment.out
     base_path = os.path.join(out, "base.pt")

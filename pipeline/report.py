@@ -79,9 +79,12 @@ def read_population(reader, group: str) -> Population:
     overrides = _text(g.attrs.get("overrides", ""))
     if overrides and space not in (RATIOS, BASELINE):  # one space in several settings: tell them apart
         space = f"{space} ({overrides})"
+    method = _text(g.attrs.get("method", ""))
+    if "retrain_spec" in g.attrs:  # the space's own retraining recipe (nps.pipeline.spec.SpaceSpec)
+        method = json.loads(_text(g.attrs["retrain_spec"])).get("method", method)
     return Population(group=group, space=space, target=target, value=value, counts=counts,
                       row=np.flatnonzero(ok), delta=delta, criterion=_text(g.attrs.get("criterion", "")),
-                      method=_text(g.attrs.get("method", "")), epochs=int(g.attrs.get("epochs", 0)), **pick)
+                      method=method, epochs=int(g.attrs.get("epochs", 0)), **pick)
 
 
 def _layer_table(reader):

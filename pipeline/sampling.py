@@ -90,3 +90,20 @@ def baseline_rows(table, target: str, value: float, seed: int, *, delta: float, 
              "within_delta": bool(abs(achieved - value) <= delta),
              "description": f"uniform baseline: r = {ratio:.4f} in every group gives {target} {achieved:.4f}"}
     return rows, attrs
+
+
+def ratio_rows(table, key: str, ratios, n: int, seed: int) -> tuple[dict, dict]:
+    """(rows, attrs) of a ratio space: ``n`` rows per uniform ratio, every group pruned at that ratio."""
+    from nps.pipeline.retraining_study import RATIOS
+
+    recipe = np.repeat(np.repeat(np.asarray(ratios, dtype=np.float64), n)[:, None], len(table.channels), axis=1)
+    keep = table.keep(recipe)
+    flops, params = table.flops_of(keep), table.params_of(keep)
+    c_flops, c_params = flops / table.base_flops, params / table.base_params
+    rows = {"recipe": recipe.astype(np.float32), "keep": keep.astype(np.int32), "flops": flops.astype(np.int64),
+            "params": params.astype(np.int64), "c_flops": c_flops.astype(np.float32),
+            "c_params": c_params.astype(np.float32), "mcb": (c_flops / c_params).astype(np.float32),
+            "std": np.zeros(len(recipe), np.float32), "seed": row_seeds(seed, key, len(recipe))}
+    attrs = {"space": RATIOS, "ratios": np.asarray(ratios, dtype=np.float64), "seed": int(seed),
+             "description": f"uniform ratios {', '.join(f'{r:g}' for r in ratios)}, {n} row(s) each"}
+    return rows, attrs

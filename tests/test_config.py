@@ -82,10 +82,12 @@ def test_presets_load_check_and_round_trip(name):
 
 def test_paper_presets_follow_the_paper():
     cifar = load_config("paper-cifar10-resnet50")
-    spaces = expand_spaces(cifar)
-    assert sorted({s.name for _, s in spaces}) == ["std-0.01", "std-0.05", "std-0.1"]
-    assert sorted({s.value for _, s in spaces}) == [0.02, 0.05, 0.1, 0.25]
-    assert all(s.delta == 0.002 for _, s in spaces) and {c.n for c in cifar.spaces} == {100}
+    spaces = [p.space for p in expand_spaces(cifar) if p.kind == "sampled"]
+    assert sorted({s.name for s in spaces}) == ["std-0.01", "std-0.05", "std-0.1"]
+    assert sorted({s.value for s in spaces}) == [0.02, 0.05, 0.1, 0.25]
+    assert all(s.delta == 0.002 for s in spaces) and {c.n for c in cifar.spaces} == {100}
+    assert [p.key for p in expand_spaces(cifar) if p.kind == "baseline"] == [
+        f"baseline@c_flops={v:g}" for v in (0.25, 0.1, 0.05, 0.02)]
     assert (cifar.model.name, cifar.model.resolution, cifar.retrain.epochs, cifar.retrain.lr) == \
         ("resnet50", 224, 50, 0.01)
     imagenet = load_config("paper-imagenet-resnet50")
@@ -96,7 +98,8 @@ def test_paper_presets_follow_the_paper():
 
 def test_a_list_of_targets_is_one_space_per_value():
     cfg = parse_config('[dataset]\ndir = "x"\n[[spaces]]\nname = "std-0.1"\nc_flops = [0.25, 0.1]\n')
-    assert [s.regime for _, s in expand_spaces(cfg)] == ["std-0.1@c_flops=0.25", "std-0.1@c_flops=0.1"]
+    assert [p.key for p in expand_spaces(cfg)] == ["std-0.1@c_flops=0.25", "std-0.1@c_flops=0.1",
+                                                   "baseline@c_flops=0.25", "baseline@c_flops=0.1"]
     assert parse_config(dump(cfg)) == cfg
 
 
@@ -186,7 +189,7 @@ def test_valid_experiment_resolves_from_the_dataset(data_dir, tmp_path):
     plan = validate(parse_config(tiny_toml(data_dir, tmp_path / "run")))
     assert (plan.in_channels, plan.num_classes, plan.resolution) == (1, 10, 28)
     assert plan.table.in_channels == 1 and plan.table.resolution == 28
-    assert [s.regime for _, s in plan.spaces] == ["std-0.05@c_flops=0.25"]
+    assert [p.key for p in plan.spaces] == ["std-0.05@c_flops=0.25", "baseline@c_flops=0.25"]
 
 
 @needs_fmnist

@@ -112,6 +112,7 @@ def make_plan(tmp_path, table, *, n=5, two_stage=False, keep="topk", checkpoint=
     cfg = Config()
     cfg.experiment.name, cfg.experiment.out = "fake", str(tmp_path / "run")
     cfg.dataset.dir, cfg.model.name, cfg.base.epochs = "unused", "resnet20", 1
+    cfg.experiment.baseline = False  # the ledger and driver tests count the sampled rows only
     from nps.pipeline.config import SpaceConfig
 
     cfg.spaces = [SpaceConfig(name="std-0.05", c_flops=[0.25], n=n), SpaceConfig(name="std-0.01", c_flops=[0.25], n=n)]

@@ -29,13 +29,15 @@ def data_dir(fmnist_dir):
     return fmnist_dir(256)
 
 
-def experiment(tmp_path, data_dir, *, checkpoint="", n=4, epochs=1, cohort=2, two_stage=False, extra="") -> Path:
+def experiment(tmp_path, data_dir, *, checkpoint="", n=4, epochs=1, cohort=2, two_stage=False, extra="",
+               baseline=False) -> Path:
     text = f"""
 [experiment]
 name = "tiny"
 seed = 1
 out = "{tmp_path / 'run'}"
 devices = "cpu"
+baseline = {str(baseline).lower()}
 
 [dataset]
 dir = "{data_dir}"

@@ -105,6 +105,7 @@ class Driver:
         self.fatal: WorkerFailed | None = None
         self.failure: str | None = None
         self._last_refresh = 0.0
+        self._sampled = {p.key for p in self.plan.spaces if p.kind == "sampled"}  # the spaces two-stage may extend
 
     # -- bookkeeping -------------------------------------------------------------------------------------------------
 
@@ -127,8 +128,8 @@ class Driver:
             self.state.spaces = {s.name: s for s in self.ledger.states()}
             done, total = self.ledger.work()
             expected = sum(self.cfg.two_stage.top_k * row_cost(self.cfg.two_stage.full_epochs,
-                                                                space.value if space.target == "c_flops" else 0.5)
-                           for _, space in self.plan.spaces if self._owes_top(space.key))
+                                                                p.value if p.target == "c_flops" else 0.5)
+                           for p in self.plan.spaces if p.kind == "sampled" and self._owes_top(p.key))
             base_done = self.base.units * (1.0 if self.base.todo is None else self.base.fraction)
             self.state.work_total = total + expected + self.base.units
             self.state.work_done = done + base_done
@@ -374,7 +375,8 @@ class Driver:
         s = self.ledger.spaces[space]
         self.weights.finish_space(space, s.status, s.top1)
         t = self.cfg.two_stage
-        if not t.enabled or space.endswith(TOP_SUFFIX) or space + TOP_SUFFIX in self.ledger.spaces:
+        if not t.enabled or space.endswith(TOP_SUFFIX) or space + TOP_SUFFIX in self.ledger.spaces \
+                or space not in self._sampled:  # baselines and ratio spaces have no top-k
             return
         chosen, rows = outputs.top_space_rows(self.store, space, t.top_k)
         if chosen.size == 0:

@@ -63,34 +63,39 @@ def _check_same_experiment(store: ResultsStore, plan: Plan) -> None:
 
 
 def sample_missing_spaces(store: ResultsStore, plan: Plan, progress=None) -> list[str]:
-    """Sample every configured space the file does not have yet (rows pending); returns their space keys.
+    """Create every planned space the file does not have yet (rows pending); returns their space keys.
 
-    All spaces are drawn in memory before any is written, so an interrupt while sampling leaves no half space. Each
-    space stores its spec (``retrain_spec``, ``criterion``) beside its constraints.
+    Sampled spaces draw their recipes, a ratio space has its uniform ratios, a baseline the uniform ratio closest
+    to its regime's target (:mod:`nps.pipeline.space_plan`). All are made in memory before any is written, so an
+    interrupt while sampling leaves no half space. Each space stores its spec (``retrain_spec``, ``criterion``) and
+    its overrides beside its constraints.
     """
     from nps.kernels.errors import SamplerError
-    from nps.pipeline.sampling import sample_rows
+    from nps.pipeline.sampling import baseline_rows, ratio_rows, sample_rows
 
     cfg = plan.config
     present = set(store.spaces())
-    spec = default_spec(plan)
     drawn = []
-    for index, space in plan.spaces:
-        if space.key in present:
+    for p in plan.spaces:
+        if p.key in present:
             continue
-        scfg = cfg.spaces[index]
         if progress:
-            progress(f"sampling {space.key}: {scfg.n} recipes")
-        try:
-            rows, attrs, _ = sample_rows(plan.table, space, scfg.n, cfg.experiment.seed,
-                                         max_seconds=scfg.max_seconds)
-        except SamplerError as exc:
-            raise NpsError(f"spaces[{index}]: {exc}") from None
-        attrs.update(stage="sample", n=int(scfg.n), **spec.attrs())
-        drawn.append((space.key, rows, attrs))
-    for name, rows, attrs in drawn:
-        store.add_space(name, rows, epochs=spec.retrain.epochs, attrs=attrs)
-    return [name for name, _, _ in drawn]
+            progress(f"sampling {p.key}" + (f": {p.n} recipes" if p.kind == "sampled" else ""))
+        if p.kind == "sampled":
+            try:
+                rows, attrs, _ = sample_rows(plan.table, p.space, p.n, cfg.experiment.seed,
+                                             max_seconds=cfg.spaces[p.index].max_seconds)
+            except SamplerError as exc:
+                raise NpsError(f"spaces[{p.index}]: {exc}") from None
+        elif p.kind == "baseline":
+            rows, attrs = baseline_rows(plan.table, p.target, p.value, cfg.experiment.seed, delta=p.delta, R=p.R)
+        else:
+            rows, attrs = ratio_rows(plan.table, p.key, p.ratios, p.n, cfg.experiment.seed)
+        attrs.update(p.attrs())
+        drawn.append((p.key, rows, attrs, p.spec.retrain.epochs))
+    for name, rows, attrs, epochs in drawn:
+        store.add_space(name, rows, epochs=epochs, attrs=attrs)
+    return [name for name, *_ in drawn]
 
 
 def reset_rows(store: ResultsStore, *, retry_failed: bool) -> tuple[int, dict[str, int]]:
@@ -126,7 +131,7 @@ def space_order(names: list[str], plan: Plan) -> list[str]:
     """Space keys in the experiment's order, each ``#top`` space right after its parent."""
     from nps.kernels.spaces import parse_space_key
 
-    configured = [space.key for _, space in plan.spaces]
+    configured = [p.key for p in plan.spaces]
 
     def rank(name: str):
         key = parse_space_key(name)

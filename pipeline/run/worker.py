@@ -128,22 +128,25 @@ class Worker:
     def setup(self) -> Ready:
         """Check this node's dataset against the driver's fingerprint and build the loaders."""
         check_dataset(self.cfg.dataset.dir, self.spec.fingerprint, self.node)
-        self.loaders(self.cfg.retrain.batch_size)
+        self.loaders(self.cfg.retrain.batch_size, self.cfg.retrain.train_images)
         return Ready(self.wid, self.node, str(self.device), self.threads)
 
-    def loaders(self, batch_size: int):
-        if batch_size not in self._loaders:
+    def loaders(self, batch_size: int, train_images: int = 0):
+        """(train, val, info) at ``batch_size``; an epoch is ``train_images`` images (0: dataset.train_images)."""
+        d = self.cfg.dataset
+        images = train_images or d.train_images
+        if (batch_size, images) not in self._loaders:
             from nps.datasets.loaders import make_loaders
 
-            d = self.cfg.dataset
             train, val, info = make_loaders(
                 d.dir, batch_size=batch_size, resolution=self.spec.resolution, device=self.device,
                 in_channels=self.spec.in_channels, num_workers=d.workers or self.threads, on_device=d.on_device,
                 seed=self.cfg.experiment.seed, val_batch_size=d.val_batch_size, augment=d.augment)
             cpu = self.device.type == "cpu"
-            self._loaders[batch_size] = (_Limited(train, d.train_images, whole_batches=True, contiguous=cpu),
-                                         _Limited(val, d.val_images, whole_batches=False, contiguous=cpu), info)
-        return self._loaders[batch_size]
+            self._loaders[batch_size, images] = (_Limited(train, images, whole_batches=True, contiguous=cpu),
+                                                 _Limited(val, d.val_images, whole_batches=False, contiguous=cpu),
+                                                 info)
+        return self._loaders[batch_size, images]
 
     def run(self, task, base: BaseWeights | None) -> None:
         if self.should_stop():
@@ -233,6 +236,8 @@ class Worker:
                                      on_event=self._on_event(task.task_id, cohort=False))
             if not result.ok:
                 raise NpsError(f"base training failed: {result.error}; lower base.lr or check the dataset")
+            if b.bn_images:
+                result.top1, result.top5, result.loss = self.precise_bn(result.model, train, val)
             buffer = io.BytesIO()
             state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
             torch.save({"model": state, "model_name": self.cfg.model.name, "num_classes": s.num_classes,
@@ -250,6 +255,24 @@ class Worker:
         self.emit(BaseResult(self.wid, task.task_id, float(top1), float(top5), float(loss), task.train,
                              time.perf_counter() - t0, checkpoint))
 
+    def precise_bn(self, model, train, val) -> tuple[float, float, float]:
+        """Precise BN (as pycls does after training): BN statistics recomputed on ``base.bn_images`` training images
+        (the first of epoch 0), then the final evaluation. Running averages lag a network that changed fast; with
+        torchvision's BN momentum of 0.01 (MobileNetV3, EfficientNet) a short training otherwise evaluates at
+        chance."""
+        from nps.pipeline.engine import resolve_amp, resolve_channels_last
+        from nps.pipeline.train import adaptive_bn_many, evaluate
+
+        amp = resolve_amp(self.cfg.base.amp, self.device, [model])
+        nhwc = resolve_channels_last("auto", self.device)
+        model.to(self.device)
+        train.set_epoch(0)
+        adaptive_bn_many([model], train, self.device, num_images=self.cfg.base.bn_images, amp_dtype=amp,
+                         channels_last=nhwc)
+        scores = evaluate(model, val, self.device, amp_dtype=amp, channels_last=nhwc)
+        model.to("cpu")
+        return scores
+
     # -- cohorts -----------------------------------------------------------------------------------------------------
 
     def cohort(self, task: CohortTask, base: BaseWeights | None) -> None:
@@ -259,7 +282,7 @@ class Worker:
         if base is None:
             raise ValueError("a cohort needs the base network's weights")
         r = self.cfg.retrain
-        train, val, _ = self.loaders(r.batch_size)
+        train, val, _ = self.loaders(r.batch_size, r.train_images)
         model, table, criterion = self.base_model(base), self.spec.table, task.spec.criterion
         factories = [lambda keep=np.asarray(keep), seed=int(seed): prune_model(model, table, keep, criterion, seed)
                      for keep, seed in zip(task.keep, task.seeds)]
