@@ -233,8 +233,49 @@ def _rows_text(rows: list[int]) -> str:
     return ",".join(map(str, rows[:8])) + ("..." if len(rows) > 8 else "")
 
 
+MAX_WORKER_LINES = 16  # beyond this many workers (a cluster), one line per node instead of one per worker
+MAX_SPACE_LINES = 24  # beyond this many spaces, the finished ones fold into the table's caption
+
+
+def _node_lines(workers: dict[int, WorkerState]) -> list[Text]:
+    """One line per node: its workers by phase and their images per second together."""
+    nodes: dict[str, list[WorkerState]] = {}
+    for w in workers.values():
+        nodes.setdefault(w.node, []).append(w)
+    width = max(map(len, nodes), default=0)
+    lines = []
+    for node in sorted(nodes):
+        ws = nodes[node]
+        phases: dict[str, int] = {}
+        for w in ws:
+            phase = "training" if w.phase == "cohort" else w.phase
+            phases[phase] = phases.get(phase, 0) + 1
+        devices = sorted({w.device for w in ws})
+        rate = sum(w.img_per_s for w in ws if math.isfinite(w.img_per_s))
+        text = Text.assemble((f"{node:<{width}} ", "cyan"), (f"{len(ws)} × {'/'.join(devices)}  ", "bold cyan"),
+                             ", ".join(f"{n} {p}" for p, n in sorted(phases.items(), key=lambda item: -item[1])))
+        if rate:
+            text.append(f"  {rate:,.0f} img/s", style="green")
+        lines.append(text)
+    return lines
+
+
+def _shown_spaces(spaces: list[SpaceState]) -> tuple[list[SpaceState], str]:
+    """The spaces the live table lists, and a note on those it folds (finished ones first go)."""
+    if len(spaces) <= MAX_SPACE_LINES:
+        return spaces, ""
+    active = [s for s in spaces if s.pending or s.running]
+    shown = active[:MAX_SPACE_LINES]
+    finished = [s for s in spaces if not (s.pending or s.running)]
+    hidden = len(spaces) - len(shown)
+    done = sum(s.done for s in finished)
+    return shown, (f"{hidden} more spaces not shown ({len(finished)} finished, {done} subnetworks done); "
+                   "`nps status FILE` lists every space")
+
+
 class LiveView:
-    """The rich live display (a terminal)."""
+    """The rich live display (a terminal). On a cluster (more than MAX_WORKER_LINES workers) it lists workers by
+    node, one line each; beyond MAX_SPACE_LINES spaces it lists the ones still running or pending."""
 
     def __init__(self, console: Console | None = None, refresh_s: float = 0.25):
         self.console = console or Console()
@@ -259,12 +300,19 @@ class LiveView:
                              f"base top-1 {_fmt(state.base_top1)}" if math.isfinite(state.base_top1)
                              else state.base_note)
         phase = Text(state.phase, style="yellow")
-        nodes = {w.node for w in state.workers.values()}
-        width = max(map(len, nodes)) if len(nodes) > 1 else 0  # one machine: the device says it all
-        workers = [_worker_line(wid, w, width)
-                   for wid, w in sorted(state.workers.items(), key=lambda item: (item[1].node, item[1].device, item[0]))]
-        return Group(head, phase, self._progress, *workers,
-                     space_table(list(state.spaces.values()), state.base_top1))
+        if len(state.workers) > MAX_WORKER_LINES:
+            workers = _node_lines(state.workers)
+        else:
+            nodes = {w.node for w in state.workers.values()}
+            width = max(map(len, nodes)) if len(nodes) > 1 else 0  # one machine: the device says it all
+            workers = [_worker_line(wid, w, width) for wid, w in
+                       sorted(state.workers.items(), key=lambda item: (item[1].node, item[1].device, item[0]))]
+        spaces, folded = _shown_spaces(list(state.spaces.values()))
+        table = space_table(spaces, state.base_top1)
+        if folded:
+            table.caption = f"{folded}; {table.caption}" if table.caption else folded
+            table.caption_justify = "left"
+        return Group(head, phase, self._progress, *workers, table)
 
     def update(self, state: RunState, force: bool = False) -> None:
         if self._live is None:

@@ -30,6 +30,7 @@ class FakePool(WorkerPool):
         self.n, self.lose, self.fail_setup, self.on_poll = workers, set(lose), fail_setup, on_poll
         self.events, self.next, self.tasks, self.stopped, self.closed = [], 0, [], False, False
         self.held = []  # tasks not answered yet (to stop them)
+        self.sent = []  # (space, row) of every row result that carried weights
 
     def _add(self):
         wid, self.next = self.next, self.next + 1
@@ -57,8 +58,10 @@ class FakePool(WorkerPool):
     def _answer(self, worker, task):
         self.events.append(Progress(worker, task.task_id, 1, 2, 1, 2, 100.0))
         for row, seed in zip(task.rows, task.seeds):
-            top1 = float(seed % 97)
-            weights = f"{task.space}/{row}".encode() if task.keep_weights else None
+            top1 = float(seed % 97 * 37 % 97)  # row seeds are consecutive: scrambled, so rows do not improve in order
+            weights = f"{task.space}/{row}".encode() if task.wants_weights(top1) else None
+            if weights is not None:
+                self.sent.append((task.space, row))
             self.events.append(RowResult(worker, task.task_id, task.space, row, "done", top1=top1, top5=99.0,
                                          loss=1.0, bn_top1=top1 - 5, curve=(top1,), train_s=2.0,
                                          cohort_size=len(task.rows), weights=weights))
@@ -146,7 +149,7 @@ def test_a_run_over_a_fake_pool(tmp_path, table):
                               "std-0.05@c_flops=0.25#top"]
     for name, cols in spaces.items():
         assert (cols["status"] == DONE).all()
-        np.testing.assert_array_equal(cols["top1"], (cols["seed"] % 97).astype("f4"))
+        np.testing.assert_array_equal(cols["top1"], (cols["seed"] % 97 * 37 % 97).astype("f4"))
     # the base network the worker trained was written by the driver; cohorts got it as a file to read
     assert open(plan.base_path, "rb").read() == b"base-weights"
     cohorts = [(w, t, b) for w, t, b in pool.tasks if not isinstance(t, BaseTask)]
@@ -162,6 +165,25 @@ def test_a_run_over_a_fake_pool(tmp_path, table):
         assert all((run / "weights" / name / f"{r}.pt").read_bytes() == f"{name}/{r}".encode() for r in files)
     done = Counter((e["space"], e["row"]) for e in events(plan) if e["event"] == "done")
     assert len(done) == 14 and set(done.values()) == {1}
+
+
+def test_topk_tasks_ask_only_for_weights_that_can_be_kept(tmp_path, table):
+    plan = make_plan(tmp_path, table, n=24, keep="topk")  # top_k = 2, cohorts of 2
+    pool = FakePool(workers=2)
+    assert run_experiment(plan, Quiet(), pool=pool).status == "complete"
+    spaces = read(plan)
+    for name, cols in spaces.items():
+        best = sorted(np.argsort(-cols["top1"], kind="stable")[:2].tolist())
+        files = sorted(int(p.stem) for p in (tmp_path / "run" / "weights" / name).glob("*.pt"))
+        assert files == best, name  # the same top-k as when every row sends its weights
+        assert set(best) <= {row for space, row in pool.sent if space == name}
+    cohorts = [t for _, t, _ in pool.tasks if not isinstance(t, BaseTask)]
+    assert cohorts[0].weights_above == float("-inf") and any(np.isfinite(t.weights_above) for t in cohorts)
+    assert len(pool.sent) < 48  # rows below a space's k-th best kept top-1 sent nothing
+    for t in cohorts:  # every row that sent nothing was below the threshold its task carried
+        for row in t.rows:
+            if (t.space, row) not in pool.sent:
+                assert np.float32(spaces[t.space]["top1"][row]) < t.weights_above
 
 
 def test_a_lost_worker_requeues_its_rows(tmp_path, table):

@@ -357,7 +357,8 @@ class Driver:
             k_arg = None if self.cfg.retrain.cohort_size == "auto" else len(rows)
             self.next_task += 1
             task = CohortTask(self.next_task, lease.space, lease.rows, s.keep[rows],
-                              tuple(int(x) for x in s.seed[rows]), s.spec, k_arg, self.weights.wanted)
+                              tuple(int(x) for x in s.seed[rows]), s.spec, k_arg, self.weights.wanted,
+                              self.weights.threshold(lease.space))
             self.task_lease[task.task_id] = lease.id
             slot.task = task.task_id
             self.pool.submit(wid, task, self.base.weights)

@@ -54,6 +54,15 @@ class WeightsKeeper:
         """Whether workers should send weights back at all."""
         return self.policy != "none"
 
+    def threshold(self, space: str) -> float:
+        """The top-1 a new row of ``space`` must reach to be kept: with ``topk`` and top_k rows kept already, the
+        worst of them (a tie may still win on its lower row number); else -inf. Tasks carry it, so workers send only
+        weights that can be kept."""
+        kept = self._kept.get(space, {})
+        if self.policy != "topk" or len(kept) < self.top_k:
+            return float("-inf")
+        return min(kept.values())
+
     def _path(self, space: str, row: int) -> Path:
         from nps.pipeline.export import weights_path
 

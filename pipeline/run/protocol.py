@@ -95,7 +95,15 @@ class CohortTask:
     seeds: tuple[int, ...]
     spec: SpaceSpec
     k: int | None  # the engine's cohort size; None: as many as fit (GPU memory)
-    keep_weights: bool  # send each retrained subnetwork's weights back
+    keep_weights: bool  # send retrained subnetworks' weights back
+    # ... only of rows whose top-1 (as float32) reaches this: with keep_weights = "topk", the k-th best top-1 kept in
+    # the space when the task was handed out. A row below it can never enter the top-k (it only rises), so its
+    # weights would be thrown away; not sending them is what lets one driver serve a large fleet.
+    weights_above: float = float("-inf")
+
+    def wants_weights(self, top1: float) -> bool:
+        """Whether the driver may keep the weights of a row that reached ``top1``."""
+        return self.keep_weights and bool(np.float32(top1) >= self.weights_above)
 
 
 Task = Union[BaseTask, CohortTask]

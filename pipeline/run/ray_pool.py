@@ -61,13 +61,11 @@ class RayWorker:
 
     def _device(self) -> str:
         import ray
-        import torch
 
         gpus = ray.get_gpu_ids()
-        if not gpus:
+        if not gpus or self.gpus_as_cpu:
             return "cpu"
-        if self.gpus_as_cpu:
-            return "cpu"
+        import torch  # only here: a worker class that trains nothing (tools/bench_dispatch.py) never needs it
         if not torch.cuda.is_available():
             raise NpsError(f"node {self.node}: Ray gave this worker GPU {gpus[0]} but torch sees no CUDA device "
                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})")

@@ -160,7 +160,7 @@ class Worker:
 
     # -- events from the engine -------------------------------------------------------------------------------------
 
-    def _on_event(self, task_id: int, cohort: bool):
+    def _on_event(self, task_id: int, task: CohortTask | None = None):
         def handle(event: dict) -> None:
             kind = event["event"]
             if kind in ("progress", "epoch"):
@@ -180,20 +180,20 @@ class Worker:
                 self.emit(Progress(self.wid, task_id, int(event["epoch"]), int(event["epochs"]),
                                    steps if kind == "epoch" else int(event["step"]), steps,
                                    float(event.get("img_per_s", math.nan)), **extra))
-            elif kind in ("done", "failed") and cohort:
-                self.emit(self._row_result(task_id, event["result"]))
+            elif kind in ("done", "failed") and task is not None:
+                self.emit(self._row_result(task, event["result"]))
             elif kind == "oom":
                 self.emit(Note(self.wid, f"{self.device}: out of memory with {event['k']} subnetworks; retrying in "
                                          f"cohorts of {event['retry_k']}"))
         return handle
 
-    def _row_result(self, task_id: int, result) -> RowResult:
+    def _row_result(self, task: CohortTask, result) -> RowResult:
         space, row = result.id
         weights = None
-        if result.ok and result.model is not None:
+        if result.ok and result.model is not None and task.wants_weights(result.top1):
             weights = state_bytes(result.model)
         result.model = None
-        return RowResult(self.wid, task_id, space, int(row), result.status, top1=float(result.top1),
+        return RowResult(self.wid, task.task_id, space, int(row), result.status, top1=float(result.top1),
                          top5=float(result.top5), loss=float(result.loss), bn_top1=float(result.bn_top1),
                          curve=tuple(float(v) for v in result.curve), train_s=float(result.train_s),
                          cohort_size=int(result.cohort_size), error=result.error, weights=weights)
@@ -233,7 +233,7 @@ class Worker:
                                    label_smoothing=b.label_smoothing)
             (result,) = train_cohort([model], train, val, settings, self.device, ids=["base"], eval_every_epoch=True,
                                      amp=b.amp, keep_models=True, progress_s=self.progress_s, member_threads=None,
-                                     on_event=self._on_event(task.task_id, cohort=False))
+                                     on_event=self._on_event(task.task_id))
             if not result.ok:
                 raise NpsError(f"base training failed: {result.error}; lower base.lr or check the dataset")
             if b.bn_images:
@@ -290,7 +290,7 @@ class Worker:
                     ids=[(task.space, row) for row in task.rows], seeds=list(task.seeds),
                     eval_every_epoch=r.eval_every_epoch, bn_images=r.bn_images, amp=r.amp, compile=r.compile,
                     keep_models=task.keep_weights, progress_s=self.progress_s, member_threads=1,
-                    on_event=self._on_event(task.task_id, cohort=True))
+                    on_event=self._on_event(task.task_id, task))
 
 
 def serve_task(worker: Worker, task, base: BaseWeights | None, emit: Callable[[Any], None]) -> bool:

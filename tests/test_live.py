@@ -1,0 +1,63 @@
+"""The live view at fleet and population scale: workers by node beyond 16 workers, finished spaces folded beyond 24
+spaces, and a redraw that stays fast."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from rich.console import Console
+
+from nps.pipeline.live import MAX_SPACE_LINES, LiveView, RunState, SpaceState, WorkerState
+
+
+def state(workers: int, nodes: int, spaces: int, rows: int) -> RunState:
+    s = RunState("scale", "runs/scale/results.h5", base_top1=93.0)
+    for wid in range(workers):
+        node = wid * nodes // workers
+        w = WorkerState("cuda", node=f"10.0.0.{node}/n{node}")
+        if wid % 4:
+            w.phase, w.space, w.rows, w.epoch, w.epochs = "cohort", "std-0.05@c_flops=0.1", [wid], 2, 50
+            w.img_per_s = 1000.0
+        else:
+            w.phase = "idle"
+        s.workers[wid] = w
+    rng = np.random.default_rng(0)
+    for i in range(spaces):
+        finished = i < spaces // 2
+        sp = SpaceState(f"std-0.05@c_flops={0.01 * (i + 1):g}", total=rows, done=rows if finished else rows // 2,
+                        pending=0 if finished else rows - rows // 2)
+        for row, drop in enumerate(rng.gamma(2.0, 1.0, sp.done)):
+            sp.add_done(row, 93.0 - drop, drop)
+        s.spaces[sp.name] = sp
+    return s
+
+
+def render(view: LiveView, st: RunState) -> str:
+    view.console.print(view._render(st))
+    return view.console.export_text()
+
+
+def test_a_machine_lists_every_worker():
+    view = LiveView(Console(record=True, width=160, file=open("/dev/null", "w")))
+    view._task = view._progress.add_task("overall", total=1)
+    text = render(view, state(workers=2, nodes=1, spaces=3, rows=10))
+    assert text.count("std-0.05@c_flops=0.1 rows") == 1 and "idle" in text
+    assert "more spaces not shown" not in text
+
+
+def test_a_fleet_is_listed_by_node_and_finished_spaces_fold():
+    view = LiveView(Console(record=True, width=160, file=open("/dev/null", "w")))
+    view._task = view._progress.add_task("overall", total=1)
+    st = state(workers=256, nodes=8, spaces=60, rows=100)  # 6,000 rows, 3,000 done
+    t0 = time.perf_counter()
+    text = render(view, st)
+    seconds = time.perf_counter() - t0
+    lines = text.splitlines()
+    node_lines = [line for line in lines if "32 × cuda" in line]
+    assert len(node_lines) == 8 and all("24 training, 8 idle" in line and "24,000 img/s" in line
+                                        for line in node_lines)
+    assert "rows" not in text.split("overall")[1].split("space")[0]  # no per-worker lines
+    assert "36 more spaces not shown (30 finished, 3000 subnetworks done)" in text
+    assert sum(1 for line in lines if "std-0.05@c_flops=" in line) == MAX_SPACE_LINES
+    assert len(lines) < 50  # fits a terminal
+    assert seconds < 1.0  # redrawn 4 times a second by the driver: must stay far below its loop
