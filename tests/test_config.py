@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from nps.pipeline.config import (
-    Config, apply_overrides, differing_keys, dump, expand_spaces, load_config, parse_config, preset_names, validate,
+    Config, apply_overrides, differing_keys, dump, expand_spaces, load_config, parse_config, preset_names,
 )
+from nps.pipeline.plan import validate
 from nps.pipeline.errors import NpsError
 
 needs_fmnist = pytest.mark.fmnist  # conftest: skipped without the Debian files, failed under CI

@@ -10,7 +10,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from nps.pipeline.config import Config, Plan, expand_spaces
+from nps.pipeline.config import Config, expand_spaces
+from nps.pipeline.plan import Plan
 from nps.pipeline.errors import NpsError
 from nps.pipeline.run import run_experiment
 from nps.pipeline.run.pools import WorkerPool

@@ -249,7 +249,8 @@ def test_sigint_leaves_a_resumable_file(tmp_path, data_dir, base_checkpoint):
 
 
 def test_resume_refuses_a_changed_experiment(tmp_path, data_dir, base_checkpoint):
-    from nps.pipeline.config import parse_config, validate
+    from nps.pipeline.config import parse_config
+    from nps.pipeline.plan import validate
     from nps.pipeline.errors import NpsError
     from nps.pipeline.run import open_results, sample_missing_spaces
 
@@ -273,7 +274,8 @@ def test_resume_refuses_a_changed_experiment(tmp_path, data_dir, base_checkpoint
 
 
 def test_unavailable_gpu_is_refused_before_any_work(tmp_path, data_dir, base_checkpoint):
-    from nps.pipeline.config import parse_config, validate
+    from nps.pipeline.config import parse_config
+    from nps.pipeline.plan import validate
     from nps.pipeline.errors import NpsError
     from nps.pipeline.run import run_experiment
 
@@ -296,7 +298,8 @@ def test_a_rows_result_depends_on_the_experiment_recipe_and_seed_only(tmp_path, 
     """The seed rule: the same rows trained in cohorts of 4 or of 1, by one worker or by two, give bit-identical
     numbers (data order from the experiment seed and the epoch, adaptive BN on a fixed image set, one intra-op
     thread per member on the CPU)."""
-    from nps.pipeline.config import parse_config, validate
+    from nps.pipeline.config import parse_config
+    from nps.pipeline.plan import validate
     from nps.pipeline.run import run_experiment
 
     runs = {}
@@ -321,7 +324,8 @@ def test_a_worker_checks_its_dataset_against_the_drivers_fingerprint(tmp_path, d
     stops the run with one line naming the node and the path; nothing is left running."""
     import socket
 
-    from nps.pipeline.config import parse_config, validate
+    from nps.pipeline.config import parse_config
+    from nps.pipeline.plan import validate
     from nps.pipeline.errors import NpsError
     from nps.pipeline.run import run_experiment
 

@@ -34,7 +34,6 @@ import itertools
 import json
 import logging
 import os
-import statistics
 import sys
 import time
 from pathlib import Path

@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 
@@ -153,7 +152,8 @@ def make_view(kind: str):
 
 
 def make_plan(out: str, table, rows: int, epochs: int, cohort: int, keep_weights: str, seed: int = 0):
-    from nps.pipeline.config import Config, Plan, SpaceConfig, expand_spaces
+    from nps.pipeline.config import Config, SpaceConfig, expand_spaces
+    from nps.pipeline.plan import Plan
 
     cfg = Config()
     cfg.experiment.name, cfg.experiment.out, cfg.experiment.seed = "bench-dispatch", out, seed

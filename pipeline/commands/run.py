@@ -58,7 +58,8 @@ def run(args) -> int:
 
     from rich.console import Console
 
-    from nps.pipeline.config import check_ray_address, dump, load_config, parse_devices, validate
+    from nps.pipeline.config import check_ray_address, dump, load_config, parse_devices
+    from nps.pipeline.plan import validate
     from nps.pipeline.errors import NpsError
     from nps.pipeline.live import LiveView, PlainView, space_table
 

@@ -16,21 +16,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from nps.pipeline.config import Plan
-from nps.pipeline.errors import NpsError
+from nps.pipeline.plan import Plan
 from nps.pipeline.live import RunState, SpaceState, WorkerState
 from nps.pipeline.run import outputs, resume
 from nps.pipeline.run.ledger import RowLedger, row_cost
 from nps.pipeline.run.pools import WorkerPool
 from nps.pipeline.run.protocol import (
     BaseResult, BaseTask, CohortTask, Note, Progress, Ready, RowResult, TaskEnd, WorkerFailed, WorkerLost,
-    WorkerSpec, WorkerStarted,
+    WorkerStarted,
 )
 
 STOP_GRACE_S = 60.0  # after Ctrl-C, how long workers get to finish their step before they are ended

@@ -12,7 +12,8 @@ import os
 
 import numpy as np
 
-from nps.pipeline.config import Plan, differing_keys, dump, parse_config
+from nps.pipeline.config import differing_keys, dump, parse_config
+from nps.pipeline.plan import Plan
 from nps.pipeline.errors import NpsError
 from nps.pipeline.spec import SpaceSpec
 from nps.pipeline.store import FAILED, RUNNING, ResultsStore

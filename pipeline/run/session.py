@@ -10,7 +10,7 @@ import logging
 import signal
 import time
 
-from nps.pipeline.config import Plan
+from nps.pipeline.plan import Plan
 from nps.pipeline.errors import NpsError
 from nps.pipeline.run.driver import STOP_GRACE_S, Driver, Outcome
 from nps.pipeline.run.pools import LocalPool, WorkerPool

@@ -202,7 +202,7 @@ class Worker:
 
     def base_model(self, base: BaseWeights):
         if self._base is None or self._base[0] != base.key:
-            from nps.pipeline.config import check_checkpoint
+            from nps.pipeline.plan import check_checkpoint
             from nps.pipeline.models import build_model
 
             s = self.spec
