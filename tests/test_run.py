@@ -236,6 +236,7 @@ def test_sigint_leaves_a_resumable_file(tmp_path, data_dir, base_checkpoint):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, stderr
     assert f"resume with: nps run {exp}" in stderr and "interrupted: " in stderr
+    assert "leaked" not in stderr and "Traceback" not in stderr  # the workers exited by themselves, cleanly
     cols = read_all(results)
     status = np.concatenate([c["status"] for c in cols.values()])
     assert not (status == RUNNING).any() and (status == DONE).sum() >= 1 and (status == PENDING).any()

@@ -92,9 +92,10 @@ def run(d: Driver) -> Outcome:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         try:
-            if status != "complete":
+            clean = status in ("complete", "interrupted")  # interrupted: every worker ended its step and exits
+            if not clean:
                 d.pool.terminate()
-            d.pool.close(timeout=10.0 if status == "complete" else 2.0)
+            d.pool.close(timeout=10.0 if clean else 2.0)
         finally:
             if d.store is not None:
                 try:
