@@ -312,6 +312,14 @@ def open_readonly(path: str | os.PathLike, *, retry_s: float = 5.0) -> ResultsRe
 # Writing.
 
 
+def _selection(idx: np.ndarray):
+    """Sorted unique row indices as h5py selects them fastest: a slice when they are contiguous (a cohort's rows
+    usually are), else the index array."""
+    if idx.size and int(idx[-1]) - int(idx[0]) + 1 == idx.size:
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
 def _check_rows(rows: Mapping[str, Any], groups: int | None) -> tuple[dict[str, np.ndarray], int]:
     missing = [k for k in RECIPE_FIELDS if k not in rows]
     if missing:
@@ -352,6 +360,10 @@ class ResultsStore(_ResultsFile):
         self._lock_fd = lock_fd
         self._file = None  # type: ignore[assignment]
         self._swmr = False
+        # Open dataset handles and row counts per space: h5py's lookups cost a fraction of a millisecond each, which a
+        # driver recording hundreds of results a second pays many times per result (tools/bench_dispatch.py).
+        self._handles: dict[tuple[str, str], h5py.Dataset] = {}
+        self._sizes: dict[str, int] = {}
 
     # -- lifetime ------------------------------------------------------------------------------------------------
 
@@ -451,9 +463,24 @@ class ResultsStore(_ResultsFile):
             self._swmr = True
         self._file.flush()
 
+    def _ds(self, space: str, field: str) -> h5py.Dataset:
+        """A space's dataset, its handle kept open (dropped whenever the file is reopened)."""
+        ds = self._handles.get((space, field))
+        if ds is None:
+            ds = self._handles[(space, field)] = self._space(space)[field]
+        return ds
+
+    def size(self, space: str) -> int:
+        n = self._sizes.get(space)
+        if n is None:
+            n = self._sizes[space] = super().size(space)
+        return n
+
     @contextlib.contextmanager
     def _restructure(self):
         """Objects can be created only outside SWMR mode: leave it (close, reopen) and come back after."""
+        self._handles.clear()
+        self._sizes.clear()
         was_swmr = self._swmr
         if was_swmr:
             self._file.close()
@@ -517,8 +544,9 @@ class ResultsStore(_ResultsFile):
         arrays, n = _check_rows(rows, int(g.attrs["groups"]))
         start = self.size(space)
         stop = start + n
+        self._sizes.pop(space, None)
         for field in list(RECIPE_FIELDS) + list(RESULT_FIELDS) + ["curve"]:
-            ds = g[field]
+            ds = self._ds(space, field)
             ds.resize(stop, axis=0)
             if field in arrays:
                 ds[start:stop] = arrays[field]
@@ -540,13 +568,17 @@ class ResultsStore(_ResultsFile):
             raise IndexError(f"space {space!r} has rows 0..{n - 1}; got {idx[0]}..{idx[-1]}")
         return idx
 
-    def _set_status(self, space: str, rows: np.ndarray, code: int) -> None:
+    def _set_status(self, space: str, rows: np.ndarray, code: int, *, flush: bool = True) -> None:
         if rows.size:
-            self._space(space)["status"][rows] = np.full(rows.size, code, dtype="u1")
-        self.flush()
+            self._ds(space, "status")[_selection(rows)] = np.full(rows.size, code, dtype="u1")
+        if flush:
+            self.flush()
 
-    def mark_running(self, space: str, rows: Iterable[int] | int) -> None:
-        self._set_status(space, self._rows(space, rows), RUNNING)
+    def mark_running(self, space: str, rows: Iterable[int] | int, *, flush: bool = True) -> None:
+        """Rows handed to a worker. ``flush=False`` leaves the flush to the caller (the driver flushes once after
+        handing out all its cohorts): "running" only informs readers, and a run that dies before the flush leaves
+        the rows pending, which is what a resume makes of running rows anyway."""
+        self._set_status(space, self._rows(space, rows), RUNNING, flush=flush)
 
     def mark_pending(self, space: str, rows: Iterable[int] | int) -> None:
         """Rows whose training was abandoned (a worker died, a stop request) go back to pending."""
@@ -565,7 +597,7 @@ class ResultsStore(_ResultsFile):
         order = np.argsort(idx, kind="stable")
         idx = idx[order]
         self._rows(space, idx)  # range check
-        g = self._space(space)
+        sel = _selection(idx)
         done_mask = np.asarray(list(done), dtype=bool)[order]
         base_top1 = float(self._file.attrs.get("base_top1", math.nan))
 
@@ -578,20 +610,21 @@ class ResultsStore(_ResultsFile):
         scores["acc_drop"] = base_top1 - scores["top1"]
         scores["bn_top1"], scores["train_s"] = column(bn_top1), column(train_s)
         for name, values in scores.items():
-            g[name][idx] = values.astype("f4")
-        width = g["curve"].shape[1]
+            self._ds(space, name)[sel] = values.astype("f4")
+        curve = self._ds(space, "curve")
+        width = curve.shape[1]
         lines = np.full((idx.size, width), np.nan, dtype="f4")
         curves = list(curves)
         for i, src in enumerate(order):
             if done_mask[i] and curves[src] is not None:
                 values = np.asarray(list(curves[src]), dtype="f4")[:width]
                 lines[i, : values.size] = values
-        g["curve"][idx] = lines
+        curve[sel] = lines
         errors = list(errors)
-        g["error"][idx] = np.array([b"" if d else _encode_error(errors[src]) for d, src in zip(done_mask, order)],
-                                   dtype=f"S{ERROR_BYTES}")
+        self._ds(space, "error")[sel] = np.array([b"" if d else _encode_error(errors[src])
+                                                  for d, src in zip(done_mask, order)], dtype=f"S{ERROR_BYTES}")
         self.flush()  # values reach the file before the status says they are there
-        g["status"][idx] = np.where(done_mask, DONE, FAILED).astype("u1")
+        self._ds(space, "status")[sel] = np.where(done_mask, DONE, FAILED).astype("u1")
         self.flush()
 
     def mark_done(

@@ -16,7 +16,8 @@ from nps.pipeline.errors import NpsError
 from nps.pipeline.run import run_experiment
 from nps.pipeline.run.pools import WorkerPool
 from nps.pipeline.run.protocol import (
-    BaseResult, BaseTask, BaseWeights, Progress, Ready, RowResult, TaskEnd, WorkerFailed, WorkerLost, WorkerStarted,
+    BaseResult, BaseTask, BaseWeights, Progress, Ready, RowResult, StagedWeights, TaskEnd, WorkerFailed, WorkerLost,
+    WorkerStarted,
 )
 from nps.pipeline.store import DONE, PENDING, open_readonly
 
@@ -27,8 +28,9 @@ class FakePool(WorkerPool):
 
     kind = "fake"
 
-    def __init__(self, workers=2, lose=(), fail_setup=None, on_poll=None):
+    def __init__(self, workers=2, lose=(), fail_setup=None, on_poll=None, stage=None, duplicate=False):
         self.n, self.lose, self.fail_setup, self.on_poll = workers, set(lose), fail_setup, on_poll
+        self.stage, self.duplicate = stage, duplicate  # stage: a directory for StagedWeights files
         self.events, self.next, self.tasks, self.stopped, self.closed = [], 0, [], False, False
         self.held = []  # tasks not answered yet (to stop them)
         self.sent = []  # (space, row) of every row result that carried weights
@@ -63,9 +65,17 @@ class FakePool(WorkerPool):
             weights = f"{task.space}/{row}".encode() if task.wants_weights(top1) else None
             if weights is not None:
                 self.sent.append((task.space, row))
-            self.events.append(RowResult(worker, task.task_id, task.space, row, "done", top1=top1, top5=99.0,
-                                         loss=1.0, bn_top1=top1 - 5, curve=(top1,), train_s=2.0,
-                                         cohort_size=len(task.rows), weights=weights))
+            copies = 2 if self.duplicate else 1  # a late second message for the same row: refused by the ledger
+            for copy in range(copies):
+                if weights is not None and self.stage is not None:
+                    path = self.stage / f"t{task.task_id}-r{row}-{copy}.pt"
+                    path.write_bytes(weights)
+                    weights = StagedWeights(len(weights), path=str(path))
+                self.events.append(RowResult(worker, task.task_id, task.space, row, "done", top1=top1, top5=99.0,
+                                             loss=1.0, bn_top1=top1 - 5, curve=(top1,), train_s=2.0,
+                                             cohort_size=len(task.rows), weights=weights))
+                if isinstance(weights, StagedWeights):
+                    weights = f"{task.space}/{row}".encode()
         self.events.append(TaskEnd(worker, task.task_id))
 
     def poll(self, timeout):
@@ -185,6 +195,43 @@ def test_topk_tasks_ask_only_for_weights_that_can_be_kept(tmp_path, table):
         for row in t.rows:
             if (t.space, row) not in pool.sent:
                 assert np.float32(spaces[t.space]["top1"][row]) < t.weights_above
+
+
+@pytest.mark.parametrize("keep", ["topk", "all"])
+def test_staged_weights_are_moved_when_kept_and_removed_otherwise(tmp_path, table, keep):
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    plan = make_plan(tmp_path, table, n=12, keep=keep)
+    pool = FakePool(workers=2, stage=stage, duplicate=True)
+    assert run_experiment(plan, Quiet(), pool=pool).status == "complete"
+    assert list(stage.iterdir()) == []  # every staged file was moved into weights/ or removed, duplicates too
+    for name, cols in read(plan).items():
+        files = sorted(int(p.stem) for p in (tmp_path / "run" / "weights" / name).glob("*.pt"))
+        expected = sorted(np.argsort(-cols["top1"], kind="stable")[:2].tolist()) if keep == "topk" else list(range(12))
+        assert files == expected
+        assert all((tmp_path / "run" / "weights" / name / f"{r}.pt").read_bytes() == f"{name}/{r}".encode()
+                   for r in files)
+    done = Counter((e["space"], e["row"]) for e in events(plan) if e["event"] == "done")
+    assert len(done) == 24 and set(done.values()) == {1}  # the duplicates were refused
+
+
+def test_weights_lost_with_their_node_leave_the_row_done_without_them(tmp_path):
+    from nps.pipeline.run.outputs import WeightsKeeper
+
+    keeper = WeightsKeeper(str(tmp_path / "results.h5"), "topk", 2)
+    staged = tmp_path / "w.pt"
+    staged.write_bytes(b"weights")
+    inode = staged.stat().st_ino
+    assert keeper.add("s", 0, 90.0, StagedWeights(7, path=str(staged)))
+    kept = tmp_path / "weights" / "s" / "0.pt"
+    assert kept.read_bytes() == b"weights" and kept.stat().st_ino == inode and not staged.exists()  # moved
+    assert not keeper.add("s", 1, 95.0, StagedWeights(7, path=str(tmp_path / "gone.pt")))  # its file is gone
+    assert keeper.threshold("s") == float("-inf") and kept.exists()  # nothing pushed out for it, 1 row kept
+    assert keeper.add("s", 2, 80.0, b"b2") and keeper.threshold("s") == 80.0
+    low = tmp_path / "low.pt"
+    low.write_bytes(b"low")
+    assert keeper.add("s", 3, 70.0, StagedWeights(3, path=str(low))) and not low.exists()  # not kept: removed
+    assert sorted(p.name for p in (tmp_path / "weights" / "s").iterdir()) == ["0.pt", "2.pt"]
 
 
 def test_a_lost_worker_requeues_its_rows(tmp_path, table):

@@ -166,6 +166,7 @@ def test_full_run_with_two_stage(tmp_path, data_dir):
     for name, cols in spaces.items():
         saved = sorted(int(p.stem) for p in (run_dir / "weights" / name).glob("*.pt"))
         assert saved == sorted(np.argsort(-cols["top1"], kind="stable")[:2].tolist()), name
+    assert not (run_dir / ".staging").exists()  # the workers' staged weights: moved into weights/ or removed
     # `nps status` summarises the finished file
     status = run_nps("status", results)
     assert status.returncode == 0 and "complete: 12 done, 0 failed of 12" in status.stdout

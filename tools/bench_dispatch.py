@@ -5,9 +5,13 @@ GPU of a Ray cluster that this script starts on this machine, loopback only, ins
 running :class:`SimulatedWorker` instead of the trainer: a cohort "trains" by sleeping ``--train-s`` (±20 %
 jitter), sends progress as the real worker does, then one :class:`RowResult` per row with realistic metrics and,
 where the driver asks for them, weights of the subnetwork's real size (4 bytes per parameter of its pruned network,
-from the layer table of ``--model``). Everything the driver does is real: the ledger writes every change through to
-results.h5 (two flushes per group of results), kept weights are written under weights/, log.jsonl gets every
-event, the view (``--view``) renders.
+from the layer table of ``--model``), staged as the real workers stage them: a file in the run's staging directory
+(local) or an object in the node's store (Ray). The simulated workers do not pay for making those weights (the
+file is sparse; an actor puts one object of the mean size once and refers to it), since W workers that really wrote
+22 MB per row on one 2-core machine would measure this machine's page cache, not the driver; on a fleet each node
+pays for its own. Everything the driver does is real: the ledger writes every change through to results.h5 (two
+flushes per group of results), kept weights are moved (local) or fetched and written (Ray) under weights/, the
+others released, log.jsonl gets every event, the view (``--view``) renders.
 
 The offered load is W·k/train_s results/s; with it above the driver's limit, the measured rate is that limit. One
 JSON line per measurement: ``results_per_s`` (finished rows per second between the 10 % and 90 % marks of the run)
@@ -58,6 +62,22 @@ class SimulatedWorker:
         self.sim: Simulation = spec.config
         self.progress_s = progress_s if progress_s is not None else self.sim.progress_s
         self.rng = random.Random(wid)
+        self._object = None  # Ray: the one object of the mean weights size this actor refers to
+
+    def _weights(self, task_id: int, row: int, size: int):
+        from nps.pipeline.run.protocol import StagedWeights
+
+        if self.spec.staging:  # a sparse file of the real size, where the real worker would leave it
+            path = os.path.join(self.spec.staging, f"w{self.wid}-t{task_id}-r{row}.pt")
+            with open(path, "wb") as fh:
+                fh.truncate(size)
+            return StagedWeights(size, path=path)
+        import ray
+
+        if self._object is None:
+            mean = int(np.mean(np.concatenate(list(self.sim.weight_bytes.values()))))
+            self._object = (mean, ray.put(b"\0" * mean))
+        return StagedWeights(self._object[0], ref=self._object[1])
 
     def setup(self):
         from nps.pipeline.run.protocol import Ready
@@ -84,11 +104,11 @@ class SimulatedWorker:
             self.emit(Progress(self.wid, task.task_id, epoch, epochs, step, steps, 5000.0))
             if done >= 1.0:
                 break
-            time.sleep(min(self.progress_s, seconds - (time.monotonic() - t0)) + 1e-3)
+            time.sleep(max(0.0, min(self.progress_s, seconds - (time.monotonic() - t0))) + 1e-3)
         sizes = self.sim.weight_bytes[task.space]
         for row, seed in zip(task.rows, task.seeds):
             top1 = self.sim.base_top1 - 3.0 - 4.0 * random.Random(seed).random()
-            weights = b"\0" * int(sizes[row]) if task.wants_weights(top1) else None
+            weights = self._weights(task.task_id, row, int(sizes[row])) if task.wants_weights(top1) else None
             curve = tuple(np.linspace(top1 - 5.0, top1, epochs).tolist())
             self.emit(RowResult(self.wid, task.task_id, task.space, row, "done", top1=top1, top5=99.0, loss=0.3,
                                 bn_top1=top1 - 20.0, curve=curve, train_s=seconds, cohort_size=len(task.rows),
@@ -133,7 +153,7 @@ class Recorder:
         self.inner.epoch(state, wid, text)
 
     def row_finished(self, state, space, row, info):
-        self.marks.append((time.monotonic(), time.process_time()))
+        self.marks.append((time.time(), time.process_time()))
         self.inner.row_finished(state, space, row, info)
 
     def stop(self, state):
@@ -186,16 +206,32 @@ def measure(transport: str, workers: int, args, table, out: str) -> dict:
     pool = SimLocalPool(["cpu"] * workers) if transport == "local" else SimRayPool("auto")
     view = Recorder(make_view(args.view))
     t0 = time.monotonic()
-    outcome = run_experiment(plan, view, pool=pool)
+    if args.profile:  # the driver's own time, by function (stderr): where the limit is
+        import cProfile
+        import pstats
+
+        profile = cProfile.Profile()
+        outcome = profile.runcall(run_experiment, plan, view, pool=pool)
+        pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(args.profile)
+    else:
+        outcome = run_experiment(plan, view, pool=pool)
     wall = time.monotonic() - t0
+    # The window: from the later of the 10 % mark and the last worker ready (Ray starts actors a few at a time) to
+    # the 90 % mark, so that neither the fleet's start nor its tail is counted.
+    with open(os.path.join(out, "log.jsonl")) as fh:
+        ready = max(e["t"] for e in map(json.loads, fh) if e["event"] == "ready")
     marks = view.marks
     n = len(marks)
-    lo, hi = marks[int(0.1 * n)], marks[min(n - 1, int(0.9 * n))]
+    first = max(int(0.1 * n), next((i for i, m in enumerate(marks) if m[0] >= ready), n - 1))
+    last = min(n - 1, int(0.9 * n))
+    lo, hi = marks[first], marks[last]
     window = hi[0] - lo[0]
-    count = min(n - 1, int(0.9 * n)) - int(0.1 * n)
+    count = last - first
+    if count <= 0:  # the fleet was still starting at the 90 % mark: give more --rows
+        window = 0.0
     sizes = np.concatenate(list(sim.weight_bytes.values()))
     offered = workers * args.cohort / args.train_s
-    return {"bench": "dispatch", "transport": transport, "workers": workers, "rows": n,
+    return {"bench": "dispatch", "transport": transport, "workers": workers, "rows": n, "window_rows": count,
             "status": outcome.status, "train_s": args.train_s, "cohort": args.cohort, "model": table.model,
             "keep_weights": args.keep_weights, "view": args.view, "weights_mb_mean": round(sizes.mean() / 2**20, 2),
             "results_per_s": round(count / window, 1) if window > 0 else None,
@@ -216,6 +252,9 @@ def start_ray(workers: int, temp: str):
 
     os.environ["RAY_TMPDIR"] = temp
     os.environ["NPS_RAY_GPUS_AS_CPU"] = "1"
+    # The raylet starts 2 worker processes at a time by default (one per core here); a real node starts its own few
+    # actors, this one node hosts the whole simulated fleet.
+    os.environ["RAY_worker_maximum_startup_concurrency"] = "16"
     ray.init(num_cpus=workers, num_gpus=workers, include_dashboard=False, namespace="nps",
              object_store_memory=max(200, 8 * workers) * 2**20, _temp_dir=os.path.join(temp, "ray"),
              log_to_driver=False)
@@ -233,11 +272,15 @@ def main() -> int:
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--keep-weights", default="topk", choices=["all", "topk", "none"])
     ap.add_argument("--view", default="plain", choices=["plain", "live"])
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the driver's N costliest functions")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
     transports = args.transports.split(",")
     if "ray" in transports and not args.inside:
         return inside_namespace(sys.argv[1:])
+    # stdout carries the JSON lines only: whatever else writes to it (Ray's raylet warnings) goes to stderr
+    results = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     from nps.pipeline.graph import build_layer_table
 
     table = build_layer_table(args.model, "all", args.resolution, 10)
@@ -247,7 +290,8 @@ def main() -> int:
             try:
                 if transport == "ray":
                     start_ray(workers, temp)
-                print(json.dumps(measure(transport, workers, args, table, os.path.join(temp, "run"))), flush=True)
+                print(json.dumps(measure(transport, workers, args, table, os.path.join(temp, "run"))), file=results,
+                      flush=True)
             finally:
                 if transport == "ray":
                     import ray

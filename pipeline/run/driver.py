@@ -175,16 +175,14 @@ class Driver:
     # -- events ------------------------------------------------------------------------------------------------------
 
     def handle(self, events) -> None:
-        """Apply events in order; consecutive row results are stored as one group."""
-        results: list[RowResult] = []
+        """Apply a batch of events: its row results first, stored as one group per space, then the other events in
+        order. A worker sends a task's results before its TaskEnd and nothing after its loss, so results first
+        keeps every result ahead of the events that close its lease; a result that arrived together with its
+        worker's loss is kept instead of being trained again."""
+        self._store_results([e for e in events if isinstance(e, RowResult)])
         for event in events:
-            if isinstance(event, RowResult):
-                results.append(event)
-                continue
-            self._store_results(results)
-            results = []
-            getattr(self, f"_on_{type(event).__name__}")(event)
-        self._store_results(results)
+            if not isinstance(event, RowResult):
+                getattr(self, f"_on_{type(event).__name__}")(event)
 
     def _store_results(self, results: list[RowResult]) -> None:
         if not results:
@@ -192,10 +190,16 @@ class Driver:
 
         def keep_weights(accepted: list[RowResult]) -> None:  # before the status says done
             for r in accepted:
-                if r.status == "done":
-                    self.weights.add(r.space, r.row, r.top1, r.weights)
+                if r.status == "done" and not self.weights.add(r.space, r.row, r.top1, r.weights):
+                    self.view.note(f"{r.space} row {r.row}: its weights were lost with its worker's node before "
+                                   "the driver fetched them; the row's results are kept, without weights")
+                    self._log("weights_lost", space=r.space, row=r.row, worker=r.worker)
 
         accepted = self.ledger.finish(results, self.task_lease, before_commit=keep_weights)
+        taken = {id(r) for r in accepted}
+        for r in results:  # refused (a late duplicate): its staged weights go
+            if id(r) not in taken and r.weights is not None:
+                outputs.release_weights(r.weights)
         for r in accepted:
             c_flops = float(self.ledger.spaces[r.space].c_flops[r.row])
             slot = self.slots.get(r.worker)
@@ -332,14 +336,24 @@ class Driver:
         return max(1, min(int(k), -(-self.ledger.pending() // max(1, idle_workers))))
 
     def dispatch(self) -> None:
+        """The next task for every idle worker; the rows handed out are flushed as running once, at the end."""
         if self.stopping or self.fatal or self.failure:
             return
+        leases = 0
+        try:
+            leases = self._hand_out()
+        finally:
+            if leases:
+                self.ledger.flush()
+
+    def _hand_out(self) -> int:
+        leases = 0
         idle = [(wid, s) for wid, s in self.slots.items() if s.ready and s.task is None and not s.stopped]
         working = sum(1 for s in self.slots.values() if s.ready and not s.stopped)
         for wid, slot in idle:
             if self.base.todo is not None:
                 if self.base.in_flight:
-                    return  # cohorts wait for the base network
+                    return leases  # cohorts wait for the base network
                 weights = None if self.base.todo else self.pool.base_weights(self.cfg.model.checkpoint)
                 self.next_task += 1
                 self.pool.submit(wid, BaseTask(self.next_task, self.base.todo), weights)
@@ -347,9 +361,10 @@ class Driver:
                 self.state.workers[wid].phase = "base network"
                 self._log("base", worker=wid, node=slot.node, device=slot.device)
                 continue
-            lease = self.ledger.take(self._cohort_k(slot, working), wid)
+            lease = self.ledger.take(self._cohort_k(slot, working), wid, flush=False)
             if lease is None:
-                return
+                return leases
+            leases += 1
             s = self.ledger.spaces[lease.space]
             rows = np.asarray(lease.rows)
             k_arg = None if self.cfg.retrain.cohort_size == "auto" else len(rows)
@@ -365,6 +380,7 @@ class Driver:
             ws.epoch, ws.epochs, ws.step, ws.steps, ws.img_per_s = 0, s.epochs, 0, 0, math.nan
             self._log("dispatch", space=lease.space, rows=list(lease.rows), worker=wid, node=slot.node,
                       device=slot.device)
+        return leases
 
     # -- two-stage and weights ---------------------------------------------------------------------------------------
 

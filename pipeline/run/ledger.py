@@ -5,7 +5,8 @@ every change through to results.h5 before it returns, so the file and the ledger
 the ledger (never the file, never its own counters) what to hand out and what is left, and the live view's counts
 are read from it. Rows are handed out in **leases**: the rows of one space given to one worker as one cohort.
 
-- :meth:`RowLedger.take` — up to k pending rows of the first space that has some → a :class:`Lease` (rows running);
+- :meth:`RowLedger.take` — up to k pending rows of the first space that has some → a :class:`Lease` (rows running;
+  with ``flush=False`` the caller flushes once after several takes, :meth:`flush`);
 - :meth:`RowLedger.finish` — the results of leased rows (done or failed), written in one group per space;
 - :meth:`RowLedger.requeue` — a lease's rows without a result go back to pending (the worker died, or returned
   without them); a row requeued ``max_attempts`` times fails instead;
@@ -124,7 +125,11 @@ class RowLedger:
         s.counts[code] += rows.size
         s.status[rows] = code
 
-    def take(self, k: int, worker: int) -> Lease | None:
+    def flush(self) -> None:
+        """Make the running marks of ``take(..., flush=False)`` visible to readers."""
+        self.store.flush()
+
+    def take(self, k: int, worker: int, *, flush: bool = True) -> Lease | None:
         """Up to ``k`` pending rows of the first space with any, marked running; None when nothing is pending."""
         s = next((s for s in self.spaces.values() if s.pending), None)
         if s is None:
@@ -133,7 +138,7 @@ class RowLedger:
         idx = np.asarray(rows, dtype=np.int64)
         if np.any(s.status[idx] != PENDING):
             raise RuntimeError(f"{s.name}: rows {rows} were queued but are not all pending")
-        self.store.mark_running(s.name, idx)
+        self.store.mark_running(s.name, idx, flush=flush)
         self._move(s, idx, RUNNING)
         self._next_lease += 1
         lease = Lease(self._next_lease, s.name, tuple(rows), worker, set(rows))

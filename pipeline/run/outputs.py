@@ -1,8 +1,9 @@
 """What the driver writes beside results.h5: kept weights, the base network, and the two-stage top-k spaces.
 
-Kept weights (``[output] keep_weights``) arrive inside row results as the bytes of their ``.pt`` file and are
-written to ``weights/<space key>/<row>.pt`` (the layout :mod:`nps.pipeline.export` reads) by
-:class:`WeightsKeeper`. With ``topk`` it keeps a space's ``top_k`` rows by top-1 as results come in: a row outside
+Kept weights (``[output] keep_weights``) arrive with row results, as the bytes of their ``.pt`` file or staged where
+the worker made them (:class:`~nps.pipeline.run.protocol.StagedWeights`), and are put at
+``weights/<space key>/<row>.pt`` (the layout :mod:`nps.pipeline.export` reads) by :class:`WeightsKeeper`: bytes are
+written, a staged file is moved, a Ray object is fetched; weights it does not keep are released unread. With ``topk`` it keeps a space's ``top_k`` rows by top-1 as results come in: a row outside
 the current top-k can never enter it later (only better rows can push rows out), so its weights are never written,
 and a row pushed out loses its file at once. A space's end trims once more from the file, which also covers weights
 left by an earlier run.
@@ -35,6 +36,42 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def release_weights(weights) -> None:
+    """Weights the driver does not keep: a staged file is removed (a Ray object is freed with its reference)."""
+    path = getattr(weights, "path", "")
+    if path:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def commit_weights(weights, path: Path) -> bool:
+    """Put a row's weights at ``path`` atomically; False when staged weights are gone (their Ray node died)."""
+    if isinstance(weights, (bytes, bytearray)):
+        write_atomic(path, bytes(weights))
+        return True
+    if weights.path:  # a file on this machine: moved into place, never copied
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(weights.path, path)
+        except OSError:  # gone, or another filesystem
+            if not os.path.exists(weights.path):
+                return False
+            with open(weights.path, "rb") as fh:
+                write_atomic(path, fh.read())
+            release_weights(weights)
+        return True
+    import ray
+
+    try:
+        data = ray.get(weights.ref, timeout=120)
+    except Exception:  # noqa: BLE001 - the object's owner (the actor) or its node died
+        return False
+    write_atomic(path, data)
+    return True
 
 
 def _rank_key(top1: float, row: int) -> tuple[float, int]:
@@ -78,20 +115,29 @@ class WeightsKeeper:
                 kept[row] = float(top1[row])
         self._kept[space] = kept
 
-    def add(self, space: str, row: int, top1: float, weights: bytes | None) -> None:
-        """A done row's weights: written if the policy keeps them (topk: if the row ranks in the top_k so far)."""
-        if weights is None or self.policy == "none":
-            return
+    def add(self, space: str, row: int, top1: float, weights) -> bool:
+        """A done row's weights (bytes or staged): kept if the policy keeps them (topk: if the row ranks in the top_k
+        so far), else released. False when staged weights could not be fetched (the row stays without them)."""
+        if weights is None:
+            return True
+        if self.policy == "none":
+            release_weights(weights)
+            return True
         kept = self._kept.setdefault(space, {})
         top1 = float(np.float32(top1))  # ranked as the file stores it, so the final trim agrees
+        pushed_out = []
         if self.policy == "topk":
             ranked = sorted([*kept.items(), (row, top1)], key=lambda rt: _rank_key(rt[1], rt[0]))
             if row not in [r for r, _ in ranked[: self.top_k]]:
-                return
-            for r, _ in ranked[self.top_k:]:
-                self._remove(space, r)
-        write_atomic(self._path(space, row), weights)
+                release_weights(weights)
+                return True
+            pushed_out = [r for r, _ in ranked[self.top_k:]]
+        if not commit_weights(weights, self._path(space, row)):
+            return False
+        for r in pushed_out:
+            self._remove(space, r)
         kept[row] = top1
+        return True
 
     def _remove(self, space: str, row: int) -> None:
         self._kept.get(space, {}).pop(row, None)

@@ -14,6 +14,7 @@ import os
 import queue
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from nps.pipeline.run.protocol import BaseWeights, Event, Task, WorkerLost, Work
 log = logging.getLogger(__name__)
 
 MAX_RESTARTS = 3  # worker processes restarted per device after a crash
+ALIVE_S = 0.5  # how often poll looks for dead worker processes (a waitpid each: with 256 workers it adds up)
 
 
 class WorkerPool(abc.ABC):
@@ -132,6 +134,7 @@ class LocalPool(WorkerPool):
         self.spec: WorkerSpec | None = None
         self.stopping = False
         self._next = 0
+        self._checked = 0.0
 
     def _threads(self, device: str) -> int:
         """Torch threads of a worker: the cores shared among the CPU workers (at most OMP_NUM_THREADS when set);
@@ -178,6 +181,10 @@ class LocalPool(WorkerPool):
                 out.append(self.results.get_nowait())
         except queue.Empty:
             pass
+        now = time.monotonic()
+        if now - self._checked < ALIVE_S and not self.stopping:
+            return out
+        self._checked = now
         for p in list(self.procs.values()):
             if p.gone or p.process.is_alive():
                 continue
@@ -202,8 +209,6 @@ class LocalPool(WorkerPool):
                 p.process.terminate()
 
     def close(self, timeout: float = 10.0) -> None:
-        import time
-
         self.stopping = True
         for p in self.procs.values():
             if p.process.is_alive():

@@ -2,9 +2,11 @@
 
 The driver sends a worker tasks (:class:`BaseTask`, :class:`CohortTask`) together with the base network's weights
 (:class:`BaseWeights`); the worker answers with events. A local worker process puts them on a queue, a Ray actor
-yields them from a streaming generator; either way each is one of the dataclasses below, pickled. Kept weights
-travel inside :class:`RowResult` as the bytes of their ``.pt`` file, so no worker writes anything the driver owns:
-the driver is the only writer of results.h5, base.pt and weights/.
+yields them from a streaming generator; either way each is one of the dataclasses below, pickled. A row's weights
+stay where the worker made them (:class:`StagedWeights`: a file in the run's staging directory for a local worker,
+an object in the node's Ray object store for an actor) and only a reference rides in :class:`RowResult`, so only
+the weights the driver keeps ever travel to it; it moves or copies them into weights/ itself. No worker writes
+anything the driver owns: the driver is the only writer of results.h5, base.pt and weights/.
 
 A worker's life, as the driver sees it::
 
@@ -37,6 +39,7 @@ class WorkerSpec:
     fingerprint: str  # the dataset's, as the driver validated it: every worker checks its copy against it
     log_level: int = logging.WARNING
     worker_class: Any = None  # None: nps.pipeline.run.worker.Worker (tools/bench_dispatch.py runs a simulated one)
+    staging: str = ""  # where local workers leave row weights for the driver (empty: they send them as bytes)
 
 
 @dataclass(frozen=True)
@@ -149,8 +152,20 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class StagedWeights:
+    """A row's weights (the bytes of its ``.pt`` file) left where the worker made them until the driver decides:
+    ``path``, a file in the staging directory (workers on the driver's machine), or ``ref``, a Ray object on the
+    worker's node. The driver moves (or fetches) the ones it keeps and drops the rest."""
+
+    size: int
+    path: str = ""
+    ref: Any = None
+
+
+@dataclass(frozen=True)
 class RowResult:
-    """One subnetwork finished (``status`` "done") or failed; ``weights`` is its ``.pt`` file when asked for."""
+    """One subnetwork finished (``status`` "done") or failed; ``weights`` is its ``.pt`` file when asked for (bytes,
+    or where the worker staged them)."""
 
     worker: int
     task_id: int
@@ -165,7 +180,7 @@ class RowResult:
     train_s: float = float("nan")
     cohort_size: int = 1
     error: str = ""
-    weights: bytes | None = field(default=None, repr=False)
+    weights: bytes | StagedWeights | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,13 @@ its CPUs where the cluster has no GPU at all. Nodes are listed again every few s
 actors, and work.
 
 A task is an actor call whose result is a streaming generator (Ray's ``ObjectRefGenerator``): the actor yields the
-worker's events as they happen, the driver waits on all generators at once (``ray.wait``) and reads each event as it
-arrives. Kept weights ride inside the events, so they travel through Ray's object store and the driver writes them;
-the base network goes the other way, ``ray.put`` once and fetched by an actor only when it does not hold it yet. An
-actor that dies (its process, its node) fails its generator with ``RayActorError``: the transport reports the worker
-lost, the driver puts its rows back to pending, and a new actor replaces it while its node lives.
+worker's events as they happen, in batches (what queued up since the last yield), the driver waits on all generators
+at once (``ray.wait``) and reads each batch as it arrives. A row's weights go into the object store of the actor's
+node and the event carries only their reference: the driver fetches the weights it keeps and writes them, the others
+never leave the node (with keep_weights = "topk" nearly all). The base network goes the other way, ``ray.put`` once,
+its reference sent to each actor once, and fetched by an actor only when it does not hold it yet. An actor that dies
+(its process, its node) fails its generator with ``RayActorError``: the transport reports the worker lost, the
+driver puts its rows back to pending, and a new actor replaces it while its node lives.
 
 ``NPS_RAY_GPUS_AS_CPU=1`` (for tests): actors still take one ``GPU`` resource each but train on the CPU, so a
 cluster with fake GPU resources behaves like a GPU cluster on a machine without one.
@@ -50,6 +52,20 @@ def require_ray(key: str = "--ray") -> None:
         raise NpsError(f"{key}: Ray is not installed; {INSTALL_HINT}") from None
 
 
+def _staged(event):
+    """A row result's weights go into this node's object store; the event carries the reference, so the driver
+    fetches only the weights it keeps (most rows of a topk run are not)."""
+    import dataclasses
+
+    import ray
+
+    from nps.pipeline.run.protocol import RowResult, StagedWeights
+
+    if isinstance(event, RowResult) and isinstance(event.weights, bytes):
+        return dataclasses.replace(event, weights=StagedWeights(len(event.weights), ref=ray.put(event.weights)))
+    return event
+
+
 class RayWorker:
     """The actor: a :class:`~nps.pipeline.run.worker.Worker` whose events a streaming generator yields."""
 
@@ -57,6 +73,7 @@ class RayWorker:
         self.wid, self.spec, self.threads, self.node, self.gpus_as_cpu = wid, spec, threads, node, gpus_as_cpu
         self.stop_event = threading.Event()
         self.worker = None
+        self.base_refs: dict[str, Any] = {}  # the base network's object, by key: the driver sends its reference once
         logging.basicConfig(level=spec.log_level)
 
     def _device(self) -> str:
@@ -83,8 +100,17 @@ class RayWorker:
             return setup_failure(self.wid, exc)
 
     def run(self, task: Task, base: BaseWeights | None):
+        """Serve one task; yields the worker's events in batches (every event queued since the last yield: a
+        cohort's results and its end arrive together, and each item read costs the driver a round trip)."""
+        import dataclasses
+
         from nps.pipeline.run.worker import serve_task
 
+        if base is not None:
+            if base.ref is not None:
+                self.base_refs[base.key] = base.ref
+            elif base.key in self.base_refs:
+                base = dataclasses.replace(base, ref=self.base_refs[base.key])
         events: queue.SimpleQueue = queue.SimpleQueue()
 
         def work() -> None:
@@ -96,10 +122,18 @@ class RayWorker:
 
         threading.Thread(target=work, name="nps-task", daemon=True).start()
         while True:
-            event = events.get()
-            if event is _END:
+            batch = [events.get()]
+            try:
+                while True:
+                    batch.append(events.get_nowait())
+            except queue.Empty:
+                pass
+            end = batch[-1] is _END
+            batch = [_staged(e) for e in batch if e is not _END]
+            if batch:
+                yield batch
+            if end:
                 return
-            yield event
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -122,6 +156,7 @@ class RayPool(WorkerPool):
         self.streams: dict[Any, int] = {}
         self.events: list[Event] = []
         self.bases: dict[str, Any] = {}
+        self.base_sent: dict[int, str] = {}  # the base network key each actor has been sent the reference of
         self.spec_ref = None
         self.remote = None
         self._next, self._scanned, self._alone_since = 0, 0.0, time.monotonic()
@@ -199,7 +234,11 @@ class RayPool(WorkerPool):
         if base is not None:  # the bytes go into the object store once; tasks carry a reference
             if base.key not in self.bases:
                 self.bases[base.key] = ray.put(base.data)
-            base = BaseWeights(base.key, ref=self.bases[base.key])
+            if self.base_sent.get(worker) == base.key:
+                base = BaseWeights(base.key)  # the actor holds the reference (serialising one costs milliseconds)
+            else:
+                base = BaseWeights(base.key, ref=self.bases[base.key])
+                self.base_sent[worker] = base.key
         self.streams[self.actors[worker].run.remote(task, base)] = worker
 
     def poll(self, timeout: float) -> list[Event]:
@@ -237,9 +276,8 @@ class RayPool(WorkerPool):
         import ray
 
         wid = self.streams[gen]
-        try:
-            while ray.wait([gen], num_returns=1, timeout=0)[0]:
-                self.events.append(ray.get(next(gen)))
+        try:  # ready: its next batch has arrived, or it ended (one batch per poll; the next poll reads on)
+            self.events.extend(ray.get(next(gen)))
         except StopIteration:
             del self.streams[gen]
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:

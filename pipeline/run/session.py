@@ -7,6 +7,8 @@ request, and always ends the same way: workers closed, rows still in flight back
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import time
 
@@ -14,14 +16,26 @@ from nps.pipeline.plan import Plan
 from nps.pipeline.errors import NpsError
 from nps.pipeline.run.driver import STOP_GRACE_S, Driver, Outcome
 from nps.pipeline.run.pools import LocalPool, WorkerPool
-from nps.pipeline.run.protocol import WorkerSpec
+from nps.pipeline.run.protocol import RowResult, WorkerSpec
 
 log = logging.getLogger(__name__)
+BATCH_S = 0.02  # after a row result, how long the driver collects more before it writes them
 
 
-def worker_spec(plan: Plan) -> WorkerSpec:
+def staging_dir(plan: Plan) -> str:
+    """Where local workers leave row weights for the driver (beside results.h5, so kept ones are moved, not copied);
+    emptied when a run starts and removed when it ends."""
+    return os.path.join(os.path.dirname(os.path.abspath(plan.results_path)), ".staging")
+
+
+def worker_spec(plan: Plan, pool: WorkerPool | None = None) -> WorkerSpec:
+    staging = ""
+    if pool is not None and pool.kind == "local":  # processes on this machine share its disk; Ray uses its store
+        staging = staging_dir(plan)
+        shutil.rmtree(staging, ignore_errors=True)  # a killed run's leftovers
+        os.makedirs(staging)
     return WorkerSpec(plan.config, plan.table, plan.resolution, plan.in_channels, plan.num_classes,
-                      plan.meta["fingerprint"], logging.getLogger().level or logging.WARNING)
+                      plan.meta["fingerprint"], logging.getLogger().level or logging.WARNING, staging=staging)
 
 
 def _finished(d: Driver) -> bool:
@@ -37,6 +51,21 @@ def _raise_failure(d: Driver) -> None:
         raise NpsError(f"{d.failure}; the same command resumes")
 
 
+def _events(pool: WorkerPool) -> list:
+    """The events that arrived; once a row result is among them, those of the next BATCH_S too: results come in
+    bursts (a cohort ends all its rows at once, a fleet ends many cohorts a second) and the ledger writes each batch
+    as one group per space, two flushes for all (tools/bench_dispatch.py)."""
+    events = pool.poll(0.1)
+    if any(isinstance(e, RowResult) for e in events):
+        deadline = time.monotonic() + BATCH_S
+        while (left := deadline - time.monotonic()) > 0:
+            more = pool.poll(left)
+            if not more:
+                break
+            events += more
+    return events
+
+
 def loop(d: Driver) -> str:
     """Serve the workers until every row has finished ("complete") or a stop request ("interrupted")."""
     for name in list(d.ledger.spaces):  # spaces finished by an earlier run may still owe their two-stage space
@@ -44,10 +73,10 @@ def loop(d: Driver) -> str:
             d._space_complete(name)
     if _finished(d):
         return "complete"  # nothing to do: no worker needed
-    d.pool.start(worker_spec(d.plan))
+    d.pool.start(worker_spec(d.plan, d.pool))
     d._phase("starting workers (loading the dataset)")
     while True:
-        d.handle(d.pool.poll(0.1))
+        d.handle(_events(d.pool))
         _raise_failure(d)
         if d.stopping:
             if not any(s.task is not None for s in d.slots.values()):
@@ -108,6 +137,7 @@ def run(d: Driver) -> Outcome:
                 d.log_file.close()
             if d.ledger is not None:
                 d.state.spaces = {s.name: s for s in d.ledger.states()}
+            shutil.rmtree(staging_dir(d.plan), ignore_errors=True)  # weights of rows not kept, or not finished
             d.view.stop(d.state)
     spaces = d.ledger.states() if d.ledger is not None else []
     return Outcome(status, d.plan.results_path, spaces, d.state.base_top1, time.monotonic() - t0, resumed)

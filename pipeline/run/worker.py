@@ -26,8 +26,8 @@ import numpy as np
 
 from nps.pipeline.errors import NpsError, user_errors
 from nps.pipeline.run.protocol import (
-    BaseResult, BaseTask, BaseWeights, CohortTask, Note, Progress, Ready, RowResult, TaskEnd, WorkerFailed,
-    WorkerSpec, one_line,
+    BaseResult, BaseTask, BaseWeights, CohortTask, Note, Progress, Ready, RowResult, StagedWeights, TaskEnd,
+    WorkerFailed, WorkerSpec, one_line,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,19 @@ def check_dataset(data_dir: str, fingerprint: str, node: str) -> dict:
         if not os.path.isfile(path):
             raise NpsError(f"{where}: {path} is missing; {hint}")
     return meta
+
+
+def stage_weights(spec: WorkerSpec, wid: int, task_id: int, row: int, data: bytes) -> bytes | StagedWeights:
+    """A row's weights as its RowResult carries them: a file in ``spec.staging`` (atomically written there, so the
+    driver never sees half of one), else the bytes themselves."""
+    if not spec.staging:
+        return data
+    path = os.path.join(spec.staging, f"w{wid}-t{task_id}-r{row}.pt")
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+    return StagedWeights(len(data), path=path)
 
 
 def state_bytes(obj: Any) -> bytes:
@@ -191,7 +204,7 @@ class Worker:
         space, row = result.id
         weights = None
         if result.ok and result.model is not None and task.wants_weights(result.top1):
-            weights = state_bytes(result.model)
+            weights = stage_weights(self.spec, self.wid, task.task_id, int(row), state_bytes(result.model))
         result.model = None
         return RowResult(self.wid, task.task_id, space, int(row), result.status, top1=float(result.top1),
                          top5=float(result.top5), loss=float(result.loss), bn_top1=float(result.bn_top1),
