@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from nps.pipeline.store import DONE, PENDING, RUNNING, open_readonly
+from helpers import cpu_experiment_head
 
 pytestmark = pytest.mark.fmnist  # conftest: skipped without the Debian files, failed under CI
 RUN_TIMEOUT = 300
@@ -31,23 +32,8 @@ def data_dir(fmnist_dir):
 
 def experiment(tmp_path, data_dir, *, checkpoint="", n=4, epochs=1, cohort=2, two_stage=False, extra="",
                baseline=False) -> Path:
-    text = f"""
-[experiment]
-name = "tiny"
-seed = 1
-out = "{tmp_path / 'run'}"
-devices = "cpu"
-baseline = {str(baseline).lower()}
-
-[dataset]
-dir = "{data_dir}"
-val_batch_size = 128
-augment = false
-
-[model]
-name = "resnet20"
-checkpoint = "{checkpoint}"
-
+    text = cpu_experiment_head("tiny", 1, tmp_path / "run", data_dir, checkpoint,
+                               experiment_extra=f"baseline = {str(baseline).lower()}") + f"""
 [base]
 epochs = 1
 batch_size = 32

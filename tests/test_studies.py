@@ -18,6 +18,7 @@ import pytest
 from nps.pipeline.config import dump, expand_spaces, load_config, parse_config
 from nps.pipeline.errors import NpsError
 from nps.pipeline.store import DONE
+from helpers import cpu_experiment_head
 
 NPS = [sys.executable, "-m", "nps.pipeline.cli"]
 RUN_TIMEOUT = 400
@@ -119,22 +120,7 @@ def test_the_study_presets():
 
 
 def _experiment(tmp_path: Path, data_dir, checkpoint, spaces: str, *, n_rows_hint: str = "") -> Path:
-    text = f"""
-[experiment]
-name = "studies"
-seed = 2
-out = "{tmp_path / 'run'}"
-devices = "cpu"
-
-[dataset]
-dir = "{data_dir}"
-val_batch_size = 128
-augment = false
-
-[model]
-name = "resnet20"
-checkpoint = "{checkpoint}"
-
+    text = cpu_experiment_head("studies", 2, tmp_path / "run", data_dir, checkpoint) + f"""
 {spaces}
 
 [retrain]
