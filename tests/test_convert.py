@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from nps.datasets.betonfile import read_raw_array, read_raw_images
 from nps.datasets.convert import convert_dataset, verify_dataset

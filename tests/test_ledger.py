@@ -118,7 +118,7 @@ def test_requeue_fails_a_row_after_max_attempts(ledger):
 
 
 def test_fail_and_release(ledger):
-    first, second = ledger.take(3, 0), ledger.take(3, 1)
+    first, _second = ledger.take(3, 0), ledger.take(3, 1)
     assert ledger.fail(first.id, "RuntimeError: bad shape") == [0, 1, 2]
     third = ledger.take(4, 2)
     assert third.space == "a@c_flops=0.25" and third.rows == (6,)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from nps.pipeline.store import DONE, PENDING, RUNNING, open_readonly
 from helpers import cpu_experiment_head
