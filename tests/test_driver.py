@@ -62,20 +62,19 @@ class FakePool(WorkerPool):
         self.events.append(Progress(worker, task.task_id, 1, 2, 1, 2, 100.0))
         for row, seed in zip(task.rows, task.seeds):
             top1 = float(seed % 97 * 37 % 97)  # row seeds are consecutive: scrambled, so rows do not improve in order
-            weights = f"{task.space}/{row}".encode() if task.wants_weights(top1) else None
-            if weights is not None:
+            data = f"{task.space}/{row}".encode() if task.wants_weights(top1) else None
+            if data is not None:
                 self.sent.append((task.space, row))
             copies = 2 if self.duplicate else 1  # a late second message for the same row: refused by the ledger
             for copy in range(copies):
-                if weights is not None and self.stage is not None:
+                weights = data
+                if data is not None and self.stage is not None:
                     path = self.stage / f"t{task.task_id}-r{row}-{copy}.pt"
-                    path.write_bytes(weights)
-                    weights = StagedWeights(len(weights), path=str(path))
+                    path.write_bytes(data)
+                    weights = StagedWeights(len(data), path=str(path))
                 self.events.append(RowResult(worker, task.task_id, task.space, row, "done", top1=top1, top5=99.0,
                                              loss=1.0, bn_top1=top1 - 5, curve=(top1,), train_s=2.0,
                                              cohort_size=len(task.rows), weights=weights))
-                if isinstance(weights, StagedWeights):
-                    weights = f"{task.space}/{row}".encode()
         self.events.append(TaskEnd(worker, task.task_id))
 
     def poll(self, timeout):

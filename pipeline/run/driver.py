@@ -339,12 +339,8 @@ class Driver:
         """The next task for every idle worker; the rows handed out are flushed as running once, at the end."""
         if self.stopping or self.fatal or self.failure:
             return
-        leases = 0
-        try:
-            leases = self._hand_out()
-        finally:
-            if leases:
-                self.ledger.flush()
+        if self._hand_out():
+            self.ledger.flush()
 
     def _hand_out(self) -> int:
         leases = 0

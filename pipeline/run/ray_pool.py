@@ -21,6 +21,7 @@ cluster with fake GPU resources behaves like a GPU cluster on a machine without 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -55,8 +56,6 @@ def require_ray(key: str = "--ray") -> None:
 def _staged(event):
     """A row result's weights go into this node's object store; the event carries the reference, so the driver
     fetches only the weights it keeps (most rows of a topk run are not)."""
-    import dataclasses
-
     import ray
 
     from nps.pipeline.run.protocol import RowResult, StagedWeights
@@ -102,8 +101,6 @@ class RayWorker:
     def run(self, task: Task, base: BaseWeights | None):
         """Serve one task; yields the worker's events in batches (every event queued since the last yield: a
         cohort's results and its end arrive together, and each item read costs the driver a round trip)."""
-        import dataclasses
-
         from nps.pipeline.run.worker import serve_task
 
         if base is not None:

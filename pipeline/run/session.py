@@ -28,12 +28,15 @@ def staging_dir(plan: Plan) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(plan.results_path)), ".staging")
 
 
-def worker_spec(plan: Plan, pool: WorkerPool | None = None) -> WorkerSpec:
-    staging = ""
-    if pool is not None and pool.kind == "local":  # processes on this machine share its disk; Ray uses its store
-        staging = staging_dir(plan)
-        shutil.rmtree(staging, ignore_errors=True)  # a killed run's leftovers
-        os.makedirs(staging)
+def fresh_staging_dir(plan: Plan) -> str:
+    """The staging directory, emptied of a killed run's leftovers."""
+    staging = staging_dir(plan)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    return staging
+
+
+def worker_spec(plan: Plan, staging: str = "") -> WorkerSpec:
     return WorkerSpec(plan.config, plan.table, plan.resolution, plan.in_channels, plan.num_classes,
                       plan.meta["fingerprint"], logging.getLogger().level or logging.WARNING, staging=staging)
 
@@ -73,7 +76,8 @@ def loop(d: Driver) -> str:
             d._space_complete(name)
     if _finished(d):
         return "complete"  # nothing to do: no worker needed
-    d.pool.start(worker_spec(d.plan, d.pool))
+    # processes on this machine share its disk and stage weights there; Ray actors use their node's object store
+    d.pool.start(worker_spec(d.plan, fresh_staging_dir(d.plan) if d.pool.kind == "local" else ""))
     d._phase("starting workers (loading the dataset)")
     while True:
         d.handle(_events(d.pool))

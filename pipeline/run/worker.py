@@ -66,12 +66,10 @@ def stage_weights(spec: WorkerSpec, wid: int, task_id: int, row: int, data: byte
     driver never sees half of one), else the bytes themselves."""
     if not spec.staging:
         return data
-    path = os.path.join(spec.staging, f"w{wid}-t{task_id}-r{row}.pt")
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-    return StagedWeights(len(data), path=path)
+    from nps.pipeline.run.outputs import write_atomic
+
+    path = write_atomic(os.path.join(spec.staging, f"w{wid}-t{task_id}-r{row}.pt"), data)
+    return StagedWeights(len(data), path=str(path))
 
 
 def state_bytes(obj: Any) -> bytes:
