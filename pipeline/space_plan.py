@@ -51,6 +51,13 @@ class PlannedSpace:
     overrides: dict = dataclasses.field(default_factory=dict)
 
     @property
+    def rows(self) -> int:
+        """How many subnetworks the space trains: ``n`` (a ratio space: ``n`` per ratio; a baseline: one)."""
+        if self.kind == RATIOS:
+            return self.n * len(self.ratios)
+        return 1 if self.kind == "baseline" else self.n
+
+    @property
     def label(self) -> str:
         """The overrides in words (``criterion=l1, epochs=10``): how the report tells such spaces apart."""
         return ", ".join(f"{k}={self.overrides[k]}" for k in OVERRIDES if k in self.overrides)

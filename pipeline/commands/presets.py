@@ -4,7 +4,8 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("presets", help="list the experiments shipped with nps",
-                       description="List the preset experiments; run one with `nps run NAME`, show it with "
+                       description="List the preset experiments (name, description, model, spaces, subnetworks, "
+                                   "dataset); run one with `nps run NAME`, show it with "
                                    "`nps run NAME --print-config`.")
     p.set_defaults(func=run)
 
@@ -15,7 +16,7 @@ def run(args) -> int:
     for name in preset_names():
         cfg = parse_config(preset_text(name), f"preset {name}")
         spaces = expand_spaces(cfg)
-        n = sum(cfg.spaces[i].n for i, _ in spaces)
+        n = sum(p.rows for p in spaces)
         print(f"{name}\n    {cfg.experiment.description}\n    {cfg.model.name}, {len(spaces)} spaces, {n} "
               f"subnetworks, dataset {cfg.dataset.dir}")
     print("run one with `nps run NAME`; show its settings with `nps run NAME --print-config`")
