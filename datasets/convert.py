@@ -226,6 +226,7 @@ def convert_dataset(kind: str, out: os.PathLike, *, src: Optional[os.PathLike] =
     log.info("read %s from %s: %d train, %d val images, %d classes", kind, source.path, len(splits["train"]),
              len(splits["val"]), len(source.classes))
 
+    created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if the conversion fails
     out.mkdir(parents=True, exist_ok=True)
     tmps = {split: out / f".{split}.beton.tmp" for split in SPLITS}
     stats = {}
@@ -247,6 +248,11 @@ def convert_dataset(kind: str, out: os.PathLike, *, src: Optional[os.PathLike] =
     except BaseException:
         for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
+        for made in created:  # nearest first: a directory this call made, left empty, goes again
+            try:
+                made.rmdir()
+            except OSError:
+                break
         raise
 
     train, val = summaries["train"], summaries["val"]

@@ -75,3 +75,19 @@ def load_meta(data_dir: os.PathLike) -> Dict[str, Any]:
     if missing:
         raise DatasetError(f"{path}: missing key(s) {', '.join(missing)}")
     return meta
+
+
+def same_dataset_problem(meta: Dict[str, Any], fingerprint: str, *, num_classes: int | None = None,
+                         image_shape=None) -> str:
+    """Why the converted dataset ``meta`` is not the one a run was made with ("" when it is): its fingerprint (the
+    images and labels), and where known its class count and image shape. Shared by `nps run` (resume, every worker)
+    and `nps export --verify`."""
+    problems = []
+    if fingerprint and meta.get("fingerprint") != fingerprint:
+        problems.append(f"fingerprint {str(meta.get('fingerprint'))[:12]}… where the run had {fingerprint[:12]}…")
+    if num_classes is not None and int(meta.get("num_classes", -1)) != int(num_classes):
+        problems.append(f"{meta.get('num_classes')} classes where the run had {num_classes}")
+    shape = meta.get("image_shape")
+    if image_shape is not None and shape is not None and list(shape) != list(image_shape):
+        problems.append(f"{'x'.join(map(str, shape))} images where the run had {'x'.join(map(str, image_shape))}")
+    return "; ".join(problems)

@@ -95,6 +95,22 @@ class Source:
                 )
 
 
+def inferred_classes(labels: np.ndarray, origin: str) -> List[str]:
+    """Class names ``0..K-1`` of a format that does not declare its classes (IDX, npz), K = the largest train label
+    + 1, after checking that every one of them has training images: a gap (labels 0..9 and one 200) is a corrupt
+    label, not 191 new classes."""
+    labels = np.asarray(labels)
+    if labels.size and labels.min() < 0:
+        raise DatasetError(f"{origin}: label {int(labels.min())} is negative; labels are 0..K-1")
+    counts = np.bincount(labels, minlength=1) if labels.size else np.zeros(1, np.int64)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        raise DatasetError(f"{origin}: labels run 0..{counts.size - 1} but {empty.size} of those {counts.size} classes "
+                           f"have no training image (first: {int(empty[0])}); a corrupt label? labels must be 0..K-1 "
+                           "with every class present")
+    return [str(c) for c in range(counts.size)]
+
+
 # --------------------------------------------------------------------------------------------------------- IDX files
 
 _IDX_STEMS = {
@@ -182,7 +198,7 @@ def read_idx(src: str, *, kind: str = "idx") -> Source:
     if kind == "fashion-mnist":
         classes = list(FASHION_MNIST_CLASSES)
     else:
-        classes = [str(c) for c in range(int(splits["train"].labels.max(initial=0)) + 1)]
+        classes = inferred_classes(splits["train"].labels, splits["train"].origin)
     return Source(kind, str(folder), splits["train"], splits["val"], classes, [str(f) for f in files.values()])
 
 
@@ -321,7 +337,7 @@ def read_npz(src: str, *, kind: str = "npz") -> Source:
     if splits["train"].image_shape != splits["val"].image_shape:
         raise DatasetError(f"{path}: x_train images are {splits['train'].image_shape}, "
                            f"x_test images are {splits['val'].image_shape}")
-    classes = [str(c) for c in range(int(splits["train"].labels.max(initial=0)) + 1)]
+    classes = inferred_classes(splits["train"].labels, getattr(splits["train"], "origin", None) or str(path))
     return Source(kind, str(path), splits["train"], splits["val"], classes, [str(path)])
 
 

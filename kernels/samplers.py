@@ -146,6 +146,7 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     """
     if n < 1:
         raise SamplerError(f"n={n}: ask for at least one recipe")
+    started = time.monotonic()
     table, unit_size = unit_table(table)  # groups with a granularity are drawn in units (see complexity.UnitTable)
     check_feasible(table, space)
     if space.mcb_band:
@@ -186,8 +187,9 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
         zmax = min(1.0, ZMAX_MARGIN * zseen) if zseen > 0 else 1.0
         # the window's bounds need a moving group's lower count bound x - 1 >= 0 inside the box (gauss_kernel)
         plain = zmax >= PLAIN_ABOVE or (1.0 - space.R) * channels[direction > 0].min() < 0.5
+    deadline = started + max_seconds  # one limit for the whole space: pilot, probe, restarts and draws together
     while True:
-        sample, zseen = _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, distinct)
+        sample, zseen = _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, distinct, deadline)
         if sample is not None:
             break
         log.info("envelope %.3g was exceeded (%.3g); restarting with a larger one", zmax, zseen)
@@ -240,7 +242,7 @@ def _drop_duplicates(out, hashes, filled, counts):
     return len(rows)
 
 
-def _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, distinct):
+def _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, distinct, deadline=math.inf):
     state = new_state(seed)
     out = _outputs(n, G)
     hashes = np.zeros(n, np.uint64)  # 64-bit hash of each row's keep vector, for de-duplication
@@ -270,6 +272,10 @@ def _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, dis
             break
         if proposals >= EMPTY_MIN_PROPOSALS and filled < EMPTY_ACCEPTANCE * proposals:
             raise SamplerError(_explain_empty(space, proposals, filled, counts, table))
+        if time.monotonic() > deadline:
+            raise SamplerError(f"sampling {space.name} at {space.target}={space.value:g} reached its limit of "
+                               f"{max_seconds:g} s with {filled:,} of {n:,} recipes drawn ({proposals:,} proposals);"
+                               " raise max_seconds (--max-seconds) or ask for fewer recipes")
         elapsed = time.perf_counter() - t_rate
         if elapsed > 1.0:
             per_recipe = elapsed / max(filled - rate_from, 1)

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from nps.pipeline import __version__
-from nps.pipeline.errors import user_errors
+from nps.pipeline.errors import environment_error, user_errors
 
 # Errors that mean bad input, not a bug: printed as one line, exit status 2. Anything else is a bug and shows its
 # traceback (exit status 1); `nps --debug` shows the traceback of bad input too.
@@ -33,8 +33,15 @@ typical session:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line too (argparse prints the whole usage first); subcommands inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nps", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"nps {__version__}")
@@ -71,6 +78,17 @@ def main(argv=None) -> int:
 
             traceback.print_exc()
         print(f"nps {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as exc:
+        # The environment, not nps: a read-only or full filesystem, a path nps may not write. One line naming it.
+        message = environment_error(exc)
+        if message is None:
+            raise
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"nps {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nps {args.command}: interrupted", file=sys.stderr)

@@ -279,8 +279,16 @@ def preset_text(name: str) -> str:
 def experiment_text(source: str) -> tuple[str, str]:
     """(TOML text, where it came from) of a TOML path or a preset name."""
     path = Path(source)
+    if path.is_dir() and (source.endswith(".toml") or os.sep in source or source not in preset_names()):
+        raise NpsError(f"EXPERIMENT: {source} is a directory; give an experiment file (TOML) or a preset name")
     if path.is_file():
-        return path.read_text(encoding="utf-8"), str(path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError:
+            raise NpsError(f"EXPERIMENT: {source} is not a text file (not UTF-8); give an experiment file (TOML), "
+                           "e.g. from `nps run demo --print-config`") from None
+        except OSError as exc:
+            raise NpsError(f"EXPERIMENT: cannot read {source}: {exc.strerror}") from None
     if source.endswith(".toml") or os.sep in source:
         raise NpsError(f"EXPERIMENT: {source} does not exist")
     if source in preset_names():

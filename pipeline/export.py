@@ -17,7 +17,7 @@ nor the base checkpoint::
      "channel_multiple", "flops_convention",
      "recipe", "keep", "groups", "channels", "config", "state_dict", "top1", "top5", "acc_drop",
      "base_top1", "c_flops", "c_params", "mcb", "flops", "params", "space", "row", "results",
-     "dataset_fingerprint", "nps_version"}
+     "dataset_fingerprint", "dataset_num_classes", "dataset_image_shape", "nps_version"}
 
 :func:`load_subnetwork` rebuilds it: the registry model, pruned to ``keep`` (weights random at that point, so the
 pruning criterion is irrelevant: only the shapes matter), then ``load_state_dict(strict=True)``.
@@ -44,7 +44,8 @@ WEIGHTS_DIR = "weights"
 _META_KEYS = ("model", "mode", "resolution", "num_classes", "in_channels", "channel_multiple", "flops_convention",
               "recipe", "keep", "groups", "channels",
               "config", "top1", "top5", "acc_drop", "base_top1", "c_flops", "c_params", "mcb", "flops", "params",
-              "space", "row", "results", "dataset_fingerprint", "nps_version")
+              "space", "row", "results", "dataset_fingerprint", "dataset_num_classes", "dataset_image_shape",
+              "nps_version")
 KEEP_WEIGHTS_HINT = ("the run driver saves fine-tuned weights as weights/<space>/<row>.pt beside results.h5 for the "
                      "best rows of each space (see README, 'Reports and export'); re-run those rows with weight "
                      "saving on")
@@ -124,15 +125,13 @@ def commit_staged_weights(staged: str | os.PathLike) -> Path:
 
 def load_subnetwork_weights(results_path: str | os.PathLike, space: str, row: int) -> dict:
     """The state_dict kept for one row (see :func:`save_subnetwork_weights`); NpsError if there is none."""
-    import torch
+    from nps.pipeline.torchfile import load_tensors
 
     path = weights_path(results_path, space, row)
     if not path.is_file():
         raise NpsError(f"no weights for row {row} of {space!r} at {path}: {KEEP_WEIGHTS_HINT}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise NpsError(f"{path}: cannot read the weights ({error}); the file is damaged, re-run the row") from None
+    return load_tensors(path, f"the weights of row {row} of {space!r}",
+                        "export another row (--row I)")
 
 
 def saved_weight_rows(results_path: str | os.PathLike, space: str) -> list[int]:
@@ -235,6 +234,8 @@ def export_subnetwork(results_path: str | os.PathLike, space: str, out: str | os
         "flops": scalar("flops", int), "params": scalar("params", int), "space": space, "row": int(row),
         "results": str(Path(results_path).resolve()),
         "dataset_fingerprint": str(attrs.get("dataset_fingerprint", "")),
+        "dataset_num_classes": int(attrs.get("dataset_num_classes", 0) or 0),
+        "dataset_image_shape": [int(v) for v in np.atleast_1d(attrs.get("dataset_image_shape", []))],
         "nps_version": str(attrs.get("nps_version", "")),
     }
     model = build_subnetwork(ckpt)
@@ -257,15 +258,12 @@ def export_subnetwork(results_path: str | os.PathLike, space: str, out: str | os
 
 def read_subnetwork(path: str | os.PathLike) -> dict:
     """The export as a dict (state_dict included), after checking its format."""
-    import torch
+    from nps.pipeline.torchfile import load_tensors
 
     path = Path(path)
     if not path.is_file():
         raise NpsError(f"{path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise NpsError(f"{path}: not a readable torch file ({error})") from None
+    ckpt = load_tensors(path, "export", "give a file written by nps export")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise NpsError(f"{path}: not an nps subnetwork export (format {found!r}, expected {FORMAT!r}); make one "
@@ -349,6 +347,25 @@ def dataset_dir(ckpt: dict, data_dir: str | os.PathLike | None = None) -> Path:
                    "pass --data DIR")
 
 
+def check_dataset_of(ckpt: dict, data: Path, *, given: bool) -> None:
+    """``data`` must be the dataset the subnetwork was scored on: its fingerprint (when the export has it), its
+    classes and its image shape (the network's resolution, for images stored at their size)."""
+    from nps.datasets.errors import DatasetError
+    from nps.datasets.meta import load_meta, same_dataset_problem
+
+    where = f"--data {data}" if given else f"the run's dataset {data}"
+    try:
+        meta = load_meta(data)
+    except DatasetError as exc:
+        raise NpsError(f"{where}: {exc}") from None
+    problem = same_dataset_problem(meta, str(ckpt.get("dataset_fingerprint", "")),
+                                   num_classes=ckpt.get("dataset_num_classes") or None,
+                                   image_shape=ckpt.get("dataset_image_shape") or None)
+    if problem:
+        raise NpsError(f"{where} is not the dataset this subnetwork was scored on ({problem}); pass the run's "
+                       "dataset with --data")
+
+
 def _config_section(cfg: dict, name: str) -> dict:
     section = cfg.get(name)
     return section if isinstance(section, dict) else {}
@@ -425,6 +442,7 @@ def verify_subnetwork(path: str | os.PathLike, *, data_dir: str | os.PathLike | 
         from nps.datasets.loaders import make_loaders
 
         data = dataset_dir(ckpt, data_dir)
+        check_dataset_of(ckpt, data, given=data_dir is not None)
         batch = batch_size or int(dataset.get("val_batch_size", 0) or 256)
         _, val_loader, _ = make_loaders(data, batch_size=batch, resolution=int(ckpt["resolution"]),
                                         device=dev, in_channels=int(ckpt["in_channels"]), augment=False,

@@ -15,7 +15,6 @@ row ledger) and tells a view about it; this module only renders. Two views:
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,32 +132,6 @@ def file_states(reader) -> list[SpaceState]:
     return out
 
 
-def writer_pid(results_path: str) -> int | None:
-    """The pid of the process holding the writer lock of ``results_path`` (its ``.lock`` side file), else None.
-
-    Read from /proc/locks, so nothing is locked, not even briefly (a writer starting meanwhile is never refused).
-    """
-    lock = f"{results_path}.lock"
-    try:
-        st = os.stat(lock)
-        with open("/proc/locks", encoding="ascii", errors="replace") as fh:
-            table = fh.read().splitlines()
-    except OSError:
-        return None
-    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    for line in table:
-        parts = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" (blocked waiters carry a "->" field first)
-        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
-            continue
-        if parts[5].lower() == want:
-            try:
-                return int(parts[4])
-            except ValueError:
-                return None
-    return None
-
-
 def status_renderable(path: str):
     """What `nps status FILE` prints: header lines and the per-space table."""
     from nps.pipeline.store import open_readonly
@@ -166,12 +139,11 @@ def status_renderable(path: str):
     with open_readonly(path) as reader:
         attrs = reader.attrs
         states = file_states(reader)
-        layers = reader.layers.attrs
-        model = layers.get("model", b"?")
-        model = model.decode() if isinstance(model, bytes) else str(model)
-        resolution = int(layers.get("resolution", 0))
+        model, resolution = reader.model_info()
     base_top1 = float(attrs.get("base_top1", math.nan))
     name = _config_name(attrs.get("config", ""))
+    from nps.pipeline.h5file import writer_pid
+
     pid = writer_pid(path)
     total = sum(s.total for s in states)
     done = sum(s.done for s in states)
@@ -181,7 +153,9 @@ def status_renderable(path: str):
                            f"created {attrs.get('created', '?')}"),
              Text(f"base network: top-1 {_fmt(base_top1)}, top-5 {_fmt(float(attrs.get('base_top5', math.nan)))}"
                   if math.isfinite(base_top1) else "base network: not evaluated yet")]
-    if pid:
+    if pid and not states:
+        lines.append(Text(f"a run is writing this file (pid {pid}): it is preparing (sampling its spaces)"))
+    elif pid:
         lines.append(Text(f"a run is writing this file (pid {pid}): {done + failed}/{total} subnetworks finished"))
     else:
         state = "complete" if done + failed == total and total else "not running"

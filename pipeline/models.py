@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from nps.pipeline.errors import NpsError
+from nps.pipeline.errors import NpsError, one_line
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -178,6 +178,9 @@ def _user_builder(name: str) -> ModelBuilder:
     except ModuleNotFoundError as exc:
         raise NpsError(f"model {name!r}: cannot import {module_name} ({exc}); put its package on PYTHONPATH or "
                        "install it") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failing is not an nps bug
+        raise NpsError(f"model {name!r}: importing {module_name} raised {one_line(exc)}; fix the module "
+                       "(nps --debug shows its traceback)") from exc
     function = getattr(module, function_name, None)
     if not callable(function):
         raise NpsError(f"model {name!r}: {module_name} has no callable {function_name!r}")
@@ -187,7 +190,10 @@ def _user_builder(name: str) -> ModelBuilder:
             return function(num_classes=num_classes, in_channels=in_channels)
         except TypeError as exc:
             raise NpsError(f"model {name!r}: {function_name}(num_classes=..., in_channels=...) failed ({exc}); "
-                           "the function must take both keywords") from None
+                           "the function must take both keywords") from exc
+        except Exception as exc:  # noqa: BLE001 - the user's function failing is not an nps bug
+            raise NpsError(f"model {name!r}: {function_name}(num_classes={num_classes}, in_channels={in_channels})"
+                           f" raised {one_line(exc)}; fix the function (nps --debug shows its traceback)") from exc
 
     return build
 

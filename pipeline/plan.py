@@ -41,12 +41,9 @@ def default_resolution(meta: dict) -> int:
 
 def load_state_dict(path: str) -> dict:
     """The state_dict in a checkpoint file: a bare state_dict, or one under ``model``/``state_dict``."""
-    import torch
+    from nps.pipeline.torchfile import load_tensors
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise NpsError(f"model.checkpoint: {path} is not a readable torch checkpoint ({exc})") from None
+    obj = load_tensors(path, "model.checkpoint", "save the model's state_dict() with torch.save")
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), dict):
@@ -86,12 +83,16 @@ def check_checkpoint(path: str, model_name: str, num_classes: int, in_channels: 
     return state
 
 
-def validate(cfg: Config) -> Plan:
+def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
     """Check everything a run needs before it starts; returns the resolved :class:`Plan`.
 
-    On top of :func:`check_config`: the dataset directory is converted, the checkpoint matches the model, and each
-    space's target is reachable (the samplers' ``check_feasible``).
+    On top of :func:`check_config`: the dataset directory is converted, the checkpoint matches the model, each
+    space's target is reachable (the samplers' ``check_feasible``), the output directory can be written and has room
+    for what the run writes, and one training batch fits in the memory of ``devices`` (default: the experiment's;
+    not checked on a Ray cluster, whose devices the driver does not know yet).
     """
+    from nps.pipeline import preflight
+
     from nps.datasets.errors import DatasetError
     from nps.datasets.meta import META_NAME, load_meta
     from nps.kernels.errors import SamplerError
@@ -137,8 +138,29 @@ def validate(cfg: Config) -> Plan:
     base_path = os.path.join(out, "base.pt")
     checkpoint = m.checkpoint
     if checkpoint:
+        if os.path.isdir(checkpoint):
+            raise NpsError(f"model.checkpoint: {checkpoint} is a directory; give the checkpoint file (a saved "
+                           "state_dict)")
         if not os.path.isfile(checkpoint):
             raise NpsError(f"model.checkpoint: {checkpoint} does not exist")
         check_checkpoint(checkpoint, m.name, num_classes, in_channels)
-    return Plan(cfg, meta, table, resolution, in_channels, num_classes, spaces, checkpoint,
+    if devices is None and not cfg.experiment.ray:
+        from nps.pipeline.config import parse_devices
+
+        devices = parse_devices(cfg.experiment.devices, key="experiment.devices")
+    preflight.check_memory(cfg, num_classes, in_channels, resolution, devices or [])
+    preflight.check_output_dir(out)
+    plan = Plan(cfg, meta, table, resolution, in_channels, num_classes, spaces, checkpoint,
                 os.path.join(out, "results.h5"), base_path)
+    preflight.check_disk(plan, _done_rows(plan.results_path))
+    return plan
+
+
+def _done_rows(results_path: str) -> int:
+    """Rows an earlier run of this experiment finished (their weights are on disk already)."""
+    if not os.path.isfile(results_path):
+        return 0
+    from nps.pipeline.store import open_readonly
+
+    with open_readonly(results_path) as reader:
+        return sum(counts["done"] + counts["failed"] for counts in reader.summary().values())

@@ -30,7 +30,7 @@ from nps.pipeline.analysis import (
 )
 from nps.pipeline.figures import band_text, baseline_ratio, percent, render
 from nps.pipeline.retraining_study import RATIOS
-from nps.pipeline.errors import NpsError
+from nps.pipeline.errors import NpsError, environment_error
 from nps.pipeline.store import DONE, FAILED, PENDING, RUNNING, open_readonly
 
 log = logging.getLogger(__name__)
@@ -225,13 +225,16 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike, *, k: i
     """
     out = Path(out_dir)
     _check_out(out, force)
-    summary = build_summary(results, k=k, n_boot=n_boot, seed=seed, edf_points=edf_points)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:  # before the analysis: an --out that cannot be written is said at once, naming it
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise NpsError(environment_error(exc, str(out)) or f"--out {out}: {exc}") from None
     try:
+        summary = build_summary(results, k=k, n_boot=n_boot, seed=seed, edf_points=edf_points)
         summary["figures"] = render(summary, tmp)
         with open(tmp / "summary.json", "w") as fh:
             json.dump(summary, fh, indent=1, allow_nan=False)
@@ -241,6 +244,11 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike, *, k: i
         if out.exists():
             out.rename(old)
         tmp.rename(out)
+    except OSError as exc:
+        message = environment_error(exc, str(out))
+        if message is None:
+            raise
+        raise NpsError(message) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

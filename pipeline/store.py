@@ -34,6 +34,9 @@ of range): those are bugs and show their traceback.
 - **``error`` is fixed-length bytes** (``S256``, UTF-8, truncated to 256 bytes), not a variable-length string:
   HDF5's variable-length data lives in the global heap, which SWMR does not support (readers of a file being
   written fail on it; h5py issue #1273). :meth:`ResultsReader.errors` decodes it to ``str``.
+- **Opening** goes through :mod:`nps.pipeline.h5file`: a file shorter than its header says, not HDF5 at all, or
+  without ``/layers`` and ``/spaces`` is refused in one line before HDF5 reads it (a truncated file would otherwise
+  hang an SWMR reader), and readers' metadata retries are bounded.
 - **Crash recovery.** HDF5 marks a file "open for (SWMR) write" in its superblock while a writer has it; after a
   crash the mark stays and HDF5 refuses a normal open ("may use h5clear"). When :meth:`ResultsStore.open` holds the
   writer lock, no writer can be alive, so it clears the mark itself (what ``h5clear -s`` does: zero the
@@ -43,19 +46,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
+import functools
 import logging
 import math
 import os
-import struct
-import time
 from typing import Any, Iterable, Mapping
 
 import h5py
 import numpy as np
 
 from nps.pipeline import __version__ as NPS_VERSION
+from nps.pipeline import h5file
 from nps.pipeline.errors import NpsError
+from nps.pipeline.h5file import clear_consistency_flags  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -88,82 +91,6 @@ RESULT_FIELDS: dict[str, str] = {
 }
 ROOT_ATTRS = ("base_top1", "base_top5", "base_flops", "base_params", "dataset_fingerprint")
 _ROW_CHUNK = 256  # rows per chunk: one update rewrites one small chunk per dataset
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Superblock consistency flags (the part of h5clear we need).
-
-
-def _rot(x: int, k: int) -> int:
-    return ((x << k) | (x >> (32 - k))) & 0xFFFFFFFF
-
-
-def _lookup3(data: bytes, initval: int = 0) -> int:
-    """Bob Jenkins' lookup3 ``hashlittle``, the checksum HDF5 puts on version-2/3 superblocks."""
-    m = 0xFFFFFFFF
-    length = len(data)
-    a = b = c = (0xDEADBEEF + length + initval) & m
-    i = 0
-    while length > 12:
-        x, y, z = struct.unpack_from("<III", data, i)
-        a, b, c = (a + x) & m, (b + y) & m, (c + z) & m
-        a = (a - c) & m; a ^= _rot(c, 4); c = (c + b) & m  # noqa: E702
-        b = (b - a) & m; b ^= _rot(a, 6); a = (a + c) & m  # noqa: E702
-        c = (c - b) & m; c ^= _rot(b, 8); b = (b + a) & m  # noqa: E702
-        a = (a - c) & m; a ^= _rot(c, 16); c = (c + b) & m  # noqa: E702
-        b = (b - a) & m; b ^= _rot(a, 19); a = (a + c) & m  # noqa: E702
-        c = (c - b) & m; c ^= _rot(b, 4); b = (b + a) & m  # noqa: E702
-        length -= 12
-        i += 12
-    if length == 0:
-        return c
-    x, y, z = struct.unpack("<III", data[i:] + bytes(12 - length))
-    a, b, c = (a + x) & m, (b + y) & m, (c + z) & m
-    c ^= b; c = (c - _rot(b, 14)) & m  # noqa: E702
-    a ^= c; a = (a - _rot(c, 11)) & m  # noqa: E702
-    b ^= a; b = (b - _rot(a, 25)) & m  # noqa: E702
-    c ^= b; c = (c - _rot(b, 16)) & m  # noqa: E702
-    a ^= c; a = (a - _rot(c, 4)) & m  # noqa: E702
-    b ^= a; b = (b - _rot(a, 14)) & m  # noqa: E702
-    c ^= b; c = (c - _rot(b, 24)) & m  # noqa: E702
-    return c
-
-
-_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-def _superblock_flags(path: str) -> tuple[int, int] | None:
-    """(offset of the flags byte, flags) of a version-2/3 superblock at offset 0, else None."""
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-    if len(head) < 12 or head[:8] != _SIGNATURE or head[8] not in (2, 3):
-        return None
-    return 11, head[11]
-
-
-def clear_consistency_flags(path: str) -> bool:
-    """Zero the superblock's "open for write" flags left by a crashed writer; True if anything changed.
-
-    Only call this when no process can be writing the file (the caller holds the writer lock).
-    """
-    found = _superblock_flags(path)
-    if found is None or found[1] == 0:
-        return False
-    with open(path, "r+b") as fh:
-        head = bytearray(fh.read(64))
-        size_of_offsets = head[9]
-        end = 12 + 4 * size_of_offsets  # signature, 4 one-byte fields, 4 addresses
-        stored = struct.unpack_from("<I", head, end)[0]
-        if _lookup3(bytes(head[:end])) != stored:
-            raise NpsError(f"{path}: superblock checksum does not match; the file is damaged, not just unclosed")
-        head[11] = 0
-        struct.pack_into("<I", head, end, _lookup3(bytes(head[:end])))
-        fh.seek(0)
-        fh.write(bytes(head[: end + 4]))
-        fh.flush()
-        os.fsync(fh.fileno())
-    log.warning("%s: cleared the write flags left by a writer that did not close the file", path)
-    return True
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -204,6 +131,11 @@ class _ResultsFile:
     def layers(self) -> h5py.Group:
         """The ``/layers`` group, for ``LayerTable.from_hdf5``."""
         return self._file["layers"]
+
+    def model_info(self) -> tuple[str, int]:
+        """(model name, resolution) as ``/layers`` records them."""
+        attrs = self._file["layers"].attrs
+        return str(_decode_attr(attrs.get("model", "?"))), int(attrs.get("resolution", 0))
 
     def spaces(self) -> list[str]:
         return list(self._file["spaces"].keys()) if "spaces" in self._file else []
@@ -268,8 +200,35 @@ class _ResultsFile:
         self.close()
 
 
+def _damaged_is_user_error(method):
+    """A reader's h5py error as one line naming the file: a damaged file is bad input, not an nps bug."""
+
+    @functools.wraps(method)
+    def reading(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except NpsError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise NpsError(f"{self.path}: cannot read it ({first}); the file is damaged, or its writer was "
+                           "restructuring it: retry, else restore a complete copy") from exc
+    return reading
+
+
 class ResultsReader(_ResultsFile):
-    """A read-only view of a results file, safe while its writer runs (SWMR). Get one from :func:`open_readonly`."""
+    """A read-only view of a results file, safe while its writer runs (SWMR). Get one from :func:`open_readonly`.
+
+    Its reading methods turn h5py's errors on a damaged file into one NpsError line naming the file."""
+
+    attrs = property(_damaged_is_user_error(_ResultsFile.attrs.fget))
+    spaces = _damaged_is_user_error(_ResultsFile.spaces)
+    size = _damaged_is_user_error(_ResultsFile.size)
+    epochs = _damaged_is_user_error(_ResultsFile.epochs)
+    status = _damaged_is_user_error(_ResultsFile.status)
+    read = _damaged_is_user_error(_ResultsFile.read)
+    summary = _damaged_is_user_error(_ResultsFile.summary)
+    model_info = _damaged_is_user_error(_ResultsFile.model_info)
 
     def __init__(self, path: str, *, retry_s: float = 5.0):
         self.path = str(path)
@@ -278,24 +237,21 @@ class ResultsReader(_ResultsFile):
         self._file = self._open()
 
     def _open(self) -> h5py.File:
-        deadline = time.monotonic() + self._retry_s
-        while True:
-            try:
-                # SWMR read works on files being written in SWMR mode, on crashed ones and on closed ones.
-                self.swmr = True
-                return h5py.File(self.path, "r", swmr=True, libver="latest", locking=False)
-            except FileNotFoundError:
-                raise NpsError(f"{self.path}: no such results file") from None
-            except OSError as swmr_error:
-                try:  # an old-format file, or one no writer has in SWMR mode
-                    self.swmr = False
-                    return h5py.File(self.path, "r", locking=False)
-                except OSError:
-                    pass
-                if time.monotonic() >= deadline:
-                    # The writer is inside a structural change (add_space) or the file is not HDF5.
-                    raise NpsError(f"{self.path}: cannot open for reading ({swmr_error}); retry, or check the file")
-                time.sleep(0.05)
+        """The one way nps opens a results file to read it (:func:`nps.pipeline.h5file.open_readonly`: a complete
+        HDF5 file, bounded waits), then a check that it is an nps results file."""
+        f, self.swmr = h5file.open_readonly(self.path, retry_s=self._retry_s,
+                                            writer_alive=lambda: h5file.writer_pid(self.path) is not None)
+        try:
+            missing = [name for name in ("layers", "spaces") if name not in f]
+        except (OSError, RuntimeError) as exc:
+            f.close()
+            raise NpsError(f"{self.path}: cannot read it ({str(exc).splitlines()[0]}); the file is damaged: restore "
+                           "a complete copy") from None
+        if missing:
+            f.close()
+            raise NpsError(f"{self.path} is an HDF5 file but not an nps results file (no /{missing[0]}); give a "
+                           "results.h5 written by nps run or nps sample")
+        return f
 
     def refresh(self) -> None:
         """See the writer's latest flushed state (reopens: new spaces and resized datasets included)."""
@@ -369,16 +325,7 @@ class ResultsStore(_ResultsFile):
 
     @staticmethod
     def _lock(path: str) -> int:
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise NpsError(f"{path} is being written by another process (pid {holder}); one writer per file") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        return fd
+        return h5file.acquire_writer_lock(path)
 
     @classmethod
     def create(
@@ -434,10 +381,17 @@ class ResultsStore(_ResultsFile):
             raise NpsError(f"{path}: no such results file; create it first")
         store = cls(path, cls._lock(path))
         try:
+            h5file.check_file(path)  # complete, and HDF5 at all: never an OSError from deep inside h5py
             clear_consistency_flags(path)  # we hold the lock: any writer mark is a dead writer's
-            store._file = h5py.File(path, "r+", libver="latest")
-            if "spaces" not in store._file:
-                raise NpsError(f"{path} is not an nps results file (no /spaces)")
+            try:
+                store._file = h5py.File(path, "r+", libver="latest")
+            except OSError as exc:
+                raise NpsError(f"{path}: cannot open the results file ({str(exc).splitlines()[0]}); the file is "
+                               "damaged: start again with another --out") from None
+            missing = [name for name in ("layers", "spaces") if name not in store._file]
+            if missing:
+                raise NpsError(f"{path} is an HDF5 file but not an nps results file (no /{missing[0]}); give "
+                               "another --out")
         except BaseException:
             store.close()
             raise
@@ -529,13 +483,16 @@ class ResultsStore(_ResultsFile):
                 cols = (groups,) if per_group else ()
                 g.create_dataset(field, data=arrays[field], dtype=dtype, maxshape=(None, *cols),
                                  chunks=(_ROW_CHUNK, *cols))
+            # Written out now (not left to HDF5's fill values): every chunk a row's result will land in exists from
+            # the start, so recording results never grows the file, and a run that meets a full disk can still
+            # put its rows in flight back to pending and close the file.
             for field, dtype in RESULT_FIELDS.items():
                 if dtype.startswith("f"):
-                    g.create_dataset(field, shape=(n,), dtype=dtype, maxshape=(None,), chunks=(_ROW_CHUNK,),
-                                     fillvalue=np.nan)
+                    g.create_dataset(field, data=np.full(n, np.nan, dtype=dtype), maxshape=(None,),
+                                     chunks=(_ROW_CHUNK,), fillvalue=np.nan)
                 else:  # status 0 = pending, error empty
-                    g.create_dataset(field, shape=(n,), dtype=dtype, maxshape=(None,), chunks=(_ROW_CHUNK,))
-            g.create_dataset("curve", shape=(n, width), dtype="f4", maxshape=(None, width),
+                    g.create_dataset(field, data=np.zeros(n, dtype=dtype), maxshape=(None,), chunks=(_ROW_CHUNK,))
+            g.create_dataset("curve", data=np.full((n, width), np.nan, dtype="f4"), maxshape=(None, width),
                              chunks=(max(1, min(_ROW_CHUNK, 65536 // width)), width), fillvalue=np.nan)
 
     def append_rows(self, space: str, rows: Mapping[str, Any]) -> np.ndarray:

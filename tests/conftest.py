@@ -5,6 +5,8 @@
   ``.ci/run``), where it fails: a CI run must never pass by skipping the run tests.
 - ``fmnist_source``: the directory of those files (same rule); ``fmnist_dir(limit)``: a converted subset, converted
   once per size per session; ``base_checkpoint``: an untrained ResNet-20 for that data.
+- ``demo_run``: the README's `nps run demo`, made tiny with ``--set`` (the same preset on 256 converted images),
+  run once per session in-process: the end-to-end run that the README, fault and export tests read.
 - ``stand_in_table`` and ``make_rows``: a layer-table stand-in and recipe rows for tests of the store and the ledger
   (plain helpers live in ``tests/helpers.py``).
 """
@@ -90,3 +92,34 @@ def stand_in_table():
 def make_rows():
     """``make_rows(n, seed=0)``: recipe rows (every field a results file needs) for a space of n subnetworks."""
     return rows_for_store
+
+
+DEMO_SETTINGS = ("dataset.train_images=128", "dataset.val_images=128", "base.epochs=1", "base.bn_images=0",
+                 "spaces.n=1", "retrain.epochs=1", "retrain.bn_images=32", "retrain.batch_size=32",
+                 "base.batch_size=32")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, fmnist_dir):
+    """``(out_dir, exit status, stdout, argv)`` of ``nps run demo --out DIR`` on Fashion-MNIST's first 256 images."""
+    import contextlib
+    import io
+
+    from nps.pipeline.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    argv = ["run", "demo", "--out", str(out), "--devices", "cpu", "--set", f"dataset.dir={fmnist_dir(256)}"]
+    for setting in DEMO_SETTINGS:
+        argv += ["--set", setting]
+    stdout = io.StringIO()
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "250"  # rich wraps at 80 columns off a terminal
+    try:
+        with contextlib.redirect_stdout(stdout):
+            code = main(argv)
+    finally:
+        if previous is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = previous
+    return out, code, stdout.getvalue(), argv

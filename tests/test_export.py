@@ -1,5 +1,6 @@
 """nps export: weights kept beside results.h5, export → load_subnetwork → evaluate gives the stored top-1, --best,
 --verify (with an injected val loader, and through a real converted dataset with -m slow), and the errors."""
+import json
 import math
 
 import numpy as np
@@ -50,6 +51,12 @@ def run_dir(tmp_path_factory):
     """A results file with 5 rows: 0–1 done with kept weights, 2 done (best top-1) without, 3 pending, 4 failed."""
     root = tmp_path_factory.mktemp("run")
     (root / "data").mkdir()
+    # what --verify reads of the dataset before it evaluates (the tests inject the val batches themselves)
+    (root / "data" / "meta.json").write_text(json.dumps({
+        "format": "nps-beton", "kind": "npz", "counts": {"train": 60, "val": 60}, "classes": list("0123456789"),
+        "num_classes": 10, "label_histogram": {}, "fingerprint": "", "files": {"train": "train.beton",
+                                                                               "val": "val.beton"},
+        "mean": [0, 0, 0], "std": [1, 1, 1], "grayscale_replicated": False, "image_shape": [32, 32]}))
     table = build_layer_table("resnet20", "all", 32, 10)
     sample = sample_space(table, parse_space("std-0.05", "c_flops", 0.5), 5, seed=0)
     rows = {"recipe": sample.recipe, "keep": sample.keep, "flops": sample.flops, "params": sample.params,

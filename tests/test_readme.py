@@ -123,21 +123,7 @@ def test_sample_examples(capsys, tmp_path, monkeypatch, index):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# One tiny run of the demo preset, shared by run / status / report / export.
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, fmnist_dir):
-    """`nps run demo --out DIR` as the README writes it, made tiny with --set (the same preset, fewer images)."""
-    usage = table_commands()["run"].split()
-    assert usage[:3] == ["nps", "run", "EXPERIMENT"] and "[--out" in usage
-    out = tmp_path_factory.mktemp("readme") / "demo"
-    data = fmnist_dir(256)
-    args = ["run", "demo", "--out", out, "--devices", "cpu", "--set", f"dataset.dir={data}",
-            "--set", "dataset.train_images=128", "--set", "dataset.val_images=128", "--set", "base.epochs=1",
-            "--set", "base.bn_images=0", "--set", "spaces.n=1", "--set", "retrain.epochs=1",
-            "--set", "retrain.bn_images=32", "--set", "retrain.batch_size=32", "--set", "base.batch_size=32"]
-    return out, [str(a) for a in args]
+# The session's tiny run of the demo preset (conftest.demo_run), read by run / status / report / export.
 
 
 TESTED = {"convert", "sample", "run", "status", "presets", "report", "export"}
@@ -145,11 +131,14 @@ TESTED = {"convert", "sample", "run", "status", "presets", "report", "export"}
 
 @pytest.mark.fmnist
 def test_run_status_report_export(capsys, demo_run):
-    out_dir, args = demo_run
+    usage = table_commands()["run"].split()
+    assert usage[:3] == ["nps", "run", "EXPERIMENT"] and "[--out" in usage
     printed = nps(capsys, "run", "demo", "--print-config")
     assert printed.startswith("[experiment]") and 'name = "demo"' in printed and "[[spaces]]" in printed
 
-    printed = nps(capsys, *args)
+    out_dir, code, printed, argv = demo_run  # `nps run demo --out DIR` with --set sizes
+    assert argv[:4] == ["run", "demo", "--out", str(out_dir)]
+    assert code == 0, printed
     assert re.search(r"^finished in \d+s: 4 done, 0 failed; nps status .*results\.h5$", printed, re.M)
     results = out_dir / "results.h5"
 

@@ -322,7 +322,7 @@ def test_a_worker_checks_its_dataset_against_the_drivers_fingerprint(tmp_path, d
         run_experiment(plan, _Silent(), devices=["cpu"])
     message = str(info.value)
     assert message.startswith(f"node {socket.gethostname()}: dataset.dir {data_dir}: fingerprint ")
-    assert "differs from the driver's 000000000000" in message and "shared filesystem" in message
+    assert "where the driver has 000000000000" in message and "shared filesystem" in message
     assert "\n" not in message
     with open_readonly(tmp_path / "run" / "results.h5") as reader:
         assert all((reader.status(name) == PENDING).all() for name in reader.spaces())

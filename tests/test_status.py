@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from nps.pipeline.config import Config, dump
-from nps.pipeline.live import SpaceState, file_states, status_renderable, writer_pid
+from nps.pipeline.h5file import writer_pid
+from nps.pipeline.live import SpaceState, file_states, status_renderable
 from nps.pipeline.store import ResultsStore, open_readonly
 
 from helpers import StandInTable, rows_for_store as rows  # noqa: E402

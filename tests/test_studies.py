@@ -163,7 +163,7 @@ def test_baseline_rows_are_created_trained_resumed_and_reported(tmp_path, fmnist
                 try:
                     if sum(int((c["status"] == DONE).sum()) for c in _columns(results).values()) >= 2:
                         break
-                except (OSError, KeyError):
+                except (OSError, KeyError, NpsError):
                     pass
             time.sleep(0.5)
     finally:

@@ -76,7 +76,7 @@ def run(args) -> int:
         from nps.pipeline.run.ray_pool import require_ray
 
         require_ray("--ray" if args.ray is not None else "experiment.ray")
-    plan = validate(cfg)
+    plan = validate(cfg, devices)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from nps.pipeline.run import run_experiment
 

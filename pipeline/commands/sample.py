@@ -13,6 +13,7 @@ from nps.pipeline.errors import NpsError
 from nps.pipeline.graph import CONVENTIONS, build_layer_table
 from nps.pipeline.models import CIFAR_MODELS, TESTED_TORCHVISION
 from nps.pipeline.sampling import sample_rows
+from nps.pipeline.h5file import writer_lock
 from nps.pipeline.store import ResultsStore
 
 EPILOG = """\
@@ -69,8 +70,19 @@ def run(args) -> int:
     console = Console()
     if args.n < 1:
         raise NpsError(f"-n {args.n}: ask for at least one recipe")
+    if os.path.isdir(args.out):
+        raise NpsError(f"--out {args.out} is a directory; give a file name, e.g. {os.path.join(args.out, 'recipes.h5')}")
     if os.path.exists(args.out) and not args.force:
         raise NpsError(f"{args.out} exists; pass --force to overwrite it")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    # The results file's one-writer rule holds for a file replaced too: refused while a run writes it, and no run
+    # can start on it until it is written.
+    with writer_lock(args.out):
+        return _sample(args, console)
+
+
+def _sample(args, console) -> int:
     target, value = ("c_flops", args.c_flops) if args.c_flops is not None else ("c_params", args.c_params)
     table = build_layer_table(args.model, args.mode, args.resolution, args.classes, args.in_channels,
                               flops=args.flops, channel_multiple=args.channel_multiple)
@@ -89,7 +101,6 @@ def run(args) -> int:
 
     # Write everything to a temporary name, then rename: never a half-written --out.
     tmp = f"{args.out}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     try:
         config = f"# nps sample\n{vars_to_toml(args)}"
         store = ResultsStore.create(tmp, table, config, {"base_flops": table.base_flops,

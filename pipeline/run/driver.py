@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nps.pipeline.errors import environment_error
 from nps.pipeline.plan import Plan
 from nps.pipeline.live import RunState, SpaceState, WorkerState
 from nps.pipeline.run import outputs, resume
@@ -108,10 +109,15 @@ class Driver:
     # -- bookkeeping -------------------------------------------------------------------------------------------------
 
     def _log(self, event: str, **fields) -> None:
-        if self.log_file is not None:
+        if self.log_file is None:
+            return
+        try:
             self.log_file.write(json.dumps({"t": round(time.time(), 3), "event": event, **fields}, default=float)
                                 + "\n")
             self.log_file.flush()
+        except OSError as exc:  # a full disk: the run stops (the loop sees the failure); the log stays as it was
+            self.failure = self.failure or environment_error(exc, self.log_file.name) or f"log.jsonl: {exc}"
+            self.log_file = None
 
     def _phase(self, text: str) -> None:
         self.state.phase = text
@@ -275,8 +281,11 @@ class Driver:
         slot = self.slots.get(e.worker)
         lease_id = self.task_lease.pop(e.task_id, None)
         lease = self.ledger.leases.get(lease_id) if lease_id is not None else None
+        if e.environment:
+            self.failure = self.failure or e.error
+            self._log("task_environment", worker=e.worker, error=e.error)
         if lease is not None:
-            if e.stopped:
+            if e.stopped or e.environment:
                 self.ledger.release(lease.id)
             elif e.error:
                 self.view.note(f"[{slot.node if slot else '?'} {slot.device if slot else '?'}] a cohort failed: "
@@ -322,7 +331,7 @@ class Driver:
             self.base.in_flight = False
             self.base.attempts += 1
             if self.base.attempts >= MAX_BASE_ATTEMPTS:
-                self.failure = f"{e.reason} while working on the base network"
+                self.failure = f"{e.reason} while working on the base network; the same command resumes"
 
     def _on_Note(self, e: Note) -> None:
         self.view.note(e.text)

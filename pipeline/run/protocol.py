@@ -207,14 +207,15 @@ class Note:
 
 @dataclass(frozen=True)
 class TaskEnd:
-    """The task is over: ``error`` when it raised (its rows without a result fail), ``stopped`` on a stop request
-    (they go back to pending)."""
+    """The task is over: ``error`` when it raised (its rows without a result fail, unless ``environment``: then they
+    go back to pending and the run stops with ``error``), ``stopped`` on a stop request (they go back to pending)."""
 
     worker: int
     task_id: int
     error: str = ""
     detail: str = ""  # the traceback, for a bug
     stopped: bool = False
+    environment: bool = False  # the machine failed the task (a full disk): its rows go back to pending, the run stops
 
 
 @dataclass(frozen=True)
@@ -237,9 +238,3 @@ class WorkerLost:
 
 
 Event = Union[WorkerStarted, Ready, Progress, RowResult, BaseResult, Note, TaskEnd, WorkerFailed, WorkerLost]
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -29,20 +29,28 @@ def open_results(plan: Plan) -> tuple[ResultsStore, bool]:
     """(store, resumed): a new results.h5, or the existing one after checking it holds this experiment."""
     cfg, path = plan.config, plan.results_path
     attrs = {"base_flops": plan.table.base_flops, "base_params": plan.table.base_params,
-             "dataset_fingerprint": plan.meta["fingerprint"], "experiment": cfg.experiment.name}
+             "dataset_fingerprint": plan.meta["fingerprint"], "experiment": cfg.experiment.name,
+             "dataset_num_classes": int(plan.meta.get("num_classes", 0)),
+             "dataset_image_shape": list(plan.meta.get("image_shape") or [])}
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return ResultsStore.create(path, plan.table, dump(cfg), attrs), False
-    store = ResultsStore.open(path)
+        store, resumed = ResultsStore.create(path, plan.table, dump(cfg), attrs), False
+    else:
+        store, resumed = ResultsStore.open(path), True
     try:
-        _check_same_experiment(store, plan)
+        if resumed:
+            _check_same_experiment(store, plan)
+        # SWMR from the start: `nps status` can read the file while the spaces are sampled (minutes for a large
+        # space), and a run killed then leaves a file readers can open
+        store.flush()
     except BaseException:
         store.close()
         raise
-    return store, True
+    return store, resumed
 
 
 def _check_same_experiment(store: ResultsStore, plan: Plan) -> None:
+    from nps.datasets.meta import same_dataset_problem
     from nps.pipeline.graph import LayerTable
 
     path = plan.results_path
@@ -56,9 +64,10 @@ def _check_same_experiment(store: ResultsStore, plan: Plan) -> None:
         shown = ", ".join(f"{k} (stored {a!r}, now {b!r})" for k, a, b in diff[:4])
         more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
         raise NpsError(f"{path} holds a different experiment: {shown}{more}; {hint}")
-    if store.attrs.get("dataset_fingerprint") != plan.meta["fingerprint"]:
+    problem = same_dataset_problem(plan.meta, str(store.attrs.get("dataset_fingerprint", "")))
+    if problem:
         raise NpsError(f"dataset.dir: {plan.config.dataset.dir} is not the dataset {path} was made with "
-                       f"(fingerprints differ); {hint}")
+                       f"({problem}); {hint}")
     if "layers" in store.file and LayerTable.from_hdf5(store.layers) != plan.table:
         raise NpsError(f"{path}: its layer table differs from {plan.config.model.name} as configured; {hint}")
 

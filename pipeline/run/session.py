@@ -51,7 +51,7 @@ def _raise_failure(d: Driver) -> None:
             raise NpsError(d.fatal.error)
         raise RuntimeError(f"a worker failed: {d.fatal.error}\n--- the worker's traceback ---\n{d.fatal.detail}")
     if d.failure:
-        raise NpsError(f"{d.failure}; the same command resumes")
+        raise NpsError(d.failure)
 
 
 def _events(pool: WorkerPool) -> list:
@@ -81,9 +81,14 @@ def loop(d: Driver) -> str:
     d._phase("starting workers (loading the dataset)")
     while True:
         d.handle(_events(d.pool))
-        _raise_failure(d)
+        if d.fatal is not None:
+            _raise_failure(d)
+        if d.failure and not d.stopping:  # e.g. a full disk: stop as Ctrl-C does, then say why
+            d.stopping, d.stop_started = True, time.monotonic()
+            d.pool.request_stop()
         if d.stopping:
             if not any(s.task is not None for s in d.slots.values()):
+                _raise_failure(d)
                 return "interrupted"
             if time.monotonic() - d.stop_started > STOP_GRACE_S:
                 d.pool.terminate()
@@ -125,7 +130,9 @@ def run(d: Driver) -> Outcome:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         try:
-            clean = status in ("complete", "interrupted")  # interrupted: every worker ended its step and exits
+            # interrupted: every worker ended its step and exits; a run stopped by a failure ends the workers at once
+            # only when one is still working (a full disk stops the run between tasks: they all exit cleanly)
+            clean = status in ("complete", "interrupted") or not any(s.task is not None for s in d.slots.values())
             if not clean:
                 d.pool.terminate()
             d.pool.close(timeout=10.0 if clean else 2.0)

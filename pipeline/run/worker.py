@@ -24,10 +24,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nps.pipeline.errors import NpsError, user_errors
+from nps.pipeline.errors import NpsError, environment_error, one_line, user_errors
 from nps.pipeline.run.protocol import (
     BaseResult, BaseTask, BaseWeights, CohortTask, Note, Progress, Ready, RowResult, StagedWeights, TaskEnd,
-    WorkerFailed, WorkerSpec, one_line,
+    WorkerFailed, WorkerSpec,
 )
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def check_dataset(data_dir: str, fingerprint: str, node: str) -> dict:
     """The dataset's meta.json on this node, after checking it is the one the driver validated (one line naming the
     node and the path when not)."""
     from nps.datasets.errors import DatasetError
-    from nps.datasets.meta import load_meta
+    from nps.datasets.meta import load_meta, same_dataset_problem
 
     where = f"node {node}: dataset.dir {data_dir}"
     hint = "convert the same dataset to the same path on every node, or put it on a shared filesystem"
@@ -51,9 +51,9 @@ def check_dataset(data_dir: str, fingerprint: str, node: str) -> dict:
         meta = load_meta(data_dir)
     except DatasetError as exc:
         raise NpsError(f"{where}: {exc}; {hint}") from None
-    if meta.get("fingerprint") != fingerprint:
-        raise NpsError(f"{where}: fingerprint {str(meta.get('fingerprint'))[:12]}… differs from the driver's "
-                       f"{fingerprint[:12]}…; {hint}")
+    problem = same_dataset_problem(meta, fingerprint)
+    if problem:
+        raise NpsError(f"{where}: {problem.replace('the run had', 'the driver has')}; {hint}")
     for split in ("train", "val"):
         path = os.path.join(data_dir, meta["files"][split])
         if not os.path.isfile(path):
@@ -314,6 +314,11 @@ def serve_task(worker: Worker, task, base: BaseWeights | None, emit: Callable[[A
         return False
     except Exception as exc:  # noqa: BLE001 - reported to the driver, which decides
         detail = traceback.format_exc()
+        environment = environment_error(exc)
+        if environment is not None:  # a full disk is the machine's fault, not the rows': they stay pending
+            emit(TaskEnd(worker.wid, task.task_id, error=f"{worker.node} {worker.device}: {environment}",
+                         detail=detail, environment=True))
+            return True
         if isinstance(task, BaseTask):  # without a base network nothing can run
             user = isinstance(exc, user_errors())
             emit(WorkerFailed(worker.wid, f"{worker.node} {worker.device}: {exc if user else one_line(exc)}", detail,
