@@ -1,3 +1,3 @@
 """nps.pipeline."""
 __version__ = "0.1.0"
-from nps.pipeline.export import load_subnetwork  # noqa: E402,F401
+from nps.pipeline.results.export import load_subnetwork  # noqa: E402,F401

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nps.pipeline.models import CIFAR_MODELS, TESTED_TORCHVISION
+from nps.pipeline.network.models import CIFAR_MODELS, TESTED_TORCHVISION
 
 BIG = ("resnet101", "resnet152", "wide_resnet50_2", "regnet_y_1_6gf", "efficientnet_b3", "densenet121")
 ALL_ARCHS = CIFAR_MODELS + TESTED_TORCHVISION

@@ -75,7 +75,7 @@ def fmnist_dir(tmp_path_factory, fmnist_source):
 @pytest.fixture(scope="session")
 def base_checkpoint(tmp_path_factory):
     """An untrained ResNet-20 for 1-channel 10-class input: tests of the run need weights, not accuracy."""
-    from nps.pipeline.models import build_model
+    from nps.pipeline.network.models import build_model
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "resnet20-fm.pt"

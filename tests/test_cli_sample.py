@@ -6,8 +6,8 @@ import pytest
 from nps.kernels.samplers import sample_space
 from nps.kernels.spaces import parse_space
 from nps.pipeline.cli import main
-from nps.pipeline.sampling import space_seed
-from nps.pipeline.graph import LayerTable, build_layer_table
+from nps.pipeline.experiment.sampling import space_seed
+from nps.pipeline.network.layer_table import LayerTable, build_layer_table
 
 
 def test_sample_writes_layers_and_rows(tmp_path, capsys):

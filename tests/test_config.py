@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from nps.pipeline.config import (
+from nps.pipeline.experiment.config import (
     Config, apply_overrides, differing_keys, dump, expand_spaces, load_config, parse_config, preset_names,
 )
-from nps.pipeline.plan import validate
+from nps.pipeline.experiment.plan import validate
 from nps.pipeline.errors import NpsError
 
 needs_fmnist = pytest.mark.fmnist  # conftest: skipped without the Debian files, failed under CI
@@ -195,7 +195,7 @@ def test_valid_experiment_resolves_from_the_dataset(data_dir, tmp_path):
 
 @needs_fmnist
 def test_checkpoint_that_does_not_match_the_model(data_dir, tmp_path):
-    from nps.pipeline.models import build_model
+    from nps.pipeline.network.models import build_model
 
     wrong = tmp_path / "resnet20-rgb.pt"
     torch.save(build_model("resnet20", num_classes=10, in_channels=3).state_dict(), wrong)  # the data is grayscale

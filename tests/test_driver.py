@@ -10,8 +10,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from nps.pipeline.config import Config, expand_spaces
-from nps.pipeline.plan import Plan
+from nps.pipeline.experiment.config import Config, expand_spaces
+from nps.pipeline.experiment.plan import Plan
 from nps.pipeline.errors import NpsError
 from nps.pipeline.run import run_experiment
 from nps.pipeline.run.pools import WorkerPool
@@ -19,7 +19,7 @@ from nps.pipeline.run.protocol import (
     BaseResult, BaseTask, BaseWeights, Progress, Ready, RowResult, StagedWeights, TaskEnd, WorkerFailed, WorkerLost,
     WorkerStarted,
 )
-from nps.pipeline.store import DONE, PENDING, open_readonly
+from nps.pipeline.results.store import DONE, PENDING, open_readonly
 
 
 class FakePool(WorkerPool):
@@ -116,7 +116,7 @@ class Quiet:
 
 @pytest.fixture(scope="module")
 def table():
-    from nps.pipeline.graph import build_layer_table
+    from nps.pipeline.network.layer_table import build_layer_table
 
     return build_layer_table("resnet20", "all", 28, 10, 1)
 
@@ -126,7 +126,7 @@ def make_plan(tmp_path, table, *, n=5, two_stage=False, keep="topk", checkpoint=
     cfg.experiment.name, cfg.experiment.out = "fake", str(tmp_path / "run")
     cfg.dataset.dir, cfg.model.name, cfg.base.epochs = "unused", "resnet20", 1
     cfg.experiment.baseline = False  # the ledger and driver tests count the sampled rows only
-    from nps.pipeline.config import SpaceConfig
+    from nps.pipeline.experiment.config import SpaceConfig
 
     cfg.spaces = [SpaceConfig(name="std-0.05", c_flops=[0.25], n=n), SpaceConfig(name="std-0.01", c_flops=[0.25], n=n)]
     cfg.retrain.epochs, cfg.retrain.cohort_size = 2, 2

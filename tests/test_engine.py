@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from nps.pipeline.engine import (
+from nps.pipeline.training.engine import (
     CohortOutOfMemory, Result, choose_cohort_size, estimate_train_bytes, resolve_amp, run_cohorts, train_cohort,
 )
 from nps.pipeline.errors import NpsError
-from nps.pipeline.train import RetrainConfig
+from nps.pipeline.training.steps import RetrainConfig
 
 torch.set_num_threads(1)
 
@@ -147,7 +147,7 @@ def test_cohort_member_trains_exactly_as_it_would_alone_with_cpu_workers(workers
 def test_a_member_computes_the_same_alone_and_in_a_cohort_on_several_cores():
     """oneDNN may sum a convolution in another order with another thread count: a member steps on one intra-op
     thread whatever the cohort size, so its numbers are bit-identical alone and in a cohort."""
-    from nps.pipeline.models import build_model
+    from nps.pipeline.network.models import build_model
 
     torch.manual_seed(0)
     base = build_model("resnet20", num_classes=3, in_channels=3)
@@ -348,7 +348,7 @@ def test_choose_cohort_size():
 
 
 def test_resolve_cpu_workers():
-    from nps.pipeline.engine import resolve_cpu_workers
+    from nps.pipeline.training.engine import resolve_cpu_workers
     cpu = torch.device("cpu")
     assert resolve_cpu_workers(3, cpu, 8) == 3 and resolve_cpu_workers(16, cpu, 8) == 8
     assert resolve_cpu_workers("auto", cpu, 8) == torch.get_num_threads()
@@ -359,11 +359,11 @@ def test_resolve_cpu_workers():
 
 def test_resolve_amp():
     cpu = torch.device("cpu")
-    from nps.pipeline.engine import cpu_has_native_bf16
+    from nps.pipeline.training.engine import cpu_has_native_bf16
     assert resolve_amp("auto", cpu) is (torch.bfloat16 if cpu_has_native_bf16() else None)
     assert resolve_amp("off", cpu) is None and resolve_amp(None, cpu) is None
     assert resolve_amp("auto", torch.device("meta")) is None
-    from nps.pipeline.models import build_model
+    from nps.pipeline.network.models import build_model
 
     mobilenet, resnet = build_model("mobilenet_v2", 10, device="meta"), build_model("resnet20", 10, device="meta")
     assert resolve_amp("auto", cpu, [mobilenet]) is None  # depthwise convs: fp32 (tools/bench_amp.py)
@@ -383,10 +383,10 @@ def test_pruned_resnets_through_the_engine_into_the_store(tmp_path):
     """How the run driver wires things: real pruned subnetworks, run_cohorts events → results.h5 rows."""
     import numpy as np
 
-    from nps.pipeline.graph import build_layer_table
-    from nps.pipeline.models import build_model
-    from nps.pipeline.prune import prune_model
-    from nps.pipeline.store import DONE, FAILED, ResultsStore, open_readonly
+    from nps.pipeline.network.layer_table import build_layer_table
+    from nps.pipeline.network.models import build_model
+    from nps.pipeline.network.prune import prune_model
+    from nps.pipeline.results.store import DONE, FAILED, ResultsStore, open_readonly
 
     table = build_layer_table("resnet20", "all", 8, 3, 3)
     rng = np.random.default_rng(0)

@@ -12,15 +12,15 @@ from nps.kernels.samplers import sample_space
 from nps.kernels.spaces import parse_space
 from nps.pipeline.cli import main
 from nps.pipeline.errors import NpsError
-from nps.pipeline.export import (
+from nps.pipeline.results.export import (
     FORMAT, export_subnetwork, load_subnetwork, read_subnetwork, save_subnetwork_weights, saved_weight_rows,
     verify_subnetwork, weights_path,
 )
-from nps.pipeline.graph import build_layer_table
-from nps.pipeline.models import build_model
-from nps.pipeline.prune import prune_model
-from nps.pipeline.store import ResultsStore
-from nps.pipeline.train import evaluate
+from nps.pipeline.network.layer_table import build_layer_table
+from nps.pipeline.network.models import build_model
+from nps.pipeline.network.prune import prune_model
+from nps.pipeline.results.store import ResultsStore
+from nps.pipeline.training.steps import evaluate
 
 torch.set_num_threads(1)
 
@@ -268,7 +268,7 @@ def test_staged_weights_appear_only_when_committed(tmp_path):
     """A worker stages its weights; only the writer's commit puts them where export looks for them."""
     import torch
 
-    from nps.pipeline.export import commit_staged_weights, save_subnetwork_weights, weights_path
+    from nps.pipeline.results.export import commit_staged_weights, save_subnetwork_weights, weights_path
 
     results = tmp_path / "results.h5"
     model = torch.nn.Linear(3, 2)
@@ -286,7 +286,7 @@ def test_staged_weights_appear_only_when_committed(tmp_path):
 def test_export_load_gives_the_same_outputs_for_compact_convnets(tmp_path, name, kw):
     """Export → load_subnetwork rebuilds the architecture from the registry name, the table options (granularity,
     convention) and the keep counts alone, and computes what the trained subnetwork computed."""
-    from nps.pipeline.export import load_subnetwork
+    from nps.pipeline.results.export import load_subnetwork
 
     table = build_layer_table(name, "all", 32, 10, **kw)
     sample = sample_space(table, parse_space("std-0.05", "c_flops", 0.5), 2, seed=0)

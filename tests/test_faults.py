@@ -104,7 +104,7 @@ def test_damaged_metadata_is_one_line_within_seconds(tmp_path, capsys, recipes):
 
 
 def test_resuming_on_a_truncated_results_file_is_one_line(tmp_path, capsys, recipes):
-    from nps.pipeline.store import ResultsStore
+    from nps.pipeline.results.store import ResultsStore
 
     cut = tmp_path / "cut.h5"
     data = recipes.read_bytes()
@@ -118,7 +118,7 @@ def test_resuming_on_a_truncated_results_file_is_one_line(tmp_path, capsys, reci
 
 
 def test_sample_force_refuses_a_file_a_run_is_writing(tmp_path, capsys, recipes):
-    from nps.pipeline.store import ResultsStore
+    from nps.pipeline.results.store import ResultsStore
 
     live = tmp_path / "results.h5"
     live.write_bytes(recipes.read_bytes())
@@ -160,7 +160,7 @@ def test_outputs_that_cannot_be_written(tmp_path, capsys, unwritable, recipes, d
 @pytest.fixture
 def demo_experiment(tmp_path, fmnist_dir) -> Path:
     """The demo preset on 256 converted images, as a file."""
-    from nps.pipeline.config import dump, load_config
+    from nps.pipeline.experiment.config import dump, load_config
 
     cfg = load_config("demo", [f"dataset.dir={fmnist_dir(256)}", "base.epochs=1", "spaces.n=1"])
     path = tmp_path / "demo.toml"
@@ -174,7 +174,7 @@ def demo_experiment(tmp_path, fmnist_dir) -> Path:
 
 def test_a_run_that_cannot_fit_on_its_disk_is_refused_before_any_work(tmp_path, capsys, demo_experiment,
                                                                       monkeypatch):
-    from nps.pipeline import preflight
+    from nps.pipeline.experiment import preflight
 
     monkeypatch.setattr(preflight, "free_bytes", lambda path: 1 << 20)
     err = one_line_error(capsys, "run", demo_experiment, "--out", tmp_path / "run")
@@ -188,9 +188,9 @@ def test_a_worker_that_meets_a_full_disk_leaves_its_rows_pending(tmp_path):
     from nps.pipeline.run import run_experiment
     from nps.pipeline.run.protocol import TaskEnd
     from nps.pipeline.run.worker import serve_task
-    from nps.pipeline.store import DONE, PENDING, open_readonly
+    from nps.pipeline.results.store import DONE, PENDING, open_readonly
     from test_driver import FakePool, Quiet, make_plan
-    from nps.pipeline.graph import build_layer_table
+    from nps.pipeline.network.layer_table import build_layer_table
 
     class FullDisk:
         wid, node, device = 0, "node-a", "cpu"
@@ -231,9 +231,9 @@ def test_a_worker_that_meets_a_full_disk_leaves_its_rows_pending(tmp_path):
 def test_the_driver_meeting_a_full_disk_stops_in_one_line(tmp_path, monkeypatch):
     """ENOSPC writing base.pt (the driver's own file): one line naming it; the rows stay pending."""
     from nps.pipeline.errors import environment_error
-    from nps.pipeline.graph import build_layer_table
+    from nps.pipeline.network.layer_table import build_layer_table
     from nps.pipeline.run import outputs, run_experiment
-    from nps.pipeline.store import PENDING, open_readonly
+    from nps.pipeline.results.store import PENDING, open_readonly
     from test_driver import FakePool, Quiet, make_plan
 
     def full(path, data):
@@ -298,8 +298,8 @@ def test_verify_refuses_another_dataset(tmp_path, capsys, demo_run, fmnist_dir):
 
 HOLD = """
 import sys, time
-from nps.pipeline.config import load_config
-from nps.pipeline.plan import validate
+from nps.pipeline.experiment.config import load_config
+from nps.pipeline.experiment.plan import validate
 from nps.pipeline.run import resume
 plan = validate(load_config(sys.argv[1], out=sys.argv[2]))
 store, _ = resume.open_results(plan)   # what the driver does before it samples the spaces
@@ -379,7 +379,7 @@ def test_sampling_stops_at_max_seconds(monkeypatch):
     from nps.kernels import samplers
     from nps.kernels.errors import SamplerError
     from nps.kernels.spaces import parse_space
-    from nps.pipeline.graph import build_layer_table
+    from nps.pipeline.network.layer_table import build_layer_table
 
     table = build_layer_table("resnet20", "all", 32, 10)
     clock = iter(range(0, 10**6, 7))  # every look at the clock: 7 s later

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from archs import ALL_ARCHS, BIG, OTHERS, REPRESENTATIVE, counted, resolution_for, sample_keeps
-from nps.pipeline.channel_graph import UnsupportedPattern
+from nps.pipeline.network.channel_graph import UnsupportedPattern
 from nps.pipeline.errors import NpsError
-from nps.pipeline.graph import MODES, LayerTable, build_layer_table, feasible_range, table_from_model
-from nps.pipeline.models import CIFAR_MODELS, build_model
-from nps.pipeline.prune import prune_model
+from nps.pipeline.network.layer_table import MODES, LayerTable, build_layer_table, feasible_range, table_from_model
+from nps.pipeline.network.models import CIFAR_MODELS, build_model
+from nps.pipeline.network.prune import prune_model
 
 torch.set_num_threads(1)
 
@@ -384,7 +384,7 @@ def test_grey_input(name):
 
 
 def test_paper_presets_count_flops_the_papers_way():
-    from nps.pipeline.config import load_config
+    from nps.pipeline.experiment.config import load_config
 
     for name in ("paper-cifar10-resnet50", "paper-imagenet-resnet50"):
         assert load_config(name).model.flops == "paper"

@@ -7,8 +7,8 @@ import pytest
 
 from nps.pipeline.run.ledger import MAX_ATTEMPTS, RowLedger
 from nps.pipeline.run.protocol import RowResult
-from nps.pipeline.spec import RetrainSpec, SpaceSpec
-from nps.pipeline.store import DONE, FAILED, PENDING, RUNNING, ResultsStore, open_readonly
+from nps.pipeline.training.spec import RetrainSpec, SpaceSpec
+from nps.pipeline.results.store import DONE, FAILED, PENDING, RUNNING, ResultsStore, open_readonly
 
 SPEC = SpaceSpec(RetrainSpec(epochs=2), "l2")
 

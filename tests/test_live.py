@@ -7,7 +7,7 @@ import time
 import numpy as np
 from rich.console import Console
 
-from nps.pipeline.live import MAX_SPACE_LINES, LiveView, RunState, SpaceState, WorkerState
+from nps.pipeline.views.terminal import MAX_SPACE_LINES, LiveView, RunState, SpaceState, WorkerState
 
 
 def state(workers: int, nodes: int, spaces: int, rows: int) -> RunState:

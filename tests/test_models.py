@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from nps.pipeline.errors import NpsError
-from nps.pipeline.models import CIFAR_MODELS, MODELS, TESTED_TORCHVISION, build_model, model_kind, register
+from nps.pipeline.network.models import CIFAR_MODELS, MODELS, TESTED_TORCHVISION, build_model, model_kind, register
 
 torch.set_num_threads(1)
 
@@ -90,7 +90,7 @@ def test_bad_sizes_rejected(kwargs):
 
 
 def test_register_adds_to_live_listing():
-    from nps.pipeline import models
+    from nps.pipeline.network import models
 
     def tiny_test_resnet(num_classes=10, in_channels=3):
         return models.CifarResNet(8, num_classes, in_channels)

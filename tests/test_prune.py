@@ -9,9 +9,9 @@ from torch import nn
 
 from archs import OTHERS, REPRESENTATIVE, counted, randomized
 from nps.pipeline.errors import NpsError
-from nps.pipeline.graph import MODES, build_layer_table
-from nps.pipeline.models import CIFAR_MODELS, build_model
-from nps.pipeline.prune import CRITERIA, channel_indices, prune_model, pruning_plan
+from nps.pipeline.network.layer_table import MODES, build_layer_table
+from nps.pipeline.network.models import CIFAR_MODELS, build_model
+from nps.pipeline.network.prune import CRITERIA, channel_indices, prune_model, pruning_plan
 
 torch.set_num_threads(1)
 

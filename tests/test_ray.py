@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nps.pipeline.store import DONE, open_readonly
+from nps.pipeline.results.store import DONE, open_readonly
 
 HELPER = Path(__file__).with_name("ray_cluster.py")
 TIMEOUT = 420

@@ -83,7 +83,7 @@ def test_setup_commands_exist():
 
 
 def test_presets(capsys):
-    from nps.pipeline.config import preset_names
+    from nps.pipeline.experiment.config import preset_names
 
     assert table_commands()["presets"] == "nps presets"
     out = nps(capsys, "presets")

@@ -14,9 +14,9 @@ from nps.kernels.samplers import sample_space
 from nps.kernels.spaces import parse_space, uniform_ratio
 from nps.pipeline.cli import main
 from nps.pipeline.errors import NpsError
-from nps.pipeline.graph import build_layer_table
-from nps.pipeline.report import write_report
-from nps.pipeline.store import DONE, FAILED, PENDING, RUNNING, ResultsStore
+from nps.pipeline.network.layer_table import build_layer_table
+from nps.pipeline.results.report import write_report
+from nps.pipeline.results.store import DONE, FAILED, PENDING, RUNNING, ResultsStore
 
 torch.set_num_threads(1)
 
@@ -161,7 +161,7 @@ class ReaderProcess:
     One process (one torch import) answers every request: each line on its stdin asks for a fresh summary.
     """
 
-    CODE = ("import json, sys\nfrom nps.pipeline.report import build_summary\nfor _ in sys.stdin:\n"
+    CODE = ("import json, sys\nfrom nps.pipeline.results.report import build_summary\nfor _ in sys.stdin:\n"
             "    print(json.dumps(build_summary(sys.argv[1], k=3, n_boot=50)), flush=True)\n")
 
     def __init__(self, results):
@@ -263,7 +263,7 @@ def test_many_groups_and_granularity_stay_readable(tmp_path):
 
 
 def test_baseline_rows_are_marked_and_beaten_fractions_match_the_raw_file(tmp_path, table):
-    from nps.pipeline.sampling import baseline_key, baseline_rows
+    from nps.pipeline.experiment.sampling import baseline_key, baseline_rows
 
     path = tmp_path / "r.h5"
     make_results(path, table, spaces=SPACES[:2], n=N, outcome=lambda s, r: "done")

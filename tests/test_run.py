@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nps.pipeline.store import DONE, PENDING, RUNNING, open_readonly
+from nps.pipeline.results.store import DONE, PENDING, RUNNING, open_readonly
 from helpers import cpu_experiment_head
 
 pytestmark = pytest.mark.fmnist  # conftest: skipped without the Debian files, failed under CI
@@ -228,7 +228,7 @@ def test_sigint_leaves_a_resumable_file(tmp_path, data_dir, base_checkpoint):
     assert not (status == RUNNING).any() and (status == DONE).sum() >= 1 and (status == PENDING).any()
     assert [e["status"] for e in log_events(run_dir) if e["event"] == "end"] == ["interrupted"]
     # the writer lock is free and the file opens for writing again (resumable)
-    from nps.pipeline.store import ResultsStore
+    from nps.pipeline.results.store import ResultsStore
 
     ResultsStore.open(results).close()
     status_out = run_nps("status", results)
@@ -236,8 +236,8 @@ def test_sigint_leaves_a_resumable_file(tmp_path, data_dir, base_checkpoint):
 
 
 def test_resume_refuses_a_changed_experiment(tmp_path, data_dir, base_checkpoint):
-    from nps.pipeline.config import parse_config
-    from nps.pipeline.plan import validate
+    from nps.pipeline.experiment.config import parse_config
+    from nps.pipeline.experiment.plan import validate
     from nps.pipeline.errors import NpsError
     from nps.pipeline.run import open_results, sample_missing_spaces
 
@@ -261,8 +261,8 @@ def test_resume_refuses_a_changed_experiment(tmp_path, data_dir, base_checkpoint
 
 
 def test_unavailable_gpu_is_refused_before_any_work(tmp_path, data_dir, base_checkpoint):
-    from nps.pipeline.config import parse_config
-    from nps.pipeline.plan import validate
+    from nps.pipeline.experiment.config import parse_config
+    from nps.pipeline.experiment.plan import validate
     from nps.pipeline.errors import NpsError
     from nps.pipeline.run import run_experiment
 
@@ -285,8 +285,8 @@ def test_a_rows_result_depends_on_the_experiment_recipe_and_seed_only(tmp_path, 
     """The seed rule: the same rows trained in cohorts of 4 or of 1, by one worker or by two, give bit-identical
     numbers (data order from the experiment seed and the epoch, adaptive BN on a fixed image set, one intra-op
     thread per member on the CPU)."""
-    from nps.pipeline.config import parse_config
-    from nps.pipeline.plan import validate
+    from nps.pipeline.experiment.config import parse_config
+    from nps.pipeline.experiment.plan import validate
     from nps.pipeline.run import run_experiment
 
     runs = {}
@@ -311,8 +311,8 @@ def test_a_worker_checks_its_dataset_against_the_drivers_fingerprint(tmp_path, d
     stops the run with one line naming the node and the path; nothing is left running."""
     import socket
 
-    from nps.pipeline.config import parse_config
-    from nps.pipeline.plan import validate
+    from nps.pipeline.experiment.config import parse_config
+    from nps.pipeline.experiment.plan import validate
     from nps.pipeline.errors import NpsError
     from nps.pipeline.run import run_experiment
 

@@ -10,7 +10,7 @@ from nps.kernels.complexity import keep_from_recipe
 from nps.kernels.errors import SamplerError
 from nps.kernels.samplers import sample_naive, sample_space
 from nps.kernels.spaces import parse_space, reachable_range
-from nps.pipeline.graph import build_layer_table
+from nps.pipeline.network.layer_table import build_layer_table
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_no_distortion_against_plain_rejection(r56, name, target, value):
 
 def test_kernels_run_as_plain_python():
     """The NPS_NUMBA_DISABLE switch (ffcv's convention) runs the same sampler without numba."""
-    code = ("from nps.pipeline.graph import build_layer_table;from nps.kernels.spaces import parse_space;"
+    code = ("from nps.pipeline.network.layer_table import build_layer_table;from nps.kernels.spaces import parse_space;"
             "from nps.kernels.samplers import sample_space;"
             "t=build_layer_table('resnet20','internal',32,10);"
             "s=sample_space(t, parse_space('std-0.05','c_flops',0.5), 20, seed=0);print(len(s))")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from nps.kernels.spaces import SpaceKey, parse_space, parse_space_key, regime_key, space_key
-from nps.pipeline.export import resolve_space
-from nps.pipeline.report import space_regime
+from nps.pipeline.results.export import resolve_space
+from nps.pipeline.results.report import space_regime
 
 
 @pytest.mark.parametrize("name, target, value, top", [

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from nps.pipeline.config import Config, dump
-from nps.pipeline.h5file import writer_pid
-from nps.pipeline.live import SpaceState, file_states, status_renderable
-from nps.pipeline.store import ResultsStore, open_readonly
+from nps.pipeline.experiment.config import Config, dump
+from nps.pipeline.results.h5file import writer_pid
+from nps.pipeline.views.terminal import SpaceState, file_states, status_renderable
+from nps.pipeline.results.store import ResultsStore, open_readonly
 
 from helpers import StandInTable, rows_for_store as rows  # noqa: E402
 

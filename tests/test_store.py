@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from nps.pipeline.errors import NpsError
-from nps.pipeline.store import (
+from nps.pipeline.results.store import (
     DONE, ERROR_BYTES, FAILED, PENDING, RUNNING, ResultsStore, clear_consistency_flags, open_readonly,
 )
 
@@ -130,7 +130,7 @@ WRITER = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {tests!r})
     from test_store import StandInTable, make_rows
-    from nps.pipeline.store import ResultsStore
+    from nps.pipeline.results.store import ResultsStore
     path, n, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     store = ResultsStore.create(path, StandInTable(), "cfg", {{"base_top1": 95.0}})
     store.add_space("s", make_rows(n), epochs=4)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from nps.pipeline.errors import NpsError
-from nps.pipeline.train import (
+from nps.pipeline.training.steps import (
     RetrainConfig, adaptive_bn, evaluate, evaluate_many, lr_factor, make_optimizer, make_scheduler, reinitialize,
 )
 
@@ -132,8 +132,8 @@ def test_reinitialize_gives_fresh_weights_and_resets_bn():
 
 
 def test_one_spec_for_the_experiment_the_engine_and_the_file():
-    from nps.pipeline.config import Config, RetrainConfig as ExperimentRetrain
-    from nps.pipeline.spec import RetrainSpec, SpaceSpec
+    from nps.pipeline.experiment.config import Config, RetrainConfig as ExperimentRetrain
+    from nps.pipeline.training.spec import RetrainSpec, SpaceSpec
 
     cfg = Config()
     cfg.retrain.method, cfg.retrain.epochs, cfg.retrain.warmup_epochs = "rewind", 3, 2.0

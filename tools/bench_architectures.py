@@ -34,9 +34,9 @@ import torch  # noqa: E402
 
 from nps.kernels.samplers import sample_naive, sample_space  # noqa: E402
 from nps.kernels.spaces import parse_space, reachable_range  # noqa: E402
-from nps.pipeline.graph import build_layer_table  # noqa: E402
-from nps.pipeline.models import CIFAR_MODELS, MODELS, build_model  # noqa: E402
-from nps.pipeline.prune import channel_indices, prune_model  # noqa: E402
+from nps.pipeline.network.layer_table import build_layer_table  # noqa: E402
+from nps.pipeline.network.models import CIFAR_MODELS, MODELS, build_model  # noqa: E402
+from nps.pipeline.network.prune import channel_indices, prune_model  # noqa: E402
 
 
 def timed(fn) -> float:

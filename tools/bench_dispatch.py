@@ -163,7 +163,7 @@ class Recorder:
 def make_view(kind: str):
     from rich.console import Console
 
-    from nps.pipeline.live import LiveView, PlainView
+    from nps.pipeline.views.terminal import LiveView, PlainView
 
     sink = open(os.devnull, "w")
     if kind == "live":  # rendered as on a 50-line terminal, written to /dev/null
@@ -172,8 +172,8 @@ def make_view(kind: str):
 
 
 def make_plan(out: str, table, rows: int, epochs: int, cohort: int, keep_weights: str, seed: int = 0):
-    from nps.pipeline.config import Config, SpaceConfig, expand_spaces
-    from nps.pipeline.plan import Plan
+    from nps.pipeline.experiment.config import Config, SpaceConfig, expand_spaces
+    from nps.pipeline.experiment.plan import Plan
 
     cfg = Config()
     cfg.experiment.name, cfg.experiment.out, cfg.experiment.seed = "bench-dispatch", out, seed
@@ -188,7 +188,7 @@ def make_plan(out: str, table, rows: int, epochs: int, cohort: int, keep_weights
 
 def weight_sizes(plan) -> dict:
     """Bytes of each row's weights: its pruned network's parameters in float32 (plus 2 % for buffers and names)."""
-    from nps.pipeline.sampling import sample_rows
+    from nps.pipeline.experiment.sampling import sample_rows
 
     sizes = {}
     for p in plan.spaces:
@@ -281,7 +281,7 @@ def main() -> int:
     # stdout carries the JSON lines only: whatever else writes to it (Ray's raylet warnings) goes to stderr
     results = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    from nps.pipeline.graph import build_layer_table
+    from nps.pipeline.network.layer_table import build_layer_table
 
     table = build_layer_table(args.model, "all", args.resolution, 10)
     for transport in transports:

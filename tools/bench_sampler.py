@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from nps.kernels.errors import SamplerError  # noqa: E402
 from nps.kernels.samplers import sample_naive, sample_space  # noqa: E402
 from nps.kernels.spaces import parse_space  # noqa: E402
-from nps.pipeline.graph import build_layer_table  # noqa: E402
+from nps.pipeline.network.layer_table import build_layer_table  # noqa: E402
 
 SPACES = ["uniform", "std-0.01", "std-0.05", "std-0.1", "mcb-0.9-1.1"]
 TARGETS = [0.5, 0.25, 0.1, 0.05, 0.02]

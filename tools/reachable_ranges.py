@@ -11,8 +11,8 @@ import argparse
 import json
 
 from nps.kernels.spaces import reachable_range
-from nps.pipeline.graph import build_layer_table
-from nps.pipeline.models import CIFAR_MODELS, MODELS
+from nps.pipeline.network.layer_table import build_layer_table
+from nps.pipeline.network.models import CIFAR_MODELS, MODELS
 
 
 def main() -> None:

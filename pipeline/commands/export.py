@@ -56,7 +56,7 @@ def run(args) -> int:
     import h5py
 
     from nps.pipeline.errors import NpsError
-    from nps.pipeline.export import export_subnetwork, verify_subnetwork
+    from nps.pipeline.results.export import export_subnetwork, verify_subnetwork
 
     console = Console()
     if not os.path.exists(args.source):

@@ -11,7 +11,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nps.pipeline.config import expand_spaces, parse_config, preset_names, preset_text
+    from nps.pipeline.experiment.config import expand_spaces, parse_config, preset_names, preset_text
 
     for name in preset_names():
         cfg = parse_config(preset_text(name), f"preset {name}")

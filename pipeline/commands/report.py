@@ -6,7 +6,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from nps.pipeline.analysis import DEFAULT_BOOTSTRAP, DEFAULT_EDF_POINTS
+from nps.pipeline.results.analysis import DEFAULT_BOOTSTRAP, DEFAULT_EDF_POINTS
 
 EPILOG = """\
 what it writes (DIR is assembled under a temporary name and renamed into place):
@@ -46,7 +46,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from nps.pipeline.errors import NpsError
-    from nps.pipeline.report import write_report
+    from nps.pipeline.results.report import write_report
 
     if args.edf_points < 2:
         raise NpsError(f"--edf-points {args.edf_points}: use at least 2")

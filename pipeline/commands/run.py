@@ -58,10 +58,10 @@ def run(args) -> int:
 
     from rich.console import Console
 
-    from nps.pipeline.config import check_ray_address, dump, load_config, parse_devices
-    from nps.pipeline.plan import validate
+    from nps.pipeline.experiment.config import check_ray_address, dump, load_config, parse_devices
+    from nps.pipeline.experiment.plan import validate
     from nps.pipeline.errors import NpsError
-    from nps.pipeline.live import LiveView, PlainView, space_table
+    from nps.pipeline.views.terminal import LiveView, PlainView, space_table
 
     cfg = load_config(args.experiment, args.overrides, out=args.out)
     if args.print_config:

@@ -10,11 +10,11 @@ from rich.table import Table
 
 from nps.kernels.spaces import DEFAULT_DELTA, DEFAULT_R, parse_space
 from nps.pipeline.errors import NpsError
-from nps.pipeline.graph import CONVENTIONS, build_layer_table
-from nps.pipeline.models import CIFAR_MODELS, TESTED_TORCHVISION
-from nps.pipeline.sampling import sample_rows
-from nps.pipeline.h5file import writer_lock
-from nps.pipeline.store import ResultsStore
+from nps.pipeline.network.layer_table import CONVENTIONS, build_layer_table
+from nps.pipeline.network.models import CIFAR_MODELS, TESTED_TORCHVISION
+from nps.pipeline.experiment.sampling import sample_rows
+from nps.pipeline.results.h5file import writer_lock
+from nps.pipeline.results.store import ResultsStore
 
 EPILOG = """\
 spaces:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nps.pipeline.errors import environment_error
-from nps.pipeline.plan import Plan
-from nps.pipeline.live import RunState, SpaceState, WorkerState
+from nps.pipeline.experiment.plan import Plan
+from nps.pipeline.views.terminal import RunState, SpaceState, WorkerState
 from nps.pipeline.run import outputs, resume
 from nps.pipeline.run.ledger import RowLedger, row_cost
 from nps.pipeline.run.pools import WorkerPool

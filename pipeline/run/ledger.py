@@ -14,7 +14,7 @@ are read from it. Rows are handed out in **leases**: the rows of one space given
 - :meth:`RowLedger.release` / :meth:`release_in_flight` — stop: open rows back to pending, no attempt counted.
 
 A result for a row that is not open in the lease it names (a late message from a worker already given up) is
-refused: nothing finished is written twice. A space carries its own :class:`~nps.pipeline.spec.SpaceSpec` (from
+refused: nothing finished is written twice. A space carries its own :class:`~nps.pipeline.training.spec.SpaceSpec` (from
 its attributes), and a lease holds rows of one space only, so a cohort never mixes rows of different specs.
 """
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from nps.pipeline.live import SpaceState
+from nps.pipeline.views.terminal import SpaceState
 from nps.pipeline.run.protocol import RowResult
-from nps.pipeline.spec import SpaceSpec
-from nps.pipeline.store import DONE, FAILED, PENDING, RUNNING, ResultsStore
+from nps.pipeline.training.spec import SpaceSpec
+from nps.pipeline.results.store import DONE, FAILED, PENDING, RUNNING, ResultsStore
 
 MAX_ATTEMPTS = 2  # a row whose worker died this often while training it is marked failed
 

@@ -24,14 +24,14 @@ from typing import Any, Union
 
 import numpy as np
 
-from nps.pipeline.spec import SpaceSpec
+from nps.pipeline.training.spec import SpaceSpec
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
     """What every worker needs to know about the experiment (pickled once into each worker)."""
 
-    config: Any  # nps.pipeline.config.Config
+    config: Any  # nps.pipeline.experiment.config.Config
     table: Any  # LayerTable
     resolution: int
     in_channels: int

@@ -12,11 +12,11 @@ import os
 
 import numpy as np
 
-from nps.pipeline.config import differing_keys, dump, parse_config
-from nps.pipeline.plan import Plan
+from nps.pipeline.experiment.config import differing_keys, dump, parse_config
+from nps.pipeline.experiment.plan import Plan
 from nps.pipeline.errors import NpsError
-from nps.pipeline.spec import SpaceSpec
-from nps.pipeline.store import FAILED, RUNNING, ResultsStore
+from nps.pipeline.training.spec import SpaceSpec
+from nps.pipeline.results.store import FAILED, RUNNING, ResultsStore
 
 
 def default_spec(plan: Plan) -> SpaceSpec:
@@ -51,7 +51,7 @@ def open_results(plan: Plan) -> tuple[ResultsStore, bool]:
 
 def _check_same_experiment(store: ResultsStore, plan: Plan) -> None:
     from nps.datasets.meta import same_dataset_problem
-    from nps.pipeline.graph import LayerTable
+    from nps.pipeline.network.layer_table import LayerTable
 
     path = plan.results_path
     hint = "resume with the same settings, or start a new run with another --out"
@@ -76,12 +76,12 @@ def sample_missing_spaces(store: ResultsStore, plan: Plan, progress=None) -> lis
     """Create every planned space the file does not have yet (rows pending); returns their space keys.
 
     Sampled spaces draw their recipes, a ratio space has its uniform ratios, a baseline the uniform ratio closest
-    to its regime's target (:mod:`nps.pipeline.space_plan`). All are made in memory before any is written, so an
+    to its regime's target (:mod:`nps.pipeline.experiment.space_plan`). All are made in memory before any is written, so an
     interrupt while sampling leaves no half space. Each space stores its spec (``retrain_spec``, ``criterion``) and
     its overrides beside its constraints.
     """
     from nps.kernels.errors import SamplerError
-    from nps.pipeline.sampling import baseline_rows, ratio_rows, sample_rows
+    from nps.pipeline.experiment.sampling import baseline_rows, ratio_rows, sample_rows
 
     cfg = plan.config
     present = set(store.spaces())

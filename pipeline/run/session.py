@@ -12,7 +12,7 @@ import shutil
 import signal
 import time
 
-from nps.pipeline.plan import Plan
+from nps.pipeline.experiment.plan import Plan
 from nps.pipeline.errors import NpsError
 from nps.pipeline.run.driver import STOP_GRACE_S, Driver, Outcome
 from nps.pipeline.run.pools import LocalPool, WorkerPool
@@ -156,7 +156,7 @@ def run(d: Driver) -> Outcome:
 
 def make_pool(plan: Plan, *, devices: list[str] | None, ray: str | None) -> WorkerPool:
     """Ray actors when a Ray address is given (``--ray`` over ``experiment.ray``), else local processes."""
-    from nps.pipeline.config import check_ray_address, parse_devices
+    from nps.pipeline.experiment.config import check_ray_address, parse_devices
 
     address = check_ray_address(ray) if ray is not None else plan.config.experiment.ray
     if address:
@@ -182,7 +182,7 @@ def make_pool(plan: Plan, *, devices: list[str] | None, ray: str | None) -> Work
 
 def run_experiment(plan: Plan, view, *, devices: list[str] | None = None, ray: str | None = None,
                    retry_failed: bool = False, pool: WorkerPool | None = None) -> Outcome:
-    """Run (or resume) a validated experiment; ``view`` is a :mod:`nps.pipeline.live` view. ``ray`` is an address
+    """Run (or resume) a validated experiment; ``view`` is a :mod:`nps.pipeline.views.terminal` view. ``ray`` is an address
     (``auto``, ``HOST:PORT``) to run on a Ray cluster; ``pool`` replaces the transport altogether."""
     pool = pool or make_pool(plan, devices=devices, ray=ray)
     return run(Driver(plan, pool, view, retry_failed=retry_failed))

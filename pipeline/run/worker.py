@@ -9,7 +9,7 @@ The seed rule: what a row's training sees depends on the experiment, the row's r
 the worker, its device index or what it did before. The loaders are seeded with ``experiment.seed`` and told the
 epoch before each pass (``set_epoch``), adaptive BN uses the first ``bn_images`` of epoch 0, and the ``random``
 criterion and ``scratch`` re-initialisation draw from the row's ``seed``. On the CPU every member steps on one
-intra-op thread whatever the cohort size (see :mod:`nps.pipeline.engine`), so the same rows give the same numbers
+intra-op thread whatever the cohort size (see :mod:`nps.pipeline.training.engine`), so the same rows give the same numbers
 in cohorts of 1 or 8, on one worker or on many.
 """
 from __future__ import annotations
@@ -213,8 +213,8 @@ class Worker:
 
     def base_model(self, base: BaseWeights):
         if self._base is None or self._base[0] != base.key:
-            from nps.pipeline.plan import check_checkpoint
-            from nps.pipeline.models import build_model
+            from nps.pipeline.experiment.plan import check_checkpoint
+            from nps.pipeline.network.models import build_model
 
             s = self.spec
             state = check_checkpoint(base.open(), self.cfg.model.name, s.num_classes, s.in_channels)
@@ -226,11 +226,11 @@ class Worker:
     def base(self, task: BaseTask, base: BaseWeights | None) -> None:
         import torch
 
-        from nps.pipeline.config import dump
-        from nps.pipeline.engine import resolve_amp, train_cohort
-        from nps.pipeline.models import build_model
-        from nps.pipeline.spec import RetrainSpec
-        from nps.pipeline.train import evaluate
+        from nps.pipeline.experiment.config import dump
+        from nps.pipeline.training.engine import resolve_amp, train_cohort
+        from nps.pipeline.network.models import build_model
+        from nps.pipeline.training.spec import RetrainSpec
+        from nps.pipeline.training.steps import evaluate
 
         b, s = self.cfg.base, self.spec
         t0 = time.perf_counter()
@@ -271,8 +271,8 @@ class Worker:
         (the first of epoch 0), then the final evaluation. Running averages lag a network that changed fast; with
         torchvision's BN momentum of 0.01 (MobileNetV3, EfficientNet) a short training otherwise evaluates at
         chance."""
-        from nps.pipeline.engine import resolve_amp, resolve_channels_last
-        from nps.pipeline.train import adaptive_bn_many, evaluate
+        from nps.pipeline.training.engine import resolve_amp, resolve_channels_last
+        from nps.pipeline.training.steps import adaptive_bn_many, evaluate
 
         amp = resolve_amp(self.cfg.base.amp, self.device, [model])
         nhwc = resolve_channels_last("auto", self.device)
@@ -287,8 +287,8 @@ class Worker:
     # -- cohorts -----------------------------------------------------------------------------------------------------
 
     def cohort(self, task: CohortTask, base: BaseWeights | None) -> None:
-        from nps.pipeline.engine import run_cohorts
-        from nps.pipeline.prune import prune_model
+        from nps.pipeline.training.engine import run_cohorts
+        from nps.pipeline.network.prune import prune_model
 
         if base is None:
             raise ValueError("a cohort needs the base network's weights")

@@ -1,7 +1,7 @@
 """``nps report``: figures, ``index.html`` and ``summary.json`` from a results file (paper §3, Figures 2–5).
 
 :func:`build_summary` reads results.h5 (read-only, SWMR: a file a run is still writing works) and returns the
-analysis of :func:`nps.pipeline.analysis.summarize` plus what the file says about its model; :func:`render` draws
+analysis of :func:`nps.pipeline.results.analysis.summarize` plus what the file says about its model; :func:`render` draws
 every figure from that summary alone, so ``summary.json`` holds every number a figure shows. :func:`write_report`
 does both into a temporary directory and renames it into place: a report directory is never half written.
 
@@ -25,13 +25,13 @@ import numpy as np
 
 from nps.kernels.spaces import parse_space_key
 from nps.pipeline import __version__ as NPS_VERSION
-from nps.pipeline.analysis import (
+from nps.pipeline.results.analysis import (
     BASELINE, DEFAULT_BAND, DEFAULT_BOOTSTRAP, DEFAULT_EDF_POINTS, Population, regime_key, summarize,
 )
-from nps.pipeline.figures import band_text, baseline_ratio, percent, render
-from nps.pipeline.retraining_study import RATIOS
+from nps.pipeline.results.figures import band_text, baseline_ratio, percent, render
+from nps.pipeline.results.retraining_study import RATIOS
 from nps.pipeline.errors import NpsError, environment_error
-from nps.pipeline.store import DONE, FAILED, PENDING, RUNNING, open_readonly
+from nps.pipeline.results.store import DONE, FAILED, PENDING, RUNNING, open_readonly
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def read_population(reader, group: str) -> Population:
     if overrides and space not in (RATIOS, BASELINE):  # one space in several settings: tell them apart
         space = f"{space} ({overrides})"
     method = _text(g.attrs.get("method", ""))
-    if "retrain_spec" in g.attrs:  # the space's own retraining recipe (nps.pipeline.spec.SpaceSpec)
+    if "retrain_spec" in g.attrs:  # the space's own retraining recipe (nps.pipeline.training.spec.SpaceSpec)
         method = json.loads(_text(g.attrs["retrain_spec"])).get("method", method)
     return Population(group=group, space=space, target=target, value=value, counts=counts,
                       row=np.flatnonzero(ok), delta=delta, criterion=_text(g.attrs.get("criterion", "")),
@@ -88,7 +88,7 @@ def read_population(reader, group: str) -> Population:
 
 
 def _layer_table(reader):
-    from nps.pipeline.graph import LayerTable
+    from nps.pipeline.network.layer_table import LayerTable
 
     try:
         return LayerTable.from_hdf5(reader.layers)

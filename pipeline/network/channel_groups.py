@@ -1,12 +1,12 @@
 """Classes of channels, the candidate groups of a layer table: what they touch, whether they are internal to a
-block, their names and their order (see :mod:`nps.pipeline.channel_graph`)."""
+block, their names and their order (see :mod:`nps.pipeline.network.channel_graph`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import nn
 
-from nps.pipeline.channel_graph import ChannelGraph
+from nps.pipeline.network.channel_graph import ChannelGraph
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 

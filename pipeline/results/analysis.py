@@ -1,6 +1,6 @@
 """Analysis of populations of pruned subnetworks (paper §3): EDFs, bootstrap bands, best-k, distributions, fits.
 
-Pure computations on numpy arrays (no HDF5, no plotting): :mod:`nps.pipeline.report` reads results.h5, calls these
+Pure computations on numpy arrays (no HDF5, no plotting): :mod:`nps.pipeline.results.report` reads results.h5, calls these
 and draws what they return.
 
 Conventions
@@ -27,8 +27,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from nps.pipeline import retraining_study
-from nps.pipeline.retraining_study import RATIOS
+from nps.pipeline.results import retraining_study
+from nps.pipeline.results.retraining_study import RATIOS
 
 DEFAULT_EDF_POINTS = 200
 DEFAULT_BOOTSTRAP = 1000
@@ -556,7 +556,7 @@ def summarize(populations: Sequence[Population], *, k: int = 40, n_boot: int = D
     for p in populations:
         if p.space == BASELINE:
             baselines[(p.target, p.value)] = p
-        elif p.space != RATIOS:  # ratio spaces have no regime: see nps.pipeline.retraining_study
+        elif p.space != RATIOS:  # ratio spaces have no regime: see nps.pipeline.results.retraining_study
             by_regime.setdefault((p.target, p.value), []).append(p)
     regimes = []
     for key in sorted(by_regime, key=lambda tv: _regime_order(*tv)):

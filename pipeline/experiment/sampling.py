@@ -94,7 +94,7 @@ def baseline_rows(table, target: str, value: float, seed: int, *, delta: float, 
 
 def ratio_rows(table, key: str, ratios, n: int, seed: int) -> tuple[dict, dict]:
     """(rows, attrs) of a ratio space: ``n`` rows per uniform ratio, every group pruned at that ratio."""
-    from nps.pipeline.retraining_study import RATIOS
+    from nps.pipeline.results.retraining_study import RATIOS
 
     recipe = np.repeat(np.repeat(np.asarray(ratios, dtype=np.float64), n)[:, None], len(table.channels), axis=1)
     keep = table.keep(recipe)

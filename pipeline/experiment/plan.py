@@ -1,6 +1,6 @@
 """Everything before any work starts: an experiment checked against the files it names, resolved into a :class:`Plan`.
 
-:func:`validate` adds to :func:`nps.pipeline.config.check_config` (which touches no file) what needs the disk and
+:func:`validate` adds to :func:`nps.pipeline.experiment.config.check_config` (which touches no file) what needs the disk and
 the model: the dataset directory is converted and complete, ``in_channels``/``num_classes``/``resolution`` resolve
 from it, the layer table builds, every sampled space's target is reachable (the samplers' ``check_feasible``), and
 the checkpoint fits the model. Every error is one :class:`NpsError` line naming the key.
@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from nps.pipeline.config import Config, _need, check_config, expand_spaces
+from nps.pipeline.experiment.config import Config, _need, check_config, expand_spaces
 from nps.pipeline.errors import NpsError
 
 
@@ -41,7 +41,7 @@ def default_resolution(meta: dict) -> int:
 
 def load_state_dict(path: str) -> dict:
     """The state_dict in a checkpoint file: a bare state_dict, or one under ``model``/``state_dict``."""
-    from nps.pipeline.torchfile import load_tensors
+    from nps.pipeline.network.checkpoints import load_tensors
 
     obj = load_tensors(path, "model.checkpoint", "save the model's state_dict() with torch.save")
     if isinstance(obj, dict):
@@ -72,7 +72,7 @@ def checkpoint_mismatch(expected: dict, state: dict) -> str:
 
 def check_checkpoint(path: str, model_name: str, num_classes: int, in_channels: int) -> dict:
     """The checkpoint's state_dict, after checking it fits the configured model (NpsError naming model.checkpoint)."""
-    from nps.pipeline.models import build_model
+    from nps.pipeline.network.models import build_model
 
     model = build_model(model_name, num_classes=num_classes, in_channels=in_channels, device="meta")
     state = load_state_dict(path)
@@ -91,13 +91,13 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
     for what the run writes, and one training batch fits in the memory of ``devices`` (default: the experiment's;
     not checked on a Ray cluster, whose devices the driver does not know yet).
     """
-    from nps.pipeline import preflight
+    from nps.pipeline.experiment import preflight
 
     from nps.datasets.errors import DatasetError
     from nps.datasets.meta import META_NAME, load_meta
     from nps.kernels.errors import SamplerError
     from nps.kernels.spaces import check_feasible
-    from nps.pipeline.graph import build_layer_table
+    from nps.pipeline.network.layer_table import build_layer_table
 
     check_config(cfg)
     d, m = cfg.dataset, cfg.model
@@ -145,7 +145,7 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
             raise NpsError(f"model.checkpoint: {checkpoint} does not exist")
         check_checkpoint(checkpoint, m.name, num_classes, in_channels)
     if devices is None and not cfg.experiment.ray:
-        from nps.pipeline.config import parse_devices
+        from nps.pipeline.experiment.config import parse_devices
 
         devices = parse_devices(cfg.experiment.devices, key="experiment.devices")
     preflight.check_memory(cfg, num_classes, in_channels, resolution, devices or [])
@@ -160,7 +160,7 @@ def _done_rows(results_path: str) -> int:
     """Rows an earlier run of this experiment finished (their weights are on disk already)."""
     if not os.path.isfile(results_path):
         return 0
-    from nps.pipeline.store import open_readonly
+    from nps.pipeline.results.store import open_readonly
 
     with open_readonly(results_path) as reader:
         return sum(counts["done"] + counts["failed"] for counts in reader.summary().values())

@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 from nps.pipeline.errors import NpsError
-from nps.pipeline.spec import METHODS, RetrainSpec  # noqa: F401 - the recipe is defined once, in spec
+from nps.pipeline.training.spec import METHODS, RetrainSpec  # noqa: F401 - the recipe is defined once, in spec
 
 log = logging.getLogger(__name__)
 
 
 
 RetrainConfig = RetrainSpec
-"""The older name of :class:`~nps.pipeline.spec.RetrainSpec`."""
+"""The older name of :class:`~nps.pipeline.training.spec.RetrainSpec`."""
 
 
 def make_optimizer(model: nn.Module, config: RetrainSpec) -> torch.optim.SGD:

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from nps.pipeline.errors import NpsError
-from nps.pipeline.train import (
+from nps.pipeline.training.steps import (
     RetrainSpec, run_each, adaptive_bn_many, autocast_context, evaluate_many, make_optimizer, make_scheduler,
     reinitialize,
 )

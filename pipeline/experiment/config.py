@@ -9,7 +9,7 @@ An experiment file has these tables (every key optional; ``dump(Config())`` prin
     [base]        how nps trains the base network when model.checkpoint is empty
     [[spaces]]    name, c_flops or c_params (a number or a list: one space per value), delta, R, sigma, n,
                   max_seconds; ratios (a ratio space); criterion, retrain.method, retrain.epochs (overrides:
-                  a list expands into one space each; see nps.pipeline.space_plan)
+                  a list expands into one space each; see nps.pipeline.experiment.space_plan)
     [retrain]     method, epochs, lr, ..., batch_size, cohort_size, bn_images, eval_every_epoch, amp, compile
     [two_stage]   enabled, top_k, full_epochs
     [output]      keep_weights, top_k
@@ -25,7 +25,7 @@ with like.
 
 :func:`load_config` parses and type-checks (unknown keys are refused with a suggestion); :func:`check_config`
 rejects impossible values without touching any file (``--print-config`` uses only that);
-:func:`nps.pipeline.plan.validate` does everything else before any work starts (pycls' ``assert_cfg``). Every error
+:func:`nps.pipeline.experiment.plan.validate` does everything else before any work starts (pycls' ``assert_cfg``). Every error
 is one :class:`NpsError` line naming the key.
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from nps.pipeline.errors import NpsError
-from nps.pipeline import space_plan
-from nps.pipeline.spec import RetrainSpec
+from nps.pipeline.experiment import space_plan
+from nps.pipeline.training.spec import RetrainSpec
 
 try:
     import tomllib
@@ -133,7 +133,7 @@ class SpaceConfig:
 
 @dataclass
 class RetrainConfig(RetrainSpec):
-    """``[retrain]``: the retraining recipe (:class:`~nps.pipeline.spec.RetrainSpec`, its fields and checks) plus
+    """``[retrain]``: the retraining recipe (:class:`~nps.pipeline.training.spec.RetrainSpec`, its fields and checks) plus
     how the run trains and scores every subnetwork."""
 
     batch_size: int = _f(128, "training batch size (shared by a cohort)")
@@ -178,7 +178,7 @@ RUNTIME_KEYS = frozenset({
     "dataset.on_device", "retrain.cohort_size", "retrain.compile", "output.keep_weights", "output.top_k",
 })
 
-PRESETS_DIR = "presets"  # inside the nps.pipeline package (pyproject: package-data)
+PRESETS_DIR = "presets"  # inside the nps.pipeline.experiment package (pyproject: package-data)
 AMP = ("auto", "bf16", "fp16", "off")
 KEEP_WEIGHTS = ("all", "topk", "none")
 
@@ -266,14 +266,14 @@ def config_from_dict(data: dict) -> Config:
 
 def preset_names() -> list[str]:
     """Names of the experiments shipped inside the package (``pipeline/presets/<name>.toml``)."""
-    root = resources.files("nps.pipeline").joinpath(PRESETS_DIR)
+    root = resources.files("nps.pipeline.experiment").joinpath(PRESETS_DIR)
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
 
 
 def preset_text(name: str) -> str:
     if name not in preset_names():
         raise NpsError(f"no preset {name!r} (presets: {', '.join(preset_names())})")
-    return resources.files("nps.pipeline").joinpath(PRESETS_DIR, f"{name}.toml").read_text(encoding="utf-8")
+    return resources.files("nps.pipeline.experiment").joinpath(PRESETS_DIR, f"{name}.toml").read_text(encoding="utf-8")
 
 
 def experiment_text(source: str) -> tuple[str, str]:
@@ -440,9 +440,9 @@ def _choice(value, key: str, choices) -> None:
 
 def check_config(cfg: Config) -> Config:
     """Reject impossible values (raises NpsError naming the key); touches no file. Returns ``cfg``."""
-    from nps.pipeline.graph import CONVENTIONS
-    from nps.pipeline.models import model_kind
-    from nps.pipeline.prune import CRITERIA
+    from nps.pipeline.network.layer_table import CONVENTIONS
+    from nps.pipeline.network.models import model_kind
+    from nps.pipeline.network.prune import CRITERIA
 
     e, d, m, b, r, t, o = cfg.experiment, cfg.dataset, cfg.model, cfg.base, cfg.retrain, cfg.two_stage, cfg.output
     _need(bool(e.name.strip()), "experiment.name", "must not be empty")
@@ -540,5 +540,5 @@ def parse_devices(text: str, *, key: str = "--devices") -> list[str]:
 
 
 def expand_spaces(cfg: Config):
-    """Every space the experiment runs (:class:`nps.pipeline.space_plan.PlannedSpace`), in order."""
+    """Every space the experiment runs (:class:`nps.pipeline.experiment.space_plan.PlannedSpace`), in order."""
     return space_plan.expand(cfg)

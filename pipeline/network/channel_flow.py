@@ -1,8 +1,8 @@
 """How channels pass through each operation of an fx graph: the one pass that builds a :class:`ChannelGraph`.
 
-Every tensor's channel axis is a list of segments of channel variables (:class:`nps.pipeline.channel_graph.Seg`);
+Every tensor's channel axis is a list of segments of channel variables (:class:`nps.pipeline.network.channel_graph.Seg`);
 the rules here say, operation by operation, which variables a result carries and which it joins (see
-:mod:`nps.pipeline.channel_graph` for the mechanism). Anything not known raises :class:`UnsupportedPattern`.
+:mod:`nps.pipeline.network.channel_graph` for the mechanism). Anything not known raises :class:`UnsupportedPattern`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from nps.pipeline.channel_graph import (
+from nps.pipeline.network.channel_graph import (
     ChannelGraph, ChannelTensors, ModuleCall, Seg, TensorInfo, UnsupportedPattern, WeightLayer, _shape,
 )
 

@@ -14,7 +14,7 @@ with a grouped conv on it keeps the same positions in every conv group (scores s
 Torch-Pruning does.
 
 The pruned copy is the same ``nn.Module`` class with smaller tensors: every conv, linear, normalisation layer and
-per-channel parameter (ConvNeXt's layer scale) the channel analysis found (:mod:`nps.pipeline.channel_graph`) is
+per-channel parameter (ConvNeXt's layer scale) the channel analysis found (:mod:`nps.pipeline.network.channel_graph`) is
 sliced, and the layers' size attributes (``in_channels``, ``groups``, ``num_features``, ``normalized_shape``…)
 follow. The original model is not modified, and tensors that are pruned are never copied at full size.
 """
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from nps.pipeline.channel_graph import ChannelGraph, Seg, analyze
+from nps.pipeline.network.channel_graph import ChannelGraph, Seg, analyze
 from nps.pipeline.errors import NpsError
-from nps.pipeline.graph import GroupSelection, LayerTable, select_groups
+from nps.pipeline.network.layer_table import GroupSelection, LayerTable, select_groups
 
 FilterScorer = Callable[[torch.Tensor], torch.Tensor]
 """Filter weights (out, in·k·k) in float64 → one importance score per filter (larger = more important)."""

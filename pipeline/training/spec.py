@@ -1,8 +1,8 @@
 """What a subnetwork's retraining is: one definition, shared by the experiment file, the engine and results.h5.
 
 :class:`RetrainSpec` is the recipe (paper §2.2): method, epochs, learning rates, SGD settings. The experiment's
-``[retrain]`` table extends it (:class:`nps.pipeline.config.RetrainConfig`), the engine trains by it
-(:func:`nps.pipeline.engine.train_cohort`), and :class:`SpaceSpec` (recipe plus pruning criterion) is stored on every
+``[retrain]`` table extends it (:class:`nps.pipeline.experiment.config.RetrainConfig`), the engine trains by it
+(:func:`nps.pipeline.training.engine.train_cohort`), and :class:`SpaceSpec` (recipe plus pruning criterion) is stored on every
 space of a results file, so the run driver trains each space by its own spec and a cohort only ever mixes rows of
 one spec. Plain data, no torch: the CLI reads experiment files without importing it.
 """
@@ -24,7 +24,7 @@ def _help(default, text: str):
 class RetrainSpec:
     """How a subnetwork is retrained: the one definition of a retraining recipe.
 
-    The experiment's ``[retrain]`` table extends it (:class:`nps.pipeline.config.RetrainConfig` adds the settings
+    The experiment's ``[retrain]`` table extends it (:class:`nps.pipeline.experiment.config.RetrainConfig` adds the settings
     that do not change a recipe: batch size, cohort size, ...), the engine trains by it, and every space of a
     results file stores its own (``retrain_spec`` attribute, :meth:`to_json`), so a space may one day differ from
     the experiment's defaults. Defaults are the paper's standard setting (fine-tuning, lr 0.01, cosine).

@@ -34,7 +34,7 @@ of range): those are bugs and show their traceback.
 - **``error`` is fixed-length bytes** (``S256``, UTF-8, truncated to 256 bytes), not a variable-length string:
   HDF5's variable-length data lives in the global heap, which SWMR does not support (readers of a file being
   written fail on it; h5py issue #1273). :meth:`ResultsReader.errors` decodes it to ``str``.
-- **Opening** goes through :mod:`nps.pipeline.h5file`: a file shorter than its header says, not HDF5 at all, or
+- **Opening** goes through :mod:`nps.pipeline.results.h5file`: a file shorter than its header says, not HDF5 at all, or
   without ``/layers`` and ``/spaces`` is refused in one line before HDF5 reads it (a truncated file would otherwise
   hang an SWMR reader), and readers' metadata retries are bounded.
 - **Crash recovery.** HDF5 marks a file "open for (SWMR) write" in its superblock while a writer has it; after a
@@ -56,9 +56,9 @@ import h5py
 import numpy as np
 
 from nps.pipeline import __version__ as NPS_VERSION
-from nps.pipeline import h5file
+from nps.pipeline.results import h5file
 from nps.pipeline.errors import NpsError
-from nps.pipeline.h5file import clear_consistency_flags  # noqa: F401 - re-exported
+from nps.pipeline.results.h5file import clear_consistency_flags  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class ResultsReader(_ResultsFile):
         self._file = self._open()
 
     def _open(self) -> h5py.File:
-        """The one way nps opens a results file to read it (:func:`nps.pipeline.h5file.open_readonly`: a complete
+        """The one way nps opens a results file to read it (:func:`nps.pipeline.results.h5file.open_readonly`: a complete
         HDF5 file, bounded waits), then a check that it is an nps results file."""
         f, self.swmr = h5file.open_readonly(self.path, retry_s=self._retry_s,
                                             writer_alive=lambda: h5file.writer_pid(self.path) is not None)

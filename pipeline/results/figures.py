@@ -4,7 +4,7 @@ matplotlib's object API: no pyplot state, no display needed.
 One figure per regime (paper Fig. 2 / 4: accuracy-drop EDFs with bootstrap bands, the distributions of std(r),
 c_flops, c_params and mCB, drop vs mCB and each space's winning recipe), the mean drop per space, the best-k
 (Fig. 3), the optimal mCB against FLOPs reduction (Fig. 5 right), the winners' drop against their mCB (Fig. 5
-left), and the uniform-ratio studies (Fig. 1, :mod:`nps.pipeline.retraining_study`).
+left), and the uniform-ratio studies (Fig. 1, :mod:`nps.pipeline.results.retraining_study`).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nps.pipeline import retraining_study
-from nps.pipeline.analysis import fit_from_dict
+from nps.pipeline.results import retraining_study
+from nps.pipeline.results.analysis import fit_from_dict
 
 _LABELS = {
     "std": "std(r): std of the recipe's pruning ratios over groups",

@@ -125,7 +125,7 @@ def commit_staged_weights(staged: str | os.PathLike) -> Path:
 
 def load_subnetwork_weights(results_path: str | os.PathLike, space: str, row: int) -> dict:
     """The state_dict kept for one row (see :func:`save_subnetwork_weights`); NpsError if there is none."""
-    from nps.pipeline.torchfile import load_tensors
+    from nps.pipeline.network.checkpoints import load_tensors
 
     path = weights_path(results_path, space, row)
     if not path.is_file():
@@ -165,7 +165,7 @@ def resolve_space(spaces: Iterable[str], name: str) -> str:
 
 def _pick_row(results_path, space: str, status: np.ndarray, top1: np.ndarray) -> tuple[int, str]:
     """The done row with the highest top-1 whose weights are kept, and a note when a better row has none."""
-    from nps.pipeline.store import DONE
+    from nps.pipeline.results.store import DONE
 
     done = np.flatnonzero((status == DONE) & np.isfinite(top1))
     if done.size == 0:
@@ -191,8 +191,8 @@ def export_subnetwork(results_path: str | os.PathLike, space: str, out: str | os
     kept. Returns the export's metadata (everything but the state_dict) plus ``note`` (non-empty when a better
     row had no weights) and ``out``.
     """
-    from nps.pipeline.graph import LayerTable
-    from nps.pipeline.store import DONE, STATUS_NAMES, open_readonly
+    from nps.pipeline.network.layer_table import LayerTable
+    from nps.pipeline.results.store import DONE, STATUS_NAMES, open_readonly
 
     if (row is None) == (not best):
         raise NpsError("choose the subnetwork with exactly one of --best and --row I")
@@ -258,7 +258,7 @@ def export_subnetwork(results_path: str | os.PathLike, space: str, out: str | os
 
 def read_subnetwork(path: str | os.PathLike) -> dict:
     """The export as a dict (state_dict included), after checking its format."""
-    from nps.pipeline.torchfile import load_tensors
+    from nps.pipeline.network.checkpoints import load_tensors
 
     path = Path(path)
     if not path.is_file():
@@ -278,9 +278,9 @@ def read_subnetwork(path: str | os.PathLike) -> dict:
 def build_subnetwork(ckpt: dict):
     """The export's architecture with random weights: the model pruned to ``ckpt["keep"]`` (exports written before
     channel multiples and FLOPs conventions existed have neither: 1 and ``macs``)."""
-    from nps.pipeline.graph import build_layer_table
-    from nps.pipeline.models import build_model
-    from nps.pipeline.prune import prune_model
+    from nps.pipeline.network.layer_table import build_layer_table
+    from nps.pipeline.network.models import build_model
+    from nps.pipeline.network.prune import prune_model
 
     table = build_layer_table(ckpt["model"], ckpt["mode"], int(ckpt["resolution"]), int(ckpt["num_classes"]),
                               int(ckpt["in_channels"]), flops=str(ckpt.get("flops_convention", "macs")),
@@ -428,8 +428,8 @@ def verify_subnetwork(path: str | os.PathLike, *, data_dir: str | os.PathLike | 
     """
     import torch
 
-    from nps.pipeline.engine import resolve_amp
-    from nps.pipeline.train import evaluate
+    from nps.pipeline.training.engine import resolve_amp
+    from nps.pipeline.training.steps import evaluate
 
     ckpt = read_subnetwork(path)
     cfg = _parse_config(ckpt.get("config", ""), str(path))

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 from rich.text import Text
 
-from nps.pipeline.store import DONE, FAILED, PENDING, RUNNING
+from nps.pipeline.results.store import DONE, FAILED, PENDING, RUNNING
 
 
 @dataclass
@@ -124,7 +124,7 @@ def space_table(states, base_top1: float = math.nan, title: str | None = None) -
 
 
 def file_states(reader) -> list[SpaceState]:
-    """Per-space states of an open results file (a :class:`~nps.pipeline.store.ResultsReader` or the store)."""
+    """Per-space states of an open results file (a :class:`~nps.pipeline.results.store.ResultsReader` or the store)."""
     out = []
     for name in reader.spaces():
         cols = reader.read(name, ["status", "acc_drop", "top1"])
@@ -134,7 +134,7 @@ def file_states(reader) -> list[SpaceState]:
 
 def status_renderable(path: str):
     """What `nps status FILE` prints: header lines and the per-space table."""
-    from nps.pipeline.store import open_readonly
+    from nps.pipeline.results.store import open_readonly
 
     with open_readonly(path) as reader:
         attrs = reader.attrs
@@ -142,7 +142,7 @@ def status_renderable(path: str):
         model, resolution = reader.model_info()
     base_top1 = float(attrs.get("base_top1", math.nan))
     name = _config_name(attrs.get("config", ""))
-    from nps.pipeline.h5file import writer_pid
+    from nps.pipeline.results.h5file import writer_pid
 
     pid = writer_pid(path)
     total = sum(s.total for s in states)

@@ -6,11 +6,11 @@ space each, in file order. Three kinds of planned space:
 
 - ``sampled``: a pruning space in a regime (``std-0.05@c_flops=0.25``), its recipes drawn by the samplers;
 - ``ratios`` (``name = "ratios"``, ``ratios = [0.25, 0.5, 0.75, 0.9]``): the paper's §2 studies, every group at one
-  uniform ratio, ``n`` rows per ratio (Fig. 1, :mod:`nps.pipeline.retraining_study`);
+  uniform ratio, ``n`` rows per ratio (Fig. 1, :mod:`nps.pipeline.results.retraining_study`);
 - ``baseline`` (``[experiment] baseline``, on by default): per regime of the sampled spaces, one row at the uniform
   ratio whose integer counts come closest to the target, trained like every other row (paper §3.1's reference).
 
-Every planned space carries its :class:`~nps.pipeline.spec.SpaceSpec` (the experiment's ``[retrain]`` and
+Every planned space carries its :class:`~nps.pipeline.training.spec.SpaceSpec` (the experiment's ``[retrain]`` and
 ``model.criterion`` with this space's overrides), which is stored on its group in results.h5: the driver trains each
 space by its own spec. Space keys name the overrides a space was given: ``std-0.05+criterion=l1@c_flops=0.25``,
 ``ratios+method=rewind+epochs=10``; spaces without overrides keep the plain key.
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from nps.pipeline.errors import NpsError
-from nps.pipeline.spec import SpaceSpec
+from nps.pipeline.training.spec import SpaceSpec
 
-RATIOS = "ratios"  # the name of a ratio space (see nps.pipeline.retraining_study)
+RATIOS = "ratios"  # the name of a ratio space (see nps.pipeline.results.retraining_study)
 OVERRIDES = ("criterion", "method", "epochs")
 # Criteria and methods whose rows differ by their seed: everything else trains the same recipe identically (the
 # data order is the experiment's, not the row's), so a ratio space repeats rows only for these.
@@ -131,8 +131,8 @@ def baselines(planned: list[PlannedSpace], spec: SpaceSpec) -> list[PlannedSpace
 
 def check(cfg) -> list[PlannedSpace]:
     """Reject impossible spaces (one line naming the key); returns the planned spaces."""
-    from nps.pipeline.prune import CRITERIA
-    from nps.pipeline.spec import METHODS
+    from nps.pipeline.network.prune import CRITERIA
+    from nps.pipeline.training.spec import METHODS
 
     def need(ok: bool, key: str, problem: str) -> None:
         if not ok:

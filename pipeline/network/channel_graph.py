@@ -257,7 +257,7 @@ def analyze(model: nn.Module, resolution: int, in_channels: int) -> tuple[Channe
         if shape is not None and node.op != "output" and any(s == 0 for s in shape):
             raise NpsError(f"resolution {resolution} is too small for this network: a feature map vanishes at "
                            f"{node.target if node.op == 'call_module' else node.name}")
-    from nps.pipeline.channel_flow import follow_channels
+    from nps.pipeline.network.channel_flow import follow_channels
 
     return follow_channels(model, gm), gm
 

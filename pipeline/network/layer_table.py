@@ -1,6 +1,6 @@
 """The layer table of a base network: its prunable channel groups and closed-form FLOPs/params.
 
-A **group** is a set of channels that are pruned together (:mod:`nps.pipeline.channel_graph` finds them from the
+A **group** is a set of channels that are pruned together (:mod:`nps.pipeline.network.channel_graph` finds them from the
 model's torch.fx graph, for any traceable CNN). FLOPs and params of the pruned network are quadratic forms in the
 groups' kept counts (``nps.kernels.complexity.QuadraticForm``).
 
@@ -44,10 +44,10 @@ import numpy as np
 from torch import nn
 
 from nps.kernels.complexity import QuadraticForm, keep_from_recipe
-from nps.pipeline.channel_graph import ChannelGraph, Seg, analyze
-from nps.pipeline.channel_groups import ChannelClass, classes
+from nps.pipeline.network.channel_graph import ChannelGraph, Seg, analyze
+from nps.pipeline.network.channel_groups import ChannelClass, classes
 from nps.pipeline.errors import NpsError
-from nps.pipeline.models import build_model
+from nps.pipeline.network.models import build_model
 
 MODES = ("internal", "all")
 CONVENTIONS = ("macs", "paper")
@@ -371,7 +371,7 @@ def _check_options(mode: str, flops: str, channel_multiple: int) -> None:
 
 def table_from_graph(graph: ChannelGraph, model_name: str, mode: str, resolution: int, num_classes: int,
                      in_channels: int, *, flops: str = "macs", channel_multiple: int = 1) -> LayerTable:
-    """The layer table of an analysed model (see :func:`nps.pipeline.channel_graph.analyze`)."""
+    """The layer table of an analysed model (see :func:`nps.pipeline.network.channel_graph.analyze`)."""
     _check_options(mode, flops, channel_multiple)
     selection = select_groups(graph, mode, channel_multiple)
     flops_form, params_form = _complexity_forms(graph, selection, flops)
@@ -408,7 +408,7 @@ def build_layer_table(model_name: str, mode: str, resolution: int, num_classes: 
     ------
     NpsError
         Unknown model, mode or convention, a resolution at which a feature map would vanish, or a pattern the
-        channel analysis cannot follow (:class:`nps.pipeline.channel_graph.UnsupportedPattern`).
+        channel analysis cannot follow (:class:`nps.pipeline.network.channel_graph.UnsupportedPattern`).
     """
     _check_options(mode, flops, channel_multiple)
     model = build_model(model_name, num_classes=num_classes, in_channels=in_channels, device="meta")
