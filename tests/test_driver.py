@@ -20,6 +20,8 @@ from nps.pipeline.run.protocol import (
     WorkerStarted,
 )
 from nps.pipeline.results.store import DONE, PENDING, open_readonly
+from nps.pipeline.row_status import RowStatus
+from nps.pipeline.training.events import Result, StepProgress
 
 
 class FakePool(WorkerPool):
@@ -39,7 +41,7 @@ class FakePool(WorkerPool):
         wid, self.next = self.next, self.next + 1
         self.events += [WorkerStarted(wid, "node-a", "cpu"), Ready(wid, "node-a", "cpu", 1)]
 
-    def start(self, spec):
+    def start(self, spec, out_dir=""):
         self.spec = spec
         if self.fail_setup is not None:
             self.events.append(self.fail_setup)
@@ -59,7 +61,7 @@ class FakePool(WorkerPool):
         self.held.append((worker, task))
 
     def _answer(self, worker, task):
-        self.events.append(Progress(worker, task.task_id, 1, 2, 1, 2, 100.0))
+        self.events.append(Progress(worker, task.task_id, StepProgress(1, 2, 1, 2, len(task.rows), 100.0)))
         for row, seed in zip(task.rows, task.seeds):
             top1 = float(seed % 97 * 37 % 97)  # row seeds are consecutive: scrambled, so rows do not improve in order
             data = f"{task.space}/{row}".encode() if task.wants_weights(top1) else None
@@ -72,9 +74,9 @@ class FakePool(WorkerPool):
                     path = self.stage / f"t{task.task_id}-r{row}-{copy}.pt"
                     path.write_bytes(data)
                     weights = StagedWeights(len(data), path=str(path))
-                self.events.append(RowResult(worker, task.task_id, task.space, row, "done", top1=top1, top5=99.0,
-                                             loss=1.0, bn_top1=top1 - 5, curve=(top1,), train_s=2.0,
-                                             cohort_size=len(task.rows), weights=weights))
+                result = Result((task.space, row), RowStatus.DONE, top1=top1, top5=99.0, loss=1.0, bn_top1=top1 - 5,
+                                curve=[top1], train_s=2.0, cohort_size=len(task.rows))
+                self.events.append(RowResult(worker, task.task_id, task.space, row, result, weights=weights))
         self.events.append(TaskEnd(worker, task.task_id))
 
     def poll(self, timeout):
@@ -110,7 +112,7 @@ class Quiet:
     def update(self, state, force=False): pass
     def note(self, text): self.notes.append(text)
     def epoch(self, state, wid, text): pass
-    def row_finished(self, state, space, row, info): self.finished.append((space, row, info["status"]))
+    def row_finished(self, state, row): self.finished.append((row.space, row.row, row.status.label))
     def stop(self, state): pass
 
 
@@ -217,7 +219,7 @@ def test_staged_weights_are_moved_when_kept_and_removed_otherwise(tmp_path, tabl
 def test_weights_lost_with_their_node_leave_the_row_done_without_them(tmp_path):
     from nps.pipeline.run.outputs import WeightsKeeper
 
-    keeper = WeightsKeeper(str(tmp_path / "results.h5"), "topk", 2)
+    keeper = WeightsKeeper(str(tmp_path / "results.h5"), "topk", 2, FakePool())
     staged = tmp_path / "w.pt"
     staged.write_bytes(b"weights")
     inode = staged.stat().st_ino

@@ -6,11 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from nps.pipeline.training.engine import (
-    CohortOutOfMemory, Result, choose_cohort_size, estimate_train_bytes, resolve_amp, run_cohorts, train_cohort,
+from nps.pipeline.row_status import RowStatus
+from nps.pipeline.training.cohort import CohortOutOfMemory, train_cohort
+from nps.pipeline.training.devices import choose_cohort_size, estimate_train_bytes, resolve_amp
+from nps.pipeline.training.engine import run_cohorts
+from nps.pipeline.training.events import (
+    CohortHalved, CohortStarted, EpochEnded, MemberFinished, MemberStarted, Result,
 )
 from nps.pipeline.errors import NpsError
-from nps.pipeline.training.steps import RetrainConfig
+from nps.pipeline.training.spec import RetrainSpec as RetrainConfig
 
 torch.set_num_threads(1)
 
@@ -110,10 +114,10 @@ def test_cohort_trains_all_models_on_one_loader_pass_per_epoch():
         assert len(r.curve) == 3 and r.top1 == r.curve[-1] and r.top1 > 60  # chance is 33 %
         assert 0 < r.loss < 1.2 and r.top5 == 100.0 and r.train_s > 0 and r.cohort_size == 3
         assert math.isnan(r.bn_top1)
-    kinds = [e["event"] for e in events]
-    assert kinds[:3] == ["start"] * 3 and kinds.count("epoch") == 3 and kinds[-3:] == ["done"] * 3
-    epoch = [e for e in events if e["event"] == "epoch"][0]
-    assert epoch["img_per_s"] > 0 and set(epoch["val_top1"]) == {"a", "b", "c"} and epoch["k_live"] == 3
+    kinds = [type(e) for e in events]
+    assert kinds[:3] == [MemberStarted] * 3 and kinds.count(EpochEnded) == 3 and kinds[-3:] == [MemberFinished] * 3
+    epoch = [e for e in events if isinstance(e, EpochEnded)][0]
+    assert epoch.img_per_s > 0 and set(epoch.val_top1) == {"a", "b", "c"} and epoch.k_live == 3
 
 
 def test_cohort_member_trains_exactly_as_it_would_alone():
@@ -215,14 +219,14 @@ def test_nan_loss_stops_only_that_model(workers):
     events = []
     results = train_cohort(models, data, data[:2], config, "cpu", eval_every_epoch=True, on_event=events.append,
                            cpu_workers=workers)
-    assert [r.status for r in results] == ["done", "failed", "done"]
+    assert [r.status for r in results] == [RowStatus.DONE, RowStatus.FAILED, RowStatus.DONE]
     bad = results[1]
     assert bad.error == "loss became nan/inf at epoch 2 step 4"
     assert bad.curve and len(bad.curve) == 1 and bad.epochs_done == 1  # epoch 1 finished before the failure
     assert 0 < bad.train_s < results[0].train_s
-    assert [e["id"] for e in events if e["event"] == "failed"] == [1]
-    last = [e for e in events if e["event"] == "epoch"][-1]
-    assert last["ids"] == [0, 2] and last["k_live"] == 2
+    assert [e.result.id for e in events if isinstance(e, MemberFinished) and not e.result.ok] == [1]
+    last = [e for e in events if isinstance(e, EpochEnded)][-1]
+    assert list(last.train_loss) == [0, 2] and last.k_live == 2
 
 
 def test_divergent_weights_fail_with_inf_loss_at_first_step():
@@ -230,7 +234,7 @@ def test_divergent_weights_fail_with_inf_loss_at_first_step():
     with torch.no_grad():
         model[-1].weight.fill_(3e38)  # logits overflow float32
     results = train_cohort([model, small_net(seed=2)], make_data(3), make_data(1), RetrainConfig(epochs=1), "cpu")
-    assert results[0].status == "failed" and results[0].error == "loss became nan/inf at epoch 1 step 1"
+    assert results[0].status == RowStatus.FAILED and results[0].error == "loss became nan/inf at epoch 1 step 1"
     assert results[1].ok
 
 
@@ -258,13 +262,13 @@ def test_oom_halves_the_cohort_and_keeps_finished_results():
     before = [copy.deepcopy(m.inner.state_dict()) for m in originals]
     events = []
     results = run_cohorts(originals, data, FreshTensors(make_data(1)), config, "cpu", k=5, on_event=events.append)
-    assert [r.status for r in results] == ["failed"] + ["done"] * 4
+    assert [r.status for r in results] == [RowStatus.FAILED] + [RowStatus.DONE] * 4
     assert results[0].error.startswith("loss became nan/inf")
-    ooms = [e for e in events if e["event"] == "oom"]
-    assert len(ooms) == 1 and ooms[0]["k"] == 5 and ooms[0]["retry_k"] == 2
-    cohorts = [e["ids"] for e in events if e["event"] == "cohort"]
+    ooms = [e for e in events if isinstance(e, CohortHalved)]
+    assert len(ooms) == 1 and ooms[0].k == 5 and ooms[0].retry_k == 2
+    cohorts = [list(e.ids) for e in events if isinstance(e, CohortStarted)]
     assert cohorts == [[0, 1, 2, 3, 4], [1, 2], [3, 4]]
-    assert ooms[0]["ids"] == [1, 2, 3, 4]
+    assert list(ooms[0].ids) == [1, 2, 3, 4]
     assert all(r.cohort_size == 2 for r in results[1:])
     for m, sd in zip(originals, before):  # the originals are untouched (retries start from them)
         for key, value in m.inner.state_dict().items():
@@ -275,7 +279,7 @@ def test_oom_on_a_single_model_marks_it_failed():
     memory = MemoryLimit(limit=0)
     results = run_cohorts([Hungry(small_net(), memory)] * 2, make_data(2), make_data(1), RetrainConfig(epochs=1),
                           "cpu", k=2)
-    assert [r.status for r in results] == ["failed", "failed"]
+    assert [r.status for r in results] == [RowStatus.FAILED, RowStatus.FAILED]
     assert "does not fit even alone" in results[0].error
 
 
@@ -348,7 +352,7 @@ def test_choose_cohort_size():
 
 
 def test_resolve_cpu_workers():
-    from nps.pipeline.training.engine import resolve_cpu_workers
+    from nps.pipeline.training.devices import resolve_cpu_workers
     cpu = torch.device("cpu")
     assert resolve_cpu_workers(3, cpu, 8) == 3 and resolve_cpu_workers(16, cpu, 8) == 8
     assert resolve_cpu_workers("auto", cpu, 8) == torch.get_num_threads()
@@ -359,7 +363,7 @@ def test_resolve_cpu_workers():
 
 def test_resolve_amp():
     cpu = torch.device("cpu")
-    from nps.pipeline.training.engine import cpu_has_native_bf16
+    from nps.pipeline.training.devices import cpu_has_native_bf16
     assert resolve_amp("auto", cpu) is (torch.bfloat16 if cpu_has_native_bf16() else None)
     assert resolve_amp("off", cpu) is None and resolve_amp(None, cpu) is None
     assert resolve_amp("auto", torch.device("meta")) is None
@@ -375,7 +379,7 @@ def test_resolve_amp():
 
 
 def test_result_is_plain_data():
-    r = Result(id=3, status="done", top1=1.0)
+    r = Result(id=3, status=RowStatus.DONE, top1=1.0)
     assert r.ok and r.curve == [] and r.model is None
 
 
@@ -404,21 +408,21 @@ def test_pruned_resnets_through_the_engine_into_the_store(tmp_path):
     store.add_space("std-0.1", rows, epochs=2)
 
     def on_event(e):
-        if e["event"] == "start":
-            store.mark_running("std-0.1", [e["id"]])
-        elif e["event"] == "done":
-            r = e["result"]
+        if isinstance(e, MemberStarted):
+            store.mark_running("std-0.1", [e.id])
+        elif isinstance(e, MemberFinished) and e.result.ok:
+            r = e.result
             store.mark_done("std-0.1", r.id, top1=r.top1, top5=r.top5, loss=r.loss, bn_top1=r.bn_top1, curve=r.curve,
                             train_s=r.train_s)
-        elif e["event"] == "failed":
-            store.mark_failed("std-0.1", e["id"], e["error"], train_s=e["result"].train_s,
-                              bn_top1=e["result"].bn_top1)
+        elif isinstance(e, MemberFinished):
+            store.mark_failed("std-0.1", e.result.id, e.result.error, train_s=e.result.train_s,
+                              bn_top1=e.result.bn_top1)
 
     data = make_data(4, batch=16)
     results = run_cohorts(subnets, data, data[:1], RetrainConfig(epochs=2), "cpu", k=2, ids=list(range(n)),
                           eval_every_epoch=True, bn_images=32, on_event=on_event)
     store.close()
-    assert [r.status for r in results] == ["done", "done", "failed"]
+    assert [r.status for r in results] == [RowStatus.DONE, RowStatus.DONE, RowStatus.FAILED]
     with open_readonly(tmp_path / "r.h5") as reader:
         cols = reader.read("std-0.1")
         assert cols["status"].tolist() == [DONE, DONE, FAILED]
@@ -436,7 +440,7 @@ def test_cuda_streams_autocast_and_scaler(amp):
         models[1][-1].weight.fill_(3e38)
     results = train_cohort(models, data, data[:2], RetrainConfig(epochs=2, lr=0.1), "cuda", amp=amp,
                            eval_every_epoch=True, check_every=2)
-    assert [r.status for r in results] == ["done", "failed", "done"]
+    assert [r.status for r in results] == [RowStatus.DONE, RowStatus.FAILED, RowStatus.DONE]
     assert results[1].error.startswith("loss became nan/inf at epoch 1 step")
     assert all(r.top1 > 50 and len(r.curve) == 2 for r in (results[0], results[2]))
     k = choose_cohort_size([small_net()] * 100, "cuda", (32, 3, 8, 8))

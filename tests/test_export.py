@@ -20,7 +20,7 @@ from nps.pipeline.network.layer_table import build_layer_table
 from nps.pipeline.network.models import build_model
 from nps.pipeline.network.prune import prune_model
 from nps.pipeline.results.store import ResultsStore
-from nps.pipeline.training.steps import evaluate
+from nps.pipeline.training.evaluation import evaluate
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from nps.pipeline.run.ledger import MAX_ATTEMPTS, RowLedger
+from nps.pipeline.row_status import RowStatus
 from nps.pipeline.run.protocol import RowResult
+from nps.pipeline.training.events import Result
 from nps.pipeline.training.spec import RetrainSpec, SpaceSpec
 from nps.pipeline.results.store import DONE, FAILED, PENDING, RUNNING, ResultsStore, open_readonly
 
@@ -33,10 +35,12 @@ class FakeWorker:
         out = []
         for row in lease.rows:
             if (lease.space, row) in self.fail:
-                out.append(RowResult(self.wid, task_id, lease.space, row, "failed", error="loss became nan"))
+                out.append(RowResult(self.wid, task_id, lease.space, row,
+                                     Result((lease.space, row), RowStatus.FAILED, error="loss became nan")))
             else:
-                out.append(RowResult(self.wid, task_id, lease.space, row, "done", top1=50.0 + row, top5=90.0,
-                                     loss=1.0, bn_top1=40.0, curve=(10.0, 50.0 + row), train_s=1.5))
+                out.append(RowResult(self.wid, task_id, lease.space, row, Result(
+                    (lease.space, row), RowStatus.DONE, top1=50.0 + row, top5=90.0, loss=1.0, bn_top1=40.0,
+                    curve=[10.0, 50.0 + row], train_s=1.5)))
         return out
 
 
@@ -144,7 +148,8 @@ def test_each_space_keeps_its_spec_and_a_new_ledger_reads_the_file(ledger, tmp_p
         b = fresh.load("b@c_flops=0.25", SPEC)
         a = fresh.load("a@c_flops=0.25", SPEC)
         assert b.spec == SpaceSpec(RetrainSpec(epochs=3), "random") and a.spec == SPEC  # from the attributes
-        assert a.counts.tolist() == [0, 0, 7, 0] and b.counts.tolist() == [5, 0, 0, 0] and a.best_row == 6
+        assert a.counts.tolist() == [0, 0, 7, 0] and b.counts.tolist() == [5, 0, 0, 0]
+        assert fresh.state("a@c_flops=0.25").best_row == 6
     finally:
         again.close()
     with open_readonly(tmp_path / "results.h5") as reader:

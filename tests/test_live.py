@@ -7,7 +7,8 @@ import time
 import numpy as np
 from rich.console import Console
 
-from nps.pipeline.views.terminal import MAX_SPACE_LINES, LiveView, RunState, SpaceState, WorkerState
+from nps.pipeline.run.state import RunState, SpaceState, WorkerState
+from nps.pipeline.views.terminal import MAX_SPACE_LINES, LiveView
 
 
 def state(workers: int, nodes: int, spaces: int, rows: int) -> RunState:
@@ -24,10 +25,10 @@ def state(workers: int, nodes: int, spaces: int, rows: int) -> RunState:
     rng = np.random.default_rng(0)
     for i in range(spaces):
         finished = i < spaces // 2
-        sp = SpaceState(f"std-0.05@c_flops={0.01 * (i + 1):g}", total=rows, done=rows if finished else rows // 2,
-                        pending=0 if finished else rows - rows // 2)
-        for row, drop in enumerate(rng.gamma(2.0, 1.0, sp.done)):
-            sp.add_done(row, 93.0 - drop, drop)
+        done = rows if finished else rows // 2
+        status = np.array([2] * done + [0] * (rows - done))
+        top1 = np.concatenate([93.0 - rng.gamma(2.0, 1.0, done), np.full(rows - done, np.nan)])
+        sp = SpaceState.from_rows(f"std-0.05@c_flops={0.01 * (i + 1):g}", status, top1, 93.0)
         s.spaces[sp.name] = sp
     return s
 

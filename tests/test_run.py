@@ -277,7 +277,7 @@ class _Silent:
     def update(self, state, force=False): pass
     def note(self, text): pass
     def epoch(self, state, wid, text): pass
-    def row_finished(self, state, space, row, info): pass
+    def row_finished(self, state, row): pass
     def stop(self, state): pass
 
 

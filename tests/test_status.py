@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from nps.pipeline.experiment.config import Config, dump
 from nps.pipeline.results.h5file import writer_pid
-from nps.pipeline.views.terminal import SpaceState, file_states, status_renderable
+from nps.pipeline.run.state import SpaceState
+from nps.pipeline.views.status import file_states, status_renderable
 from nps.pipeline.results.store import ResultsStore, open_readonly
 
 from helpers import StandInTable, rows_for_store as rows  # noqa: E402
@@ -63,11 +65,10 @@ def test_renderable_says_who_writes_the_file(results):
 
 
 def test_space_state_tracks_the_best_row():
-    s = SpaceState("x", total=3)
-    s.add_done(0, 70.0, 20.0)
-    s.add_done(1, 75.0, 15.0)
-    s.add_done(2, float("nan"), float("nan"))
+    status = np.array([2, 2, 2, 0])
+    s = SpaceState.from_rows("x", status, np.array([70.0, 75.0, np.nan, 99.0]), 90.0)
     assert (s.best_row, s.best_drop, s.median_drop) == (1, 15.0, 17.5)
+    assert (s.total, s.done, s.pending) == (4, 3, 1)  # a pending row's top-1 (NaN in a file) never counts
 
 
 def test_cli_while_a_writer_has_the_file_open(results):

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from nps.pipeline.errors import NpsError
-from nps.pipeline.training.steps import (
-    RetrainConfig, adaptive_bn, evaluate, evaluate_many, lr_factor, make_optimizer, make_scheduler, reinitialize,
-)
+from nps.pipeline.training.evaluation import adaptive_bn, evaluate, evaluate_many
+from nps.pipeline.training.schedule import lr_factor, make_optimizer, make_scheduler, reinitialize
+from nps.pipeline.training.spec import RetrainSpec as RetrainConfig
 
 torch.set_num_threads(1)
 

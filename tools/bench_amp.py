@@ -4,7 +4,7 @@ One JSON line per architecture: {"bench": "amp", "model", "fp32_img_per_s", "bf1
 Baseline: the same training step in fp32 (no autocast), same model, batch, threads and run. A step is forward,
 cross-entropy, backward and SGD on a batch of --batch random 1×--resolution² images, channels_last (what the engine
 trains in), best of --repeats timings of --steps steps after two warm-up steps. ``auto`` is what
-``nps.pipeline.training.engine.resolve_amp("auto", cpu, [model])`` resolves to on this machine.
+``nps.pipeline.training.devices.resolve_amp("auto", cpu, [model])`` resolves to on this machine.
 
 usage: python tools/bench_amp.py [--models resnet20,mobilenet_v2] [--threads 2]
 """
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from nps.pipeline.training.engine import cpu_has_native_bf16, resolve_amp
+from nps.pipeline.training.devices import cpu_has_native_bf16, resolve_amp
 from nps.pipeline.network.models import build_model
 
 MODELS = ("resnet20", "resnet18", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",

@@ -1,6 +1,6 @@
 """Cohort training vs one-after-another: the same K pruned subnetworks, the same data, the same number of steps.
 
-(a) cohort: ``nps.pipeline.training.engine.train_cohort`` — ONE pass of S batches, every batch loaded once and stepped by all
+(a) cohort: ``nps.pipeline.training.cohort.train_cohort`` — ONE pass of S batches, every batch loaded once and stepped by all
     K subnetworks (CUDA: one stream each; CPU: ``cpu_workers`` threads, one intra-op thread each);
 (b) sequential: what a user does without nps — each subnetwork in turn gets its own pass of S batches from the same
     loader (loading and augmentation paid K times), a plain training loop, torch's default threading.
@@ -44,11 +44,12 @@ from torch import nn
 
 from nps.kernels.samplers import sample_space
 from nps.kernels.spaces import parse_space
-from nps.pipeline.training.engine import resolve_amp, resolve_channels_last, resolve_cpu_workers, train_cohort
+from nps.pipeline.training.devices import resolve_amp, resolve_channels_last, resolve_cpu_workers, train_cohort
 from nps.pipeline.network.layer_table import build_layer_table
 from nps.pipeline.network.models import build_model
 from nps.pipeline.network.prune import prune_model
-from nps.pipeline.training.steps import RetrainConfig, autocast_context, make_optimizer, make_scheduler
+from nps.pipeline.training.schedule import autocast_context, make_optimizer, make_scheduler
+from nps.pipeline.training.spec import RetrainSpec as RetrainConfig
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530

@@ -85,7 +85,9 @@ class SimulatedWorker:
         return Ready(self.wid, self.node, self.device, self.threads)
 
     def run(self, task, base) -> None:
+        from nps.pipeline.row_status import RowStatus
         from nps.pipeline.run.protocol import BaseResult, BaseTask, Progress, RowResult
+        from nps.pipeline.training.events import Result, StepProgress
         from nps.pipeline.run.worker import Stopped
 
         if isinstance(task, BaseTask):
@@ -101,7 +103,7 @@ class SimulatedWorker:
             done = min(1.0, (time.monotonic() - t0) / seconds)
             epoch = min(epochs, int(done * epochs) + 1)
             step = int((done * epochs - (epoch - 1)) * steps)
-            self.emit(Progress(self.wid, task.task_id, epoch, epochs, step, steps, 5000.0))
+            self.emit(Progress(self.wid, task.task_id, StepProgress(epoch, epochs, step, steps, len(task.rows), 5000.0)))
             if done >= 1.0:
                 break
             time.sleep(max(0.0, min(self.progress_s, seconds - (time.monotonic() - t0))) + 1e-3)
@@ -110,9 +112,9 @@ class SimulatedWorker:
             top1 = self.sim.base_top1 - 3.0 - 4.0 * random.Random(seed).random()
             weights = self._weights(task.task_id, row, int(sizes[row])) if task.wants_weights(top1) else None
             curve = tuple(np.linspace(top1 - 5.0, top1, epochs).tolist())
-            self.emit(RowResult(self.wid, task.task_id, task.space, row, "done", top1=top1, top5=99.0, loss=0.3,
-                                bn_top1=top1 - 20.0, curve=curve, train_s=seconds, cohort_size=len(task.rows),
-                                weights=weights))
+            result = Result((task.space, row), RowStatus.DONE, top1=top1, top5=99.0, loss=0.3, bn_top1=top1 - 20.0,
+                            curve=list(curve), train_s=seconds, cohort_size=len(task.rows))
+            self.emit(RowResult(self.wid, task.task_id, task.space, row, result, weights=weights))
 
 
 def _light(spec, sim: Simulation):
@@ -124,12 +126,12 @@ def make_pools(sim: Simulation):
     from nps.pipeline.run.ray_pool import RayPool
 
     class SimLocalPool(LocalPool):
-        def start(self, spec):
-            super().start(_light(spec, sim))
+        def start(self, spec, out_dir=""):
+            super().start(_light(spec, sim), out_dir)
 
     class SimRayPool(RayPool):
-        def start(self, spec):
-            super().start(_light(spec, sim))
+        def start(self, spec, out_dir=""):
+            super().start(_light(spec, sim), out_dir)
 
     return SimLocalPool, SimRayPool
 
@@ -152,9 +154,9 @@ class Recorder:
     def epoch(self, state, wid, text):
         self.inner.epoch(state, wid, text)
 
-    def row_finished(self, state, space, row, info):
+    def row_finished(self, state, row):
         self.marks.append((time.time(), time.process_time()))
-        self.inner.row_finished(state, space, row, info)
+        self.inner.row_finished(state, row)
 
     def stop(self, state):
         self.inner.stop(state)

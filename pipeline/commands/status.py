@@ -18,7 +18,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    from nps.pipeline.views.terminal import status_renderable
+    from nps.pipeline.views.status import status_renderable
 
     path = args.file
     if os.path.isdir(path):

@@ -1,4 +1,5 @@
-"""Reading torch files nps did not necessarily write: tensors only, and one line when a file is not what it should be.
+"""Checkpoints: reading torch files nps did not necessarily write (tensors only, one line when a file is not what it
+should be), and whether a state_dict fits a model.
 
 Every ``torch.load`` of nps goes through :func:`load_tensors`: ``weights_only=True`` (a pickle can run code, and a
 checkpoint may come from anywhere), with torch's multi-line advice to retry with ``weights_only=False`` replaced by a
@@ -45,3 +46,45 @@ def load_tensors(source, what: str, hint: str = ""):
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         name = "the checkpoint" if hasattr(source, "seek") else source
         raise NpsError(f"{what}: {name} {why_unloadable(source, exc)}" + (f"; {hint}" if hint else "")) from None
+
+
+def load_state_dict(path: str) -> dict:
+    """The state_dict in a checkpoint file: a bare state_dict, or one under ``model``/``state_dict``."""
+    obj = load_tensors(path, "model.checkpoint", "save the model's state_dict() with torch.save")
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise NpsError(f"model.checkpoint: {path} holds no state_dict")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+
+
+def checkpoint_mismatch(expected: dict, state: dict) -> str:
+    """Why ``state`` cannot be loaded into a model whose state_dict is ``expected`` ("" when it can)."""
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = []
+    if shapes:
+        parts.append(f"shape mismatch: {', '.join(shapes[:2])}")
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({', '.join(missing[:2])}, ...)")
+    if extra:
+        parts.append(f"{len(extra)} unexpected keys ({', '.join(extra[:2])}, ...)")
+    return "; ".join(parts)
+
+
+def check_checkpoint(path: str, model_name: str, num_classes: int, in_channels: int) -> dict:
+    """The checkpoint's state_dict, after checking it fits the configured model (NpsError naming model.checkpoint)."""
+    from nps.pipeline.network.models import build_model
+
+    model = build_model(model_name, num_classes=num_classes, in_channels=in_channels, device="meta")
+    state = load_state_dict(path)
+    problem = checkpoint_mismatch(model.state_dict(), state)
+    if problem:
+        raise NpsError(f"model.checkpoint: {path} does not match {model_name} with {num_classes} classes and "
+                       f"{in_channels} input channels ({problem})")
+    return state

@@ -428,8 +428,8 @@ def verify_subnetwork(path: str | os.PathLike, *, data_dir: str | os.PathLike | 
     """
     import torch
 
-    from nps.pipeline.training.engine import resolve_amp
-    from nps.pipeline.training.steps import evaluate
+    from nps.pipeline.training.devices import resolve_amp
+    from nps.pipeline.training.evaluation import evaluate
 
     ckpt = read_subnetwork(path)
     cfg = _parse_config(ckpt.get("config", ""), str(path))

@@ -58,12 +58,13 @@ import numpy as np
 from nps.pipeline import __version__ as NPS_VERSION
 from nps.pipeline.results import h5file
 from nps.pipeline.errors import NpsError
+from nps.pipeline.row_status import RowStatus
 from nps.pipeline.results.h5file import clear_consistency_flags  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-PENDING, RUNNING, DONE, FAILED = 0, 1, 2, 3
-STATUS_NAMES = {PENDING: "pending", RUNNING: "running", DONE: "done", FAILED: "failed"}
+PENDING, RUNNING, DONE, FAILED = RowStatus  # the codes of the status column
+STATUS_NAMES = {status: status.label for status in RowStatus}
 ERROR_BYTES = 256
 
 # Row fields given when recipes are sampled: name -> (dtype, has a per-group column axis).

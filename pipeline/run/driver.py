@@ -1,123 +1,242 @@
 """The driver: one experiment to completion or interruption, over any worker pool.
 
 It owns the results file (through the :class:`~nps.pipeline.run.ledger.RowLedger`), the files beside it (base.pt,
-weights/, log.jsonl) and the terminal; the pool only moves tasks and events. Its loop: poll the pool's events and
-apply them (results to the ledger, kept weights to disk, progress to the view), hand every idle worker the next
-task (the base network first, then cohorts of pending rows), and stop when the ledger has nothing left.
+weights/, log.jsonl) and the terminal (through its view); the pool only moves tasks, events and weights.
+:meth:`Driver.open` prepares a run (results.h5 created or reopened, missing spaces sampled, rows left running reset)
+and returns a complete driver; :meth:`Driver.run` owns the loop: poll the pool's events and apply them (results to
+the ledger, kept weights to disk, progress to the view), hand every idle worker the next task (the base network
+first, then cohorts of pending rows), and stop when the ledger has nothing left, then always end the same way:
+workers closed, rows still in flight back to pending, the file closed.
 
 Ctrl-C (SIGINT, or SIGTERM): the first asks the workers to stop after their current step, results that arrive
 meanwhile are still written, then every row in flight goes back to pending and the run returns ``interrupted``; a
 second one (or STOP_GRACE_S) ends the workers at once. SIGKILL needs nothing: rows left running are redone by the
-next run. ``out/log.jsonl`` gets one JSON line per event (start, base, dispatch, done, failed, requeue,
-worker_lost, two_stage, end): which row was trained when and where.
+next run. A failure of the machine (a full disk) stops the run the same way, then raises its one line.
 """
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
+import signal
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from nps.pipeline.errors import environment_error
+from nps.pipeline.errors import NpsError
 from nps.pipeline.experiment.plan import Plan
-from nps.pipeline.views.terminal import RunState, SpaceState, WorkerState
+from nps.pipeline.row_status import RowStatus
 from nps.pipeline.run import outputs, resume
 from nps.pipeline.run.ledger import RowLedger, row_cost
+from nps.pipeline.run.log import RunLog
 from nps.pipeline.run.pools import WorkerPool
 from nps.pipeline.run.protocol import (
     BaseResult, BaseTask, CohortTask, Note, Progress, Ready, RowResult, TaskEnd, WorkerFailed, WorkerLost,
-    WorkerStarted,
+    WorkerSpec, WorkerStarted,
 )
+from nps.pipeline.run.state import Outcome, RowFinished, RunState, RunView, WorkerState
+from nps.pipeline.training.events import EpochEnded
+from nps.pipeline.training.spec import AUTO_COHORT
 
 STOP_GRACE_S = 60.0  # after Ctrl-C, how long workers get to finish their step before they are ended
-AUTO_COHORT = {"cpu": 8, "cuda": 32}  # rows handed to a worker at once with cohort_size = "auto"
 MAX_BASE_ATTEMPTS = 2  # the base network's task is given again when its worker is lost, this often
 REFRESH_S = 0.25
+BATCH_S = 0.02  # after a row result, how long the driver collects more before it writes them
 
 
-@dataclass
-class Outcome:
-    """How a run ended."""
-
-    status: str  # "complete" or "interrupted"
-    results_path: str
-    spaces: list[SpaceState]
-    base_top1: float
-    elapsed_s: float
-    resumed: bool = False
-
-    @property
-    def done(self) -> int:
-        return sum(s.done for s in self.spaces)
-
-    @property
-    def failed(self) -> int:
-        return sum(s.failed for s in self.spaces)
-
-    @property
-    def pending(self) -> int:
-        return sum(s.pending + s.running for s in self.spaces)
-
-
-@dataclass
-class _Slot:
-    """A worker as the driver tracks it."""
-
-    node: str
-    device: str
-    ready: bool = False
-    task: int | None = None
-    stopped: bool = False
-    base: bool = False
-
-
-@dataclass
 class _Base:
-    todo: bool | None = None  # None: metrics stored; else whether to train (True) or evaluate (False)
-    in_flight: bool = False
-    attempts: int = 0
-    units: float = 0.0
-    fraction: float = 0.0
-    weights: object = None  # the pool's BaseWeights, once the base network exists
+    """The base network: what is left to do, and its weights once they exist."""
+
+    def __init__(self, todo: bool | None, units: float):
+        self.todo = todo  # None: metrics stored; else whether to train (True) or evaluate (False)
+        self.in_flight = False
+        self.attempts = 0
+        self.units = units
+        self.fraction = 0.0
+        self.weights = None  # the pool's BaseWeights, once the base network exists
 
 
-@dataclass
 class Driver:
-    plan: Plan
-    pool: WorkerPool
-    view: object
-    retry_failed: bool = False
-    state: RunState = field(init=False)
+    """One run of a validated experiment over a pool; make one with :meth:`open`, then :meth:`run` it."""
 
-    def __post_init__(self):
-        self.cfg = self.plan.config
-        self.state = RunState(self.cfg.experiment.name, self.plan.results_path)
-        self.store = self.ledger = self.weights = self.log_file = None
-        self.slots: dict[int, _Slot] = {}
+    def __init__(self, plan: Plan, pool: WorkerPool, view: RunView, state: RunState, store, ledger: RowLedger,
+                 weights: outputs.WeightsKeeper, log: RunLog, base: _Base, resumed: bool):
+        self.plan, self.cfg, self.pool, self.view, self.state = plan, plan.config, pool, view, state
+        self.store, self.ledger, self.weights, self.log, self.base, self.resumed = (store, ledger, weights, log, base,
+                                                                                  resumed)
         self.task_lease: dict[int, int] = {}
-        self.base = _Base()
         self.next_task = 0
         self.stopping, self.interrupts, self.stop_started = False, 0, 0.0
         self.fatal: WorkerFailed | None = None
         self.failure: str | None = None
         self._last_refresh = 0.0
-        self._sampled = {p.key for p in self.plan.spaces if p.kind == "sampled"}  # the spaces two-stage may extend
+        self._sampled = {p.key for p in plan.spaces if p.kind == "sampled"}  # the spaces two-stage may extend
 
-    # -- bookkeeping -------------------------------------------------------------------------------------------------
+    # -- opening -----------------------------------------------------------------------------------------------------
 
-    def _log(self, event: str, **fields) -> None:
-        if self.log_file is None:
-            return
+    @classmethod
+    def open(cls, plan: Plan, pool: WorkerPool, view: RunView, *, retry_failed: bool = False) -> "Driver":
+        """Open or create results.h5, sample missing spaces, reset rows left running; the view starts first, so
+        it shows the sampling."""
+        cfg = plan.config
+        state = RunState(cfg.experiment.name, plan.results_path, phase="opening results")
+        view.start(state)
+
+        def phase(text: str) -> None:
+            state.phase = text
+            view.update(state, force=True)
+
+        store = None
         try:
-            self.log_file.write(json.dumps({"t": round(time.time(), 3), "event": event, **fields}, default=float)
-                                + "\n")
-            self.log_file.flush()
-        except OSError as exc:  # a full disk: the run stops (the loop sees the failure); the log stays as it was
-            self.failure = self.failure or environment_error(exc, self.log_file.name) or f"log.jsonl: {exc}"
-            self.log_file = None
+            store, resumed = resume.open_results(plan)
+            sampled = resume.sample_missing_spaces(store, plan, progress=phase)
+            redone, retried = resume.reset_rows(store, retry_failed=retry_failed)
+            for name, count in retried.items():
+                view.note(f"{name}: {count} failed rows will be retried")
+            base_top1, todo = resume.base_state(store, plan)
+            ledger = RowLedger(store, base_top1=base_top1)
+            weights = outputs.WeightsKeeper(plan.results_path, cfg.output.keep_weights, cfg.output.top_k, pool)
+            default = resume.default_spec(plan)
+            for name in resume.space_order(store.spaces(), plan):
+                s = ledger.load(name, default)
+                weights.start_space(name, s.status, s.top1)
+            os.makedirs(cfg.experiment.out, exist_ok=True)
+            log = RunLog(cfg.experiment.out)
+        except BaseException:
+            if store is not None:
+                store.close()
+            view.stop(state)
+            raise
+        done = sum(s.done for s in ledger.states())
+        log.write("start", pid=os.getpid(), resumed=resumed, done=done, redo=redone, sampled=sampled,
+                  transport=pool.kind)
+        if resumed:
+            view.note(f"resuming {plan.results_path}: {done} subnetworks done are kept"
+                      + (f", {redone} left running by the last run are redone" if redone else ""))
+        state.base_top1 = base_top1
+        base = _Base(todo, 0.0 if todo is None else float(cfg.base.epochs) if todo else 0.2)
+        if todo is None:
+            base.weights = pool.base_weights(cfg.model.checkpoint or plan.base_path)
+        else:
+            state.base_note = "training the base network" if todo else "evaluating the base network"
+        return cls(plan, pool, view, state, store, ledger, weights, log, base, resumed)
+
+    # -- the run -----------------------------------------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        """Serve the workers until every row has finished ("complete") or a stop request ("interrupted"); always
+        close the pool and the file and put rows in flight back to pending."""
+        t0 = time.monotonic()
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        status = "failed"
+        try:
+            for sig in previous:
+                signal.signal(sig, self._on_signal)
+            status = self._loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._close(status, t0)
+        return Outcome(status, self.plan.results_path, self.ledger.states(), self.state.base_top1,
+                       time.monotonic() - t0, self.resumed)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.interrupts += 1
+        if self.interrupts == 1:
+            self._stop()
+        else:
+            self.pool.terminate()
+
+    def _stop(self) -> None:
+        self.stopping, self.stop_started = True, time.monotonic()
+        self.pool.request_stop()
+
+    def _spec(self) -> WorkerSpec:
+        p = self.plan
+        return WorkerSpec(p.config, p.table, p.resolution, p.in_channels, p.num_classes, p.meta["fingerprint"],
+                          logging.getLogger().level or logging.WARNING)
+
+    def _loop(self) -> str:
+        for name in list(self.ledger.spaces):  # spaces finished by an earlier run may still owe their two-stage space
+            if not self.ledger.spaces[name].open:
+                self._space_complete(name)
+        if self._finished():
+            return "complete"  # nothing to do: no worker needed
+        self.pool.start(self._spec(), os.path.dirname(os.path.abspath(self.plan.results_path)))
+        self._phase("starting workers (loading the dataset)")
+        while True:
+            self.handle(self._events())
+            if self.fatal is not None:
+                self._raise_failure()
+            self.failure = self.failure or self.log.failure
+            if self.failure and not self.stopping:  # e.g. a full disk: stop as Ctrl-C does, then say why
+                self._stop()
+            if self.stopping:
+                if not any(w.task is not None for w in self.state.workers.values()):
+                    self._raise_failure()
+                    return "interrupted"
+                if time.monotonic() - self.stop_started > STOP_GRACE_S:
+                    self.pool.terminate()
+                self._phase("stopping: waiting for the workers to finish their step")
+                continue
+            if self._finished():
+                return "complete"
+            if self.pool.exhausted():
+                raise NpsError("every worker is gone (see the lines above); the same command resumes")
+            self.dispatch()
+            workers = self.state.workers.values()
+            self.state.phase = ("training the base network" if any(w.base for w in workers)
+                                else "retraining subnetworks" if any(w.task is not None for w in workers)
+                                else "starting workers (loading the dataset)" if not any(w.ready for w in workers)
+                                else "waiting for workers")
+            self._refresh()
+
+    def _events(self) -> list:
+        """The events that arrived; once a row result is among them, those of the next BATCH_S too: results come in
+        bursts (a cohort ends all its rows at once, a fleet ends many cohorts a second) and the ledger writes each
+        batch as one group per space, two flushes for all (tools/bench_dispatch.py)."""
+        events = self.pool.poll(0.1)
+        if any(isinstance(e, RowResult) for e in events):
+            deadline = time.monotonic() + BATCH_S
+            while (left := deadline - time.monotonic()) > 0:
+                more = self.pool.poll(left)
+                if not more:
+                    break
+                events += more
+        return events
+
+    def _finished(self) -> bool:
+        return self.base.todo is None and self.ledger.finished()
+
+    def _raise_failure(self) -> None:
+        if self.fatal is not None:
+            if self.fatal.user_error:
+                raise NpsError(self.fatal.error)
+            raise RuntimeError(f"a worker failed: {self.fatal.error}\n--- the worker's traceback ---\n"
+                               f"{self.fatal.detail}")
+        if self.failure:
+            raise NpsError(self.failure)
+
+    def _close(self, status: str, t0: float) -> None:
+        try:
+            # interrupted: every worker ended its step and exits; a run stopped by a failure ends the workers at
+            # once only when one is still working (a full disk stops the run between tasks: they all exit cleanly)
+            busy = any(w.task is not None for w in self.state.workers.values())
+            clean = status in ("complete", "interrupted") or not busy
+            if not clean:
+                self.pool.terminate()
+            self.pool.close(timeout=10.0 if clean else 2.0)
+        finally:
+            try:
+                self.ledger.release_in_flight()  # rows in flight go back to pending
+            finally:
+                self.store.close()
+            self.log.write("end", status=status, elapsed_s=round(time.monotonic() - t0, 2))
+            self.log.close()
+            self.state.spaces = {s.name: s for s in self.ledger.states()}
+            self.view.stop(self.state)
+
+    # -- the view ----------------------------------------------------------------------------------------------------
 
     def _phase(self, text: str) -> None:
         self.state.phase = text
@@ -128,55 +247,20 @@ class Driver:
         if not force and now - self._last_refresh < REFRESH_S:
             return
         self._last_refresh = now
-        if self.ledger is not None:
-            self.state.spaces = {s.name: s for s in self.ledger.states()}
-            done, total = self.ledger.work()
-            expected = sum(self.cfg.two_stage.top_k * row_cost(self.cfg.two_stage.full_epochs,
-                                                                p.value if p.target == "c_flops" else 0.5)
-                           for p in self.plan.spaces if p.kind == "sampled" and self._owes_top(p.key))
-            base_done = self.base.units * (1.0 if self.base.todo is None else self.base.fraction)
-            self.state.work_total = total + expected + self.base.units
-            self.state.work_done = done + base_done
+        self.state.spaces = {s.name: s for s in self.ledger.states()}
+        done, total = self.ledger.work()
+        expected = sum(self.cfg.two_stage.top_k * row_cost(self.cfg.two_stage.full_epochs,
+                                                            p.value if p.target == "c_flops" else 0.5)
+                       for p in self.plan.spaces if p.kind == "sampled" and self._owes_top(p.key))
+        base_done = self.base.units * (1.0 if self.base.todo is None else self.base.fraction)
+        self.state.work_total = total + expected + self.base.units
+        self.state.work_done = done + base_done
         self.view.update(self.state, force=force)
 
     def _owes_top(self, key: str) -> bool:
         from nps.kernels.spaces import TOP_SUFFIX
 
         return self.cfg.two_stage.enabled and key + TOP_SUFFIX not in self.ledger.spaces
-
-    # -- setup -------------------------------------------------------------------------------------------------------
-
-    def prepare(self) -> bool:
-        """Open or create results.h5, sample missing spaces, reset running rows; True when resumed."""
-        plan = self.plan
-        self.state.phase = "opening results"
-        self.store, resumed = resume.open_results(plan)
-        sampled = resume.sample_missing_spaces(self.store, plan, progress=self._phase)
-        redone, retried = resume.reset_rows(self.store, retry_failed=self.retry_failed)
-        for name, count in retried.items():
-            self.view.note(f"{name}: {count} failed rows will be retried")
-        base_top1, self.base.todo = resume.base_state(self.store, plan)
-        self.ledger = RowLedger(self.store, base_top1=base_top1)
-        self.weights = outputs.WeightsKeeper(plan.results_path, self.cfg.output.keep_weights, self.cfg.output.top_k)
-        default = resume.default_spec(plan)
-        for name in resume.space_order(self.store.spaces(), plan):
-            s = self.ledger.load(name, default)
-            self.weights.start_space(name, s.status, s.top1)
-        os.makedirs(self.cfg.experiment.out, exist_ok=True)
-        self.log_file = open(os.path.join(self.cfg.experiment.out, "log.jsonl"), "a", encoding="utf-8")
-        done = sum(s.done for s in self.ledger.states())
-        self._log("start", pid=os.getpid(), resumed=resumed, done=done, redo=redone, sampled=sampled,
-                  transport=self.pool.kind)
-        if resumed:
-            self.view.note(f"resuming {plan.results_path}: {done} subnetworks done are kept"
-                           + (f", {redone} left running by the last run are redone" if redone else ""))
-        self.state.base_top1 = base_top1
-        if self.base.todo is None:
-            self.base.weights = self.pool.base_weights(self.cfg.model.checkpoint or plan.base_path)
-        else:
-            self.base.units = float(self.cfg.base.epochs) if self.base.todo else 0.2
-            self.state.base_note = "training the base network" if self.base.todo else "evaluating the base network"
-        return resumed
 
     # -- events ------------------------------------------------------------------------------------------------------
 
@@ -196,38 +280,35 @@ class Driver:
 
         def keep_weights(accepted: list[RowResult]) -> None:  # before the status says done
             for r in accepted:
-                if r.status == "done" and not self.weights.add(r.space, r.row, r.top1, r.weights):
+                if r.result.ok and not self.weights.add(r.space, r.row, r.result.top1, r.weights):
                     self.view.note(f"{r.space} row {r.row}: its weights were lost with its worker's node before "
                                    "the driver fetched them; the row's results are kept, without weights")
-                    self._log("weights_lost", space=r.space, row=r.row, worker=r.worker)
+                    self.log.write("weights_lost", space=r.space, row=r.row, worker=r.worker)
 
         accepted = self.ledger.finish(results, self.task_lease, before_commit=keep_weights)
         taken = {id(r) for r in accepted}
         for r in results:  # refused (a late duplicate): its staged weights go
             if id(r) not in taken and r.weights is not None:
-                outputs.release_weights(r.weights)
+                self.pool.release_weights(r.weights)
         for r in accepted:
-            c_flops = float(self.ledger.spaces[r.space].c_flops[r.row])
-            slot = self.slots.get(r.worker)
-            where = {"worker": r.worker, "node": slot.node if slot else "", "device": slot.device if slot else ""}
-            if r.status == "done":
-                info = {"status": "done", "top1": r.top1, "top5": r.top5, "bn_top1": r.bn_top1,
-                        "acc_drop": self.ledger.base_top1 - r.top1, "c_flops": c_flops, "train_s": r.train_s}
-            else:
-                info = {"status": "failed", "error": r.error, "c_flops": c_flops}
-            self._row_finished(r.space, r.row, {**info, **where})
+            w = self.state.workers.get(r.worker)
+            res = r.result
+            self._row_finished(RowFinished(
+                r.space, r.row, res.status, float(self.ledger.spaces[r.space].c_flops[r.row]), top1=res.top1,
+                top5=res.top5, bn_top1=res.bn_top1, acc_drop=self.ledger.base_top1 - res.top1, train_s=res.train_s,
+                error=res.error, worker=r.worker, node=w.node if w else "", device=w.device if w else ""))
         for space in {r.space for r in accepted}:
             self._maybe_complete(space)
 
-    def _row_finished(self, space: str, row: int, info: dict) -> None:
-        self._log(info["status"], space=space, row=row, **{k: v for k, v in info.items() if k != "status"})
-        self.state.spaces[space] = self.ledger.state(space)
-        self.view.row_finished(self.state, space, row, info)
+    def _row_finished(self, row: RowFinished) -> None:
+        self.log.row(row)
+        self.state.spaces[row.space] = self.ledger.state(row.space)
+        self.view.row_finished(self.state, row)
 
     def _rows_failed(self, space: str, rows: list[int], reason: str) -> None:
         for row in rows:
-            c_flops = float(self.ledger.spaces[space].c_flops[row])
-            self._row_finished(space, row, {"status": "failed", "error": reason, "c_flops": c_flops})
+            self._row_finished(RowFinished(space, row, RowStatus.FAILED,
+                                           float(self.ledger.spaces[space].c_flops[row]), error=reason))
         self._maybe_complete(space)
 
     def _maybe_complete(self, space: str) -> None:
@@ -235,32 +316,33 @@ class Driver:
             self._space_complete(space)
 
     def _on_WorkerStarted(self, e: WorkerStarted) -> None:
-        self.slots[e.worker] = _Slot(e.node, e.device)
         self.state.workers[e.worker] = WorkerState(e.device, node=e.node)
 
     def _on_Ready(self, e: Ready) -> None:
-        slot = self.slots.get(e.worker)
-        if slot is not None:
-            slot.ready, slot.node, slot.device = True, e.node, e.device
-            ws = self.state.workers[e.worker]
-            ws.phase, ws.node, ws.device = "idle", e.node, e.device
-            self._log("ready", worker=e.worker, node=e.node, device=e.device, threads=e.threads)
+        w = self.state.workers.get(e.worker)
+        if w is not None:
+            w.ready, w.phase, w.node, w.device = True, "idle", e.node, e.device
+            self.log.write("ready", worker=e.worker, node=e.node, device=e.device, threads=e.threads)
 
     def _on_Progress(self, e: Progress) -> None:
-        ws = self.state.workers.get(e.worker)
-        if ws is None:
+        w = self.state.workers.get(e.worker)
+        if w is None:
             return
-        ws.epoch, ws.epochs, ws.step, ws.steps, ws.img_per_s = e.epoch, e.epochs, e.step, e.steps, e.img_per_s
-        fraction = min(1.0, max(0.0, ((e.epoch - 1) + (e.step / e.steps if e.steps else 0)) / max(e.epochs, 1)))
+        p = e.event
+        done_steps = p.steps if isinstance(p, EpochEnded) else p.step
+        w.epoch, w.epochs, w.step, w.steps, w.img_per_s = p.epoch, p.epochs, done_steps, p.steps, p.img_per_s
+        fraction = min(1.0, max(0.0, ((p.epoch - 1) + (done_steps / p.steps if p.steps else 0)) / max(p.epochs, 1)))
         lease = self.ledger.leases.get(self.task_lease.get(e.task_id, -1))
         if lease is not None:
             lease.fraction = fraction
-        elif self.slots[e.worker].base:
+        elif w.base:
             self.base.fraction = fraction
-            if e.epoch_end:
-                self.view.epoch(self.state, e.worker, f"base epoch {e.epoch}/{e.epochs}: train loss "
-                                                      f"{e.train_loss:.3f}, val top-1 {e.val_top1:.2f} "
-                                                      f"({e.img_per_s:,.0f} img/s)")
+            if isinstance(p, EpochEnded):
+                losses, tops = list(p.train_loss.values()), list(p.val_top1.values())
+                loss = float(np.mean(losses)) if losses else math.nan
+                top1 = float(np.max(tops)) if tops else math.nan
+                self.view.epoch(self.state, e.worker, f"base epoch {p.epoch}/{p.epochs}: train loss {loss:.3f}, val "
+                                                      f"top-1 {top1:.2f} ({p.img_per_s:,.0f} img/s)")
 
     def _on_BaseResult(self, e: BaseResult) -> None:
         path = self.cfg.model.checkpoint or self.plan.base_path
@@ -274,60 +356,54 @@ class Driver:
         self.base.weights = self.pool.base_weights(path)
         what = "trained" if e.trained else "evaluated"
         self.view.note(f"base network {what} in {e.seconds:.0f}s: top-1 {e.top1:.2f}, top-5 {e.top5:.2f}")
-        self._log("base_done", worker=e.worker, top1=e.top1, top5=e.top5, loss=e.loss, trained=e.trained,
-                  seconds=e.seconds)
+        self.log.write("base_done", worker=e.worker, top1=e.top1, top5=e.top5, loss=e.loss, trained=e.trained,
+                       seconds=e.seconds)
 
     def _on_TaskEnd(self, e: TaskEnd) -> None:
-        slot = self.slots.get(e.worker)
+        w = self.state.workers.get(e.worker)
         lease_id = self.task_lease.pop(e.task_id, None)
         lease = self.ledger.leases.get(lease_id) if lease_id is not None else None
         if e.environment:
             self.failure = self.failure or e.error
-            self._log("task_environment", worker=e.worker, error=e.error)
+            self.log.write("task_environment", worker=e.worker, error=e.error)
         if lease is not None:
             if e.stopped or e.environment:
                 self.ledger.release(lease.id)
             elif e.error:
-                self.view.note(f"[{slot.node if slot else '?'} {slot.device if slot else '?'}] a cohort failed: "
-                               f"{e.error}")
-                self._log("task_error", worker=e.worker, error=e.error, detail=e.detail)
+                self.view.note(f"[{w.node if w else '?'} {w.device if w else '?'}] a cohort failed: {e.error}")
+                self.log.write("task_error", worker=e.worker, error=e.error, detail=e.detail)
                 self._rows_failed(lease.space, self.ledger.fail(lease.id, e.error), e.error)
             else:
                 reason = "the worker returned no result for this row"
                 self._rows_failed(lease.space, self.ledger.requeue(lease.id, reason), reason)
-        if slot is not None:
-            if slot.base and self.base.todo is not None:
+        if w is not None:
+            if w.base and self.base.todo is not None:
                 self.base.in_flight = False
-            slot.task, slot.base, slot.stopped = None, False, e.stopped
-            ws = self.state.workers[e.worker]
-            ws.phase = "stopped" if e.stopped else "idle"
-            ws.space, ws.rows, ws.epochs, ws.img_per_s = "", [], 0, math.nan
+            w.stopped = e.stopped
+            w.idle()
 
     def _on_WorkerFailed(self, e: WorkerFailed) -> None:
         self.fatal = self.fatal or e
 
     def _on_WorkerLost(self, e: WorkerLost) -> None:
-        slot = self.slots.pop(e.worker, None)
-        self.state.workers.pop(e.worker, None)
-        if slot is None:
+        w = self.state.workers.pop(e.worker, None)
+        if w is None:
             return
-        self._log("worker_lost", worker=e.worker, node=slot.node, device=slot.device, reason=e.reason)
-        if slot.task is None or self.stopping:
-            if slot.task is not None:
-                lease_id = self.task_lease.pop(slot.task, None)
-                if lease_id is not None:
-                    self.ledger.release(lease_id)
+        self.log.write("worker_lost", worker=e.worker, node=w.node, device=w.device, reason=e.reason)
+        lease_id = self.task_lease.pop(w.task, None) if w.task is not None else None
+        if w.task is None or self.stopping:
+            if lease_id is not None:
+                self.ledger.release(lease_id)
             return
         self.view.note(f"{e.reason}; its rows are queued again")
-        lease_id = self.task_lease.pop(slot.task, None)
         if lease_id is not None:
             lease = self.ledger.leases.get(lease_id)
             space = lease.space if lease else ""
             failed = self.ledger.requeue(lease_id, e.reason)
-            self._log("requeue", worker=e.worker, space=space, failed=failed)
+            self.log.write("requeue", worker=e.worker, space=space, failed=failed)
             if failed:
                 self._rows_failed(space, failed, e.reason)
-        if slot.base and self.base.todo is not None:
+        if w.base and self.base.todo is not None:
             self.base.in_flight = False
             self.base.attempts += 1
             if self.base.attempts >= MAX_BASE_ATTEMPTS:
@@ -338,10 +414,10 @@ class Driver:
 
     # -- dispatch ----------------------------------------------------------------------------------------------------
 
-    def _cohort_k(self, slot: _Slot, idle_workers: int) -> int:
+    def _cohort_k(self, w: WorkerState, idle_workers: int) -> int:
         k = self.cfg.retrain.cohort_size
         if k == "auto":
-            k = AUTO_COHORT["cuda" if slot.device.startswith("cuda") else "cpu"]
+            k = AUTO_COHORT["cuda" if w.device.startswith("cuda") else "cpu"]
         return max(1, min(int(k), -(-self.ledger.pending() // max(1, idle_workers))))
 
     def dispatch(self) -> None:
@@ -353,20 +429,20 @@ class Driver:
 
     def _hand_out(self) -> int:
         leases = 0
-        idle = [(wid, s) for wid, s in self.slots.items() if s.ready and s.task is None and not s.stopped]
-        working = sum(1 for s in self.slots.values() if s.ready and not s.stopped)
-        for wid, slot in idle:
+        workers = self.state.workers
+        idle = [(wid, w) for wid, w in workers.items() if w.ready and w.task is None and not w.stopped]
+        working = sum(1 for w in workers.values() if w.ready and not w.stopped)
+        for wid, w in idle:
             if self.base.todo is not None:
                 if self.base.in_flight:
                     return leases  # cohorts wait for the base network
                 weights = None if self.base.todo else self.pool.base_weights(self.cfg.model.checkpoint)
                 self.next_task += 1
                 self.pool.submit(wid, BaseTask(self.next_task, self.base.todo), weights)
-                slot.task, slot.base, self.base.in_flight = self.next_task, True, True
-                self.state.workers[wid].phase = "base network"
-                self._log("base", worker=wid, node=slot.node, device=slot.device)
+                w.task, w.base, w.phase, self.base.in_flight = self.next_task, True, "base network", True
+                self.log.write("base", worker=wid, node=w.node, device=w.device)
                 continue
-            lease = self.ledger.take(self._cohort_k(slot, working), wid, flush=False)
+            lease = self.ledger.take(self._cohort_k(w, working), wid, flush=False)
             if lease is None:
                 return leases
             leases += 1
@@ -378,16 +454,14 @@ class Driver:
                               tuple(int(x) for x in s.seed[rows]), s.spec, k_arg, self.weights.wanted,
                               self.weights.threshold(lease.space))
             self.task_lease[task.task_id] = lease.id
-            slot.task = task.task_id
             self.pool.submit(wid, task, self.base.weights)
-            ws = self.state.workers[wid]
-            ws.phase, ws.space, ws.rows = "cohort", lease.space, list(lease.rows)
-            ws.epoch, ws.epochs, ws.step, ws.steps, ws.img_per_s = 0, s.epochs, 0, 0, math.nan
-            self._log("dispatch", space=lease.space, rows=list(lease.rows), worker=wid, node=slot.node,
-                      device=slot.device)
+            w.task, w.phase, w.space, w.rows = task.task_id, "cohort", lease.space, list(lease.rows)
+            w.epoch, w.epochs, w.step, w.steps, w.img_per_s = 0, s.epochs, 0, 0, math.nan
+            self.log.write("dispatch", space=lease.space, rows=list(lease.rows), worker=wid, node=w.node,
+                           device=w.device)
         return leases
 
-    # -- two-stage and weights ---------------------------------------------------------------------------------------
+    # -- two-stage ---------------------------------------------------------------------------------------------------
 
     def _space_complete(self, space: str) -> None:
         from nps.kernels.spaces import TOP_SUFFIX
@@ -406,5 +480,6 @@ class Driver:
         attrs = outputs.top_space_attrs(self.store, space, chosen, t.top_k)
         added = self.ledger.add_space(top, rows, outputs.top_space_spec(s.spec, t.full_epochs), attrs)
         self.weights.start_space(top, added.status, added.top1)
-        self._log("two_stage", space=space, top=top, parent_rows=chosen.tolist())
+        self.log.write("two_stage", space=space, top=top, parent_rows=chosen.tolist())
         self.view.note(f"{space}: rows {', '.join(map(str, chosen))} go on to {t.full_epochs} epochs in {top}")
+

@@ -26,10 +26,13 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from nps.pipeline.views.terminal import SpaceState
+from nps.pipeline.row_status import RowStatus
 from nps.pipeline.run.protocol import RowResult
+from nps.pipeline.run.state import SpaceState
 from nps.pipeline.training.spec import SpaceSpec
-from nps.pipeline.results.store import DONE, FAILED, PENDING, RUNNING, ResultsStore
+from nps.pipeline.results.store import ResultsStore
+
+PENDING, RUNNING, DONE, FAILED = RowStatus
 
 MAX_ATTEMPTS = 2  # a row whose worker died this often while training it is marked failed
 
@@ -54,7 +57,6 @@ class SpaceRows:
     pending: collections.deque = field(default_factory=collections.deque)
     counts: np.ndarray = field(default_factory=lambda: np.zeros(4, dtype=np.int64))
     attempts: collections.Counter = field(default_factory=collections.Counter)
-    best_row: int = -1
 
     @property
     def epochs(self) -> int:
@@ -102,9 +104,6 @@ class RowLedger:
                          cols["c_flops"], np.array([row_cost(spec.retrain.epochs, c) for c in cols["c_flops"]]))
         rows.counts = np.bincount(status, minlength=4)[:4].astype(np.int64)
         rows.pending.extend(int(r) for r in np.flatnonzero(status == PENDING))
-        done = np.flatnonzero(status == DONE)
-        if done.size and np.isfinite(rows.top1[done]).any():
-            rows.best_row = int(done[np.nanargmax(rows.top1[done])])
         self.spaces[name] = rows
         return rows
 
@@ -161,17 +160,16 @@ class RowLedger:
             before_commit([r for group in accepted.values() for r in group])
         for space, group in accepted.items():
             s = self.spaces[space]
-            self.store.record(space, [r.row for r in group], done=[r.status == "done" for r in group],
-                              top1=[r.top1 for r in group], top5=[r.top5 for r in group],
-                              loss=[r.loss for r in group], bn_top1=[r.bn_top1 for r in group],
-                              train_s=[r.train_s for r in group], curves=[r.curve for r in group],
-                              errors=[r.error for r in group])
+            results = [r.result for r in group]
+            self.store.record(space, [r.row for r in group], done=[r.ok for r in results],
+                              top1=[r.top1 for r in results], top5=[r.top5 for r in results],
+                              loss=[r.loss for r in results], bn_top1=[r.bn_top1 for r in results],
+                              train_s=[r.train_s for r in results], curves=[r.curve for r in results],
+                              errors=[r.error for r in results])
             for r in group:
-                self._move(s, np.array([r.row]), DONE if r.status == "done" else FAILED)
-                if r.status == "done":
-                    s.top1[r.row] = r.top1
-                    if math.isfinite(r.top1) and (s.best_row < 0 or not r.top1 <= s.top1[s.best_row]):
-                        s.best_row = r.row
+                self._move(s, np.array([r.row]), DONE if r.result.ok else FAILED)
+                if r.result.ok:
+                    s.top1[r.row] = r.result.top1
         self._close_empty()
         return [r for group in accepted.values() for r in group]
 
@@ -251,17 +249,7 @@ class RowLedger:
     def state(self, name: str) -> SpaceState:
         """The live view's summary of a space, read from the ledger."""
         s = self.spaces[name]
-        c = s.counts
-        state = SpaceState(name, total=int(s.status.size), pending=int(c[PENDING]), running=int(c[RUNNING]),
-                           done=int(c[DONE]), failed=int(c[FAILED]), epochs=s.epochs)
-        if s.best_row >= 0:
-            state.best_row, state.best_top1 = s.best_row, float(s.top1[s.best_row])
-            state.best_drop = self.base_top1 - state.best_top1
-        done = s.top1[s.status == DONE]
-        done = done[np.isfinite(done)]
-        if done.size:
-            state.median_drop = float(np.median(self.base_top1 - done))
-        return state
+        return SpaceState.from_rows(name, s.status, s.top1, self.base_top1, s.epochs)
 
     def states(self) -> list[SpaceState]:
         return [self.state(name) for name in self.spaces]

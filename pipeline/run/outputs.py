@@ -3,7 +3,8 @@
 Kept weights (``[output] keep_weights``) arrive with row results, as the bytes of their ``.pt`` file or staged where
 the worker made them (:class:`~nps.pipeline.run.protocol.StagedWeights`), and are put at
 ``weights/<space key>/<row>.pt`` (the layout :mod:`nps.pipeline.results.export` reads) by :class:`WeightsKeeper`: bytes are
-written, a staged file is moved, a Ray object is fetched; weights it does not keep are released unread. With ``topk`` it keeps a space's ``top_k`` rows by top-1 as results come in: a row outside
+written, a staged file is moved, an object in a transport's store is fetched (the pool does the moving); weights it
+does not keep are released unread. With ``topk`` it keeps a space's ``top_k`` rows by top-1 as results come in: a row outside
 the current top-k can never enter it later (only better rows can push rows out), so its weights are never written,
 and a row pushed out loses its file at once. A space's end trims once more from the file, which also covers weights
 left by an earlier run.
@@ -40,42 +41,6 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def release_weights(weights) -> None:
-    """Weights the driver does not keep: a staged file is removed (a Ray object is freed with its reference)."""
-    path = getattr(weights, "path", "")
-    if path:
-        try:
-            os.remove(path)
-        except OSError:
-            pass
-
-
-def commit_weights(weights, path: Path) -> bool:
-    """Put a row's weights at ``path`` atomically; False when staged weights are gone (their Ray node died)."""
-    if isinstance(weights, (bytes, bytearray)):
-        write_atomic(path, bytes(weights))
-        return True
-    if weights.path:  # a file on this machine: moved into place, never copied
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(weights.path, path)
-        except OSError:  # gone, or another filesystem
-            if not os.path.exists(weights.path):
-                return False
-            with open(weights.path, "rb") as fh:
-                write_atomic(path, fh.read())
-            release_weights(weights)
-        return True
-    import ray
-
-    try:
-        data = ray.get(weights.ref, timeout=120)
-    except Exception:  # noqa: BLE001 - the object's owner (the actor) or its node died
-        return False
-    write_atomic(path, data)
-    return True
-
-
 def _rank_key(top1: float, row: int) -> tuple[float, int]:
     """Sort key of the top-k: higher top-1 first, then the lower row (NaN ranks last)."""
     return (-(top1 if np.isfinite(top1) else -1.0), int(row))
@@ -84,8 +49,9 @@ def _rank_key(top1: float, row: int) -> tuple[float, int]:
 class WeightsKeeper:
     """Writes and removes ``weights/<space>/<row>.pt`` by the ``keep_weights`` policy."""
 
-    def __init__(self, results_path: str, policy: str, top_k: int):
+    def __init__(self, results_path: str, policy: str, top_k: int, pool):
         self.results_path, self.policy, self.top_k = results_path, policy, int(top_k)
+        self.pool = pool  # moves (or fetches) the weights it keeps, releases the others
         self._kept: dict[str, dict[int, float]] = {}
 
     @property
@@ -123,7 +89,7 @@ class WeightsKeeper:
         if weights is None:
             return True
         if self.policy == "none":
-            release_weights(weights)
+            self.pool.release_weights(weights)
             return True
         kept = self._kept.setdefault(space, {})
         top1 = float(np.float32(top1))  # ranked as the file stores it, so the final trim agrees
@@ -131,10 +97,10 @@ class WeightsKeeper:
         if self.policy == "topk":
             ranked = sorted([*kept.items(), (row, top1)], key=lambda rt: _rank_key(rt[1], rt[0]))
             if row not in [r for r, _ in ranked[: self.top_k]]:
-                release_weights(weights)
+                self.pool.release_weights(weights)
                 return True
             pushed_out = [r for r, _ in ranked[self.top_k:]]
-        if not commit_weights(weights, self._path(space, row)):
+        if not self.pool.commit_weights(weights, self._path(space, row)):
             return False
         for r in pushed_out:
             self._remove(space, r)

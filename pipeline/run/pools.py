@@ -8,20 +8,25 @@ them and reports workers it started or lost. :class:`LocalPool` runs one spawned
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from nps.pipeline.run.outputs import write_atomic
 from nps.pipeline.run.protocol import BaseWeights, Event, Task, WorkerLost, WorkerSpec, WorkerStarted
 
 log = logging.getLogger(__name__)
 
+STAGING_DIR = ".staging"  # beside results.h5: where local workers leave row weights for the driver
 MAX_RESTARTS = 3  # worker processes restarted per device after a crash
 ALIVE_S = 0.5  # how often poll looks for dead worker processes (a waitpid each: with 256 workers it adds up)
 
@@ -32,8 +37,9 @@ class WorkerPool(abc.ABC):
     kind = "pool"
 
     @abc.abstractmethod
-    def start(self, spec: WorkerSpec) -> None:
-        """Start the workers (they announce themselves with WorkerStarted, then Ready)."""
+    def start(self, spec: WorkerSpec, out_dir: str = "") -> None:
+        """Start the workers (they announce themselves with WorkerStarted, then Ready); ``out_dir`` is where the
+        run's files live (a pool on this machine stages row weights beside them)."""
 
     @abc.abstractmethod
     def submit(self, worker: int, task: Task, base: BaseWeights | None) -> None:
@@ -62,6 +68,36 @@ class WorkerPool(abc.ABC):
     def base_weights(self, path: str) -> BaseWeights:
         """The base network at ``path`` (on the driver's machine) as this pool's workers can receive it."""
         return BaseWeights.from_file(path, embed=False)
+
+    # -- row weights: the pool moves them, the driver decides which to keep -----------------------------------------
+
+    def commit_weights(self, weights, path: Path) -> bool:
+        """Put a row's weights (bytes, or staged by a worker) at ``path`` atomically; False when they are gone (the
+        node that held them died)."""
+        if isinstance(weights, (bytes, bytearray)):
+            write_atomic(path, bytes(weights))
+            return True
+        if not weights.path:
+            raise TypeError(f"{type(self).__name__} cannot fetch {weights!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # a file on this machine: moved into place, never copied
+            os.replace(weights.path, path)
+        except OSError:  # gone, or another filesystem
+            if not os.path.exists(weights.path):
+                return False
+            with open(weights.path, "rb") as fh:
+                write_atomic(path, fh.read())
+            self.release_weights(weights)
+        return True
+
+    def release_weights(self, weights) -> None:
+        """Weights the driver does not keep: a staged file is removed (an object in a store goes with its handle)."""
+        path = getattr(weights, "path", "")
+        if path:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -133,6 +169,7 @@ class LocalPool(WorkerPool):
         self.stop_event = None
         self.spec: WorkerSpec | None = None
         self.stopping = False
+        self.staging = ""
         self._next = 0
         self._checked = 0.0
 
@@ -161,7 +198,12 @@ class LocalPool(WorkerPool):
         self.procs[wid] = _Process(wid, device, threads, process, tasks, restarts)
         self.events.append(WorkerStarted(wid, self.node, device))
 
-    def start(self, spec: WorkerSpec) -> None:
+    def start(self, spec: WorkerSpec, out_dir: str = "") -> None:
+        if out_dir:  # row weights wait beside results.h5, so the ones the driver keeps are moved, not copied
+            self.staging = os.path.join(out_dir, STAGING_DIR)
+            shutil.rmtree(self.staging, ignore_errors=True)  # a killed run's leftovers
+            os.makedirs(self.staging)
+            spec = dataclasses.replace(spec, staging=self.staging)
         self.spec = spec
         self.results = self.ctx.Queue()
         self.stop_event = self.ctx.Event()
@@ -223,6 +265,8 @@ class LocalPool(WorkerPool):
         for p in self.procs.values():
             p.process.join(5)
         self._drain()
+        if self.staging:  # weights of rows not kept, or not finished
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def _drain(self) -> None:
         """Empty the result queue (a process cannot exit while its queue's feeder thread holds data)."""

@@ -20,10 +20,12 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 
+from nps.pipeline.row_status import RowStatus
+from nps.pipeline.training.events import EpochEnded, Result, StepProgress
 from nps.pipeline.training.spec import SpaceSpec
 
 
@@ -44,25 +46,25 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class BaseWeights:
-    """The base network's weights as a worker receives them: a file it can read (workers on the driver's machine) or
-    that file's bytes (Ray: through the object store, so no node needs the driver's files). ``key`` names the
-    content, so a worker loads each version once."""
+    """The base network's weights as a worker receives them: a file it can read (workers on the driver's machine),
+    that file's bytes, or a handle of the transport's object store that the worker's side of the pool turns into
+    ``fetch`` (Ray: the bytes go through the object store once, so no node needs the driver's files). ``key``
+    names the content, so a worker loads each version once."""
 
     key: str
     path: str = ""
     data: bytes | None = field(default=None, repr=False)
-    ref: Any = None  # a Ray ObjectRef of ``data``: fetched by the worker only when it does not hold ``key`` yet
+    ref: Any = None  # the transport's handle of ``data`` (a Ray ObjectRef), resolved by the pool, never by nps code
+    fetch: Callable[[], bytes] | None = field(default=None, repr=False, compare=False)
 
     def open(self):
-        """The checkpoint as something ``torch.load`` reads: the bytes (fetched once from Ray), else the path."""
+        """The checkpoint as something ``torch.load`` reads: the bytes (fetched once), else the path."""
         import io
 
         if self.data is not None:
             return io.BytesIO(self.data)
-        if self.ref is not None:
-            import ray
-
-            return io.BytesIO(ray.get(self.ref))
+        if self.fetch is not None:
+            return io.BytesIO(self.fetch())
         return self.path
 
     @classmethod
@@ -137,18 +139,13 @@ class Ready:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where the worker's task is; sent at most a few times a second, and after every epoch (``epoch_end``)."""
+    """Where the worker's task is: the engine's own event, forwarded unchanged (a
+    :class:`~nps.pipeline.training.events.StepProgress` at most a few times a second, and every
+    :class:`~nps.pipeline.training.events.EpochEnded`)."""
 
     worker: int
     task_id: int
-    epoch: int
-    epochs: int
-    step: int
-    steps: int
-    img_per_s: float
-    epoch_end: bool = False
-    train_loss: float = float("nan")
-    val_top1: float = float("nan")
+    event: StepProgress | EpochEnded
 
 
 @dataclass(frozen=True)
@@ -164,23 +161,19 @@ class StagedWeights:
 
 @dataclass(frozen=True)
 class RowResult:
-    """One subnetwork finished (``status`` "done") or failed; ``weights`` is its ``.pt`` file when asked for (bytes,
-    or where the worker staged them)."""
+    """One subnetwork finished: the engine's :class:`~nps.pipeline.training.events.Result` (``status`` done or
+    failed; its model dropped), and its ``weights`` when asked for (bytes, or where the worker staged them)."""
 
     worker: int
     task_id: int
     space: str
     row: int
-    status: str
-    top1: float = float("nan")
-    top5: float = float("nan")
-    loss: float = float("nan")
-    bn_top1: float = float("nan")
-    curve: tuple[float, ...] = ()
-    train_s: float = float("nan")
-    cohort_size: int = 1
-    error: str = ""
+    result: Result
     weights: bytes | StagedWeights | None = field(default=None, repr=False)
+
+    @property
+    def status(self) -> RowStatus:
+        return self.result.status
 
 
 @dataclass(frozen=True)

@@ -104,10 +104,13 @@ class RayWorker:
         from nps.pipeline.run.worker import serve_task
 
         if base is not None:
+            import ray
+
             if base.ref is not None:
                 self.base_refs[base.key] = base.ref
-            elif base.key in self.base_refs:
-                base = dataclasses.replace(base, ref=self.base_refs[base.key])
+            ref = self.base_refs.get(base.key)
+            if ref is not None:  # fetched only when the worker does not hold this version yet
+                base = dataclasses.replace(base, ref=None, fetch=lambda ref=ref: ray.get(ref))
         events: queue.SimpleQueue = queue.SimpleQueue()
 
         def work() -> None:
@@ -161,7 +164,7 @@ class RayPool(WorkerPool):
 
     # -- start -------------------------------------------------------------------------------------------------------
 
-    def start(self, spec: WorkerSpec) -> None:
+    def start(self, spec: WorkerSpec, out_dir: str = "") -> None:
         import ray
 
         address = None if self.address == "auto" else self.address
@@ -224,6 +227,21 @@ class RayPool(WorkerPool):
 
     def base_weights(self, path: str) -> BaseWeights:
         return BaseWeights.from_file(path, embed=True)
+
+    def commit_weights(self, weights, path) -> bool:
+        """A row's weights from the object store of the node that trained it (False when that node died)."""
+        if getattr(weights, "ref", None) is None:
+            return super().commit_weights(weights, path)
+        import ray
+
+        from nps.pipeline.run.outputs import write_atomic
+
+        try:
+            data = ray.get(weights.ref, timeout=120)
+        except Exception:  # noqa: BLE001 - the object's owner (the actor) or its node died
+            return False
+        write_atomic(path, data)
+        return True
 
     def submit(self, worker: int, task: Task, base: BaseWeights | None) -> None:
         import ray

@@ -9,14 +9,14 @@ The seed rule: what a row's training sees depends on the experiment, the row's r
 the worker, its device index or what it did before. The loaders are seeded with ``experiment.seed`` and told the
 epoch before each pass (``set_epoch``), adaptive BN uses the first ``bn_images`` of epoch 0, and the ``random``
 criterion and ``scratch`` re-initialisation draw from the row's ``seed``. On the CPU every member steps on one
-intra-op thread whatever the cohort size (see :mod:`nps.pipeline.training.engine`), so the same rows give the same numbers
+intra-op thread whatever the cohort size (see :mod:`nps.pipeline.training.devices`), so the same rows give the same numbers
 in cohorts of 1 or 8, on one worker or on many.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
-import math
 import os
 import time
 import traceback
@@ -172,30 +172,24 @@ class Worker:
     # -- events from the engine -------------------------------------------------------------------------------------
 
     def _on_event(self, task_id: int, task: CohortTask | None = None):
-        def handle(event: dict) -> None:
-            kind = event["event"]
-            if kind in ("progress", "epoch"):
+        """The engine's events for this task: progress forwarded unchanged (step progress at most every
+        ``progress_s``), a finished member as its row's result, a halved cohort as a note."""
+        from nps.pipeline.training.events import CohortHalved, EpochEnded, MemberFinished, StepProgress
+
+        def handle(event) -> None:
+            if isinstance(event, (StepProgress, EpochEnded)):
                 if self.should_stop():
                     raise Stopped()
                 now = time.monotonic()
-                if kind == "progress" and now - self._last_progress < self.progress_s:
+                if isinstance(event, StepProgress) and now - self._last_progress < self.progress_s:
                     return
                 self._last_progress = now
-                extra = {}
-                if kind == "epoch":
-                    losses = list(event.get("train_loss", {}).values())
-                    tops = list(event.get("val_top1", {}).values())
-                    extra = dict(epoch_end=True, train_loss=float(np.mean(losses)) if losses else math.nan,
-                                 val_top1=float(np.max(tops)) if tops else math.nan)
-                steps = int(event.get("steps", 0))
-                self.emit(Progress(self.wid, task_id, int(event["epoch"]), int(event["epochs"]),
-                                   steps if kind == "epoch" else int(event["step"]), steps,
-                                   float(event.get("img_per_s", math.nan)), **extra))
-            elif kind in ("done", "failed") and task is not None:
-                self.emit(self._row_result(task, event["result"]))
-            elif kind == "oom":
-                self.emit(Note(self.wid, f"{self.device}: out of memory with {event['k']} subnetworks; retrying in "
-                                         f"cohorts of {event['retry_k']}"))
+                self.emit(Progress(self.wid, task_id, event))
+            elif isinstance(event, MemberFinished) and task is not None:
+                self.emit(self._row_result(task, event.result))
+            elif isinstance(event, CohortHalved):
+                self.emit(Note(self.wid, f"{self.device}: out of memory with {event.k} subnetworks; retrying in "
+                                         f"cohorts of {event.retry_k}"))
         return handle
 
     def _row_result(self, task: CohortTask, result) -> RowResult:
@@ -203,17 +197,13 @@ class Worker:
         weights = None
         if result.ok and result.model is not None and task.wants_weights(result.top1):
             weights = stage_weights(self.spec, self.wid, task.task_id, int(row), state_bytes(result.model))
-        result.model = None
-        return RowResult(self.wid, task.task_id, space, int(row), result.status, top1=float(result.top1),
-                         top5=float(result.top5), loss=float(result.loss), bn_top1=float(result.bn_top1),
-                         curve=tuple(float(v) for v in result.curve), train_s=float(result.train_s),
-                         cohort_size=int(result.cohort_size), error=result.error, weights=weights)
+        return RowResult(self.wid, task.task_id, space, int(row), dataclasses.replace(result, model=None), weights)
 
     # -- base network ------------------------------------------------------------------------------------------------
 
     def base_model(self, base: BaseWeights):
         if self._base is None or self._base[0] != base.key:
-            from nps.pipeline.experiment.plan import check_checkpoint
+            from nps.pipeline.network.checkpoints import check_checkpoint
             from nps.pipeline.network.models import build_model
 
             s = self.spec
@@ -227,10 +217,11 @@ class Worker:
         import torch
 
         from nps.pipeline.experiment.config import dump
-        from nps.pipeline.training.engine import resolve_amp, train_cohort
+        from nps.pipeline.training.cohort import CohortOptions, train_cohort
+        from nps.pipeline.training.devices import resolve_amp
         from nps.pipeline.network.models import build_model
         from nps.pipeline.training.spec import RetrainSpec
-        from nps.pipeline.training.steps import evaluate
+        from nps.pipeline.training.evaluation import evaluate
 
         b, s = self.cfg.base, self.spec
         t0 = time.perf_counter()
@@ -242,8 +233,9 @@ class Worker:
             settings = RetrainSpec(method="rewind", epochs=b.epochs, rewind_lr=b.lr, warmup_epochs=b.warmup_epochs,
                                    momentum=b.momentum, weight_decay=b.weight_decay,
                                    label_smoothing=b.label_smoothing)
-            (result,) = train_cohort([model], train, val, settings, self.device, ids=["base"], eval_every_epoch=True,
-                                     amp=b.amp, keep_models=True, progress_s=self.progress_s, member_threads=None,
+            options = CohortOptions(eval_every_epoch=True, amp=b.amp, keep_models=True, progress_s=self.progress_s,
+                                    member_threads=None)
+            (result,) = train_cohort([model], train, val, settings, self.device, ids=["base"], options=options,
                                      on_event=self._on_event(task.task_id))
             if not result.ok:
                 raise NpsError(f"base training failed: {result.error}; lower base.lr or check the dataset")
@@ -271,8 +263,8 @@ class Worker:
         (the first of epoch 0), then the final evaluation. Running averages lag a network that changed fast; with
         torchvision's BN momentum of 0.01 (MobileNetV3, EfficientNet) a short training otherwise evaluates at
         chance."""
-        from nps.pipeline.training.engine import resolve_amp, resolve_channels_last
-        from nps.pipeline.training.steps import adaptive_bn_many, evaluate
+        from nps.pipeline.training.devices import resolve_amp, resolve_channels_last
+        from nps.pipeline.training.evaluation import adaptive_bn_many, evaluate
 
         amp = resolve_amp(self.cfg.base.amp, self.device, [model])
         nhwc = resolve_channels_last("auto", self.device)
@@ -287,8 +279,9 @@ class Worker:
     # -- cohorts -----------------------------------------------------------------------------------------------------
 
     def cohort(self, task: CohortTask, base: BaseWeights | None) -> None:
-        from nps.pipeline.training.engine import run_cohorts
         from nps.pipeline.network.prune import prune_model
+        from nps.pipeline.training.cohort import CohortOptions
+        from nps.pipeline.training.engine import run_cohorts
 
         if base is None:
             raise ValueError("a cohort needs the base network's weights")
@@ -297,10 +290,11 @@ class Worker:
         model, table, criterion = self.base_model(base), self.spec.table, task.spec.criterion
         factories = [lambda keep=np.asarray(keep), seed=int(seed): prune_model(model, table, keep, criterion, seed)
                      for keep, seed in zip(task.keep, task.seeds)]
+        options = CohortOptions(eval_every_epoch=r.eval_every_epoch, bn_images=r.bn_images, amp=r.amp,
+                                compile=r.compile, keep_models=task.keep_weights, progress_s=self.progress_s,
+                                member_threads=1)
         run_cohorts(factories, train, val, task.spec.retrain, self.device, k=task.k,
-                    ids=[(task.space, row) for row in task.rows], seeds=list(task.seeds),
-                    eval_every_epoch=r.eval_every_epoch, bn_images=r.bn_images, amp=r.amp, compile=r.compile,
-                    keep_models=task.keep_weights, progress_s=self.progress_s, member_threads=1,
+                    ids=[(task.space, row) for row in task.rows], seeds=list(task.seeds), options=options,
                     on_event=self._on_event(task.task_id, task))
 
 

@@ -2,7 +2,7 @@
 
 :class:`RetrainSpec` is the recipe (paper §2.2): method, epochs, learning rates, SGD settings. The experiment's
 ``[retrain]`` table extends it (:class:`nps.pipeline.experiment.config.RetrainConfig`), the engine trains by it
-(:func:`nps.pipeline.training.engine.train_cohort`), and :class:`SpaceSpec` (recipe plus pruning criterion) is stored on every
+(:func:`nps.pipeline.training.cohort.train_cohort`), and :class:`SpaceSpec` (recipe plus pruning criterion) is stored on every
 space of a results file, so the run driver trains each space by its own spec and a cohort only ever mixes rows of
 one spec. Plain data, no torch: the CLI reads experiment files without importing it.
 """
@@ -14,6 +14,7 @@ import json
 from nps.pipeline.errors import NpsError
 
 METHODS = ("finetune", "rewind", "scratch")
+AUTO_COHORT = {"cpu": 8, "cuda": 32}  # members per cohort with cohort_size = "auto" (a GPU: as many as fit, up to this)
 
 
 def _help(default, text: str):

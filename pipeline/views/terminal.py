@@ -1,7 +1,7 @@
-"""What `nps run` shows while it works, and what `nps status` shows from a file.
+"""What `nps run` shows while it works: the views of :class:`~nps.pipeline.run.state.RunView`.
 
-The run driver (:mod:`nps.pipeline.run`) keeps a :class:`RunState` up to date (its per-space counts read from the
-row ledger) and tells a view about it; this module only renders. Two views:
+The run driver (:mod:`nps.pipeline.run`) keeps a :class:`~nps.pipeline.run.state.RunState` up to date (its per-space
+counts read from the row ledger) and tells a view about it; this module only renders. Two views:
 
 - :class:`LiveView` (stdout is a terminal): a rich ``Live`` display redrawn a few times a second: the overall
   progress bar with its ETA, one line per worker, by node and device (what it trains, epoch, step, img/s), and the
@@ -9,99 +9,27 @@ row ledger) and tells a view about it; this module only renders. Two views:
 - :class:`PlainView` (a pipe or a log file): one line per finished subnetwork (space, row, top-1, accuracy drop,
   c_flops, training seconds) and one per phase, nothing redrawn.
 
-:func:`file_states` reads the same per-space summary from a results file (SWMR: also while a run writes it), and
-:func:`space_table` renders it for both.
+:func:`space_table` renders the per-space summary for both, and for `nps status` (:mod:`nps.pipeline.views.status`).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from nps.pipeline.results.store import DONE, FAILED, PENDING, RUNNING
-
-
-@dataclass
-class SpaceState:
-    """Counts and best results of one space (a group of results.h5)."""
-
-    name: str
-    total: int = 0
-    pending: int = 0
-    running: int = 0
-    done: int = 0
-    failed: int = 0
-    epochs: int = 0
-    best_drop: float = math.nan
-    best_row: int = -1
-    best_top1: float = math.nan
-    median_drop: float = math.nan
-    drops: list[float] = field(default_factory=list, repr=False)
-
-    @classmethod
-    def from_columns(cls, name: str, status: np.ndarray, acc_drop: np.ndarray, top1: np.ndarray,
-                     epochs: int = 0) -> "SpaceState":
-        state = cls(name, total=int(status.size), epochs=int(epochs),
-                    pending=int(np.count_nonzero(status == PENDING)), running=int(np.count_nonzero(status == RUNNING)),
-                    done=int(np.count_nonzero(status == DONE)), failed=int(np.count_nonzero(status == FAILED)))
-        for row in np.flatnonzero(status == DONE):
-            state.add_done(int(row), float(top1[row]), float(acc_drop[row]))
-        return state
-
-    def add_done(self, row: int, top1: float, drop: float) -> None:
-        if math.isfinite(top1) and (not math.isfinite(self.best_top1) or top1 > self.best_top1):
-            self.best_top1, self.best_drop, self.best_row = top1, drop, row
-        if math.isfinite(drop):
-            self.drops.append(drop)
-            self.median_drop = float(np.median(self.drops))
-
-
-@dataclass
-class WorkerState:
-    """One worker as the live view shows it."""
-
-    device: str
-    node: str = ""
-    phase: str = "starting"
-    space: str = ""
-    rows: list[int] = field(default_factory=list)
-    epoch: int = 0
-    epochs: int = 0
-    step: int = 0
-    steps: int = 0
-    img_per_s: float = math.nan
-    since: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class RunState:
-    """Everything the views render; the driver mutates it."""
-
-    name: str
-    results_path: str
-    base_top1: float = math.nan
-    base_note: str = ""
-    phase: str = "starting"
-    spaces: dict[str, SpaceState] = field(default_factory=dict)
-    workers: dict[int, WorkerState] = field(default_factory=dict)
-    work_total: float = 0.0
-    work_done: float = 0.0
-    started: float = field(default_factory=time.monotonic)
+from nps.pipeline.row_status import RowStatus
+from nps.pipeline.run.state import RowFinished, RunState, SpaceState, WorkerState
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Rendering pieces shared by the live view and `nps status`.
 
 
-def _fmt(x: float, spec: str = ".2f") -> str:
+def fmt(x: float, spec: str = ".2f") -> str:
     return format(x, spec) if isinstance(x, (int, float)) and math.isfinite(x) else "–"
 
 
@@ -116,65 +44,11 @@ def space_table(states, base_top1: float = math.nan, title: str | None = None) -
     t.add_column("median drop", justify="right")
     for s in states:
         t.add_row(s.name, str(s.total), str(s.done), str(s.failed) if s.failed else "0", str(s.running),
-                  str(s.pending), _fmt(s.best_top1), _fmt(s.best_drop), _fmt(s.median_drop))
+                  str(s.pending), fmt(s.best_top1), fmt(s.best_drop), fmt(s.median_drop))
     if math.isfinite(base_top1):
         t.caption = f"accuracy drop = base top-1 ({base_top1:.2f}) − subnetwork top-1, percentage points"
         t.caption_justify = "left"
     return t
-
-
-def file_states(reader) -> list[SpaceState]:
-    """Per-space states of an open results file (a :class:`~nps.pipeline.results.store.ResultsReader` or the store)."""
-    out = []
-    for name in reader.spaces():
-        cols = reader.read(name, ["status", "acc_drop", "top1"])
-        out.append(SpaceState.from_columns(name, cols["status"], cols["acc_drop"], cols["top1"], reader.epochs(name)))
-    return out
-
-
-def status_renderable(path: str):
-    """What `nps status FILE` prints: header lines and the per-space table."""
-    from nps.pipeline.results.store import open_readonly
-
-    with open_readonly(path) as reader:
-        attrs = reader.attrs
-        states = file_states(reader)
-        model, resolution = reader.model_info()
-    base_top1 = float(attrs.get("base_top1", math.nan))
-    name = _config_name(attrs.get("config", ""))
-    from nps.pipeline.results.h5file import writer_pid
-
-    pid = writer_pid(path)
-    total = sum(s.total for s in states)
-    done = sum(s.done for s in states)
-    failed = sum(s.failed for s in states)
-    running = sum(s.running for s in states)
-    lines = [Text.assemble((f"{path}", "bold"), f"  experiment {name}, {model} at {resolution} px, "
-                           f"created {attrs.get('created', '?')}"),
-             Text(f"base network: top-1 {_fmt(base_top1)}, top-5 {_fmt(float(attrs.get('base_top5', math.nan)))}"
-                  if math.isfinite(base_top1) else "base network: not evaluated yet")]
-    if pid and not states:
-        lines.append(Text(f"a run is writing this file (pid {pid}): it is preparing (sampling its spaces)"))
-    elif pid:
-        lines.append(Text(f"a run is writing this file (pid {pid}): {done + failed}/{total} subnetworks finished"))
-    else:
-        state = "complete" if done + failed == total and total else "not running"
-        hint = "; `nps run` with the same arguments resumes it" if state != "complete" else ""
-        if running and not pid:
-            hint += f" ({running} rows left 'running' by a stopped run will be redone)"
-        lines.append(Text(f"{state}: {done} done, {failed} failed of {total} subnetworks{hint}"))
-    return Group(*lines, space_table(states, base_top1)), states
-
-
-def _config_name(text: str) -> str:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        return str(tomllib.loads(text).get("experiment", {}).get("name", "?"))
-    except Exception:  # noqa: BLE001 - a file from `nps sample` has another config
-        return "?"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -271,7 +145,7 @@ class LiveView:
 
     def _render(self, state: RunState):
         head = Text.assemble((f"nps run {state.name}", "bold"), f" → {state.results_path}   ",
-                             f"base top-1 {_fmt(state.base_top1)}" if math.isfinite(state.base_top1)
+                             f"base top-1 {fmt(state.base_top1)}" if math.isfinite(state.base_top1)
                              else state.base_note)
         phase = Text(state.phase, style="yellow")
         if len(state.workers) > MAX_WORKER_LINES:
@@ -306,9 +180,9 @@ class LiveView:
         if w.phase != "cohort":  # base training: keep its epochs on screen
             self.console.print(f"{w.device}: {text}", markup=False, highlight=False)
 
-    def row_finished(self, state: RunState, space: str, row: int, info: dict[str, Any]) -> None:
-        if info.get("status") == "failed":
-            self.console.print(f"[red]{escape(space)} row {row} failed:[/red] {escape(str(info.get('error', '')))}")
+    def row_finished(self, state: RunState, row: RowFinished) -> None:
+        if row.status == RowStatus.FAILED:
+            self.console.print(f"[red]{escape(row.space)} row {row.row} failed:[/red] {escape(row.error)}")
 
     def stop(self, state: RunState) -> None:
         if self._live is not None:
@@ -343,14 +217,14 @@ class PlainView:
     def epoch(self, state: RunState, wid: int, text: str) -> None:
         self._print(state, f"{state.workers[wid].device}: {text}")
 
-    def row_finished(self, state: RunState, space: str, row: int, info: dict[str, Any]) -> None:
-        s = state.spaces[space]
-        counts = f"({s.done + s.failed}/{s.total} finished)"
-        if info.get("status") == "failed":
-            self._print(state, f"{space} row {row}: failed: {info.get('error', '')} {counts}")
+    def row_finished(self, state: RunState, row: RowFinished) -> None:
+        s = state.spaces[row.space]
+        counts = f"({s.finished}/{s.total} finished)"
+        if row.status == RowStatus.FAILED:
+            self._print(state, f"{row.space} row {row.row}: failed: {row.error} {counts}")
             return
-        self._print(state, f"{space} row {row}: top1 {_fmt(info['top1'])} acc_drop {_fmt(info['acc_drop'])} "
-                           f"c_flops {_fmt(info['c_flops'], '.4f')} train_s {_fmt(info['train_s'], '.1f')} {counts}")
+        self._print(state, f"{row.space} row {row.row}: top1 {fmt(row.top1)} acc_drop {fmt(row.acc_drop)} "
+                           f"c_flops {fmt(row.c_flops, '.4f')} train_s {fmt(row.train_s, '.1f')} {counts}")
 
     def stop(self, state: RunState) -> None:
         pass

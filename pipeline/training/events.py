@@ -1,0 +1,103 @@
+"""What the cohort engine reports: typed events, and a member's result.
+
+The engine calls ``on_event(event)`` with one of these dataclasses; the run's worker forwards the progress events
+unchanged to the driver (inside :class:`nps.pipeline.run.protocol.Progress`) and turns a :class:`MemberFinished`
+into the row's result. ``img_per_s`` counts images × live members.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+from nps.pipeline.row_status import RowStatus
+
+
+@dataclass
+class Result:
+    """The outcome of retraining one subnetwork."""
+
+    id: Any
+    status: RowStatus
+    """:attr:`RowStatus.DONE` or :attr:`RowStatus.FAILED`."""
+    top1: float = math.nan
+    top5: float = math.nan
+    loss: float = math.nan
+    bn_top1: float = math.nan
+    """Top-1 after adaptive-BN recalibration, before any training (NaN when not computed)."""
+    curve: list[float] = field(default_factory=list)
+    """Val top-1 after every epoch (empty unless evaluation per epoch is on)."""
+    train_s: float = 0.0
+    """Wall seconds of the training loop while this subnetwork was in it (shared with its cohort; evaluation and
+    data before the first step excluded)."""
+    error: str = ""
+    epochs_done: int = 0
+    cohort_size: int = 1
+    model: Any = field(default=None, repr=False)
+    """The retrained subnetwork (an ``nn.Module`` on the CPU), only with ``keep_models=True``."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == RowStatus.DONE
+
+
+@dataclass(frozen=True)
+class CohortStarted:
+    """A cohort of ``k`` members starts (``run_cohorts``; again after an out-of-memory halving)."""
+
+    ids: tuple
+    k: int
+
+
+@dataclass(frozen=True)
+class MemberStarted:
+    """A member's cohort starts (again after an out-of-memory halving)."""
+
+    id: Any
+    k: int
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """Where the cohort's epoch is (at most every ``progress_s``)."""
+
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    k_live: int
+    img_per_s: float
+
+
+@dataclass(frozen=True)
+class EpochEnded:
+    """An epoch of the cohort ended: its members' mean train loss, and their val top-1 when evaluated per epoch."""
+
+    epoch: int
+    epochs: int
+    steps: int
+    k_live: int
+    seconds: float
+    img_per_s: float
+    train_loss: dict = field(default_factory=dict)  # member id -> mean loss of the epoch
+    val_top1: dict = field(default_factory=dict)  # member id -> top-1 %, with evaluation per epoch
+
+
+@dataclass(frozen=True)
+class MemberFinished:
+    """A member is done or failed (its NaN/inf loss, or out of memory even alone): ``result.status`` says which."""
+
+    result: Result
+
+
+@dataclass(frozen=True)
+class CohortHalved:
+    """CUDA ran out of memory with ``k`` members: the unfinished ``ids`` are retried in cohorts of ``retry_k``."""
+
+    ids: tuple
+    k: int
+    retry_k: int
+
+
+EngineEvent = Union[CohortStarted, MemberStarted, StepProgress, EpochEnded, MemberFinished, CohortHalved]
+EventCallback = Callable[[EngineEvent], None]
