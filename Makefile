@@ -8,7 +8,7 @@ APT_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup apt demo test test-slow bench clean
+.PHONY: setup apt demo test test-fast test-slow bench clean
 
 setup: $(STAMP)
 
@@ -36,11 +36,19 @@ demo: setup
 	  $(BIN)/nps report $(DEMO_OUT)/results.h5 --out $(DEMO_OUT)/report --force; \
 	else $(BIN)/nps status $(DEMO_OUT)/results.h5; fi
 
+# The suite runs on both cores (pytest-xdist), a test file per worker so that module fixtures are built once.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
+
+# The inner loop: unit tests only (no training on the dataset, no other process, not the architecture zoo).
+test-fast: setup
+	$(PYTEST) -m "not slow and not e2e and not zoo"
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 bench: setup
 	$(BIN)/python tools/bench_sampler.py

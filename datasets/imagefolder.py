@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from nps.datasets.errors import DatasetError
-from nps.datasets.sources import Source
+from nps.datasets.source import Source
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 

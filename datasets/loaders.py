@@ -149,8 +149,7 @@ def _order_option(order: str):
 
 def _image_pipeline(train: bool, small: bool, augment: bool, padding: int, out_size: Optional[int],
                     device: torch.device) -> list:
-    from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
-                                       SimpleRGBImageDecoder)
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToDevice, ToTensor, ToTorchImage
 
     if small:

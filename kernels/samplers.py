@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nps.kernels import gauss_kernel as gk
-from nps.kernels.xoshiro import new_state
 from nps.kernels.complexity import keep_from_recipe, unit_table
 from nps.kernels.errors import SamplerError
 from nps.kernels.spaces import Space, check_feasible, target_form, uniform_ratio
+from nps.kernels.xoshiro import new_state
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nps.kernels.complexity import keep_from_recipe, unit_table
+from nps.kernels.defaults import DEFAULT_DELTA, DEFAULT_R  # noqa: E402,F401 - defined once
 from nps.kernels.errors import SamplerError
 
-DEFAULT_DELTA = 0.002
-DEFAULT_R = 0.95
 # std(r) must fall within this band around σ (as multiples of σ). With G groups the sample std of N(0, σ) noise has a
 # relative spread of about 1/sqrt(2G) (0.12 for ResNet-50's 37 groups), so the band removes only atypical draws and
 # the truncation at [0, R].
@@ -42,6 +40,9 @@ MCB_SIGMA = 0.1
 TARGETS = ("c_flops", "c_params")
 BASELINE = "baseline"
 """The space name of a regime's uniform baseline: one row, the uniform ratio meeting the target (paper §3.1)."""
+
+RATIOS = "ratios"
+"""The space name of a ratio study's rows: every group at one uniform ratio (paper §2, Fig. 1)."""
 
 TOP_SUFFIX = "#top"  # the two-stage space of a space key
 
@@ -187,20 +188,25 @@ def target_form(table, target: str):
     return (table.params, table.base_params), (table.flops, table.base_flops)
 
 
-def _continuous(form, keep) -> float:
-    """The form at real-valued keep counts (no rounding)."""
-    return float(form.const + form.linear @ keep + np.sum(form.pair_w * keep[form.pair_a] * keep[form.pair_b]))
+def continuous_form(form, keep):
+    """A complexity form at real-valued keep counts (no rounding): one value for a keep vector, one per row of a
+    matrix of them."""
+    keep = np.asarray(keep, dtype=np.float64)
+    pairs = form.pair_w * keep[..., form.pair_a] * keep[..., form.pair_b]
+    return form.const + keep @ form.linear + np.sum(pairs, axis=-1)
 
 
 def uniform_ratio(table, target: str, value: float) -> float:
     """The uniform pruning ratio ``u`` whose continuous keep counts ``(1 - u)·c`` give ``value`` (bisection)."""
+    from nps.kernels.complexity import unit_table  # numba: only when a space is computed
+
     table, _ = unit_table(table)
     (form, base), _ = target_form(table, target)
     c = np.asarray(table.channels, dtype=np.float64)
     lo, hi = 0.0, 1.0 - 0.5 / c.min()
     for _ in range(100):
         mid = 0.5 * (lo + hi)
-        if _continuous(form, (1.0 - mid) * c) / base > value:
+        if continuous_form(form, (1.0 - mid) * c) / base > value:
             lo = mid
         else:
             hi = mid
@@ -215,6 +221,8 @@ def uniform_baseline(table, target: str, value: float, R: float = DEFAULT_R) -> 
     finitely many values: one per interval between the ratios where some count steps. The ratio returned is the
     middle of the best interval (any ratio in it gives the same subnetwork).
     """
+    from nps.kernels.complexity import keep_from_recipe, unit_table  # numba: only when a space is computed
+
     table, _ = unit_table(table)
     (form, base), _ = target_form(table, target)
     c = np.asarray(table.channels, dtype=np.float64)
@@ -230,6 +238,8 @@ def uniform_baseline(table, target: str, value: float, R: float = DEFAULT_R) -> 
 
 def reachable_range(table, target: str, R: float) -> tuple[float, float]:
     """Smallest and largest relative complexity any recipe in ``[0, R]^G`` reaches (forms are monotone)."""
+    from nps.kernels.complexity import keep_from_recipe, unit_table  # numba: only when a space is computed
+
     table, _ = unit_table(table)
     (form, base), _ = target_form(table, target)
     c = np.asarray(table.channels)
@@ -253,11 +263,6 @@ def check_feasible(table, space: Space) -> None:
         if u > space.R:
             raise SamplerError(f"{space.target}={space.value:g} needs a uniform ratio of {u:.3f} > R={space.R}; "
                                "raise R")
-
-
-def recipe_std(recipe) -> np.ndarray:
-    """Population std of each recipe over its groups (what the std band constrains)."""
-    return np.asarray(recipe, dtype=np.float64).std(axis=-1)
 
 
 def describe(space: Space) -> str:

@@ -6,7 +6,6 @@ import re
 import shutil
 
 
-
 class NpsError(Exception):
     """Bad input or an unsatisfiable request: the message names the input and what to do.
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import StandInTable, rows_for_store
 
 torch.set_num_threads(1)  # tests run single-threaded unless they say otherwise (2 cores, shared)
@@ -40,9 +39,23 @@ def require_fmnist() -> Path:
     pytest.skip(message)
 
 
+# Fixtures that make a test end to end: they convert the embedded dataset or train on it.
+E2E_FIXTURES = {"demo_run", "fmnist_dir", "fmnist_source"}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "fmnist: needs Debian's Fashion-MNIST (skipped without it, failed under CI)")
     config.addinivalue_line("markers", "ray: starts a Ray cluster on loopback (in its own network namespace)")
+    config.addinivalue_line("markers", "e2e: trains on the embedded dataset, or runs nps or pytest in another process "
+                                       "(left out by make test-fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the embedded dataset or a Ray cluster is end to end (`e2e`)."""
+    for item in items:
+        if (item.get_closest_marker("fmnist") or item.get_closest_marker("ray")
+                or E2E_FIXTURES & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.e2e)
 
 
 def pytest_runtest_setup(item):

@@ -4,9 +4,18 @@ import math
 import numpy as np
 import pytest
 
-from nps.pipeline.results.analysis import (
-    Population, best_k, bootstrap_edf, bootstrap_weights, compare_areas, edf, edf_grid, fit_offset_power_law,
-    fit_power_law, histogram, histogram_edges, summarize,
+from nps.pipeline.results.analysis import Population, summarize
+from nps.pipeline.results.stats import (
+    best_k,
+    bootstrap_edf,
+    bootstrap_weights,
+    compare_areas,
+    edf,
+    edf_grid,
+    fit_offset_power_law,
+    fit_power_law,
+    histogram,
+    histogram_edges,
 )
 
 

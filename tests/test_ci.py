@@ -10,6 +10,7 @@ import pytest
 TESTS = Path(__file__).parent
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("ci, outcome", [("", "1 skipped"), ("1", "1 error")])
 def test_a_missing_dataset_skips_locally_and_fails_under_ci(tmp_path, ci, outcome):
     (tmp_path / "test_needs_data.py").write_text(

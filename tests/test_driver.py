@@ -10,17 +10,26 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from nps.pipeline.errors import NpsError
 from nps.pipeline.experiment.config import Config, expand_spaces
 from nps.pipeline.experiment.plan import Plan
-from nps.pipeline.errors import NpsError
+from nps.pipeline.results.store import DONE, PENDING, open_readonly
+from nps.pipeline.row_status import RowStatus
 from nps.pipeline.run import run_experiment
 from nps.pipeline.run.pools import WorkerPool
 from nps.pipeline.run.protocol import (
-    BaseResult, BaseTask, BaseWeights, Progress, Ready, RowResult, StagedWeights, TaskEnd, WorkerFailed, WorkerLost,
+    BaseResult,
+    BaseTask,
+    BaseWeights,
+    Progress,
+    Ready,
+    RowResult,
+    StagedWeights,
+    TaskEnd,
+    WorkerFailed,
+    WorkerLost,
     WorkerStarted,
 )
-from nps.pipeline.results.store import DONE, PENDING, open_readonly
-from nps.pipeline.row_status import RowStatus
 from nps.pipeline.training.events import Result, StepProgress
 
 

@@ -6,14 +6,19 @@ import pytest
 import torch
 from torch import nn
 
+from nps.pipeline.errors import NpsError
 from nps.pipeline.row_status import RowStatus
 from nps.pipeline.training.cohort import CohortOutOfMemory, train_cohort
 from nps.pipeline.training.devices import choose_cohort_size, estimate_train_bytes, resolve_amp
 from nps.pipeline.training.engine import run_cohorts
 from nps.pipeline.training.events import (
-    CohortHalved, CohortStarted, EpochEnded, MemberFinished, MemberStarted, Result,
+    CohortHalved,
+    CohortStarted,
+    EpochEnded,
+    MemberFinished,
+    MemberStarted,
+    Result,
 )
-from nps.pipeline.errors import NpsError
 from nps.pipeline.training.spec import RetrainSpec as RetrainConfig
 
 torch.set_num_threads(1)

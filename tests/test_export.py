@@ -12,14 +12,20 @@ from nps.kernels.samplers import sample_space
 from nps.kernels.spaces import parse_space
 from nps.pipeline.cli import main
 from nps.pipeline.errors import NpsError
-from nps.pipeline.results.export import (
-    FORMAT, export_subnetwork, load_subnetwork, read_subnetwork, save_subnetwork_weights, saved_weight_rows,
-    verify_subnetwork, weights_path,
-)
 from nps.pipeline.network.layer_table import build_layer_table
 from nps.pipeline.network.models import build_model
 from nps.pipeline.network.prune import prune_model
+from nps.pipeline.results.export import (
+    FORMAT,
+    export_subnetwork,
+    load_subnetwork,
+    read_subnetwork,
+    save_subnetwork_weights,
+    saved_weight_rows,
+    weights_path,
+)
 from nps.pipeline.results.store import ResultsStore
+from nps.pipeline.results.verify import verify_subnetwork
 from nps.pipeline.training.evaluation import evaluate
 
 torch.set_num_threads(1)
@@ -264,25 +270,10 @@ def test_verify_follows_the_run_config(run_dir, tmp_path):
         verify_subnetwork(out, val_loader=val_batches())
 
 
-def test_staged_weights_appear_only_when_committed(tmp_path):
-    """A worker stages its weights; only the writer's commit puts them where export looks for them."""
-    import torch
-
-    from nps.pipeline.results.export import commit_staged_weights, save_subnetwork_weights, weights_path
-
-    results = tmp_path / "results.h5"
-    model = torch.nn.Linear(3, 2)
-    staged = save_subnetwork_weights(results, "std-0.05@c_flops=0.25", 7, model, staged=True)
-    final = weights_path(results, "std-0.05@c_flops=0.25", 7)
-    assert staged.exists() and not final.exists()
-    assert commit_staged_weights(staged) == final
-    assert final.exists() and not staged.exists()
-    assert torch.equal(torch.load(final)["weight"], model.weight.detach())
-
-
 @pytest.mark.parametrize("name, kw", [("mobilenet_v3_small", {"channel_multiple": 8}), ("efficientnet_b0", {}),
                                       ("regnet_y_400mf", {"flops": "paper"}), ("convnext_tiny", {}),
                                       ("densenet121", {})])
+@pytest.mark.zoo
 def test_export_load_gives_the_same_outputs_for_compact_convnets(tmp_path, name, kw):
     """Export → load_subnetwork rebuilds the architecture from the registry name, the table options (granularity,
     convention) and the keep counts alone, and computes what the trained subnetwork computed."""

@@ -71,6 +71,7 @@ def unwritable(tmp_path):
 # 1. A truncated or damaged results file: every reader ends at once, in one line.
 
 
+@pytest.mark.e2e
 def test_a_truncated_results_file_ends_every_reader_in_one_line(tmp_path, capsys, recipes):
     cut = tmp_path / "cut.h5"
     data = recipes.read_bytes()
@@ -160,7 +161,8 @@ def test_outputs_that_cannot_be_written(tmp_path, capsys, unwritable, recipes, d
 @pytest.fixture
 def demo_experiment(tmp_path, fmnist_dir) -> Path:
     """The demo preset on 256 converted images, as a file."""
-    from nps.pipeline.experiment.config import dump, load_config
+    from nps.pipeline.experiment.config import load_config
+    from nps.pipeline.experiment.toml_text import dump
 
     cfg = load_config("demo", [f"dataset.dir={fmnist_dir(256)}", "base.epochs=1", "spaces.n=1"])
     path = tmp_path / "demo.toml"
@@ -185,12 +187,13 @@ def test_a_run_that_cannot_fit_on_its_disk_is_refused_before_any_work(tmp_path, 
 def test_a_worker_that_meets_a_full_disk_leaves_its_rows_pending(tmp_path):
     """ENOSPC while a worker stages weights: the task ends as the environment's fault; the driver puts the rows
     back to pending and stops the run in one line; the same command then finishes them."""
+    from test_driver import FakePool, Quiet, make_plan
+
+    from nps.pipeline.network.layer_table import build_layer_table
+    from nps.pipeline.results.store import DONE, PENDING, open_readonly
     from nps.pipeline.run import run_experiment
     from nps.pipeline.run.protocol import TaskEnd
     from nps.pipeline.run.worker import serve_task
-    from nps.pipeline.results.store import DONE, PENDING, open_readonly
-    from test_driver import FakePool, Quiet, make_plan
-    from nps.pipeline.network.layer_table import build_layer_table
 
     class FullDisk:
         wid, node, device = 0, "node-a", "cpu"
@@ -230,11 +233,12 @@ def test_a_worker_that_meets_a_full_disk_leaves_its_rows_pending(tmp_path):
 
 def test_the_driver_meeting_a_full_disk_stops_in_one_line(tmp_path, monkeypatch):
     """ENOSPC writing base.pt (the driver's own file): one line naming it; the rows stay pending."""
+    from test_driver import FakePool, Quiet, make_plan
+
     from nps.pipeline.errors import environment_error
     from nps.pipeline.network.layer_table import build_layer_table
-    from nps.pipeline.run import outputs, run_experiment
     from nps.pipeline.results.store import PENDING, open_readonly
-    from test_driver import FakePool, Quiet, make_plan
+    from nps.pipeline.run import outputs, run_experiment
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -308,6 +312,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.e2e
 def test_status_while_a_run_samples_and_after_it_crashed_there(tmp_path, capsys, demo_experiment):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(demo_experiment), str(run)], stdout=subprocess.PIPE,
@@ -323,6 +328,7 @@ def test_status_while_a_run_samples_and_after_it_crashed_there(tmp_path, capsys,
     assert "not running" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_status_reads_a_file_whose_writer_crashed_outside_swmr(tmp_path, capsys, recipes):
     crashed = tmp_path / "crashed.h5"
     crashed.write_bytes(recipes.read_bytes())

@@ -8,11 +8,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from archs import ALL_ARCHS, BIG, OTHERS, REPRESENTATIVE, counted, resolution_for, sample_keeps
 from torch import nn
 
-from archs import ALL_ARCHS, BIG, OTHERS, REPRESENTATIVE, counted, resolution_for, sample_keeps
-from nps.pipeline.network.channel_graph import UnsupportedPattern
 from nps.pipeline.errors import NpsError
+from nps.pipeline.network.channel_graph import UnsupportedPattern
 from nps.pipeline.network.layer_table import MODES, LayerTable, build_layer_table, feasible_range, table_from_model
 from nps.pipeline.network.models import CIFAR_MODELS, build_model
 from nps.pipeline.network.prune import prune_model
@@ -32,6 +32,7 @@ def _digest(table: LayerTable) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.zoo
 def test_resnet_tables_equal_the_resnet_walkers():
     # Digests of the tables the ResNet-only walker built (nps before the graph mechanism): groups, channel counts,
     # members and both forms are unchanged, so results files written then stay valid.
@@ -50,6 +51,7 @@ def _fast_then_slow(names):
         [pytest.param(n, marks=pytest.mark.slow) for n in names if n in OTHERS and n not in ("resnet56", "resnet50")]
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", _fast_then_slow(ALL_ARCHS))
 def test_closed_form_matches_flop_counter_on_pruned_models(name, mode):
@@ -64,6 +66,7 @@ def test_closed_form_matches_flop_counter_on_pruned_models(name, mode):
     assert (table.base_flops, table.base_params) == counted(model, resolution)
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("name", _fast_then_slow(ALL_ARCHS))
 def test_paper_convention_matches_ptflops_on_pruned_models(name):
     ptflops = pytest.importorskip("ptflops")
@@ -175,6 +178,7 @@ def test_layer_scale_and_layer_norm2d_follow_the_stream():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "densenet121",
                                   "convnext_tiny", "resnet50"])
+@pytest.mark.zoo
 def test_members_write_the_group_and_names_are_unique(name, mode):
     table = _table(name, mode)
     modules = dict(build_model(name, 10, device="meta").named_modules())
@@ -228,6 +232,7 @@ def test_patterns_nps_cannot_follow_fail_when_the_table_is_built(model, match):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("name", ALL_ARCHS)
 def test_small_inputs(name):
     # 28 px (Fashion-MNIST) works everywhere but where an unpadded downsampling empties a feature map: ConvNeXt's

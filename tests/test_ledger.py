@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nps.pipeline.run.ledger import MAX_ATTEMPTS, RowLedger
+from nps.pipeline.results.store import DONE, FAILED, PENDING, RUNNING, ResultsStore, open_readonly
 from nps.pipeline.row_status import RowStatus
+from nps.pipeline.run.ledger import MAX_ATTEMPTS, RowLedger
 from nps.pipeline.run.protocol import RowResult
 from nps.pipeline.training.events import Result
 from nps.pipeline.training.spec import RetrainSpec, SpaceSpec
-from nps.pipeline.results.store import DONE, FAILED, PENDING, RUNNING, ResultsStore, open_readonly
 
 SPEC = SpaceSpec(RetrainSpec(epochs=2), "l2")
 

@@ -15,7 +15,6 @@ from nps.datasets.errors import DatasetError
 from nps.datasets.loaders import make_loaders
 
 
-
 @pytest.fixture(scope="module")
 def rgb_dir(tmp_path_factory):
     """A small 32 x 32 RGB dataset (npz) whose channels have different statistics."""

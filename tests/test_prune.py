@@ -5,9 +5,9 @@ import copy
 import numpy as np
 import pytest
 import torch
+from archs import OTHERS, REPRESENTATIVE, counted, randomized
 from torch import nn
 
-from archs import OTHERS, REPRESENTATIVE, counted, randomized
 from nps.pipeline.errors import NpsError
 from nps.pipeline.network.layer_table import MODES, build_layer_table
 from nps.pipeline.network.models import CIFAR_MODELS, build_model
@@ -82,6 +82,7 @@ def _fast_then_slow(names):
         [pytest.param(n, marks=pytest.mark.slow) for n in names if n in OTHERS]
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", _fast_then_slow(CIFAR_MODELS[:1] + REPRESENTATIVE[1:] + OTHERS))
 def test_pruned_equals_masked_full_model(name, mode):
@@ -112,6 +113,7 @@ def torch_pruning_removes(model: nn.Module, table, kept: list[np.ndarray], in_ch
 _LAYER_SCALE_WARNING = "ignore:Unwrapped parameters detected"  # Torch-Pruning on ConvNeXt's layer scale: dim 0
 
 
+@pytest.mark.zoo
 @pytest.mark.filterwarnings(_LAYER_SCALE_WARNING)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", _fast_then_slow(CIFAR_MODELS[:1] + REPRESENTATIVE[1:] + OTHERS))
@@ -131,6 +133,7 @@ def test_pruned_model_is_torch_prunings_removal_of_the_same_channels(name, mode)
         torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
 
 
+@pytest.mark.zoo
 @pytest.mark.filterwarnings(_LAYER_SCALE_WARNING)
 @pytest.mark.parametrize("name", _fast_then_slow(CIFAR_MODELS[:1] + REPRESENTATIVE[1:] + OTHERS))
 def test_groups_are_torch_prunings_dependency_groups(name):
@@ -262,6 +265,7 @@ OWN_AND_TIMM = ["own_models:tiny_cnn", "own_models:vgg_like", "timm:resnet10t", 
                 "timm:efficientnet_b0", "timm:convnext_atto"]
 
 
+@pytest.mark.zoo
 @pytest.mark.filterwarnings(_LAYER_SCALE_WARNING)
 @pytest.mark.parametrize("name", OWN_AND_TIMM)
 def test_user_and_timm_models(name, monkeypatch):

@@ -77,7 +77,7 @@ def test_setup_commands_exist():
     first = commands_in(sh_blocks()[0])
     assert first == [["make", "demo"], ["make", "test"]]
     makefile = (ROOT / "Makefile").read_text()
-    for target in ("demo", "test", "test-slow"):
+    for target in ("demo", "test", "test-fast", "test-slow"):
         assert re.search(rf"^{target}:", makefile, re.M), target
     assert re.search(r"^make test\b", (ROOT / ".ci/run").read_text(), re.M)
 
@@ -168,6 +168,7 @@ def _own_network_section() -> str:
     return TEXT[start:TEXT.index("\n## ", start)]
 
 
+@pytest.mark.e2e
 def test_prune_your_own_network_example(tmp_path):
     section = _own_network_section()
     code = re.search(r"```python\n(# my_net\.py\n.*?)```", section, re.S).group(1)

@@ -180,6 +180,7 @@ class ReaderProcess:
         assert self.proc.wait(timeout=60) == 0, self.proc.stderr.read()
 
 
+@pytest.mark.e2e
 def test_report_on_a_file_a_run_is_still_writing(tmp_path, table):
     store = make_results(tmp_path / "live.h5", table, SPACES[:2], n=10,
                          outcome=lambda s, row: "done" if row < 4 else "pending", keep_open=True)

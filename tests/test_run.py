@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import cpu_experiment_head
 
 from nps.pipeline.results.store import DONE, PENDING, RUNNING, open_readonly
-from helpers import cpu_experiment_head
 
 pytestmark = pytest.mark.fmnist  # conftest: skipped without the Debian files, failed under CI
 RUN_TIMEOUT = 300
@@ -236,9 +236,9 @@ def test_sigint_leaves_a_resumable_file(tmp_path, data_dir, base_checkpoint):
 
 
 def test_resume_refuses_a_changed_experiment(tmp_path, data_dir, base_checkpoint):
+    from nps.pipeline.errors import NpsError
     from nps.pipeline.experiment.config import parse_config
     from nps.pipeline.experiment.plan import validate
-    from nps.pipeline.errors import NpsError
     from nps.pipeline.run import open_results, sample_missing_spaces
 
     exp = experiment(tmp_path, data_dir, checkpoint=base_checkpoint)
@@ -261,9 +261,9 @@ def test_resume_refuses_a_changed_experiment(tmp_path, data_dir, base_checkpoint
 
 
 def test_unavailable_gpu_is_refused_before_any_work(tmp_path, data_dir, base_checkpoint):
+    from nps.pipeline.errors import NpsError
     from nps.pipeline.experiment.config import parse_config
     from nps.pipeline.experiment.plan import validate
-    from nps.pipeline.errors import NpsError
     from nps.pipeline.run import run_experiment
 
     plan = validate(parse_config(experiment(tmp_path, data_dir, checkpoint=base_checkpoint).read_text()))
@@ -311,9 +311,9 @@ def test_a_worker_checks_its_dataset_against_the_drivers_fingerprint(tmp_path, d
     stops the run with one line naming the node and the path; nothing is left running."""
     import socket
 
+    from nps.pipeline.errors import NpsError
     from nps.pipeline.experiment.config import parse_config
     from nps.pipeline.experiment.plan import validate
-    from nps.pipeline.errors import NpsError
     from nps.pipeline.run import run_experiment
 
     plan = validate(parse_config(experiment(tmp_path, data_dir, checkpoint=base_checkpoint).read_text()))

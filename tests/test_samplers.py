@@ -159,6 +159,7 @@ def test_no_distortion_against_plain_rejection(r56, name, target, value):
     _compare_to_rejection(r56, parse_space(name, target, value), 20_000)
 
 
+@pytest.mark.e2e
 def test_kernels_run_as_plain_python():
     """The NPS_NUMBA_DISABLE switch (ffcv's convention) runs the same sampler without numba."""
     code = ("from nps.pipeline.network.layer_table import build_layer_table;from nps.kernels.spaces import parse_space;"

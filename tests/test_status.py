@@ -8,14 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import StandInTable  # noqa: E402
+from helpers import rows_for_store as rows
 
-from nps.pipeline.experiment.config import Config, dump
+from nps.pipeline.experiment.config import Config
+from nps.pipeline.experiment.toml_text import dump
 from nps.pipeline.results.h5file import writer_pid
+from nps.pipeline.results.store import ResultsStore, open_readonly
 from nps.pipeline.run.state import SpaceState
 from nps.pipeline.views.status import file_states, status_renderable
-from nps.pipeline.results.store import ResultsStore, open_readonly
-
-from helpers import StandInTable, rows_for_store as rows  # noqa: E402
 
 
 @pytest.fixture
@@ -71,6 +72,7 @@ def test_space_state_tracks_the_best_row():
     assert (s.total, s.done, s.pending) == (4, 3, 1)  # a pending row's top-1 (NaN in a file) never counts
 
 
+@pytest.mark.e2e
 def test_cli_while_a_writer_has_the_file_open(results):
     path, _ = results
     out = subprocess.run([sys.executable, "-m", "nps.pipeline.cli", "status", str(path.parent)],
@@ -85,6 +87,7 @@ def test_cli_while_a_writer_has_the_file_open(results):
         ["std-0.05@c_flops=0.25", "5", "2", "1", "1", "1", "85.00", "5.00", "7.50"]
 
 
+@pytest.mark.e2e
 def test_cli_on_a_missing_file(tmp_path):
     out = subprocess.run([sys.executable, "-m", "nps.pipeline.cli", "status", str(tmp_path / "none.h5")],
                          capture_output=True, text=True, timeout=120)

@@ -10,13 +10,20 @@ import time
 import h5py
 import numpy as np
 import pytest
+from helpers import GROUPS, StandInTable  # noqa: E402 - shared with other tests
+from helpers import rows_for_store as make_rows
 
 from nps.pipeline.errors import NpsError
 from nps.pipeline.results.store import (
-    DONE, ERROR_BYTES, FAILED, PENDING, RUNNING, ResultsStore, clear_consistency_flags, open_readonly,
+    DONE,
+    ERROR_BYTES,
+    FAILED,
+    PENDING,
+    RUNNING,
+    ResultsStore,
+    clear_consistency_flags,
+    open_readonly,
 )
-
-from helpers import GROUPS, StandInTable, rows_for_store as make_rows  # noqa: E402 - shared with other tests
 
 
 @pytest.fixture
@@ -172,6 +179,7 @@ def check_done_rows(cols):
     return done
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("delay", [0.02, 0.0], ids=["paced", "flat-out"])
 def test_kill_minus_9_keeps_every_finished_row(tmp_path, delay):
     # flat-out: the writer updates as fast as it can, so the kill lands inside an update
@@ -213,6 +221,7 @@ def test_kill_minus_9_keeps_every_finished_row(tmp_path, delay):
         assert f["spaces/s/status"][rest[0]] == DONE
 
 
+@pytest.mark.e2e
 def test_reader_follows_new_space_added_during_run(tmp_path):
     proc = start_writer(tmp_path, 6, 0.01, "space")
     try:

@@ -14,11 +14,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
-from nps.pipeline.experiment.config import dump, expand_spaces, load_config, parse_config
-from nps.pipeline.errors import NpsError
-from nps.pipeline.results.store import DONE
 from helpers import cpu_experiment_head
+
+from nps.pipeline.errors import NpsError
+from nps.pipeline.experiment.config import expand_spaces, load_config, parse_config
+from nps.pipeline.experiment.toml_text import dump
+from nps.pipeline.results.store import DONE
 
 NPS = [sys.executable, "-m", "nps.pipeline.cli"]
 RUN_TIMEOUT = 400
@@ -86,7 +87,7 @@ retrain.epochs = [2, 4]
     ('[[spaces]]\nc_flops = 0.25\nretrain.lr = 0.1\n', "spaces[0].retrain.lr: unknown key"),
 ])
 def test_impossible_combinations_fail_in_one_line(text, message):
-    from nps.pipeline.experiment.config import check_config
+    from nps.pipeline.experiment.checks import check_config
 
     with pytest.raises(NpsError) as info:
         check_config(config(text))
@@ -94,7 +95,7 @@ def test_impossible_combinations_fail_in_one_line(text, message):
 
 
 def test_seeded_ratio_rows_may_repeat():
-    from nps.pipeline.experiment.config import check_config
+    from nps.pipeline.experiment.checks import check_config
 
     cfg = check_config(config('[[spaces]]\nname = "ratios"\nratios = [0.5]\nn = 3\nretrain.method = "scratch"\n'))
     (p,) = expand_spaces(cfg)

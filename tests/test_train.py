@@ -132,7 +132,8 @@ def test_reinitialize_gives_fresh_weights_and_resets_bn():
 
 
 def test_one_spec_for_the_experiment_the_engine_and_the_file():
-    from nps.pipeline.experiment.config import Config, RetrainConfig as ExperimentRetrain
+    from nps.pipeline.experiment.config import Config
+    from nps.pipeline.experiment.config import RetrainConfig as ExperimentRetrain
     from nps.pipeline.training.spec import RetrainSpec, SpaceSpec
 
     cfg = Config()

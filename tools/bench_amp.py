@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from nps.pipeline.training.devices import cpu_has_native_bf16, resolve_amp
 from nps.pipeline.network.models import build_model
+from nps.pipeline.training.devices import cpu_has_native_bf16, resolve_amp
 
 MODELS = ("resnet20", "resnet18", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
           "mnasnet0_5", "regnet_x_400mf", "convnext_tiny", "densenet121")

@@ -44,10 +44,10 @@ from torch import nn
 
 from nps.kernels.samplers import sample_space
 from nps.kernels.spaces import parse_space
-from nps.pipeline.training.devices import resolve_amp, resolve_channels_last, resolve_cpu_workers, train_cohort
 from nps.pipeline.network.layer_table import build_layer_table
 from nps.pipeline.network.models import build_model
 from nps.pipeline.network.prune import prune_model
+from nps.pipeline.training.devices import resolve_amp, resolve_channels_last, resolve_cpu_workers, train_cohort
 from nps.pipeline.training.schedule import autocast_context, make_optimizer, make_scheduler
 from nps.pipeline.training.spec import RetrainSpec as RetrainConfig
 

@@ -87,8 +87,8 @@ class SimulatedWorker:
     def run(self, task, base) -> None:
         from nps.pipeline.row_status import RowStatus
         from nps.pipeline.run.protocol import BaseResult, BaseTask, Progress, RowResult
-        from nps.pipeline.training.events import Result, StepProgress
         from nps.pipeline.run.worker import Stopped
+        from nps.pipeline.training.events import Result, StepProgress
 
         if isinstance(task, BaseTask):
             self.emit(BaseResult(self.wid, task.task_id, self.sim.base_top1, 99.5, 0.2, task.train, 0.0,

@@ -13,8 +13,8 @@ import argparse
 import numpy as np
 
 from nps.kernels.spaces import parse_space
-from nps.pipeline.network.layer_table import build_layer_table
 from nps.pipeline.experiment.sampling import sample_rows
+from nps.pipeline.network.layer_table import build_layer_table
 from nps.pipeline.results.store import ResultsStore
 
 C_FLOPS = (0.5, 0.35, 0.25, 0.15, 0.1, 0.05)

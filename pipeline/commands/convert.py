@@ -7,9 +7,7 @@ import time
 from typing import Callable, Dict
 
 from nps.datasets.errors import DatasetError
-from nps.datasets.sources import READERS
-
-KINDS = tuple(READERS)
+from nps.datasets.kinds import KINDS
 
 HELP = """\
 Convert a dataset once; every subnetwork then trains from the FFCV .beton files.

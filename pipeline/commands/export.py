@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import argparse
-
-from rich.console import Console
+import contextlib
 
 EPILOG = """\
 The fine-tuned weights come from weights/<space>/<row>.pt beside RESULTS.h5 (kept by nps run for the best rows of
@@ -54,9 +53,11 @@ def run(args) -> int:
     import os
 
     import h5py
+    from rich.console import Console
 
     from nps.pipeline.errors import NpsError
-    from nps.pipeline.results.export import export_subnetwork, verify_subnetwork
+    from nps.pipeline.results.export import export_subnetwork
+    from nps.pipeline.results.verify import verify_subnetwork
 
     console = Console()
     if not os.path.exists(args.source):
@@ -88,7 +89,7 @@ def run(args) -> int:
         return 0
     if args.batch_size is not None and args.batch_size < 1:
         raise NpsError(f"--batch-size {args.batch_size}: use at least 1")
-    with console.status("evaluating on the val split", spinner="dots") if console.is_terminal else _null():
+    with console.status("evaluating on the val split", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         result = verify_subnetwork(target, data_dir=args.data, device=args.device, batch_size=args.batch_size,
                                    tolerance=args.tolerance, amp=args.amp)
     diff = result["diff"] if abs(result["diff"]) >= 5e-5 else 0.0  # no "-0.0000" for float32 rounding
@@ -100,11 +101,3 @@ def run(args) -> int:
     console.print(f"[red]mismatch:[/red] {line}, tolerance {result['tolerance']:.4g} pp. If the run evaluated on a "
                   "GPU under autocast, verify the same way (--device cuda --amp bf16), or pass --tolerance.")
     return 1
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
-from rich.console import Console
-from rich.table import Table
-
-from nps.pipeline.results.analysis import DEFAULT_BOOTSTRAP, DEFAULT_EDF_POINTS
+from nps.pipeline.catalog import DEFAULT_BOOTSTRAP, DEFAULT_EDF_POINTS
 
 EPILOG = """\
 what it writes (DIR is assembled under a temporary name and renamed into place):
@@ -45,13 +43,15 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from rich.console import Console
+
     from nps.pipeline.errors import NpsError
     from nps.pipeline.results.report import write_report
 
     if args.edf_points < 2:
         raise NpsError(f"--edf-points {args.edf_points}: use at least 2")
     console = Console()
-    with console.status("analysing and drawing", spinner="dots") if console.is_terminal else _null():
+    with console.status("analysing and drawing", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         summary = write_report(args.results, args.out, k=args.k, n_boot=args.bootstrap, seed=args.seed,
                                edf_points=args.edf_points, force=args.force)
     console.print(summary_table(summary))
@@ -67,16 +67,11 @@ def run(args) -> int:
     return 0
 
 
-class _null:
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        return False
-
-
-def summary_table(summary: dict) -> Table:
+def summary_table(summary: dict):
     """One line per space and regime; fits an 80-column terminal."""
+    from rich.table import Table
+
     c = summary["counts"]
     band = summary["settings"]["band"]
     t = Table(title=f"{c['finished']} finished of {c['total']} rows ({c['pending']} pending, {c['running']} running, "

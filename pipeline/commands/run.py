@@ -58,9 +58,11 @@ def run(args) -> int:
 
     from rich.console import Console
 
-    from nps.pipeline.experiment.config import check_ray_address, dump, load_config, parse_devices
-    from nps.pipeline.experiment.plan import validate
     from nps.pipeline.errors import NpsError
+    from nps.pipeline.experiment.checks import check_ray_address, parse_devices
+    from nps.pipeline.experiment.config import load_config
+    from nps.pipeline.experiment.plan import validate
+    from nps.pipeline.experiment.toml_text import dump
     from nps.pipeline.views.terminal import LiveView, PlainView, space_table
 
     cfg = load_config(args.experiment, args.overrides, out=args.out)

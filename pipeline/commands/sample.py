@@ -4,17 +4,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
-
-from nps.kernels.spaces import DEFAULT_DELTA, DEFAULT_R, parse_space
+from nps.kernels.defaults import DEFAULT_DELTA, DEFAULT_R
+from nps.pipeline.catalog import CIFAR_MODELS, FLOPS_CONVENTIONS, TESTED_TORCHVISION
 from nps.pipeline.errors import NpsError
-from nps.pipeline.network.layer_table import CONVENTIONS, build_layer_table
-from nps.pipeline.network.models import CIFAR_MODELS, TESTED_TORCHVISION
-from nps.pipeline.experiment.sampling import sample_rows
-from nps.pipeline.results.h5file import writer_lock
-from nps.pipeline.results.store import ResultsStore
 
 EPILOG = """\
 spaces:
@@ -43,7 +35,7 @@ def register(sub) -> None:
                         "inside one block (bottleneck convs, expanded channels, squeeze-excitation)")
     p.add_argument("--channel-multiple", type=int, default=1, metavar="M",
                    help="keep channel counts in multiples of M where the width allows (e.g. 8; default 1)")
-    p.add_argument("--flops", choices=list(CONVENTIONS), default="macs",
+    p.add_argument("--flops", choices=list(FLOPS_CONVENTIONS), default="macs",
                    help="FLOPs convention: macs (conv+linear multiply-accumulates, default) or paper (ptflops' "
                         "count with BN, ReLU and pooling, what the paper reports)")
     p.add_argument("--resolution", type=int, required=True, help="input resolution FLOPs are counted at")
@@ -67,6 +59,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from rich.console import Console
+
+    from nps.pipeline.results.h5file import writer_lock
+
     console = Console()
     if args.n < 1:
         raise NpsError(f"-n {args.n}: ask for at least one recipe")
@@ -83,6 +79,13 @@ def run(args) -> int:
 
 
 def _sample(args, console) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from nps.kernels.spaces import parse_space
+    from nps.pipeline.experiment.sampling import sample_rows
+    from nps.pipeline.network.layer_table import build_layer_table
+    from nps.pipeline.results.store import ResultsStore
+
     target, value = ("c_flops", args.c_flops) if args.c_flops is not None else ("c_params", args.c_params)
     table = build_layer_table(args.model, args.mode, args.resolution, args.classes, args.in_channels,
                               flops=args.flops, channel_multiple=args.channel_multiple)
@@ -138,8 +141,10 @@ def _span(x) -> str:
     return f"{x.min():.4f} – {x.max():.4f}"
 
 
-def summary_table(table, results) -> Table:
-    """One column per space, one row per quantity (fits a narrow terminal)."""
+def summary_table(table, results):
+    """One column per space, one row per quantity (fits a narrow terminal): a rich Table."""
+    from rich.table import Table
+
     t = Table(title=table.describe())
     t.add_column("")
     for space, *_ in results:

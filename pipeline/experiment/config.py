@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
 import types
@@ -44,6 +43,7 @@ from typing import Any
 
 from nps.pipeline.errors import NpsError
 from nps.pipeline.experiment import space_plan
+from nps.pipeline.experiment.checks import check_config
 from nps.pipeline.training.spec import RetrainSpec
 
 try:
@@ -179,8 +179,6 @@ RUNTIME_KEYS = frozenset({
 })
 
 PRESETS_DIR = "presets"  # inside the nps.pipeline.experiment package (pyproject: package-data)
-AMP = ("auto", "bf16", "fp16", "off")
-KEEP_WEIGHTS = ("all", "topk", "none")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -347,196 +345,6 @@ def load_config(source: str, overrides=(), out: str | None = None) -> Config:
     if out:
         cfg.experiment.out = out
     return check_config(cfg)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Writing TOML (a small emitter: flat tables and one array of tables; no dependency).
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-        text = repr(value)
-        return text if any(c in text for c in ".en") else text + ".0"
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-        return f'"{escaped}"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _table_lines(obj, comments: bool, prefix: str = "") -> list[str]:
-    lines = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):  # a sub-table of an array element: dotted keys
-            lines += _table_lines(value, comments, f"{prefix}{f.name}.")
-            continue
-        if isinstance(value, list):
-            if not value:
-                continue  # an unset target
-            value = value[0] if len(value) == 1 else value
-        line = f"{prefix}{f.name} = {_toml_value(value)}"
-        if comments and f.metadata.get("help"):
-            line = f"{line:<34} # {f.metadata['help']}"
-        lines.append(line)
-    return lines
-
-
-def dump(cfg: Config, *, comments: bool = False) -> str:
-    """The experiment as TOML text; ``load``-ing it gives back an equal :class:`Config`."""
-    out: list[str] = []
-    for section in SECTIONS:
-        value = getattr(cfg, section)
-        if section == "spaces":
-            for space in value:
-                out += ["[[spaces]]", *_table_lines(space, comments), ""]
-        else:
-            out += [f"[{section}]", *_table_lines(value, comments), ""]
-    return "\n".join(out)
-
-
-def flatten(cfg: Config) -> dict[str, Any]:
-    """``{"retrain.epochs": 50, "spaces[0].n": 100, ...}``: for comparing two experiments key by key."""
-    flat = {}
-    for section in SECTIONS:
-        value = getattr(cfg, section)
-        if section == "spaces":
-            flat["spaces.count"] = len(value)
-            items = [(f"spaces[{i}]", s) for i, s in enumerate(value)]
-        else:
-            items = [(section, value)]
-        for prefix, obj in items:
-            for key, v in dataclasses.asdict(obj).items():
-                flat[f"{prefix}.{key}"] = v
-    return flat
-
-
-def differing_keys(a: Config, b: Config, *, ignore=RUNTIME_KEYS) -> list[tuple[str, Any, Any]]:
-    """``(key, value in a, value in b)`` for every key that differs (runtime-only keys ignored)."""
-    fa, fb = flatten(a), flatten(b)
-    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb), key=lambda k: (k not in fa, k))
-            if k not in ignore and fa.get(k) != fb.get(k)]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Checking values (no files touched).
-
-
-def _need(ok: bool, key: str, problem: str) -> None:
-    if not ok:
-        raise NpsError(f"{key}: {problem}")
-
-
-def _choice(value, key: str, choices) -> None:
-    _need(value in choices, key, f"{value!r} is not one of {', '.join(map(str, choices))}")
-
-
-def check_config(cfg: Config) -> Config:
-    """Reject impossible values (raises NpsError naming the key); touches no file. Returns ``cfg``."""
-    from nps.pipeline.network.layer_table import CONVENTIONS
-    from nps.pipeline.network.models import model_kind
-    from nps.pipeline.network.prune import CRITERIA
-
-    e, d, m, b, r, t, o = cfg.experiment, cfg.dataset, cfg.model, cfg.base, cfg.retrain, cfg.two_stage, cfg.output
-    _need(bool(e.name.strip()), "experiment.name", "must not be empty")
-    _need(e.seed >= 0, "experiment.seed", f"must be >= 0, got {e.seed}")
-    _need(bool(e.out.strip()), "experiment.out", "must not be empty")
-    parse_devices(e.devices, key="experiment.devices")
-    check_ray_address(e.ray, key="experiment.ray")
-
-    _need(bool(d.dir.strip()), "dataset.dir", "set it to a directory written by `nps convert`")
-    _need(d.workers >= 0, "dataset.workers", f"must be >= 0, got {d.workers}")
-    _need(d.on_device in (True, False, "auto"), "dataset.on_device", f"use 'auto', true or false, got {d.on_device!r}")
-    _need(d.val_batch_size >= 1, "dataset.val_batch_size", f"must be >= 1, got {d.val_batch_size}")
-    _need(d.train_images >= 0, "dataset.train_images", f"must be >= 0, got {d.train_images}")
-    _need(d.val_images >= 0, "dataset.val_images", f"must be >= 0, got {d.val_images}")
-
-    try:
-        model_kind(m.name)
-    except NpsError as exc:
-        raise NpsError(f"model.name: {exc}") from None
-    _need(m.resolution >= 0, "model.resolution", f"must be >= 0 (0: default), got {m.resolution}")
-    _choice(m.mode, "model.mode", ("all", "internal"))
-    _need(m.in_channels in (0, 1, 3), "model.in_channels", f"must be 1 or 3 (0: from the dataset), got {m.in_channels}")
-    _need(m.num_classes >= 0, "model.num_classes", f"must be >= 0 (0: from the dataset), got {m.num_classes}")
-    _choice(m.criterion, "model.criterion", tuple(CRITERIA))
-    _need(m.channel_multiple >= 1, "model.channel_multiple", f"must be >= 1, got {m.channel_multiple}")
-    _choice(m.flops, "model.flops", CONVENTIONS)
-
-    if not m.checkpoint:
-        _need(b.epochs >= 1, "base.epochs", f"must be >= 1 to train the base network (or set model.checkpoint), "
-                                             f"got {b.epochs}")
-    _need(b.batch_size >= 1, "base.batch_size", f"must be >= 1, got {b.batch_size}")
-    _need(b.lr > 0, "base.lr", f"must be > 0, got {b.lr}")
-    _need(0 <= b.warmup_epochs <= max(b.epochs, 0), "base.warmup_epochs",
-          f"must be in [0, base.epochs={b.epochs}], got {b.warmup_epochs}")
-    _need(0 <= b.momentum < 1, "base.momentum", f"must be in [0, 1), got {b.momentum}")
-    _need(b.weight_decay >= 0, "base.weight_decay", f"must be >= 0, got {b.weight_decay}")
-    _need(0 <= b.label_smoothing < 1, "base.label_smoothing", f"must be in [0, 1), got {b.label_smoothing}")
-    _choice(b.amp, "base.amp", AMP)
-
-    _need(b.bn_images >= 0, "base.bn_images", f"must be >= 0, got {b.bn_images}")
-    _need(r.train_images >= 0, "retrain.train_images", f"must be >= 0, got {r.train_images}")
-
-    _need(r.epochs >= 1, "retrain.epochs", f"must be >= 1, got {r.epochs}")
-    r.check("retrain")
-    if t.enabled and r.method != "finetune":
-        _need(r.warmup_epochs <= t.full_epochs, "retrain.warmup_epochs",
-              f"{r.warmup_epochs} exceeds two_stage.full_epochs ({t.full_epochs})")
-    _need(r.batch_size >= 1, "retrain.batch_size", f"must be >= 1, got {r.batch_size}")
-    _need(r.cohort_size == "auto" or (isinstance(r.cohort_size, int) and r.cohort_size >= 1), "retrain.cohort_size",
-          f"use 'auto' or a number >= 1, got {r.cohort_size!r}")
-    _need(r.bn_images >= 0, "retrain.bn_images", f"must be >= 0, got {r.bn_images}")
-    _choice(r.amp, "retrain.amp", AMP)
-
-    if t.enabled:
-        _need(t.top_k >= 1, "two_stage.top_k", f"must be >= 1, got {t.top_k}")
-        _need(t.full_epochs >= 1, "two_stage.full_epochs", f"must be >= 1, got {t.full_epochs}")
-    space_plan.check(cfg)
-    _choice(o.keep_weights, "output.keep_weights", KEEP_WEIGHTS)
-    _need(o.top_k >= 1, "output.top_k", f"must be >= 1, got {o.top_k}")
-    return cfg
-
-
-def check_ray_address(text: str, *, key: str = "--ray") -> str:
-    """``""`` (no Ray), ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT`` (Ray Client); returns it stripped."""
-    text = str(text).strip()
-    _need(text in ("", "auto") or re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}", text) is not None, key,
-          f"{text!r} is not a Ray address: use auto or HOST:PORT of the head node (e.g. 10.0.0.1:6379)")
-    return text
-
-
-def parse_devices(text: str, *, key: str = "--devices") -> list[str]:
-    """``auto`` → every CUDA device, else ``["cpu"]``; ``cpu`` (repeatable: ``cpu,cpu`` = two CPU workers);
-    GPU indices ``0,1`` or ``cuda:0``. Returns torch device strings, one per worker."""
-    text = str(text).strip()
-    if text == "auto":
-        import torch
-
-        count = torch.cuda.device_count()
-        return [f"cuda:{i}" for i in range(count)] if count else ["cpu"]
-    out = []
-    for item in text.split(","):
-        item = item.strip()
-        if item == "cpu":
-            out.append("cpu")
-        elif item.isdigit():
-            out.append(f"cuda:{int(item)}")
-        elif re.fullmatch(r"cuda:\d+", item):
-            out.append(item)
-        else:
-            raise NpsError(f"{key}: {item!r} is not a device (use auto, cpu, or GPU indices like 0,1)")
-    _need(bool(out), key, "no device given")
-    cuda = [d for d in out if d != "cpu"]
-    _need(len(set(cuda)) == len(cuda), key, "a GPU is listed twice (one worker per GPU)")
-    return out
 
 
 def expand_spaces(cfg: Config):

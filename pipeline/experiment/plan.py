@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from nps.pipeline.experiment.config import Config, _need, check_config, expand_spaces
-from nps.pipeline.network.checkpoints import check_checkpoint
 from nps.pipeline.errors import NpsError
-
+from nps.pipeline.experiment.checks import _need, check_config
+from nps.pipeline.experiment.config import Config, expand_spaces
+from nps.pipeline.network.checkpoints import check_checkpoint
 
 
 @dataclass
@@ -48,12 +48,11 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
     for what the run writes, and one training batch fits in the memory of ``devices`` (default: the experiment's;
     not checked on a Ray cluster, whose devices the driver does not know yet).
     """
-    from nps.pipeline.experiment import preflight
-
     from nps.datasets.errors import DatasetError
     from nps.datasets.meta import META_NAME, load_meta
     from nps.kernels.errors import SamplerError
     from nps.kernels.spaces import check_feasible
+    from nps.pipeline.experiment import preflight
     from nps.pipeline.network.layer_table import build_layer_table
 
     check_config(cfg)
@@ -102,7 +101,7 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
             raise NpsError(f"model.checkpoint: {checkpoint} does not exist")
         check_checkpoint(checkpoint, m.name, num_classes, in_channels)
     if devices is None and not cfg.experiment.ray:
-        from nps.pipeline.experiment.config import parse_devices
+        from nps.pipeline.experiment.checks import parse_devices
 
         devices = parse_devices(cfg.experiment.devices, key="experiment.devices")
     preflight.check_memory(cfg, num_classes, in_channels, resolution, devices or [])
@@ -117,7 +116,7 @@ def _done_rows(results_path: str) -> int:
     """Rows an earlier run of this experiment finished (their weights are on disk already)."""
     if not os.path.isfile(results_path):
         return 0
-    from nps.pipeline.results.store import open_readonly
+    from nps.pipeline.results.reader import open_readonly
 
     with open_readonly(results_path) as reader:
         return sum(counts["done"] + counts["failed"] for counts in reader.summary().values())

@@ -121,8 +121,8 @@ def device_memory(device: str) -> tuple[int, str] | None:
 def batch_bytes(cfg, num_classes: int, in_channels: int, resolution: int, batch_size: int) -> int:
     """Bytes to train the base network on one batch (parameters, gradients, momentum and the activations autograd
     keeps: :func:`nps.pipeline.training.devices.estimate_train_bytes`, shapes only, on the meta device)."""
-    from nps.pipeline.training.devices import estimate_train_bytes
     from nps.pipeline.network.models import build_model
+    from nps.pipeline.training.devices import estimate_train_bytes
 
     model = build_model(cfg.model.name, num_classes=num_classes, in_channels=in_channels, device="meta")
     return estimate_train_bytes(model, (batch_size, in_channels, resolution, resolution))

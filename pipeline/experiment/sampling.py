@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 
 from nps.kernels.samplers import Sample, sample_space
-from nps.kernels.spaces import BASELINE, Space, describe, uniform_baseline
+from nps.kernels.spaces import BASELINE, RATIOS, Space, describe, uniform_baseline
 
 
 def row_seeds(seed: int, key: str, n: int) -> np.ndarray:
@@ -94,8 +94,6 @@ def baseline_rows(table, target: str, value: float, seed: int, *, delta: float, 
 
 def ratio_rows(table, key: str, ratios, n: int, seed: int) -> tuple[dict, dict]:
     """(rows, attrs) of a ratio space: ``n`` rows per uniform ratio, every group pruned at that ratio."""
-    from nps.pipeline.results.retraining_study import RATIOS
-
     recipe = np.repeat(np.repeat(np.asarray(ratios, dtype=np.float64), n)[:, None], len(table.channels), axis=1)
     keep = table.keep(recipe)
     flops, params = table.flops_of(keep), table.params_of(keep)

@@ -22,10 +22,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from nps.kernels.spaces import RATIOS
 from nps.pipeline.errors import NpsError
 from nps.pipeline.training.spec import SpaceSpec
 
-RATIOS = "ratios"  # the name of a ratio space (see nps.pipeline.results.retraining_study)
 OVERRIDES = ("criterion", "method", "epochs")
 # Criteria and methods whose rows differ by their seed: everything else trains the same recipe identically (the
 # data order is the experiment's, not the row's), so a ratio space repeats rows only for these.
@@ -131,7 +131,7 @@ def baselines(planned: list[PlannedSpace], spec: SpaceSpec) -> list[PlannedSpace
 
 def check(cfg) -> list[PlannedSpace]:
     """Reject impossible spaces (one line naming the key); returns the planned spaces."""
-    from nps.pipeline.network.prune import CRITERIA
+    from nps.pipeline.catalog import CRITERIA
     from nps.pipeline.training.spec import METHODS
 
     def need(ok: bool, key: str, problem: str) -> None:

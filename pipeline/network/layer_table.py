@@ -44,13 +44,15 @@ import numpy as np
 from torch import nn
 
 from nps.kernels.complexity import QuadraticForm, keep_from_recipe
-from nps.pipeline.network.channel_graph import ChannelGraph, Seg, analyze
-from nps.pipeline.network.channel_groups import ChannelClass, classes
+from nps.pipeline.catalog import FLOPS_CONVENTIONS
 from nps.pipeline.errors import NpsError
+from nps.pipeline.network.channel_graph import ChannelGraph, Seg
+from nps.pipeline.network.channel_groups import ChannelClass, classes
 from nps.pipeline.network.models import build_model
+from nps.pipeline.network.trace import analyze
 
 MODES = ("internal", "all")
-CONVENTIONS = ("macs", "paper")
+CONVENTIONS = FLOPS_CONVENTIONS
 
 # ptflops' module hooks (pytorch backend, count_functional=False), by exact module type.
 _PAPER_OUTPUT = (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6, nn.GELU, nn.Upsample)
@@ -371,7 +373,7 @@ def _check_options(mode: str, flops: str, channel_multiple: int) -> None:
 
 def table_from_graph(graph: ChannelGraph, model_name: str, mode: str, resolution: int, num_classes: int,
                      in_channels: int, *, flops: str = "macs", channel_multiple: int = 1) -> LayerTable:
-    """The layer table of an analysed model (see :func:`nps.pipeline.network.channel_graph.analyze`)."""
+    """The layer table of an analysed model (see :func:`nps.pipeline.network.trace.analyze`)."""
     _check_options(mode, flops, channel_multiple)
     selection = select_groups(graph, mode, channel_multiple)
     flops_form, params_form = _complexity_forms(graph, selection, flops)
@@ -427,9 +429,3 @@ def feasible_range(table: LayerTable, max_ratio: float) -> tuple[float, float]:
     low = table.c_flops(table.keep(np.full(len(table), max_ratio)))
     high = table.c_flops(table.channels)
     return float(low), float(high)
-
-
-def meta_model(table: LayerTable) -> nn.Module:
-    """The table's base architecture on the meta device (shapes only)."""
-    return build_model(table.model, num_classes=table.num_classes, in_channels=table.in_channels, device="meta")
-

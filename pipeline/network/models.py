@@ -25,19 +25,13 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+from nps.pipeline.catalog import CIFAR_MODELS, TESTED_TORCHVISION
 from nps.pipeline.errors import NpsError, one_line
 
 ModelBuilder = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, ModelBuilder] = {}
 
-TESTED_TORCHVISION = (
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d",
-    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b1",
-    "efficientnet_b2", "efficientnet_b3", "mnasnet0_5", "mnasnet1_0", "regnet_x_400mf", "regnet_y_400mf",
-    "regnet_y_1_6gf", "convnext_tiny", "densenet121",
-)
-"""torchvision models whose layer tables, pruning and complexity the test suite checks."""
 
 _CALLABLE_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -270,7 +264,7 @@ def resnet110(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return CifarResNet(110, num_classes, in_channels)
 
 
-CIFAR_MODELS = tuple(_REGISTRY)
+assert tuple(_REGISTRY) == CIFAR_MODELS
 MODELS = CIFAR_MODELS + TESTED_TORCHVISION
 """The CIFAR ResNets and the torchvision models the test suite covers (any torchvision classification model,
 ``timm:<name>`` and ``package.module:function`` work too: see :func:`model_kind`)."""

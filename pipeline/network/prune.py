@@ -28,9 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from nps.pipeline.network.channel_graph import ChannelGraph, Seg, analyze
+from nps.pipeline.catalog import CRITERIA as CRITERIA_NAMES
 from nps.pipeline.errors import NpsError
+from nps.pipeline.network.channel_graph import ChannelGraph, Seg
 from nps.pipeline.network.layer_table import GroupSelection, LayerTable, select_groups
+from nps.pipeline.network.trace import analyze
 
 FilterScorer = Callable[[torch.Tensor], torch.Tensor]
 """Filter weights (out, in·k·k) in float64 → one importance score per filter (larger = more important)."""
@@ -55,6 +57,7 @@ def _fpgm_scores(filters: torch.Tensor) -> torch.Tensor:
 
 CRITERIA: dict[str, FilterScorer | None] = {"l2": _l2_scores, "l1": _l1_scores, "fpgm": _fpgm_scores, "random": None}
 """Filter-importance criteria by name; ``random`` has no scorer (it draws a seeded permutation)."""
+assert tuple(CRITERIA) == CRITERIA_NAMES
 
 # The channel analysis of each model object, per table layout: a worker prunes many subnetworks of one base, and
 # tracing it again for each would cost more than the pruning.

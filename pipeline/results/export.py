@@ -72,15 +72,12 @@ def weights_path(results_path: str | os.PathLike, space: str, row: int) -> Path:
     return Path(results_path).resolve().parent / WEIGHTS_DIR / _check_space_name(space) / f"{_check_row(row)}.pt"
 
 
-def save_subnetwork_weights(results_path: str | os.PathLike, space: str, row: int, model, *,
-                            staged: bool = False) -> Path:
+def save_subnetwork_weights(results_path: str | os.PathLike, space: str, row: int, model) -> Path:
     """Keep the fine-tuned weights of one row beside results.h5 (atomically: a temporary file, then a rename).
 
     ``model`` is the physically pruned ``nn.Module`` (or its state_dict; a ``torch.compile`` wrapper is unwrapped);
     tensors are stored on the CPU, contiguous (a ``channels_last`` model is saved in the default layout). Returns
-    the path written. With ``staged=True`` the file is left under a staging name (returned) until
-    :func:`commit_staged_weights` renames it into place: a worker stages, the results file's writer commits once it
-    has accepted the row's result, so a result it ignores never replaces the weights of one it kept.
+    the path written.
     """
     import torch
 
@@ -89,8 +86,7 @@ def save_subnetwork_weights(results_path: str | os.PathLike, space: str, row: in
     state = model.state_dict() if hasattr(model, "state_dict") else model
     state = {k.removeprefix("_orig_mod."): v.detach().to("cpu").contiguous() if torch.is_tensor(v) else v
              for k, v in state.items()}
-    target = path.with_name(f".{path.name}{STAGED_SUFFIX}{os.getpid()}") if staged else path
-    return save_atomic(state, target)
+    return save_atomic(state, path)
 
 
 def save_atomic(obj, path: str | os.PathLike) -> Path:
@@ -107,20 +103,6 @@ def save_atomic(obj, path: str | os.PathLike) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
-
-
-STAGED_SUFFIX = ".staged-"
-
-
-def commit_staged_weights(staged: str | os.PathLike) -> Path:
-    """Rename weights written with ``save_subnetwork_weights(..., staged=True)`` to their row's path."""
-    staged = Path(staged)
-    name = staged.name
-    if not (name.startswith(".") and STAGED_SUFFIX in name):
-        raise ValueError(f"{staged} is not a staged weights file")
-    final = staged.with_name(name[1:name.index(STAGED_SUFFIX)])
-    os.replace(staged, final)
-    return final
 
 
 def load_subnetwork_weights(results_path: str | os.PathLike, space: str, row: int) -> dict:
@@ -165,7 +147,7 @@ def resolve_space(spaces: Iterable[str], name: str) -> str:
 
 def _pick_row(results_path, space: str, status: np.ndarray, top1: np.ndarray) -> tuple[int, str]:
     """The done row with the highest top-1 whose weights are kept, and a note when a better row has none."""
-    from nps.pipeline.results.store import DONE
+    from nps.pipeline.results.reader import DONE
 
     done = np.flatnonzero((status == DONE) & np.isfinite(top1))
     if done.size == 0:
@@ -192,7 +174,7 @@ def export_subnetwork(results_path: str | os.PathLike, space: str, out: str | os
     row had no weights) and ``out``.
     """
     from nps.pipeline.network.layer_table import LayerTable
-    from nps.pipeline.results.store import DONE, STATUS_NAMES, open_readonly
+    from nps.pipeline.results.reader import DONE, STATUS_NAMES, open_readonly
 
     if (row is None) == (not best):
         raise NpsError("choose the subnetwork with exactly one of --best and --row I")
@@ -305,158 +287,3 @@ def load_subnetwork(path: str | os.PathLike, device: str = "cpu"):
         raise NpsError(f"{path}: its weights do not fit its own keep counts ({str(error).splitlines()[0]}); "
                        "re-export it") from None
     return model.to(device).eval()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Verification on the val split.
-
-
-def _parse_config(text: str, where: str) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        return tomllib.loads(text or "")
-    except tomllib.TOMLDecodeError as error:
-        raise NpsError(f"{where}: the stored config is not valid TOML ({error}); pass --data DIR") from None
-
-
-def dataset_dir(ckpt: dict, data_dir: str | os.PathLike | None = None) -> Path:
-    """The converted dataset the run used: ``data_dir`` if given, else the config's ``[dataset] dir``.
-
-    A relative ``dir`` is looked up from the current directory, then from the results file's directory.
-    """
-    if data_dir is not None:
-        path = Path(data_dir)
-        if not path.is_dir():
-            raise NpsError(f"--data {path}: no such directory (a dataset converted with nps convert)")
-        return path
-    cfg = _parse_config(ckpt.get("config", ""), "export")
-    entry = cfg.get("dataset", {}).get("dir") if isinstance(cfg.get("dataset"), dict) else None
-    if not entry:
-        raise NpsError("the export's config has no [dataset] dir; pass --data DIR (the directory written by "
-                       "nps convert for the run's dataset)")
-    candidates = [Path(entry)]
-    if not Path(entry).is_absolute() and ckpt.get("results"):
-        candidates.append(Path(ckpt["results"]).parent / entry)
-    for path in candidates:
-        if path.is_dir():
-            return path
-    raise NpsError(f"the run's dataset dir {entry!r} is not here (tried {', '.join(map(str, candidates))}); "
-                   "pass --data DIR")
-
-
-def check_dataset_of(ckpt: dict, data: Path, *, given: bool) -> None:
-    """``data`` must be the dataset the subnetwork was scored on: its fingerprint (when the export has it), its
-    classes and its image shape (the network's resolution, for images stored at their size)."""
-    from nps.datasets.errors import DatasetError
-    from nps.datasets.meta import load_meta, same_dataset_problem
-
-    where = f"--data {data}" if given else f"the run's dataset {data}"
-    try:
-        meta = load_meta(data)
-    except DatasetError as exc:
-        raise NpsError(f"{where}: {exc}") from None
-    problem = same_dataset_problem(meta, str(ckpt.get("dataset_fingerprint", "")),
-                                   num_classes=ckpt.get("dataset_num_classes") or None,
-                                   image_shape=ckpt.get("dataset_image_shape") or None)
-    if problem:
-        raise NpsError(f"{where} is not the dataset this subnetwork was scored on ({problem}); pass the run's "
-                       "dataset with --data")
-
-
-def _config_section(cfg: dict, name: str) -> dict:
-    section = cfg.get(name)
-    return section if isinstance(section, dict) else {}
-
-
-def _check_config_model(cfg: dict, ckpt: dict) -> None:
-    """The config's [model] keys, where set, must agree with the layer table the keep counts refer to.
-
-    0 means "from the dataset" / "automatic" for resolution, in_channels and num_classes, and is not compared.
-    """
-    model = _config_section(cfg, "model")
-    for key, ours in (("name", ckpt["model"]), ("mode", ckpt["mode"]), ("resolution", ckpt["resolution"]),
-                      ("in_channels", ckpt["in_channels"]), ("num_classes", ckpt["num_classes"])):
-        value = model.get(key)
-        if value in (None, 0, ""):
-            continue
-        if value != ours:
-            raise NpsError(f"the export's config says [model] {key} = {value!r} but its layer table says "
-                           f"{ours!r}; the results file is inconsistent, re-export from the right file")
-
-
-class _EvalLoader:
-    """The val batches as the run evaluated them: the first ``images`` only (0: all; the last batch cut), NCHW-
-    contiguous on the CPU; counts the images (the denominator of top-1)."""
-
-    def __init__(self, loader, images: int = 0, contiguous: bool = False):
-        self.loader, self.limit, self.contiguous = loader, int(images or 0), contiguous
-        self.images = 0
-
-    def __iter__(self):
-        self.images = 0
-        for x, y in self.loader:
-            if self.limit and self.images >= self.limit:
-                break
-            if self.limit and self.images + int(y.shape[0]) > self.limit:
-                cut = self.limit - self.images
-                x, y = x[:cut], y[:cut]
-            self.images += int(y.shape[0])
-            yield (x.contiguous() if self.contiguous else x), y
-
-
-def verify_subnetwork(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, device: str = "cpu",
-                      batch_size: int | None = None, val_loader=None, tolerance: float | None = None,
-                      amp: str | None = None) -> dict:
-    """Re-evaluate an export on the val split and compare with the top-1 stored in results.h5.
-
-    The evaluation follows the run's config where it says how the run evaluated: ``[dataset] val_images`` (the
-    first N val images), ``val_batch_size`` and ``on_device``, and ``[retrain] amp`` (``auto`` is off on the CPU,
-    bf16/fp16 on a GPU); ``batch_size`` and ``amp`` override them.
-
-    Top-1 is ``100 · correct / N``, so two evaluations of the same weights on the same images differ by a multiple
-    of ``100 / N``. With the default ``tolerance`` (half an image, ``50 / N`` points, plus float32 rounding of the
-    stored value) the check passes exactly when the count of correct images is the same. On the CPU in float32 the
-    evaluation is deterministic, so a run that evaluated that way is reproduced exactly; a GPU run under autocast
-    is reproduced on the same kind of GPU (``device="cuda"``), up to the nondeterminism of its kernels: pass a
-    ``tolerance`` in percentage points for a cross-device check.
-
-    ``val_loader`` replaces the loader built from the dataset (tests). Returns ``{"top1", "top5", "loss",
-    "stored_top1", "diff", "images", "diff_images", "tolerance", "ok", "data", "amp"}``.
-    """
-    import torch
-
-    from nps.pipeline.training.devices import resolve_amp
-    from nps.pipeline.training.evaluation import evaluate
-
-    ckpt = read_subnetwork(path)
-    cfg = _parse_config(ckpt.get("config", ""), str(path))
-    _check_config_model(cfg, ckpt)
-    dataset = _config_section(cfg, "dataset")
-    dev = torch.device(device)
-    amp = amp or str(_config_section(cfg, "retrain").get("amp", "auto"))
-    data = None
-    if val_loader is None:
-        from nps.datasets.loaders import make_loaders
-
-        data = dataset_dir(ckpt, data_dir)
-        check_dataset_of(ckpt, data, given=data_dir is not None)
-        batch = batch_size or int(dataset.get("val_batch_size", 0) or 256)
-        _, val_loader, _ = make_loaders(data, batch_size=batch, resolution=int(ckpt["resolution"]),
-                                        device=dev, in_channels=int(ckpt["in_channels"]), augment=False,
-                                        order="sequential", drop_last=False, val_batch_size=batch,
-                                        on_device=dataset.get("on_device", "auto"))
-    loader = _EvalLoader(val_loader, int(dataset.get("val_images", 0) or 0), contiguous=dev.type == "cpu")
-    model = load_subnetwork(path, device=device)
-    top1, top5, loss = evaluate(model, loader, dev, amp_dtype=resolve_amp(amp, dev, [model]))
-    images = loader.images
-    stored = float(ckpt.get("top1", math.nan))
-    # float32 storage of a percentage: relative error 2^-24, i.e. < 1e-5 points below 100 %.
-    tol = 50.0 / images + 1e-4 if tolerance is None else float(tolerance)
-    diff = top1 - stored
-    return {"top1": top1, "top5": top5, "loss": loss, "stored_top1": stored, "diff": diff, "images": images,
-            "diff_images": int(round(diff * images / 100.0)) if math.isfinite(diff) else None, "tolerance": tol,
-            "ok": bool(math.isfinite(diff) and abs(diff) <= tol), "data": None if data is None else str(data),
-            "amp": amp}

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nps.pipeline.results import retraining_study
-from nps.pipeline.results.analysis import fit_from_dict
+from nps.pipeline.results.stats import fit_from_dict
 
 _LABELS = {
     "std": "std(r): std of the recipe's pruning ratios over groups",
@@ -385,6 +384,45 @@ def _fig_spaces(summary: dict, colors: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+_STUDY_TITLES = {"criteria": "Filter importance: drop against the uniform ratio",
+           "epochs": "Fine-tuning epochs, per uniform ratio",
+           "methods": "Fine-tuning, rewinding and retraining from scratch"}
+_STUDY_XLABELS = {"ratio": "uniform pruning ratio r", "epochs": "retraining epochs"}
+
+
+def _fig_ratio_study(study: dict, path: Path) -> None:
+    """The panels of a ratio study (:func:`nps.pipeline.results.retraining_study.summarize`) side by side, as
+    the paper's Fig. 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    panels = study["panels"]
+    fig = Figure(figsize=(6.2 * len(panels), 5.2), layout="constrained")
+    fig.suptitle("Accuracy drop of uniformly pruned subnetworks (paper Fig. 1)", fontsize=12, fontweight="bold")
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for label, line in panel["lines"].items():
+            x = np.asarray(line["x"], dtype=float)
+            y = np.asarray(line["drop_mean"], dtype=float)
+            err = np.asarray(line["drop_std"], dtype=float)
+            shown = f"{panel['line']} {label}" if panel["line"] == "ratio" else label
+            ax.errorbar(x, y, yerr=err if np.any(err > 0) else None, marker="o", capsize=3, linewidth=1.8,
+                        label=shown)
+        fixed = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in panel["fixed"].items())
+        ax.set_title(f"{_STUDY_TITLES[panel['name']]}\n({fixed})", fontsize=10)
+        ax.set_xlabel(_STUDY_XLABELS[panel["x"]])
+        if panel["x"] == "epochs":
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("accuracy drop (percentage points)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
 def render(summary: dict, out_dir: str | os.PathLike) -> dict:
     """Draw every figure of ``summary`` into ``out_dir``; returns ``{name: {"file", "caption"}}``."""
     out = Path(out_dir)
@@ -393,7 +431,7 @@ def render(summary: dict, out_dir: str | os.PathLike) -> dict:
         return figures
     study = summary.get("ratio_study")
     if study and study["panels"]:
-        retraining_study.draw(study, out / "ratio_study.png")
+        _fig_ratio_study(study, out / "ratio_study.png")
         figures["ratio_study"] = {"file": "ratio_study.png", "caption": "Uniformly pruned subnetworks: accuracy drop "
                                   "against the ratio per filter-importance criterion, against the fine-tuning "
                                   "epochs per ratio, and per retraining method (paper Fig. 1)."}

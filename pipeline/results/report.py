@@ -13,7 +13,6 @@ but no figures.
 from __future__ import annotations
 
 import datetime
-import html
 import json
 import logging
 import math
@@ -23,15 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from nps.kernels.spaces import parse_space_key
+from nps.kernels.spaces import BASELINE, RATIOS, continuous_form, parse_space_key
 from nps.pipeline import __version__ as NPS_VERSION
-from nps.pipeline.results.analysis import (
-    BASELINE, DEFAULT_BAND, DEFAULT_BOOTSTRAP, DEFAULT_EDF_POINTS, Population, regime_key, summarize,
-)
-from nps.pipeline.results.figures import band_text, baseline_ratio, percent, render
-from nps.pipeline.results.retraining_study import RATIOS
 from nps.pipeline.errors import NpsError, environment_error
-from nps.pipeline.results.store import DONE, FAILED, PENDING, RUNNING, open_readonly
+from nps.pipeline.results.analysis import Population, regime_key, summarize
+from nps.pipeline.results.figures import render
+from nps.pipeline.results.reader import DONE, FAILED, PENDING, RUNNING, open_readonly
+from nps.pipeline.results.report_html import render_html
+from nps.pipeline.results.stats import DEFAULT_BAND, DEFAULT_BOOTSTRAP, DEFAULT_EDF_POINTS
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +118,11 @@ def _uniform(table, pops, notes) -> tuple[dict, dict | None]:
     r_max = 1.0 - 0.5 / float(np.min(units))
     ratios = np.linspace(0.0, min(DEFAULT_R, r_max), 400)
     keep = (1.0 - ratios[:, None]) * units[None, :]
-    c_flops = _continuous(table.flops, keep) / table.base_flops
-    c_params = _continuous(table.params, keep) / table.base_params
+    c_flops = continuous_form(table.flops, keep) / table.base_flops
+    c_params = continuous_form(table.params, keep) / table.base_params
     curve = {"ratio": ratios.tolist(), "c_flops": c_flops.tolist(), "c_params": c_params.tolist(),
              "mcb": (c_flops / c_params).tolist(), "channels": "continuous"}
     return out, curve
-
-
-def _continuous(form, keep: np.ndarray) -> np.ndarray:
-    """A complexity form at real-valued keep counts, one row per recipe (no rounding)."""
-    pairs = keep[:, form.pair_a] * keep[:, form.pair_b] * form.pair_w.astype(np.float64)
-    return form.const + keep @ form.linear.astype(np.float64) + pairs.sum(axis=1)
 
 
 def _json_ready(x):
@@ -257,178 +249,3 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike, *, k: i
 
 # --------------------------------------------------------------------------------------------------------------------
 # index.html
-
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;color:#222;padding:0 1em}
-table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #ddd;margin:0.3em 0}
-.note{background:#fff8e1;border-left:4px solid #f0b400;padding:0.4em 0.8em;margin:0.3em 0}
-figure{margin:1.5em 0}figcaption{color:#555}code{background:#f3f3f3;padding:0 3px}"""
-
-
-def _convention_text(model: dict) -> str:
-    """How the file counts FLOPs (summaries written before conventions existed counted MACs)."""
-    if model.get("flops_convention", "macs") == "paper":
-        return "the paper's convention: ptflops' count, conv/linear MACs plus bias, BN, ReLU and pooling"
-    return "multiply-accumulates of conv and linear layers"
-
-
-def _fmt(x, spec: str = ".3f") -> str:
-    return "–" if x is None else format(x, spec)
-
-
-def _regime_rows(reg: dict) -> list[str]:
-    rows = []
-    comp = reg.get("comparison")
-    for s in reg["spaces"]:
-        c = s["counts"]
-        cells = [f"<td class=l>{html.escape(reg['key'])}</td>", f"<td class=l>{html.escape(s['space'])}</td>"]
-        cells += [f"<td>{c[n]}</td>" for n in ("total", "done", "pending", "running", "failed", "nan")]
-        if s["n"]:
-            d, w = s["drop"], s["winner"]
-            cells += [f"<td>{w['acc_drop']:.3f} (row {w['row']})</td>", f"<td>{d['median']:.3f}</td>",
-                      f"<td>{d['mean']:.3f} [{_fmt(d['mean_ci'][0])}, {_fmt(d['mean_ci'][1])}]</td>",
-                      f"<td>{_fmt(s['edf']['area'])}</td>",
-                      f"<td>{_fmt(comp['prob_best'][s['space']], '.2f') if comp else '–'}</td>",
-                      f"<td>{_beats_text(s.get('beats_baseline'))}</td>"]
-        else:
-            cells += ["<td>–</td>"] * 6
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return rows
-
-
-def _ratio_study_html(study: dict | None) -> list[str]:
-    """The §2 studies' points: mean drop per criterion, method, epochs and uniform ratio."""
-    if not study:
-        return []
-    rows = "".join(f"<tr><td class=l>{html.escape(p['criterion'])}</td><td class=l>{html.escape(p['method'])}</td>"
-                   f"<td>{p['epochs']}</td><td>{p['ratio']:g}</td><td>{p['n']}</td><td>{p['drop_mean']:.3f}</td>"
-                   f"<td>{p['drop_std']:.3f}</td></tr>" for p in study["points"])
-    return ["<h2>Uniform ratios (paper §2, Fig. 1)</h2><p>Rows of the ratio spaces: every group pruned at one ratio, "
-            "by the criterion and retrained by the method for the epochs of its space.</p><table><tr>"
-            "<th class=l>criterion</th><th class=l>method</th><th>epochs</th><th>ratio</th><th>rows</th>"
-            "<th>mean drop</th><th>std</th></tr>" + rows + "</table>"]
-
-
-def _beats_text(beats: dict | None) -> str:
-    if not beats:
-        return "–"
-    return f"{percent(beats['fraction'])} [{percent(beats['ci'][0])}, {percent(beats['ci'][1])}]"
-
-
-def _baseline_rows(summary: dict) -> list[str]:
-    """One line per regime with a trained baseline row."""
-    rows = []
-    for reg in summary["regimes"]:
-        b = reg.get("baseline")
-        if not b:
-            continue
-        if b.get("n"):
-            rows.append(f"<tr><td class=l>{html.escape(reg['key'])}</td><td>{baseline_ratio(b):.4f}</td>"
-                        f"<td>{b['c_flops']:.4f}</td><td>{b['c_params']:.4f}</td><td>{b['mcb']:.3f}</td>"
-                        f"<td>{b['top1']:.2f}</td><td>{b['acc_drop']:.3f}</td></tr>")
-        else:
-            rows.append(f"<tr><td class=l>{html.escape(reg['key'])}</td><td colspan=6>not trained yet "
-                        f"({b['counts']['pending'] + b['counts']['running']} pending, {b['counts']['failed']} "
-                        "failed)</td></tr>")
-    return rows
-
-
-def render_html(summary: dict) -> str:
-    """The report page: counts and notes, the summary table, space comparisons, fits and the figures."""
-    e = html.escape
-    m = summary.get("model") or {}
-    base = summary["base"]
-    c = summary["counts"]
-    band = band_text(summary)
-    parts = [f"<!doctype html><html><head><meta charset=utf-8><title>nps report</title><style>{_CSS}</style>"
-             "</head><body>", "<h1>Network pruning spaces: report</h1>",
-             f"<p><code>{e(summary['results'])}</code> · written {e(summary['created'])} by nps "
-             f"{e(summary['nps_version'])}</p>"]
-    if m:
-        parts.append(f"<p>Base network <b>{e(m['name'])}</b> ({e(m['mode'])} mode, {m['resolution']} px, "
-                     f"{m['num_classes']} classes, {len(m['groups'])} prunable groups): "
-                     f"{m['base_flops'] / 1e6:,.1f} M FLOPs ({e(_convention_text(m))}), "
-                     f"{m['base_params'] / 1e6:,.3f} M params, top-1 {_fmt(base.get('top1'), '.2f')} %.</p>")
-    parts.append(f"<p>Rows: {c['total']} total, <b>{c['finished']} finished</b> (analysed), {c['pending']} pending, "
-                 f"{c['running']} running, {c['failed']} failed, {c['nan']} done without a finite score.</p>")
-    parts += [f"<div class=note>{e(n)}</div>" for n in summary["notes"]]
-    s = summary["settings"]
-    parts.append(f"<p>Accuracy drop = base top-1 − top-1 in percentage points; EDF F(e) = fraction with drop &lt; e "
-                 f"(Eq. 1). Intervals: {band} bootstrap ({s['bootstrap']} resamples, seed {s['seed']}); "
-                 f"best-k with k = {s['k']}.</p>")
-    parts.append("<h2>Spaces</h2><table><tr><th class=l>regime</th><th class=l>space</th><th>rows</th><th>done</th>"
-                 "<th>pending</th><th>running</th><th>failed</th><th>NaN</th><th>best drop</th><th>median drop</th>"
-                 f"<th>mean drop [{band} CI]</th><th>EDF area</th><th>P(highest EDF)</th>"
-                 f"<th>beats the baseline [{band} CI]</th></tr>")
-    for reg in summary["regimes"]:
-        parts += _regime_rows(reg)
-    parts.append("</table>")
-    baselines = _baseline_rows(summary)
-    if baselines:
-        parts.append("<h2>Uniform baselines</h2><p>Per regime, the subnetwork with one uniform pruning ratio whose "
-                     "integer channel counts come closest to the target, trained like every other row (paper "
-                     "§3.1's reference). <i>Beats the baseline</i>: the fraction of a space's finished subnetworks "
-                     f"with a lower accuracy drop, with a {band} bootstrap interval over the space's rows.</p>"
-                     "<table><tr><th class=l>regime</th><th>ratio</th><th>c_flops</th><th>c_params</th><th>mCB</th>"
-                     "<th>top-1</th><th>drop</th></tr>" + "".join(baselines) + "</table>")
-    parts += _ratio_study_html(summary.get("ratio_study"))
-    comps = [r for r in summary["regimes"] if r.get("comparison")]
-    if comps:
-        parts.append("<h2>Which space's EDF is higher</h2><p>P(row space's EDF area &gt; column space's), from "
-                     "paired bootstrap draws; the EDF area is the mean of F over the regime's e-grid, so a higher "
-                     "area means a lower mean drop.</p>")
-        for reg in comps:
-            names = list(reg["comparison"]["prob_best"])
-            head = "".join(f"<th>{e(n)}</th>" for n in names)
-            parts.append(f"<h3>{e(reg['key'])}</h3><table><tr><th class=l></th>{head}</tr>")
-            for a in names:
-                cells = "".join("<td>–</td>" if a == b else f"<td>{reg['comparison']['prob_higher'][a][b]:.3f}</td>"
-                                for b in names)
-                parts.append(f"<tr><th class=l>{e(a)}</th>{cells}</tr>")
-            parts.append("</table>")
-    parts.append("<h2>Fits</h2><table><tr><th class=l>what</th><th class=l>form</th><th class=l>parameters</th>"
-                 "<th>n</th><th>R²</th><th>RMSE</th><th class=l>note</th><th class=l>why this form</th></tr>")
-    for label, key in (("optimal mCB vs remaining FLOPs (best-k points)", "optimal_mcb"),
-                       ("accuracy drop vs mCB (each regime's winner)", "drop_vs_mcb")):
-        f = summary[key]["fit"]
-        params = ", ".join(f"{k} = {v:.4g}" for k, v in f["params"].items()) or "–"
-        parts.append(f"<tr><td class=l>{label}</td><td class=l>{e(f['formula'])}</td><td class=l>{e(params)}</td>"
-                     f"<td>{f['n']}</td><td>{_fmt(f['r2'])}</td><td>{_fmt(f['rmse'], '.3g')}</td>"
-                     f"<td class=l>{e(f['note'])}</td><td class=l>{e(summary[key].get('why', ''))}</td></tr>")
-    parts.append("</table>")
-    if summary.get("figures"):
-        parts.append("<h2>Figures</h2>")
-        for fig in summary["figures"].values():
-            parts.append(f"<figure><img src=\"{e(fig['file'])}\" alt=\"{e(fig['caption'])}\">"
-                         f"<figcaption>{e(fig['caption'])}</figcaption></figure>")
-    if m.get("groups"):
-        parts += _layer_table_html(summary)
-    parts.append("<p>Every number shown here and in the figures is in <a href=summary.json>summary.json</a>.</p>"
-                 "</body></html>\n")
-    return "\n".join(parts)
-
-
-def _layer_table_html(summary: dict) -> list[str]:
-    """The prunable groups and each regime's winning recipe, per group (folded away when there are many)."""
-    e = html.escape
-    m = summary["model"]
-    groups, channels = m["groups"], m["channels"]
-    granularity = m.get("granularity") or [1] * len(groups)
-    members = m.get("members") or [[] for _ in groups]
-    winners = [(reg["key"], s["space"], s["winner"]) for reg in summary["regimes"] for s in reg["spaces"]
-               if s.get("winner") and len(s["winner"].get("keep") or []) == len(groups)]
-    head = "".join(f"<th>{e(space)}<br>{e(key)}</th>" for key, space, _ in winners)
-    rows = []
-    for i, (name, c, g, mem) in enumerate(zip(groups, channels, granularity, members)):
-        writers = ", ".join(mem[:3]) + (f" (+{len(mem) - 3})" if len(mem) > 3 else "")
-        kept = "".join(f"<td>{w['keep'][i]}</td>" for _, _, w in winners)
-        rows.append(f"<tr><td>{i}</td><td class=l>{e(name)}</td><td>{c}</td><td>{g}</td>"
-                    f"<td class=l>{e(writers)}</td>{kept}</tr>")
-    table = ("<table><tr><th>#</th><th class=l>group</th><th>channels</th><th>multiple</th>"
-             f"<th class=l>written by</th>{head}</tr>" + "".join(rows) + "</table>")
-    intro = (f"<p>{len(groups)} groups in network order; <i>multiple</i>: every count is a multiple of it (grouped "
-             "convs, channel_multiple); the last columns: channels each regime's winning subnetwork keeps.</p>")
-    if len(groups) > 40:
-        return ["<h2>Layer table</h2>", intro, f"<details><summary>show all {len(groups)} groups</summary>{table}"
-                "</details>"]
-    return ["<h2>Layer table</h2>", intro, table]

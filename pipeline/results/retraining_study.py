@@ -17,13 +17,12 @@ spread). A panel is drawn when its varied setting takes at least two values.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-RATIOS = "ratios"
-"""The space name of a ratio space."""
+from nps.kernels.spaces import RATIOS
+
 _PREFERRED = {"criterion": "l2", "method": "finetune"}  # the paper's standard setting wins ties
 
 
@@ -93,41 +92,3 @@ def summarize(populations: Sequence) -> dict | None:
         pool, fixed = _fix([p for p in points if p["ratio"] == ratio], ("criterion",))
         panels.append(_panel(pool, "methods", "epochs", "method", {**fixed, "ratio": ratio}))
     return {"points": points, "panels": panels}
-
-
-_TITLES = {"criteria": "Filter importance: drop against the uniform ratio",
-           "epochs": "Fine-tuning epochs, per uniform ratio",
-           "methods": "Fine-tuning, rewinding and retraining from scratch"}
-_XLABELS = {"ratio": "uniform pruning ratio r", "epochs": "retraining epochs"}
-
-
-def draw(study: dict, path: Path) -> None:
-    """The panels of ``study`` (from :func:`summarize`) side by side, as the paper's Fig. 1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    panels = study["panels"]
-    fig = Figure(figsize=(6.2 * len(panels), 5.2), layout="constrained")
-    fig.suptitle("Accuracy drop of uniformly pruned subnetworks (paper Fig. 1)", fontsize=12, fontweight="bold")
-    for i, panel in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        for label, line in panel["lines"].items():
-            x = np.asarray(line["x"], dtype=float)
-            y = np.asarray(line["drop_mean"], dtype=float)
-            err = np.asarray(line["drop_std"], dtype=float)
-            shown = f"{panel['line']} {label}" if panel["line"] == "ratio" else label
-            ax.errorbar(x, y, yerr=err if np.any(err > 0) else None, marker="o", capsize=3, linewidth=1.8,
-                        label=shown)
-        fixed = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in panel["fixed"].items())
-        ax.set_title(f"{_TITLES[panel['name']]}\n({fixed})", fontsize=10)
-        ax.set_xlabel(_XLABELS[panel["x"]])
-        if panel["x"] == "epochs":
-            from matplotlib.ticker import MaxNLocator
-
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("accuracy drop (percentage points)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)

@@ -31,8 +31,18 @@ from nps.pipeline.run.ledger import RowLedger, row_cost
 from nps.pipeline.run.log import RunLog
 from nps.pipeline.run.pools import WorkerPool
 from nps.pipeline.run.protocol import (
-    BaseResult, BaseTask, CohortTask, Note, Progress, Ready, RowResult, TaskEnd, WorkerFailed, WorkerLost,
-    WorkerSpec, WorkerStarted,
+    BaseResult,
+    BaseTask,
+    CohortTask,
+    Note,
+    Progress,
+    Ready,
+    RowResult,
+    TaskEnd,
+    WorkerFailed,
+    WorkerLost,
+    WorkerSpec,
+    WorkerStarted,
 )
 from nps.pipeline.run.state import Outcome, RowFinished, RunState, RunView, WorkerState
 from nps.pipeline.training.events import EpochEnded
@@ -76,8 +86,8 @@ class Driver:
 
     @classmethod
     def open(cls, plan: Plan, pool: WorkerPool, view: RunView, *, retry_failed: bool = False) -> "Driver":
-        """Open or create results.h5, sample missing spaces, reset rows left running; the view starts first, so
-        it shows the sampling."""
+        """Open or create results.h5, sample missing spaces, reset rows left running
+        (:func:`nps.pipeline.run.resume.prepare`); the view starts first, so it shows the sampling."""
         cfg = plan.config
         state = RunState(cfg.experiment.name, plan.results_path, phase="opening results")
         view.start(state)
@@ -86,40 +96,18 @@ class Driver:
             state.phase = text
             view.update(state, force=True)
 
-        store = None
         try:
-            store, resumed = resume.open_results(plan)
-            sampled = resume.sample_missing_spaces(store, plan, progress=phase)
-            redone, retried = resume.reset_rows(store, retry_failed=retry_failed)
-            for name, count in retried.items():
-                view.note(f"{name}: {count} failed rows will be retried")
-            base_top1, todo = resume.base_state(store, plan)
-            ledger = RowLedger(store, base_top1=base_top1)
-            weights = outputs.WeightsKeeper(plan.results_path, cfg.output.keep_weights, cfg.output.top_k, pool)
-            default = resume.default_spec(plan)
-            for name in resume.space_order(store.spaces(), plan):
-                s = ledger.load(name, default)
-                weights.start_space(name, s.status, s.top1)
-            os.makedirs(cfg.experiment.out, exist_ok=True)
-            log = RunLog(cfg.experiment.out)
+            p = resume.prepare(plan, pool, phase=phase, note=view.note, retry_failed=retry_failed)
         except BaseException:
-            if store is not None:
-                store.close()
             view.stop(state)
             raise
-        done = sum(s.done for s in ledger.states())
-        log.write("start", pid=os.getpid(), resumed=resumed, done=done, redo=redone, sampled=sampled,
-                  transport=pool.kind)
-        if resumed:
-            view.note(f"resuming {plan.results_path}: {done} subnetworks done are kept"
-                      + (f", {redone} left running by the last run are redone" if redone else ""))
-        state.base_top1 = base_top1
-        base = _Base(todo, 0.0 if todo is None else float(cfg.base.epochs) if todo else 0.2)
-        if todo is None:
+        state.base_top1 = p.base_top1
+        base = _Base(p.base_todo, 0.0 if p.base_todo is None else float(cfg.base.epochs) if p.base_todo else 0.2)
+        if p.base_todo is None:
             base.weights = pool.base_weights(cfg.model.checkpoint or plan.base_path)
         else:
-            state.base_note = "training the base network" if todo else "evaluating the base network"
-        return cls(plan, pool, view, state, store, ledger, weights, log, base, resumed)
+            state.base_note = "training the base network" if p.base_todo else "evaluating the base network"
+        return cls(plan, pool, view, state, p.store, p.ledger, p.weights, p.log, base, p.resumed)
 
     # -- the run -----------------------------------------------------------------------------------------------------
 
@@ -464,22 +452,17 @@ class Driver:
     # -- two-stage ---------------------------------------------------------------------------------------------------
 
     def _space_complete(self, space: str) -> None:
-        from nps.kernels.spaces import TOP_SUFFIX
-
         s = self.ledger.spaces[space]
         self.weights.finish_space(space, s.status, s.top1)
-        t = self.cfg.two_stage
-        if not t.enabled or space.endswith(TOP_SUFFIX) or space + TOP_SUFFIX in self.ledger.spaces \
-                or space not in self._sampled:  # baselines and ratio spaces have no top-k
+        if space not in self._sampled:  # baselines, ratio spaces and #top spaces have no top-k
             return
-        chosen, rows = outputs.top_space_rows(self.store, space, t.top_k)
-        if chosen.size == 0:
+        started = outputs.start_top_space(self.ledger, self.store, self.weights, space, self.cfg.two_stage)
+        if started is None:
+            return
+        top, chosen = started
+        if not chosen.size:
             self.view.note(f"{space}: no subnetwork finished; no two-stage retraining")
             return
-        top = space + TOP_SUFFIX
-        attrs = outputs.top_space_attrs(self.store, space, chosen, t.top_k)
-        added = self.ledger.add_space(top, rows, outputs.top_space_spec(s.spec, t.full_epochs), attrs)
-        self.weights.start_space(top, added.status, added.top1)
         self.log.write("two_stage", space=space, top=top, parent_rows=chosen.tolist())
-        self.view.note(f"{space}: rows {', '.join(map(str, chosen))} go on to {t.full_epochs} epochs in {top}")
-
+        self.view.note(f"{space}: rows {', '.join(map(str, chosen))} go on to {self.cfg.two_stage.full_epochs} "
+                       f"epochs in {top}")

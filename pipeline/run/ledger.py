@@ -26,11 +26,11 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from nps.pipeline.results.store import ResultsStore
 from nps.pipeline.row_status import RowStatus
 from nps.pipeline.run.protocol import RowResult
 from nps.pipeline.run.state import SpaceState
 from nps.pipeline.training.spec import SpaceSpec
-from nps.pipeline.results.store import ResultsStore
 
 PENDING, RUNNING, DONE, FAILED = RowStatus
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nps.pipeline.results.reader import DONE, RECIPE_FIELDS
 from nps.pipeline.training.spec import SpaceSpec
-from nps.pipeline.results.store import DONE, RECIPE_FIELDS
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -153,3 +153,21 @@ def top_space_attrs(store, space: str, chosen: np.ndarray, top_k: int) -> dict:
 def top_space_spec(parent: SpaceSpec, full_epochs: int) -> SpaceSpec:
     """The parent's recipe over ``full_epochs``."""
     return SpaceSpec(parent.retrain.with_epochs(full_epochs), parent.criterion)
+
+
+def start_top_space(ledger, store, weights: WeightsKeeper, space: str, two_stage):
+    """The two-stage space of a finished sampled ``space`` (``[two_stage]``): added to the ledger and the file,
+    ``(its key, the parent rows chosen)``; the rows are empty when none finished (nothing added). None when there is
+    nothing to do (two-stage off, or the space has its top space already)."""
+    from nps.kernels.spaces import TOP_SUFFIX
+
+    top = space + TOP_SUFFIX
+    if not two_stage.enabled or space.endswith(TOP_SUFFIX) or top in ledger.spaces:
+        return None
+    chosen, rows = top_space_rows(store, space, two_stage.top_k)
+    if chosen.size == 0:
+        return top, chosen
+    attrs = top_space_attrs(store, space, chosen, two_stage.top_k)
+    added = ledger.add_space(top, rows, top_space_spec(ledger.spaces[space].spec, two_stage.full_epochs), attrs)
+    weights.start_space(top, added.status, added.top1)
+    return top, chosen

@@ -32,7 +32,13 @@ from typing import Any
 from nps.pipeline.errors import NpsError, one_line
 from nps.pipeline.run.pools import MAX_RESTARTS, WorkerPool
 from nps.pipeline.run.protocol import (
-    BaseWeights, Event, Task, WorkerFailed, WorkerLost, WorkerSpec, WorkerStarted,
+    BaseWeights,
+    Event,
+    Task,
+    WorkerFailed,
+    WorkerLost,
+    WorkerSpec,
+    WorkerStarted,
 )
 
 log = logging.getLogger(__name__)

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
-from nps.pipeline.experiment.config import differing_keys, dump, parse_config
-from nps.pipeline.experiment.plan import Plan
 from nps.pipeline.errors import NpsError
-from nps.pipeline.training.spec import SpaceSpec
+from nps.pipeline.experiment.config import parse_config
+from nps.pipeline.experiment.plan import Plan
+from nps.pipeline.experiment.toml_text import differing_keys, dump
 from nps.pipeline.results.store import FAILED, RUNNING, ResultsStore
+from nps.pipeline.run.ledger import RowLedger
+from nps.pipeline.run.log import RunLog
+from nps.pipeline.run.outputs import WeightsKeeper
+from nps.pipeline.training.spec import SpaceSpec
 
 
 def default_spec(plan: Plan) -> SpaceSpec:
@@ -149,3 +154,50 @@ def space_order(names: list[str], plan: Plan) -> list[str]:
         return (configured.index(parent) if parent in configured else len(configured), name)
 
     return sorted(names, key=rank)
+
+
+@dataclass
+class Prepared:
+    """A run ready for its driver: the results file and its ledger, the kept weights, the log, the base network's
+    state."""
+
+    store: ResultsStore
+    ledger: RowLedger
+    weights: WeightsKeeper
+    log: RunLog
+    base_top1: float
+    base_todo: bool | None  # None: metrics stored; else whether to train (True) or evaluate (False) it
+    resumed: bool
+
+
+def prepare(plan: Plan, pool, *, phase, note, retry_failed: bool = False) -> Prepared:
+    """Open or create results.h5, sample the missing spaces (``phase`` says so), reset rows left running (and
+    failed ones, with ``retry_failed``; ``note`` tells), and load every space into a new ledger."""
+    cfg = plan.config
+    store = None
+    try:
+        store, resumed = open_results(plan)
+        sampled = sample_missing_spaces(store, plan, progress=phase)
+        redone, retried = reset_rows(store, retry_failed=retry_failed)
+        for name, count in retried.items():
+            note(f"{name}: {count} failed rows will be retried")
+        base_top1, todo = base_state(store, plan)
+        ledger = RowLedger(store, base_top1=base_top1)
+        weights = WeightsKeeper(plan.results_path, cfg.output.keep_weights, cfg.output.top_k, pool)
+        default = default_spec(plan)
+        for name in space_order(store.spaces(), plan):
+            s = ledger.load(name, default)
+            weights.start_space(name, s.status, s.top1)
+        os.makedirs(cfg.experiment.out, exist_ok=True)
+        log = RunLog(cfg.experiment.out)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    done = sum(s.done for s in ledger.states())
+    log.write("start", pid=os.getpid(), resumed=resumed, done=done, redo=redone, sampled=sampled,
+              transport=pool.kind)
+    if resumed:
+        note(f"resuming {plan.results_path}: {done} subnetworks done are kept"
+             + (f", {redone} left running by the last run are redone" if redone else ""))
+    return Prepared(store, ledger, weights, log, base_top1, todo, resumed)

@@ -15,7 +15,7 @@ from nps.pipeline.run.state import Outcome, RunView
 
 def make_pool(plan: Plan, *, devices: list[str] | None, ray: str | None) -> WorkerPool:
     """Ray actors when a Ray address is given (``--ray`` over ``experiment.ray``), else local processes."""
-    from nps.pipeline.experiment.config import check_ray_address, parse_devices
+    from nps.pipeline.experiment.checks import check_ray_address, parse_devices
 
     address = check_ray_address(ray) if ray is not None else plan.config.experiment.ray
     if address:

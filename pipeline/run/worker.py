@@ -26,8 +26,18 @@ import numpy as np
 
 from nps.pipeline.errors import NpsError, environment_error, one_line, user_errors
 from nps.pipeline.run.protocol import (
-    BaseResult, BaseTask, BaseWeights, CohortTask, Note, Progress, Ready, RowResult, StagedWeights, TaskEnd,
-    WorkerFailed, WorkerSpec,
+    BaseResult,
+    BaseTask,
+    BaseWeights,
+    CohortTask,
+    Note,
+    Progress,
+    Ready,
+    RowResult,
+    StagedWeights,
+    TaskEnd,
+    WorkerFailed,
+    WorkerSpec,
 )
 
 log = logging.getLogger(__name__)
@@ -216,12 +226,12 @@ class Worker:
     def base(self, task: BaseTask, base: BaseWeights | None) -> None:
         import torch
 
-        from nps.pipeline.experiment.config import dump
+        from nps.pipeline.experiment.toml_text import dump
+        from nps.pipeline.network.models import build_model
         from nps.pipeline.training.cohort import CohortOptions, train_cohort
         from nps.pipeline.training.devices import resolve_amp
-        from nps.pipeline.network.models import build_model
-        from nps.pipeline.training.spec import RetrainSpec
         from nps.pipeline.training.evaluation import evaluate
+        from nps.pipeline.training.spec import RetrainSpec
 
         b, s = self.cfg.base, self.spec
         t0 = time.perf_counter()

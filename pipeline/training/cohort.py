@@ -39,7 +39,12 @@ from nps.pipeline.row_status import RowStatus
 from nps.pipeline.training.devices import CpuWorkers, resolve_amp, resolve_channels_last, resolve_cpu_workers
 from nps.pipeline.training.evaluation import adaptive_bn_many, evaluate_many, run_each
 from nps.pipeline.training.events import (
-    EpochEnded, EventCallback, MemberFinished, MemberStarted, Result, StepProgress,
+    EpochEnded,
+    EventCallback,
+    MemberFinished,
+    MemberStarted,
+    Result,
+    StepProgress,
 )
 from nps.pipeline.training.schedule import autocast_context, make_optimizer, make_scheduler, reinitialize
 from nps.pipeline.training.spec import RetrainSpec

@@ -26,7 +26,7 @@ def file_states(reader) -> list[SpaceState]:
 
 def status_renderable(path: str):
     """What `nps status FILE` prints: header lines and the per-space table."""
-    from nps.pipeline.results.store import open_readonly
+    from nps.pipeline.results.reader import open_readonly
 
     with open_readonly(path) as reader:
         attrs = reader.attrs

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -23,7 +24,6 @@ from rich.text import Text
 
 from nps.pipeline.row_status import RowStatus
 from nps.pipeline.run.state import RowFinished, RunState, SpaceState, WorkerState
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Rendering pieces shared by the live view and `nps status`.

@@ -1,0 +1,121 @@
+"""Checking an experiment's values without touching any file: one NpsError line naming the key (pycls'
+``assert_cfg``). What needs the disk and the model (the dataset, the checkpoint, reachable targets, room for the
+outputs) is :func:`nps.pipeline.experiment.plan.validate`."""
+from __future__ import annotations
+
+import re
+
+from nps.pipeline.errors import NpsError
+from nps.pipeline.experiment import space_plan
+
+AMP = ("auto", "bf16", "fp16", "off")
+KEEP_WEIGHTS = ("all", "topk", "none")
+
+
+def _need(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise NpsError(f"{key}: {problem}")
+
+
+def _choice(value, key: str, choices) -> None:
+    _need(value in choices, key, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def check_config(cfg):
+    """Reject impossible values (raises NpsError naming the key); touches no file. Returns ``cfg``."""
+    from nps.pipeline.catalog import CRITERIA, FLOPS_CONVENTIONS
+    from nps.pipeline.network.models import model_kind
+
+    e, d, m, b, r, t, o = cfg.experiment, cfg.dataset, cfg.model, cfg.base, cfg.retrain, cfg.two_stage, cfg.output
+    _need(bool(e.name.strip()), "experiment.name", "must not be empty")
+    _need(e.seed >= 0, "experiment.seed", f"must be >= 0, got {e.seed}")
+    _need(bool(e.out.strip()), "experiment.out", "must not be empty")
+    parse_devices(e.devices, key="experiment.devices")
+    check_ray_address(e.ray, key="experiment.ray")
+
+    _need(bool(d.dir.strip()), "dataset.dir", "set it to a directory written by `nps convert`")
+    _need(d.workers >= 0, "dataset.workers", f"must be >= 0, got {d.workers}")
+    _need(d.on_device in (True, False, "auto"), "dataset.on_device", f"use 'auto', true or false, got {d.on_device!r}")
+    _need(d.val_batch_size >= 1, "dataset.val_batch_size", f"must be >= 1, got {d.val_batch_size}")
+    _need(d.train_images >= 0, "dataset.train_images", f"must be >= 0, got {d.train_images}")
+    _need(d.val_images >= 0, "dataset.val_images", f"must be >= 0, got {d.val_images}")
+
+    try:
+        model_kind(m.name)
+    except NpsError as exc:
+        raise NpsError(f"model.name: {exc}") from None
+    _need(m.resolution >= 0, "model.resolution", f"must be >= 0 (0: default), got {m.resolution}")
+    _choice(m.mode, "model.mode", ("all", "internal"))
+    _need(m.in_channels in (0, 1, 3), "model.in_channels", f"must be 1 or 3 (0: from the dataset), got {m.in_channels}")
+    _need(m.num_classes >= 0, "model.num_classes", f"must be >= 0 (0: from the dataset), got {m.num_classes}")
+    _choice(m.criterion, "model.criterion", tuple(CRITERIA))
+    _need(m.channel_multiple >= 1, "model.channel_multiple", f"must be >= 1, got {m.channel_multiple}")
+    _choice(m.flops, "model.flops", FLOPS_CONVENTIONS)
+
+    if not m.checkpoint:
+        _need(b.epochs >= 1, "base.epochs", f"must be >= 1 to train the base network (or set model.checkpoint), "
+                                             f"got {b.epochs}")
+    _need(b.batch_size >= 1, "base.batch_size", f"must be >= 1, got {b.batch_size}")
+    _need(b.lr > 0, "base.lr", f"must be > 0, got {b.lr}")
+    _need(0 <= b.warmup_epochs <= max(b.epochs, 0), "base.warmup_epochs",
+          f"must be in [0, base.epochs={b.epochs}], got {b.warmup_epochs}")
+    _need(0 <= b.momentum < 1, "base.momentum", f"must be in [0, 1), got {b.momentum}")
+    _need(b.weight_decay >= 0, "base.weight_decay", f"must be >= 0, got {b.weight_decay}")
+    _need(0 <= b.label_smoothing < 1, "base.label_smoothing", f"must be in [0, 1), got {b.label_smoothing}")
+    _choice(b.amp, "base.amp", AMP)
+
+    _need(b.bn_images >= 0, "base.bn_images", f"must be >= 0, got {b.bn_images}")
+    _need(r.train_images >= 0, "retrain.train_images", f"must be >= 0, got {r.train_images}")
+
+    _need(r.epochs >= 1, "retrain.epochs", f"must be >= 1, got {r.epochs}")
+    r.check("retrain")
+    if t.enabled and r.method != "finetune":
+        _need(r.warmup_epochs <= t.full_epochs, "retrain.warmup_epochs",
+              f"{r.warmup_epochs} exceeds two_stage.full_epochs ({t.full_epochs})")
+    _need(r.batch_size >= 1, "retrain.batch_size", f"must be >= 1, got {r.batch_size}")
+    _need(r.cohort_size == "auto" or (isinstance(r.cohort_size, int) and r.cohort_size >= 1), "retrain.cohort_size",
+          f"use 'auto' or a number >= 1, got {r.cohort_size!r}")
+    _need(r.bn_images >= 0, "retrain.bn_images", f"must be >= 0, got {r.bn_images}")
+    _choice(r.amp, "retrain.amp", AMP)
+
+    if t.enabled:
+        _need(t.top_k >= 1, "two_stage.top_k", f"must be >= 1, got {t.top_k}")
+        _need(t.full_epochs >= 1, "two_stage.full_epochs", f"must be >= 1, got {t.full_epochs}")
+    space_plan.check(cfg)
+    _choice(o.keep_weights, "output.keep_weights", KEEP_WEIGHTS)
+    _need(o.top_k >= 1, "output.top_k", f"must be >= 1, got {o.top_k}")
+    return cfg
+
+
+def check_ray_address(text: str, *, key: str = "--ray") -> str:
+    """``""`` (no Ray), ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT`` (Ray Client); returns it stripped."""
+    text = str(text).strip()
+    _need(text in ("", "auto") or re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}", text) is not None, key,
+          f"{text!r} is not a Ray address: use auto or HOST:PORT of the head node (e.g. 10.0.0.1:6379)")
+    return text
+
+
+def parse_devices(text: str, *, key: str = "--devices") -> list[str]:
+    """``auto`` → every CUDA device, else ``["cpu"]``; ``cpu`` (repeatable: ``cpu,cpu`` = two CPU workers);
+    GPU indices ``0,1`` or ``cuda:0``. Returns torch device strings, one per worker."""
+    text = str(text).strip()
+    if text == "auto":
+        import torch
+
+        count = torch.cuda.device_count()
+        return [f"cuda:{i}" for i in range(count)] if count else ["cpu"]
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if item == "cpu":
+            out.append("cpu")
+        elif item.isdigit():
+            out.append(f"cuda:{int(item)}")
+        elif re.fullmatch(r"cuda:\d+", item):
+            out.append(item)
+        else:
+            raise NpsError(f"{key}: {item!r} is not a device (use auto, cpu, or GPU indices like 0,1)")
+    _need(bool(out), key, "no device given")
+    cuda = [d for d in out if d != "cpu"]
+    _need(len(set(cuda)) == len(cuda), key, "a GPU is listed twice (one worker per GPU)")
+    return out
