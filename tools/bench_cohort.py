@@ -1,9 +1,16 @@
-"""Cohort training vs one-after-another: the same K pruned subnetworks, the same data, the same number of steps.
+"""Cohort training vs one-after-another vs fused: the same K pruned subnetworks, the same data, the same steps.
 
-(a) cohort: ``nps.pipeline.training.cohort.train_cohort`` — ONE pass of S batches, every batch loaded once and stepped by all
-    K subnetworks (CUDA: one stream each; CPU: ``cpu_workers`` threads, one intra-op thread each);
+(a) cohort: ``nps.pipeline.training.cohort.train_cohort`` — ONE pass of S batches, every batch loaded once and
+    stepped by all K subnetworks (CUDA: one stream each; CPU: ``cpu_workers`` threads, one intra-op thread each);
 (b) sequential: what a user does without nps — each subnetwork in turn gets its own pass of S batches from the same
-    loader (loading and augmentation paid K times), a plain training loop, torch's default threading.
+    loader (loading and augmentation paid K times), a plain training loop, torch's default threading;
+(c) fused (``--fused``): ``nps.pipeline.training.fused_cohort.FusedCohort`` — the K subnetworks as ONE module,
+    one kernel per layer for the whole cohort, torch's default threading.
+
+``--host`` measures the host side instead, where arithmetic is negligible (batch 2 at 8 px): per arm and K, the aten
+ops one training step of all K members dispatches (``aten_ops_per_step``, counted with a TorchDispatchMode) and its
+wall milliseconds on one thread (``host_ms_per_step``); the cohort arm steps its members from one thread, as on a
+GPU. One JSON line per arm and K: ``{"bench": "host", "arm", "k", "aten_ops_per_step", "host_ms_per_step", ...}``.
 
 Both arms use the same optimizer, LR schedule, autocast and memory format, and the same warm-up (``--warmup`` steps
 per model, not timed). The arms alternate ``--repeats`` times so that load from other processes hits both alike.
@@ -42,12 +49,17 @@ import numpy as np
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tools_ops: the op counter the tests use
+
 from nps.kernels.samplers import sample_space
 from nps.kernels.spaces import parse_space
 from nps.pipeline.network.layer_table import build_layer_table
 from nps.pipeline.network.models import build_model
 from nps.pipeline.network.prune import prune_model
-from nps.pipeline.training.devices import resolve_amp, resolve_channels_last, resolve_cpu_workers, train_cohort
+from nps.pipeline.training.cohort import Cohort, CohortOptions, train_cohort
+from nps.pipeline.training.devices import resolve_amp, resolve_channels_last, resolve_cpu_workers
+from nps.pipeline.training.events import EpochEnded
+from nps.pipeline.training.fused_cohort import FusedCohort, Fusion
 from nps.pipeline.training.schedule import autocast_context, make_optimizer, make_scheduler
 from nps.pipeline.training.spec import RetrainSpec as RetrainConfig
 
@@ -209,20 +221,87 @@ def time_cohort(models, loader, val, config, device, args, steps, warmup):
         train_cohort(models, Steps(loader, warmup), val, config, device, **kwargs)
     seconds = []
     train_cohort(models, Steps(loader, steps), val, config, device,
-                 on_event=lambda e: seconds.append(e["seconds"]) if e["event"] == "epoch" else None, **kwargs)
+                 on_event=lambda e: seconds.append(e.seconds) if isinstance(e, EpochEnded) else None, **kwargs)
     return seconds[0]  # the training loop only (the engine's final evaluation is not timed)
+
+
+def time_fused(models, loader, val, config, device, args, steps, warmup, fusion):
+    options = CohortOptions(amp=args.amp, channels_last=args.channels_last)
+    if warmup:
+        FusedCohort([copy.deepcopy(m) for m in models], Steps(loader, warmup), val, config, device, fusion=fusion,
+                    options=options).run()
+    seconds = []
+    FusedCohort(models, Steps(loader, steps), val, config, device, fusion=fusion, options=options,
+                on_event=lambda e: seconds.append(e.seconds) if isinstance(e, EpochEnded) else None).run()
+    return seconds[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def build_subnetworks(args, num_classes, in_channels, k):
+    """(members, mean c_flops, their Fusion)."""
     table = build_layer_table(args.model, args.mode, args.resolution, num_classes, in_channels)
     space = parse_space(args.space, "c_flops", args.c_flops)
     sample = sample_space(table, space, k, seed=args.seed)
     torch.manual_seed(args.seed)
     base = build_model(args.model, num_classes=num_classes, in_channels=in_channels)
-    return [prune_model(base, table, keep) for keep in sample.keep], float(np.mean(sample.c_flops))
+    members = [prune_model(base, table, keep) for keep in sample.keep]
+    return members, float(np.mean(sample.c_flops)), Fusion(base, table, sample.keep)
+
+
+def host_cost(args, ks) -> None:
+    """The --host measurement (see the module docstring)."""
+    import statistics
+
+    from tools_ops import count_ops
+
+    torch.set_num_threads(1)
+    in_channels = args.in_channels or 3
+    members, c_flops, fusion = build_subnetworks(args, 10, in_channels, max(ks))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, in_channels, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g)
+    data = [(x, y)]
+    config = RetrainConfig(epochs=1, lr=0.01)
+    options = CohortOptions(amp="off", channels_last=False, cpu_workers=1, member_threads=None)
+
+    def timed(step, repeats=7):
+        for _ in range(2):
+            step()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1000
+
+    for k in ks:
+        models = [copy.deepcopy(m) for m in members[:k]]
+        plain = [(m, make_optimizer(m, config)) for m in models]
+        criterion = nn.CrossEntropyLoss()
+
+        def sequential_step():
+            for m, opt in plain:
+                m.train()
+                loss = criterion(m(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+        cohort = Cohort([copy.deepcopy(m) for m in models], data, data, config, "cpu", options=options)
+        cohort.set_up()
+        fused = FusedCohort([copy.deepcopy(m) for m in models], data, data, config, "cpu",
+                            fusion=Fusion(fusion.base, fusion.table, fusion.keeps[:k]), options=options)
+        fused.set_up()
+        fused.net.train()
+        arms = {"sequential": sequential_step,
+                "cohort": lambda: cohort._step_all(x, y, 1, None),
+                "fused": lambda: fused._step(x, y, 1)}
+        for arm, step in arms.items():
+            print(json.dumps({"bench": "host", "arm": arm, "k": k, "aten_ops_per_step": count_ops(step),
+                              "host_ms_per_step": round(timed(step), 3), "model": args.model,
+                              "table_resolution": args.resolution, "input": "2 x 8 px", "c_flops": round(c_flops, 4),
+                              "space": args.space, "threads": 1, "torch": torch.__version__}), flush=True)
 
 
 def main(argv=None):
@@ -249,9 +328,14 @@ def main(argv=None):
     p.add_argument("--data-dir", default=os.path.expanduser("~/.cache/nps/bench/fashion-mnist"))
     p.add_argument("--in-channels", type=int, help="default: 1 on CPU (Fashion-MNIST), 3 on GPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fused", action="store_true", help="add the fused arm")
+    p.add_argument("--host", action="store_true", help="measure host cost per step (see the docstring) and exit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    if args.host:
+        args.model, args.resolution = args.model or "resnet20", args.resolution or 32
+        return host_cost(args, [int(v) for v in args.k.split(",")])
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.model = args.model or ("resnet50" if gpu else "resnet56")
@@ -276,10 +360,10 @@ def main(argv=None):
     nhwc = resolve_channels_last(args.channels_last, device)
 
     ks = [int(v) for v in args.k.split(",")]
-    subnets, c_flops = build_subnetworks(args, num_classes, in_channels, max(ks))
+    subnets, c_flops, fusion = build_subnetworks(args, num_classes, in_channels, max(ks))
     for k in ks:
-        cohort_s = sequential_s = sequential_1t_s = 0.0
-        cpu = {"cohort": 0.0, "sequential": 0.0, "sequential_1t": 0.0}  # this process's CPU seconds per arm
+        cohort_s = sequential_s = sequential_1t_s = fused_s = 0.0
+        cpu = {"cohort": 0.0, "sequential": 0.0, "sequential_1t": 0.0, "fused": 0.0}  # CPU seconds per arm
         ratios = []
         one_thread_arm = not gpu and args.threads > 1 and not args.no_one_thread_arm
 
@@ -301,6 +385,11 @@ def main(argv=None):
                                                    args.warmup)
                 cpu["sequential_1t"] += time.process_time() - t_cpu
                 torch.set_num_threads(args.threads)
+            if args.fused:
+                t_cpu = time.process_time()
+                fused_s += time_fused(fresh(), loader, val, config, device, args, args.steps, args.warmup,
+                                      Fusion(fusion.base, fusion.table, fusion.keeps[:k]))
+                cpu["fused"] += time.process_time() - t_cpu
             cohort_s += c
             sequential_s += s
             ratios.append(s / c)
@@ -311,6 +400,8 @@ def main(argv=None):
             "cohort_img_per_s": round(images / cohort_s, 1), "sequential_img_per_s": round(images / sequential_s, 1),
             "ratio": round(sequential_s / cohort_s, 3),
             "ratios": [round(r, 3) for r in ratios],
+            **({"fused_img_per_s": round(images / fused_s, 1), "fused_vs_cohort": round(cohort_s / fused_s, 3)}
+               if args.fused else {}),
             **({"sequential_1t_img_per_s": round(images / sequential_1t_s, 1),
                 "ratio_vs_best_sequential": round(min(sequential_s, sequential_1t_s) / cohort_s, 3)}
                if one_thread_arm else {}),

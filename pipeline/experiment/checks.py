@@ -76,6 +76,8 @@ def check_config(cfg):
     _need(r.cohort_size == "auto" or (isinstance(r.cohort_size, int) and r.cohort_size >= 1), "retrain.cohort_size",
           f"use 'auto' or a number >= 1, got {r.cohort_size!r}")
     _need(r.bn_images >= 0, "retrain.bn_images", f"must be >= 0, got {r.bn_images}")
+    _need(r.fuse in (True, False, "auto"), "retrain.fuse", f"use 'auto', true or false, got {r.fuse!r}")
+    _need(r.fuse_max_waste >= 0, "retrain.fuse_max_waste", f"must be >= 0, got {r.fuse_max_waste}")
     _choice(r.amp, "retrain.amp", AMP)
 
     if t.enabled:

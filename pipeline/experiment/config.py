@@ -143,6 +143,10 @@ class RetrainConfig(RetrainSpec):
     amp: str = _f("auto", "autocast: auto (bf16/fp16 on GPUs, off on CPU), bf16, fp16, off")
     compile: bool = _f(False, "torch.compile every subnetwork")
     train_images: int = _f(0, "images per retraining epoch, from the shuffled train split (0: dataset.train_images)")
+    fuse: bool | str = _f("auto", "train a cohort as one fused module: auto (GPUs; the CPU where measured faster), "
+                                  "true or false")
+    fuse_max_waste: float = _f(0.5, "a fused cohort's padding may add at most this fraction of its members' FLOPs "
+                                    "(cohorts of similar rows; a wider one is split)")
 
 
 @dataclass
@@ -175,7 +179,8 @@ SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
 RUNTIME_KEYS = frozenset({
     "experiment.out", "experiment.devices", "experiment.ray", "experiment.description", "dataset.dir",
     "dataset.workers",
-    "dataset.on_device", "retrain.cohort_size", "retrain.compile", "output.keep_weights", "output.top_k",
+    "dataset.on_device", "retrain.cohort_size", "retrain.compile", "retrain.fuse", "retrain.fuse_max_waste",
+    "output.keep_weights", "output.top_k",
 })
 
 PRESETS_DIR = "presets"  # inside the nps.pipeline.experiment package (pyproject: package-data)

@@ -26,7 +26,7 @@ import numpy as np
 from nps.pipeline.errors import NpsError
 from nps.pipeline.experiment.plan import Plan
 from nps.pipeline.row_status import RowStatus
-from nps.pipeline.run import outputs, resume
+from nps.pipeline.run import forming, outputs, resume
 from nps.pipeline.run.ledger import RowLedger, row_cost
 from nps.pipeline.run.log import RunLog
 from nps.pipeline.run.pools import WorkerPool
@@ -46,7 +46,7 @@ from nps.pipeline.run.protocol import (
 )
 from nps.pipeline.run.state import Outcome, RowFinished, RunState, RunView, WorkerState
 from nps.pipeline.training.events import EpochEnded
-from nps.pipeline.training.spec import AUTO_COHORT
+from nps.pipeline.training.spec import AUTO_COHORT, resolve_fuse
 
 STOP_GRACE_S = 60.0  # after Ctrl-C, how long workers get to finish their step before they are ended
 MAX_BASE_ATTEMPTS = 2  # the base network's task is given again when its worker is lost, this often
@@ -430,7 +430,14 @@ class Driver:
                 w.task, w.base, w.phase, self.base.in_flight = self.next_task, True, "base network", True
                 self.log.write("base", worker=wid, node=w.node, device=w.device)
                 continue
-            lease = self.ledger.take(self._cohort_k(w, working), wid, flush=False)
+            fused = resolve_fuse(self.cfg.retrain.fuse, w.device)
+            choose = None
+            if fused:  # rows of similar widths, so that padding every group to the widest wastes little
+                table, max_waste = self.plan.table, self.cfg.retrain.fuse_max_waste
+
+                def choose(keeps, k):
+                    return forming.similar_rows(table, keeps, k, max_waste)
+            lease = self.ledger.take(self._cohort_k(w, working), wid, flush=False, choose=choose)
             if lease is None:
                 return leases
             leases += 1
@@ -445,8 +452,9 @@ class Driver:
             self.pool.submit(wid, task, self.base.weights)
             w.task, w.phase, w.space, w.rows = task.task_id, "cohort", lease.space, list(lease.rows)
             w.epoch, w.epochs, w.step, w.steps, w.img_per_s = 0, s.epochs, 0, 0, math.nan
+            extra = {"fused_waste": round(forming.waste(self.plan.table, s.keep[rows]), 4)} if fused else {}
             self.log.write("dispatch", space=lease.space, rows=list(lease.rows), worker=wid, node=w.node,
-                           device=w.device)
+                           device=w.device, **extra)
         return leases
 
     # -- two-stage ---------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ its attributes), and a lease holds rows of one space only, so a cohort never mix
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
@@ -28,6 +29,7 @@ import numpy as np
 
 from nps.pipeline.results.store import ResultsStore
 from nps.pipeline.row_status import RowStatus
+from nps.pipeline.run.forming import POOL
 from nps.pipeline.run.protocol import RowResult
 from nps.pipeline.run.state import SpaceState
 from nps.pipeline.training.spec import SpaceSpec
@@ -128,12 +130,20 @@ class RowLedger:
         """Make the running marks of ``take(..., flush=False)`` visible to readers."""
         self.store.flush()
 
-    def take(self, k: int, worker: int, *, flush: bool = True) -> Lease | None:
-        """Up to ``k`` pending rows of the first space with any, marked running; None when nothing is pending."""
+    def take(self, k: int, worker: int, *, flush: bool = True, choose=None) -> Lease | None:
+        """Up to ``k`` pending rows of the first space with any, marked running; None when nothing is pending.
+        ``choose(keeps, k)`` (a fused cohort's forming, :mod:`nps.pipeline.run.forming`) picks them by position
+        among the first pending rows (their keep vectors given), else they are the first ``k`` in line."""
         s = next((s for s in self.spaces.values() if s.pending), None)
         if s is None:
             return None
-        rows = [s.pending.popleft() for _ in range(min(int(k), len(s.pending)))]
+        if choose is None:
+            rows = [s.pending.popleft() for _ in range(min(int(k), len(s.pending)))]
+        else:
+            pool = list(itertools.islice(s.pending, POOL))
+            rows = [pool[i] for i in choose(s.keep[np.asarray(pool)], int(k))]
+            for row in rows:
+                s.pending.remove(row)
         idx = np.asarray(rows, dtype=np.int64)
         if np.any(s.status[idx] != PENDING):
             raise RuntimeError(f"{s.name}: rows {rows} were queued but are not all pending")

@@ -184,7 +184,13 @@ class Worker:
     def _on_event(self, task_id: int, task: CohortTask | None = None):
         """The engine's events for this task: progress forwarded unchanged (step progress at most every
         ``progress_s``), a finished member as its row's result, a halved cohort as a note."""
-        from nps.pipeline.training.events import CohortHalved, EpochEnded, MemberFinished, StepProgress
+        from nps.pipeline.training.events import (
+            CohortHalved,
+            CohortUnfused,
+            EpochEnded,
+            MemberFinished,
+            StepProgress,
+        )
 
         def handle(event) -> None:
             if isinstance(event, (StepProgress, EpochEnded)):
@@ -197,6 +203,8 @@ class Worker:
                 self.emit(Progress(self.wid, task_id, event))
             elif isinstance(event, MemberFinished) and task is not None:
                 self.emit(self._row_result(task, event.result))
+            elif isinstance(event, CohortUnfused):
+                self.emit(Note(self.wid, f"{self.device}: a cohort trains unfused: {event.reason}"))
             elif isinstance(event, CohortHalved):
                 self.emit(Note(self.wid, f"{self.device}: out of memory with {event.k} subnetworks; retrying in "
                                          f"cohorts of {event.retry_k}"))
@@ -292,6 +300,7 @@ class Worker:
         from nps.pipeline.network.prune import prune_model
         from nps.pipeline.training.cohort import CohortOptions
         from nps.pipeline.training.engine import run_cohorts
+        from nps.pipeline.training.fused_cohort import Fusion
 
         if base is None:
             raise ValueError("a cohort needs the base network's weights")
@@ -302,10 +311,11 @@ class Worker:
                      for keep, seed in zip(task.keep, task.seeds)]
         options = CohortOptions(eval_every_epoch=r.eval_every_epoch, bn_images=r.bn_images, amp=r.amp,
                                 compile=r.compile, keep_models=task.keep_weights, progress_s=self.progress_s,
-                                member_threads=1)
+                                member_threads=1, fuse=r.fuse)
         run_cohorts(factories, train, val, task.spec.retrain, self.device, k=task.k,
                     ids=[(task.space, row) for row in task.rows], seeds=list(task.seeds), options=options,
-                    on_event=self._on_event(task.task_id, task))
+                    on_event=self._on_event(task.task_id, task),
+                    fusion=Fusion(model, table, np.asarray(task.keep)))
 
 
 def serve_task(worker: Worker, task, base: BaseWeights | None, emit: Callable[[Any], None]) -> bool:

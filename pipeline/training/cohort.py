@@ -83,6 +83,12 @@ class CohortOptions:
     network, trains faster)."""
     progress_s: float = 2.0
     """Seconds between :class:`~nps.pipeline.training.events.StepProgress` events."""
+    fuse: bool | str = False
+    """Train the cohort as one fused module (:mod:`nps.pipeline.training.fuse`): True, False or ``"auto"``
+    (:func:`~nps.pipeline.training.spec.resolve_fuse`); needs the engine's ``fusion`` (the base network, its
+    table and the members' keep vectors)."""
+    cuda_graphs: bool = True
+    """On a GPU, capture a fused cohort's training step as a CUDA graph and replay it."""
 
 
 class CohortOutOfMemory(RuntimeError):

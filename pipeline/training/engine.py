@@ -22,8 +22,15 @@ from nps.pipeline.errors import NpsError
 from nps.pipeline.row_status import RowStatus
 from nps.pipeline.training.cohort import CohortOptions, CohortOutOfMemory, ids_for, train_cohort
 from nps.pipeline.training.devices import choose_cohort_size, resolve_amp
-from nps.pipeline.training.events import CohortHalved, CohortStarted, EventCallback, MemberFinished, Result
-from nps.pipeline.training.spec import RetrainSpec
+from nps.pipeline.training.events import (
+    CohortHalved,
+    CohortStarted,
+    CohortUnfused,
+    EventCallback,
+    MemberFinished,
+    Result,
+)
+from nps.pipeline.training.spec import RetrainSpec, resolve_fuse
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,7 @@ def run_cohorts(models: Sequence[ModelSource], train_loader: Iterable, val_loade
                 device: torch.device | str = "cpu", *, k: int | None = None, max_k: int | None = None,
                 ids: Sequence[Any] | None = None, seeds: Sequence[int] | None = None,
                 input_shape: Sequence[int] | None = None, on_event: EventCallback | None = None,
-                options: CohortOptions | None = None, **settings: Any) -> list[Result]:
+                options: CohortOptions | None = None, fusion=None, **settings: Any) -> list[Result]:
     """Retrain any number of subnetworks in cohorts of ``k``, halving a cohort on CUDA out-of-memory.
 
     Parameters
@@ -73,6 +80,10 @@ def run_cohorts(models: Sequence[ModelSource], train_loader: Iterable, val_loade
         Training batch shape for the automatic ``k``; read from the first training batch if not given.
     options, **settings
         How each cohort trains (:class:`~nps.pipeline.training.cohort.CohortOptions`, or its fields as keywords).
+    fusion : :class:`~nps.pipeline.training.fused_cohort.Fusion`, optional
+        The base network, its table and one keep vector per model: with ``options.fuse`` resolved true, each
+        cohort trains fused (:mod:`nps.pipeline.training.fused_cohort`); one that cannot be fused trains unfused,
+        and says why (:class:`~nps.pipeline.training.events.CohortUnfused`).
 
     Returns
     -------
@@ -98,6 +109,7 @@ def run_cohorts(models: Sequence[ModelSource], train_loader: Iterable, val_loade
         else:
             k = choose_cohort_size(list(models), device, (1,), max_k=max_k)
     k = max(1, min(int(k), n if max_k is None else max_k))
+    fused = fusion is not None and resolve_fuse(options.fuse, device)
     results: list[Result | None] = [None] * n
     todo = list(range(n))
     while todo:
@@ -106,10 +118,17 @@ def run_cohorts(models: Sequence[ModelSource], train_loader: Iterable, val_loade
             on_event(CohortStarted(tuple(ids[i] for i in cohort), len(cohort)))
         trained = [_materialize(models[i]) for i in cohort]
         oom = None
+        cohort_ids = [ids[i] for i in cohort]
+        cohort_seeds = None if seeds is None else [seeds[i] for i in cohort]
         try:
-            out = train_cohort(trained, train_loader, val_loader, spec, device, ids=[ids[i] for i in cohort],
-                               seeds=None if seeds is None else [seeds[i] for i in cohort], on_event=on_event,
-                               options=options)
+            out = None
+            if fused:
+                out = _train_fused(trained, train_loader, val_loader, spec, device, cohort_ids, cohort_seeds,
+                                   on_event, options, fusion, cohort)
+                fused = out is not None  # a network that cannot be fused is not tried again
+            if out is None:
+                out = train_cohort(trained, train_loader, val_loader, spec, device, ids=cohort_ids,
+                                   seeds=cohort_seeds, on_event=on_event, options=options)
         except CohortOutOfMemory as exc:
             oom = (exc.finished, exc.unfinished, str(exc))
         if oom is not None:
@@ -138,3 +157,33 @@ def run_cohorts(models: Sequence[ModelSource], train_loader: Iterable, val_loade
         del trained, out
         _free_device_memory(device)
     return results  # type: ignore[return-value]
+
+
+def _train_fused(models, train_loader, val_loader, spec, device, ids, seeds, on_event, options, fusion, cohort):
+    """The cohort trained fused, or None when it cannot be fused (said with a CohortUnfused event; nothing was
+    trained: fusing is refused before the first step). When a member's NaN spoiled others, the members without a
+    result are trained again unfused from fresh copies."""
+    from nps.pipeline.training.fuse import FuseUnsupported
+    from nps.pipeline.training.fused_cohort import CohortSpoiled, FusedCohort, Fusion
+
+    part = Fusion(fusion.base, fusion.table, fusion.keeps[list(cohort)])
+    fresh = [copy.deepcopy(m) for m in models]  # (the fused cohort trains the members in place)
+    try:
+        return FusedCohort(models, train_loader, val_loader, spec, device, fusion=part, ids=ids, seeds=seeds,
+                           options=options, on_event=on_event).run()
+    except FuseUnsupported as exc:
+        log.warning("cannot fuse this cohort (%s); training it unfused", exc)
+        if on_event is not None:
+            on_event(CohortUnfused(tuple(ids), str(exc)))
+        return None
+    except CohortSpoiled as exc:
+        log.warning("%s; training the rest of the cohort unfused", exc)
+        if on_event is not None:
+            on_event(CohortUnfused(tuple(ids[i] for i in exc.unfinished), str(exc)))
+        out = dict(exc.finished)
+        rest = train_cohort([fresh[i] for i in exc.unfinished], train_loader, val_loader, spec, device,
+                            ids=[ids[i] for i in exc.unfinished],
+                            seeds=None if seeds is None else [seeds[i] for i in exc.unfinished], on_event=on_event,
+                            options=options)
+        out.update(zip(exc.unfinished, rest))
+        return [out[i] for i in range(len(models))]

@@ -91,6 +91,14 @@ class MemberFinished:
 
 
 @dataclass(frozen=True)
+class CohortUnfused:
+    """The cohort could not be fused (``reason``: the layer or operation) and trains unfused."""
+
+    ids: tuple
+    reason: str
+
+
+@dataclass(frozen=True)
 class CohortHalved:
     """CUDA ran out of memory with ``k`` members: the unfinished ``ids`` are retried in cohorts of ``retry_k``."""
 
@@ -99,5 +107,6 @@ class CohortHalved:
     retry_k: int
 
 
-EngineEvent = Union[CohortStarted, MemberStarted, StepProgress, EpochEnded, MemberFinished, CohortHalved]
+EngineEvent = Union[CohortStarted, MemberStarted, StepProgress, EpochEnded, MemberFinished, CohortUnfused,
+                    CohortHalved]
 EventCallback = Callable[[EngineEvent], None]

@@ -15,6 +15,21 @@ from nps.pipeline.errors import NpsError
 
 METHODS = ("finetune", "rewind", "scratch")
 AUTO_COHORT = {"cpu": 8, "cuda": 32}  # members per cohort with cohort_size = "auto" (a GPU: as many as fit, up to this)
+# Whether "auto" fuses a cohort on the CPU: what tools/bench_cohort.py measured on this project's 2-core machines (the
+# README's "Fused cohorts"): there the per-member threads of an unfused cohort were faster.
+CPU_FUSES = False
+
+
+def resolve_fuse(fuse, device) -> bool:
+    """Whether a cohort on ``device`` (a torch device or its name) trains fused: ``"auto"`` fuses on GPUs (one
+    Python thread launching every member's kernels is the bottleneck there) and on the CPU where
+    :data:`CPU_FUSES` says it was measured faster."""
+    kind = getattr(device, "type", str(device).split(":")[0])
+    if fuse == "auto":
+        return kind == "cuda" or (kind == "cpu" and CPU_FUSES)
+    if isinstance(fuse, bool):
+        return fuse
+    raise NpsError(f"fuse must be 'auto', true or false, got {fuse!r}")
 
 
 def _help(default, text: str):

@@ -1,0 +1,628 @@
+"""A fused cohort: K pruned subnetworks of one base network as ONE module, one kernel per layer for the whole cohort.
+
+The members of a cohort are the same network at different widths. Every tensor of the fused module carries all K
+members on its channel axis, member-major: member ``m``'s channels of a group of the layer table occupy
+``[m·P, (m+1)·P)``, where ``P`` is the group's width padded to the cohort's widest member (for a group that feeds
+or leaves a grouped conv, each conv group is padded to the widest, so the conv's groups line up). Then:
+
+- a conv is a grouped conv over the members (``groups = K × its own groups``; a depthwise conv stays depthwise over
+  ``K·P`` channels); the first conv reads the one shared input batch (``groups`` its own, ``K·P`` outputs);
+- BatchNorm runs over the ``K·P`` channels: its statistics are per channel, so per member, and train-mode BN is
+  exact; a LayerNorm over channels normalises each member over its own channels only (a mask leaves the padding
+  out); a per-channel parameter (ConvNeXt's layer scale) is ``K·P`` long;
+- a linear layer is a per-member batched matmul (``einsum`` over ``[..., K, P_in]``); concatenation along the
+  channels (DenseNet) is member-wise; everything elementwise, pooling, flatten and permutes work unchanged;
+- the output is ``[B, K, classes]``: member m's logits in ``[:, m]``.
+
+Padded channels hold exact zeros in every weight, bias and BN affine parameter, so they compute zeros and no
+member's numbers depend on another's: each member's loss and gradients are its own, and a training step of the
+fused module is, up to rounding, K independent steps. :class:`FusedNetwork` keeps the padding masks
+(:meth:`~FusedNetwork.mask_grads` after every backward keeps the padding at zero through momentum and weight decay)
+and writes the members back (:meth:`~FusedNetwork.write_back`): K ordinary pruned state_dicts.
+
+What cannot be fused (a reduction or softmax over channels, GroupNorm, a module called twice, an unknown operation
+on channels...) raises :class:`FuseUnsupported` naming it; the engine then trains the cohort unfused.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from nps.pipeline.network.channel_graph import ChannelGraph, Seg
+from nps.pipeline.network.channel_ops import _BINARY_NAMES, _SHAPE_NAMES, _UNARY_NAMES, _target_name
+from nps.pipeline.network.layer_table import LayerTable
+
+
+class FuseUnsupported(Exception):
+    """The cohort cannot be fused: the message says which layer or operation, and why."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Where each member's channels sit on a fused axis.
+
+
+@dataclass(frozen=True)
+class ClassLayout:
+    """One channel class (a group of the table, or a class nps does not prune) across the K members."""
+
+    counts: tuple[int, ...]  # member m keeps counts[m] channels of the class
+    blocks: int  # the class is kept in this many equal blocks (the groups of grouped convs it feeds or leaves)
+    padded: int  # its width on the fused axis, per member
+
+    def positions(self, m: int) -> np.ndarray:
+        """Where member m's kept channels (in its pruned order, block by block) sit in its padded range."""
+        per_block, padded_block = self.counts[m] // self.blocks, self.padded // self.blocks
+        j = np.arange(self.counts[m])
+        return (j // per_block) * padded_block + j % per_block
+
+
+def class_layouts(graph: ChannelGraph, selection, keeps: np.ndarray) -> dict[int, ClassLayout]:
+    """The layout of every channel class of ``graph`` for members keeping ``keeps`` (K × groups)."""
+    keeps = np.asarray(keeps, dtype=np.int64)
+    pruned = {cls.root: (keeps[:, i], cls.structural) for i, cls in enumerate(selection.classes)}
+    roots = {graph.root(s.var) for layer in graph.weights.values() for s in (*layer.inp, *layer.out)}
+    roots |= {graph.root(s.var) for t in graph.channel_tensors.values() for s in t.segs}
+    out = {}
+    for root in roots:
+        if root in pruned:
+            counts, blocks = pruned[root]
+            padded = blocks * int(max(c // blocks for c in counts))
+            out[root] = ClassLayout(tuple(int(c) for c in counts), int(blocks), padded)
+        else:
+            size = graph.size(root)
+            out[root] = ClassLayout((size,) * len(keeps), 1, size)
+    return out
+
+
+def axis_layout(graph: ChannelGraph, layouts: dict[int, ClassLayout], segs: tuple[Seg, ...], m: int):
+    """(positions of member m's elements on a fused axis made of ``segs``, the per-member padded width)."""
+    parts, offset = [], 0
+    for seg in segs:
+        lay = layouts[graph.root(seg.var)]
+        pos = lay.positions(m)
+        if seg.spread > 1:  # a flattened channel: its spread elements side by side
+            pos = (pos[:, None] * seg.spread + np.arange(seg.spread)[None, :]).reshape(-1)
+        parts.append(pos + offset)
+        offset += lay.padded * seg.spread
+    return np.concatenate(parts), offset
+
+
+def _flat_index(fused_shape: tuple[int, ...], axis_maps: dict[int, np.ndarray], member_shape) -> torch.Tensor:
+    """Flat positions in a fused tensor of every element of a member's tensor (row-major), given where each member
+    index lands along the mapped axes (the other axes map to themselves)."""
+    grids = [axis_maps.get(a, np.arange(n)) for a, n in enumerate(member_shape)]
+    index = np.ix_(*grids)
+    return torch.as_tensor(np.ravel_multi_index(index, fused_shape).reshape(-1), dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fused layers.
+
+
+class FusedLinear(nn.Module):
+    """K members' linear layers: ``[..., K·P_in] -> [..., K·P_out]``, a batched matmul per member."""
+
+    def __init__(self, k: int, p_in: int, p_out: int, bias: bool, like: torch.Tensor):
+        super().__init__()
+        self.k, self.p_in, self.p_out = k, p_in, p_out
+        self.weight = nn.Parameter(torch.zeros(k, p_out, p_in, dtype=like.dtype, device=like.device))
+        self.bias = nn.Parameter(torch.zeros(k, p_out, dtype=like.dtype, device=like.device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.einsum("...ki,koi->...ko", x.reshape(*lead, self.k, self.p_in), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.k * self.p_out)
+
+
+def member_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, mask: torch.Tensor,
+                      counts: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last axis of ``[..., K·P]``, each member over its own channels (``mask``: K × P, 1 where
+    the member has a channel; ``counts``: K × 1)."""
+    k, p = mask.shape
+    lead = x.shape[:-1]
+    v = x.reshape(*lead, k, p)
+    mean = (v * mask).sum(-1, keepdim=True) / counts
+    centred = (v - mean) * mask
+    var = (centred * centred).sum(-1, keepdim=True) / counts
+    y = (centred * torch.rsqrt(var + eps)).reshape(*lead, k * p)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+class FusedLayerNorm(nn.Module):
+    """``nn.LayerNorm`` over channels (the last axis) for K members, each over its own."""
+
+    def __init__(self, module: nn.LayerNorm, mask: torch.Tensor, counts: torch.Tensor, like: torch.Tensor):
+        super().__init__()
+        self.eps = module.eps
+        n = mask.numel()
+        self.weight = nn.Parameter(torch.zeros(n, dtype=like.dtype, device=like.device)) \
+            if module.weight is not None else None
+        self.bias = nn.Parameter(torch.zeros(n, dtype=like.dtype, device=like.device)) \
+            if module.bias is not None else None
+        self.register_buffer("mask", mask.to(like.device, like.dtype))
+        self.register_buffer("counts", counts.to(like.device, like.dtype))
+
+    def forward(self, x):
+        return member_layer_norm(x, self.weight, self.bias, self.mask, self.counts, self.eps)
+
+
+def member_cat(tensors, dim: int, k: int) -> torch.Tensor:
+    """``torch.cat`` along the fused channel axis, member by member (each member's segments side by side)."""
+    first = tensors[0]
+    dim = dim % first.dim()
+    parts = [t.reshape(*t.shape[:dim], k, t.shape[dim] // k, *t.shape[dim + 1:]) for t in tensors]
+    out = torch.cat(parts, dim=dim + 1)
+    return out.reshape(*out.shape[:dim], -1, *out.shape[dim + 2:])
+
+
+def _functional_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, ln_mask, ln_counts):
+    return member_layer_norm(x, weight, bias, ln_mask, ln_counts, eps)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The fused network.
+
+
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.GELU,
+                        nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
+                        nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout)
+_SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample,
+                    nn.ZeroPad2d, nn.ConstantPad2d)
+_SPATIAL_NAMES = {"adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d", "interpolate",
+                  "upsample", "pad"}
+
+
+@dataclass
+class _Param:
+    """A fused tensor and, per member, where that member's tensor of the same role lands in it."""
+
+    fused: torch.Tensor
+    member_name: str  # qualified name in the member modules
+    index: list[torch.Tensor]  # per member: flat (row-major) positions of its elements
+
+    def at(self, m: int) -> tuple[torch.Tensor, ...]:
+        """Member m's elements as an index of the fused tensor: by position, so whatever its memory format."""
+        cached = getattr(self, "_at", None)
+        if cached is None:
+            cached = self._at = {}
+        if m not in cached:
+            flat = self.index[m].numpy()
+            cached[m] = tuple(torch.as_tensor(a, device=self.fused.device)
+                              for a in np.unravel_index(flat, tuple(self.fused.shape)))
+        return cached[m]
+
+
+class FusedNetwork(nn.Module):
+    """The fused module (see the module docstring): ``forward(x) -> [B, K, classes]``."""
+
+    def __init__(self, gm: fx.GraphModule, k: int, params: list[_Param], members: list[nn.Module]):
+        super().__init__()
+        self.gm, self.k = gm, k
+        self._params = params
+        self._members = members
+        self._masks: dict[int, torch.Tensor] = {}
+        for p in params:
+            mask = torch.zeros(p.fused.numel(), dtype=torch.bool)
+            for index in p.index:
+                mask[index] = True
+            if not bool(mask.all()):
+                self._masks[id(p.fused)] = mask.view(p.fused.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.gm(x)
+        return out.reshape(out.shape[0], self.k, -1)
+
+    # -- padding and members -----------------------------------------------------------------------------------------
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every fused parameter and buffer a member has a share of, in a fixed order."""
+        return [p.fused for p in self._params]
+
+    def padding_masks(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, its float mask: 1 on the members' elements, 0 on the padding) for every fused parameter
+        that has padding."""
+        out = []
+        for p in self._params:
+            mask = self._masks.get(id(p.fused))
+            if mask is not None and isinstance(p.fused, nn.Parameter):
+                out.append((p.fused, mask.to(p.fused.device, p.fused.dtype)))
+        return out
+
+    def load_members(self, members: list[nn.Module] | None = None) -> None:
+        """Copy every member's tensors into their places (padding zero; running variances of padding one)."""
+        members = members or self._members
+        with torch.no_grad():
+            for p in self._params:
+                p.fused.fill_(1.0 if p.member_name.endswith("running_var") else 0.0)
+                for m, member in enumerate(members):
+                    src = _get(member, p.member_name)
+                    p.fused[p.at(m)] = src.detach().reshape(-1).to(p.fused.device, p.fused.dtype)
+
+    def write_back(self, members: list[nn.Module] | None = None) -> None:
+        """Copy each member's tensors out of the fused ones into its own (pruned) module."""
+        members = members or self._members
+        with torch.no_grad():
+            for p in self._params:
+                for m, member in enumerate(members):
+                    dst = _get(member, p.member_name)
+                    dst.copy_(p.fused[p.at(m)].view(dst.shape).to(dst.device, dst.dtype))
+
+    def zero_member(self, m: int, extra: list[torch.Tensor | None] = ()) -> None:
+        """Member m stops: its parameters and buffers become zero, NaNs included, and so do its entries of
+        ``extra`` (one tensor or None per fused tensor, in :meth:`tensors` order: e.g. momentum buffers)."""
+        with torch.no_grad():
+            for p in self._params:
+                p.fused[p.at(m)] = 0
+            for p, buf in zip(self._params, extra):
+                if buf is not None:
+                    buf[p.at(m)] = 0
+
+
+
+def _get(module: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, attr)
+
+
+def _set(module: nn.Module, name: str, value) -> None:
+    owner, _, attr = name.rpartition(".")
+    target = module.get_submodule(owner) if owner else module
+    if isinstance(value, nn.Parameter) or name in dict(target.named_parameters(recurse=False)):
+        setattr(target, attr, value if isinstance(value, nn.Parameter) else nn.Parameter(value))
+    else:
+        setattr(target, attr, value)
+
+
+class _Builder:
+    """Builds a :class:`FusedNetwork` from the base's channel graph and the K pruned members."""
+
+    def __init__(self, base: nn.Module, table: LayerTable, keeps: np.ndarray, members: list[nn.Module]):
+        from nps.pipeline.network.prune import pruning_plan
+
+        self.graph, self.selection = pruning_plan(base, table)
+        self.keeps = np.asarray(keeps, dtype=np.int64)
+        self.k = len(members)
+        self.members = members
+        self.layouts = class_layouts(self.graph, self.selection, self.keeps)
+        self.params: list[_Param] = []
+        self.like = next(members[0].parameters())
+
+    # -- tensors -----------------------------------------------------------------------------------------------------
+
+    def tensor(self, member_name: str, fused_shape: tuple[int, ...], maps: list[dict[int, np.ndarray]],
+               parameter: bool, index_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """A fused tensor of ``fused_shape`` (zeros) for the members' tensors ``member_name``; member m's index
+        ``i`` along axis ``a`` lands at ``maps[m][a][i]`` of ``index_shape`` (the same elements, row-major: a
+        linear layer's ``[K, P_out, P_in]`` weight is indexed as ``[K·P_out, P_in]``)."""
+        src = _get(self.members[0], member_name)
+        fused = torch.zeros(fused_shape, dtype=src.dtype, device=src.device)
+        index = [_flat_index(index_shape or fused_shape, maps[m], tuple(_get(self.members[m], member_name).shape))
+                 for m in range(self.k)]
+        tensor = nn.Parameter(fused, requires_grad=src.requires_grad) if parameter else fused
+        self.params.append(_Param(tensor, member_name, index))
+        return tensor
+
+    def axis(self, segs, m):
+        return axis_layout(self.graph, self.layouts, segs, m)
+
+    # -- layers ------------------------------------------------------------------------------------------------------
+
+    def conv(self, name: str, module: nn.Conv2d, shared_input: bool) -> nn.Conv2d:
+        """The members' conv as one: grouped over the members (a depthwise conv stays depthwise); reading the
+        shared input when ``shared_input`` (the first conv)."""
+        layer = self.graph.weights[name]
+        k = self.k
+        outs = [self.axis(layer.out, m) for m in range(k)]
+        p_out = outs[0][1]
+        like = dict(kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+                    dilation=module.dilation, bias=module.bias is not None, padding_mode=module.padding_mode,
+                    device="meta")
+        if layer.kind == "depthwise":
+            if shared_input:
+                raise FuseUnsupported(f"{name}: a depthwise conv reading the input image")
+            fused = nn.Conv2d(k * p_out, k * p_out, groups=k * p_out, **like)
+            maps = [{0: m * p_out + outs[m][0]} for m in range(k)]
+        elif shared_input:
+            if layer.groups > 1 and layer.kind == "grouped":
+                raise FuseUnsupported(f"{name}: a grouped conv reading the input image")
+            c_in = module.in_channels
+            fused = nn.Conv2d(c_in, k * p_out, groups=1, **like)
+            maps = [{0: m * p_out + outs[m][0], 1: np.arange(c_in)} for m in range(k)]
+        else:
+            groups = layer.groups if layer.kind == "grouped" else 1
+            ins = [self.axis(layer.inp, m) for m in range(k)]
+            p_in = ins[0][1]
+            if p_in % groups or p_out % groups:
+                raise FuseUnsupported(f"{name}: {groups} groups do not divide the padded widths")
+            per_group = p_in // groups
+            in_maps = []
+            for m in range(k):  # a member's columns: its channels of the first group, where they sit in a group
+                local = ins[m][0][:len(ins[m][0]) // groups]
+                if local.size and local.max() >= per_group:
+                    raise FuseUnsupported(f"{name}: a member's channels do not line up with the conv groups")
+                in_maps.append(local)
+            fused = nn.Conv2d(k * p_in, k * p_out, groups=k * groups, **like)
+            maps = [{0: m * p_out + outs[m][0], 1: in_maps[m]} for m in range(k)]
+        fused.weight = self.tensor(f"{name}.weight", tuple(fused.weight.shape), maps, True)
+        if module.bias is not None:
+            fused.bias = self.tensor(f"{name}.bias", (k * p_out,), [{0: mp[0]} for mp in maps], True)
+        return fused
+
+    def linear(self, name: str, module: nn.Linear) -> FusedLinear:
+        """The members' linear layers as one batched matmul."""
+        layer = self.graph.weights[name]
+        k = self.k
+        outs = [self.axis(layer.out, m) for m in range(k)]
+        ins = [self.axis(layer.inp, m) for m in range(k)]
+        p_out, p_in = outs[0][1], ins[0][1]
+        fused = FusedLinear(k, p_in, p_out, module.bias is not None, self.like)
+        fused.weight = self.tensor(f"{name}.weight", (k, p_out, p_in),
+                                   [{0: m * p_out + outs[m][0], 1: ins[m][0]} for m in range(k)], True,
+                                   index_shape=(k * p_out, p_in))
+        if module.bias is not None:
+            fused.bias = self.tensor(f"{name}.bias", (k, p_out), [{0: m * p_out + outs[m][0]} for m in range(k)],
+                                     True, index_shape=(k * p_out,))
+        return fused
+
+    def channel_tensors(self, owner: str, module: nn.Module, tensors) -> list[tuple[str, torch.Tensor]]:
+        """The fused per-channel tensors of ``owner`` (BN affine and statistics, layer scale...)."""
+        k = self.k
+        axes = [self.axis(tensors.segs, m) for m in range(k)]
+        p = axes[0][1]
+        out = []
+        for attr, axis in tensors.tensors.items():
+            value = getattr(module, attr)
+            if value is None:
+                continue
+            shape = list(value.shape)
+            shape[axis] = k * p
+            parameter = isinstance(value, nn.Parameter)
+            fused = self.tensor(f"{owner}.{attr}" if owner else attr, tuple(shape),
+                                [{axis: m * p + axes[m][0]} for m in range(k)], parameter)
+            out.append((attr, fused))
+        return out
+
+    def layer_norm_mask(self, segs) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.k
+        axes = [self.axis(segs, m) for m in range(k)]
+        p = axes[0][1]
+        mask = torch.zeros(k, p)
+        for m in range(k):
+            mask[m, torch.as_tensor(axes[m][0])] = 1.0
+        return mask, mask.sum(-1, keepdim=True)
+
+
+def fuse(base: nn.Module, table: LayerTable, keeps, members: list[nn.Module]) -> FusedNetwork:
+    """One :class:`FusedNetwork` for ``members`` (pruned from ``base`` by ``table`` with the keep vectors ``keeps``,
+    on one device, in the same mode); their current weights and statistics are copied in. Raises
+    :class:`FuseUnsupported` with the reason when the network cannot be fused."""
+    from nps.pipeline.network.trace import trace
+
+    if not members:
+        raise ValueError("fuse needs at least one member")
+    b = _Builder(base, table, keeps, members)
+    graph, k = b.graph, b.k
+    skeleton = members[0]
+    gm_source = trace(skeleton)
+    modules = dict(skeleton.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm_source.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for name, count in calls.items():
+        if count > 1 and name in graph.weights:
+            raise FuseUnsupported(f"{name}: a layer called {count} times")
+
+    new_modules: dict[str, nn.Module] = {}
+    fused_attrs: dict[str, torch.Tensor] = {}
+    shared: set[str] = set()  # nodes whose value is the same for every member (the input batch and what follows it)
+    fused_axis: dict[str, int] = {}  # nodes carrying the members: their fused axis
+    ln_masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def where(node) -> str:
+        return f"{node.target if node.op == 'call_module' else node.name}"
+
+    def arg_nodes(node):
+        out = []
+        for a in list(node.args) + list(node.kwargs.values()):
+            if isinstance(a, fx.Node):
+                out.append(a)
+            elif isinstance(a, (list, tuple)):
+                out.extend(x for x in a if isinstance(x, fx.Node))
+        return out
+
+    def ndim(node) -> int | None:
+        shape = node.meta.get("nps_shape")
+        return len(shape) if shape is not None else None
+
+    # shapes (batch 1, on the meta device), as the channel analysis records them
+    from nps.pipeline.network.trace import _meta_copy, _Shapes
+
+    meta_gm = fx.GraphModule(_meta_copy(skeleton).eval(), gm_source.graph)
+    with torch.no_grad():
+        _Shapes(meta_gm).run(torch.empty(1, table.in_channels, table.resolution, table.resolution, device="meta"))
+
+    for node in gm_source.graph.nodes:
+        ins = [a for a in arg_nodes(node)]
+        fused_in = [a for a in ins if a.name in fused_axis]
+        if node.op == "placeholder":
+            shared.add(node.name)
+            continue
+        if node.op == "output":
+            if not fused_in:
+                raise FuseUnsupported("the network's output does not depend on its layers")
+            continue
+        if node.op == "get_attr":
+            owner, _, attr = node.target.rpartition(".")
+            tensors = graph.channel_tensors.get(owner)
+            if tensors is not None and attr in tensors.tensors:
+                if node.target not in fused_attrs:
+                    for a, t in b.channel_tensors(owner, modules[owner], tensors):
+                        fused_attrs[f"{owner}.{a}"] = t
+                fused_axis[node.name] = tensors.tensors[attr]
+            else:
+                shared.add(node.name)
+            continue
+        if node.op == "call_module":
+            module = modules[node.target]
+            x = node.args[0] if node.args else None
+            x_fused = isinstance(x, fx.Node) and x.name in fused_axis
+            if isinstance(module, nn.Conv2d):
+                if not x_fused and not (isinstance(x, fx.Node) and x.name in shared):
+                    raise FuseUnsupported(f"{where(node)}: an input nps cannot place")
+                if x_fused and fused_axis[x.name] != 1:
+                    raise FuseUnsupported(f"{where(node)}: a conv reading a permuted tensor")
+                new_modules[node.target] = b.conv(node.target, module, shared_input=not x_fused)
+                fused_axis[node.name] = 1
+            elif isinstance(module, nn.Linear):
+                if not x_fused or fused_axis[x.name] != ndim(x) - 1:
+                    raise FuseUnsupported(f"{where(node)}: a linear layer not reading the fused last axis")
+                new_modules[node.target] = b.linear(node.target, module)
+                fused_axis[node.name] = fused_axis[x.name]
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if not x_fused or fused_axis[x.name] != 1:
+                    raise FuseUnsupported(f"{where(node)}: a BatchNorm not over the fused channels")
+                tensors = graph.channel_tensors[node.target]
+                axes = [b.axis(tensors.segs, m) for m in range(k)]
+                fused = type(module)(k * axes[0][1], eps=module.eps, momentum=module.momentum,
+                                     affine=module.affine, track_running_stats=module.track_running_stats,
+                                     device="meta")
+                for attr, t in b.channel_tensors(node.target, module, tensors):
+                    setattr(fused, attr, t)
+                if module.track_running_stats:
+                    fused.num_batches_tracked = module.num_batches_tracked.detach().clone()
+                fused.train(module.training)
+                new_modules[node.target] = fused
+                fused_axis[node.name] = 1
+            elif isinstance(module, nn.LayerNorm):
+                if not x_fused or fused_axis[x.name] != ndim(x) - 1 or len(module.normalized_shape) != 1:
+                    raise FuseUnsupported(f"{where(node)}: a LayerNorm not over the fused channels")
+                tensors = graph.channel_tensors[node.target]
+                mask, counts = b.layer_norm_mask(tensors.segs)
+                fused = FusedLayerNorm(module, mask, counts, b.like)
+                for attr, t in b.channel_tensors(node.target, module, tensors):
+                    setattr(fused, attr, t)
+                new_modules[node.target] = fused
+                fused_axis[node.name] = fused_axis[x.name]
+            elif isinstance(module, _ELEMENTWISE_MODULES + _SPATIAL_MODULES):
+                if x_fused:
+                    fused_axis[node.name] = fused_axis[x.name]
+                else:
+                    shared.add(node.name)
+            elif isinstance(module, nn.Flatten):
+                if x_fused:
+                    if fused_axis[x.name] != module.start_dim or module.end_dim != -1:
+                        raise FuseUnsupported(f"{where(node)}: a flatten that is not from the channels on")
+                    fused_axis[node.name] = module.start_dim
+                else:
+                    shared.add(node.name)
+            else:
+                raise FuseUnsupported(f"{where(node)}: {type(module).__name__} cannot be fused")
+            continue
+        # call_function / call_method
+        name = _target_name(node)
+        if not fused_in:
+            shared.add(node.name)
+            continue
+        activations = [a for a in fused_in if a.op != "get_attr"] or fused_in
+        axis = fused_axis[activations[0].name]  # (a per-channel parameter broadcasts against the activation)
+        if any(fused_axis[a.name] != axis for a in activations):
+            raise FuseUnsupported(f"{where(node)}: members' channels on different axes")
+        if name in _SHAPE_NAMES or name == "getattr":
+            continue  # sizes: the fused sizes are what the code asks for
+        if name in ("cat", "concat"):
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            tensors = node.args[0]
+            if any(t.name not in fused_axis for t in tensors):
+                raise FuseUnsupported(f"{where(node)}: a concat of member and shared tensors")
+            if dim % ndim(node) == axis:
+                node.target = member_cat
+                node.args = (tensors,)
+                node.kwargs = {"dim": dim, "k": k}
+            fused_axis[node.name] = axis
+        elif name == "layer_norm":
+            weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+            owner = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" \
+                else None
+            tensors = graph.channel_tensors.get(owner) if owner else None
+            if tensors is None or axis != ndim(node) - 1:
+                raise FuseUnsupported(f"{where(node)}: a layer norm nps cannot fuse")
+            ln_masks[node.name] = b.layer_norm_mask(tensors.segs)
+            fused_axis[node.name] = axis
+        elif name in _UNARY_NAMES or name in _BINARY_NAMES or name in _SPATIAL_NAMES:
+            for a in ins:  # a shared scalar is fine; a shared tensor would meet every member's channels
+                shape = a.meta.get("nps_shape")
+                if a.name in shared and a.op != "get_attr" and isinstance(shape, tuple) and math.prod(shape) > 1:
+                    raise FuseUnsupported(f"{where(node)}: an operation between member and shared tensors")
+            fused_axis[node.name] = axis
+        elif name == "flatten":
+            start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+            end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
+            if start != axis or end not in (-1, ndim(fused_in[0]) - 1):
+                raise FuseUnsupported(f"{where(node)}: a flatten that is not from the channels on")
+            fused_axis[node.name] = start
+        elif name in ("mean", "amax", "sum"):
+            dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+            n = ndim(fused_in[0])
+            dims = [d % n for d in dims]
+            if not dims or axis in dims:
+                raise FuseUnsupported(f"{where(node)}: a reduction over the channels")
+            fused_axis[node.name] = axis if keep else axis - sum(d < axis for d in dims)
+        elif name == "permute":
+            order = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) > 1 \
+                else node.kwargs.get("dims")
+            order = [o % ndim(fused_in[0]) for o in order]
+            fused_axis[node.name] = order.index(axis)
+        elif name in ("view", "reshape"):
+            shape = node.meta.get("nps_shape")
+            if axis != 1 or shape is None or len(shape) != 2:
+                raise FuseUnsupported(f"{where(node)}: a reshape of the channels")
+            fused_axis[node.name] = 1
+        elif name in ("contiguous", "to", "float", "clone", "detach", "type"):
+            fused_axis[node.name] = axis
+        else:
+            raise FuseUnsupported(f"{where(node)}: operation {name} on the members' channels")
+
+    output = next(n for n in gm_source.graph.nodes if n.op == "output")
+    out_node = output.args[0]
+    if not isinstance(out_node, fx.Node) or out_node.name not in fused_axis or fused_axis[out_node.name] != 1 \
+            or ndim(out_node) != 2:
+        raise FuseUnsupported("the network's output is not [batch, classes]")
+
+    # the fused module: the member's module tree with the fused layers and tensors in place
+    root = copy.deepcopy(skeleton)
+    for name, module in new_modules.items():
+        root.set_submodule(name, module)
+    for name, tensor in fused_attrs.items():
+        _set(root, name, tensor)
+    gm = fx.GraphModule(root, gm_source.graph)
+    for node in list(gm.graph.nodes):
+        if node.name in ln_masks:  # a functional layer norm: each member over its own channels
+            mask, counts = ln_masks[node.name]
+            mname, cname = f"_nps_ln_mask_{node.name}", f"_nps_ln_counts_{node.name}"
+            gm.register_buffer(mname, mask.to(b.like.device, b.like.dtype))
+            gm.register_buffer(cname, counts.to(b.like.device, b.like.dtype))
+            with gm.graph.inserting_before(node):
+                m_node = gm.graph.get_attr(mname)
+                c_node = gm.graph.get_attr(cname)
+            node.target = _functional_layer_norm
+            node.kwargs = {**node.kwargs, "ln_mask": m_node, "ln_counts": c_node}
+    gm.recompile()
+    gm.train(skeleton.training)
+    net = FusedNetwork(gm, k, b.params, members)
+    net.load_members()
+    return net
