@@ -46,6 +46,13 @@ RATIOS = "ratios"
 
 TOP_SUFFIX = "#top"  # the two-stage space of a space key
 
+WEIGHTS = "weights:"
+"""Prefix of a weight-pruning space's name (``weights:std-0.05``): its recipe is one sparsity per prunable layer
+(conv and linear weights, masked by magnitude), drawn on the weight table (``mode == "weights"``). Two weight spaces
+are one recipe each, not a distribution: ``weights:uniform`` (the same sparsity in every layer) and ``weights:global``
+(one magnitude threshold across layers, so it depends on the trained base weights); their ``n`` rows differ by seed."""
+DETERMINISTIC = ("uniform", "global")  # the weight spaces that are one recipe
+
 _STD_RE = re.compile(r"^std-(\d*\.?\d+)$")
 _MCB_RE = re.compile(r"^mcb-(\d*\.?\d+)-(\d*\.?\d+)$")
 
@@ -84,8 +91,19 @@ class Space:
     mcb_band: tuple | None = None
 
     @property
+    def pruning(self) -> str:
+        """``filters`` or ``weights``: what a recipe of this space prunes."""
+        return "weights" if self.name.startswith(WEIGHTS) else "filters"
+
+    @property
     def kind(self) -> str:
-        return self.name.split("-")[0]
+        """``uniform``, ``std``, ``mcb`` (or, for weights, ``global``), without the ``weights:`` prefix."""
+        return self.name.removeprefix(WEIGHTS).split("-")[0]
+
+    @property
+    def deterministic(self) -> bool:
+        """A weight space that is one recipe (``weights:uniform``, ``weights:global``), not a distribution."""
+        return self.pruning == "weights" and self.kind in DETERMINISTIC
 
     @property
     def key(self) -> str:
@@ -151,6 +169,11 @@ def parse_space_key(key: str) -> SpaceKey | None:
     return SpaceKey(m.group("space"), m.group("target"), value, bool(m.group("top")))
 
 
+def pruning_of(key: str) -> str:
+    """``weights`` for the key (or name) of a weight-pruning space, else ``filters``."""
+    return "weights" if key.startswith(WEIGHTS) else "filters"
+
+
 def parse_space(name: str, target: str, value: float, *, delta: float = DEFAULT_DELTA, R: float = DEFAULT_R,
                 sigma: float | None = None) -> Space:
     """Build a :class:`Space` from its name, checking every number; raises SamplerError naming the bad input."""
@@ -162,6 +185,16 @@ def parse_space(name: str, target: str, value: float, *, delta: float = DEFAULT_
         raise SamplerError(f"delta={delta}: the tolerance must be in (0, 0.5)")
     if not (0.0 < R < 1.0):
         raise SamplerError(f"R={R}: the largest pruning ratio must be in (0, 1)")
+    if name.startswith(WEIGHTS):
+        rest = name[len(WEIGHTS):]
+        if rest in DETERMINISTIC:
+            return Space(name, target, float(value), delta, R)
+        if not (_STD_RE.match(rest) or _MCB_RE.match(rest)):
+            raise SamplerError(f"space {name!r}: a weight space is weights:uniform, weights:global, "
+                               "weights:std-<sigma> or weights:mcb-<lo>-<hi>")
+        inner = parse_space(rest, target, value, delta=delta, R=R, sigma=sigma)
+        return Space(name, inner.target, inner.value, inner.delta, inner.R, inner.sigma, inner.std_band,
+                     inner.mcb_band)
     if name == "uniform":
         return Space(name, target, float(value), delta, R)
     m = _STD_RE.match(name)
@@ -178,7 +211,8 @@ def parse_space(name: str, target: str, value: float, *, delta: float = DEFAULT_
         s = MCB_SIGMA if sigma is None else float(sigma)
         return Space(name, target, float(value), delta, R, s, None, (lo, hi))
     raise SamplerError(f"space {name!r}: use 'uniform', 'std-<sigma>' (e.g. std-0.05) or 'mcb-<lo>-<hi>' "
-                       "(e.g. mcb-0.9-1.1)")
+                       "(e.g. mcb-0.9-1.1), or a weight space 'weights:<space>' (weights:global, weights:uniform, "
+                       "weights:std-0.05)")
 
 
 def target_form(table, target: str):
@@ -226,6 +260,8 @@ def uniform_baseline(table, target: str, value: float, R: float = DEFAULT_R) -> 
     table, _ = unit_table(table)
     (form, base), _ = target_form(table, target)
     c = np.asarray(table.channels, dtype=np.float64)
+    if c.sum() > _STEPS_MAX:  # a weight table: millions of steps; bisection on the ratio instead
+        return _uniform_by_bisection(form, base, table.channels, value, R)
     # count k of a group steps where (1 - r)·c = k - 1/2, i.e. at r = 1 - (k - 1/2)/c
     steps = np.concatenate([1.0 - (np.arange(1, int(ci) + 1) - 0.5) / ci for ci in c])
     edges = np.unique(np.clip(np.concatenate([[0.0, R], steps]), 0.0, R))
@@ -234,6 +270,33 @@ def uniform_baseline(table, target: str, value: float, R: float = DEFAULT_R) -> 
     achieved = form(keeps) / base
     best = int(np.argmin(np.abs(achieved - value)))
     return float(mids[best]), keeps[best], float(achieved[best])
+
+
+_STEPS_MAX = 200_000  # above this many count steps, uniform_baseline bisects instead of listing them
+
+
+def _uniform_by_bisection(form, base, channels, value: float, R: float) -> tuple[float, np.ndarray, float]:
+    """``uniform_baseline`` for tables with very many units (weights): the achieved complexity is monotone
+    non-increasing in the ratio, so bisect to the step where it crosses ``value`` and take the closer side."""
+    from nps.kernels.complexity import keep_from_recipe
+
+    def at(r: float):
+        keep = keep_from_recipe(np.full(len(channels), r), channels)
+        return keep, float(form(keep[None])[0]) / base
+
+    lo, hi = 0.0, float(R)
+    if at(hi)[1] >= value:
+        lo = hi
+    for _ in range(64):
+        if hi - lo < 1e-12:
+            break
+        mid = 0.5 * (lo + hi)
+        if at(mid)[1] >= value:
+            lo = mid
+        else:
+            hi = mid
+    (k_lo, a_lo), (k_hi, a_hi) = at(lo), at(hi)
+    return (lo, k_lo, a_lo) if abs(a_lo - value) <= abs(a_hi - value) else (hi, k_hi, a_hi)
 
 
 def reachable_range(table, target: str, R: float) -> tuple[float, float]:
@@ -263,6 +326,17 @@ def check_feasible(table, space: Space) -> None:
         if u > space.R:
             raise SamplerError(f"{space.target}={space.value:g} needs a uniform ratio of {u:.3f} > R={space.R}; "
                                "raise R")
+        if space.pruning == "weights" and space.sigma > 0:
+            # every one of G layers must stay below R: with u near R that is nearly never (a weight table has
+            # many layers and linear forms, so u is large where filters' would be small)
+            from math import erf, sqrt
+
+            p_all = (0.5 * (1.0 + erf((space.R - u) / (space.sigma * sqrt(2.0))))) ** len(table.channels)
+            if p_all < 1e-3:
+                raise SamplerError(f"{space.name} at {space.target}={space.value:g} is nearly empty: the uniform "
+                                   f"sparsity is {u:.3f} and all {len(table.channels)} layers must stay below "
+                                   f"R={space.R} (chance {p_all:.1e} per draw); raise R or the target, or use a "
+                                   "smaller sigma")
 
 
 def describe(space: Space) -> str:

@@ -17,7 +17,7 @@ from nps.pipeline.errors import environment_error, user_errors
 USER_ERRORS = user_errors()
 
 # Order here is the order `nps --help` lists them.
-COMMANDS = ["convert", "sample", "run", "status", "report", "export", "presets"]
+COMMANDS = ["convert", "sample", "run", "status", "report", "export", "latency", "table", "presets"]
 
 DESCRIPTION = """\
 nps - network pruning spaces.

@@ -264,8 +264,9 @@ def test_a_channel_reduction_is_refused_by_name():
 def test_host_cost_of_a_fused_step():
     """Aten ops dispatched by one training step of the engine's own code: 16 ResNet-20 members fused
     (FusedCohort) against one member alone (Cohort), at 8 px (tools/bench_cohort.py has every model)."""
-    from nps.pipeline.training.cohort import Cohort
     from tools_ops import count_ops
+
+    from nps.pipeline.training.cohort import Cohort
 
     table = build_layer_table("resnet20", "all", 8, 10, 3)
     torch.manual_seed(0)

@@ -126,7 +126,8 @@ def test_sample_examples(capsys, tmp_path, monkeypatch, index):
 # The session's tiny run of the demo preset (conftest.demo_run), read by run / status / report / export.
 
 
-TESTED = {"convert", "sample", "run", "status", "presets", "report", "export"}
+TESTED = {"convert", "sample", "run", "status", "presets", "report", "export",
+          "latency", "table"}  # these two run as written in test_onnx.py (the README's "Latency, tables and ONNX")
 
 
 @pytest.mark.fmnist

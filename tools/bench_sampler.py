@@ -9,7 +9,12 @@ constraint checked on integer channels, vectorised in numpy -- run in the same p
 after ours. The naive sampler gets at most --naive-proposals proposals (default 10 million) or --naive-seconds;
 when it finds nothing, naive_recipes_per_s is 0 and ratio is null. Both are pinned to one core.
 
-usage: python tools/bench_sampler.py [--model resnet50[,mobilenet_v2,...]] [--n 300000] [--quick]
+``--weights``: the same measurement on the weight table (magnitude weight pruning, one sparsity per conv/linear
+layer: :mod:`nps.pipeline.network.weight_table`), "mode": "weights" and the space named ``weights:<space>``;
+its defaults are std-0.05 at c_flops 0.1 and 0.25 (--spaces and --c-flops still choose), --modes is ignored.
+
+usage: python tools/bench_sampler.py [--model resnet50[,mobilenet_v2,...]] [--n 300000] [--quick] [--weights]
+       python tools/bench_sampler.py --weights --model resnet50,efficientnet_b0
 """
 from __future__ import annotations
 
@@ -21,13 +26,17 @@ import time
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from nps.kernels.defaults import DEFAULT_R  # noqa: E402
 from nps.kernels.errors import SamplerError  # noqa: E402
 from nps.kernels.samplers import sample_naive, sample_space  # noqa: E402
 from nps.kernels.spaces import parse_space  # noqa: E402
 from nps.pipeline.network.layer_table import build_layer_table  # noqa: E402
+from nps.pipeline.network.weight_table import build_weight_table  # noqa: E402
 
 SPACES = ["uniform", "std-0.01", "std-0.05", "std-0.1", "mcb-0.9-1.1"]
 TARGETS = [0.5, 0.25, 0.1, 0.05, 0.02]
+WEIGHT_SPACES = ["std-0.05"]
+WEIGHT_TARGETS = [0.1, 0.25]
 
 
 def main() -> None:
@@ -36,8 +45,13 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=224)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--modes", default="all,internal")
-    ap.add_argument("--spaces", default=",".join(SPACES))
-    ap.add_argument("--c-flops", default=",".join(map(str, TARGETS)))
+    ap.add_argument("--spaces", default=None, help=f"default {','.join(SPACES)} ({','.join(WEIGHT_SPACES)} with "
+                    "--weights)")
+    ap.add_argument("--c-flops", default=None, help=f"default {','.join(map(str, TARGETS))} "
+                    f"({','.join(map(str, WEIGHT_TARGETS))} with --weights)")
+    ap.add_argument("--weights", action="store_true", help="weight-pruning spaces on the weight table (one sparsity "
+                    "per conv/linear layer) instead of filter spaces")
+    ap.add_argument("--R", type=float, default=DEFAULT_R, help="largest pruning ratio of a group (or layer)")
     ap.add_argument("--n", type=int, default=300_000, help="recipes our sampler draws per line")
     ap.add_argument("--repeats", type=int, default=3, help="our sampler: best of this many runs (wall time of "
                     "the whole sample_space call: pilot, sampling, de-duplication, checks)")
@@ -46,12 +60,23 @@ def main() -> None:
     ap.add_argument("--naive-seconds", type=float, default=20.0)
     ap.add_argument("--quick", action="store_true", help="small n and budgets (a smoke run)")
     args = ap.parse_args()
+    if args.spaces is None:
+        args.spaces = ",".join(WEIGHT_SPACES if args.weights else SPACES)
+    if args.c_flops is None:
+        args.c_flops = ",".join(map(str, WEIGHT_TARGETS if args.weights else TARGETS))
     if args.quick:
         args.n, args.naive_proposals, args.naive_seconds, args.repeats = 2000, 200_000, 2.0, 1
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
     for model in args.model.split(","):
+        if args.weights:
+            table = build_weight_table(model, args.resolution, args.classes)
+            for name in args.spaces.split(","):
+                for value in map(float, args.c_flops.split(",")):
+                    print(json.dumps(measure(table, "weights:" + name.removeprefix("weights:"), value, args)),
+                          flush=True)
+            continue
         for mode in args.modes.split(","):
             table = build_layer_table(model, mode, args.resolution, args.classes)
             for name in args.spaces.split(","):
@@ -62,7 +87,9 @@ def main() -> None:
 def measure(table, name, value, args) -> dict:
     line = {"bench": "sampler", "model": table.model, "mode": table.mode, "space": name, "c_flops": value,
             "baseline": "numpy plain rejection of the same space (sample_naive), same core, same run"}
-    space = parse_space(name, "c_flops", value)
+    space = parse_space(name, "c_flops", value, R=args.R)
+    if space.R != DEFAULT_R:
+        line["R"] = space.R
     try:
         sample_space(table, space, 100, seed=1, max_seconds=args.max_seconds)  # compile, warm caches
         best = 0.0
@@ -72,6 +99,7 @@ def measure(table, name, value, args) -> dict:
             best = max(best, len(s) / (time.perf_counter() - t0))
         line["recipes_per_s"] = round(best)
         line["acceptance"] = round(s.stats["accepted"] / s.stats["proposals"], 5)
+        line["method"] = s.stats["method"]
         line["n"], line["repeats"] = len(s), args.repeats
     except SamplerError as exc:
         line["recipes_per_s"] = 0
@@ -93,7 +121,8 @@ def naive_rate(table, space, args):
     t0 = time.perf_counter()
     step = 1_000_000
     while used < args.naive_proposals and time.perf_counter() - t0 < args.naive_seconds and found < args.n:
-        s, u = sample_naive(table, space, args.n - found, seed=used, max_proposals=min(step, args.naive_proposals - used))
+        s, u = sample_naive(table, space, args.n - found, seed=used,
+                            max_proposals=min(step, args.naive_proposals - used))
         found += len(s)
         used += u
     return found, used, time.perf_counter() - t0

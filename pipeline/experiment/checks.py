@@ -51,6 +51,17 @@ def check_config(cfg):
     _choice(m.criterion, "model.criterion", tuple(CRITERIA))
     _need(m.channel_multiple >= 1, "model.channel_multiple", f"must be >= 1, got {m.channel_multiple}")
     _choice(m.flops, "model.flops", FLOPS_CONVENTIONS)
+    _choice(m.pruning, "model.pruning", ("filters", "weights"))
+    seen_refs = set()
+    for i, ref in enumerate(cfg.references):
+        _need(bool(ref.model), f"references[{i}].model", "name the reference network, e.g. timm:fbnetv3_b")
+        try:
+            model_kind(ref.model)
+        except NpsError as exc:
+            raise NpsError(f"references[{i}].model: {exc}") from None
+        _need(ref.model not in seen_refs, f"references[{i}].model", f"{ref.model} is already a reference")
+        _need(ref.epochs >= 0, f"references[{i}].epochs", f"must be >= 0 (0: base.epochs), got {ref.epochs}")
+        seen_refs.add(ref.model)
 
     if not m.checkpoint:
         _need(b.epochs >= 1, "base.epochs", f"must be >= 1 to train the base network (or set model.checkpoint), "

@@ -5,14 +5,16 @@ An experiment file has these tables (every key optional; ``dump(Config())`` prin
     [experiment]  name, description, seed, out, devices, ray
     [dataset]     dir (written by `nps convert`), workers, on_device, val_batch_size, augment, train_images,
                   val_images
-    [model]       name, checkpoint, resolution, mode, in_channels, num_classes, criterion
+    [model]       name, checkpoint, resolution, mode, in_channels, num_classes, criterion, pruning
     [base]        how nps trains the base network when model.checkpoint is empty
     [[spaces]]    name, c_flops or c_params (a number or a list: one space per value), delta, R, sigma, n,
                   max_seconds; ratios (a ratio space); criterion, retrain.method, retrain.epochs (overrides:
                   a list expands into one space each; see nps.pipeline.experiment.space_plan)
+    [[references]] model, epochs: networks trained like the base and shown beside the population (e.g. the
+                  smaller members of the base's family, to compare at equal FLOPs)
     [retrain]     method, epochs, lr, ..., batch_size, cohort_size, bn_images, eval_every_epoch, amp, compile
     [two_stage]   enabled, top_k, full_epochs
-    [output]      keep_weights, top_k
+    [output]      keep_weights, top_k, latency
 
 Relative paths (``experiment.out``, ``dataset.dir``, ``model.checkpoint``) are relative to the current directory,
 like every other path given to ``nps``.
@@ -93,6 +95,8 @@ class ModelConfig:
     criterion: str = _f("l2", "filter importance: l2 (the paper), l1, fpgm, random")
     channel_multiple: int = _f(1, "keep channel counts in multiples of this where the width allows (8: tensor cores)")
     flops: str = _f("macs", "FLOPs convention: macs (conv+linear multiply-accumulates) or paper (ptflops' count)")
+    pruning: str = _f("filters", "what a space prunes unless its name says (weights:<space>): filters (channels, "
+                                 "the paper) or weights (unstructured, by magnitude, masks held while fine-tuning)")
 
 
 @dataclass
@@ -160,6 +164,14 @@ class TwoStageConfig:
 class OutputConfig:
     keep_weights: str = _f("topk", "fine-tuned weights kept as weights/<space>/<row>.pt: all, topk or none")
     top_k: int = _f(5, "with keep_weights = 'topk': rows kept per space")
+    latency: bool = _f(False, "at the end of the run, time every finished row and the base network (nps latency)")
+
+
+@dataclass
+class ReferenceConfig:
+    model: str = _f("", "a reference network trained like the base ([base]) and evaluated beside the population, "
+                        "e.g. timm:fbnetv3_b (a smaller member of the base's family)")
+    epochs: int = _f(0, "its training epochs (0: base.epochs)")
 
 
 @dataclass
@@ -169,6 +181,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     spaces: list[SpaceConfig] = field(default_factory=list)
+    references: list[ReferenceConfig] = field(default_factory=list)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -180,7 +193,7 @@ RUNTIME_KEYS = frozenset({
     "experiment.out", "experiment.devices", "experiment.ray", "experiment.description", "dataset.dir",
     "dataset.workers",
     "dataset.on_device", "retrain.cohort_size", "retrain.compile", "retrain.fuse", "retrain.fuse_max_waste",
-    "output.keep_weights", "output.top_k",
+    "output.keep_weights", "output.top_k", "output.latency",
 })
 
 PRESETS_DIR = "presets"  # inside the nps.pipeline.experiment package (pyproject: package-data)
@@ -259,9 +272,10 @@ def config_from_dict(data: dict) -> Config:
     for section, value in data.items():
         if section not in SECTIONS:
             raise NpsError(f"{section}: unknown table{_suggest(section, SECTIONS)}")
-        if section == "spaces":
+        if section in ("spaces", "references"):
             items = value if isinstance(value, list) else [value]
-            kwargs["spaces"] = [_build(SpaceConfig, item, f"spaces[{i}]") for i, item in enumerate(items)]
+            cls = SpaceConfig if section == "spaces" else ReferenceConfig
+            kwargs[section] = [_build(cls, item, f"{section}[{i}]") for i, item in enumerate(items)]
         else:
             kwargs[section] = _build(typing.get_type_hints(Config)[section], value, section)
     return Config(**kwargs)

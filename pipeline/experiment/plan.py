@@ -31,6 +31,13 @@ class Plan:
     checkpoint: str  # "" or a path to load the base weights from
     results_path: str
     base_path: str
+    weight_table: Any = None  # the weight table (pipeline.network.weight_table) when a space prunes weights
+
+    def table_for(self, key: str):
+        """The table a space's keep vectors count in: the weight table for a weight space, else the layer table."""
+        from nps.kernels.spaces import pruning_of
+
+        return self.weight_table if pruning_of(key) == "weights" else self.table
 
 
 def default_resolution(meta: dict) -> int:
@@ -82,11 +89,16 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
         raise NpsError(f"model.name: {m.name}: {exc}") from None
 
     spaces = expand_spaces(cfg)
+    weight_table = None
+    if any(p.kind == "sampled" and p.space.pruning == "weights" for p in spaces):
+        from nps.pipeline.network.weight_table import build_weight_table
+
+        weight_table = build_weight_table(m.name, resolution, num_classes, in_channels, flops=m.flops)
     for p in spaces:
         if p.kind != "sampled":
             continue
         try:
-            check_feasible(table, p.space)
+            check_feasible(weight_table if p.space.pruning == "weights" else table, p.space)
         except SamplerError as exc:
             raise NpsError(f"spaces[{p.index}].{p.target}: {exc}") from None
 
@@ -107,7 +119,7 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
     preflight.check_memory(cfg, num_classes, in_channels, resolution, devices or [])
     preflight.check_output_dir(out)
     plan = Plan(cfg, meta, table, resolution, in_channels, num_classes, spaces, checkpoint,
-                os.path.join(out, "results.h5"), base_path)
+                os.path.join(out, "results.h5"), base_path, weight_table)
     preflight.check_disk(plan, _done_rows(plan.results_path))
     return plan
 

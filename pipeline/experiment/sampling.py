@@ -105,3 +105,36 @@ def ratio_rows(table, key: str, ratios, n: int, seed: int) -> tuple[dict, dict]:
     attrs = {"space": RATIOS, "ratios": np.asarray(ratios, dtype=np.float64), "seed": int(seed),
              "description": f"uniform ratios {', '.join(f'{r:g}' for r in ratios)}, {n} row(s) each"}
     return rows, attrs
+
+
+def fixed_rows(table, space: Space, keep, n: int, seed: int, description: str) -> tuple[dict, dict]:
+    """(rows, attrs) of a space that is one recipe (``weights:uniform``, ``weights:global``): ``n`` rows of the same
+    ``keep`` vector, each with its own seed (the data order of its fine-tuning)."""
+    keep = np.repeat(np.asarray(keep, dtype=np.int64)[None, :], n, axis=0)
+    flops, params = table.flops_of(keep), table.params_of(keep)
+    c_flops, c_params = flops / table.base_flops, params / table.base_params
+    recipe = 1.0 - keep / np.asarray(table.channels, dtype=np.float64)
+    rows = {"recipe": recipe.astype(np.float32), "keep": keep.astype(np.int32), "flops": flops.astype(np.int64),
+            "params": params.astype(np.int64), "c_flops": c_flops.astype(np.float32),
+            "c_params": c_params.astype(np.float32), "mcb": (c_flops / c_params).astype(np.float32),
+            "std": recipe.std(axis=1).astype(np.float32), "seed": row_seeds(seed, space.key, n)}
+    achieved = float((c_flops if space.target == "c_flops" else c_params)[0])
+    attrs = space_attrs(space, seed)
+    attrs.update(achieved=achieved, within_delta=bool(abs(achieved - space.value) <= space.delta),
+                 description=f"{description}: {space.target} {achieved:.4f}")
+    return rows, attrs
+
+
+def weight_uniform_rows(table, space: Space, n: int, seed: int) -> tuple[dict, dict]:
+    """``weights:uniform``: the same sparsity in every prunable layer, the one whose counts come closest to the
+    target."""
+    ratio, units, _ = uniform_baseline(table, space.target, space.value, space.R)
+    return fixed_rows(table, space, units, n, seed, f"uniform sparsity {ratio:.4f} in every layer")
+
+
+def weight_global_rows(table, space: Space, n: int, seed: int, model) -> tuple[dict, dict]:
+    """``weights:global``: one magnitude threshold across every prunable layer of the trained base ``model``."""
+    from nps.pipeline.network.weight_table import global_keep
+
+    keep = global_keep(model, table, space.target, space.value, space.delta)
+    return fixed_rows(table, space, keep, n, seed, "one magnitude threshold across layers")

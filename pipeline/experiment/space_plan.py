@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from nps.kernels.spaces import RATIOS
+from nps.kernels.spaces import RATIOS, WEIGHTS
 from nps.pipeline.errors import NpsError
 from nps.pipeline.training.spec import SpaceSpec
 
@@ -105,9 +105,12 @@ def expand(cfg) -> list[PlannedSpace]:
                                                 overrides=overrides))
                         continue
                     target = "c_flops" if s.c_flops else "c_params"
+                    space_name = s.name
+                    if cfg.model.pruning == "weights" and not space_name.startswith(WEIGHTS):
+                        space_name, name = WEIGHTS + space_name, WEIGHTS + name
                     for value in getattr(s, target):
                         try:
-                            space = parse_space(s.name, target, value, delta=s.delta, R=s.R, sigma=s.sigma or None)
+                            space = parse_space(space_name, target, value, delta=s.delta, R=s.R, sigma=s.sigma or None)
                         except SamplerError as exc:
                             raise NpsError(f"{key}.name: {exc}") from None
                         out.append(PlannedSpace(i, space_key(name, target, value), "sampled", spec, s.n, space,
@@ -122,8 +125,8 @@ def baselines(planned: list[PlannedSpace], spec: SpaceSpec) -> list[PlannedSpace
     from nps.kernels.spaces import BASELINE, space_key
 
     seen: dict[tuple, PlannedSpace] = {}
-    for p in planned:
-        if p.kind == "sampled" and (p.target, p.value) not in seen:
+    for p in planned:  # weight spaces have their own uniform recipe: weights:uniform
+        if p.kind == "sampled" and p.space.pruning == "filters" and (p.target, p.value) not in seen:
             seen[(p.target, p.value)] = p
     return [PlannedSpace(p.index, space_key(BASELINE, p.target, p.value), "baseline", spec, 1, target=p.target,
                          value=p.value, delta=p.delta, R=p.R) for p in seen.values()]
@@ -152,6 +155,8 @@ def check(cfg) -> list[PlannedSpace]:
             need(len(set(values)) == len(values), f"{key}.{name}", "a value is repeated")
         need(s.n >= 1, f"{key}.n", f"must be >= 1, got {s.n}")
         if s.name == RATIOS:
+            need(cfg.model.pruning == "filters", f"{key}.name", "a ratio space prunes filters: model.pruning = "
+                                                                "'weights' has no ratio spaces")
             need(bool(s.ratios), f"{key}.ratios", "a ratio space needs its uniform ratios, e.g. [0.25, 0.5, 0.75]")
             need(not s.c_flops and not s.c_params, f"{key}.c_flops",
                  "a ratio space has no target: its rows are the uniform ratios in `ratios`")
@@ -179,6 +184,11 @@ def check(cfg) -> list[PlannedSpace]:
     seen: dict[str, str] = {}
     for p in planned:
         key = f"spaces[{p.index}]"
+        if p.kind == "sampled" and p.space.deterministic:
+            seeded = p.spec.criterion in SEEDED_CRITERIA or p.spec.retrain.method in SEEDED_METHODS
+            need(p.n == 1 or seeded, f"{key}.n",
+                 f"{p.space.name} is one recipe: {p.n} rows would be identical (same masks, same data order, no "
+                 "per-row randomness); set n = 1")
         if p.kind != "baseline":
             need(p.key not in seen, key, f"{p.key} is already given by {seen.get(p.key)}")
         seen[p.key] = key

@@ -50,9 +50,9 @@ def dump(cfg: Config, *, comments: bool = False) -> str:
     out: list[str] = []
     for section in SECTIONS:
         value = getattr(cfg, section)
-        if section == "spaces":
-            for space in value:
-                out += ["[[spaces]]", *_table_lines(space, comments), ""]
+        if section in ("spaces", "references"):
+            for item in value:
+                out += [f"[[{section}]]", *_table_lines(item, comments), ""]
         else:
             out += [f"[{section}]", *_table_lines(value, comments), ""]
     return "\n".join(out)
@@ -63,9 +63,9 @@ def flatten(cfg: Config) -> dict[str, Any]:
     flat = {}
     for section in SECTIONS:
         value = getattr(cfg, section)
-        if section == "spaces":
-            flat["spaces.count"] = len(value)
-            items = [(f"spaces[{i}]", s) for i, s in enumerate(value)]
+        if section in ("spaces", "references"):
+            flat[f"{section}.count"] = len(value)
+            items = [(f"{section}[{i}]", s) for i, s in enumerate(value)]
         else:
             items = [(section, value)]
         for prefix, obj in items:

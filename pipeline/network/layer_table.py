@@ -200,6 +200,9 @@ def _paper_terms(graph: ChannelGraph, flops: _FormBuilder, combo) -> None:
 class LayerTable:
     """Prunable channel groups of one base network and its FLOPs/params as functions of the kept channels.
 
+    A **weight table** (``mode == "weights"``, :mod:`nps.pipeline.network.weight_table`) is the same structure for
+    weight pruning: one "group" per prunable layer, ``channels`` its number of weights, linear forms.
+
     ``flops`` and ``params`` are forms over unit counts ``keep / granularity`` (see the module docstring); use
     :meth:`flops_of` / :meth:`params_of` for kept-channel counts. ``keep`` arguments are kept-channel counts, one
     per group: shape (G,) or (n, G).
@@ -252,13 +255,14 @@ class LayerTable:
         if keep.ndim not in (1, 2) or keep.shape[-1] != len(self):
             raise NpsError(f"a keep vector for {self.model} ({self.mode}) needs {len(self)} counts, "
                            f"got shape {keep.shape}")
+        what = ("weights", "layer") if self.mode == "weights" else ("channels", "group")
         if keep.dtype.kind not in "iu" and not np.all(np.asarray(keep, dtype=np.float64) % 1 == 0):
-            raise NpsError("kept-channel counts must be integers")
+            raise NpsError(f"kept-{what[0][:-1]} counts must be integers")
         keep = keep.astype(np.int64)
         bad = (keep < 1) | (keep > self.channels)
         if np.any(bad):
             group = int(np.nonzero(bad.reshape(-1, len(self)).any(axis=0))[0][0])
-            raise NpsError(f"kept channels of group {self.names[group]!r} must lie in "
+            raise NpsError(f"kept {what[0]} of {what[1]} {self.names[group]!r} must lie in "
                            f"[1, {self.channels[group]}]")
         off = keep % self.granularity != 0
         if np.any(off):
@@ -299,6 +303,9 @@ class LayerTable:
     def describe(self) -> str:
         """One line: model, mode, resolution, groups and the FLOPs convention."""
         extra = f", channel multiple {self.channel_multiple}" if self.channel_multiple > 1 else ""
+        if self.mode == "weights":
+            return (f"{self.model} (weight pruning, {self.resolution} px, {len(self)} layers; FLOPs: "
+                    f"{'conv+linear MACs' if self.flops_convention == 'macs' else 'ptflops (paper)'})")
         return (f"{self.model} ({self.mode}, {self.resolution} px, {len(self)} groups{extra}; FLOPs: "
                 f"{'conv+linear MACs' if self.flops_convention == 'macs' else 'ptflops (paper)'})")
 

@@ -173,6 +173,21 @@ def export_subnetwork(results_path: str | os.PathLike, space: str, out: str | os
     kept. Returns the export's metadata (everything but the state_dict) plus ``note`` (non-empty when a better
     row had no weights) and ``out``.
     """
+    ckpt, note = subnetwork_checkpoint(results_path, space, row=row, best=best)
+    return export_info(ckpt, note, save_atomic(ckpt, out))
+
+
+def export_info(ckpt: dict, note: str = "", out: str | os.PathLike | None = None) -> dict:
+    """An export's metadata (everything but the state_dict), its ``note`` and where it was written (``out``)."""
+    info = {k: ckpt[k] for k in _META_KEYS}
+    info.update(note=note, out=None if out is None else str(out))
+    return info
+
+
+def subnetwork_checkpoint(results_path: str | os.PathLike, space: str, *, row: int | None = None,
+                          best: bool = False) -> tuple[dict, str]:
+    """The export of one trained row as a dict (state_dict included, nothing written) and the note of
+    :func:`export_subnetwork`."""
     from nps.pipeline.network.layer_table import LayerTable
     from nps.pipeline.results.reader import DONE, STATUS_NAMES, open_readonly
 
@@ -184,9 +199,9 @@ def export_subnetwork(results_path: str | os.PathLike, space: str, out: str | os
                                    "mcb", "flops", "params"])
         attrs = reader.attrs
         try:
-            table = LayerTable.from_hdf5(reader.layers)
+            table = LayerTable.from_hdf5(reader.table_group(space))
         except Exception as error:
-            raise NpsError(f"{results_path}: no usable layer table in /layers ({error}); cannot rebuild the "
+            raise NpsError(f"{results_path}: no usable layer table for {space} ({error}); cannot rebuild the "
                            "architecture") from None
     n = len(cols["status"])
     note = ""
@@ -228,10 +243,7 @@ def export_subnetwork(results_path: str | os.PathLike, space: str, out: str | os
         raise NpsError(f"{weights_path(results_path, space, row)} does not fit row {row} of {space!r} (keep "
                        f"{ckpt['keep']}): {' '.join(first[:2])}") from None
     ckpt["state_dict"] = model.state_dict()
-    out = save_atomic(ckpt, out)
-    info = {k: ckpt[k] for k in _META_KEYS}
-    info.update(note=note, out=str(out))
-    return info
+    return ckpt, note
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -264,10 +276,17 @@ def build_subnetwork(ckpt: dict):
     from nps.pipeline.network.models import build_model
     from nps.pipeline.network.prune import prune_model
 
+    base = build_model(ckpt["model"], num_classes=int(ckpt["num_classes"]), in_channels=int(ckpt["in_channels"]))
+    if ckpt["mode"] == "weights":  # weight pruning: the base's shapes, a mask on every prunable layer
+        from nps.pipeline.network.masks import masked_skeleton
+        from nps.pipeline.network.weight_table import build_weight_table
+
+        wtable = build_weight_table(ckpt["model"], int(ckpt["resolution"]), int(ckpt["num_classes"]),
+                                    int(ckpt["in_channels"]), flops=str(ckpt.get("flops_convention", "macs")))
+        return masked_skeleton(base, wtable)
     table = build_layer_table(ckpt["model"], ckpt["mode"], int(ckpt["resolution"]), int(ckpt["num_classes"]),
                               int(ckpt["in_channels"]), flops=str(ckpt.get("flops_convention", "macs")),
                               channel_multiple=int(ckpt.get("channel_multiple", 1)))
-    base = build_model(ckpt["model"], num_classes=int(ckpt["num_classes"]), in_channels=int(ckpt["in_channels"]))
     return prune_model(base, table, np.asarray(ckpt["keep"], dtype=np.int64))
 
 
@@ -278,6 +297,9 @@ def load_subnetwork(path: str | os.PathLike, device: str = "cpu"):
 
         from nps.pipeline import load_subnetwork
         model = load_subnetwork("winner.pt")      # e.g. resnet56 pruned to c_flops 0.25, trained weights
+
+    A weight-pruned export loads as the base architecture with plain weights, the pruned ones exactly 0.0 (its
+    file holds ``<layer>.weight_orig`` and ``<layer>.weight_mask``: the weights and the masks).
     """
     ckpt = read_subnetwork(path)
     model = build_subnetwork(ckpt)
@@ -286,4 +308,8 @@ def load_subnetwork(path: str | os.PathLike, device: str = "cpu"):
     except RuntimeError as error:
         raise NpsError(f"{path}: its weights do not fit its own keep counts ({str(error).splitlines()[0]}); "
                        "re-export it") from None
+    if ckpt["mode"] == "weights":  # plain weights with the pruned ones at 0.0 (the file keeps the masks too)
+        from nps.pipeline.network.masks import make_permanent
+
+        make_permanent(model)
     return model.to(device).eval()

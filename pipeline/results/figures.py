@@ -174,33 +174,58 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
 
     ax = fig.add_subplot(gs[3, :])
-    names = (summary.get("model") or {}).get("groups")
-    G = len(spaces[0]["winner"]["recipe"])
-    names = names if names and len(names) == G else [str(i) for i in range(G)]
-    width = 0.8 / len(spaces)
-    x = np.arange(G)
-    for i, s in enumerate(spaces):
+    _winning_recipes(ax, summary, spaces, uni, colors)
+    fig.savefig(path, dpi=100)
+
+
+def _winning_recipes(ax, summary: dict, spaces: list[dict], uni: dict | None, colors: dict) -> None:
+    """The winning recipe of each space: a filter space's ratios per group (bars, or lines for many groups); a
+    weight space's sparsity per prunable layer (lines, on the top axis when filter spaces share the panel)."""
+    from nps.kernels.spaces import pruning_of
+
+    filters = [s for s in spaces if pruning_of(s["space"]) == "filters"]
+    weights = [s for s in spaces if pruning_of(s["space"]) == "weights"]
+
+    def label(s: dict) -> str:
         w = s["winner"]
-        label = (f"{s['space']}: row {w['row']}, drop {w['acc_drop']:.2f}, std(r) {w['std']:.3f}, "
-                 f"mCB {w['mcb']:.3f}")
-        if G <= _MAX_BARS:
-            ax.bar(x - 0.4 + width * (i + 0.5), np.asarray(w["recipe"], float), width, color=colors[s["space"]],
-                   label=label)
-        else:  # many groups: one line per space reads better than bars a pixel wide
-            ax.plot(x, np.asarray(w["recipe"], float), marker="o", markersize=2.5, linewidth=1.0,
-                    color=colors[s["space"]], label=label)
-    if uni:
-        ax.axhline(uni["ratio"], color=_UNIFORM, linestyle="--", linewidth=1.6,
-                   label=f"uniform ratio meeting the target ({uni['ratio']:.3f})")
-    _group_ticks(ax, names)
-    ax.set_xlim(-0.6, G - 0.4)
+        return f"{s['space']}: row {w['row']}, drop {w['acc_drop']:.2f}, std(r) {w['std']:.3f}, mCB {w['mcb']:.3f}"
+
+    if filters:
+        names = (summary.get("model") or {}).get("groups")
+        G = len(filters[0]["winner"]["recipe"])
+        names = names if names and len(names) == G else [str(i) for i in range(G)]
+        width = 0.8 / len(filters)
+        x = np.arange(G)
+        for i, s in enumerate(filters):
+            recipe = np.asarray(s["winner"]["recipe"], float)
+            if G <= _MAX_BARS:
+                ax.bar(x - 0.4 + width * (i + 0.5), recipe, width, color=colors[s["space"]], label=label(s))
+            else:  # many groups: one line per space reads better than bars a pixel wide
+                ax.plot(x, recipe, marker="o", markersize=2.5, linewidth=1.0, color=colors[s["space"]],
+                        label=label(s))
+        if uni:
+            ax.axhline(uni["ratio"], color=_UNIFORM, linestyle="--", linewidth=1.6,
+                       label=f"uniform ratio meeting the target ({uni['ratio']:.3f})")
+        _group_ticks(ax, names)
+        ax.set_xlim(-0.6, G - 0.4)
+        ax.set_ylabel("pruning ratio r of the group")
+    handles, labels = ax.get_legend_handles_labels()
+    if weights:
+        wax = ax.twiny() if filters else ax
+        for s in weights:
+            recipe = np.asarray(s["winner"]["recipe"], float)
+            line, = wax.plot(np.arange(recipe.size), recipe, marker=".", markersize=3, linewidth=1.0,
+                             linestyle="-" if not filters else ":", color=colors[s["space"]], label=label(s))
+            handles.append(line)
+            labels.append(label(s))
+        wax.set_xlabel("prunable layer (weight spaces: the layer's sparsity)")
+        if not filters:
+            ax.set_ylabel("sparsity of the layer")
     ax.set_ylim(0, 1.3)  # room for the legend above the bars (ratios are at most R < 1)
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_title("Winning recipe of each space")
-    ax.set_ylabel("pruning ratio r of the group")
-    ax.legend(fontsize=8, loc="upper left", ncols=1 if len(spaces) < 3 else 2)
+    ax.legend(handles, labels, fontsize=8, loc="upper left", ncols=1 if len(spaces) < 3 else 2)
     ax.grid(alpha=0.3, axis="y")
-    fig.savefig(path, dpi=100)
 
 
 def baseline_ratio(baseline: dict) -> float:

@@ -45,6 +45,8 @@ RESULT_FIELDS: dict[str, str] = {
     "train_s": "f4",
     "error": f"S{ERROR_BYTES}",
 }
+WEIGHT_LAYERS = "weight_layers"  # the weight table of weight-pruning spaces (LayerTable with mode "weights")
+REFERENCES = "references"  # /references/<model>: the attrs of a reference network trained beside the population
 ROOT_ATTRS = ("base_top1", "base_top5", "base_flops", "base_params", "dataset_fingerprint")
 
 
@@ -86,6 +88,28 @@ class _ResultsFile:
     def layers(self) -> h5py.Group:
         """The ``/layers`` group, for ``LayerTable.from_hdf5``."""
         return self._file["layers"]
+
+    @property
+    def weight_layers(self) -> h5py.Group | None:
+        """The ``/weight_layers`` group (weight-pruning spaces), or None."""
+        return self._file[WEIGHT_LAYERS] if WEIGHT_LAYERS in self._file else None
+
+    def table_group(self, space: str) -> h5py.Group:
+        """The table group a space's keep vectors count in: ``/weight_layers`` for a weight space, else
+        ``/layers``."""
+        from nps.kernels.spaces import pruning_of
+
+        if pruning_of(space) == "weights":
+            if self.weight_layers is None:
+                raise NpsError(f"{self.path}: space {space} prunes weights but the file has no /{WEIGHT_LAYERS}")
+            return self.weight_layers
+        return self.layers
+
+    def references(self) -> dict[str, dict[str, Any]]:
+        """``{model: attrs}`` of the reference networks trained so far (top1, top5, flops, params, train_s, ...)."""
+        if REFERENCES not in self._file:
+            return {}
+        return {name: {k: _decode_attr(v) for k, v in g.attrs.items()} for name, g in self._file[REFERENCES].items()}
 
     def model_info(self) -> tuple[str, int]:
         """(model name, resolution) as ``/layers`` records them."""

@@ -27,7 +27,11 @@ from nps.pipeline import __version__ as NPS_VERSION
 from nps.pipeline.errors import NpsError, environment_error
 from nps.pipeline.results.analysis import Population, regime_key, summarize
 from nps.pipeline.results.figures import render
+from nps.pipeline.results.latency_figures import latency_summary, render_latency
 from nps.pipeline.results.reader import DONE, FAILED, PENDING, RUNNING, open_readonly
+from nps.pipeline.results.reference_figures import render_references
+from nps.pipeline.results.references import compare as compare_references
+from nps.pipeline.results.references import cost as reference_cost
 from nps.pipeline.results.report_html import render_html
 from nps.pipeline.results.stats import DEFAULT_BAND, DEFAULT_BOOTSTRAP, DEFAULT_EDF_POINTS
 
@@ -152,6 +156,9 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
         groups = reader.spaces()
         pops = [read_population(reader, g) for g in groups]
         table = _layer_table(reader)
+        latency = latency_summary(reader, pops, attrs.get("base_top1", math.nan))
+        references = reader.references()
+        costs = reference_cost(reader, attrs)
     notes = []
     uniform, curve = _uniform(table, pops, notes)
     summary = summarize(pops, k=k, n_boot=n_boot, seed=seed, edf_points=edf_points, band=band, uniform=uniform)
@@ -183,8 +190,11 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
     summary.update({
         "format": FORMAT, "nps_version": NPS_VERSION, "results": os.path.abspath(os.fspath(results)),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": model, "uniform_curve": curve, "notes": notes,
+        "model": model, "uniform_curve": curve, "notes": notes, "latency": latency,
         "base": {name: attrs.get(f"base_{name}") for name in ("top1", "top5", "flops", "params")},
+        "references": compare_references(references, pops, summary["regimes"], float(base_top1), n_boot=n_boot,
+                                         seed=seed, band=band),
+        "cost": costs,
     })
     return _json_ready(summary)
 
@@ -228,6 +238,8 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike, *, k: i
     try:
         summary = build_summary(results, k=k, n_boot=n_boot, seed=seed, edf_points=edf_points)
         summary["figures"] = render(summary, tmp)
+        summary["figures"].update(render_latency(summary, tmp))
+        summary["figures"].update(render_references(summary, tmp))
         with open(tmp / "summary.json", "w") as fh:
             json.dump(summary, fh, indent=1, allow_nan=False)
             fh.write("\n")

@@ -64,10 +64,12 @@ from nps.pipeline.results.reader import (  # noqa: F401 - the status codes and o
     FAILED,
     PENDING,
     RECIPE_FIELDS,
+    REFERENCES,
     RESULT_FIELDS,
     ROOT_ATTRS,
     RUNNING,
     STATUS_NAMES,
+    WEIGHT_LAYERS,
     ResultsReader,
     _encode_error,
     _ResultsFile,
@@ -151,8 +153,10 @@ class ResultsStore(_ResultsFile):
         attrs: Mapping[str, Any] | None = None,
         *,
         overwrite: bool = False,
+        weight_table: Any = None,
     ) -> "ResultsStore":
-        """Create a results file: root attrs, ``/layers`` (via ``layer_table.to_hdf5(group)``), empty ``/spaces``.
+        """Create a results file: root attrs, ``/layers`` (via ``layer_table.to_hdf5(group)``), ``/weight_layers``
+        (the weight table, when a space prunes weights), empty ``/spaces``.
 
         ``attrs`` gives ``base_top1``, ``base_top5``, ``base_flops``, ``base_params``, ``dataset_fingerprint``
         (missing ones are stored as NaN / empty) and any extra root attributes.
@@ -176,6 +180,8 @@ class ResultsStore(_ResultsFile):
             layers = f.create_group("layers")
             if layer_table is not None:
                 layer_table.to_hdf5(layers)
+            if weight_table is not None:
+                weight_table.to_hdf5(f.create_group(WEIGHT_LAYERS))
             f.create_group("spaces")
             f.flush()
         except BaseException:
@@ -268,6 +274,13 @@ class ResultsStore(_ResultsFile):
         with self._restructure() as f:
             for key, value in attrs.items():
                 f.attrs[key] = value
+
+    def set_reference(self, name: str, **attrs: Any) -> None:
+        """Record a reference network's metrics as ``/references/<name>`` attrs (replacing earlier ones)."""
+        with self._restructure() as f:
+            group = f.require_group(REFERENCES).require_group(name.replace("/", "|"))
+            for key, value in attrs.items():
+                group.attrs[key] = value
 
     # -- rows ----------------------------------------------------------------------------------------------------
 

@@ -79,7 +79,7 @@ def _check_config_model(cfg: dict, ckpt: dict) -> None:
     for key, ours in (("name", ckpt["model"]), ("mode", ckpt["mode"]), ("resolution", ckpt["resolution"]),
                       ("in_channels", ckpt["in_channels"]), ("num_classes", ckpt["num_classes"])):
         value = model.get(key)
-        if value in (None, 0, ""):
+        if value in (None, 0, "") or (key == "mode" and ours == "weights"):  # a weight space has no channel mode
             continue
         if value != ours:
             raise NpsError(f"the export's config says [model] {key} = {value!r} but its layer table says "
@@ -104,6 +104,32 @@ class _EvalLoader:
                 x, y = x[:cut], y[:cut]
             self.images += int(y.shape[0])
             yield (x.contiguous() if self.contiguous else x), y
+
+
+def val_split(ckpt: dict, *, data_dir=None, device="cpu", batch_size: int | None = None, val_loader=None,
+              where: str = "export") -> tuple[_EvalLoader, Path | None]:
+    """The val batches the run evaluated a subnetwork on (its config's dataset, ``val_images``,
+    ``val_batch_size`` and ``on_device``; ``batch_size`` overrides the batch size, ``val_loader`` the loader) and
+    the dataset directory (None with ``val_loader``), after checking the config against ``ckpt`` (an export's
+    fields) and the dataset against its fingerprint."""
+    import torch
+
+    cfg = _parse_config(ckpt.get("config", ""), where)
+    _check_config_model(cfg, ckpt)
+    dataset = _config_section(cfg, "dataset")
+    dev = torch.device(device)
+    data = None
+    if val_loader is None:
+        from nps.datasets.loaders import make_loaders
+
+        data = dataset_dir(ckpt, data_dir)
+        check_dataset_of(ckpt, data, given=data_dir is not None)
+        batch = batch_size or int(dataset.get("val_batch_size", 0) or 256)
+        _, val_loader, _ = make_loaders(data, batch_size=batch, resolution=int(ckpt["resolution"]),
+                                        device=dev, in_channels=int(ckpt["in_channels"]), augment=False,
+                                        order="sequential", drop_last=False, val_batch_size=batch,
+                                        on_device=dataset.get("on_device", "auto"))
+    return _EvalLoader(val_loader, int(dataset.get("val_images", 0) or 0), contiguous=dev.type == "cpu"), data
 
 
 def verify_subnetwork(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, device: str = "cpu",
@@ -132,22 +158,10 @@ def verify_subnetwork(path: str | os.PathLike, *, data_dir: str | os.PathLike | 
 
     ckpt = read_subnetwork(path)
     cfg = _parse_config(ckpt.get("config", ""), str(path))
-    _check_config_model(cfg, ckpt)
-    dataset = _config_section(cfg, "dataset")
     dev = torch.device(device)
     amp = amp or str(_config_section(cfg, "retrain").get("amp", "auto"))
-    data = None
-    if val_loader is None:
-        from nps.datasets.loaders import make_loaders
-
-        data = dataset_dir(ckpt, data_dir)
-        check_dataset_of(ckpt, data, given=data_dir is not None)
-        batch = batch_size or int(dataset.get("val_batch_size", 0) or 256)
-        _, val_loader, _ = make_loaders(data, batch_size=batch, resolution=int(ckpt["resolution"]),
-                                        device=dev, in_channels=int(ckpt["in_channels"]), augment=False,
-                                        order="sequential", drop_last=False, val_batch_size=batch,
-                                        on_device=dataset.get("on_device", "auto"))
-    loader = _EvalLoader(val_loader, int(dataset.get("val_images", 0) or 0), contiguous=dev.type == "cpu")
+    loader, data = val_split(ckpt, data_dir=data_dir, device=dev, batch_size=batch_size, val_loader=val_loader,
+                             where=str(path))
     model = load_subnetwork(path, device=device)
     top1, top5, loss = evaluate(model, loader, dev, amp_dtype=resolve_amp(amp, dev, [model]))
     images = loader.images

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from nps.kernels.spaces import pruning_of
 from nps.pipeline.errors import NpsError
 from nps.pipeline.experiment.plan import Plan
 from nps.pipeline.row_status import RowStatus
@@ -81,6 +82,9 @@ class Driver:
         self.failure: str | None = None
         self._last_refresh = 0.0
         self._sampled = {p.key for p in plan.spaces if p.kind == "sampled"}  # the spaces two-stage may extend
+        trained = store.references()
+        self.references = {r.model: r for r in plan.config.references if r.model not in trained}  # to train
+        self.reference_tasks: dict[int, str] = {}  # task id -> the reference model it trains
 
     # -- opening -----------------------------------------------------------------------------------------------------
 
@@ -142,7 +146,7 @@ class Driver:
     def _spec(self) -> WorkerSpec:
         p = self.plan
         return WorkerSpec(p.config, p.table, p.resolution, p.in_channels, p.num_classes, p.meta["fingerprint"],
-                          logging.getLogger().level or logging.WARNING)
+                          logging.getLogger().level or logging.WARNING, weight_table=p.weight_table)
 
     def _loop(self) -> str:
         for name in list(self.ledger.spaces):  # spaces finished by an earlier run may still owe their two-stage space
@@ -194,7 +198,8 @@ class Driver:
         return events
 
     def _finished(self) -> bool:
-        return self.base.todo is None and self.ledger.finished()
+        return (self.base.todo is None and self.ledger.finished() and not self.references
+                and not self.reference_tasks)
 
     def _raise_failure(self) -> None:
         if self.fatal is not None:
@@ -323,16 +328,21 @@ class Driver:
         lease = self.ledger.leases.get(self.task_lease.get(e.task_id, -1))
         if lease is not None:
             lease.fraction = fraction
-        elif w.base:
-            self.base.fraction = fraction
+        elif w.base or e.task_id in self.reference_tasks:
+            if w.base:
+                self.base.fraction = fraction
+            what = "base" if w.base else self.reference_tasks[e.task_id]
             if isinstance(p, EpochEnded):
                 losses, tops = list(p.train_loss.values()), list(p.val_top1.values())
                 loss = float(np.mean(losses)) if losses else math.nan
                 top1 = float(np.max(tops)) if tops else math.nan
-                self.view.epoch(self.state, e.worker, f"base epoch {p.epoch}/{p.epochs}: train loss {loss:.3f}, val "
-                                                      f"top-1 {top1:.2f} ({p.img_per_s:,.0f} img/s)")
+                self.view.epoch(self.state, e.worker, f"{what} epoch {p.epoch}/{p.epochs}: train loss {loss:.3f}, "
+                                                      f"val top-1 {top1:.2f} ({p.img_per_s:,.0f} img/s)")
 
     def _on_BaseResult(self, e: BaseResult) -> None:
+        if e.reference:
+            self._reference_done(e)
+            return
         path = self.cfg.model.checkpoint or self.plan.base_path
         if e.checkpoint is not None:
             outputs.write_atomic(self.plan.base_path, e.checkpoint)
@@ -346,11 +356,54 @@ class Driver:
         self.view.note(f"base network {what} in {e.seconds:.0f}s: top-1 {e.top1:.2f}, top-5 {e.top5:.2f}")
         self.log.write("base_done", worker=e.worker, top1=e.top1, top5=e.top5, loss=e.loss, trained=e.trained,
                        seconds=e.seconds)
+        if e.trained:
+            self.store.set_attrs(base_train_s=e.seconds)
+        self._add_weight_determined_spaces()
+
+    def _add_weight_determined_spaces(self) -> None:
+        """Spaces whose recipe depends on the trained base (``weights:global``): made once the base exists."""
+        if not any(resume.needs_base_weights(p) for p in self.plan.spaces):
+            return
+        self._phase("finding the global magnitude thresholds")
+        added = resume.sample_missing_spaces(self.store, self.plan, progress=self._phase,
+                                             base_model=resume.load_base_model(self.plan))
+        default = resume.default_spec(self.plan)
+        for name in added:
+            s = self.ledger.load(name, default)
+            self.weights.start_space(name, s.status, s.top1)
+            self._sampled.add(name)
+        if added:
+            self.log.write("sampled", spaces=added)
+            self._phase("fine-tuning")
+
+    def _reference_done(self, e: BaseResult) -> None:
+        from nps.pipeline.network.layer_table import build_layer_table
+
+        m = self.cfg.model
+        self.reference_tasks.pop(e.task_id, None)
+        self.references.pop(e.reference, None)
+        ref = build_layer_table(e.reference, "all", self.plan.resolution, self.plan.num_classes,
+                                self.plan.in_channels, flops=m.flops)
+        base_flops, base_params = self.plan.table.base_flops, self.plan.table.base_params
+        self.store.set_reference(e.reference, model=e.reference, top1=e.top1, top5=e.top5, loss=e.loss,
+                                 flops=ref.base_flops, params=ref.base_params, c_flops=ref.base_flops / base_flops,
+                                 c_params=ref.base_params / base_params, train_s=e.seconds,
+                                 acc_drop=self.state.base_top1 - e.top1)
+        self.view.note(f"reference {e.reference} trained in {e.seconds:.0f}s: top-1 {e.top1:.2f} at c_flops "
+                       f"{ref.base_flops / base_flops:.3f}")
+        self.log.write("reference_done", worker=e.worker, model=e.reference, top1=e.top1, top5=e.top5,
+                       seconds=e.seconds)
 
     def _on_TaskEnd(self, e: TaskEnd) -> None:
         w = self.state.workers.get(e.worker)
         lease_id = self.task_lease.pop(e.task_id, None)
         lease = self.ledger.leases.get(lease_id) if lease_id is not None else None
+        reference = self.reference_tasks.pop(e.task_id, None)
+        if reference is not None and e.error and not (e.stopped or e.environment):
+            self.references.pop(reference, None)  # not retried: the error says why
+            self.store.set_reference(reference, model=reference, error=e.error[:500])
+            self.view.note(f"reference {reference} failed: {e.error}")
+            self.log.write("reference_error", worker=e.worker, model=reference, error=e.error)
         if e.environment:
             self.failure = self.failure or e.error
             self.log.write("task_environment", worker=e.worker, error=e.error)
@@ -379,6 +432,7 @@ class Driver:
             return
         self.log.write("worker_lost", worker=e.worker, node=w.node, device=w.device, reason=e.reason)
         lease_id = self.task_lease.pop(w.task, None) if w.task is not None else None
+        self.reference_tasks.pop(w.task, None)  # queued again (it stays in self.references)
         if w.task is None or self.stopping:
             if lease_id is not None:
                 self.ledger.release(lease_id)
@@ -430,12 +484,24 @@ class Driver:
                 w.task, w.base, w.phase, self.base.in_flight = self.next_task, True, "base network", True
                 self.log.write("base", worker=wid, node=w.node, device=w.device)
                 continue
+            waiting = [m for m in self.references if m not in self.reference_tasks.values()]
+            if waiting:  # a reference trains like the base, on one worker, before the populations
+                ref = self.references[waiting[0]]
+                self.next_task += 1
+                self.pool.submit(wid, BaseTask(self.next_task, True, reference=ref.model,
+                                               epochs=ref.epochs or self.cfg.base.epochs), None)
+                self.reference_tasks[self.next_task] = ref.model
+                w.task, w.phase = self.next_task, f"reference {ref.model}"
+                self.log.write("reference", worker=wid, model=ref.model, node=w.node, device=w.device)
+                continue
             fused = resolve_fuse(self.cfg.retrain.fuse, w.device)
             choose = None
             if fused:  # rows of similar widths, so that padding every group to the widest wastes little
                 table, max_waste = self.plan.table, self.cfg.retrain.fuse_max_waste
 
-                def choose(keeps, k):
+                def choose(space, keeps, k):  # a weight space is never fused (every member has every channel)
+                    if pruning_of(space) == "weights":
+                        return list(range(min(k, len(keeps))))
                     return forming.similar_rows(table, keeps, k, max_waste)
             lease = self.ledger.take(self._cohort_k(w, working), wid, flush=False, choose=choose)
             if lease is None:
@@ -452,7 +518,8 @@ class Driver:
             self.pool.submit(wid, task, self.base.weights)
             w.task, w.phase, w.space, w.rows = task.task_id, "cohort", lease.space, list(lease.rows)
             w.epoch, w.epochs, w.step, w.steps, w.img_per_s = 0, s.epochs, 0, 0, math.nan
-            extra = {"fused_waste": round(forming.waste(self.plan.table, s.keep[rows]), 4)} if fused else {}
+            extra = ({"fused_waste": round(forming.waste(self.plan.table, s.keep[rows]), 4)}
+                     if fused and pruning_of(lease.space) == "filters" else {})
             self.log.write("dispatch", space=lease.space, rows=list(lease.rows), worker=wid, node=w.node,
                            device=w.device, **extra)
         return leases

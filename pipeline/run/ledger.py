@@ -132,7 +132,7 @@ class RowLedger:
 
     def take(self, k: int, worker: int, *, flush: bool = True, choose=None) -> Lease | None:
         """Up to ``k`` pending rows of the first space with any, marked running; None when nothing is pending.
-        ``choose(keeps, k)`` (a fused cohort's forming, :mod:`nps.pipeline.run.forming`) picks them by position
+        ``choose(space, keeps, k)`` (a fused cohort's forming, :mod:`nps.pipeline.run.forming`) picks them by position
         among the first pending rows (their keep vectors given), else they are the first ``k`` in line."""
         s = next((s for s in self.spaces.values() if s.pending), None)
         if s is None:
@@ -141,7 +141,7 @@ class RowLedger:
             rows = [s.pending.popleft() for _ in range(min(int(k), len(s.pending)))]
         else:
             pool = list(itertools.islice(s.pending, POOL))
-            rows = [pool[i] for i in choose(s.keep[np.asarray(pool)], int(k))]
+            rows = [pool[i] for i in choose(s.name, s.keep[np.asarray(pool)], int(k))]
             for row in rows:
                 s.pending.remove(row)
         idx = np.asarray(rows, dtype=np.int64)

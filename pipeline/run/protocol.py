@@ -42,6 +42,7 @@ class WorkerSpec:
     log_level: int = logging.WARNING
     worker_class: Any = None  # None: nps.pipeline.run.worker.Worker (tools/bench_dispatch.py runs a simulated one)
     staging: str = ""  # where local workers leave row weights for the driver (empty: they send them as bytes)
+    weight_table: Any = None  # the weight table of weight-pruning spaces (pipeline.network.weight_table)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class BaseTask:
 
     task_id: int
     train: bool
+    reference: str = ""  # a reference network to train instead ([[references]]): its model name
+    epochs: int = 0  # a reference's epochs
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ class BaseResult:
     trained: bool
     seconds: float
     checkpoint: bytes | None = field(default=None, repr=False)
+    reference: str = ""  # the reference network these metrics are of ("": the base network)
 
 
 @dataclass(frozen=True)

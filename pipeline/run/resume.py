@@ -39,7 +39,8 @@ def open_results(plan: Plan) -> tuple[ResultsStore, bool]:
              "dataset_image_shape": list(plan.meta.get("image_shape") or [])}
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        store, resumed = ResultsStore.create(path, plan.table, dump(cfg), attrs), False
+        store, resumed = ResultsStore.create(path, plan.table, dump(cfg), attrs,
+                                             weight_table=plan.weight_table), False
     else:
         store, resumed = ResultsStore.open(path), True
     try:
@@ -75,31 +76,66 @@ def _check_same_experiment(store: ResultsStore, plan: Plan) -> None:
                        f"({problem}); {hint}")
     if "layers" in store.file and LayerTable.from_hdf5(store.layers) != plan.table:
         raise NpsError(f"{path}: its layer table differs from {plan.config.model.name} as configured; {hint}")
+    stored_weights = store.weight_layers
+    if (stored_weights is None) != (plan.weight_table is None) or (
+            stored_weights is not None and LayerTable.from_hdf5(stored_weights) != plan.weight_table):
+        raise NpsError(f"{path}: its weight table differs from {plan.config.model.name} as configured; {hint}")
 
 
-def sample_missing_spaces(store: ResultsStore, plan: Plan, progress=None) -> list[str]:
+def needs_base_weights(p) -> bool:
+    """A space whose recipe depends on the trained base network (``weights:global``): made once the base is."""
+    return p.kind == "sampled" and p.space.pruning == "weights" and p.space.kind == "global"
+
+
+def load_base_model(plan: Plan):
+    """The trained base network on the CPU (for the spaces whose recipe depends on its weights)."""
+    from nps.pipeline.network.checkpoints import check_checkpoint
+    from nps.pipeline.network.models import build_model
+
+    m = plan.config.model
+    state = check_checkpoint(m.checkpoint or plan.base_path, m.name, plan.num_classes, plan.in_channels)
+    model = build_model(m.name, num_classes=plan.num_classes, in_channels=plan.in_channels)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def sample_missing_spaces(store: ResultsStore, plan: Plan, progress=None, base_model=None) -> list[str]:
     """Create every planned space the file does not have yet (rows pending); returns their space keys.
 
-    Sampled spaces draw their recipes, a ratio space has its uniform ratios, a baseline the uniform ratio closest
-    to its regime's target (:mod:`nps.pipeline.experiment.space_plan`). All are made in memory before any is written, so an
+    Sampled spaces draw their recipes (on the weight table for a weight space; ``weights:uniform`` and
+    ``weights:global`` are one recipe each, the latter only once ``base_model`` is given), a ratio space has its
+    uniform ratios, a baseline the uniform ratio closest to its regime's target
+    (:mod:`nps.pipeline.experiment.space_plan`). All are made in memory before any is written, so an
     interrupt while sampling leaves no half space. Each space stores its spec (``retrain_spec``, ``criterion``) and
     its overrides beside its constraints.
     """
     from nps.kernels.errors import SamplerError
-    from nps.pipeline.experiment.sampling import baseline_rows, ratio_rows, sample_rows
+    from nps.pipeline.experiment.sampling import (
+        baseline_rows,
+        ratio_rows,
+        sample_rows,
+        weight_global_rows,
+        weight_uniform_rows,
+    )
 
     cfg = plan.config
     present = set(store.spaces())
     drawn = []
     for p in plan.spaces:
-        if p.key in present:
+        if p.key in present or (needs_base_weights(p) and base_model is None):
             continue
         if progress:
             progress(f"sampling {p.key}" + (f": {p.n} recipes" if p.kind == "sampled" else ""))
+        table = plan.table_for(p.key)
         if p.kind == "sampled":
             try:
-                rows, attrs, _ = sample_rows(plan.table, p.space, p.n, cfg.experiment.seed,
-                                             max_seconds=cfg.spaces[p.index].max_seconds)
+                if needs_base_weights(p):
+                    rows, attrs = weight_global_rows(table, p.space, p.n, cfg.experiment.seed, base_model)
+                elif p.space.deterministic:
+                    rows, attrs = weight_uniform_rows(table, p.space, p.n, cfg.experiment.seed)
+                else:
+                    rows, attrs, _ = sample_rows(table, p.space, p.n, cfg.experiment.seed,
+                                                 max_seconds=cfg.spaces[p.index].max_seconds)
             except SamplerError as exc:
                 raise NpsError(f"spaces[{p.index}]: {exc}") from None
         elif p.kind == "baseline":
@@ -182,6 +218,8 @@ def prepare(plan: Plan, pool, *, phase, note, retry_failed: bool = False) -> Pre
         for name, count in retried.items():
             note(f"{name}: {count} failed rows will be retried")
         base_top1, todo = base_state(store, plan)
+        if todo is None and any(needs_base_weights(p) for p in plan.spaces):
+            sampled += sample_missing_spaces(store, plan, progress=phase, base_model=load_base_model(plan))
         ledger = RowLedger(store, base_top1=base_top1)
         weights = WeightsKeeper(plan.results_path, cfg.output.keep_weights, cfg.output.top_k, pool)
         default = default_spec(plan)

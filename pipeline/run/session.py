@@ -43,4 +43,32 @@ def run_experiment(plan: Plan, view: RunView, *, devices: list[str] | None = Non
     """Run (or resume) a validated experiment, shown by ``view``. ``ray`` is an address (``auto``, ``HOST:PORT``)
     to run on a Ray cluster; ``pool`` replaces the transport altogether."""
     pool = pool or make_pool(plan, devices=devices, ray=ray)
-    return Driver.open(plan, pool, view, retry_failed=retry_failed).run()
+    outcome = Driver.open(plan, pool, view, retry_failed=retry_failed).run()
+    if outcome.status == "complete" and plan.config.output.latency:
+        measure_latency(plan, view, devices=devices, ray=ray)
+    return outcome
+
+
+def measure_latency(plan: Plan, view: RunView, *, devices: list[str] | None, ray: str | None) -> None:
+    """``[output] latency = true``: after the run (its writer lock released), time the base network and every
+    finished row not timed yet on the run's first device (on a Ray cluster: this machine's GPU, else its CPU), and
+    store the timings in results.h5 (``nps latency``)."""
+    import torch
+
+    from nps.pipeline.experiment.checks import parse_devices
+    from nps.pipeline.results.latency import measure_results, store_latency
+
+    if ray is not None or plan.config.experiment.ray:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = (devices or parse_devices(plan.config.experiment.devices, key="experiment.devices"))[0]
+    view.note(f"[output] latency: timing the base network and the finished rows on {device}")
+    session = measure_results(plan.results_path, device=device, only_missing=True)
+    if not session["records"]:
+        view.note(f"latency: every finished row is timed on {device} already (nps latency times them again)")
+        return
+    store_latency(plan.results_path, session)
+    s = session["settings"]
+    view.note(f"latency: {len({(r['space'], r['row']) for r in session['records']}) - 1} subnetworks and the base "
+              f"network timed at batch {', '.join(map(str, s['batches']))} on {s['device_name']} ({s['threads']} "
+              f"threads); stored in {plan.results_path} under /latency/{session['device']} (nps report draws them)")

@@ -244,21 +244,29 @@ class Worker:
         b, s = self.cfg.base, self.spec
         t0 = time.perf_counter()
         checkpoint = None
+        name = task.reference or self.cfg.model.name
         if task.train:
             train, val, _ = self.loaders(b.batch_size)
             torch.manual_seed(self.cfg.experiment.seed)
-            model = build_model(self.cfg.model.name, num_classes=s.num_classes, in_channels=s.in_channels)
-            settings = RetrainSpec(method="rewind", epochs=b.epochs, rewind_lr=b.lr, warmup_epochs=b.warmup_epochs,
-                                   momentum=b.momentum, weight_decay=b.weight_decay,
+            model = build_model(name, num_classes=s.num_classes, in_channels=s.in_channels)
+            epochs = task.epochs if task.reference else b.epochs
+            settings = RetrainSpec(method="rewind", epochs=epochs, rewind_lr=b.lr,
+                                   warmup_epochs=min(b.warmup_epochs, epochs), momentum=b.momentum,
+                                   weight_decay=b.weight_decay,
                                    label_smoothing=b.label_smoothing)
             options = CohortOptions(eval_every_epoch=True, amp=b.amp, keep_models=True, progress_s=self.progress_s,
                                     member_threads=None)
-            (result,) = train_cohort([model], train, val, settings, self.device, ids=["base"], options=options,
-                                     on_event=self._on_event(task.task_id))
+            (result,) = train_cohort([model], train, val, settings, self.device, ids=[task.reference or "base"],
+                                     options=options, on_event=self._on_event(task.task_id))
             if not result.ok:
-                raise NpsError(f"base training failed: {result.error}; lower base.lr or check the dataset")
+                raise NpsError(f"{task.reference or 'base'} training failed: {result.error}; lower base.lr or "
+                               "check the dataset")
             if b.bn_images:
                 result.top1, result.top5, result.loss = self.precise_bn(result.model, train, val)
+            if task.reference:
+                self.emit(BaseResult(self.wid, task.task_id, float(result.top1), float(result.top5),
+                                     float(result.loss), True, time.perf_counter() - t0, None, task.reference))
+                return
             buffer = io.BytesIO()
             state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
             torch.save({"model": state, "model_name": self.cfg.model.name, "num_classes": s.num_classes,
@@ -297,6 +305,7 @@ class Worker:
     # -- cohorts -----------------------------------------------------------------------------------------------------
 
     def cohort(self, task: CohortTask, base: BaseWeights | None) -> None:
+        from nps.kernels.spaces import pruning_of
         from nps.pipeline.network.prune import prune_model
         from nps.pipeline.training.cohort import CohortOptions
         from nps.pipeline.training.engine import run_cohorts
@@ -307,15 +316,22 @@ class Worker:
         r = self.cfg.retrain
         train, val, _ = self.loaders(r.batch_size, r.train_images)
         model, table, criterion = self.base_model(base), self.spec.table, task.spec.criterion
-        factories = [lambda keep=np.asarray(keep), seed=int(seed): prune_model(model, table, keep, criterion, seed)
-                     for keep, seed in zip(task.keep, task.seeds)]
+        fusion = Fusion(model, table, np.asarray(task.keep))
+        if pruning_of(task.space) == "weights":  # every member keeps every channel: masks, nothing to fuse
+            from nps.pipeline.network.masks import masked_copy
+
+            table, fusion = self.spec.weight_table, None
+            factories = [lambda keep=np.asarray(keep): masked_copy(model, table, keep) for keep in task.keep]
+        else:
+            factories = [lambda keep=np.asarray(keep), seed=int(seed): prune_model(model, table, keep, criterion,
+                                                                                   seed)
+                         for keep, seed in zip(task.keep, task.seeds)]
         options = CohortOptions(eval_every_epoch=r.eval_every_epoch, bn_images=r.bn_images, amp=r.amp,
                                 compile=r.compile, keep_models=task.keep_weights, progress_s=self.progress_s,
                                 member_threads=1, fuse=r.fuse)
         run_cohorts(factories, train, val, task.spec.retrain, self.device, k=task.k,
                     ids=[(task.space, row) for row in task.rows], seeds=list(task.seeds), options=options,
-                    on_event=self._on_event(task.task_id, task),
-                    fusion=Fusion(model, table, np.asarray(task.keep)))
+                    on_event=self._on_event(task.task_id, task), fusion=fusion)
 
 
 def serve_task(worker: Worker, task, base: BaseWeights | None, emit: Callable[[Any], None]) -> bool:
@@ -333,7 +349,7 @@ def serve_task(worker: Worker, task, base: BaseWeights | None, emit: Callable[[A
             emit(TaskEnd(worker.wid, task.task_id, error=f"{worker.node} {worker.device}: {environment}",
                          detail=detail, environment=True))
             return True
-        if isinstance(task, BaseTask):  # without a base network nothing can run
+        if isinstance(task, BaseTask) and not task.reference:  # without a base network nothing can run
             user = isinstance(exc, user_errors())
             emit(WorkerFailed(worker.wid, f"{worker.node} {worker.device}: {exc if user else one_line(exc)}", detail,
                               user))

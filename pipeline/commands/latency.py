@@ -1,0 +1,133 @@
+"""`nps latency`: time the base network and the subnetworks of a results file, and store the timings in it."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+EPILOG = """\
+Each network is timed in eval mode, in the run's memory format (channels_last) and precision ([retrain] amp as the
+run resolved it on that device), on random input of the run's resolution: --warmup forwards, then --runs timed runs
+(each long enough for the clock: at least 20 ms of back-to-back forwards); the median and interquartile range of the
+time per forward are kept. The base network is timed first in the same session, so each speed-up (base median /
+row median) is a ratio of two numbers from one process. On the CPU one intra-op thread by default (--threads), as
+the run steps each subnetwork: on cores shared with other work, more threads mostly measure OpenMP's waiting. Rows
+whose fine-tuned weights are kept are timed with them, the others as their architecture alone (a freshly
+initialised base pruned to the row's keep counts).
+
+The timings go into RESULTS.h5 under /latency/<device> (with the device's name, the thread count and the library
+versions); nps report draws them and nps table adds them as columns. A run holding the file refuses this command:
+measure after it, or set [output] latency = true to measure at the end of the run.
+
+examples:
+  nps latency runs/demo/results.h5                          # every finished row, batch 1 and 64, on the CPU
+  nps latency runs/demo/results.h5 --space std-0.05 --batch 1 --threads 0  # all of torch's threads
+  nps latency runs/demo/results.h5 --all-rows --device cuda # also rows not trained (the architecture suffices)
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("latency", help="time the subnetworks of a results file and store the timings in it",
+                       description="Measure the latency (median and interquartile range over repeated timed runs) "
+                                   "of the base network and of the subnetworks of a results file, and the speed-up "
+                                   "of each over the base, in one session; store them in the file.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", metavar="RESULTS.h5", help="results file written by nps run (or nps sample)")
+    p.add_argument("--space", action="append", metavar="S",
+                   help="a space key (std-0.05@c_flops=0.25), or its space part if unique; repeatable "
+                        "(default: every space)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--batch", default="1,64", metavar="LIST", help="batch sizes (default 1,64)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads on the CPU (default 1, as the run steps each subnetwork; 0: torch's "
+                        "default, the machine's cores)")
+    p.add_argument("--all-rows", action="store_true",
+                   help="every row, also those not trained yet (default: the finished rows)")
+    p.add_argument("--missing", action="store_true", help="only rows this device has no timing of yet")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per network and batch (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed forwards first (default 5)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import os
+
+    from rich.console import Console
+
+    from nps.pipeline.errors import NpsError
+    from nps.pipeline.results.latency import measure_results, parse_batches, store_latency
+
+    if not os.path.exists(args.results):
+        raise NpsError(f"{args.results}: no such file")
+    if args.runs < 3:
+        raise NpsError(f"--runs {args.runs}: use at least 3 (the interquartile range needs them)")
+    if args.warmup < 0 or args.threads < 0:
+        raise NpsError("--warmup and --threads: use 0 or more")
+    batches = parse_batches(args.batch)
+    console = Console()
+    status = console.status("timing", spinner="dots") if console.is_terminal else contextlib.nullcontext()
+    with status as spinner:
+        def progress(i, n, target):
+            if spinner is not None:
+                what = "the base network" if target.row < 0 else f"{target.space} row {target.row}"
+                spinner.update(f"timing {what} ({i + 1}/{n})")
+
+        session = measure_results(args.results, spaces=args.space, device=args.device, batches=batches,
+                                  threads=args.threads, all_rows=args.all_rows, only_missing=args.missing,
+                                  warmup=args.warmup, runs=args.runs, progress=progress)
+    if not session["records"]:
+        console.print(f"nothing to time: every {'' if args.all_rows else 'finished '}row of "
+                      f"{', '.join(args.space) if args.space else 'the file'} is timed on {session['device']} already")
+        return 0
+    store_latency(args.results, session)
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))
+    console.print(latency_table(args.results, session))
+    s = session["settings"]
+    if len(session["records"]) == len(batches) and not args.all_rows:
+        console.print("[yellow]note:[/yellow] no finished rows to time (--all-rows times every row by its "
+                      "architecture)")
+    console.print(f"{len(session['records']) // len(batches) - 1} subnetworks and the base network on "
+                  f"{session['device']} ({s['device_name']}), {s['threads']} threads, amp {s['amp']}, channels_last "
+                  f"{s['channels_last']}, torch {s['versions']['torch']}; stored in {args.results} under "
+                  f"/latency/{session['device']}")
+    return 0
+
+
+def latency_table(results, session: dict):
+    """One line per network: its space, row, c_flops and top-1, and per batch the median, IQR and speed-up."""
+    import math
+
+    from rich.table import Table
+
+    from nps.pipeline.results.reader import open_readonly
+
+    records = session["records"]
+    batches = session["settings"]["batches"]
+    info = {}
+    with open_readonly(results) as reader:
+        for space in {r["space"] for r in records if r["row"] >= 0}:
+            cols = reader.read(space, ["c_flops", "top1"])
+            info[space] = cols
+    base = {r["batch"]: r["timing"].median_s for r in records if r["row"] < 0}
+    t = Table(title=f"latency on {session['device']}: median and interquartile range per forward (ms)")
+    for name in ("space", "row", "c_flops", "top-1"):
+        t.add_column(name, justify="left" if name == "space" else "right", no_wrap=True)
+    for b in batches:
+        t.add_column(f"b{b} median", justify="right")
+        t.add_column(f"b{b} IQR", justify="right")
+        t.add_column(f"b{b} speed-up", justify="right")
+    lines: dict[tuple, dict] = {}
+    for r in records:
+        lines.setdefault((r["space"], r["row"]), {})[r["batch"]] = r["timing"]
+    for (space, row), timings in lines.items():
+        if row < 0:
+            cells = ["base network", "", "1.0000", ""]
+        else:
+            top1 = float(info[space]["top1"][row])
+            cells = [space, str(row), f"{float(info[space]['c_flops'][row]):.4f}",
+                     f"{top1:.2f}" if math.isfinite(top1) else "–"]
+        for b in batches:
+            tm = timings[b]
+            cells += [f"{1e3 * tm.median_s:.3f}", f"{1e3 * tm.iqr_s:.3f}", f"{base[b] / tm.median_s:.2f}×"]
+        t.add_row(*cells)
+    return t

@@ -1,0 +1,201 @@
+"""ONNX export (``nps export --onnx``): the winner verified with onnxruntime on the val split (the same correct
+images as the stored top-1), on a run-shaped file whose row was evaluated the way a run evaluates (fast); and, with
+``-m slow``, on the README's demo run (``demo_run``): export and verify, the run's file as a DataFrame equal to its
+HDF5, and ``[output] latency`` timing every finished row at the end of a real run."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")  # torch's default exporter; without it nps uses the TorchScript one
+SPACE = "std-0.05"
+
+
+@pytest.fixture(scope="module")
+def scored_file(tmp_path_factory, fmnist_dir):
+    """results.h5 of the demo's network on Fashion-MNIST's first 256 images: one row pruned to c_flops 0.1 (weights
+    as initialised, kept beside the file) and scored as a run scores it (float32 on the CPU, channels_last, the
+    first 128 val images in batches of 64)."""
+    from nps.datasets.loaders import make_loaders
+    from nps.datasets.meta import load_meta
+    from nps.kernels.spaces import parse_space
+    from nps.pipeline.experiment.sampling import sample_rows
+    from nps.pipeline.network.layer_table import build_layer_table
+    from nps.pipeline.network.models import build_model
+    from nps.pipeline.network.prune import prune_model
+    from nps.pipeline.results.export import save_subnetwork_weights
+    from nps.pipeline.results.store import ResultsStore
+    from nps.pipeline.results.verify import _EvalLoader
+    from nps.pipeline.training.evaluation import evaluate
+
+    data = fmnist_dir(256)
+    meta = load_meta(data)
+    path = tmp_path_factory.mktemp("scored") / "results.h5"
+    table = build_layer_table("resnet20", "all", 28, 10, 1)
+    rows, attrs, _ = sample_rows(table, parse_space(SPACE, "c_flops", 0.1), 2, 0)
+    torch.manual_seed(0)
+    model = prune_model(build_model("resnet20", num_classes=10, in_channels=1), table, rows["keep"][0])
+    _, val, _ = make_loaders(data, batch_size=64, resolution=28, in_channels=1, augment=False, order="sequential",
+                             drop_last=False, val_batch_size=64)
+    loader = _EvalLoader(val, 128, contiguous=True)
+    top1, top5, loss = evaluate(model.to(memory_format=torch.channels_last), loader, "cpu", channels_last=True)
+    config = (f'[dataset]\ndir = "{data}"\nval_images = 128\nval_batch_size = 64\n'
+              '[model]\nname = "resnet20"\n[retrain]\namp = "off"\n')
+    store = ResultsStore.create(path, table, config, {
+        "base_top1": 90.0, "base_flops": table.base_flops, "base_params": table.base_params,
+        "dataset_fingerprint": meta["fingerprint"], "dataset_num_classes": 10, "dataset_image_shape": [28, 28]})
+    try:
+        store.add_space(f"{SPACE}@c_flops=0.1", rows, epochs=1, attrs=attrs)
+        store.mark_done(f"{SPACE}@c_flops=0.1", 0, top1=top1, top5=top5, loss=loss)
+    finally:
+        store.close()
+    save_subnetwork_weights(path, f"{SPACE}@c_flops=0.1", 0, model)
+    return path
+
+
+def test_onnx_export_and_verify(scored_file, tmp_path, capsys):
+    import onnx
+    import onnxruntime as ort
+
+    from nps.pipeline import load_subnetwork
+    from nps.pipeline.cli import main
+    from nps.pipeline.results.onnx_export import OPSET, verify_onnx
+
+    onnx_path, pt = tmp_path / "winner.onnx", tmp_path / "winner.pt"
+    assert main(["export", str(scored_file), "--space", SPACE, "--best", "--out", str(pt), "--onnx", str(onnx_path),
+                 "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "difference +0 images" in out and "opset 18" in out and out.count("verified:") == 2
+    proto = onnx.load(str(onnx_path))
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [OPSET]
+    (inp,) = proto.graph.input
+    assert inp.name == "input" and inp.type.tensor_type.shape.dim[0].dim_param  # a dynamic batch axis
+    assert [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]] == [1, 28, 28]
+    model = load_subnetwork(pt)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for batch in (1, 7):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=1e-4, atol=1e-5)
+    # The file alone (its metadata carries the run's config and scores): the stored top-1 is the reference.
+    result = verify_onnx(onnx_path)
+    assert result["ok"] and result["diff_images"] == 0 and result["images"] == 128 and result["run_amp"] == "off"
+    assert result["reference"].startswith("stored top-1")
+    assert main(["export", "--verify", str(onnx_path)]) == 0
+    (tmp_path / "other.onnx").write_bytes(b"not a model")
+    assert main(["export", "--verify", str(tmp_path / "other.onnx")]) == 2
+    assert "not an ONNX model" in capsys.readouterr().err
+
+
+def test_readme_latency_table_onnx_examples_run_as_written(scored_file, tmp_path, monkeypatch, capsys):
+    """The shell block of the README's "Latency, tables and ONNX", command by command, in a directory whose
+    runs/demo holds a run-shaped file (the tiny data's: the README's run would only be slower)."""
+    import re
+
+    from test_readme import TEXT, commands_in, table_commands
+
+    from nps.pipeline.cli import main
+
+    shutil.copytree(scored_file.parent, tmp_path / "runs" / "demo")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "250")
+    section = TEXT[TEXT.index("## Latency, tables and ONNX"):]
+    commands = commands_in(re.search(r"```sh\n(.*?)```", section, re.DOTALL).group(1))
+    assert [c[1] for c in commands] == ["latency", "report", "table", "export"]
+    assert table_commands()["latency"].startswith("nps latency RESULTS.h5")
+    assert table_commands()["table"] == "nps table RESULTS.h5 --out rows.parquet"
+    for command in commands:
+        assert command[0] == "nps"
+        assert main(command[1:]) == 0, command
+    out = capsys.readouterr().out
+    assert "stored in runs/demo/results.h5 under /latency/cpu" in out and "1 threads" in out
+    assert (tmp_path / "runs/demo/report/latency_cpu.png").is_file() and (tmp_path / "rows.parquet").is_file()
+    assert "winner.onnx (onnxruntime, CPU float32)" in out and "difference +0 images" in out
+
+
+@pytest.fixture(scope="module")
+def run_dir(demo_run):
+    out, code, stdout, _ = demo_run
+    assert code == 0, stdout
+    return out
+
+
+@pytest.mark.slow
+def test_the_winner_as_onnx_counts_the_same_correct_images(run_dir, tmp_path, capsys):
+    import onnx
+    import onnxruntime as ort
+
+    from nps.pipeline import load_subnetwork
+    from nps.pipeline.cli import main
+    from nps.pipeline.results.onnx_export import OPSET, verify_onnx
+
+    onnx_path, pt = tmp_path / "winner.onnx", tmp_path / "winner.pt"
+    argv = ["export", str(run_dir / "results.h5"), "--space", SPACE, "--best", "--out", str(pt), "--onnx",
+            str(onnx_path), "--verify"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "difference +0 images" in out and "opset 18" in out and out.count("verified:") == 2
+    proto = onnx.load(str(onnx_path))
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [OPSET]
+    (inp,) = proto.graph.input
+    assert inp.name == "input" and inp.type.tensor_type.shape.dim[0].dim_param  # a dynamic batch axis
+    assert [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]] == [1, 28, 28]
+    model = load_subnetwork(pt)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for batch in (1, 7):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=1e-4, atol=1e-4)
+
+    # The file alone: its metadata carries the run's config and scores.
+    result = verify_onnx(onnx_path)
+    assert result["images"] == 128 and result["correct"] == round(result["top1"] * 128 / 100)
+    if result["run_amp"] == "off":  # the run evaluated in float32 on the CPU: the stored top-1 is the reference
+        assert result["ok"] and result["diff_images"] == 0
+    else:  # bf16 autocast (CPUs with bf16 instructions): stored top-1 is not a float32 number; it says so
+        assert "autocast" in result["reference"]
+    assert main(["export", "--verify", str(tmp_path / "missing.onnx")]) == 2
+
+
+@pytest.mark.slow
+def test_load_a_real_run(run_dir):
+    from test_table import assert_equals_hdf5
+
+    from nps.pipeline.results import load
+    from nps.pipeline.results.export import saved_weight_rows
+
+    df = load(run_dir / "results.h5")
+    assert len(df) == 3 + 1 and set(df["status"]) == {"done"}  # spaces.n = 1: three spaces and the baseline
+    assert_equals_hdf5(df, run_dir / "results.h5")
+    for space, part in df.groupby("space"):
+        assert part["weights"].tolist() == [r in saved_weight_rows(run_dir / "results.h5", space)
+                                            for r in part["row"]]
+
+
+@pytest.mark.slow
+def test_output_latency_at_the_end_of_a_run(demo_run, run_dir, tmp_path, monkeypatch):
+    """The same run again with ``--set output.latency=true`` (a runtime key): nothing left to train, so it ends at
+    once and times the base network and every finished row."""
+    from nps.pipeline.cli import main
+    from nps.pipeline.results import latency
+    from nps.pipeline.results.reader import open_readonly
+
+    monkeypatch.setattr(latency, "DEFAULT_RUNS", 3)
+    monkeypatch.setattr(latency, "DEFAULT_BATCHES", (1, 2))
+    copy = tmp_path / "demo"
+    shutil.copytree(run_dir, copy)
+    argv = list(demo_run[3])
+    argv[argv.index("--out") + 1] = str(copy)
+    assert main(argv + ["--set", "output.latency=true"]) == 0
+    with open_readonly(copy / "results.h5") as reader:
+        cpu = latency.read_latency(reader)["cpu"]
+        spaces = reader.spaces()
+    assert sorted(set(zip(cpu["space"], cpu["row"].tolist()))) == sorted([("base", -1)] + [(s, 0) for s in spaces])
+    assert sorted(set(cpu["batch"].tolist())) == [1, 2] and np.all(cpu["median_s"] > 0)
+    assert set(cpu["weights"][cpu["row"] >= 0].tolist()) == {1}  # the demo keeps every row's weights
