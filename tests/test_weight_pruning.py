@@ -223,3 +223,31 @@ keep_weights = "all"
     model = load_subnetwork(winner)
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert sum(int((m.weight == 0).sum()) for m in layers) > 0.3 * sum(m.weight.numel() for m in layers)
+
+
+def test_nps_sample_draws_weight_spaces_on_the_weight_table(tmp_path):
+    import contextlib
+    import io
+
+    from nps.pipeline.cli import main
+    from nps.pipeline.network.layer_table import LayerTable
+    from nps.pipeline.results.reader import open_readonly
+
+    out = tmp_path / "w.h5"
+    argv = ["sample", "--model", "resnet20", "--resolution", "16", "--classes", "10", "--space", "weights:std-0.05",
+            "--space", "std-0.05", "--c-flops", "0.3", "-n", "20", "--out", str(out)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    with open_readonly(out) as r:
+        wtable = LayerTable.from_hdf5(r.weight_layers)
+        ftable = LayerTable.from_hdf5(r.layers)
+        w = r.read("weights:std-0.05@c_flops=0.3", ["keep", "flops"])
+        f = r.read("std-0.05@c_flops=0.3", ["keep", "flops"])
+    assert wtable.mode == "weights" and w["keep"].shape == (20, len(wtable.names))
+    assert np.array_equal(wtable.flops_of(w["keep"]), w["flops"])
+    assert f["keep"].shape == (20, len(ftable.names)) and np.array_equal(ftable.flops_of(f["keep"]), f["flops"])
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert main(argv[:7] + ["--space", "weights:global", "--c-flops", "0.3", "-n", "1", "--out",
+                                str(tmp_path / "g.h5")]) == 2
+    assert "one recipe" in stderr.getvalue() and not (tmp_path / "g.h5").exists()

@@ -92,13 +92,24 @@ def _sample(args, console) -> int:
     spaces = [parse_space(name, target, value, delta=args.delta, R=args.R) for name in args.space]
     if len({s.regime for s in spaces}) != len(spaces):
         raise NpsError("--space: each space may be given once")
+    one_recipe = [s.name for s in spaces if s.deterministic]
+    if one_recipe:
+        raise NpsError(f"--space {one_recipe[0]}: one recipe, not a distribution (weights:global needs the trained "
+                       "base network's weights); sample it in an experiment (nps run)")
+    weight_table = None
+    if any(s.pruning == "weights" for s in spaces):
+        from nps.pipeline.network.weight_table import build_weight_table
+
+        weight_table = build_weight_table(args.model, args.resolution, args.classes, args.in_channels,
+                                          flops=args.flops)
 
     results = []
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
         for space in spaces:
             task = bar.add_task(space.name, total=args.n)
-            rows, attrs, sample = sample_rows(table, space, args.n, args.seed, max_seconds=args.max_seconds,
+            rows, attrs, sample = sample_rows(weight_table if space.pruning == "weights" else table, space,
+                                              args.n, args.seed, max_seconds=args.max_seconds,
                                               progress=lambda done, n, t=task: bar.update(t, completed=done))
             results.append((space, rows, attrs, sample))
 
@@ -107,7 +118,8 @@ def _sample(args, console) -> int:
     try:
         config = f"# nps sample\n{vars_to_toml(args)}"
         store = ResultsStore.create(tmp, table, config, {"base_flops": table.base_flops,
-                                                         "base_params": table.base_params}, overwrite=True)
+                                                         "base_params": table.base_params}, overwrite=True,
+                                     weight_table=weight_table)
         try:
             for space, rows, attrs, _ in results:
                 store.add_space(space.regime, rows, epochs=0, attrs=attrs)
