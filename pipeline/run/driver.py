@@ -178,6 +178,8 @@ class Driver:
             self.dispatch()
             workers = self.state.workers.values()
             self.state.phase = ("training the base network" if any(w.base for w in workers)
+                                else "training reference networks" if self.reference_tasks and not any(
+                                    w.task in self.task_lease for w in workers)
                                 else "retraining subnetworks" if any(w.task is not None for w in workers)
                                 else "starting workers (loading the dataset)" if not any(w.ready for w in workers)
                                 else "waiting for workers")
