@@ -246,6 +246,17 @@ def test_nps_sample_draws_weight_spaces_on_the_weight_table(tmp_path):
     assert wtable.mode == "weights" and w["keep"].shape == (20, len(wtable.names))
     assert np.array_equal(wtable.flops_of(w["keep"]), w["flops"])
     assert f["keep"].shape == (20, len(ftable.names)) and np.array_equal(ftable.flops_of(f["keep"]), f["flops"])
+    from nps.pipeline.results.table import columns
+
+    table = columns(out)  # filter and weight spaces in one table: vectors of two widths
+    assert sorted(set(table["pruning"])) == ["filters", "weights"]
+    widths = {p: {len(k) for k, q in zip(table["keep"], table["pruning"]) if q == p} for p in ("filters", "weights")}
+    assert widths == {"filters": {len(ftable.names)}, "weights": {len(wtable.names)}}
+    wide = columns(out, wide=True)
+    assert f"keep.w:{wtable.names[0]}" in wide and f"keep.{ftable.names[0]}" in wide
+    is_w = wide["pruning"] == "weights"
+    assert np.isnan(wide[f"keep.{ftable.names[0]}"][is_w]).all()
+    assert np.array_equal(wide[f"keep.w:{wtable.names[0]}"][is_w], w["keep"][:, 0])
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         assert main(argv[:7] + ["--space", "weights:global", "--c-flops", "0.3", "-n", "1", "--out",

@@ -9,6 +9,8 @@ weights kept beside the file), ``recipe`` and ``keep`` (one array per row, or wi
 group: ``recipe.<group>``, ``keep.<group>``), then, where ``nps latency`` measured the row, per device and batch
 ``latency_<device>_b<batch>_ms`` (median), ``latency_iqr_<device>_b<batch>_ms`` and ``speedup_<device>_b<batch>``
 (base median / row median, same session). Values keep the file's types (float32 scores): they equal the HDF5's.
+``pruning`` says ``filters`` or ``weights``; a weight space's ``recipe``/``keep`` have one entry per prunable layer
+(wide: ``recipe.w:<layer>``, ``keep.w:<layer>``, NaN in the rows of filter spaces and the other way round).
 
 :func:`columns` needs only numpy; :func:`load` returns a pandas DataFrame (``pip install 'nps[pandas]'``).
 """
@@ -28,7 +30,7 @@ _RENAME = {"acc_drop": "drop"}
 def columns(path: str | os.PathLike, *, wide: bool = False) -> dict[str, np.ndarray]:
     """The table of :func:`load` as ``{column: array}`` (numpy only); ``recipe`` and ``keep`` are 2-D arrays
     (rows × groups) unless ``wide``."""
-    from nps.kernels.spaces import parse_space_key
+    from nps.kernels.spaces import parse_space_key, pruning_of
     from nps.pipeline.results.export import saved_weight_rows
     from nps.pipeline.results.latency import latency_columns, read_latency
     from nps.pipeline.results.reader import STATUS_NAMES, open_readonly
@@ -36,8 +38,7 @@ def columns(path: str | os.PathLike, *, wide: bool = False) -> dict[str, np.ndar
     path = os.fspath(path)
     parts: list[dict[str, np.ndarray]] = []
     with open_readonly(path) as reader:
-        names = [str(n.decode() if isinstance(n, bytes) else n) for n in reader.layers["names"][()]] \
-            if "names" in reader.layers else None
+        names = {"filters": _names(reader.layers), "weights": _names(reader.weight_layers)}
         for space in reader.spaces():
             cols = reader.read(space, [f for f in _FILE_FIELDS if f in reader.file["spaces"][space]])
             n = min(len(c) for c in cols.values())  # a run may append rows between two column reads
@@ -52,7 +53,8 @@ def columns(path: str | os.PathLike, *, wide: bool = False) -> dict[str, np.ndar
                     "target": np.full(n, target, dtype=object), "value": np.full(n, value),
                     "regime": np.full(n, key.regime if key else "", dtype=object), "row": np.arange(n, dtype=np.int64),
                     "status": np.array([STATUS_NAMES.get(int(s), str(int(s))) for s in cols.pop("status")],
-                                       dtype=object)}
+                                       dtype=object),
+                    "pruning": np.full(n, pruning_of(space), dtype=object)}
             part.update(cols)
             part["weights"] = np.array([r in kept for r in range(n)], dtype=bool)
             parts.append(part)
@@ -61,29 +63,52 @@ def columns(path: str | os.PathLike, *, wide: bool = False) -> dict[str, np.ndar
         return {}
     out: dict[str, np.ndarray] = {}
     for name in parts[0]:
+        if name in _MATRICES:  # a filter space's vectors have one entry per group, a weight space's one per layer
+            continue
         arrays = [p[name] for p in parts if name in p]
         if len(arrays) != len(parts):  # a field only some spaces have (older files): NaN / empty elsewhere
             arrays = [p[name] if name in p else np.full(len(p["row"]), np.nan) for p in parts]
         out[name] = np.concatenate(arrays)
-    out["recipe"] = out["recipe"].astype(np.float32, copy=False)
     if lat_names:
         keys = list(zip(out["space"], out["row"].tolist()))
         for name in lat_names:
             out[name] = np.array([latency.get(k, {}).get(name, np.nan) for k in keys], dtype=np.float64)
-    if wide:
-        groups = names if names and len(names) == out["keep"].shape[1] else \
-            [str(i) for i in range(out["keep"].shape[1])]
-        for what in ("recipe", "keep"):
-            matrix = out.pop(what)
-            for i, g in enumerate(groups):
-                out[f"{what}.{g}"] = matrix[:, i]
-    else:
-        for what in ("recipe", "keep"):  # one array per row: an object column (pyarrow writes it as a list)
-            matrix = out[what]
-            cells = np.empty(matrix.shape[0], dtype=object)
-            cells[:] = list(matrix)
+    rows = len(out["row"])
+    for what in _MATRICES:
+        if wide:  # one column per group (weight spaces: per layer, ``recipe.w:<layer>``), NaN for the other kind
+            for kind in ("filters", "weights"):
+                mine = [p for p in parts if p["pruning"][0] == kind] if parts else []
+                if not mine:
+                    continue
+                width = mine[0][what].shape[1]
+                groups = names[kind] if names[kind] and len(names[kind]) == width else [str(i) for i in range(width)]
+                prefix = f"{what}.w:" if kind == "weights" else f"{what}."
+                matrix = np.full((rows, width), np.nan)
+                start = 0
+                for p in parts:
+                    n = len(p["row"])
+                    if p["pruning"][0] == kind:
+                        matrix[start:start + n] = p[what]
+                    start += n
+                for i, g in enumerate(groups):
+                    column = matrix[:, i]
+                    out[f"{prefix}{g}"] = column.astype(np.float32 if what == "recipe" else np.float64) \
+                        if np.isnan(column).any() else column.astype(np.float32 if what == "recipe" else np.int64)
+        else:  # one array per row: an object column (pyarrow writes it as a list)
+            cells = np.empty(rows, dtype=object)
+            cells[:] = [np.asarray(v, dtype=np.float32 if what == "recipe" else p[what].dtype)
+                        for p in parts for v in p[what]]
             out[what] = cells
     return out
+
+
+_MATRICES = ("recipe", "keep")
+
+
+def _names(group) -> list[str] | None:
+    if group is None or "names" not in group:
+        return None
+    return [str(n.decode() if isinstance(n, bytes) else n) for n in group["names"][()]]
 
 
 def require_pandas():
