@@ -224,6 +224,20 @@ keep_weights = "all"
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert sum(int((m.weight == 0).sum()) for m in layers) > 0.3 * sum(m.weight.numel() for m in layers)
 
+    # a run killed between the base network and the global space: the resume makes it from the stored base
+    import h5py
+
+    with open_readonly(results) as r:
+        before = r.read("weights:global@c_flops=0.4", ["keep", "top1"])
+    with h5py.File(results, "r+") as f:
+        del f["spaces/weights:global@c_flops=0.4"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["run", str(exp), "--plain"]) == 0
+    with open_readonly(results) as r:
+        after = r.read("weights:global@c_flops=0.4", ["keep", "top1", "status"])
+        assert "resnet20" in r.references()  # not trained again
+    assert np.array_equal(after["keep"], before["keep"]) and np.array_equal(after["top1"], before["top1"])
+
 
 def test_nps_sample_draws_weight_spaces_on_the_weight_table(tmp_path):
     import contextlib
