@@ -93,7 +93,7 @@ class Space:
     @property
     def pruning(self) -> str:
         """``filters`` or ``weights``: what a recipe of this space prunes."""
-        return "weights" if self.name.startswith(WEIGHTS) else "filters"
+        return pruning_of(self.name)
 
     @property
     def kind(self) -> str:

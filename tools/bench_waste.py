@@ -56,14 +56,8 @@ SPACES = ["std-0.01", "std-0.05", "std-0.1", "mcb-0.9-1.1"]
 
 
 def greedy(table, keeps, k, max_waste):
-    """The driver's forming: ``similar_rows`` on the pending rows (line order), those removed, until none is left."""
-    pending = np.arange(len(keeps))
-    cohorts = []
-    while len(pending):
-        pos = forming.similar_rows(table, keeps[pending], k, max_waste)
-        cohorts.append(pending[pos])
-        pending = np.delete(pending, pos)
-    return cohorts
+    """The driver's forming (``forming.form_cohorts``)."""
+    return forming.form_cohorts(table, keeps, k, max_waste)
 
 
 def in_order(table, keeps, k, max_waste):
@@ -186,14 +180,13 @@ def summary(table, keeps, cohorts, k, seconds) -> dict:
     wastes = np.array([forming.waste(table, keeps[c]) for c in cohorts])
     sizes = np.array([len(c) for c in cohorts])
     full = wastes[sizes == k]
-    fused = sum(len(c) * float(table.flops_of(forming.padded_keeps(table, keeps[c])[None])[0]) for c in cohorts)
     out = {"cohorts": len(cohorts), "full_cohorts": int((sizes == k).sum()), "mean_size": round(float(sizes.mean()), 2)}
     if len(full):
         out.update(median_waste=round(float(np.median(full)), 4), mean_waste=round(float(full.mean()), 4),
                    p90_waste=round(float(np.percentile(full, 90)), 4))
     out.update(median_waste_all=round(float(np.median(wastes)), 4),
                p90_waste_all=round(float(np.percentile(wastes, 90)), 4), min_size=int(sizes.min()))
-    out.update(pooled_waste=round(fused / float(table.flops_of(keeps).sum()) - 1.0, 4),
+    out.update(pooled_waste=round(forming.pooled_waste(table, keeps, cohorts), 4),
                seconds=round(seconds, 3))
     return out
 

@@ -102,18 +102,12 @@ def step_bytes(base, table, keep, batch: int, resolution: int) -> tuple[int, int
 
 
 def formed_waste(table, k: int) -> float:
-    """Pooled padding waste of cohorts of k formed by the driver's greedy forming (``forming.similar_rows``, no
+    """Pooled padding waste of cohorts of k formed by the driver's greedy forming (``forming.form_cohorts``, no
     threshold) from FORMING_POOL rows of the same space."""
     if k == 1:
         return 0.0
     keeps = sample_space(table, parse_space("std-0.05", "c_flops", 0.25), FORMING_POOL, seed=0).keep
-    pending, fused = np.arange(len(keeps)), 0.0
-    while len(pending):
-        pos = forming.similar_rows(table, keeps[pending], k, np.inf)
-        rows = keeps[pending[pos]]
-        fused += len(rows) * float(table.flops_of(forming.padded_keeps(table, rows)[None])[0])
-        pending = np.delete(pending, pos)
-    return fused / float(table.flops_of(keeps).sum()) - 1.0
+    return forming.pooled_waste(table, keeps, forming.form_cohorts(table, keeps, k, np.inf))
 
 
 def host_figures(path: Path) -> dict:

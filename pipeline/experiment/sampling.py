@@ -33,6 +33,18 @@ def rows_from_sample(sample: Sample, seed: int) -> dict[str, np.ndarray]:
     }
 
 
+def keep_rows(table, recipe, keep, std, seeds) -> dict[str, np.ndarray]:
+    """The recipe fields of results.h5 for given recipes and keep vectors: their exact FLOPs, params, c_flops,
+    c_params and mCB from ``table``."""
+    keep = np.asarray(keep, dtype=np.int64)
+    flops, params = table.flops_of(keep), table.params_of(keep)
+    c_flops, c_params = flops / table.base_flops, params / table.base_params
+    return {"recipe": np.asarray(recipe).astype(np.float32), "keep": keep.astype(np.int32),
+            "flops": flops.astype(np.int64), "params": params.astype(np.int64), "c_flops": c_flops.astype(np.float32),
+            "c_params": c_params.astype(np.float32), "mcb": (c_flops / c_params).astype(np.float32),
+            "std": np.asarray(std).astype(np.float32), "seed": seeds}
+
+
 def space_attrs(space: Space, seed: int, stats: dict | None = None) -> dict:
     """Attributes of ``/spaces/<space key>``: the constraints, so a file says what its rows were drawn from."""
     attrs = {
@@ -76,14 +88,9 @@ def baseline_rows(table, target: str, value: float, seed: int, *, delta: float, 
     """(rows, attrs) of a regime's uniform baseline: one row, every group at the uniform ratio whose integer counts
     come closest to the target (paper §3.1's reference, trained like every other row)."""
     ratio, units, achieved = uniform_baseline(table, target, value, R)
-    recipe = np.full((1, len(table.channels)), ratio)
     keep = (units * np.asarray(getattr(table, "granularity", 1), dtype=np.int64))[None, :]
-    flops, params = table.flops(units[None, :]), table.params(units[None, :])
-    c_flops, c_params = flops / table.base_flops, params / table.base_params
-    rows = {"recipe": recipe.astype(np.float32), "keep": keep.astype(np.int32), "flops": flops.astype(np.int64),
-            "params": params.astype(np.int64), "c_flops": c_flops.astype(np.float32),
-            "c_params": c_params.astype(np.float32), "mcb": (c_flops / c_params).astype(np.float32),
-            "std": np.zeros(1, np.float32), "seed": row_seeds(seed, baseline_key(target, value), 1)}
+    rows = keep_rows(table, np.full((1, len(table.channels)), ratio), keep, np.zeros(1),
+                     row_seeds(seed, baseline_key(target, value), 1))
     attrs = {"space": BASELINE, "target": target, "value": float(value), "delta": float(delta), "R": float(R),
              "sigma": 0.0, "std_band": np.array([np.nan, np.nan]), "mcb_band": np.array([np.nan, np.nan]),
              "seed": int(seed), "uniform_ratio": ratio, "achieved": achieved,
@@ -95,13 +102,7 @@ def baseline_rows(table, target: str, value: float, seed: int, *, delta: float, 
 def ratio_rows(table, key: str, ratios, n: int, seed: int) -> tuple[dict, dict]:
     """(rows, attrs) of a ratio space: ``n`` rows per uniform ratio, every group pruned at that ratio."""
     recipe = np.repeat(np.repeat(np.asarray(ratios, dtype=np.float64), n)[:, None], len(table.channels), axis=1)
-    keep = table.keep(recipe)
-    flops, params = table.flops_of(keep), table.params_of(keep)
-    c_flops, c_params = flops / table.base_flops, params / table.base_params
-    rows = {"recipe": recipe.astype(np.float32), "keep": keep.astype(np.int32), "flops": flops.astype(np.int64),
-            "params": params.astype(np.int64), "c_flops": c_flops.astype(np.float32),
-            "c_params": c_params.astype(np.float32), "mcb": (c_flops / c_params).astype(np.float32),
-            "std": np.zeros(len(recipe), np.float32), "seed": row_seeds(seed, key, len(recipe))}
+    rows = keep_rows(table, recipe, table.keep(recipe), np.zeros(len(recipe)), row_seeds(seed, key, len(recipe)))
     attrs = {"space": RATIOS, "ratios": np.asarray(ratios, dtype=np.float64), "seed": int(seed),
              "description": f"uniform ratios {', '.join(f'{r:g}' for r in ratios)}, {n} row(s) each"}
     return rows, attrs
@@ -111,14 +112,10 @@ def fixed_rows(table, space: Space, keep, n: int, seed: int, description: str) -
     """(rows, attrs) of a space that is one recipe (``weights:uniform``, ``weights:global``): ``n`` rows of the same
     ``keep`` vector, each with its own seed (the data order of its fine-tuning)."""
     keep = np.repeat(np.asarray(keep, dtype=np.int64)[None, :], n, axis=0)
-    flops, params = table.flops_of(keep), table.params_of(keep)
-    c_flops, c_params = flops / table.base_flops, params / table.base_params
     recipe = 1.0 - keep / np.asarray(table.channels, dtype=np.float64)
-    rows = {"recipe": recipe.astype(np.float32), "keep": keep.astype(np.int32), "flops": flops.astype(np.int64),
-            "params": params.astype(np.int64), "c_flops": c_flops.astype(np.float32),
-            "c_params": c_params.astype(np.float32), "mcb": (c_flops / c_params).astype(np.float32),
-            "std": recipe.std(axis=1).astype(np.float32), "seed": row_seeds(seed, space.key, n)}
-    achieved = float((c_flops if space.target == "c_flops" else c_params)[0])
+    rows = keep_rows(table, recipe, keep, recipe.std(axis=1), row_seeds(seed, space.key, n))
+    achieved = float(rows["flops"][0] / table.base_flops if space.target == "c_flops"
+                     else rows["params"][0] / table.base_params)
     attrs = space_attrs(space, seed)
     attrs.update(achieved=achieved, within_delta=bool(abs(achieved - space.value) <= space.delta),
                  description=f"{description}: {space.target} {achieved:.4f}")

@@ -88,3 +88,13 @@ def check_checkpoint(path: str, model_name: str, num_classes: int, in_channels: 
         raise NpsError(f"model.checkpoint: {path} does not match {model_name} with {num_classes} classes and "
                        f"{in_channels} input channels ({problem})")
     return state
+
+
+def load_base_network(path, model_name: str, num_classes: int, in_channels: int):
+    """The base network with the checkpoint's weights, in eval mode on the CPU (after :func:`check_checkpoint`)."""
+    from nps.pipeline.network.models import build_model
+
+    state = check_checkpoint(path, model_name, num_classes, in_channels)
+    model = build_model(model_name, num_classes=num_classes, in_channels=in_channels)
+    model.load_state_dict(state)
+    return model.eval()

@@ -23,18 +23,12 @@ from torch import nn
 from torch.nn.utils import prune
 
 
-def _modules(model: nn.Module, table) -> list[tuple[str, nn.Module]]:
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Mask the named layers of ``model`` in place (``weight_orig`` zeroed where the mask is 0); returns it."""
     named = dict(model.named_modules())
-    missing = [name for name in table.names if name not in named]
-    if missing:
-        raise ValueError(f"the weight table names layers {missing[:3]} that {type(model).__name__} does not have")
-    return [(name, named[name]) for name in table.names]
-
-
-def apply_masks(model: nn.Module, table, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """Mask every prunable layer of ``model`` in place (``weight_orig`` zeroed where the mask is 0); returns it."""
-    for name, module in _modules(model, table):
-        mask = masks[name].to(device=module.weight.device, dtype=module.weight.dtype)
+    for name, mask in masks.items():
+        module = named[name]
+        mask = mask.to(device=module.weight.device, dtype=module.weight.dtype)
         with torch.no_grad():
             module.weight.mul_(mask)
         prune.custom_from_mask(module, "weight", mask)
@@ -45,15 +39,17 @@ def masked_copy(base: nn.Module, table, keep) -> nn.Module:
     """A copy of ``base`` keeping, in each prunable layer ``l``, its ``keep[l]`` weights of largest magnitude."""
     from nps.pipeline.network.weight_table import masks_from_keep
 
-    keep = table.check_keep(np.asarray(keep))
     model = copy.deepcopy(base)
-    return apply_masks(model, table, masks_from_keep(model, table, keep))
+    return apply_masks(model, masks_from_keep(model, table, keep))
 
 
-def masked_skeleton(base: nn.Module, table) -> nn.Module:
-    """``base`` re-parametrised with all-ones masks: the shape of a masked model, for ``load_state_dict``."""
+def masked_skeleton(base: nn.Module) -> nn.Module:
+    """``base`` re-parametrised with all-ones masks on every prunable layer: the shape of a masked model, for
+    ``load_state_dict``."""
+    from nps.pipeline.network.weight_table import prunable_layers
+
     model = copy.deepcopy(base)
-    return apply_masks(model, table, {name: torch.ones_like(m.weight) for name, m in _modules(model, table)})
+    return apply_masks(model, {name: torch.ones_like(m.weight) for name, m in prunable_layers(model)})
 
 
 def masked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -63,7 +59,9 @@ def masked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def mask_counts(model: nn.Module, table) -> np.ndarray:
     """Kept weights per layer of ``table`` (the mask's nonzeros): the keep vector the model was made with."""
-    return np.array([int(torch.count_nonzero(m.weight_mask)) for _, m in _modules(model, table)], dtype=np.int64)
+    from nps.pipeline.network.weight_table import table_layers
+
+    return np.array([int(torch.count_nonzero(m.weight_mask)) for m in table_layers(model, table)], dtype=np.int64)
 
 
 def make_permanent(model: nn.Module) -> nn.Module:

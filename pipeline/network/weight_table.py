@@ -122,7 +122,7 @@ def is_weight_table(table) -> bool:
     return getattr(table, "mode", None) == WEIGHTS_MODE
 
 
-def _layers(model: nn.Module, table: LayerTable) -> list[nn.Module]:
+def table_layers(model: nn.Module, table: LayerTable) -> list[nn.Module]:
     """The modules of ``table``'s layers in ``model``, checked against the table's weight counts."""
     if not is_weight_table(table):
         raise NpsError(f"a table in mode {table.mode!r} is not a weight table (mode {WEIGHTS_MODE!r})")
@@ -168,7 +168,7 @@ def masks_from_keep(model: nn.Module, table: LayerTable, keep) -> dict[str, torc
     keep = table.check_keep(np.asarray(keep))
     if keep.ndim != 1:
         raise NpsError(f"masks_from_keep takes one keep vector, got shape {keep.shape}")
-    modules = _layers(model, table)
+    modules = table_layers(model, table)
     masks = {}
     for name, m, a, k in zip(table.names, modules, _magnitudes(modules), keep.tolist()):
         masks[name] = torch.from_numpy(_top(a, k)).view(m.weight.shape).to(m.weight.device)
@@ -193,7 +193,7 @@ def global_keep(model: nn.Module, table: LayerTable, target: str, value: float, 
     if target not in TARGETS:
         raise NpsError(f"target {target!r}: use one of {', '.join(TARGETS)}")
     form, base = (table.flops, table.base_flops) if target == "c_flops" else (table.params, table.base_params)
-    mags = _magnitudes(_layers(model, table))
+    mags = _magnitudes(table_layers(model, table))
     coef = [int(c) for c in form.linear]
     tops = [a.max() for a in mags]  # each layer's forced weight: its first largest (np.argmax)
     forced = form.const + sum(coef)  # every layer at one weight

@@ -279,11 +279,8 @@ def build_subnetwork(ckpt: dict):
     base = build_model(ckpt["model"], num_classes=int(ckpt["num_classes"]), in_channels=int(ckpt["in_channels"]))
     if ckpt["mode"] == "weights":  # weight pruning: the base's shapes, a mask on every prunable layer
         from nps.pipeline.network.masks import masked_skeleton
-        from nps.pipeline.network.weight_table import build_weight_table
 
-        wtable = build_weight_table(ckpt["model"], int(ckpt["resolution"]), int(ckpt["num_classes"]),
-                                    int(ckpt["in_channels"]), flops=str(ckpt.get("flops_convention", "macs")))
-        return masked_skeleton(base, wtable)
+        return masked_skeleton(base)
     table = build_layer_table(ckpt["model"], ckpt["mode"], int(ckpt["resolution"]), int(ckpt["num_classes"]),
                               int(ckpt["in_channels"]), flops=str(ckpt.get("flops_convention", "macs")),
                               channel_multiple=int(ckpt.get("channel_multiple", 1)))

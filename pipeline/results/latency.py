@@ -49,7 +49,6 @@ from nps.pipeline.errors import NpsError
 log = logging.getLogger(__name__)
 
 GROUP = "latency"
-WEIGHT_SPACES = "weights:"  # space keys of weight pruning (nps.kernels.spaces.WEIGHTS): masks, no smaller network
 BASE = "base"  # the space name of the base network's measurements (not a space key: no '@')
 DEFAULT_BATCHES = (1, 64)
 DEFAULT_WARMUP = 5
@@ -173,6 +172,7 @@ class Target:
 
 
 def _targets(reader, results_path, spaces: Iterable[str] | None, all_rows: bool, skip: set) -> list[Target]:
+    from nps.kernels.spaces import pruning_of
     from nps.pipeline.results.export import resolve_space, saved_weight_rows, weights_path
     from nps.pipeline.results.reader import DONE
 
@@ -180,7 +180,7 @@ def _targets(reader, results_path, spaces: Iterable[str] | None, all_rows: bool,
     chosen = [resolve_space(groups, s) for s in spaces] if spaces else groups
     out = []
     for space in dict.fromkeys(chosen):
-        if space.startswith(WEIGHT_SPACES):  # masks on the base's dense layers: the base's latency, nothing to time
+        if pruning_of(space) == "weights":  # masks on the base's dense layers: the base's latency, nothing to time
             continue
         cols = reader.read(space, ["status", "keep"])
         kept = set(saved_weight_rows(results_path, space))
@@ -298,7 +298,7 @@ def store_latency(results_path: str | os.PathLike, session: dict) -> None:
         return
     store = ResultsStore.open(os.fspath(results_path))
     try:
-        with store._restructure() as f:  # groups and datasets can only be created outside SWMR mode
+        with store.editing() as f:
             root = f.require_group(GROUP)
             g = root.require_group(session["device"])
             sessions = json.loads(g.attrs.get("sessions", "[]"))

@@ -109,7 +109,8 @@ class _ResultsFile:
         """``{model: attrs}`` of the reference networks trained so far (top1, top5, flops, params, train_s, ...)."""
         if REFERENCES not in self._file:
             return {}
-        return {name: {k: _decode_attr(v) for k, v in g.attrs.items()} for name, g in self._file[REFERENCES].items()}
+        refs = ({k: _decode_attr(v) for k, v in g.attrs.items()} for g in self._file[REFERENCES].values())
+        return {str(r.get("model", "")): r for r in refs}
 
     def model_info(self) -> tuple[str, int]:
         """(model name, resolution) as ``/layers`` records them."""

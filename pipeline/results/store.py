@@ -269,6 +269,11 @@ class ResultsStore(_ResultsFile):
             else:
                 self._file.flush()
 
+    def editing(self):
+        """Context manager yielding the ``h5py.File`` for creating groups and datasets of one's own (e.g.
+        ``/latency``): HDF5 creates objects only outside SWMR mode, which this leaves and re-enters."""
+        return self._restructure()
+
     def set_attrs(self, **attrs: Any) -> None:
         """Set root attributes (e.g. ``base_top1`` once the base network is evaluated)."""
         with self._restructure() as f:

@@ -77,23 +77,21 @@ def columns(path: str | os.PathLike, *, wide: bool = False) -> dict[str, np.ndar
     for what in _MATRICES:
         if wide:  # one column per group (weight spaces: per layer, ``recipe.w:<layer>``), NaN for the other kind
             for kind in ("filters", "weights"):
-                mine = [p for p in parts if p["pruning"][0] == kind] if parts else []
+                mine = [p[what] for p in parts if p["pruning"][0] == kind]
                 if not mine:
                     continue
-                width = mine[0][what].shape[1]
+                block = np.concatenate(mine)
+                here = out["pruning"] == kind
+                width = block.shape[1]
                 groups = names[kind] if names[kind] and len(names[kind]) == width else [str(i) for i in range(width)]
                 prefix = f"{what}.w:" if kind == "weights" else f"{what}."
-                matrix = np.full((rows, width), np.nan)
-                start = 0
-                for p in parts:
-                    n = len(p["row"])
-                    if p["pruning"][0] == kind:
-                        matrix[start:start + n] = p[what]
-                    start += n
                 for i, g in enumerate(groups):
-                    column = matrix[:, i]
-                    out[f"{prefix}{g}"] = column.astype(np.float32 if what == "recipe" else np.float64) \
-                        if np.isnan(column).any() else column.astype(np.float32 if what == "recipe" else np.int64)
+                    if here.all():
+                        column = block[:, i].astype(np.float32 if what == "recipe" else np.int64)
+                    else:
+                        column = np.full(rows, np.nan, dtype=np.float32 if what == "recipe" else np.float64)
+                        column[here] = block[:, i]
+                    out[f"{prefix}{g}"] = column
         else:  # one array per row: an object column (pyarrow writes it as a list)
             cells = np.empty(rows, dtype=object)
             cells[:] = [np.asarray(v, dtype=np.float32 if what == "recipe" else p[what].dtype)

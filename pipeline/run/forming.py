@@ -54,3 +54,22 @@ def similar_rows(table, keeps: np.ndarray, k: int, max_waste: float) -> list[int
         widest = np.maximum(widest, units[row])
         total += flops[row]
     return chosen
+
+
+def form_cohorts(table, keeps: np.ndarray, k: int, max_waste: float) -> list[np.ndarray]:
+    """Every row of ``keeps`` in cohorts as the driver forms them one dispatch after another: :func:`similar_rows`
+    on the rows still pending (in line order), those rows removed, until none is left (tools/bench_waste.py)."""
+    pending = np.arange(len(keeps))
+    cohorts = []
+    while len(pending):
+        pos = similar_rows(table, np.asarray(keeps)[pending], k, max_waste)
+        cohorts.append(pending[pos])
+        pending = np.delete(pending, pos)
+    return cohorts
+
+
+def pooled_waste(table, keeps: np.ndarray, cohorts: list[np.ndarray]) -> float:
+    """The padding waste of all ``cohorts`` together: their fused FLOPs over the rows' own FLOPs, minus 1."""
+    keeps = np.asarray(keeps, dtype=np.int64)
+    fused = sum(len(c) * float(table.flops_of(padded_keeps(table, keeps[c])[None])[0]) for c in cohorts)
+    return fused / float(table.flops_of(keeps).sum()) - 1.0

@@ -89,14 +89,10 @@ def needs_base_weights(p) -> bool:
 
 def load_base_model(plan: Plan):
     """The trained base network on the CPU (for the spaces whose recipe depends on its weights)."""
-    from nps.pipeline.network.checkpoints import check_checkpoint
-    from nps.pipeline.network.models import build_model
+    from nps.pipeline.network.checkpoints import load_base_network
 
     m = plan.config.model
-    state = check_checkpoint(m.checkpoint or plan.base_path, m.name, plan.num_classes, plan.in_channels)
-    model = build_model(m.name, num_classes=plan.num_classes, in_channels=plan.in_channels)
-    model.load_state_dict(state)
-    return model.eval()
+    return load_base_network(m.checkpoint or plan.base_path, m.name, plan.num_classes, plan.in_channels)
 
 
 def sample_missing_spaces(store: ResultsStore, plan: Plan, progress=None, base_model=None) -> list[str]:

@@ -221,14 +221,10 @@ class Worker:
 
     def base_model(self, base: BaseWeights):
         if self._base is None or self._base[0] != base.key:
-            from nps.pipeline.network.checkpoints import check_checkpoint
-            from nps.pipeline.network.models import build_model
+            from nps.pipeline.network.checkpoints import load_base_network
 
             s = self.spec
-            state = check_checkpoint(base.open(), self.cfg.model.name, s.num_classes, s.in_channels)
-            model = build_model(self.cfg.model.name, num_classes=s.num_classes, in_channels=s.in_channels)
-            model.load_state_dict(state)
-            self._base = (base.key, model.eval())
+            self._base = (base.key, load_base_network(base.open(), self.cfg.model.name, s.num_classes, s.in_channels))
         return self._base[1]
 
     def base(self, task: BaseTask, base: BaseWeights | None) -> None:
@@ -315,14 +311,15 @@ class Worker:
             raise ValueError("a cohort needs the base network's weights")
         r = self.cfg.retrain
         train, val, _ = self.loaders(r.batch_size, r.train_images)
-        model, table, criterion = self.base_model(base), self.spec.table, task.spec.criterion
-        fusion = Fusion(model, table, np.asarray(task.keep))
+        model, criterion = self.base_model(base), task.spec.criterion
         if pruning_of(task.space) == "weights":  # every member keeps every channel: masks, nothing to fuse
             from nps.pipeline.network.masks import masked_copy
 
-            table, fusion = self.spec.weight_table, None
-            factories = [lambda keep=np.asarray(keep): masked_copy(model, table, keep) for keep in task.keep]
+            wtable, fusion = self.spec.weight_table, None
+            factories = [lambda keep=np.asarray(keep): masked_copy(model, wtable, keep) for keep in task.keep]
         else:
+            table = self.spec.table
+            fusion = Fusion(model, table, np.asarray(task.keep))
             factories = [lambda keep=np.asarray(keep), seed=int(seed): prune_model(model, table, keep, criterion,
                                                                                    seed)
                          for keep, seed in zip(task.keep, task.seeds)]

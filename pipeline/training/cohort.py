@@ -101,13 +101,28 @@ class CohortOutOfMemory(RuntimeError):
         self.unfinished = unfinished
 
 
-class _Member:
-    """One member's training state."""
+class Record:
+    """What a cohort keeps of one member whatever trains it: its place, id, model and scores so far."""
 
-    def __init__(self, position, ident, model, train_model, spec, steps_per_epoch, device, amp_dtype, stream):
+    def __init__(self, position: int, ident, model: nn.Module, bn_top1: float = math.nan):
         self.position = position
         self.id = ident
         self.model = model
+        self.curve: list[float] = []
+        self.train_s = 0.0
+        self.bn_top1 = bn_top1
+        self.final: tuple[float, float, float] | None = None
+        self.epochs_done = 0
+
+    def release(self) -> None:
+        """Drop what training held (nothing here)."""
+
+
+class _Member(Record):
+    """One member's training state: its own optimizer, schedule, stream and device-side flags."""
+
+    def __init__(self, position, ident, model, train_model, spec, steps_per_epoch, device, amp_dtype, stream):
+        super().__init__(position, ident, model)
         self.train_model = train_model
         self.optimizer = make_optimizer(model, spec)
         self.scheduler = make_scheduler(self.optimizer, spec, steps_per_epoch)
@@ -116,11 +131,6 @@ class _Member:
         self.stream = stream
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float32)
         self.fault = torch.full((), _NO_FAULT, device=device, dtype=torch.int64)  # first non-finite step, encoded
-        self.curve: list[float] = []
-        self.train_s = 0.0
-        self.bn_top1 = math.nan
-        self.final: tuple[float, float, float] | None = None
-        self.epochs_done = 0
 
     def stream_context(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
@@ -196,12 +206,13 @@ class Cohort:
         self.check_every = o.check_every or (25 if self.device.type == "cuda" else 1)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
         self.results: dict[int, Result] = {}
-        self.members: list[_Member] = []
-        self.live: list[_Member] = []
+        self.members: list[Record] = []
+        self.live: list[Record] = []
         self.where = "setup"
         self.workers: CpuWorkers | None = None
         self.runner = run_each
         self._epoch_started: float | None = None  # start of the running epoch's training loop
+        self._main_stream = None
 
     def _emit(self, event) -> None:
         if self.on_event is not None:
@@ -247,7 +258,7 @@ class Cohort:
 
     # -- faults ------------------------------------------------------------------------------------------------------
 
-    def fail(self, member: _Member, message: str) -> None:
+    def fail(self, member: Record, message: str) -> None:
         self.live.remove(member)
         if self._epoch_started is not None:
             member.train_s += time.perf_counter() - self._epoch_started
@@ -285,18 +296,48 @@ class Cohort:
             for m in self.live:
                 main_stream.wait_stream(m.stream)  # device-side join; the host runs ahead to the next batch
 
+    # What a subclass that steps the cohort otherwise (training/fused_cohort.py) replaces: how an epoch starts, how a
+    # batch trains every live member, how live members are evaluated, their epoch's mean losses, what an
+    # out-of-memory error leaves to clean up.
+
+    def _start_epoch(self) -> None:
+        for m in self.live:
+            m.model.train()
+            m.loss_sum.zero_()
+        self._main_stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+    def _train_batch(self, x, y, code: int, step: int) -> None:
+        self._step_all(x, y, code, self._main_stream)
+
+    def _evaluate(self, members: list[Record]) -> list[tuple[float, float, float]]:
+        return evaluate_many([m.model for m in members], self.val_loader, self.device, amp_dtype=self.amp_dtype,
+                             channels_last=self.nhwc, runner=self.runner)
+
+    def _epoch_losses(self, step: int) -> dict:
+        return {m.id: m.loss_sum.item() / step for m in self.live}
+
+    def _before_results(self) -> None:
+        """Called once before the live members' final results are made."""
+
+    def _after_oom(self) -> None:
+        # Members whose loss had already gone non-finite stay failed: retrying them would only fail again.
+        try:
+            self.check_faults()
+        except Exception:  # noqa: BLE001 - best effort on a device that just ran out of memory
+            log.debug("could not read the NaN flags after the out-of-memory error", exc_info=True)
+        for m in self.members:
+            m.release()
+        self.members.clear()
+
     def train_epoch(self, epoch: int) -> None:
         """One pass of the training loader, every live member stepping on every batch; then the epoch's event
         (and the evaluation, with ``eval_every_epoch``)."""
         device, epochs = self.device, self.spec.epochs
         self.where = f"training epoch {epoch}"
-        for m in self.live:
-            m.model.train()
-            m.loss_sum.zero_()
+        self._start_epoch()
         images, step = 0, 0
         t_epoch = t_report = time.perf_counter()
         self._epoch_started = t_epoch
-        main_stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         set_epoch(self.train_loader, epoch - 1)
         for x, y in self.train_loader:
             step += 1
@@ -305,7 +346,7 @@ class Cohort:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
             images += y.shape[0]
-            self._step_all(x, y, epoch * _FAULT_SHIFT + step, main_stream)
+            self._train_batch(x, y, epoch * _FAULT_SHIFT + step, step)
             if step % self.check_every == 0:
                 self.check_faults()
                 if not self.live:
@@ -328,15 +369,12 @@ class Cohort:
         val_top1 = {}
         if self.options.eval_every_epoch and self.live:
             self.where = f"evaluation after epoch {epoch}"
-            scores = evaluate_many([m.model for m in self.live], self.val_loader, device, amp_dtype=self.amp_dtype,
-                                   channels_last=self.nhwc, runner=self.runner)
-            for m, (top1, top5, loss) in zip(self.live, scores):
-                m.curve.append(top1)
-                m.final = (top1, top5, loss)
+            for m, score in zip(self.live, self._evaluate(self.live)):
+                m.curve.append(score[0])
+                m.final = score
             val_top1 = {m.id: m.curve[-1] for m in self.live}
         self._emit(EpochEnded(epoch, epochs, step, len(self.live), elapsed,
-                              images * len(self.live) / max(elapsed, 1e-9),
-                              {m.id: m.loss_sum.item() / step for m in self.live}, val_top1))
+                              images * len(self.live) / max(elapsed, 1e-9), self._epoch_losses(step), val_top1))
 
     def finish(self) -> None:
         """The final evaluation (unless every epoch was evaluated) and every live member's result."""
@@ -344,10 +382,9 @@ class Cohort:
             return
         self.where = "final evaluation"
         if not (self.options.eval_every_epoch and self.spec.epochs > 0):
-            scores = evaluate_many([m.model for m in self.live], self.val_loader, self.device,
-                                   amp_dtype=self.amp_dtype, channels_last=self.nhwc, runner=self.runner)
-            for m, score in zip(self.live, scores):
+            for m, score in zip(self.live, self._evaluate(self.live)):
                 m.final = score
+        self._before_results()
         for m in list(self.live):
             top1, top5, loss = m.final
             model_out = None
@@ -380,14 +417,7 @@ class Cohort:
                 self.workers.close()
         if oom:
             # Out of the except block, so the traceback (and the frames holding activations) is already gone.
-            # Members whose loss had already gone non-finite stay failed: retrying them would only fail again.
-            try:
-                self.check_faults()
-            except Exception:  # noqa: BLE001 - best effort on a device that just ran out of memory
-                log.debug("could not read the NaN flags after the out-of-memory error", exc_info=True)
-            for m in self.members:
-                m.release()
-            self.members.clear()
+            self._after_oom()
             unfinished = [pos for pos in range(self.k) if pos not in self.results]
             raise CohortOutOfMemory(dict(self.results), unfinished, self.where)
         return [self.results[pos] for pos in range(self.k)]

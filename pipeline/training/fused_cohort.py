@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -31,19 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nps.pipeline.errors import NpsError
-from nps.pipeline.row_status import RowStatus
-from nps.pipeline.training.cohort import (
-    _FAULT_SHIFT,
-    _NO_FAULT,
-    CohortOptions,
-    CohortOutOfMemory,
-    ids_for,
-    set_epoch,
-    steps_per_epoch,
-)
-from nps.pipeline.training.devices import resolve_amp, resolve_channels_last
+from nps.pipeline.training.cohort import _FAULT_SHIFT, _NO_FAULT, Cohort, CohortOptions, Record, set_epoch
 from nps.pipeline.training.evaluation import _batches, adaptive_bn_many
-from nps.pipeline.training.events import EpochEnded, MemberFinished, MemberStarted, Result, StepProgress
+from nps.pipeline.training.events import MemberStarted, Result
 from nps.pipeline.training.fuse import FusedNetwork, fuse
 from nps.pipeline.training.schedule import autocast_context, make_optimizer, make_scheduler, reinitialize
 from nps.pipeline.training.spec import RetrainSpec
@@ -105,46 +94,22 @@ class CohortSpoiled(RuntimeError):
         self.finished, self.unfinished = finished, unfinished
 
 
-class FusedCohort:
-    """The members of one cohort trained as one fused module (see the module docstring); the same interface and
-    events as :class:`~nps.pipeline.training.cohort.Cohort`."""
+class FusedCohort(Cohort):
+    """The members of one cohort trained as one fused module (see the module docstring): a
+    :class:`~nps.pipeline.training.cohort.Cohort` whose set-up fuses the members and whose batch is one step of
+    the fused module; the epochs, faults, events and results are the cohort's."""
 
     def __init__(self, models: Sequence[nn.Module], train_loader: Iterable, val_loader: Iterable, spec: RetrainSpec,
                  device: torch.device | str = "cpu", *, fusion: Fusion, ids: Sequence[Any] | None = None,
                  seeds: Sequence[int] | None = None, options: CohortOptions | None = None, on_event=None):
-        spec.check()
-        self.models, self.spec, self.fusion = list(models), spec, fusion
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self.device = torch.device(device)
-        self.options = options or CohortOptions()
-        self.on_event = on_event
-        self.k = len(self.models)
-        self.ids = ids_for(self.models, ids)
-        if seeds is not None and len(seeds) != self.k:
-            raise ValueError(f"got {self.k} models but {len(seeds)} seeds")
+        super().__init__(models, train_loader, val_loader, spec, device, ids=ids, seeds=seeds, options=options,
+                         on_event=on_event)
         if len(fusion.keeps) != self.k:
             raise ValueError(f"got {self.k} models but {len(fusion.keeps)} keep vectors")
-        self.seeds = seeds
-        o = self.options
-        self.amp_dtype = resolve_amp(o.amp, self.device, self.models)
-        self.nhwc = resolve_channels_last(o.channels_last, self.device)
-        self.steps = steps_per_epoch(train_loader, o.steps_per_epoch) if spec.epochs > 0 else 1
-        self.check_every = o.check_every or 1  # every step: a failed member is zeroed before it can spread NaN
-        self.results: dict[int, Result] = {}
-        self.live = list(range(self.k))
-        self.where = "setup"
+        self.fusion = fusion
+        self.check_every = self.options.check_every or 1  # every step: a failed member is zeroed before it spreads
         self.net: FusedNetwork | None = None
-        self.curves: list[list[float]] = [[] for _ in range(self.k)]
-        self.train_s = [0.0] * self.k
-        self.epochs_done = [0] * self.k
-        self.bn_top1 = [math.nan] * self.k
-        self.final: dict[int, tuple[float, float, float]] = {}
-        self._epoch_started: float | None = None
         self._graph = None  # the captured CUDA graph step, when there is one
-
-    def _emit(self, event) -> None:
-        if self.on_event is not None:
-            self.on_event(event)
 
     # -- set-up ------------------------------------------------------------------------------------------------------
 
@@ -158,14 +123,14 @@ class FusedCohort:
             self.net.to(memory_format=torch.channels_last)
         for ident in self.ids:
             self._emit(MemberStarted(ident, self.k))
+        bn_top1 = [math.nan] * self.k
         if self.options.bn_images > 0:
             self.where = "adaptive BN"
             set_epoch(self.train_loader, 0)
             adaptive_bn_many([self.net], self.train_loader, device, num_images=self.options.bn_images,
                              amp_dtype=self.amp_dtype, channels_last=self.nhwc)
-            scores = evaluate_fused(self.net, self.val_loader, device, amp_dtype=self.amp_dtype,
-                                    channels_last=self.nhwc)
-            self.bn_top1 = [s[0] for s in scores]
+            bn_top1 = [s[0] for s in evaluate_fused(self.net, self.val_loader, device, amp_dtype=self.amp_dtype,
+                                                    channels_last=self.nhwc)]
         if self.spec.method == "scratch":
             for pos, model in enumerate(self.models):
                 reinitialize(model, seed=None if self.seeds is None else int(self.seeds[pos]))
@@ -181,6 +146,8 @@ class FusedCohort:
         self.loss_sum = torch.zeros(self.k, device=device, dtype=torch.float32)
         use_scaler = device.type == "cuda" and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+        self.members = [Record(pos, self.ids[pos], model, bn_top1[pos]) for pos, model in enumerate(self.models)]
+        self.live = list(self.members)
 
     # -- a step ------------------------------------------------------------------------------------------------------
 
@@ -222,139 +189,69 @@ class FusedCohort:
                 if p.grad is not None:
                     p.grad.mul_(m)
 
-    def fail(self, m: int, message: str) -> None:
-        self.live.remove(m)
-        if self._epoch_started is not None:
-            self.train_s[m] += time.perf_counter() - self._epoch_started
+    def _train_batch(self, x, y, code: int, step: int) -> None:
+        if self._graph and self._graph.fits(x, y):
+            self._graph.replay(x, y, code, self.scheduler.get_last_lr()[0])
+        elif self.device.type == "cuda" and self.options.cuda_graphs and self._graph is None and step >= 3:
+            self._graph = CapturedStep.capture(self, x, y, code)  # this step runs once, while capturing
+            if self._graph is None:
+                self._graph = False  # captured once or never: eager from now on
+        else:
+            self._step(x, y, code)
+        self.scheduler.step()
+
+    # -- faults ------------------------------------------------------------------------------------------------------
+
+    def fail(self, member: Record, message: str) -> None:
+        """The member stops alone: its loss weight goes to zero, its parameters, statistics and momentum too."""
         with torch.no_grad():
-            self.alive[m] = 0.0
+            self.alive[member.position] = 0.0
         momentum = [self.optimizer.state.get(t, {}).get("momentum_buffer") for t in self.net.tensors()]
-        self.net.zero_member(m, momentum)
-        self.results[m] = Result(self.ids[m], RowStatus.FAILED, bn_top1=self.bn_top1[m], curve=list(self.curves[m]),
-                                 train_s=self.train_s[m], error=message, epochs_done=self.epochs_done[m],
-                                 cohort_size=self.k)
-        log.info("subnetwork %s failed: %s", self.ids[m], message)
-        self._emit(MemberFinished(self.results[m]))
+        self.net.zero_member(member.position, momentum)
+        super().fail(member, message)
 
     def check_faults(self) -> None:
         if not self.live:
             return
         codes = self.fault.tolist()  # one host sync for the whole cohort
-        failed = [m for m in self.live if codes[m] != _NO_FAULT]
+        failed = [m for m in self.live if codes[m.position] != _NO_FAULT]
         for m in failed:
-            epoch, step = divmod(codes[m], _FAULT_SHIFT)
+            epoch, step = divmod(codes[m.position], _FAULT_SHIFT)
             self.fail(m, f"loss became nan/inf at epoch {epoch} step {step}")
         if failed:  # the others' weights must still be finite: NaN in a member's activations can cross groups
-            spoiled = [m for m in self.live if not all(bool(torch.isfinite(p.fused.detach()[p.at(m)]).all())
-                                                       for p in self.net._params)]
+            spoiled = [m for m in self.live
+                       if not all(bool(torch.isfinite(p.fused.detach()[p.at(m.position)]).all())
+                                  for p in self.net._params)]
             if spoiled:
                 raise CohortSpoiled(dict(self.results), [m for m in range(self.k) if m not in self.results],
-                                    f"member {self.ids[failed[0]]}'s NaN reached {len(spoiled)} others")
+                                    f"member {failed[0].id}'s NaN reached {len(spoiled)} others")
 
-    # -- training ----------------------------------------------------------------------------------------------------
+    # -- the cohort's hooks ------------------------------------------------------------------------------------------
 
-    def train_epoch(self, epoch: int) -> None:
-        device, epochs = self.device, self.spec.epochs
-        self.where = f"training epoch {epoch}"
+    def _start_epoch(self) -> None:
         self.net.train()
         self.loss_sum.zero_()
-        images, step = 0, 0
-        t_epoch = t_report = time.perf_counter()
-        self._epoch_started = t_epoch
-        set_epoch(self.train_loader, epoch - 1)
-        for x, y in self.train_loader:
-            step += 1
-            x = x.to(device, non_blocking=True)
-            if self.nhwc and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            images += y.shape[0]
-            code = epoch * _FAULT_SHIFT + step
-            if self._graph and self._graph.fits(x, y):
-                self._graph.replay(x, y, code, self.scheduler.get_last_lr()[0])
-            elif device.type == "cuda" and self.options.cuda_graphs and self._graph is None and step >= 3:
-                self._graph = CapturedStep.capture(self, x, y, code)  # this step runs once, while capturing
-                if self._graph is None:
-                    self._graph = False  # captured once or never: eager from now on
-            else:
-                self._step(x, y, code)
-            self.scheduler.step()
-            if step % self.check_every == 0:
-                self.check_faults()
-                if not self.live:
-                    break
-            now = time.perf_counter()
-            if self.on_event is not None and now - t_report >= self.options.progress_s:
-                t_report = now
-                self._emit(StepProgress(epoch, epochs, step, self.steps, len(self.live),
-                                        images * len(self.live) / max(now - t_epoch, 1e-9)))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t_epoch
-        self.check_faults()
-        self._epoch_started = None
-        for m in self.live:
-            self.train_s[m] += elapsed
-            self.epochs_done[m] = epoch
-        if step == 0:
-            raise NpsError("the training loader yielded no batches")
-        val_top1 = {}
-        if self.options.eval_every_epoch and self.live:
-            self.where = f"evaluation after epoch {epoch}"
-            scores = evaluate_fused(self.net, self.val_loader, device, amp_dtype=self.amp_dtype,
-                                    channels_last=self.nhwc)
-            for m in self.live:
-                self.curves[m].append(scores[m][0])
-                self.final[m] = scores[m]
-            val_top1 = {self.ids[m]: self.curves[m][-1] for m in self.live}
-        sums = self.loss_sum.tolist()
-        self._emit(EpochEnded(epoch, epochs, step, len(self.live), elapsed,
-                              images * len(self.live) / max(elapsed, 1e-9),
-                              {self.ids[m]: sums[m] / step for m in self.live}, val_top1))
 
-    def finish(self) -> None:
-        if not self.live:
-            return
-        self.where = "final evaluation"
-        if not (self.options.eval_every_epoch and self.spec.epochs > 0):
-            scores = evaluate_fused(self.net, self.val_loader, self.device, amp_dtype=self.amp_dtype,
-                                    channels_last=self.nhwc)
-            for m in self.live:
-                self.final[m] = scores[m]
+    def _evaluate(self, members: list[Record]) -> list[tuple[float, float, float]]:
+        scores = evaluate_fused(self.net, self.val_loader, self.device, amp_dtype=self.amp_dtype,
+                                channels_last=self.nhwc)
+        return [scores[m.position] for m in members]
+
+    def _epoch_losses(self, step: int) -> dict:
+        sums = self.loss_sum.tolist()
+        return {m.id: sums[m.position] / step for m in self.live}
+
+    def _before_results(self) -> None:
         if self.options.keep_models:
             self.net.write_back()
-        for m in list(self.live):
-            top1, top5, loss = self.final[m]
-            model_out = None
-            if self.options.keep_models:
-                model_out = self.models[m].to("cpu", memory_format=torch.contiguous_format)
-            self.results[m] = Result(self.ids[m], RowStatus.DONE, top1=top1, top5=top5, loss=loss,
-                                     bn_top1=self.bn_top1[m], curve=list(self.curves[m]), train_s=self.train_s[m],
-                                     epochs_done=self.spec.epochs, cohort_size=self.k, model=model_out)
-            self._emit(MemberFinished(self.results[m]))
-        self.live.clear()
+
+    def _after_oom(self) -> None:
+        self._graph = self.net = None
 
     def run(self) -> list[Result]:
-        """Set up, train, finish; the results in the order of the models. Raises
-        :class:`~nps.pipeline.training.fuse.FuseUnsupported` before any training when the members cannot be fused,
-        :class:`~nps.pipeline.training.cohort.CohortOutOfMemory` on a CUDA out-of-memory error."""
-        if self.k == 0:
-            return []
-        oom = False
-        try:
-            self.set_up()
-            for epoch in range(1, self.spec.epochs + 1):
-                if not self.live:
-                    break
-                self.train_epoch(epoch)
-            self.finish()
-        except torch.cuda.OutOfMemoryError:
-            oom = True
-        if oom:
-            self._graph = self.net = None
-            unfinished = [pos for pos in range(self.k) if pos not in self.results]
-            raise CohortOutOfMemory(dict(self.results), unfinished, self.where)
-        return [self.results[pos] for pos in range(self.k)]
+        """As :meth:`Cohort.run`; also raises :class:`~nps.pipeline.training.fuse.FuseUnsupported` before any
+        training when the members cannot be fused, and :class:`CohortSpoiled` when a member's NaN reached others."""
+        return super().run()
 
 
 class CapturedStep:
