@@ -114,7 +114,8 @@ n = {n}
 def test_model_pruning_weights_makes_every_space_a_weight_space():
     cfg = parse_config(EXPERIMENT.format(pruning="weights", space="std-0.05", n=4))
     planned = check_spaces(cfg)
-    assert [p.key for p in planned] == ["weights:std-0.05@c_flops=0.3"]  # no filter baseline for weight spaces
+    # no filter baseline for weight spaces: their own, weights:uniform
+    assert [p.key for p in planned] == ["weights:std-0.05@c_flops=0.3", "weights:uniform@c_flops=0.3"]
     assert cfg.references[0].model == "resnet32" and cfg.references[0].epochs == 0
 
 
@@ -193,7 +194,7 @@ keep_weights = "all"
     results = tmp_path / "run" / "results.h5"
     with open_readonly(results) as r:
         assert sorted(r.spaces()) == ["baseline@c_flops=0.4", "std-0.05@c_flops=0.4", "weights:global@c_flops=0.4",
-                                      "weights:std-0.05@c_flops=0.4"]
+                                      "weights:std-0.05@c_flops=0.4", "weights:uniform@c_flops=0.4"]
         for space in r.spaces():
             cols = r.read(space, ["status", "c_flops", "keep"])
             assert np.all(cols["status"] == 2), space

@@ -35,9 +35,9 @@ class Plan:
 
     def table_for(self, key: str):
         """The table a space's keep vectors count in: the weight table for a weight space, else the layer table."""
-        from nps.kernels.spaces import pruning_of
+        from nps.pipeline.network.pruning_kind import kind_of
 
-        return self.weight_table if pruning_of(key) == "weights" else self.table
+        return kind_of(key).table(self.table, self.weight_table)
 
 
 def default_resolution(meta: dict) -> int:
@@ -60,6 +60,7 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
     from nps.kernels.errors import SamplerError
     from nps.kernels.spaces import check_feasible
     from nps.pipeline.experiment import preflight
+    from nps.pipeline.experiment.sampling import check_plan_memory
     from nps.pipeline.network.layer_table import build_layer_table
 
     check_config(cfg)
@@ -120,6 +121,7 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
     preflight.check_output_dir(out)
     plan = Plan(cfg, meta, table, resolution, in_channels, num_classes, spaces, checkpoint,
                 os.path.join(out, "results.h5"), base_path, weight_table)
+    check_plan_memory(plan)  # before check_disk, whose estimate walks every row
     preflight.check_disk(plan, _done_rows(plan.results_path))
     return plan
 

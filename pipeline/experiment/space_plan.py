@@ -7,8 +7,10 @@ space each, in file order. Three kinds of planned space:
 - ``sampled``: a pruning space in a regime (``std-0.05@c_flops=0.25``), its recipes drawn by the samplers;
 - ``ratios`` (``name = "ratios"``, ``ratios = [0.25, 0.5, 0.75, 0.9]``): the paper's §2 studies, every group at one
   uniform ratio, ``n`` rows per ratio (Fig. 1, :mod:`nps.pipeline.results.retraining_study`);
-- ``baseline`` (``[experiment] baseline``, on by default): per regime of the sampled spaces, one row at the uniform
-  ratio whose integer counts come closest to the target, trained like every other row (paper §3.1's reference).
+- ``baseline`` (``[experiment] baseline``, on by default): per regime of the sampled filter spaces, one row at the
+  uniform ratio whose integer counts come closest to the target, trained like every other row (paper §3.1's
+  reference). A regime's weight spaces get their own uniform baseline, ``weights:uniform`` (one sampled row), so
+  that a weight space is never measured against a filter baseline.
 
 Every planned space carries its :class:`~nps.pipeline.training.spec.SpaceSpec` (the experiment's ``[retrain]`` and
 ``model.criterion`` with this space's overrides), which is stored on its group in results.h5: the driver trains each
@@ -22,8 +24,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from nps.kernels.spaces import RATIOS, WEIGHTS
+from nps.kernels.spaces import RATIOS
 from nps.pipeline.errors import NpsError
+from nps.pipeline.network.pruning_kind import WEIGHTS
 from nps.pipeline.training.spec import SpaceSpec
 
 OVERRIDES = ("criterion", "method", "epochs")
@@ -106,8 +109,8 @@ def expand(cfg) -> list[PlannedSpace]:
                         continue
                     target = "c_flops" if s.c_flops else "c_params"
                     space_name = s.name
-                    if cfg.model.pruning == "weights" and not space_name.startswith(WEIGHTS):
-                        space_name, name = WEIGHTS + space_name, WEIGHTS + name
+                    if cfg.model.pruning == WEIGHTS.name and not space_name.startswith(WEIGHTS.prefix):
+                        space_name, name = WEIGHTS.space_name(space_name), WEIGHTS.space_name(name)
                     for value in getattr(s, target):
                         try:
                             space = parse_space(space_name, target, value, delta=s.delta, R=s.R, sigma=s.sigma or None)
@@ -121,15 +124,28 @@ def expand(cfg) -> list[PlannedSpace]:
 
 
 def baselines(planned: list[PlannedSpace], spec: SpaceSpec) -> list[PlannedSpace]:
-    """One baseline per regime of the sampled spaces (its tolerance and R from the first space there)."""
-    from nps.kernels.spaces import BASELINE, space_key
+    """One uniform baseline per regime and kind of pruning: for filter spaces the ``baseline`` row (the uniform
+    ratio nearest the target on integer channels), for weight spaces ``weights:uniform`` (one row, the same
+    sparsity in every layer) unless the experiment already has it in that regime. Tolerance and R come from the
+    first space of the regime; a kind is only ever compared with its own baseline."""
+    from nps.kernels.spaces import BASELINE, parse_space, space_key
+    from nps.pipeline.network.pruning_kind import FILTERS
 
-    seen: dict[tuple, PlannedSpace] = {}
-    for p in planned:  # weight spaces have their own uniform recipe: weights:uniform
-        if p.kind == "sampled" and p.space.pruning == "filters" and (p.target, p.value) not in seen:
-            seen[(p.target, p.value)] = p
-    return [PlannedSpace(p.index, space_key(BASELINE, p.target, p.value), "baseline", spec, 1, target=p.target,
-                         value=p.value, delta=p.delta, R=p.R) for p in seen.values()]
+    firsts: dict[tuple, PlannedSpace] = {}
+    given = {p.key for p in planned}
+    for p in planned:
+        if p.kind == "sampled":
+            firsts.setdefault((p.space.pruning, p.target, p.value), p)
+    out = []
+    for (kind, target, value), p in firsts.items():
+        if kind == FILTERS.name:
+            out.append(PlannedSpace(p.index, space_key(BASELINE, target, value), "baseline", spec, 1, target=target,
+                                    value=value, delta=p.delta, R=p.R))
+        elif space_key(WEIGHTS.baseline_space, target, value) not in given:
+            space = parse_space(WEIGHTS.baseline_space, target, value, delta=p.delta, R=p.R)
+            out.append(PlannedSpace(p.index, space.key, "sampled", spec, 1, space, target, float(value), p.delta,
+                                    p.R))
+    return out
 
 
 def check(cfg) -> list[PlannedSpace]:

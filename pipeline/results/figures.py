@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nps.pipeline.results.stats import fit_from_dict
+from nps.pipeline.results.stats import MIN_INTERVAL_N, fit_from_dict
 
 _LABELS = {
     "std": "std(r): std of the recipe's pruning ratios over groups",
@@ -30,7 +30,7 @@ _DROP_SHORT = "accuracy drop (percentage points)"
 _UNIFORM = "#ff7f0e"
 # Below this many subnetworks a 95 % EDF band covers most of [0, 1] and only hides the other spaces' curves: the
 # band is left out of the figure (it is still in summary.json).
-MIN_BAND_N = 10
+MIN_BAND_N = MIN_INTERVAL_N
 
 
 def _figure(width: float, height: float):
@@ -69,15 +69,16 @@ def _regime_title(summary: dict, reg: dict) -> str:
     if extra:
         status += f" ({', '.join(extra)})"
     delta = f"{reg['delta']:g}" if reg.get("delta") is not None else "δ"
-    return f"{what} pruned to {reg['key']} ± {delta}  ·  {base}  ·  {status}"
+    how = "weights pruned" if reg.get("pruning") == "weights" else "filters pruned"
+    return f"{what}, {how} to {reg['key']} ± {delta}  ·  {base}  ·  {status}"
 
 
 _MAX_BARS = 40  # up to this many groups the winning recipes are bars, beyond it lines
 _MAX_TICKS = 45  # group names shown on the recipe axis; beyond it every k-th group is labelled
 
 
-def _group_ticks(ax, names: list[str]) -> None:
-    """Group names on the x axis: without their common prefix, and every k-th one when there are many."""
+def _group_ticks(ax, names: list[str], unit: str = "group") -> None:
+    """Group (or layer) names on the x axis: without their common prefix, and every k-th one when there are many."""
     G = len(names)
     parts = [n.split(".") for n in names]
     common = 0
@@ -87,31 +88,39 @@ def _group_ticks(ax, names: list[str]) -> None:
     step = max(1, -(-G // _MAX_TICKS))
     ticks = np.arange(0, G, step)
     ax.set_xticks(ticks, [names[i][len(prefix):] for i in ticks], rotation=90, fontsize=8 if G <= _MAX_BARS else 7)
-    label = "prunable channel group (network order"
-    label += f"; one in {step} of the {G} groups labelled" if step > 1 else ""
+    label = "prunable channel group (network order" if unit == "group" else "prunable layer (network order"
+    label += f"; one in {step} of the {G} {unit}s labelled" if step > 1 else ""
     label += f"; names after '{prefix}'" if prefix else ""
     ax.set_xlabel(label + ")")
 
 
-def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
-    fig = _figure(14, 17)
-    gs = fig.add_gridspec(4, 2, height_ratios=[1.25, 1, 1, 1.15])
-    fig.suptitle(_regime_title(summary, reg), fontsize=13, fontweight="bold")
-    spaces = [s for s in reg["spaces"] if s["n"]]
-    uni = reg.get("uniform")
-    comp = reg.get("comparison")
+def uniform_label(uni: dict) -> str:
+    """What the one uniform reference of a regime is: the trained baseline row, or a computed recipe."""
+    if uni.get("trained"):
+        return "uniform baseline (trained)"
+    return "uniform recipe (computed, not trained)"
 
-    ax = fig.add_subplot(gs[0, 0])
+
+def beats_text(b: dict | None) -> str:
+    """``beats the baseline``: a fraction with its interval where n supports one, else the count."""
+    if not b:
+        return ""
+    if b.get("ci") is None:
+        return f"{b.get('wins', round(b['fraction'] * b['n']))} of {b['n']}"
+    return f"{percent(b['fraction'])} [{percent(b['ci'][0])}, {percent(b['ci'][1])}]"
+
+
+def _edf_panel(ax, summary: dict, reg: dict, spaces: list[dict], colors: dict) -> None:
     grid = np.asarray(reg["edf_grid"], dtype=float)
     baseline = reg.get("baseline") or {}
+    comp = reg.get("comparison")
     for s in spaces:
         e = s["edf"]
         label = f"{s['space']}: n={s['n']}, mean drop {s['drop']['mean']:.2f} pp"
         if comp:
             label += f", P(highest EDF)={comp['prob_best'][s['space']]:.2f}"
         if s.get("beats_baseline"):
-            b = s["beats_baseline"]
-            label += f", beats the baseline: {percent(b['fraction'])} [{percent(b['ci'][0])}, {percent(b['ci'][1])}]"
+            label += f", beats the baseline: {beats_text(s['beats_baseline'])}"
         if s["n"] >= MIN_BAND_N:
             ax.fill_between(grid, np.asarray(e["lo"], float), np.asarray(e["hi"], float), color=colors[s["space"]],
                             alpha=0.18, linewidth=0, step="post")
@@ -121,9 +130,9 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
     if grid.size and grid[0] < 0 < grid[-1]:
         ax.axvline(0, color="0.5", linewidth=0.8, linestyle=":")
     if baseline.get("n"):
-        ax.axvline(baseline["acc_drop"], color="black", linewidth=1.6, linestyle="--",
-                   label=f"uniform baseline (r = {baseline_ratio(baseline):.3f}, trained): drop "
-                         f"{baseline['acc_drop']:.2f} pp")
+        what = f"{baseline['space']}, n={baseline['n']}: mean drop" if baseline["n"] > 1 else f"{baseline['space']}: drop"
+        ax.axvline(baseline["acc_drop"], color=_UNIFORM, linewidth=1.8, linestyle="--",
+                   label=f"uniform baseline (trained; {what} {baseline['acc_drop']:.2f} pp)")
     banded = any(s["n"] >= MIN_BAND_N for s in spaces)
     ax.set_title(f"Accuracy-drop EDF (shaded: {band_text(summary)} bootstrap band)" if banded else "Accuracy-drop EDF")
     ax.set_xlabel(_DROP)
@@ -133,30 +142,32 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8.5, frameon=False)
     ax.grid(alpha=0.3)
 
-    slots = {"std": gs[0, 1], "c_flops": gs[1, 0], "c_params": gs[1, 1], "mcb": gs[2, 0]}
-    for field, slot in slots.items():
-        ax = fig.add_subplot(slot)
-        edges = np.asarray(reg["hist_edges"][field], dtype=float)
-        for s in spaces:
-            counts = np.asarray(s["hist"][field], dtype=float)
-            ax.stairs(counts, edges, color=colors[s["space"]], linewidth=2, label=s["space"])
-            ax.stairs(counts, edges, color=colors[s["space"]], alpha=0.12, fill=True)
-        if uni and field in uni:
-            label = f"uniform recipe ({uni[field]:.4g})"
-            if field == reg["target"] and reg.get("delta") is not None \
-                    and abs(uni[field] - reg["value"]) > reg["delta"]:
-                label = f"uniform recipe ({uni[field]:.4g}: rounding to\ninteger channels misses ±{reg['delta']:g})"
-            ax.axvline(uni[field], color=_UNIFORM, linestyle="--", linewidth=1.6, label=label)
-        if field == "mcb":
-            ax.axvline(1.0, color="0.4", linestyle=":", linewidth=1, label="base network (1.0)")
-        ax.set_title(_TITLES[field])
-        ax.set_xlabel(_LABELS[field])
-        ax.set_ylabel("subnetworks (count)")
-        ax.ticklabel_format(axis="x", useOffset=False)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
 
-    ax = fig.add_subplot(gs[2, 1])
+def _hist_panel(ax, reg: dict, spaces: list[dict], field: str, colors: dict) -> None:
+    uni = reg.get("uniform")
+    edges = np.asarray(reg["hist_edges"][field], dtype=float)
+    for s in spaces:
+        counts = np.asarray(s["hist"][field], dtype=float)
+        ax.stairs(counts, edges, color=colors[s["space"]], linewidth=2, label=s["space"])
+        ax.stairs(counts, edges, color=colors[s["space"]], alpha=0.12, fill=True)
+    if uni and field in uni:
+        label = f"{uniform_label(uni)}: {uni[field]:.4g}"
+        if field == reg["target"] and reg.get("delta") is not None and abs(uni[field] - reg["value"]) > reg["delta"]:
+            label += f"\n(rounding to integer channels misses ±{reg['delta']:g})"
+        ax.axvline(uni[field], color=_UNIFORM, linestyle="--", linewidth=1.6, label=label)
+    if field == "mcb":
+        ax.axvline(1.0, color="0.4", linestyle=":", linewidth=1, label="base network (1.0)")
+    ax.set_title(_TITLES[field])
+    ax.set_xlabel(_LABELS[field])
+    ax.set_ylabel("subnetworks (count)")
+    ax.ticklabel_format(axis="x", useOffset=False)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _drop_mcb_panel(ax, reg: dict, spaces: list[dict], colors: dict) -> None:
+    uni = reg.get("uniform")
+    baseline = reg.get("baseline") or {}
     dot = 12 if reg["n"] > 150 else 28
     for s in spaces:
         f = s["finished"]
@@ -165,72 +176,76 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
         w = s["winner"]
         ax.scatter([w["mcb"]], [w["acc_drop"]], marker="*", s=260, color=colors[s["space"]], edgecolors="black",
                    linewidths=0.8, zorder=5)
-    if uni:
-        ax.axvline(uni["mcb"], color=_UNIFORM, linestyle="--", linewidth=1.6, label="uniform recipe's mCB")
-    ax.set_title("Accuracy drop vs mCB  (★ the winner of each space)")
+    if baseline.get("n"):
+        ax.scatter([baseline["mcb"]], [baseline["acc_drop"]], marker="D", s=70, color=_UNIFORM, edgecolors="black",
+                   linewidths=0.8, zorder=6, label=f"uniform baseline (trained): mCB {baseline['mcb']:.3f}")
+    elif uni:
+        ax.axvline(uni["mcb"], color=_UNIFORM, linestyle="--", linewidth=1.6,
+                   label=f"{uniform_label(uni)}: mCB {uni['mcb']:.3f}")
+    best = reg.get("winner")
+    title = "Accuracy drop vs mCB  (★ the winner of each space)"
+    if best:
+        title += f"\nbest of the regime: {best['space']} row {best['row']}, drop {best['acc_drop']:.2f} pp"
+    ax.set_title(title)
     ax.set_xlabel(_LABELS["mcb"])
     ax.set_ylabel(_DROP_SHORT)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 
-    ax = fig.add_subplot(gs[3, :])
-    _winning_recipes(ax, summary, spaces, uni, colors)
+
+def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
+    fig = _figure(14, 17)
+    gs = fig.add_gridspec(4, 2, height_ratios=[1.25, 1, 1, 1.15])
+    fig.suptitle(_regime_title(summary, reg), fontsize=13, fontweight="bold")
+    spaces = [s for s in reg["spaces"] if s["n"]]
+    _edf_panel(fig.add_subplot(gs[0, 0]), summary, reg, spaces, colors)
+    slots = {"std": gs[0, 1], "c_flops": gs[1, 0], "c_params": gs[1, 1], "mcb": gs[2, 0]}
+    for field, slot in slots.items():
+        _hist_panel(fig.add_subplot(slot), reg, spaces, field, colors)
+    _drop_mcb_panel(fig.add_subplot(gs[2, 1]), reg, spaces, colors)
+    _winning_recipes(fig.add_subplot(gs[3, :]), summary, reg, spaces, colors)
     fig.savefig(path, dpi=100)
 
 
-def _winning_recipes(ax, summary: dict, spaces: list[dict], uni: dict | None, colors: dict) -> None:
-    """The winning recipe of each space: a filter space's ratios per group (bars, or lines for many groups); a
-    weight space's sparsity per prunable layer (lines, on the top axis when filter spaces share the panel)."""
-    from nps.kernels.spaces import pruning_of
-
-    filters = [s for s in spaces if pruning_of(s["space"]) == "filters"]
-    weights = [s for s in spaces if pruning_of(s["space"]) == "weights"]
+def _winning_recipes(ax, summary: dict, reg: dict, spaces: list[dict], colors: dict) -> None:
+    """The winning recipe of each space of one regime: a filter space's ratios per channel group, a weight space's
+    sparsity per prunable layer (a regime holds one kind, so one axis); bars, or lines for many entries."""
+    weights = reg.get("pruning") == "weights"
+    unit, what = ("layer", "sparsity of the layer") if weights else ("group", "pruning ratio r of the group")
+    uni = reg.get("uniform")
 
     def label(s: dict) -> str:
         w = s["winner"]
         return f"{s['space']}: row {w['row']}, drop {w['acc_drop']:.2f}, std(r) {w['std']:.3f}, mCB {w['mcb']:.3f}"
 
-    if filters:
-        names = (summary.get("model") or {}).get("groups")
-        G = len(filters[0]["winner"]["recipe"])
-        names = names if names and len(names) == G else [str(i) for i in range(G)]
-        width = 0.8 / len(filters)
-        x = np.arange(G)
-        for i, s in enumerate(filters):
-            recipe = np.asarray(s["winner"]["recipe"], float)
-            if G <= _MAX_BARS:
-                ax.bar(x - 0.4 + width * (i + 0.5), recipe, width, color=colors[s["space"]], label=label(s))
-            else:  # many groups: one line per space reads better than bars a pixel wide
-                ax.plot(x, recipe, marker="o", markersize=2.5, linewidth=1.0, color=colors[s["space"]],
-                        label=label(s))
-        if uni:
-            ax.axhline(uni["ratio"], color=_UNIFORM, linestyle="--", linewidth=1.6,
-                       label=f"uniform ratio meeting the target ({uni['ratio']:.3f})")
-        _group_ticks(ax, names)
+    G = len(spaces[0]["winner"]["recipe"]) if spaces else 0
+    names = (summary.get("model") or {}).get("layers" if weights else "groups")
+    names = names if names and len(names) == G else [str(i) for i in range(G)]
+    width = 0.8 / max(1, len(spaces))
+    x = np.arange(G)
+    for i, s in enumerate(spaces):
+        recipe = np.asarray(s["winner"]["recipe"], float)
+        if G <= _MAX_BARS:
+            ax.bar(x - 0.4 + width * (i + 0.5), recipe, width, color=colors[s["space"]], label=label(s))
+        else:  # many entries: one line per space reads better than bars a pixel wide
+            ax.plot(x, recipe, marker="o", markersize=2.5, linewidth=1.0, color=colors[s["space"]], label=label(s))
+    if uni:
+        ax.axhline(uni["ratio"], color=_UNIFORM, linestyle="--", linewidth=1.6,
+                   label=f"{uniform_label(uni)}: {uni['ratio']:.3f} in every {unit}")
+    if G:
+        _group_ticks(ax, names, unit)
         ax.set_xlim(-0.6, G - 0.4)
-        ax.set_ylabel("pruning ratio r of the group")
-    handles, labels = ax.get_legend_handles_labels()
-    if weights:
-        wax = ax.twiny() if filters else ax
-        for s in weights:
-            recipe = np.asarray(s["winner"]["recipe"], float)
-            line, = wax.plot(np.arange(recipe.size), recipe, marker=".", markersize=3, linewidth=1.0,
-                             linestyle="-" if not filters else ":", color=colors[s["space"]], label=label(s))
-            handles.append(line)
-            labels.append(label(s))
-        wax.set_xlabel("prunable layer (weight spaces: the layer's sparsity)")
-        if not filters:
-            ax.set_ylabel("sparsity of the layer")
+    ax.set_ylabel(what)
     ax.set_ylim(0, 1.3)  # room for the legend above the bars (ratios are at most R < 1)
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_title("Winning recipe of each space")
-    ax.legend(handles, labels, fontsize=8, loc="upper left", ncols=1 if len(spaces) < 3 else 2)
+    ax.legend(fontsize=8, loc="upper left", ncols=1 if len(spaces) < 3 else 2)
     ax.grid(alpha=0.3, axis="y")
 
 
 def baseline_ratio(baseline: dict) -> float:
     recipe = baseline.get("recipe") or [math.nan]
-    return float(recipe[0]) if recipe[0] is not None else math.nan
+    return float(np.mean(recipe)) if None not in recipe else math.nan
 
 
 def band_text(summary: dict) -> str:
@@ -238,51 +253,82 @@ def band_text(summary: dict) -> str:
     return f"{hi - lo:g} %"
 
 
+def best_k_title(summary: dict) -> str:
+    """The best-k figure's title, counting what it draws."""
+    k = summary["settings"]["k"]
+    regs = [r for r in summary["regimes"] if r["best_k"]]
+    drawn = sum(r["best_k"]["n"] for r in regs)
+    finished = sum(r["best_k"]["of"] for r in regs)
+    if all(r["best_k"]["n"] == r["best_k"]["of"] for r in regs):
+        return (f"All {finished} finished subnetworks of {len(regs)} regime(s) (each has at most k = {k}, so all are "
+                "the best k), coloured by space")
+    return (f"Best k = {k} subnetworks of each regime ({drawn} of {finished} finished, coloured by space; grey: the "
+            "rest)")
+
+
+def _strip(ax, j: int, offset: float, values, **style) -> None:
+    """Values of one category at ``j + offset``, spread evenly over a narrow band (sorted, so the spread never reads
+    as an axis: it only keeps equal values apart)."""
+    v = np.sort(np.asarray(values, float))
+    if v.size:
+        spread = np.linspace(-0.06, 0.06, v.size) if v.size > 1 else np.zeros(1)
+        ax.scatter(j + offset + spread, v, **style)
+
+
 def _fig_best_k(summary: dict, colors: dict, path: Path) -> None:
-    """Paper Fig. 3: params of the best-k per c_flops regime, FLOPs of the best-k per c_params regime."""
+    """Paper Fig. 3: params of the best-k per c_flops regime, FLOPs of the best-k per c_params regime. Each regime
+    is one column, each space a fixed slot in it (the grey slot: the finished rows outside the best k)."""
     panels = [("c_flops", "c_params", "Parameters of the best subnetworks under a FLOPs target"),
               ("c_params", "c_flops", "FLOPs of the best subnetworks under a parameter target")]
     panels = [p for p in panels if any(r["target"] == p[0] and r["best_k"] for r in summary["regimes"])]
     fig = _figure(max(9.5, 7.5 * len(panels)), 6)
-    fig.suptitle(f"Best {summary['settings']['k']} subnetworks of each regime over all spaces (coloured by space; "
-                 "grey: the rest)", fontsize=12, fontweight="bold")
-    rng = np.random.default_rng(0)
+    fig.suptitle(best_k_title(summary), fontsize=12, fontweight="bold")
     for i, (target, shown, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         regs = [r for r in summary["regimes"] if r["target"] == target and r["best_k"]]
         seen = set()
         for j, r in enumerate(regs):
-            rest = np.asarray(r["rest"][shown], float)
-            ax.scatter(j + rng.uniform(-0.3, 0.3, rest.size), rest, s=8, color="0.75", edgecolors="none",
-                       label="the other finished subnetworks" if j == 0 else None)
             b = r["best_k"]
-            for space in sorted(set(b["space"])):
-                v = np.asarray([val for sp, val in zip(b["space"], b[shown]) if sp == space], float)
-                ax.scatter(j + rng.uniform(-0.18, 0.18, v.size), v, s=22, color=colors[space], edgecolors="black",
-                           linewidths=0.3, label=space if space not in seen else None, zorder=3)
+            names = sorted(set(b["space"]))
+            slots = np.linspace(-0.25, 0.25, len(names) + 1)
+            _strip(ax, j, slots[0], r["rest"][shown], s=8, color="0.75", edgecolors="none",
+                   label="finished, not in the best k" if j == 0 and r["rest"][shown] else None)
+            for slot, space in zip(slots[1:], names):
+                v = [val for sp, val in zip(b["space"], b[shown]) if sp == space]
+                _strip(ax, j, slot, v, s=24, color=colors.get(space, _UNIFORM), edgecolors="black", linewidths=0.3,
+                       label=space if space not in seen else None, zorder=3)
                 seen.add(space)
             med = float(np.median(b[shown]))
             ax.hlines(med, j - 0.35, j + 0.35, color="black", linewidth=2, zorder=4,
-                      label="median of the coloured ones" if j == 0 else None)
+                      label="median of the best k" if j == 0 else None)
             if r.get("uniform"):
                 ax.scatter([j + 0.42], [r["uniform"][shown]], marker="D", s=45, color=_UNIFORM, zorder=4,
-                           edgecolors="black", linewidths=0.4, label="uniform recipe" if j == 0 else None)
-        ax.set_xticks(range(len(regs)), [f"{r['value']:g}" for r in regs])
+                           edgecolors="black", linewidths=0.4,
+                           label=uniform_label(r["uniform"]) if j == 0 else None)
+        ax.set_xticks(range(len(regs)), [f"{r['value']:g}" + (" (weights)" if r.get("pruning") == "weights" else "")
+                                         for r in regs])
+        ax.set_xlim(-0.6, len(regs) - 0.4)
         values = [v for r in regs for v in r["rest"][shown] + r["best_k"][shown] if v is not None]
         if values and max(values) / max(min(values), 1e-12) > 4:
-            from matplotlib.ticker import FuncFormatter
-
-            ax.set_yscale("log")
-            plain = FuncFormatter(lambda v, _: f"{v:g}")
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
-            ax.tick_params(axis="y", which="minor", labelsize=7)
+            _log_axis(ax, "y")
         ax.set_title(title)
-        ax.set_xlabel(f"regime: the {target} target (more pruning to the right)")
+        ax.set_xlabel(f"regime: the {target} target (a category; within it, one slot per space)")
         ax.set_ylabel(_LABELS[shown])
         ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, axis="y")
     fig.savefig(path, dpi=100)
+
+
+def _log_axis(ax, which: str) -> None:
+    """A log axis whose ticks read as plain numbers (0.9, not 9×10⁻¹)."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(plain)
+    axis.set_minor_formatter(plain)
+    ax.tick_params(axis=which, which="minor", labelsize=7)
 
 
 def _fit_label(fit: dict) -> str:
@@ -293,9 +339,25 @@ def _fit_label(fit: dict) -> str:
     return f"fit {fit['formula']}:\n{params}  (R²={r2}, RMSE={fit['rmse']:.3g}, n={fit['n']})"
 
 
-def _fig_optimal_mcb(summary: dict, path: Path) -> None:
-    """Paper Fig. 5 right: mCB of the best-k against FLOPs reduction, the fitted curve and the uniform recipe."""
-    om = summary["optimal_mcb"]
+def _draw_fit(ax, fit: dict, xs, transform=lambda x: x) -> None:
+    """The fitted curve with its R² where the fit is drawn (:meth:`Fit.drawn`'s rule), else a legend line saying
+    why it is not."""
+    if fit.get("drawn", fit["kind"] != "none"):
+        ax.plot(transform(xs), fit_from_dict(fit).predict(xs), color="#d62728", linestyle="--", linewidth=2,
+                label=_fit_label(fit))
+    else:
+        shown = _fit_label(fit) if fit["kind"] != "none" else ""
+        why = fit.get("not_drawn") or fit["note"]
+        ax.plot([], [], " ", label=(shown + "\n" if shown else "") + why)
+
+
+def _kind_suffix(pruning: str) -> str:
+    return "" if pruning == "filters" else f" — {pruning} spaces"
+
+
+def _fig_optimal_mcb(summary: dict, om: dict, path: Path) -> None:
+    """Paper Fig. 5 right: mCB of the best-k against FLOPs reduction, the fitted curve and the uniform recipe
+    (one kind of pruning per figure)."""
     pts = om["points"]
     fig = _figure(9, 6)
     ax = fig.add_subplot()
@@ -303,36 +365,33 @@ def _fig_optimal_mcb(summary: dict, path: Path) -> None:
     m = np.asarray(pts["mcb"], float)
     targets = np.asarray(pts["target"])
     k = summary["settings"]["k"]
-    best = f"best {k}" if all(r["n"] >= k for r in summary["regimes"] if r["n"]) else f"best ≤ {k}"
+    regs = [r for r in summary["regimes"] if r["pruning"] == om.get("pruning", "filters") and r["best_k"]]
+    best = f"best {k}" if all(r["best_k"]["n"] >= k for r in regs) else f"best ≤ {k}"
     for target, marker in (("c_flops", "o"), ("c_params", "^")):
         sel = targets == target
         if sel.any():
             ax.scatter(100 * (1 - c[sel]), m[sel], marker=marker, s=18, alpha=0.6, color="#1f77b4",
-                       edgecolors="none", label=f"{best} subnetworks of each {target} regime")
-    sel = ~np.isin(targets, ["c_flops", "c_params"])
-    if sel.any():
-        ax.scatter(100 * (1 - c[sel]), m[sel], s=18, alpha=0.6, color="0.4", label="best per other regime")
-    lo, hi = float(c.min()), float(c.max())
-    pad = max(0.01, 0.05 * (hi - lo))
-    xs = np.linspace(max(lo - pad, 1e-3), min(hi + pad, 1.0), 300)
-    fit = fit_from_dict(om["fit"])
-    if fit.kind != "none":
-        ax.plot(100 * (1 - xs), fit.predict(xs), color="#d62728", linestyle="--", linewidth=2,
-                label=_fit_label(om["fit"]))
-    curve = summary.get("uniform_curve")
-    if curve:
-        uc = np.asarray(curve["c_flops"], float)
-        um = np.asarray(curve["mcb"], float)
-        keep = (uc >= xs[0]) & (uc <= xs[-1])
-        ax.plot(100 * (1 - uc[keep]), um[keep], color=_UNIFORM, linestyle="--", linewidth=2,
-                label="uniform ratio in every group (continuous channel counts)")
-        regs = [r["uniform"] for r in summary["regimes"] if r.get("uniform") and r["best_k"]]
-        if regs:
-            ax.scatter([100 * (1 - u["c_flops"]) for u in regs], [u["mcb"] for u in regs], marker="D", s=50,
-                       color=_UNIFORM, edgecolors="black", linewidths=0.5, zorder=4,
-                       label="uniform recipe meeting each regime's target (integer channels)")
+                       edgecolors="none", label=f"{best} subnetworks of each {target} regime ({int(sel.sum())})")
+    if c.size:
+        lo, hi = float(c.min()), float(c.max())
+        pad = max(0.01, 0.05 * (hi - lo))
+        xs = np.linspace(max(lo - pad, 1e-3), min(hi + pad, 1.0), 300)
+        _draw_fit(ax, om["fit"], xs, lambda x: 100 * (1 - x))
+        curve = summary.get("uniform_curve")
+        if curve and om.get("pruning", "filters") == "filters":
+            uc = np.asarray(curve["c_flops"], float)
+            um = np.asarray(curve["mcb"], float)
+            keep = (uc >= xs[0]) & (uc <= xs[-1])
+            ax.plot(100 * (1 - uc[keep]), um[keep], color=_UNIFORM, linestyle=":", linewidth=1.5,
+                    label="uniform ratio in every group (continuous channel counts)")
+    unis = [r["uniform"] for r in regs if r.get("uniform")]
+    if unis:
+        ax.scatter([100 * (1 - u["c_flops"]) for u in unis], [u["mcb"] for u in unis], marker="D", s=50,
+                   color=_UNIFORM, edgecolors="black", linewidths=0.5, zorder=4,
+                   label=f"{uniform_label(unis[0])} of each regime")
     ax.axhline(1.0, color="0.4", linestyle=":", linewidth=1, label="base network (mCB = 1)")
-    ax.set_title("Optimal mCB vs FLOPs reduction", fontsize=12, fontweight="bold")
+    ax.set_title("Optimal mCB vs FLOPs reduction" + _kind_suffix(om.get("pruning", "filters")), fontsize=12,
+                 fontweight="bold")
     ax.set_xlabel("FLOPs reduction 1 − c_flops (%)")
     ax.set_ylabel(_LABELS["mcb"])
     ax.legend(fontsize=8, loc="best")
@@ -340,15 +399,16 @@ def _fig_optimal_mcb(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _fig_drop_vs_mcb(summary: dict, path: Path) -> None:
-    """Paper Fig. 5 left (Conjecture 4): accuracy drop of each regime's winner against its mCB, with the fit."""
-    dv = summary["drop_vs_mcb"]
+def _fig_drop_vs_mcb(summary: dict, dv: dict, path: Path) -> None:
+    """Paper Fig. 5 left (Conjecture 4): accuracy drop of each regime's best network (whichever space, the
+    baseline included) against its mCB, with the fit where it explains something (one kind per figure)."""
     pts = dv["points"]
     fig = _figure(13, 6.5)
     ax = fig.add_subplot()
     from matplotlib import colormaps
 
-    regs = [r for r in summary["regimes"] if r["best_k"]]
+    pruning = dv.get("pruning", "filters")
+    regs = [r for r in summary["regimes"] if r["best_k"] and r["pruning"] == pruning]
     cmap = colormaps["viridis"]
     shade = {r["key"]: cmap(0.85 * i / max(1, len(regs) - 1)) for i, r in enumerate(regs)}
     for r in regs:
@@ -358,18 +418,15 @@ def _fig_drop_vs_mcb(summary: dict, path: Path) -> None:
     y = np.asarray(pts["acc_drop"], float)
     for xi, yi, key, space in zip(x, y, pts["regime"], pts["space"]):
         ax.scatter([xi], [yi], s=80, color=shade.get(key, "#1f77b4"), edgecolors="black", linewidths=0.8,
-                   zorder=4, label=f"winner at {key} ({space})")
+                   zorder=4, label=f"best at {key} ({space})")
         ax.annotate(key, (xi, yi), textcoords="offset points", xytext=(7, 4), fontsize=8)
     ax.scatter([], [], s=9, color="0.6", label=f"faint: best {summary['settings']['k']} of each regime "
                                                 "(context, not fitted)")
-    fit = fit_from_dict(dv["fit"])
-    if fit.kind != "none" and x.size:
+    if x.size:
         pad = 0.08 * max(x.max() - x.min(), 0.05)
-        xs = np.linspace(max(x.min() - pad, 1e-3), x.max() + pad, 300)
-        ax.plot(xs, fit.predict(xs), color="#d62728", linestyle="--", linewidth=2, label=_fit_label(dv["fit"]))
-    else:
-        ax.plot([], [], " ", label=_fit_label(dv["fit"]))
-    ax.set_title("Accuracy drop of the winners vs their mCB (Conjecture 4)", fontsize=12, fontweight="bold")
+        _draw_fit(ax, dv["fit"], np.linspace(max(x.min() - pad, 1e-3), x.max() + pad, 300))
+    ax.set_title("Accuracy drop of each regime's best network vs its mCB (Conjecture 4)" + _kind_suffix(pruning),
+                 fontsize=12, fontweight="bold")
     ax.set_xlabel(_LABELS["mcb"])
     ax.set_ylabel(_DROP)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot: one entry per regime
@@ -378,30 +435,44 @@ def _fig_drop_vs_mcb(summary: dict, path: Path) -> None:
 
 
 def _fig_spaces(summary: dict, colors: dict, path: Path) -> None:
-    """Mean drop per space and regime with bootstrap intervals: the space comparison at a glance."""
+    """Mean drop per space and regime, with bootstrap intervals where a space has enough rows and its drops
+    themselves where it has not: the space comparison at a glance."""
     regs = [r for r in summary["regimes"] if r["n"]]
     names = sorted({s["space"] for r in regs for s in r["spaces"] if s["n"]})
     fig = _figure(max(8.0, 1.6 * len(regs) + 3), 5.5)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(names))
+    few = False
     for i, name in enumerate(names):
         xs, ys, lo, hi = [], [], [], []
         for j, r in enumerate(regs):
             s = next((s for s in r["spaces"] if s["space"] == name and s["n"]), None)
-            if s:
-                xs.append(j - 0.4 + width * (i + 0.5))
-                ys.append(s["drop"]["mean"])
-                lo.append(s["drop"]["mean"] - s["drop"]["mean_ci"][0])
-                hi.append(s["drop"]["mean_ci"][1] - s["drop"]["mean"])
+            if not s:
+                continue
+            x = j - 0.4 + width * (i + 0.5)
+            if s["drop"].get("mean_ci") is None:  # too few rows for an interval: the values and their mean
+                few = True
+                ax.scatter(np.full(s["n"], x), s["finished"]["acc_drop"], s=14, marker="o", facecolors="none",
+                           edgecolors=colors[name], linewidths=1)
+                ax.scatter([x], [s["drop"]["mean"]], marker="o", s=49, color=colors[name], zorder=3)
+                continue
+            xs.append(x)
+            ys.append(s["drop"]["mean"])
+            lo.append(s["drop"]["mean"] - s["drop"]["mean_ci"][0])
+            hi.append(s["drop"]["mean_ci"][1] - s["drop"]["mean"])
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=4, color=colors[name], label=name, markersize=7)
     marked = [(j, r["baseline"]["acc_drop"]) for j, r in enumerate(regs) if (r.get("baseline") or {}).get("n")]
     if marked:
         ax.scatter([j for j, _ in marked], [d for _, d in marked], marker="_", s=900, linewidths=2.5,
-                   color="black", zorder=4, label="uniform baseline (one trained subnetwork)")
-    ax.set_xticks(range(len(regs)), [r["key"] for r in regs])
+                   color=_UNIFORM, zorder=4, label="uniform baseline of the regime (trained)")
+    ax.set_xticks(range(len(regs)), [r.get("id", r["key"]) for r in regs])
     ax.set_xlim(-0.6, len(regs) - 0.4)
     fig.suptitle("Mean accuracy drop per space", fontsize=12, fontweight="bold")
-    ax.set_title(f"error bars: {band_text(summary)} bootstrap interval; lower is better", fontsize=10)
+    n_min = summary["settings"].get("min_interval_n", MIN_BAND_N)
+    sub = f"error bars: {band_text(summary)} bootstrap interval; lower is better"
+    if few:
+        sub += f"; spaces with n < {n_min}: their drops (rings) and mean (dot), no interval"
+    ax.set_title(sub, fontsize=10)
     ax.set_xlabel("regime")
     ax.set_ylabel(f"mean {_DROP_SHORT}")
     ax.legend(fontsize=9)
@@ -465,10 +536,10 @@ def render(summary: dict, out_dir: str | os.PathLike) -> dict:
     colors = _colors(summary)
     for reg in summary["regimes"]:
         if reg["n"]:
-            name = f"regime_{_slug(reg['key'])}.png"
+            name = f"regime_{_slug(reg.get('id', reg['key']))}.png"
             _fig_regime(summary, reg, colors, out / name)
-            figures[f"regime {reg['key']}"] = {
-                "file": name, "caption": f"{reg['key']}: accuracy-drop EDFs with bootstrap bands, the "
+            figures[f"regime {reg.get('id', reg['key'])}"] = {
+                "file": name, "caption": f"{reg.get('id', reg['key'])}: accuracy-drop EDFs with bootstrap bands, the "
                                          "distributions of std(r), c_flops, c_params and mCB, drop vs mCB, and the "
                                          "winning recipe of each space (paper Fig. 2 / Fig. 4)."}
     figures["spaces"] = {"file": "spaces.png", "caption": "Mean accuracy drop per space and regime with bootstrap "
@@ -478,14 +549,21 @@ def render(summary: dict, out_dir: str | os.PathLike) -> dict:
                                                           "under FLOPs targets and their FLOPs under parameter "
                                                           "targets (paper Fig. 3)."}
     _fig_best_k(summary, colors, out / "best_k.png")
-    figures["optimal_mcb"] = {"file": "optimal_mcb.png", "caption": "mCB of the best-k per regime against FLOPs "
-                                                                    "reduction, the fitted curve and the uniform "
-                                                                    "recipe (paper Fig. 5 right)."}
-    _fig_optimal_mcb(summary, out / "optimal_mcb.png")
-    figures["drop_vs_mcb"] = {"file": "drop_vs_mcb.png", "caption": "Accuracy drop of each regime's winner against "
-                                                                    "its mCB with the fitted functional form "
-                                                                    "(paper Fig. 5 left, Conjecture 4)."}
-    _fig_drop_vs_mcb(summary, out / "drop_vs_mcb.png")
+    for pruning, fits in summary.get("fits", {}).items():
+        suffix = "" if pruning == "filters" else f"_{pruning}"
+        what = "" if pruning == "filters" else f" Weight spaces only ({pruning} pruning has its own fits)."
+        figures["optimal_mcb" + suffix] = {
+            "file": f"optimal_mcb{suffix}.png",
+            "caption": "mCB of the best-k per regime against FLOPs reduction, the fitted curve where it explains "
+                       "something (drawn only with R² ≥ 0.5 and 2 degrees of freedom) and the uniform reference "
+                       "(paper Fig. 5 right)." + what}
+        _fig_optimal_mcb(summary, fits["optimal_mcb"], out / f"optimal_mcb{suffix}.png")
+        figures["drop_vs_mcb" + suffix] = {
+            "file": f"drop_vs_mcb{suffix}.png",
+            "caption": "Accuracy drop of each regime's best network (whichever space, the baseline included) "
+                       "against its mCB, with the fitted form under the same rule (paper Fig. 5 left, "
+                       "Conjecture 4)." + what}
+        _fig_drop_vs_mcb(summary, fits["drop_vs_mcb"], out / f"drop_vs_mcb{suffix}.png")
     return figures
 
 

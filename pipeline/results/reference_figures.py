@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nps.pipeline.results.figures import _DROP, _colors, _figure
+from nps.pipeline.results.figures import _DROP, _colors, _figure, _log_axis
 
 
 def render_references(summary: dict, out_dir: str | Path) -> dict:
@@ -20,17 +20,20 @@ def render_references(summary: dict, out_dir: str | Path) -> dict:
     if not refs or not summary.get("regimes"):
         return {}
     colors = _colors(summary)
-    regimes = {reg["key"]: reg for reg in summary["regimes"] if reg["n"]}
+    regimes: dict[str, list[dict]] = {}  # a key's regimes of both kinds share its panel: the reference is one line
+    for reg in summary["regimes"]:
+        if reg["n"]:
+            regimes.setdefault(reg["key"], []).append(reg)
     shown = [key for key in dict.fromkeys(r["regime"] for r in refs) if key in regimes]
     fig = _figure(6.5 * (len(shown) + 1), 5.5)
     axes = fig.subplots(1, len(shown) + 1, squeeze=False)[0]
     for ax, key in zip(axes, shown):
-        reg = regimes[key]
-        grid = np.asarray(reg["edf_grid"], dtype=float)
-        for s in reg["spaces"]:
-            if s["n"]:
-                ax.step(grid, np.asarray(s["edf"]["F"], float), where="post", color=colors[s["space"]], linewidth=2,
-                        label=f"{s['space']} (n={s['n']})")
+        for reg in regimes[key]:
+            grid = np.asarray(reg["edf_grid"], dtype=float)
+            for s in reg["spaces"]:
+                if s["n"]:
+                    ax.step(grid, np.asarray(s["edf"]["F"], float), where="post", color=colors[s["space"]],
+                            linewidth=2, label=f"{s['space']} (n={s['n']})")
         for r in refs:
             if r["regime"] == key:
                 ax.axvline(r["acc_drop"], color="black", linestyle="--", linewidth=1.5,
@@ -57,7 +60,9 @@ def render_references(summary: dict, out_dir: str | Path) -> dict:
     base = summary.get("base") or {}
     if base.get("top1") is not None:
         ax.plot([1.0], [base["top1"]], marker="D", color="0.3", linestyle="none", label="base network")
-    ax.set_xscale("log")
+    xs = [x for points in by_space.values() for x, _ in points] + [r["c_flops"] for r in refs] + [1.0]
+    if max(xs) / max(min(xs), 1e-12) > 4:  # a log axis only where the range spans factors, ticks as plain numbers
+        _log_axis(ax, "x")
     ax.set_xlabel("c_flops (FLOPs relative to the base network)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title("Top-1 against FLOPs: winners and references (stars)")

@@ -23,16 +23,18 @@ import numpy as np
 from nps.pipeline.results.analysis import beats_baseline
 
 
-def _nearest_regime(regimes: list[dict], c_flops: float, c_params: float) -> dict | None:
-    best, gap = None, math.inf
+def _nearest_regimes(regimes: list[dict], c_flops: float, c_params: float) -> list[dict]:
+    """The regimes whose target is closest to the reference's (one per kind of pruning at that target)."""
+    gaps = []
     for reg in regimes:
         value = c_flops if reg["target"] == "c_flops" else c_params
         if reg["value"] is None or not math.isfinite(value):
             continue
-        d = abs(value - reg["value"])
-        if d < gap:
-            best, gap = reg, d
-    return best
+        gaps.append((abs(value - reg["value"]), reg))
+    if not gaps:
+        return []
+    best = min(g for g, _ in gaps)
+    return [reg for g, reg in gaps if g == best]
 
 
 def compare(references: dict[str, dict], pops, regimes: list[dict], base_top1: float, *, n_boot: int,
@@ -48,13 +50,13 @@ def compare(references: dict[str, dict], pops, regimes: list[dict], base_top1: f
                 entry[key] = ref[key]
         top1 = float(ref.get("top1", math.nan))
         entry["acc_drop"] = base_top1 - top1 if math.isfinite(top1) else math.nan
-        reg = _nearest_regime(regimes, float(ref.get("c_flops", math.nan)), float(ref.get("c_params", math.nan)))
-        entry["regime"] = reg["key"] if reg else None
+        regs = _nearest_regimes(regimes, float(ref.get("c_flops", math.nan)), float(ref.get("c_params", math.nan)))
+        entry["regime"] = regs[0]["key"] if regs else None
         entry["spaces"] = {}
-        if reg is None or not math.isfinite(top1):
+        if not regs or not math.isfinite(top1):
             out.append(entry)
             continue
-        for s in reg["spaces"]:
+        for s in (s for reg in regs for s in reg["spaces"]):
             pop = by_group.get(s["group"])
             if pop is None or not pop.n:
                 continue

@@ -34,6 +34,7 @@ from nps.pipeline.results.references import compare as compare_references
 from nps.pipeline.results.references import cost as reference_cost
 from nps.pipeline.results.report_html import render_html
 from nps.pipeline.results.stats import DEFAULT_BAND, DEFAULT_BOOTSTRAP, DEFAULT_EDF_POINTS
+from nps.pipeline.views.words import plural
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,14 @@ def _layer_table(reader):
         return None
 
 
+def _weight_layer_names(reader) -> list[str] | None:
+    """The prunable layers of the weight table (a weight space's recipe has one entry per layer), or None."""
+    group = reader.weight_layers
+    if group is None or "names" not in group:
+        return None
+    return [_text(n) for n in group["names"][()]]
+
+
 def _uniform(table, pops, notes) -> tuple[dict, dict | None]:
     """The uniform recipe meeting each regime's target, and the uniform recipes' curve over all ratios."""
     from nps.kernels.spaces import DEFAULT_R, uniform_ratio
@@ -156,6 +165,7 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
         groups = reader.spaces()
         pops = [read_population(reader, g) for g in groups]
         table = _layer_table(reader)
+        weight_layers = _weight_layer_names(reader)
         latency = latency_summary(reader, pops, attrs.get("base_top1", math.nan))
         references = reader.references()
         costs = reference_cost(reader, attrs)
@@ -167,18 +177,28 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
     if not groups:
         notes.append("the file has no spaces yet")
     if counts["pending"] or counts["running"]:
-        notes.append(f"{counts['pending']} rows pending and {counts['running']} running: this report covers the "
-                     f"{counts['finished']} finished rows")
+        notes.append(f"{plural(counts['pending'], 'row')} pending and {counts['running']} running: this report "
+                     f"covers the {plural(counts['finished'], 'finished row')}")
     if counts["failed"]:
-        notes.append(f"{counts['failed']} failed rows are excluded (their errors are in the file's 'error' column)")
+        n = counts["failed"]
+        notes.append(f"{plural(n, 'failed row')} {'is' if n == 1 else 'are'} excluded (their errors are in the "
+                     "file's 'error' column)")
     if counts["nan"]:
-        notes.append(f"{counts['nan']} done rows have no finite top-1 or accuracy drop and are excluded"
+        n = counts["nan"]
+        notes.append(f"{plural(n, 'done row')} {'has' if n == 1 else 'have'} no finite top-1 or accuracy drop and "
+                     f"{'is' if n == 1 else 'are'} excluded"
                      + (" (the file has no base_top1)" if not _finite(base_top1) else ""))
     if counts["finished"] == 0:
         notes.append("no finished rows yet: no figures")
-    for fit_name, label in (("optimal_mcb", "optimal-mCB fit"), ("drop_vs_mcb", "drop-vs-mCB fit")):
-        if summary[fit_name]["fit"]["note"] and counts["finished"]:
-            notes.append(f"{label}: {summary[fit_name]['fit']['note']}")
+    for pruning, fits in summary["fits"].items():
+        for fit_name, label in (("optimal_mcb", "optimal-mCB fit"), ("drop_vs_mcb", "drop-vs-mCB fit")):
+            fit = fits[fit_name]["fit"]
+            said = [t for t in (fit["note"], fit.get("not_drawn")) if t]
+            if said and counts["finished"]:
+                notes.append(f"{label} ({pruning} spaces): {'; '.join(dict.fromkeys(said))}")
+    if any(r["pruning"] == "weights" for r in summary["regimes"]):
+        notes.append("filter and weight spaces are analysed apart: each kind has its own regimes, fits, "
+                     "histograms and uniform baseline (baseline for filters, weights:uniform for weights)")
     model = None
     if table is not None:
         model = {"name": table.model, "mode": table.mode, "resolution": table.resolution,
@@ -186,7 +206,7 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
                  "channels": [int(c) for c in table.channels], "base_flops": int(table.base_flops),
                  "base_params": int(table.base_params), "granularity": [int(g) for g in table.granularity],
                  "members": [list(m) for m in table.members], "flops_convention": table.flops_convention,
-                 "channel_multiple": int(table.channel_multiple)}
+                 "channel_multiple": int(table.channel_multiple), "layers": weight_layers}
     summary.update({
         "format": FORMAT, "nps_version": NPS_VERSION, "results": os.path.abspath(os.fspath(results)),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from nps.pipeline.results.figures import band_text, baseline_ratio, percent
+from nps.pipeline.results.figures import band_text, baseline_ratio, beats_text
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -29,12 +29,13 @@ def _regime_rows(reg: dict) -> list[str]:
     comp = reg.get("comparison")
     for s in reg["spaces"]:
         c = s["counts"]
-        cells = [f"<td class=l>{html.escape(reg['key'])}</td>", f"<td class=l>{html.escape(s['space'])}</td>"]
+        cells = [f"<td class=l>{html.escape(reg.get('id', reg['key']))}</td>",
+                 f"<td class=l>{html.escape(s['space'])}</td>"]
         cells += [f"<td>{c[n]}</td>" for n in ("total", "done", "pending", "running", "failed", "nan")]
         if s["n"]:
             d, w = s["drop"], s["winner"]
             cells += [f"<td>{w['acc_drop']:.3f} (row {w['row']})</td>", f"<td>{d['median']:.3f}</td>",
-                      f"<td>{d['mean']:.3f} [{_fmt(d['mean_ci'][0])}, {_fmt(d['mean_ci'][1])}]</td>",
+                      f"<td>{d['mean']:.3f} {_interval(d['mean_ci'], s['n'])}</td>",
                       f"<td>{_fmt(s['edf']['area'])}</td>",
                       f"<td>{_fmt(comp['prob_best'][s['space']], '.2f') if comp else '–'}</td>",
                       f"<td>{_beats_text(s.get('beats_baseline'))}</td>"]
@@ -58,9 +59,12 @@ def _ratio_study_html(study: dict | None) -> list[str]:
 
 
 def _beats_text(beats: dict | None) -> str:
-    if not beats:
-        return "–"
-    return f"{percent(beats['fraction'])} [{percent(beats['ci'][0])}, {percent(beats['ci'][1])}]"
+    return beats_text(beats) or "–"
+
+
+def _interval(ci, n: int) -> str:
+    """``[lo, hi]``, or where n is too small for an interval, the count that says so."""
+    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else f"(n = {n}: no interval)"
 
 
 def _baseline_rows(summary: dict) -> list[str]:
@@ -71,11 +75,12 @@ def _baseline_rows(summary: dict) -> list[str]:
         if not b:
             continue
         if b.get("n"):
-            rows.append(f"<tr><td class=l>{html.escape(reg['key'])}</td><td>{baseline_ratio(b):.4f}</td>"
+            rows.append(f"<tr><td class=l>{html.escape(reg.get('id', reg['key']))}</td>"
+                        f"<td class=l>{html.escape(b.get('space', ''))}</td><td>{baseline_ratio(b):.4f}</td>"
                         f"<td>{b['c_flops']:.4f}</td><td>{b['c_params']:.4f}</td><td>{b['mcb']:.3f}</td>"
                         f"<td>{b['top1']:.2f}</td><td>{b['acc_drop']:.3f}</td></tr>")
         else:
-            rows.append(f"<tr><td class=l>{html.escape(reg['key'])}</td><td colspan=6>not trained yet "
+            rows.append(f"<tr><td class=l>{html.escape(reg.get('id', reg['key']))}</td><td colspan=7>not trained yet "
                         f"({b['counts']['pending'] + b['counts']['running']} pending, {b['counts']['failed']} "
                         "failed)</td></tr>")
     return rows
@@ -113,11 +118,16 @@ def render_html(summary: dict) -> str:
     parts.append("</table>")
     baselines = _baseline_rows(summary)
     if baselines:
-        parts.append("<h2>Uniform baselines</h2><p>Per regime, the subnetwork with one uniform pruning ratio whose "
-                     "integer channel counts come closest to the target, trained like every other row (paper "
-                     "§3.1's reference). <i>Beats the baseline</i>: the fraction of a space's finished subnetworks "
-                     f"with a lower accuracy drop, with a {band} bootstrap interval over the space's rows.</p>"
-                     "<table><tr><th class=l>regime</th><th>ratio</th><th>c_flops</th><th>c_params</th><th>mCB</th>"
+        parts.append("<h2>Uniform baselines</h2><p>Per regime and kind of pruning, its own uniform baseline, trained "
+                     "like every other row: for filter spaces <code>baseline</code>, the one uniform pruning ratio "
+                     "whose integer channel counts come closest to the target (paper §3.1's reference); for weight "
+                     "spaces <code>weights:uniform</code>, the same sparsity in every layer. A space is only ever "
+                     "compared with the baseline of its own kind. <i>Beats the baseline</i>: the fraction of a "
+                     f"space's finished subnetworks with a lower accuracy drop, with a {band} bootstrap interval "
+                     f"over the space's rows from {s['min_interval_n'] if 'min_interval_n' in s else 10} rows on "
+                     "(below, the count).</p>"
+                     "<table><tr><th class=l>regime</th><th class=l>baseline</th><th>ratio</th><th>c_flops</th>"
+                     "<th>c_params</th><th>mCB</th>"
                      "<th>top-1</th><th>drop</th></tr>" + "".join(baselines) + "</table>")
     parts += _ratio_study_html(summary.get("ratio_study"))
     comps = [r for r in summary["regimes"] if r.get("comparison")]
@@ -128,21 +138,28 @@ def render_html(summary: dict) -> str:
         for reg in comps:
             names = list(reg["comparison"]["prob_best"])
             head = "".join(f"<th>{e(n)}</th>" for n in names)
-            parts.append(f"<h3>{e(reg['key'])}</h3><table><tr><th class=l></th>{head}</tr>")
+            parts.append(f"<h3>{e(reg.get('id', reg['key']))}</h3><table><tr><th class=l></th>{head}</tr>")
             for a in names:
                 cells = "".join("<td>–</td>" if a == b else f"<td>{reg['comparison']['prob_higher'][a][b]:.3f}</td>"
                                 for b in names)
                 parts.append(f"<tr><th class=l>{e(a)}</th>{cells}</tr>")
             parts.append("</table>")
-    parts.append("<h2>Fits</h2><table><tr><th class=l>what</th><th class=l>form</th><th class=l>parameters</th>"
-                 "<th>n</th><th>R²</th><th>RMSE</th><th class=l>note</th><th class=l>why this form</th></tr>")
-    for label, key in (("optimal mCB vs remaining FLOPs (best-k points)", "optimal_mcb"),
-                       ("accuracy drop vs mCB (each regime's winner)", "drop_vs_mcb")):
-        f = summary[key]["fit"]
-        params = ", ".join(f"{k} = {v:.4g}" for k, v in f["params"].items()) or "–"
-        parts.append(f"<tr><td class=l>{label}</td><td class=l>{e(f['formula'])}</td><td class=l>{e(params)}</td>"
-                     f"<td>{f['n']}</td><td>{_fmt(f['r2'])}</td><td>{_fmt(f['rmse'], '.3g')}</td>"
-                     f"<td class=l>{e(f['note'])}</td><td class=l>{e(summary[key].get('why', ''))}</td></tr>")
+    parts.append("<h2>Fits</h2><p>Per kind of pruning (filter and weight regimes are never fitted together). A fit "
+                 "is drawn in its figure only when it leaves at least 2 degrees of freedom and R² ≥ 0.5; "
+                 "otherwise the figure shows the points alone and says why.</p><table><tr><th class=l>pruning</th>"
+                 "<th class=l>what</th><th class=l>form</th><th class=l>parameters</th>"
+                 "<th>n</th><th>R²</th><th>RMSE</th><th class=l>drawn</th><th class=l>note</th>"
+                 "<th class=l>why this form</th></tr>")
+    for pruning, fits in (summary.get("fits") or {}).items():
+        for label, key in (("optimal mCB vs remaining FLOPs (best-k points)", "optimal_mcb"),
+                           ("accuracy drop vs mCB (each regime's best network)", "drop_vs_mcb")):
+            f = fits[key]["fit"]
+            params = ", ".join(f"{k} = {v:.4g}" for k, v in f["params"].items()) or "–"
+            drawn = "yes" if f.get("drawn") else (f.get("not_drawn") or "no")
+            parts.append(f"<tr><td class=l>{e(pruning)}</td><td class=l>{label}</td><td class=l>{e(f['formula'])}"
+                         f"</td><td class=l>{e(params)}</td><td>{f['n']}</td><td>{_fmt(f['r2'])}</td>"
+                         f"<td>{_fmt(f['rmse'], '.3g')}</td><td class=l>{e(drawn)}</td><td class=l>{e(f['note'])}</td>"
+                         f"<td class=l>{e(fits[key].get('why', ''))}</td></tr>")
     parts.append("</table>")
     if summary.get("figures"):
         parts.append("<h2>Figures</h2>")
@@ -163,7 +180,7 @@ def _layer_table_html(summary: dict) -> list[str]:
     groups, channels = m["groups"], m["channels"]
     granularity = m.get("granularity") or [1] * len(groups)
     members = m.get("members") or [[] for _ in groups]
-    winners = [(reg["key"], s["space"], s["winner"]) for reg in summary["regimes"] for s in reg["spaces"]
+    winners = [(reg.get("id", reg["key"]), s["space"], s["winner"]) for reg in summary["regimes"] for s in reg["spaces"]
                if s.get("winner") and len(s["winner"].get("keep") or []) == len(groups)]
     head = "".join(f"<th>{e(space)}<br>{e(key)}</th>" for key, space, _ in winners)
     rows = []

@@ -181,6 +181,15 @@ def histogram(values, edges) -> np.ndarray:
 # Fits.
 
 
+MIN_FIT_DOF = 2
+"""A fit is drawn only with at least this many more points than parameters."""
+MIN_FIT_R2 = 0.5
+"""... and only when it explains at least this share of the variance (R², on y itself)."""
+MIN_INTERVAL_N = 10
+"""Below this many subnetworks a bootstrap interval is not shown (resampling 4 values gives an interval that looks
+certain and is not): figures and tables show the values themselves, or a count (``0 of 4``)."""
+
+
 @dataclass
 class Fit:
     """A least-squares fit of ``y`` against ``x``.
@@ -212,10 +221,25 @@ class Fit:
             return np.full(x.shape, p["a"])
         return np.full(x.shape, np.nan)
 
+    def drawn(self) -> tuple[bool, str]:
+        """Whether a figure draws this fit as a curve, and if not why (the rule: :data:`MIN_FIT_DOF`,
+        :data:`MIN_FIT_R2`). A fit that explains little, or that as many parameters as points can always pass
+        through, would read as a law the data do not show: its points are drawn alone."""
+        if self.kind == "none":
+            return False, self.note
+        if self.dof < MIN_FIT_DOF:
+            return False, (f"not drawn: {self.n} points for {self.n - self.dof} parameters leave {self.dof} degree(s) "
+                           f"of freedom (at least {MIN_FIT_DOF} needed)")
+        if not math.isfinite(self.r2) or self.r2 < MIN_FIT_R2:
+            r2 = "undefined" if not math.isfinite(self.r2) else f"{self.r2:.3f}"
+            return False, f"not drawn: R² = {r2} < {MIN_FIT_R2:g} (the fit explains less than half the variance)"
+        return True, ""
+
     def as_dict(self) -> dict:
+        drawn, why = self.drawn()
         return {"kind": self.kind, "formula": self.formula, "params": {k: float(v) for k, v in self.params.items()},
                 "n": int(self.n), "dof": int(self.dof), "r2": _json_float(self.r2), "rmse": _json_float(self.rmse),
-                "note": self.note}
+                "note": self.note, "drawn": drawn, "not_drawn": why}
 
 
 def _json_float(x: float):

@@ -23,8 +23,8 @@ import time
 
 import numpy as np
 
-from nps.kernels.spaces import pruning_of
 from nps.pipeline.errors import NpsError
+from nps.pipeline.network.pruning_kind import kind_of
 from nps.pipeline.experiment.plan import Plan
 from nps.pipeline.row_status import RowStatus
 from nps.pipeline.run import forming, outputs, resume
@@ -177,7 +177,8 @@ class Driver:
                 raise NpsError("every worker is gone (see the lines above); the same command resumes")
             self.dispatch()
             workers = self.state.workers.values()
-            self.state.phase = ("training the base network" if any(w.base for w in workers)
+            self.state.phase = (("training the base network" if self.base.todo else "evaluating the base network from "
+                                 f"{self.cfg.model.checkpoint or self.plan.base_path}") if any(w.base for w in workers)
                                 else "training reference networks" if self.reference_tasks and not any(
                                     w.task in self.task_lease for w in workers)
                                 else "retraining subnetworks" if any(w.task is not None for w in workers)
@@ -458,6 +459,13 @@ class Driver:
 
     # -- dispatch ----------------------------------------------------------------------------------------------------
 
+    def _similar_rows(self, space: str, keeps, k: int) -> list[int]:
+        """The rows of a cohort that will be fused: of similar widths, so that padding every group to the widest
+        wastes little (a kind that is never fused takes its rows in order)."""
+        if not kind_of(space).fusable:
+            return list(range(min(k, len(keeps))))
+        return forming.similar_rows(self.plan.table, keeps, k, self.cfg.retrain.fuse_max_waste)
+
     def _cohort_k(self, w: WorkerState, idle_workers: int) -> int:
         k = self.cfg.retrain.cohort_size
         if k == "auto":
@@ -496,32 +504,26 @@ class Driver:
                 w.task, w.phase = self.next_task, f"reference {ref.model}"
                 self.log.write("reference", worker=wid, model=ref.model, node=w.node, device=w.device)
                 continue
-            fused = resolve_fuse(self.cfg.retrain.fuse, w.device)
-            choose = None
-            if fused:  # rows of similar widths, so that padding every group to the widest wastes little
-                table, max_waste = self.plan.table, self.cfg.retrain.fuse_max_waste
-
-                def choose(space, keeps, k):  # a weight space is never fused (every member has every channel)
-                    if pruning_of(space) == "weights":
-                        return list(range(min(k, len(keeps))))
-                    return forming.similar_rows(table, keeps, k, max_waste)
+            fusing = resolve_fuse(self.cfg.retrain.fuse, w.device)
+            choose = self._similar_rows if fusing else None
             lease = self.ledger.take(self._cohort_k(w, working), wid, flush=False, choose=choose)
             if lease is None:
                 return leases
             leases += 1
+            fused = fusing and kind_of(lease.space).fusable  # decided here; the task carries it
             s = self.ledger.spaces[lease.space]
             rows = np.asarray(lease.rows)
             k_arg = None if self.cfg.retrain.cohort_size == "auto" else len(rows)
             self.next_task += 1
             task = CohortTask(self.next_task, lease.space, lease.rows, s.keep[rows],
                               tuple(int(x) for x in s.seed[rows]), s.spec, k_arg, self.weights.wanted,
-                              self.weights.threshold(lease.space))
+                              self.weights.threshold(lease.space), fused)
             self.task_lease[task.task_id] = lease.id
             self.pool.submit(wid, task, self.base.weights)
             w.task, w.phase, w.space, w.rows = task.task_id, "cohort", lease.space, list(lease.rows)
             w.epoch, w.epochs, w.step, w.steps, w.img_per_s = 0, s.epochs, 0, 0, math.nan
             extra = ({"fused_waste": round(forming.waste(self.plan.table, s.keep[rows]), 4)}
-                     if fused and pruning_of(lease.space) == "filters" else {})
+                     if fused else {})
             self.log.write("dispatch", space=lease.space, rows=list(lease.rows), worker=wid, node=w.node,
                            device=w.device, **extra)
         return leases

@@ -108,6 +108,7 @@ class CohortTask:
     # the space when the task was handed out. A row below it can never enter the top-k (it only rises), so its
     # weights would be thrown away; not sending them is what lets one driver serve a large fleet.
     weights_above: float = float("-inf")
+    fused: bool = False  # the driver's decision: train these rows as one fused module (it formed them for that)
 
     def wants_weights(self, top1: float) -> bool:
         """Whether the driver may keep the weights of a row that reached ``top1``."""

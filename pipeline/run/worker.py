@@ -301,8 +301,7 @@ class Worker:
     # -- cohorts -----------------------------------------------------------------------------------------------------
 
     def cohort(self, task: CohortTask, base: BaseWeights | None) -> None:
-        from nps.kernels.spaces import pruning_of
-        from nps.pipeline.network.prune import prune_model
+        from nps.pipeline.network.pruning_kind import kind_of
         from nps.pipeline.training.cohort import CohortOptions
         from nps.pipeline.training.engine import run_cohorts
         from nps.pipeline.training.fused_cohort import Fusion
@@ -311,21 +310,15 @@ class Worker:
             raise ValueError("a cohort needs the base network's weights")
         r = self.cfg.retrain
         train, val, _ = self.loaders(r.batch_size, r.train_images)
-        model, criterion = self.base_model(base), task.spec.criterion
-        if pruning_of(task.space) == "weights":  # every member keeps every channel: masks, nothing to fuse
-            from nps.pipeline.network.masks import masked_copy
-
-            wtable, fusion = self.spec.weight_table, None
-            factories = [lambda keep=np.asarray(keep): masked_copy(model, wtable, keep) for keep in task.keep]
-        else:
-            table = self.spec.table
-            fusion = Fusion(model, table, np.asarray(task.keep))
-            factories = [lambda keep=np.asarray(keep), seed=int(seed): prune_model(model, table, keep, criterion,
-                                                                                   seed)
-                         for keep, seed in zip(task.keep, task.seeds)]
+        model, kind = self.base_model(base), kind_of(task.space)
+        table = kind.table(self.spec.table, self.spec.weight_table)
+        factories = [kind.member_factory(model, table, keep, task.spec.criterion, seed)
+                     for keep, seed in zip(task.keep, task.seeds)]
+        # the driver decided the cohort's form (and formed its rows for it): the task says whether it is fused
+        fusion = Fusion(model, table, np.asarray(task.keep)) if task.fused else None
         options = CohortOptions(eval_every_epoch=r.eval_every_epoch, bn_images=r.bn_images, amp=r.amp,
                                 compile=r.compile, keep_models=task.keep_weights, progress_s=self.progress_s,
-                                member_threads=1, fuse=r.fuse)
+                                member_threads=1, fuse=task.fused)
         run_cohorts(factories, train, val, task.spec.retrain, self.device, k=task.k,
                     ids=[(task.space, row) for row in task.rows], seeds=list(task.seeds), options=options,
                     on_event=self._on_event(task.task_id, task), fusion=fusion)
