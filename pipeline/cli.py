@@ -22,8 +22,9 @@ COMMANDS = ["convert", "sample", "run", "status", "report", "export", "latency",
 DESCRIPTION = """\
 nps - network pruning spaces.
 
-Sample populations of pruned subnetworks of a trained ResNet under tight FLOPs constraints, prune and fine-tune them
-in cohorts, store every subnetwork's metrics in HDF5 and analyse the population (accuracy-drop EDFs, mCB).
+Sample populations of pruned subnetworks of a trained CNN (any network torch.fx traces: ResNets, MobileNets,
+EfficientNets, timm models) under tight FLOPs or Params constraints, pruning its filters or its weights; fine-tune
+them in cohorts, store every subnetwork's metrics in HDF5 and analyse the population (accuracy-drop EDFs, mCB).
 
 typical session:
   nps convert fashion-mnist --out data/fmnist        # once per dataset

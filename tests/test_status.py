@@ -62,7 +62,7 @@ def test_renderable_says_who_writes_the_file(results):
     console.print(renderable)
     text = console.export_text()
     assert "not running: 2 done, 1 failed of 8 subnetworks" in text
-    assert "1 rows left 'running' by a stopped run will be redone" in text
+    assert "1 row left 'running' by a stopped run will be redone" in text
 
 
 def test_space_state_tracks_the_best_row():

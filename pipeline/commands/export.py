@@ -60,12 +60,12 @@ def run(args) -> int:
     import os
 
     import h5py
-    from rich.console import Console
+    from nps.pipeline.views.console import make_console
 
     from nps.pipeline.errors import NpsError
     from nps.pipeline.results.export import export_info, save_atomic, subnetwork_checkpoint
 
-    console = Console()
+    console = make_console()
     ckpt = None
     if not os.path.exists(args.source):
         raise NpsError(f"{args.source}: no such file")

@@ -51,7 +51,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import os
 
-    from rich.console import Console
+    from nps.pipeline.views.console import make_console
 
     from nps.pipeline.errors import NpsError
     from nps.pipeline.results.latency import measure_results, parse_batches, store_latency
@@ -63,7 +63,7 @@ def run(args) -> int:
     if args.warmup < 0 or args.threads < 0:
         raise NpsError("--warmup and --threads: use 0 or more")
     batches = parse_batches(args.batch)
-    console = Console()
+    console = make_console()
     status = console.status("timing", spinner="dots") if console.is_terminal else contextlib.nullcontext()
     with status as spinner:
         def progress(i, n, target):
@@ -79,8 +79,6 @@ def run(args) -> int:
                       f"{', '.join(args.space) if args.space else 'the file'} is timed on {session['device']} already")
         return 0
     store_latency(args.results, session)
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 160))
     console.print(latency_table(args.results, session))
     s = session["settings"]
     if len(session["records"]) == len(batches) and not args.all_rows:

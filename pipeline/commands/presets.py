@@ -12,12 +12,13 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from nps.pipeline.experiment.config import expand_spaces, parse_config, preset_names, preset_text
+    from nps.pipeline.views.words import plural
 
     for name in preset_names():
         cfg = parse_config(preset_text(name), f"preset {name}")
         spaces = expand_spaces(cfg)
         n = sum(p.rows for p in spaces)
-        print(f"{name}\n    {cfg.experiment.description}\n    {cfg.model.name}, {len(spaces)} spaces, {n} "
-              f"subnetworks, dataset {cfg.dataset.dir}")
+        print(f"{name}\n    {cfg.experiment.description}\n    {cfg.model.name}, {plural(len(spaces), 'space')}, "
+              f"{plural(n, 'subnetwork')}, dataset {cfg.dataset.dir}")
     print("run one with `nps run NAME`; show its settings with `nps run NAME --print-config`")
     return 0

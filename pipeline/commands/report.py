@@ -43,14 +43,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from rich.console import Console
-
     from nps.pipeline.errors import NpsError
     from nps.pipeline.results.report import write_report
+    from nps.pipeline.views.console import make_console
+    from nps.pipeline.views.words import plural
 
     if args.edf_points < 2:
         raise NpsError(f"--edf-points {args.edf_points}: use at least 2")
-    console = Console()
+    console = make_console()
     with console.status("analysing and drawing", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         summary = write_report(args.results, args.out, k=args.k, n_boot=args.bootstrap, seed=args.seed,
                                edf_points=args.edf_points, force=args.force)
@@ -63,19 +63,22 @@ def run(args) -> int:
             params = ", ".join(f"{k}={v:.4g}" for k, v in fit["params"].items())
             r2 = "n/a" if fit["r2"] is None else f"{fit['r2']:.3f}"
             console.print(f"{label}: {fit['formula']} with {params} (R²={r2}, n={fit['n']})")
-    console.print(f"wrote {args.out}/index.html ({len(summary.get('figures', {}))} figures) and summary.json")
+    figures = plural(len(summary.get("figures", {})), "figure")
+    console.print(f"wrote {args.out}/index.html ({figures}) and summary.json")
     return 0
 
 
 
 def summary_table(summary: dict):
-    """One line per space and regime; fits an 80-column terminal."""
+    """One line per space and regime (its cells never wrap: a narrow terminal cuts them, a log keeps them whole)."""
     from rich.table import Table
+
+    from nps.pipeline.views.words import plural
 
     c = summary["counts"]
     band = summary["settings"]["band"]
-    t = Table(title=f"{c['finished']} finished of {c['total']} rows ({c['pending']} pending, {c['running']} running, "
-                    f"{c['failed']} failed)")
+    t = Table(title=f"{c['finished']} finished of {plural(c['total'], 'row')} ({c['pending']} pending, "
+                    f"{c['running']} running, {c['failed']} failed)")
     for name, justify in (("regime", "left"), ("space", "left"), ("done", "right"), ("best", "right"),
                           (f"mean drop [{band[1] - band[0]:g}% CI]", "right"), ("P(top)", "right")):
         t.add_column(name, justify=justify, no_wrap=True)
@@ -85,8 +88,9 @@ def summary_table(summary: dict):
             if s["n"]:
                 d = s["drop"]
                 ci = d["mean_ci"]
+                mean = f"{d['mean']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{d['mean']:.2f} (too few)"
                 t.add_row(reg["key"], s["space"], f"{s['n']}/{s['counts']['total']}",
-                          f"{s['winner']['acc_drop']:.2f}", f"{d['mean']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]",
+                          f"{s['winner']['acc_drop']:.2f}", mean,
                           f"{comp['prob_best'][s['space']]:.2f}" if comp else "–")
             else:
                 t.add_row(reg["key"], s["space"], f"0/{s['counts']['total']}", "–", "–", "–")

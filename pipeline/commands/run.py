@@ -56,14 +56,15 @@ def resume_command(args) -> str:
 def run(args) -> int:
     import logging
 
-    from rich.console import Console
-
     from nps.pipeline.errors import NpsError
     from nps.pipeline.experiment.checks import check_ray_address, parse_devices
     from nps.pipeline.experiment.config import load_config
     from nps.pipeline.experiment.plan import validate
     from nps.pipeline.experiment.toml_text import dump
-    from nps.pipeline.views.terminal import LiveView, PlainView, space_table
+    from nps.pipeline.views.console import make_console
+    from nps.pipeline.views.status import results_table
+    from nps.pipeline.views.terminal import LiveView, PlainView
+    from nps.pipeline.views.words import plural
 
     cfg = load_config(args.experiment, args.overrides, out=args.out)
     if args.print_config:
@@ -75,26 +76,26 @@ def run(args) -> int:
             raise NpsError("--devices and --ray: choose one (on Ray every GPU of the cluster gets a worker)")
         check_ray_address(args.ray)
     if args.ray is not None or cfg.experiment.ray:
-        from nps.pipeline.run.ray_pool import require_ray
+        from nps.pipeline.run.ray_pool import probe_address, require_ray
 
-        require_ray("--ray" if args.ray is not None else "experiment.ray")
+        key = "--ray" if args.ray is not None else "experiment.ray"
+        require_ray(key)
+        probe_address(args.ray if args.ray is not None else cfg.experiment.ray, key)  # seconds, not ray.init's minutes
     plan = validate(cfg, devices)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from nps.pipeline.run import run_experiment
 
-    console = Console()
+    console = make_console()
     view = LiveView(console) if console.is_terminal and not args.plain else PlainView()
     try:
         outcome = run_experiment(plan, view, devices=devices, ray=args.ray, retry_failed=args.retry_failed)
     except KeyboardInterrupt:  # before training started (sampling); nothing half-written is left
         print(f"interrupted; resume with: {resume_command(args)}", file=sys.stderr, flush=True)
         return 130
-    if isinstance(view, PlainView):
-        console = Console(width=max(console.width, 120))
-    console.print(space_table(outcome.spaces, outcome.base_top1,
-                              title=f"{cfg.experiment.name}: {outcome.results_path}"))
+    # from the file, as `nps status` shows it (the run's in-memory top-1s are float64, the file's float32)
+    console.print(results_table(outcome.results_path, title=f"{cfg.experiment.name}: {outcome.results_path}"))
     if outcome.status == "interrupted":
-        print(f"interrupted: {outcome.done} rows done, {outcome.pending} pending; resume with: "
+        print(f"interrupted: {plural(outcome.done, 'row')} done, {outcome.pending} pending; resume with: "
               f"{resume_command(args)}", file=sys.stderr, flush=True)
         return 130
     print(f"finished in {outcome.elapsed_s:.0f}s: {outcome.done} done, {outcome.failed} failed; "

@@ -59,11 +59,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from rich.console import Console
+    from nps.pipeline.views.console import make_console
 
     from nps.pipeline.results.h5file import writer_lock
 
-    console = Console()
+    console = make_console()
     if args.n < 1:
         raise NpsError(f"-n {args.n}: ask for at least one recipe")
     if os.path.isdir(args.out):

@@ -16,16 +16,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from rich.console import Console
-
+    from nps.pipeline.views.console import make_console
     from nps.pipeline.views.status import status_renderable
 
     path = args.file
     if os.path.isdir(path):
         path = os.path.join(path, "results.h5")
     renderable, _ = status_renderable(path)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 120))  # a pipe: do not squeeze the space names
-    console.print(renderable)
+    make_console().print(renderable)
     return 0

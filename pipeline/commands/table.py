@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 
 EPILOG = """\
-Columns: space (key), space_name, target, value, regime, row, status, top1, top5, drop, loss, c_flops, c_params,
-mcb, std, flops, params, seed, train_s, bn_top1, error, weights (kept beside the file), the recipe and keep counts,
-and where nps latency measured a row, latency_<device>_b<batch>_ms, latency_iqr_<device>_b<batch>_ms and
-speedup_<device>_b<batch>. Parquet keeps recipe and keep as one list per row (--wide: one column per group); CSV
-always has one column per group (recipe.<group>, keep.<group>). Needs pandas and pyarrow: pip install 'nps[pandas]'.
+Columns: space (key), space_name, target, value, regime, row, status, pruning (filters or weights), top1, top5,
+drop, loss, c_flops, c_params, mcb, std, flops, params, seed, train_s, bn_top1, error, weights (kept beside the
+file), the recipe and keep counts, and where nps latency measured a row, latency_<device>_b<batch>_ms,
+latency_iqr_<device>_b<batch>_ms and speedup_<device>_b<batch>. Parquet keeps recipe and keep as one list per row
+(--wide: one column per group); CSV always has one column per group (recipe.<group>, keep.<group>; a weight space's
+per layer: recipe.w:<layer>, keep.w:<layer>, empty in the other kind's rows). Needs pandas and pyarrow:
+pip install 'nps[pandas]'.
 In Python: nps.pipeline.results.load(RESULTS.h5) gives the same table as a DataFrame.
 
 examples:
@@ -32,15 +34,15 @@ def register(sub) -> None:
 def run(args) -> int:
     import os
 
-    from rich.console import Console
-
     from nps.pipeline.errors import NpsError
     from nps.pipeline.results.table import write_table
+    from nps.pipeline.views.console import make_console
+    from nps.pipeline.views.words import plural
 
     if not os.path.exists(args.results):
         raise NpsError(f"{args.results}: no such file")
     if os.path.exists(args.out) and not args.force:
         raise NpsError(f"--out {args.out} exists; pass --force to overwrite it")
     rows, cols = write_table(args.results, args.out, wide=args.wide)
-    Console().print(f"wrote {args.out}: {rows} rows × {cols} columns")
+    make_console().print(f"wrote {args.out}: {plural(rows, 'row')} × {plural(cols, 'column')}")
     return 0

@@ -99,6 +99,11 @@ class ModelConfig:
                                  "the paper) or weights (unstructured, by magnitude, masks held while fine-tuning)")
 
 
+# What training/devices.py's resolve_amp makes of each value, "auto" above all (it is not "off" on every CPU).
+AMP_HELP = ("autocast: auto (GPUs: bf16, else fp16; a CPU with AVX512-BF16 or AMX-BF16: bf16 unless the network has "
+            "depthwise convs; other CPUs: off), bf16, fp16, off")
+
+
 @dataclass
 class BaseConfig:
     epochs: int = _f(30, "base training epochs (only without model.checkpoint)")
@@ -108,7 +113,7 @@ class BaseConfig:
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "SGD weight decay")
     label_smoothing: float = _f(0.0, "label smoothing")
-    amp: str = _f("auto", "autocast: auto (bf16/fp16 on GPUs, off on CPU), bf16, fp16, off")
+    amp: str = _f("auto", AMP_HELP)
     bn_images: int = _f(2048, "precise BN: recompute BN statistics on this many training images after training, "
                               "before the final evaluation (0: off)")
 
@@ -121,7 +126,9 @@ class SpaceRetrainConfig:
 
 @dataclass
 class SpaceConfig:
-    name: str = _f("std-0.05", "uniform, std-<sigma>, mcb-<lo>-<hi>, or ratios (fixed uniform ratios, paper section 2)")
+    name: str = _f("std-0.05", "uniform, std-<sigma>, mcb-<lo>-<hi>, or ratios (fixed uniform ratios, paper "
+                               "section 2); weights:uniform, weights:global, weights:std-<sigma>, "
+                               "weights:mcb-<lo>-<hi> prune weights (model.pruning sets the kind of the others)")
     c_flops: list[float] = _f(help="target FLOPs(sub)/FLOPs(base): a number or a list", factory=list)
     c_params: list[float] = _f(help="target Params(sub)/Params(base) (instead of c_flops)", factory=list)
     ratios: list[float] = _f(help="a ratio space's uniform pruning ratios (n rows each)", factory=list)
@@ -144,7 +151,7 @@ class RetrainConfig(RetrainSpec):
     cohort_size: int | str = _f("auto", "subnetworks trained together on one device: 'auto' or a number")
     bn_images: int = _f(500, "adaptive-BN images before fine-tuning; bn_top1 ranks candidates (0: skip)")
     eval_every_epoch: bool = _f(False, "evaluate after every epoch (fills the curve column)")
-    amp: str = _f("auto", "autocast: auto (bf16/fp16 on GPUs, off on CPU), bf16, fp16, off")
+    amp: str = _f("auto", AMP_HELP)
     compile: bool = _f(False, "torch.compile every subnetwork")
     train_images: int = _f(0, "images per retraining epoch, from the shuffled train split (0: dataset.train_images)")
     fuse: bool | str = _f("auto", "train a cohort as one fused module: auto (GPUs; the CPU where measured faster), "

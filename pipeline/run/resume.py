@@ -22,6 +22,7 @@ from nps.pipeline.run.ledger import RowLedger
 from nps.pipeline.run.log import RunLog
 from nps.pipeline.run.outputs import WeightsKeeper
 from nps.pipeline.training.spec import SpaceSpec
+from nps.pipeline.views.words import plural
 
 
 def default_spec(plan: Plan) -> SpaceSpec:
@@ -36,7 +37,8 @@ def open_results(plan: Plan) -> tuple[ResultsStore, bool]:
     attrs = {"base_flops": plan.table.base_flops, "base_params": plan.table.base_params,
              "dataset_fingerprint": plan.meta["fingerprint"], "experiment": cfg.experiment.name,
              "dataset_num_classes": int(plan.meta.get("num_classes", 0)),
-             "dataset_image_shape": list(plan.meta.get("image_shape") or [])}
+             "dataset_image_shape": list(plan.meta.get("image_shape") or []),
+             "dataset_mean": list(plan.meta["mean"]), "dataset_std": list(plan.meta["std"])}  # what exports need
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         store, resumed = ResultsStore.create(path, plan.table, dump(cfg), attrs,
@@ -69,6 +71,12 @@ def _check_same_experiment(store: ResultsStore, plan: Plan) -> None:
     if diff:
         shown = ", ".join(f"{k} (stored {a!r}, now {b!r})" for k, a, b in diff[:4])
         more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        if any(k.startswith(("spaces", "references")) for k, _, _ in diff):
+            # a file holds its spaces for good; other spaces go to a new file, on the same trained base network
+            base = plan.config.model.checkpoint or plan.base_path
+            hint = ("resume with the same settings; to run other spaces or references on this run's base network, "
+                    f"start a new run with another --out and --set model.checkpoint={base} (it is evaluated, not "
+                    "trained again)")
         raise NpsError(f"{path} holds a different experiment: {shown}{more}; {hint}")
     problem = same_dataset_problem(plan.meta, str(store.attrs.get("dataset_fingerprint", "")))
     if problem:
@@ -121,7 +129,7 @@ def sample_missing_spaces(store: ResultsStore, plan: Plan, progress=None, base_m
         if p.key in present or (needs_base_weights(p) and base_model is None):
             continue
         if progress:
-            progress(f"sampling {p.key}" + (f": {p.n} recipes" if p.kind == "sampled" else ""))
+            progress(f"sampling {p.key}" + (f": {plural(p.n, 'recipe')}" if p.kind == "sampled" else ""))
         table = plan.table_for(p.key)
         if p.kind == "sampled":
             try:
@@ -212,7 +220,7 @@ def prepare(plan: Plan, pool, *, phase, note, retry_failed: bool = False) -> Pre
         sampled = sample_missing_spaces(store, plan, progress=phase)
         redone, retried = reset_rows(store, retry_failed=retry_failed)
         for name, count in retried.items():
-            note(f"{name}: {count} failed rows will be retried")
+            note(f"{name}: {plural(count, 'failed row')} will be retried")
         base_top1, todo = base_state(store, plan)
         if todo is None and any(needs_base_weights(p) for p in plan.spaces):
             sampled += sample_missing_spaces(store, plan, progress=phase, base_model=load_base_model(plan))
@@ -232,6 +240,6 @@ def prepare(plan: Plan, pool, *, phase, note, retry_failed: bool = False) -> Pre
     log.write("start", pid=os.getpid(), resumed=resumed, done=done, redo=redone, sampled=sampled,
               transport=pool.kind)
     if resumed:
-        note(f"resuming {plan.results_path}: {done} subnetworks done are kept"
-             + (f", {redone} left running by the last run are redone" if redone else ""))
+        note(f"resuming {plan.results_path}: {plural(done, 'subnetwork')} done {'is' if done == 1 else 'are'} kept"
+             + (f", {redone} left running by the last run {'is' if redone == 1 else 'are'} redone" if redone else ""))
     return Prepared(store, ledger, weights, log, base_top1, todo, resumed)

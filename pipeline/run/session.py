@@ -57,6 +57,7 @@ def measure_latency(plan: Plan, view: RunView, *, devices: list[str] | None, ray
 
     from nps.pipeline.experiment.checks import parse_devices
     from nps.pipeline.results.latency import measure_results, store_latency
+    from nps.pipeline.views.words import plural
 
     if ray is not None or plan.config.experiment.ray:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,6 +70,7 @@ def measure_latency(plan: Plan, view: RunView, *, devices: list[str] | None, ray
         return
     store_latency(plan.results_path, session)
     s = session["settings"]
-    view.note(f"latency: {len({(r['space'], r['row']) for r in session['records']}) - 1} subnetworks and the base "
-              f"network timed at batch {', '.join(map(str, s['batches']))} on {s['device_name']} ({s['threads']} "
-              f"threads); stored in {plan.results_path} under /latency/{session['device']} (nps report draws them)")
+    timed = plural(len({(r["space"], r["row"]) for r in session["records"]}) - 1, "subnetwork")
+    view.note(f"latency: {timed} and the base network timed at batch {', '.join(map(str, s['batches']))} on "
+              f"{s['device_name']} ({plural(s['threads'], 'thread')}); stored in {plan.results_path} under "
+              f"/latency/{session['device']} (nps report draws them)")

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from nps.pipeline.run.state import SpaceState
 from nps.pipeline.views.terminal import fmt, space_table
+from nps.pipeline.views.words import plural
 
 
 def file_states(reader) -> list[SpaceState]:
@@ -22,6 +23,18 @@ def file_states(reader) -> list[SpaceState]:
         cols = reader.read(name, ["status", "top1"])
         out.append(SpaceState.from_rows(name, cols["status"], cols["top1"], base_top1, reader.epochs(name)))
     return out
+
+
+def results_table(path: str, title: str | None = None):
+    """The per-space table of a results file, as `nps status` shows it: also the table `nps run` ends with. Both
+    read the file, not the run's memory: the file keeps top-1 in float32, the run's ledger in float64, and a median
+    drop on a rounding edge (61.075) showed as 61.08 from one and 61.07 from the other."""
+    from nps.pipeline.results.reader import open_readonly
+
+    with open_readonly(path) as reader:
+        states = file_states(reader)
+        base_top1 = float(reader.attrs.get("base_top1", math.nan))
+    return space_table(states, base_top1, title)
 
 
 def status_renderable(path: str):
@@ -48,13 +61,14 @@ def status_renderable(path: str):
     if pid and not states:
         lines.append(Text(f"a run is writing this file (pid {pid}): it is preparing (sampling its spaces)"))
     elif pid:
-        lines.append(Text(f"a run is writing this file (pid {pid}): {done + failed}/{total} subnetworks finished"))
+        lines.append(Text(f"a run is writing this file (pid {pid}): {done + failed}/{plural(total, 'subnetwork')} "
+                          "finished"))
     else:
         state = "complete" if done + failed == total and total else "not running"
         hint = "; `nps run` with the same arguments resumes it" if state != "complete" else ""
         if running and not pid:
-            hint += f" ({running} rows left 'running' by a stopped run will be redone)"
-        lines.append(Text(f"{state}: {done} done, {failed} failed of {total} subnetworks{hint}"))
+            hint += f" ({plural(running, 'row')} left 'running' by a stopped run will be redone)"
+        lines.append(Text(f"{state}: {done} done, {failed} failed of {plural(total, 'subnetwork')}{hint}"))
     return Group(*lines, space_table(states, base_top1)), states
 
 

@@ -24,6 +24,8 @@ from rich.text import Text
 
 from nps.pipeline.row_status import RowStatus
 from nps.pipeline.run.state import RowFinished, RunState, SpaceState, WorkerState
+from nps.pipeline.views.console import make_console
+from nps.pipeline.views.words import plural
 
 # --------------------------------------------------------------------------------------------------------------------
 # Rendering pieces shared by the live view and `nps status`.
@@ -117,7 +119,7 @@ def _shown_spaces(spaces: list[SpaceState]) -> tuple[list[SpaceState], str]:
     finished = [s for s in spaces if not (s.pending or s.running)]
     hidden = len(spaces) - len(shown)
     done = sum(s.done for s in finished)
-    return shown, (f"{hidden} more spaces not shown ({len(finished)} finished, {done} subnetworks done); "
+    return shown, (f"{hidden} more spaces not shown ({len(finished)} finished, {plural(done, 'subnetwork')} done); "
                    "`nps status FILE` lists every space")
 
 
@@ -126,7 +128,7 @@ class LiveView:
     node, one line each; beyond MAX_SPACE_LINES spaces it lists the ones still running or pending."""
 
     def __init__(self, console: Console | None = None, refresh_s: float = 0.25):
-        self.console = console or Console()
+        self.console = console or make_console()
         self.refresh_s = refresh_s
         self._last = 0.0
         self._live = None
