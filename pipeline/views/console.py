@@ -12,10 +12,10 @@ from rich.console import Console
 LOG_WIDTH = 10_000  # off a terminal: wider than any table or line nps prints, so nothing wraps or is cut
 
 
-def make_console(*, stderr: bool = False) -> Console:
+def make_console() -> Console:
     """The console of a command: rich's own on a terminal; off a terminal one that never wraps or cuts a line."""
-    console = Console(stderr=stderr)
+    console = Console()
     if console.is_terminal:
         return console
-    return Console(stderr=stderr, width=LOG_WIDTH, soft_wrap=True)
+    return Console(width=LOG_WIDTH, soft_wrap=True)
 
