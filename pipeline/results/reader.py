@@ -16,6 +16,7 @@ import numpy as np
 
 from nps.pipeline.errors import NpsError
 from nps.pipeline.results import h5file
+from nps.pipeline.results.format import check_format
 from nps.pipeline.row_status import RowStatus
 
 PENDING, RUNNING, DONE, FAILED = RowStatus  # the codes of the status column
@@ -74,6 +75,7 @@ class _ResultsFile:
 
     path: str
     _file: h5py.File
+    format: int  # the file's results format (nps.pipeline.results.format)
 
     @property
     def file(self) -> h5py.File:
@@ -218,12 +220,18 @@ class ResultsReader(_ResultsFile):
 
     def _open(self) -> h5py.File:
         """The one way nps opens a results file to read it (:func:`nps.pipeline.results.h5file.open_readonly`: a complete
-        HDF5 file, bounded waits), then a check that it is an nps results file."""
+        HDF5 file, bounded waits), then a check that it is an nps results file of a format this nps reads
+        (:mod:`nps.pipeline.results.format`; ``self.format`` is its format)."""
         f, self.swmr = h5file.open_readonly(self.path, retry_s=self._retry_s,
                                             writer_alive=lambda: h5file.writer_pid(self.path) is not None)
         try:
+            # the format first: a newer format is refused as newer, not as "not an nps file"
+            self.format = check_format(f.attrs, "read", self.path)
             missing = [name for name in ("layers", "spaces") if name not in f]
-        except (OSError, RuntimeError) as exc:
+        except NpsError:
+            f.close()
+            raise
+        except (OSError, RuntimeError, KeyError) as exc:  # h5py's KeyError: a damaged root object
             f.close()
             raise NpsError(f"{self.path}: cannot read it ({str(exc).splitlines()[0]}); the file is damaged: restore "
                            "a complete copy") from None

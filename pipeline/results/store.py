@@ -2,7 +2,7 @@
 
 Layout (DESIGN.md, "results.h5")::
 
-    /                 attrs: nps_version, config, base_top1, base_top5, base_flops, base_params,
+    /                 attrs: format_version, nps_version, config, base_top1, base_top5, base_flops, base_params,
                       dataset_fingerprint, created
     /layers           the layer table (written by ``layer_table.to_hdf5(group)``)
     /spaces/<name>/   one row per subnetwork; every dataset chunked and resizable along axis 0
@@ -37,6 +37,10 @@ of range): those are bugs and show their traceback.
 - **Opening** goes through :mod:`nps.pipeline.results.h5file`: a file shorter than its header says, not HDF5 at all, or
   without ``/layers`` and ``/spaces`` is refused in one line before HDF5 reads it (a truncated file would otherwise
   hang an SWMR reader), and readers' metadata retries are bounded.
+- **Its format.** ``format_version`` (:mod:`nps.pipeline.results.format`) says which layout the file has: a file of
+  a newer format than this nps's is refused before anything is read or written; an older one is read as it is, and
+  the first write (the first flush) records the current format on it where that format allows
+  (:func:`~nps.pipeline.results.format.format_after_write`).
 - **Crash recovery.** HDF5 marks a file "open for (SWMR) write" in its superblock while a writer has it; after a
   crash the mark stays and HDF5 refuses a normal open ("may use h5clear"). When :meth:`ResultsStore.open` holds the
   writer lock, no writer can be alive, so it clears the mark itself (what ``h5clear -s`` does: zero the
@@ -57,6 +61,8 @@ import numpy as np
 from nps.pipeline import __version__ as NPS_VERSION
 from nps.pipeline.errors import NpsError
 from nps.pipeline.results import h5file
+from nps.pipeline.results.format import ATTR as FORMAT_ATTR
+from nps.pipeline.results.format import FORMAT_VERSION, check_format, format_after_write
 from nps.pipeline.results.h5file import clear_consistency_flags
 from nps.pipeline.results.reader import (  # noqa: F401 - the status codes and open_readonly, for the writer's callers
     DONE,
@@ -133,6 +139,7 @@ class ResultsStore(_ResultsFile):
         self._lock_fd = lock_fd
         self._file = None  # type: ignore[assignment]
         self._swmr = False
+        self.format = FORMAT_VERSION  # the file's format (open() reads it); the first flush records the current one
         # Open dataset handles and row counts per space: h5py's lookups cost a fraction of a millisecond each, which a
         # driver recording hundreds of results a second pays many times per result (tools/bench_dispatch.py).
         self._handles: dict[tuple[str, str], h5py.Dataset] = {}
@@ -169,6 +176,7 @@ class ResultsStore(_ResultsFile):
             f = h5py.File(path, "w", libver="latest")
             store._file = f
             attrs = dict(attrs or {})
+            f.attrs[FORMAT_ATTR] = FORMAT_VERSION
             f.attrs["nps_version"] = NPS_VERSION
             f.attrs["config"] = str(config_text)
             f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -209,6 +217,12 @@ class ResultsStore(_ResultsFile):
             except OSError as exc:
                 raise NpsError(f"{path}: cannot open the results file ({str(exc).splitlines()[0]}); the file is "
                                "damaged: start again with another --out") from None
+            # the format first: a newer format is refused as newer (and unchanged), not as "not an nps file"
+            try:
+                store.format = check_format(store._file.attrs, "write", path)
+            except (OSError, RuntimeError, KeyError) as exc:  # h5py's KeyError: a damaged root object
+                raise NpsError(f"{path}: cannot read the results file ({str(exc).splitlines()[0]}); the file is "
+                               "damaged: start again with another --out") from None
             missing = [name for name in ("layers", "spaces") if name not in store._file]
             if missing:
                 raise NpsError(f"{path} is an HDF5 file but not an nps results file (no /{missing[0]}); give "
@@ -232,11 +246,22 @@ class ResultsStore(_ResultsFile):
         return self._swmr
 
     def flush(self) -> None:
-        """Write everything to the file and make it readable by SWMR readers."""
+        """Write everything to the file and make it readable by SWMR readers (the first flush of a file of an older
+        format records the format it has from now on)."""
         if not self._swmr:
+            self._record_format()
             self._file.swmr_mode = True
             self._swmr = True
         self._file.flush()
+
+    def _record_format(self) -> None:
+        """An older file this nps writes to becomes the current format where the formats between allow it
+        (attributes can be written only outside SWMR mode, hence at the first flush)."""
+        after = format_after_write(self.format)
+        if after != self.format:
+            self._file.attrs[FORMAT_ATTR] = after
+            log.info("%s: results format %d, now %d (written by nps %s)", self.path, self.format, after, NPS_VERSION)
+            self.format = after
 
     def _ds(self, space: str, field: str) -> h5py.Dataset:
         """A space's dataset, its handle kept open (dropped whenever the file is reopened)."""
@@ -267,6 +292,7 @@ class ResultsStore(_ResultsFile):
             if was_swmr:
                 self.flush()
             else:
+                self._record_format()
                 self._file.flush()
 
     def editing(self):
