@@ -16,6 +16,7 @@ HEAVY = ("torch", "torchvision", "numba")
 PROBE = """
 import json, sys
 from nps.pipeline.cli import main
+from nps.pipeline.row_status import Result
 try:
     main(sys.argv[1:])
 except SystemExit:
@@ -46,6 +47,6 @@ def test_presets_and_status_import_nothing_heavy(tmp_path):
 
     store = ResultsStore.create(tmp_path / "r.h5", StandInTable(), "[experiment]\nname = 'x'\n", {"base_top1": 90.0})
     store.add_space("std-0.05@c_flops=0.25", rows_for_store(5), epochs=1)
-    store.mark_done("std-0.05@c_flops=0.25", 0, top1=80.0, top5=99.0, loss=0.5)
+    store.record("std-0.05@c_flops=0.25", [0], [Result.done(top1=80.0, top5=99.0, loss=0.5)])
     store.close()
     assert heavy_imports("status", tmp_path / "r.h5") == []

@@ -417,11 +417,9 @@ def test_pruned_resnets_through_the_engine_into_the_store(tmp_path):
             store.mark_running("std-0.1", [e.id])
         elif isinstance(e, MemberFinished) and e.result.ok:
             r = e.result
-            store.mark_done("std-0.1", r.id, top1=r.top1, top5=r.top5, loss=r.loss, bn_top1=r.bn_top1, curve=r.curve,
-                            train_s=r.train_s)
+            store.record("std-0.1", [r.id], [r])  # the engine's result is the row's result, as the run stores it
         elif isinstance(e, MemberFinished):
-            store.mark_failed("std-0.1", e.result.id, e.result.error, train_s=e.result.train_s,
-                              bn_top1=e.result.bn_top1)
+            store.record("std-0.1", [e.result.id], [e.result])
 
     data = make_data(4, batch=16)
     results = run_cohorts(subnets, data, data[:1], RetrainConfig(epochs=2), "cpu", k=2, ids=list(range(n)),

@@ -19,6 +19,7 @@ from nps.pipeline.cli import build_parser, main
 from nps.pipeline.experiment.config import Config, load_config
 from nps.pipeline.experiment.toml_text import dump
 from nps.pipeline.results.store import ResultsStore
+from nps.pipeline.row_status import Result
 
 BOX = "┏┃┡│└"  # the first character of every line of a rich table
 
@@ -144,7 +145,7 @@ def test_run_and_status_show_the_same_median(tmp_path, monkeypatch):
     store = ResultsStore.create(path, StandInTable(), dump(Config()), {"base_top1": base})
     store.add_space(space, rows(2), epochs=1)
     for row, t in enumerate(top1):
-        store.mark_done(space, row, top1=t, top5=99.0, loss=0.5)
+        store.record(space, [row], [Result.done(top1=t, top5=99.0, loss=0.5)])
     store.close()
     ledger = SpaceState.from_rows(space, np.array([2, 2]), np.array(top1, dtype=np.float64), base)
     assert f"{ledger.median_drop:.2f}" == "61.07"  # what the run showed from its memory
@@ -174,7 +175,7 @@ def test_status_in_a_pipe_wraps_and_cuts_nothing(tmp_path):
     names = ["weights:mcb-0.9-1.1@c_flops=0.125#top", "std-0.05@c_params=0.3333"]
     for name in names:
         store.add_space(name, rows(3), epochs=1)
-        store.mark_done(name, 0, top1=80.25, top5=97.0, loss=0.5)
+        store.record(name, [0], [Result.done(top1=80.25, top5=97.0, loss=0.5)])
     store.close()
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     out = subprocess.run([sys.executable, "-m", "nps.pipeline.cli", "status", str(path)], capture_output=True,

@@ -17,6 +17,7 @@ from nps.pipeline.errors import NpsError
 from nps.pipeline.network.layer_table import build_layer_table
 from nps.pipeline.results.report import write_report
 from nps.pipeline.results.store import DONE, FAILED, PENDING, RUNNING, ResultsStore
+from nps.pipeline.row_status import Result
 
 torch.set_num_threads(1)
 
@@ -67,13 +68,13 @@ def make_results(path, table, spaces=SPACES, n=N, outcome=outcome, keep_open=Fal
         for row in range(n):
             what = outcome(s, row)
             if what == "failed":
-                store.mark_failed(regime, row, "loss became NaN")
+                store.record(regime, [row], [Result.failed(error="loss became NaN")])
             elif what == "running":
                 store.mark_running(regime, [row])
             elif what == "nan":
-                store.mark_done(regime, row, top1=math.nan, top5=math.nan, loss=math.nan)
+                store.record(regime, [row], [Result.done(top1=math.nan, top5=math.nan, loss=math.nan)])
             elif what == "done":
-                store.mark_done(regime, row, top1=BASE_TOP1 - drops[s * n + row], top5=99.0, loss=0.5)
+                store.record(regime, [row], [Result.done(top1=BASE_TOP1 - drops[s * n + row], top5=99.0, loss=0.5)])
     if keep_open:
         return store
     store.close()
@@ -190,7 +191,7 @@ def test_report_on_a_file_a_run_is_still_writing(tmp_path, table):
         first = reader.summary()
         assert first["counts"]["finished"] == 8 and first["counts"]["pending"] == 12
         assert any("12 rows pending" in n for n in first["notes"])
-        store.mark_done("std-0.01@c_flops=0.5", 7, top1=95.0, top5=99.0, loss=0.1)
+        store.record("std-0.01@c_flops=0.5", [7], [Result.done(top1=95.0, top5=99.0, loss=0.1)])
         second = reader.summary()
         assert second["counts"]["finished"] == 9
         assert second["regimes"][0]["winner"]["row"] == 7 and second["regimes"][0]["winner"]["acc_drop"] == -4.0
@@ -271,7 +272,7 @@ def test_baseline_rows_are_marked_and_beaten_fractions_match_the_raw_file(tmp_pa
     store = ResultsStore.open(path)
     rows, attrs = baseline_rows(table, "c_flops", 0.5, 0, delta=0.002, R=0.95)
     store.add_space(baseline_key("c_flops", 0.5), rows, epochs=1, attrs=attrs)
-    store.mark_done(baseline_key("c_flops", 0.5), 0, top1=BASE_TOP1 + 0.25, top5=99.0, loss=0.5)
+    store.record(baseline_key("c_flops", 0.5), [0], [Result.done(top1=BASE_TOP1 + 0.25, top5=99.0, loss=0.5)])
     store.close()
     summary = write_report(path, tmp_path / "report", k=K, n_boot=200)
     (reg,) = summary["regimes"]
@@ -318,8 +319,8 @@ def test_ratio_study_panels_equal_the_raw_file(tmp_path, table):
                                                           "method": method,
                                                           "overrides": f"{criterion}, {method}, {epochs} epochs"})
         for row in range(len(keep)):
-            store.mark_done(name, row, top1=BASE_TOP1 - 10 * recipe[row, 0] ** 2 - rng.uniform(0, 1), top5=99,
-                            loss=0.5)
+            store.record(name, [row], [Result.done(top1=BASE_TOP1 - 10 * recipe[row, 0] ** 2 - rng.uniform(0, 1),
+                                                   top5=99, loss=0.5)])
     store.close()
     summary = write_report(tmp_path / "r.h5", tmp_path / "report", k=3, n_boot=20)
     study = summary["ratio_study"]

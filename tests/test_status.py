@@ -17,6 +17,7 @@ from nps.pipeline.results.h5file import writer_pid
 from nps.pipeline.results.store import ResultsStore, open_readonly
 from nps.pipeline.run.state import SpaceState
 from nps.pipeline.views.status import file_states, status_renderable
+from nps.pipeline.row_status import Result
 
 
 @pytest.fixture
@@ -28,9 +29,9 @@ def results(tmp_path):
     store = ResultsStore.create(path, StandInTable(), dump(cfg), {"base_top1": 90.0, "base_top5": 99.0})
     store.add_space("std-0.05@c_flops=0.25", rows(5), epochs=2)
     store.add_space("std-0.01@c_flops=0.25", rows(3), epochs=2)
-    store.mark_done("std-0.05@c_flops=0.25", 0, top1=80.0, top5=97.0, loss=0.5)
-    store.mark_done("std-0.05@c_flops=0.25", 3, top1=85.0, top5=98.0, loss=0.4)
-    store.mark_failed("std-0.05@c_flops=0.25", 1, "loss became nan/inf at epoch 1 step 3")
+    store.record("std-0.05@c_flops=0.25", [0], [Result.done(top1=80.0, top5=97.0, loss=0.5)])
+    store.record("std-0.05@c_flops=0.25", [3], [Result.done(top1=85.0, top5=98.0, loss=0.4)])
+    store.record("std-0.05@c_flops=0.25", [1], [Result.failed(error="loss became nan/inf at epoch 1 step 3")])
     store.mark_running("std-0.05@c_flops=0.25", [2])
     yield path, store
     store.close()

@@ -24,6 +24,7 @@ from nps.pipeline.results.store import (
     clear_consistency_flags,
     open_readonly,
 )
+from nps.pipeline.row_status import Result
 
 
 @pytest.fixture
@@ -67,8 +68,9 @@ def test_add_space_has_every_dataset_of_the_design(store):
 def test_row_lifecycle_and_summary(store):
     store.add_space("s", make_rows(6), epochs=3)
     store.mark_running("s", [0, 1, 2])
-    store.mark_done("s", 0, top1=91.25, top5=99.5, loss=0.31, bn_top1=40.0, curve=[80.0, 90.0], train_s=12.5)
-    store.mark_failed("s", 1, "loss became nan at epoch 2 step 17")
+    store.record("s", [0], [Result.done(top1=91.25, top5=99.5, loss=0.31, bn_top1=40.0, curve=[80.0, 90.0],
+                                        train_s=12.5)])
+    store.record("s", [1], [Result.failed(error="loss became nan at epoch 2 step 17")])
     assert store.summary() == {"s": {"total": 6, "pending": 3, "running": 1, "done": 1, "failed": 1}}
     cols = store.read("s")
     assert cols["status"].tolist() == [DONE, FAILED, RUNNING, PENDING, PENDING, PENDING]
@@ -87,7 +89,7 @@ def test_append_rows_and_long_error_truncated_on_utf8_boundary(store):
     new = store.append_rows("s", make_rows(3, seed=1))
     assert new.tolist() == [2, 3, 4] and store.size("s") == 5
     assert (store.status("s") == PENDING).all() and np.isnan(store.read("s", ["top1"])["top1"]).all()
-    store.mark_failed("s", 4, "é" * 300)
+    store.record("s", [4], [Result.failed(error="é" * 300)])
     msg = store.errors("s")[4]
     assert set(msg) == {"é"} and len(msg.encode()) <= ERROR_BYTES
 
@@ -103,7 +105,7 @@ def test_bad_input_is_one_line_error(store, tmp_path):
     with pytest.raises(ValueError, match="groups"):
         store.append_rows("s", make_rows(2) | {"recipe": np.zeros((2, 3)), "keep": np.ones((2, 3))})
     with pytest.raises(IndexError, match="rows 0..2"):
-        store.mark_done("s", 3, top1=1, top5=1, loss=1)
+        store.record("s", [3], [Result.done(top1=1, top5=1, loss=1)])
     with pytest.raises(NpsError, match="no space"):
         store.status("nope")
     with pytest.raises(NpsError, match="exists"):
@@ -119,11 +121,11 @@ def test_reopen_after_clean_close(tmp_path):
     path = tmp_path / "r.h5"
     with ResultsStore.create(path, StandInTable(), "", {"base_top1": 90.0}) as s:
         s.add_space("a", make_rows(3), epochs=2)
-        s.mark_done("a", 1, top1=89.0, top5=99.0, loss=0.4)
+        s.record("a", [1], [Result.done(top1=89.0, top5=99.0, loss=0.4)])
     with ResultsStore.open(path, "r+") as s:
         s.add_space("b", make_rows(2), epochs=2)  # new spaces after reopening
         s.set_attrs(base_top1=91.0)
-        s.mark_done("b", 0, top1=90.0, top5=99.0, loss=0.4)
+        s.record("b", [0], [Result.done(top1=90.0, top5=99.0, loss=0.4)])
         assert s.read("b", ["acc_drop"])["acc_drop"][0] == pytest.approx(1.0)
     with ResultsStore.open(path, "r") as r:
         assert r.summary()["a"]["done"] == 1 and r.summary()["b"]["done"] == 1 and r.attrs["base_top1"] == 91.0
@@ -145,11 +147,12 @@ WRITER = textwrap.dedent("""
     for row in range(n):
         store.mark_running("s", [row])
         time.sleep(delay)
-        store.mark_done("s", row, top1=50.0 + row, top5=90.0 + row / 100, loss=1.0 / (row + 1),
-                        bn_top1=10.0 + row, curve=[row, row + 1, row + 2, row + 3], train_s=0.5 * row)
+        store.record("s", [row], [Result.done(top1=50.0 + row, top5=90.0 + row / 100, loss=1.0 / (row + 1),
+                                              bn_top1=10.0 + row, curve=[row, row + 1, row + 2, row + 3],
+                                              train_s=0.5 * row)])
         if sys.argv[4:] == ["space"] and row == 2:
             store.add_space("late", make_rows(2, seed=5), epochs=1)
-            store.mark_failed("late", 1, "boom")
+            store.record("late", [1], [Result.failed(error="boom")])
             print("late", flush=True)
     print("finished", flush=True)
     time.sleep(60)
@@ -215,8 +218,9 @@ def test_kill_minus_9_keeps_every_finished_row(tmp_path, delay):
         pending = store.reset_running("s")
         assert pending.tolist() == rest.tolist()
         check_done_rows(store.read("s"))
-        store.mark_done("s", int(rest[0]), top1=50.0 + rest[0], top5=90.0 + rest[0] / 100, loss=1.0 / (rest[0] + 1),
-                        bn_top1=10.0 + rest[0], curve=[rest[0] + i for i in range(4)], train_s=0.5 * rest[0])
+        store.record("s", [int(rest[0])], [Result.done(top1=50.0 + rest[0], top5=90.0 + rest[0] / 100,
+                                                       loss=1.0 / (rest[0] + 1), bn_top1=10.0 + rest[0],
+                                                       curve=[rest[0] + i for i in range(4)], train_s=0.5 * rest[0])])
     with h5py.File(tmp_path / "r.h5", "r") as f:  # a plain (non-SWMR) open works again after a clean close
         assert f["spaces/s/status"][rest[0]] == DONE
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from nps.pipeline.row_status import Result
 
 pd = pytest.importorskip("pandas")
 
@@ -48,11 +49,11 @@ def make_study_file(path: Path) -> Path:
         for space, n in groups:
             finished = np.arange(n) if n == 1 else np.arange(n - 3)
             top1 = 92.5 - rng.gamma(2.0, 3.0, finished.size)
-            store.record(space, finished, done=[True] * finished.size, top1=top1, top5=top1 + 5, loss=top1 / 100,
-                         bn_top1=top1 - 30, train_s=rng.uniform(5, 10, finished.size), curves=[None] * finished.size,
-                         errors=[""] * finished.size)
+            train_s = rng.uniform(5, 10, finished.size)
+            store.record(space, finished, [Result.done(top1=t, top5=t + 5, loss=t / 100, bn_top1=t - 30, train_s=s)
+                                           for t, s in zip(np.asarray(top1, float), train_s)])
             if n > 1:
-                store.mark_failed(space, n - 3, "out of memory")
+                store.record(space, [n - 3], [Result.failed(error="out of memory")])
                 store.mark_running(space, n - 2)
     finally:
         store.close()

@@ -16,6 +16,7 @@ from nps.kernels.spaces import parse_space
 from nps.pipeline.experiment.sampling import sample_rows
 from nps.pipeline.network.layer_table import build_layer_table
 from nps.pipeline.results.store import ResultsStore
+from nps.pipeline.row_status import Result
 
 C_FLOPS = (0.5, 0.35, 0.25, 0.15, 0.1, 0.05)
 C_PARAMS = (0.5, 0.35, 0.25, 0.15, 0.1, 0.05)
@@ -49,11 +50,13 @@ def main() -> None:
             c = rows["c_flops"].astype(float)
             drop = 6.0 * (0.25 / np.maximum(c, 0.02)) ** 0.7 * (1 + 2.0 * np.abs(np.log(rows["mcb"]))) \
                 + rng.gamma(2.0, 0.4, n)
+            results = []
             for row in range(n):
                 top1 = base - float(drop[row])
-                curve = np.linspace(top1 - 5, top1, args.epochs)
-                store.mark_done(space.regime, row, top1=top1, top5=99.0, loss=0.3, bn_top1=top1 - 30,
-                                curve=curve, train_s=float(rng.uniform(10, 20)))
+                results.append(Result.done(row, top1=top1, top5=99.0, loss=0.3, bn_top1=top1 - 30,
+                                           curve=list(np.linspace(top1 - 5, top1, args.epochs)),
+                                           train_s=float(rng.uniform(10, 20))))
+            store.record(space.regime, range(n), results)
     finally:
         store.close()
     print(f"wrote {args.out}: {sum(per)} finished rows in {len(regimes)} regimes × {len(SPACES)} spaces")

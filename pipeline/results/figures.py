@@ -130,9 +130,9 @@ def _edf_panel(ax, summary: dict, reg: dict, spaces: list[dict], colors: dict) -
     if grid.size and grid[0] < 0 < grid[-1]:
         ax.axvline(0, color="0.5", linewidth=0.8, linestyle=":")
     if baseline.get("n"):
-        what = f"{baseline['space']}, n={baseline['n']}: mean drop" if baseline["n"] > 1 else f"{baseline['space']}: drop"
+        what = f"mean drop of {baseline['n']} rows" if baseline["n"] > 1 else "drop"
         ax.axvline(baseline["acc_drop"], color=_UNIFORM, linewidth=1.8, linestyle="--",
-                   label=f"uniform baseline (trained; {what} {baseline['acc_drop']:.2f} pp)")
+                   label=f"uniform baseline ({baseline['space']}, trained): {what} {baseline['acc_drop']:.2f} pp")
     banded = any(s["n"] >= MIN_BAND_N for s in spaces)
     ax.set_title(f"Accuracy-drop EDF (shaded: {band_text(summary)} bootstrap band)" if banded else "Accuracy-drop EDF")
     ax.set_xlabel(_DROP)
@@ -260,10 +260,8 @@ def best_k_title(summary: dict) -> str:
     drawn = sum(r["best_k"]["n"] for r in regs)
     finished = sum(r["best_k"]["of"] for r in regs)
     if all(r["best_k"]["n"] == r["best_k"]["of"] for r in regs):
-        return (f"All {finished} finished subnetworks of {len(regs)} regime(s) (each has at most k = {k}, so all are "
-                "the best k), coloured by space")
-    return (f"Best k = {k} subnetworks of each regime ({drawn} of {finished} finished, coloured by space; grey: the "
-            "rest)")
+        return f"All {finished} finished subnetworks (no regime has more than k = {k}), by space"
+    return f"Best k = {k} subnetworks of each regime: {drawn} of {finished} finished (grey: the rest)"
 
 
 def _strip(ax, j: int, offset: float, values, **style) -> None:
@@ -301,7 +299,7 @@ def _fig_best_k(summary: dict, colors: dict, path: Path) -> None:
             med = float(np.median(b[shown]))
             ax.hlines(med, j - 0.35, j + 0.35, color="black", linewidth=2, zorder=4,
                       label="median of the best k" if j == 0 else None)
-            if r.get("uniform"):
+            if r.get("uniform") and not r["uniform"]["trained"]:  # a trained baseline is a point of its own
                 ax.scatter([j + 0.42], [r["uniform"][shown]], marker="D", s=45, color=_UNIFORM, zorder=4,
                            edgecolors="black", linewidths=0.4,
                            label=uniform_label(r["uniform"]) if j == 0 else None)
@@ -378,12 +376,12 @@ def _fig_optimal_mcb(summary: dict, om: dict, path: Path) -> None:
         xs = np.linspace(max(lo - pad, 1e-3), min(hi + pad, 1.0), 300)
         _draw_fit(ax, om["fit"], xs, lambda x: 100 * (1 - x))
         curve = summary.get("uniform_curve")
-        if curve and om.get("pruning", "filters") == "filters":
+        if curve and om.get("pruning", "filters") == "filters" and len(regs) >= 2:  # a trend needs two regimes
             uc = np.asarray(curve["c_flops"], float)
             um = np.asarray(curve["mcb"], float)
             keep = (uc >= xs[0]) & (uc <= xs[-1])
             ax.plot(100 * (1 - uc[keep]), um[keep], color=_UNIFORM, linestyle=":", linewidth=1.5,
-                    label="uniform ratio in every group (continuous channel counts)")
+                    label="uniform ratio in every group, continuous channel counts (the trend between regimes)")
     unis = [r["uniform"] for r in regs if r.get("uniform")]
     if unis:
         ax.scatter([100 * (1 - u["c_flops"]) for u in unis], [u["mcb"] for u in unis], marker="D", s=50,
@@ -471,7 +469,7 @@ def _fig_spaces(summary: dict, colors: dict, path: Path) -> None:
     n_min = summary["settings"].get("min_interval_n", MIN_BAND_N)
     sub = f"error bars: {band_text(summary)} bootstrap interval; lower is better"
     if few:
-        sub += f"; spaces with n < {n_min}: their drops (rings) and mean (dot), no interval"
+        sub += f"\nspaces with n < {n_min}: their drops (rings) and mean (dot), no interval"
     ax.set_title(sub, fontsize=10)
     ax.set_xlabel("regime")
     ax.set_ylabel(f"mean {_DROP_SHORT}")

@@ -225,7 +225,7 @@ class Fit:
         """Whether a figure draws this fit as a curve, and if not why (the rule: :data:`MIN_FIT_DOF`,
         :data:`MIN_FIT_R2`). A fit that explains little, or that as many parameters as points can always pass
         through, would read as a law the data do not show: its points are drawn alone."""
-        if self.kind == "none":
+        if self.kind in ("none", "constant"):  # a constant is no law in x: nothing to draw beside the points
             return False, self.note
         if self.dof < MIN_FIT_DOF:
             return False, (f"not drawn: {self.n} points for {self.n - self.dof} parameters leave {self.dof} degree(s) "

@@ -53,7 +53,7 @@ import datetime
 import logging
 import math
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -81,6 +81,7 @@ from nps.pipeline.results.reader import (  # noqa: F401 - the status codes and o
     _ResultsFile,
     open_readonly,
 )
+from nps.pipeline.row_status import Result
 
 log = logging.getLogger(__name__)
 
@@ -400,91 +401,46 @@ class ResultsStore(_ResultsFile):
         """Rows whose training was abandoned (a worker died, a stop request) go back to pending."""
         self._set_status(space, self._rows(space, rows), PENDING)
 
-    def record(self, space: str, rows: Iterable[int], *, done: Iterable[bool], top1, top5, loss, bn_top1, train_s,
-               curves: Iterable[Iterable[float] | None], errors: Iterable[str]) -> None:
-        """Store several finished rows of one space at once: ``done`` (else failed) and one value per row in every
-        other argument. Two flushes for all of them (values, then status), so the file holds either a row's whole
-        result or none of it, as with :meth:`mark_done`; failed rows keep NaN scores and get their error."""
+    def record(self, space: str, rows: Iterable[int], results: Sequence[Result]) -> None:
+        """Store the results of several rows of one space: the one way a row's outcome reaches the file.
+
+        ``results[i]`` (a :class:`~nps.pipeline.row_status.Result`, done or failed) is row ``rows[i]``'s. Two
+        flushes for all of them (values, then status), so the file holds either a row's whole result or none of it;
+        ``acc_drop`` = base_top1 − top1 (percentage points); failed rows keep NaN scores and get their error (stored
+        UTF-8, at most 256 bytes)."""
         idx = np.asarray(list(rows), dtype=np.int64)
+        results = list(results)
+        if idx.size != len(results):
+            raise ValueError(f"record: {idx.size} rows of {space!r} but {len(results)} results")
         if idx.size == 0:
             return
         if np.unique(idx).size != idx.size:
             raise ValueError(f"record: rows of {space!r} repeat: {idx.tolist()}")
         order = np.argsort(idx, kind="stable")
-        idx = idx[order]
+        idx, results = idx[order], [results[i] for i in order]
         self._rows(space, idx)  # range check
         sel = _selection(idx)
-        done_mask = np.asarray(list(done), dtype=bool)[order]
+        done = np.array([r.ok for r in results], dtype=bool)
         base_top1 = float(self._file.attrs.get("base_top1", math.nan))
-
-        def column(values) -> np.ndarray:
-            return np.asarray(list(values), dtype=np.float64)[order]
-
-        scores = {"top1": column(top1), "top5": column(top5), "loss": column(loss)}
-        for name in scores:
-            scores[name][~done_mask] = np.nan
+        scores = {name: np.array([getattr(r, name) for r in results], dtype=np.float64)
+                  for name in ("top1", "top5", "loss", "bn_top1", "train_s")}
+        for name in ("top1", "top5", "loss"):
+            scores[name][~done] = np.nan
         scores["acc_drop"] = base_top1 - scores["top1"]
-        scores["bn_top1"], scores["train_s"] = column(bn_top1), column(train_s)
         for name, values in scores.items():
             self._ds(space, name)[sel] = values.astype("f4")
         curve = self._ds(space, "curve")
-        width = curve.shape[1]
-        lines = np.full((idx.size, width), np.nan, dtype="f4")
-        curves = list(curves)
-        for i, src in enumerate(order):
-            if done_mask[i] and curves[src] is not None:
-                values = np.asarray(list(curves[src]), dtype="f4")[:width]
+        lines = np.full((idx.size, curve.shape[1]), np.nan, dtype="f4")
+        for i, r in enumerate(results):
+            if r.ok and r.curve is not None:
+                values = np.asarray(list(r.curve), dtype="f4")[: curve.shape[1]]
                 lines[i, : values.size] = values
         curve[sel] = lines
-        errors = list(errors)
-        self._ds(space, "error")[sel] = np.array([b"" if d else _encode_error(errors[src])
-                                                  for d, src in zip(done_mask, order)], dtype=f"S{ERROR_BYTES}")
+        self._ds(space, "error")[sel] = np.array([b"" if r.ok else _encode_error(r.error) for r in results],
+                                                 dtype=f"S{ERROR_BYTES}")
         self.flush()  # values reach the file before the status says they are there
-        self._ds(space, "status")[sel] = np.where(done_mask, DONE, FAILED).astype("u1")
+        self._ds(space, "status")[sel] = np.where(done, DONE, FAILED).astype("u1")
         self.flush()
-
-    def mark_done(
-        self,
-        space: str,
-        row: int,
-        *,
-        top1: float,
-        top5: float,
-        loss: float,
-        bn_top1: float = math.nan,
-        curve: Iterable[float] | None = None,
-        train_s: float = math.nan,
-    ) -> None:
-        """Store one finished subnetwork; ``acc_drop`` = base_top1 − top1 (percentage points)."""
-        (row,) = self._rows(space, row)
-        g = self._space(space)
-        base_top1 = float(self._file.attrs.get("base_top1", math.nan))
-        g["top1"][row] = top1
-        g["top5"][row] = top5
-        g["loss"][row] = loss
-        g["acc_drop"][row] = base_top1 - float(top1)
-        g["bn_top1"][row] = bn_top1
-        g["train_s"][row] = train_s
-        width = g["curve"].shape[1]
-        line = np.full(width, np.nan, dtype="f4")
-        if curve is not None:
-            values = np.asarray(list(curve), dtype="f4")[:width]
-            line[: values.size] = values
-        g["curve"][row] = line
-        g["error"][row] = b""
-        self.flush()  # values reach the file before the status says they are there
-        self._set_status(space, np.array([row]), DONE)
-
-    def mark_failed(self, space: str, row: int, error: str, *, train_s: float = math.nan,
-                    bn_top1: float = math.nan) -> None:
-        """Mark one subnetwork failed with a one-line reason (stored UTF-8, at most 256 bytes)."""
-        (row,) = self._rows(space, row)
-        g = self._space(space)
-        g["error"][row] = _encode_error(error)
-        g["train_s"][row] = train_s
-        g["bn_top1"][row] = bn_top1
-        self.flush()
-        self._set_status(space, np.array([row]), FAILED)
 
     def reset_running(self, space: str) -> np.ndarray:
         """On resume: rows left running by a dead writer go back to pending; returns all pending rows."""

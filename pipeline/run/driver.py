@@ -38,6 +38,8 @@ from nps.pipeline.run.protocol import (
     Note,
     Progress,
     Ready,
+    ReferenceResult,
+    ReferenceTask,
     RowResult,
     TaskEnd,
     WorkerFailed,
@@ -267,8 +269,29 @@ class Driver:
         worker's loss is kept instead of being trained again."""
         self._store_results([e for e in events if isinstance(e, RowResult)])
         for event in events:
-            if not isinstance(event, RowResult):
-                getattr(self, f"_on_{type(event).__name__}")(event)
+            match event:  # a renamed event type fails here loudly, never silently
+                case RowResult():
+                    pass
+                case WorkerStarted():
+                    self._on_worker_started(event)
+                case Ready():
+                    self._on_ready(event)
+                case Progress():
+                    self._on_progress(event)
+                case BaseResult():
+                    self._on_base_result(event)
+                case ReferenceResult():
+                    self._on_reference_result(event)
+                case Note():
+                    self._on_note(event)
+                case TaskEnd():
+                    self._on_task_end(event)
+                case WorkerLost():
+                    self._on_worker_lost(event)
+                case WorkerFailed():
+                    self._on_worker_failed(event)
+                case _:
+                    raise TypeError(f"not an event: {event!r}")
 
     def _store_results(self, results: list[RowResult]) -> None:
         if not results:
@@ -311,16 +334,16 @@ class Driver:
         if not self.ledger.spaces[space].open:
             self._space_complete(space)
 
-    def _on_WorkerStarted(self, e: WorkerStarted) -> None:
+    def _on_worker_started(self, e: WorkerStarted) -> None:
         self.state.workers[e.worker] = WorkerState(e.device, node=e.node)
 
-    def _on_Ready(self, e: Ready) -> None:
+    def _on_ready(self, e: Ready) -> None:
         w = self.state.workers.get(e.worker)
         if w is not None:
             w.ready, w.phase, w.node, w.device = True, "idle", e.node, e.device
             self.log.write("ready", worker=e.worker, node=e.node, device=e.device, threads=e.threads)
 
-    def _on_Progress(self, e: Progress) -> None:
+    def _on_progress(self, e: Progress) -> None:
         w = self.state.workers.get(e.worker)
         if w is None:
             return
@@ -342,10 +365,7 @@ class Driver:
                 self.view.epoch(self.state, e.worker, f"{what} epoch {p.epoch}/{p.epochs}: train loss {loss:.3f}, "
                                                       f"val top-1 {top1:.2f} ({p.img_per_s:,.0f} img/s)")
 
-    def _on_BaseResult(self, e: BaseResult) -> None:
-        if e.reference:
-            self._reference_done(e)
-            return
+    def _on_base_result(self, e: BaseResult) -> None:
         path = self.cfg.model.checkpoint or self.plan.base_path
         if e.checkpoint is not None:
             outputs.write_atomic(self.plan.base_path, e.checkpoint)
@@ -379,25 +399,25 @@ class Driver:
             self.log.write("sampled", spaces=added)
             self._phase("fine-tuning")
 
-    def _reference_done(self, e: BaseResult) -> None:
+    def _on_reference_result(self, e: ReferenceResult) -> None:
         from nps.pipeline.network.layer_table import build_layer_table
 
         m = self.cfg.model
         self.reference_tasks.pop(e.task_id, None)
-        self.references.pop(e.reference, None)
-        ref = build_layer_table(e.reference, "all", self.plan.resolution, self.plan.num_classes,
+        self.references.pop(e.model, None)
+        ref = build_layer_table(e.model, "all", self.plan.resolution, self.plan.num_classes,
                                 self.plan.in_channels, flops=m.flops)
         base_flops, base_params = self.plan.table.base_flops, self.plan.table.base_params
-        self.store.set_reference(e.reference, model=e.reference, top1=e.top1, top5=e.top5, loss=e.loss,
+        self.store.set_reference(e.model, model=e.model, top1=e.top1, top5=e.top5, loss=e.loss,
                                  flops=ref.base_flops, params=ref.base_params, c_flops=ref.base_flops / base_flops,
                                  c_params=ref.base_params / base_params, train_s=e.seconds,
                                  acc_drop=self.state.base_top1 - e.top1)
-        self.view.note(f"reference {e.reference} trained in {e.seconds:.0f}s: top-1 {e.top1:.2f} at c_flops "
+        self.view.note(f"reference {e.model} trained in {e.seconds:.0f}s: top-1 {e.top1:.2f} at c_flops "
                        f"{ref.base_flops / base_flops:.3f}")
-        self.log.write("reference_done", worker=e.worker, model=e.reference, top1=e.top1, top5=e.top5,
+        self.log.write("reference_done", worker=e.worker, model=e.model, top1=e.top1, top5=e.top5,
                        seconds=e.seconds)
 
-    def _on_TaskEnd(self, e: TaskEnd) -> None:
+    def _on_task_end(self, e: TaskEnd) -> None:
         w = self.state.workers.get(e.worker)
         lease_id = self.task_lease.pop(e.task_id, None)
         lease = self.ledger.leases.get(lease_id) if lease_id is not None else None
@@ -426,10 +446,10 @@ class Driver:
             w.stopped = e.stopped
             w.idle()
 
-    def _on_WorkerFailed(self, e: WorkerFailed) -> None:
+    def _on_worker_failed(self, e: WorkerFailed) -> None:
         self.fatal = self.fatal or e
 
-    def _on_WorkerLost(self, e: WorkerLost) -> None:
+    def _on_worker_lost(self, e: WorkerLost) -> None:
         w = self.state.workers.pop(e.worker, None)
         if w is None:
             return
@@ -454,7 +474,7 @@ class Driver:
             if self.base.attempts >= MAX_BASE_ATTEMPTS:
                 self.failure = f"{e.reason} while working on the base network; the same command resumes"
 
-    def _on_Note(self, e: Note) -> None:
+    def _on_note(self, e: Note) -> None:
         self.view.note(e.text)
 
     # -- dispatch ----------------------------------------------------------------------------------------------------
@@ -498,8 +518,7 @@ class Driver:
             if waiting:  # a reference trains like the base, on one worker, before the populations
                 ref = self.references[waiting[0]]
                 self.next_task += 1
-                self.pool.submit(wid, BaseTask(self.next_task, True, reference=ref.model,
-                                               epochs=ref.epochs or self.cfg.base.epochs), None)
+                self.pool.submit(wid, ReferenceTask(self.next_task, ref.model, ref.epochs or self.cfg.base.epochs), None)
                 self.reference_tasks[self.next_task] = ref.model
                 w.task, w.phase = self.next_task, f"reference {ref.model}"
                 self.log.write("reference", worker=wid, model=ref.model, node=w.node, device=w.device)

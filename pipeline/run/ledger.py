@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from nps.pipeline.results.store import ResultsStore
-from nps.pipeline.row_status import RowStatus
+from nps.pipeline.row_status import Result, RowStatus
 from nps.pipeline.run.forming import POOL
 from nps.pipeline.run.protocol import RowResult
 from nps.pipeline.run.state import SpaceState
@@ -170,23 +170,16 @@ class RowLedger:
             before_commit([r for group in accepted.values() for r in group])
         for space, group in accepted.items():
             s = self.spaces[space]
-            results = [r.result for r in group]
-            self.store.record(space, [r.row for r in group], done=[r.ok for r in results],
-                              top1=[r.top1 for r in results], top5=[r.top5 for r in results],
-                              loss=[r.loss for r in results], bn_top1=[r.bn_top1 for r in results],
-                              train_s=[r.train_s for r in results], curves=[r.curve for r in results],
-                              errors=[r.error for r in results])
+            self.store.record(space, [r.row for r in group], [r.result for r in group])
             for r in group:
                 self._move(s, np.array([r.row]), DONE if r.result.ok else FAILED)
                 if r.result.ok:
-                    s.top1[r.row] = r.result.top1
+                    s.top1[r.row] = np.float32(r.result.top1)  # as the file holds it: views agree with nps status
         self._close_empty()
         return [r for group in accepted.values() for r in group]
 
     def _fail_rows(self, s: SpaceRows, rows: list[int], reason: str) -> None:
-        nan = [math.nan] * len(rows)
-        self.store.record(s.name, rows, done=[False] * len(rows), top1=nan, top5=nan, loss=nan, bn_top1=nan,
-                          train_s=nan, curves=[None] * len(rows), errors=[reason] * len(rows))
+        self.store.record(s.name, rows, [Result.failed((s.name, row), reason, train_s=math.nan) for row in rows])
         self._move(s, np.asarray(rows, dtype=np.int64), FAILED)
 
     def requeue(self, lease_id: int, reason: str) -> list[int]:

@@ -1,6 +1,6 @@
 """What the run driver and its workers say to each other: typed messages, the same over every transport.
 
-The driver sends a worker tasks (:class:`BaseTask`, :class:`CohortTask`) together with the base network's weights
+The driver sends a worker tasks (:class:`BaseTask`, :class:`ReferenceTask`, :class:`CohortTask`) together with the base network's weights
 (:class:`BaseWeights`); the worker answers with events. A local worker process puts them on a queue, a Ray actor
 yields them from a streaming generator; either way each is one of the dataclasses below, pickled. A row's weights
 stay where the worker made them (:class:`StagedWeights`: a file in the run's staging directory for a local worker,
@@ -11,7 +11,7 @@ anything the driver owns: the driver is the only writer of results.h5, base.pt a
 A worker's life, as the driver sees it::
 
     WorkerStarted (from the transport) → Ready (dataset checked, loaders built)
-    → per task: Progress… RowResult… (or BaseResult) → TaskEnd
+    → per task: Progress… RowResult… (or BaseResult, or ReferenceResult) → TaskEnd
     → WorkerLost (the process, actor or node died) or WorkerFailed (it cannot work: the run stops)
 """
 from __future__ import annotations
@@ -88,8 +88,16 @@ class BaseTask:
 
     task_id: int
     train: bool
-    reference: str = ""  # a reference network to train instead ([[references]]): its model name
-    epochs: int = 0  # a reference's epochs
+
+
+@dataclass(frozen=True)
+class ReferenceTask:
+    """Train a reference network (``[[references]]``) as the base is trained, for ``epochs``; answered by one
+    :class:`ReferenceResult`. A reference needs no base weights."""
+
+    task_id: int
+    model: str
+    epochs: int
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,7 @@ class CohortTask:
         return self.keep_weights and bool(np.float32(top1) >= self.weights_above)
 
 
-Task = Union[BaseTask, CohortTask]
+Task = Union[BaseTask, ReferenceTask, CohortTask]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -192,7 +200,19 @@ class BaseResult:
     trained: bool
     seconds: float
     checkpoint: bytes | None = field(default=None, repr=False)
-    reference: str = ""  # the reference network these metrics are of ("": the base network)
+
+
+@dataclass(frozen=True)
+class ReferenceResult:
+    """A reference network's metrics after its training (its weights are not kept)."""
+
+    worker: int
+    task_id: int
+    model: str
+    top1: float
+    top5: float
+    loss: float
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -235,4 +255,5 @@ class WorkerLost:
     reason: str
 
 
-Event = Union[WorkerStarted, Ready, Progress, RowResult, BaseResult, Note, TaskEnd, WorkerFailed, WorkerLost]
+Event = Union[WorkerStarted, Ready, Progress, RowResult, BaseResult, ReferenceResult, Note, TaskEnd, WorkerFailed,
+              WorkerLost]

@@ -33,6 +33,8 @@ from nps.pipeline.run.protocol import (
     Note,
     Progress,
     Ready,
+    ReferenceResult,
+    ReferenceTask,
     RowResult,
     StagedWeights,
     TaskEnd,
@@ -172,12 +174,15 @@ class Worker:
     def run(self, task, base: BaseWeights | None) -> None:
         if self.should_stop():
             raise Stopped()
-        if isinstance(task, BaseTask):
-            self.base(task, base)
-        elif isinstance(task, CohortTask):
-            self.cohort(task, base)
-        else:
-            raise TypeError(f"not a task: {task!r}")
+        match task:
+            case BaseTask():
+                self.base(task, base)
+            case ReferenceTask():
+                self.reference(task)
+            case CohortTask():
+                self.cohort(task, base)
+            case _:
+                raise TypeError(f"not a task: {task!r}")
 
     # -- events from the engine -------------------------------------------------------------------------------------
 
@@ -227,42 +232,49 @@ class Worker:
             self._base = (base.key, load_base_network(base.open(), self.cfg.model.name, s.num_classes, s.in_channels))
         return self._base[1]
 
+    def train_network(self, name: str, epochs: int, task_id: int):
+        """Train ``name`` from scratch as ``[base]`` says, for ``epochs``: the engine's result with its model (precise
+        BN applied when ``base.bn_images``). The base network and every reference train this one way."""
+        import torch
+
+        from nps.pipeline.network.models import build_model
+        from nps.pipeline.training.cohort import CohortOptions, train_cohort
+        from nps.pipeline.training.spec import RetrainSpec
+
+        b, s = self.cfg.base, self.spec
+        train, val, _ = self.loaders(b.batch_size)
+        torch.manual_seed(self.cfg.experiment.seed)
+        model = build_model(name, num_classes=s.num_classes, in_channels=s.in_channels)
+        settings = RetrainSpec(method="rewind", epochs=epochs, rewind_lr=b.lr, warmup_epochs=min(b.warmup_epochs, epochs),
+                               momentum=b.momentum, weight_decay=b.weight_decay, label_smoothing=b.label_smoothing)
+        options = CohortOptions(eval_every_epoch=True, amp=b.amp, keep_models=True, progress_s=self.progress_s,
+                                member_threads=None)
+        (result,) = train_cohort([model], train, val, settings, self.device, ids=[name], options=options,
+                                 on_event=self._on_event(task_id))
+        if not result.ok:
+            raise NpsError(f"{name} training failed: {result.error}; lower base.lr or check the dataset")
+        if b.bn_images:
+            result.top1, result.top5, result.loss = self.precise_bn(result.model, train, val)
+        return result
+
+    def reference(self, task: ReferenceTask) -> None:
+        t0 = time.perf_counter()
+        result = self.train_network(task.model, task.epochs, task.task_id)
+        self.emit(ReferenceResult(self.wid, task.task_id, task.model, float(result.top1), float(result.top5),
+                                  float(result.loss), time.perf_counter() - t0))
+
     def base(self, task: BaseTask, base: BaseWeights | None) -> None:
         import torch
 
         from nps.pipeline.experiment.toml_text import dump
-        from nps.pipeline.network.models import build_model
-        from nps.pipeline.training.cohort import CohortOptions, train_cohort
         from nps.pipeline.training.devices import resolve_amp
         from nps.pipeline.training.evaluation import evaluate
-        from nps.pipeline.training.spec import RetrainSpec
 
         b, s = self.cfg.base, self.spec
         t0 = time.perf_counter()
         checkpoint = None
-        name = task.reference or self.cfg.model.name
         if task.train:
-            train, val, _ = self.loaders(b.batch_size)
-            torch.manual_seed(self.cfg.experiment.seed)
-            model = build_model(name, num_classes=s.num_classes, in_channels=s.in_channels)
-            epochs = task.epochs if task.reference else b.epochs
-            settings = RetrainSpec(method="rewind", epochs=epochs, rewind_lr=b.lr,
-                                   warmup_epochs=min(b.warmup_epochs, epochs), momentum=b.momentum,
-                                   weight_decay=b.weight_decay,
-                                   label_smoothing=b.label_smoothing)
-            options = CohortOptions(eval_every_epoch=True, amp=b.amp, keep_models=True, progress_s=self.progress_s,
-                                    member_threads=None)
-            (result,) = train_cohort([model], train, val, settings, self.device, ids=[task.reference or "base"],
-                                     options=options, on_event=self._on_event(task.task_id))
-            if not result.ok:
-                raise NpsError(f"{task.reference or 'base'} training failed: {result.error}; lower base.lr or "
-                               "check the dataset")
-            if b.bn_images:
-                result.top1, result.top5, result.loss = self.precise_bn(result.model, train, val)
-            if task.reference:
-                self.emit(BaseResult(self.wid, task.task_id, float(result.top1), float(result.top5),
-                                     float(result.loss), True, time.perf_counter() - t0, None, task.reference))
-                return
+            result = self.train_network(self.cfg.model.name, b.epochs, task.task_id)
             buffer = io.BytesIO()
             state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
             torch.save({"model": state, "model_name": self.cfg.model.name, "num_classes": s.num_classes,
@@ -339,7 +351,7 @@ def serve_task(worker: Worker, task, base: BaseWeights | None, emit: Callable[[A
             emit(TaskEnd(worker.wid, task.task_id, error=f"{worker.node} {worker.device}: {environment}",
                          detail=detail, environment=True))
             return True
-        if isinstance(task, BaseTask) and not task.reference:  # without a base network nothing can run
+        if isinstance(task, BaseTask):  # without a base network nothing can run
             user = isinstance(exc, user_errors())
             emit(WorkerFailed(worker.wid, f"{worker.node} {worker.device}: {exc if user else one_line(exc)}", detail,
                               user))

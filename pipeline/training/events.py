@@ -6,39 +6,10 @@ into the row's result. ``img_per_s`` counts images × live members.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
-from nps.pipeline.row_status import RowStatus
-
-
-@dataclass
-class Result:
-    """The outcome of retraining one subnetwork."""
-
-    id: Any
-    status: RowStatus
-    """:attr:`RowStatus.DONE` or :attr:`RowStatus.FAILED`."""
-    top1: float = math.nan
-    top5: float = math.nan
-    loss: float = math.nan
-    bn_top1: float = math.nan
-    """Top-1 after adaptive-BN recalibration, before any training (NaN when not computed)."""
-    curve: list[float] = field(default_factory=list)
-    """Val top-1 after every epoch (empty unless evaluation per epoch is on)."""
-    train_s: float = 0.0
-    """Wall seconds of the training loop while this subnetwork was in it (shared with its cohort; evaluation and
-    data before the first step excluded)."""
-    error: str = ""
-    epochs_done: int = 0
-    cohort_size: int = 1
-    model: Any = field(default=None, repr=False)
-    """The retrained subnetwork (an ``nn.Module`` on the CPU), only with ``keep_models=True``."""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == RowStatus.DONE
+from nps.pipeline.row_status import Result  # noqa: F401 - the engine's results are rows' results
 
 
 @dataclass(frozen=True)
