@@ -96,3 +96,77 @@ def test_compact_convnet_with_channel_multiple_and_paper_flops(tmp_path, capsys)
         keep = f["spaces/std-0.05@c_flops=0.25/keep"][()]
         assert np.all(keep % table.granularity == 0)
         assert np.all(np.abs(table.c_flops(keep) - 0.25) <= 0.002)
+
+
+def test_a_count_whose_recipes_cannot_fit_in_memory_is_refused_before_anything_is_drawn(tmp_path, capsys):
+    """-n 10^12 would need hundreds of TiB: one line naming -n, the size and the memory, not numpy's MemoryError."""
+    import time
+
+    out = tmp_path / "x.h5"
+    started = time.monotonic()
+    rc = main(["sample", "--model", "resnet20", "--resolution", "32", "--space", "std-0.05", "--c-flops", "0.5",
+               "-n", str(10**12), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "-n 1000000000000: the recipes of 1 space need " in err and " TiB, this machine has " in err
+    assert err.rstrip().endswith("available; lower -n")
+    assert time.monotonic() - started < 30
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_memory_check_counts_each_space_on_the_table_it_is_drawn_on(tmp_path, capsys, monkeypatch):
+    """A filter space on resnet20's 12 groups and a weight space on its 22 layers: refused with one byte less than
+    the estimate for both tables, drawn with exactly the estimate; the summary's title names both tables."""
+    from nps.pipeline.experiment import sampling
+
+    need = sampling.recipes_bytes([(50, 12, 0), (50, 22, 0)])
+    argv = ["sample", "--model", "resnet20", "--resolution", "32", "--space", "std-0.05", "--space",
+            "weights:std-0.05", "--c-flops", "0.5", "-n", "50", "--out", str(tmp_path / "x.h5")]
+    monkeypatch.setattr(sampling, "available_memory", lambda: need - 1)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "-n 50: the recipes of 2 spaces need" in err and "lower -n" in err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(sampling, "available_memory", lambda: need)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "resnet20 (weight pruning, 32 px, 22 layers" in out and "resnet20 (all, 32 px, 12 groups" in out
+
+
+def test_a_weight_space_is_summarised_under_the_weight_table(tmp_path, capsys):
+    rc = main(["sample", "--model", "resnet20", "--resolution", "32", "--space", "weights:std-0.05", "--c-flops",
+               "0.5", "-n", "20", "--out", str(tmp_path / "w.h5")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "(weight pruning, 32 px, 22 layers" in out and "12 groups" not in out
+
+
+@pytest.mark.parametrize("model,mode", [("resnet20", "all"), ("resnet20", "weights")])
+def test_the_memory_estimate_holds_what_drawing_and_writing_a_space_allocate(tmp_path, model, mode):
+    """tracemalloc's peak (numpy's buffers are traced) of drawing 50,000 recipes and writing them as nps sample
+    does stays within the estimate the check uses, and is most of it (an estimate ten times too big would refuse
+    counts that fit)."""
+    import tracemalloc
+
+    from nps.pipeline.experiment.sampling import recipes_bytes, sample_rows
+    from nps.pipeline.network.weight_table import build_weight_table
+    from nps.pipeline.results.store import ResultsStore
+
+    table = build_weight_table(model, 32, 10, 3) if mode == "weights" else build_layer_table(model, mode, 32, 10)
+    space = parse_space("weights:std-0.05" if mode == "weights" else "std-0.05", "c_flops", 0.5)
+    sample_rows(table, space, 10, 0)  # numba compiles first, outside the measurement
+    n = 50_000
+    tracemalloc.start()
+    try:
+        rows, attrs, sample = sample_rows(table, space, n, 1)
+        store = ResultsStore.create(tmp_path / "r.h5", table, "", {"base_flops": table.base_flops,
+                                                                   "base_params": table.base_params})
+        try:
+            store.add_space(space.key, rows, epochs=0, attrs=attrs)
+        finally:
+            store.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    estimate = recipes_bytes([(n, len(table.channels), 0)])
+    assert 0.7 * estimate < peak <= estimate, (peak, estimate)

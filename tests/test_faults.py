@@ -264,6 +264,37 @@ def test_an_absurd_resolution_is_refused_before_any_work(tmp_path, capsys, demo_
     assert not (tmp_path / "run").exists()
 
 
+def test_spaces_whose_recipes_cannot_fit_in_memory_are_refused_before_any_work(tmp_path, capsys, demo_experiment):
+    """spaces.n = 10^10 would need TiB for the recipes nps run draws before writing any: one line naming the space's
+    n, not a MemoryError (issue 27)."""
+    err = one_line_error(capsys, "run", demo_experiment, "--out", tmp_path / "run", "--set", "spaces.n=10000000000")
+    assert "spaces[0].n = 10000000000: the recipes of 4 spaces need" in err and "available; lower spaces[0].n" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_ray_address_where_nothing_listens_is_refused_in_seconds(tmp_path, capsys):
+    """--ray 127.0.0.1:PORT (and experiment.ray, and the pool itself) with nothing listening there: one line naming
+    the address within seconds, not ray.init's minutes of retries (issue 27). Loopback only."""
+    import socket
+
+    pytest.importorskip("ray")
+    from nps.pipeline.run.ray_pool import RayPool
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once the socket closes: nothing listens there
+    address = f"127.0.0.1:{port}"
+    started = time.monotonic()
+    err = one_line_error(capsys, "run", "demo", "--out", tmp_path / "run", "--ray", address)
+    assert f"--ray {address}: no Ray cluster answers there" in err and f"ray start --head --port {port}" in err
+    err = one_line_error(capsys, "run", "demo", "--out", tmp_path / "run", "--set", f"experiment.ray={address}")
+    assert f"experiment.ray {address}: no Ray cluster answers there" in err
+    with pytest.raises(NpsError, match=f"--ray {address}: no Ray cluster answers there"):
+        RayPool(address).start(None)
+    assert time.monotonic() - started < 20
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_binary_experiment_file(tmp_path, capsys):
     binary = tmp_path / "exp.toml"
     binary.write_bytes(bytes(range(256)) * 4)

@@ -9,10 +9,20 @@ from nps.pipeline.catalog import CIFAR_MODELS, FLOPS_CONVENTIONS, TESTED_TORCHVI
 from nps.pipeline.errors import NpsError
 
 EPILOG = """\
-spaces:
+spaces (filter pruning: a recipe is one pruning ratio per channel group of the layer table):
   uniform         r_i ~ U[0, R] i.i.d. (the initial space; nearly empty below c_flops ~0.3)
   std-<sigma>     uniform ratio meeting the target + N(0, sigma) per group, std(r) in [0.5, 1.5]*sigma
   mcb-<lo>-<hi>   the same noise with sigma 0.1, no std band, mCB in [lo, hi] (paper section 4)
+
+weight spaces (unstructured pruning: a recipe is one sparsity per conv and linear layer, counted on the weight
+table; the layer's weights of smallest magnitude are masked):
+  weights:std-<sigma>     the std space over layer sparsities (e.g. weights:std-0.05)
+  weights:mcb-<lo>-<hi>   the mCB-refined space over layer sparsities
+  weights:uniform, weights:global   one recipe each, not a distribution (the same sparsity in every layer; one
+                  magnitude threshold across layers, which needs the trained base weights): use them in nps run
+
+memory: every space's recipes are held until --out is written (about 24 bytes per recipe and group); a -n whose
+recipes cannot fit in the memory available is refused before anything is drawn.
 
 example:
   nps sample --model resnet50 --mode all --resolution 224 --classes 10 \\
@@ -45,7 +55,8 @@ def register(sub) -> None:
     target.add_argument("--c-flops", type=float, help="target FLOPs(sub)/FLOPs(base)")
     target.add_argument("--c-params", type=float, help="target Params(sub)/Params(base)")
     p.add_argument("--space", action="append", required=True,
-                   help="uniform, std-<sigma> or mcb-<lo>-<hi>; repeat for several")
+                   help="uniform, std-<sigma>, mcb-<lo>-<hi>, or a weight space weights:std-<sigma> or "
+                        "weights:mcb-<lo>-<hi> (see below); repeat for several")
     p.add_argument("-n", type=int, default=100, help="recipes per space (default 100)")
     p.add_argument("--delta", type=float, default=DEFAULT_DELTA, help=f"tolerance (default {DEFAULT_DELTA})")
     p.add_argument("--max-ratio", "-R", type=float, default=DEFAULT_R, dest="R",
@@ -82,7 +93,7 @@ def _sample(args, console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from nps.kernels.spaces import parse_space
-    from nps.pipeline.experiment.sampling import sample_rows
+    from nps.pipeline.experiment.sampling import check_recipes_fit, sample_rows
     from nps.pipeline.network.layer_table import build_layer_table
     from nps.pipeline.results.store import ResultsStore
 
@@ -103,12 +114,15 @@ def _sample(args, console) -> int:
         weight_table = build_weight_table(args.model, args.resolution, args.classes, args.in_channels,
                                           flops=args.flops)
 
+    check_recipes_fit([(args.n, len(_table_of(space, table, weight_table).channels), 0) for space in spaces],
+                      f"-n {args.n}", "lower -n")
+
     results = []
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
         for space in spaces:
             task = bar.add_task(space.name, total=args.n)
-            rows, attrs, sample = sample_rows(weight_table if space.pruning == "weights" else table, space,
+            rows, attrs, sample = sample_rows(_table_of(space, table, weight_table), space,
                                               args.n, args.seed, max_seconds=args.max_seconds,
                                               progress=lambda done, n, t=task: bar.update(t, completed=done))
             results.append((space, rows, attrs, sample))
@@ -132,9 +146,14 @@ def _sample(args, console) -> int:
             if os.path.exists(leftover):
                 os.remove(leftover)
 
-    console.print(summary_table(table, results))
+    console.print(summary_table([_table_of(space, table, weight_table) for space, *_ in results], results))
     console.print(f"wrote {args.out}")
     return 0
+
+
+def _table_of(space, table, weight_table):
+    """The table a space's recipes are drawn on: the weight table for a weight space, else the layer table."""
+    return weight_table if space.pruning == "weights" else table
 
 
 def vars_to_toml(args) -> str:
@@ -153,11 +172,12 @@ def _span(x) -> str:
     return f"{x.min():.4f} – {x.max():.4f}"
 
 
-def summary_table(table, results):
-    """One column per space, one row per quantity (fits a narrow terminal): a rich Table."""
+def summary_table(tables, results):
+    """One column per space, one row per quantity (fits a narrow terminal): a rich Table, titled by the tables the
+    spaces were drawn on (``tables``, one per space: the layer table's groups, the weight table's layers)."""
     from rich.table import Table
 
-    t = Table(title=table.describe())
+    t = Table(title="; ".join(dict.fromkeys(table.describe() for table in tables)))
     t.add_column("")
     for space, *_ in results:
         t.add_column(space.regime, justify="right", overflow="fold")

@@ -4,12 +4,27 @@ Used by ``nps sample`` and by the run driver, so both write the same rows and th
 """
 from __future__ import annotations
 
+import os
 import zlib
+from collections.abc import Iterable
 
 import numpy as np
 
 from nps.kernels.samplers import Sample, sample_space
 from nps.kernels.spaces import BASELINE, RATIOS, Space, describe, uniform_baseline
+from nps.pipeline.errors import NpsError
+
+# What drawing a space's recipes holds in memory (checked before anything is allocated: a count that cannot fit would
+# otherwise end in numpy's MemoryError, or in the kernel's OOM killer, after minutes). Held per recipe and group until
+# the file is written: the sampler's recipe (f8) and keep (i8) arrays and the rows' f4 recipe and i4 keep; per recipe:
+# the sampler's target, other, std and hash columns, the measured c_flops, c_params and mCB and the rows' scalar
+# fields (88 bytes measured). Writing a space (nps.pipeline.results.store.add_space) then makes its result columns
+# whole at once, the S256 error column first (296 bytes a row measured), plus the f4 curve, and copies the recipe and
+# keep it stores (8 bytes a group). tracemalloc's peak is 0.86-0.94 of this estimate (tests/test_cli_sample.py).
+HELD_BYTES_PER_GROUP = 24
+HELD_BYTES_PER_ROW = 128
+WRITE_BYTES_PER_GROUP = 8
+WRITE_BYTES_PER_ROW = 384
 
 
 def row_seeds(seed: int, key: str, n: int) -> np.ndarray:
@@ -77,6 +92,83 @@ def sample_rows(table, space: Space, n: int, seed: int, **kwargs) -> tuple[dict,
     """
     sample = sample_space(table, space, n, space_seed(seed, space.key), **kwargs)
     return rows_from_sample(sample, seed), space_attrs(space, seed, sample.stats), sample
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Memory.
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: the kernel's MemAvailable, lowered to the room left under this
+    container's memory limit (cgroup v2) where one is set; from ``os.sysconf`` where /proc is missing; None if
+    neither tells."""
+    found = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if found is None:
+        try:
+            found = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as fh:
+            used = int(fh.read().strip())
+        if limit != "max":
+            found = min(found, max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def recipes_bytes(spaces: Iterable[tuple[int, int, int]]) -> int:
+    """Peak bytes of drawing and writing spaces given as (rows, groups, epochs): every space's recipes are held
+    until the file is written (``nps sample``, and ``nps run`` before its first space is stored), then one space's
+    result columns are made at a time."""
+    spaces = list(spaces)
+    held = sum(n * (HELD_BYTES_PER_GROUP * g + HELD_BYTES_PER_ROW) for n, g, _ in spaces)
+    writing = max((n * (WRITE_BYTES_PER_GROUP * g + WRITE_BYTES_PER_ROW + 4 * max(int(e), 1)) for n, g, e in spaces),
+                  default=0)
+    return held + writing
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 2**10:,.1f} KiB"
+
+
+def check_recipes_fit(spaces: Iterable[tuple[int, int, int]], key: str, hint: str) -> None:
+    """Refuse, in one line naming ``key``, the size and the memory available, spaces (rows, groups, epochs) whose
+    recipes cannot fit in this machine's memory (:func:`recipes_bytes` against :func:`available_memory`; nothing
+    is checked where the memory is unknown)."""
+    spaces = list(spaces)
+    need = recipes_bytes(spaces)
+    have = available_memory()
+    if have is None or need <= have:
+        return
+    count = f"{len(spaces)} space{'' if len(spaces) == 1 else 's'}"
+    raise NpsError(f"{key}: the recipes of {count} need {_size(need)}, this machine has {_size(have)} available; "
+                   f"{hint}")
+
+
+def check_plan_memory(plan) -> None:
+    """``nps run``: the recipes of every planned space fit in memory (all are drawn before any is written); the
+    line names the ``n`` of the space that needs the most."""
+    sizes = [(p.rows, len(plan.table_for(p.key).channels), p.spec.retrain.epochs) for p in plan.spaces]
+    if not sizes:
+        return
+    largest = max(range(len(sizes)), key=lambda i: recipes_bytes([sizes[i]]))
+    p = plan.spaces[largest]
+    check_recipes_fit(sizes, f"spaces[{p.index}].n = {p.n}", f"lower spaces[{p.index}].n")
 
 
 def baseline_key(target: str, value: float) -> str:

@@ -25,6 +25,8 @@ import dataclasses
 import logging
 import os
 import queue
+import re
+import socket
 import threading
 import time
 from typing import Any
@@ -48,6 +50,9 @@ SCAN_S = 5.0  # how often the driver looks for nodes that joined
 ALONE_S = 300.0  # with no worker alive and none starting this long, the run gives up (it resumes later)
 ACTOR_PROGRESS_S = 1.0  # progress messages per actor: one a second is plenty for a cluster's view
 GPUS_AS_CPU_ENV = "NPS_RAY_GPUS_AS_CPU"
+# A head node accepts a TCP connection in milliseconds and a port nothing listens on refuses it at once; this bounds
+# an address whose packets go nowhere. ray.init itself retries such an address for minutes.
+PROBE_S = 3.0
 _END = object()
 
 
@@ -57,6 +62,28 @@ def require_ray(key: str = "--ray") -> None:
         import ray  # noqa: F401
     except ImportError:
         raise NpsError(f"{key}: Ray is not installed; {INSTALL_HINT}") from None
+
+
+def probe_address(address: str, key: str = "--ray", timeout_s: float = PROBE_S) -> None:
+    """Refuse within seconds, in one line naming the address, a Ray address (``HOST:PORT``, ``ray://HOST:PORT``)
+    where nothing accepts a TCP connection, before ``ray.init`` would wait minutes on it. ``auto`` probes
+    RAY_ADDRESS when it is set; without it Ray finds or starts a cluster on this machine (nothing to probe)."""
+    target, where = str(address).strip(), f"{key} {str(address).strip()}"
+    if target == "auto":
+        target = os.environ.get("RAY_ADDRESS", "").strip()
+        where = f"{key} auto: RAY_ADDRESS={target}"
+    found = re.fullmatch(r"(?:ray://)?\[?([^\[\]]+?)\]?:(\d{1,5})", target)
+    if found is None:  # empty, "auto"/"local" in RAY_ADDRESS, or a form Ray parses itself
+        return
+    host, port = found.group(1), int(found.group(2))
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = f"no answer in {timeout_s:g} s" if isinstance(exc, TimeoutError) else exc.strerror or one_line(exc)
+        raise NpsError(f"{where}: no Ray cluster answers there ({reason}); start its head node with "
+                       f"`ray start --head --port {port}` (or give the address `ray start` printed), or drop --ray "
+                       "to run on this machine") from None
 
 
 def _staged(event):
@@ -173,6 +200,7 @@ class RayPool(WorkerPool):
     def start(self, spec: WorkerSpec, out_dir: str = "") -> None:
         import ray
 
+        probe_address(self.address, self.key)
         address = None if self.address == "auto" else self.address
         try:
             debug = spec.log_level <= logging.DEBUG
