@@ -1,8 +1,12 @@
 """nps export: weights kept beside results.h5, export → load_subnetwork → evaluate gives the stored top-1, --best,
---verify (with an injected val loader, and through a real converted dataset with -m slow), and the errors."""
+--verify (with an injected val loader, and through a real converted dataset with -m slow), the preprocessing an
+export carries (and applies: the loaders' batches to the bit), every check before the first write, and the
+errors."""
 import json
 import math
+import shutil
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -22,17 +26,37 @@ from nps.pipeline.results.export import (
     read_subnetwork,
     save_subnetwork_weights,
     saved_weight_rows,
+    subnetwork_preprocessing,
     weights_path,
 )
+from nps.pipeline.results.preprocessing import Preprocess, PreprocessedSubnetwork, make_preprocessing
 from nps.pipeline.results.store import ResultsStore
 from nps.pipeline.results.verify import verify_subnetwork
 from nps.pipeline.training.evaluation import evaluate
+from nps.pipeline.row_status import Result
 
 torch.set_num_threads(1)
 
 SPACE = "std-0.05@c_flops=0.5"
 CONFIG = ('[model]\nname = "resnet20"\nmode = "all"\nresolution = 32\nin_channels = 3\nnum_classes = 10\n'
           '[dataset]\ndir = "data"\n')
+
+
+MEAN, STD = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]  # the fixture dataset's, 0-255 (CIFAR-10's)
+
+
+def fake_dataset(path):
+    """What --verify and the export read of a converted dataset before it evaluates (the tests inject the val
+    batches themselves): meta.json and the two .beton files, empty."""
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({
+        "format": "nps-beton", "kind": "npz", "counts": {"train": 60, "val": 60}, "classes": list("0123456789"),
+        "num_classes": 10, "label_histogram": {}, "fingerprint": "", "files": {"train": "train.beton",
+                                                                               "val": "val.beton"},
+        "mean": MEAN, "std": STD, "grayscale_replicated": False, "image_shape": [32, 32]}))
+    for name in ("train.beton", "val.beton"):
+        (path / name).write_bytes(b"")
+    return path
 
 
 def val_batches(seed=0, batches=3, batch=20):
@@ -56,13 +80,7 @@ def trained_like(model, seed):
 def run_dir(tmp_path_factory):
     """A results file with 5 rows: 0–1 done with kept weights, 2 done (best top-1) without, 3 pending, 4 failed."""
     root = tmp_path_factory.mktemp("run")
-    (root / "data").mkdir()
-    # what --verify reads of the dataset before it evaluates (the tests inject the val batches themselves)
-    (root / "data" / "meta.json").write_text(json.dumps({
-        "format": "nps-beton", "kind": "npz", "counts": {"train": 60, "val": 60}, "classes": list("0123456789"),
-        "num_classes": 10, "label_histogram": {}, "fingerprint": "", "files": {"train": "train.beton",
-                                                                               "val": "val.beton"},
-        "mean": [0, 0, 0], "std": [1, 1, 1], "grayscale_replicated": False, "image_shape": [32, 32]}))
+    fake_dataset(root / "data")
     table = build_layer_table("resnet20", "all", 32, 10)
     sample = sample_space(table, parse_space("std-0.05", "c_flops", 0.5), 5, seed=0)
     rows = {"recipe": sample.recipe, "keep": sample.keep, "flops": sample.flops, "params": sample.params,
@@ -70,16 +88,17 @@ def run_dir(tmp_path_factory):
             "seed": np.arange(5)}
     torch.manual_seed(0)
     base = build_model("resnet20", num_classes=10)
-    store = ResultsStore.create(root / "results.h5", table, CONFIG, {"base_top1": 92.0})
+    store = ResultsStore.create(root / "results.h5", table, CONFIG, {  # the dataset as nps run records it
+        "base_top1": 92.0, "dataset_mean": MEAN, "dataset_std": STD, "dataset_image_shape": [32, 32]})
     store.add_space(SPACE, rows, epochs=1, attrs={"space": "std-0.05", "target": "c_flops", "value": 0.5})
     data = val_batches()
     for row in (0, 1):
         sub = trained_like(prune_model(base, table, sample.keep[row]), seed=row)
         top1, top5, loss = evaluate(sub, data, "cpu")
-        store.mark_done(SPACE, row, top1=top1, top5=top5, loss=loss)
+        store.record(SPACE, [row], [Result.done(top1=top1, top5=top5, loss=loss)])
         save_subnetwork_weights(root / "results.h5", SPACE, row, sub)
-    store.mark_done(SPACE, 2, top1=99.0, top5=99.0, loss=0.1)
-    store.mark_failed(SPACE, 4, "loss became NaN")
+    store.record(SPACE, [2], [Result.done(top1=99.0, top5=99.0, loss=0.1)])
+    store.record(SPACE, [4], [Result.failed(error="loss became NaN")])
     store.close()
     return root
 
@@ -239,12 +258,19 @@ def test_verify_through_a_converted_dataset(tmp_path):
     config = CONFIG.replace('dir = "data"', f'dir = "{tmp_path / "data"}"')
     store = ResultsStore.create(tmp_path / "results.h5", table, config, {"base_top1": 50.0})
     store.add_space(SPACE, rows, epochs=1)
-    store.mark_done(SPACE, 0, top1=top1, top5=top5, loss=loss)
+    store.record(SPACE, [0], [Result.done(top1=top1, top5=top5, loss=loss)])
     store.close()
     save_subnetwork_weights(tmp_path / "results.h5", SPACE, 0, sub)
     export_subnetwork(tmp_path / "results.h5", SPACE, tmp_path / "w.pt", best=True)
     result = verify_subnetwork(tmp_path / "w.pt", batch_size=500)
     assert result["ok"] and result["images"] == 37 and math.isclose(result["top1"], top1, abs_tol=1e-9)
+    # the preprocessing (here from the dataset: the file does not record its mean and std), applied to the source
+    # images, gives the loader's logits
+    raw = torch.from_numpy(arrays["x_test"]).permute(0, 3, 1, 2)
+    model = load_subnetwork(tmp_path / "w.pt", with_preprocessing=True)
+    with torch.no_grad():
+        logits = torch.cat([sub(x) for x, _ in val])
+        assert torch.equal(torch.cat([model(raw[i:i + 16]) for i in range(0, 37, 16)]), logits)
 
 
 def test_verify_follows_the_run_config(run_dir, tmp_path):
@@ -285,11 +311,12 @@ def test_export_load_gives_the_same_outputs_for_compact_convnets(tmp_path, name,
             "c_flops": sample.c_flops, "c_params": sample.c_params, "mcb": sample.mcb, "std": sample.std,
             "seed": np.arange(2)}
     config = CONFIG.replace('"resnet20"', f'"{name}"')
-    store = ResultsStore.create(tmp_path / "results.h5", table, config, {"base_top1": 90.0})
+    store = ResultsStore.create(tmp_path / "results.h5", table, config, {"base_top1": 90.0, "dataset_mean": MEAN,
+                                                                         "dataset_std": STD})
     store.add_space(SPACE, rows, epochs=1, attrs={"space": "std-0.05", "target": "c_flops", "value": 0.5})
     torch.manual_seed(0)
     sub = trained_like(prune_model(build_model(name, num_classes=10), table, sample.keep[1]), seed=1)
-    store.mark_done(SPACE, 1, top1=50.0, top5=90.0, loss=1.0)
+    store.record(SPACE, [1], [Result.done(top1=50.0, top5=90.0, loss=1.0)])
     save_subnetwork_weights(tmp_path / "results.h5", SPACE, 1, sub)
     store.close()
     info = export_subnetwork(tmp_path / "results.h5", "std-0.05", tmp_path / "sub.pt", row=1)
@@ -300,3 +327,136 @@ def test_export_load_gives_the_same_outputs_for_compact_convnets(tmp_path, name,
     with torch.no_grad():
         assert torch.equal(loaded(x), sub.eval()(x))
     assert sum(p.numel() for p in loaded.parameters()) == int(table.params_of(sample.keep[1]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The preprocessing an export carries (issue 27).
+
+
+def test_export_carries_the_datasets_preprocessing(run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "row0.pt"
+    info = export_subnetwork(run_dir / "results.h5", SPACE, out, row=0)
+    pre = read_subnetwork(out)["preprocessing"]
+    assert info["preprocessing"] == pre
+    assert pre["mean"] == MEAN and pre["std"] == STD and pre["scale"] == "0-255"  # the dataset's, 0-255
+    assert pre["input_size"] == [3, 32, 32] and pre["channel_order"] == "RGB" and pre["layout"] == "NCHW"
+    assert pre["resize"] == "none" and "as stored" in pre["val_transform"]
+    # an older results file, without dataset_mean/std: the run's dataset (config [dataset] dir) gives the same
+    monkeypatch.chdir(tmp_path)  # where the relative dir "data" is looked up first
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    with h5py.File(old / "results.h5", "a") as f:
+        del f.attrs["dataset_mean"], f.attrs["dataset_std"]
+    assert export_subnetwork(old / "results.h5", SPACE, tmp_path / "o.pt", row=0)["preprocessing"] == pre
+    shutil.rmtree(old / "data")  # ... and without it the export is refused, before anything is written
+    with pytest.raises(NpsError, match="does not record its dataset's mean and std .* is not here .* pass --data"):
+        export_subnetwork(old / "results.h5", SPACE, tmp_path / "x.pt", row=0)
+    assert not (tmp_path / "x.pt").exists()
+    assert export_subnetwork(old / "results.h5", SPACE, tmp_path / "d.pt", row=0,
+                             data_dir=run_dir / "data")["preprocessing"] == pre
+    # an export written before the key existed still loads; its preprocessing comes from its run's dataset
+    ckpt = torch.load(out, weights_only=True)
+    del ckpt["preprocessing"]
+    ckpt["results"] = str(old / "results.h5")
+    torch.save(ckpt, tmp_path / "older.pt")
+    assert not isinstance(load_subnetwork(tmp_path / "older.pt"), PreprocessedSubnetwork)
+    with pytest.raises(NpsError, match="older.pt predates the preprocessing metadata .* is not here"):
+        load_subnetwork(tmp_path / "older.pt", with_preprocessing=True)
+    assert subnetwork_preprocessing(tmp_path / "older.pt", data_dir=run_dir / "data") == pre
+    model = load_subnetwork(tmp_path / "older.pt", with_preprocessing=True, data_dir=run_dir / "data")
+    assert isinstance(model, PreprocessedSubnetwork) and model.preprocessing == pre
+
+
+@pytest.mark.parametrize("in_channels, resolution", [(3, 32), (1, 32), (3, 40), (1, 24)])
+def test_preprocessing_gives_the_loaders_batches(in_channels, resolution):
+    """Both loaders end in BatchFinisher: Preprocess on the stored uint8 images gives its batches to the bit, for
+    RGB and luma networks, at the stored size and resized (up, and down with antialiasing)."""
+    from nps.datasets.batch_ops import BatchFinisher
+
+    raw = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    finisher = BatchFinisher(MEAN, STD, device=torch.device("cpu"), resolution=resolution, in_channels=in_channels)
+    expected = finisher(raw.contiguous(memory_format=torch.channels_last))
+    preprocess = Preprocess(make_preprocessing(MEAN, STD, [32, 32], resolution=resolution, in_channels=in_channels))
+    for images in (raw, raw.float(), raw.numpy()):  # uint8 or 0-255 floats, tensor or array, NCHW
+        got = preprocess(images)
+        assert torch.equal(got, expected) and got.is_contiguous(memory_format=torch.channels_last)
+    gray = raw[:, :1]  # a grayscale image: nps stores it as three equal channels
+    stored = finisher(gray.expand(5, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    if in_channels == 3:  # replicated, as stored
+        assert torch.equal(preprocess(gray), stored)
+    else:  # the gray value itself, where nps takes the float32 luma of three equal values: one rounding apart
+        torch.testing.assert_close(preprocess(gray), stored, rtol=0, atol=1e-6)
+        assert torch.equal(preprocess(gray.expand(5, 3, 32, 32)), stored)
+    with pytest.raises(NpsError, match="expected a batch N x C x H x W"):
+        preprocess(raw[0])
+
+
+def test_large_images_must_be_cropped_as_nps_did():
+    pre = make_preprocessing(MEAN, STD, None, resolution=224, in_channels=3)
+    assert pre["resize"] == "center_crop" and "center square of int(0.875 x the shorter side)" in pre["val_transform"]
+    with pytest.raises(NpsError, match="images of 256x256; the network takes 224x224: prepare them as nps did"):
+        Preprocess(pre)(torch.zeros(1, 3, 256, 256, dtype=torch.uint8))
+
+
+def test_an_export_with_its_preprocessing_computes_the_loader_paths_logits(run_dir, tmp_path):
+    from nps.datasets.batch_ops import BatchFinisher
+
+    out = tmp_path / "row1.pt"
+    export_subnetwork(run_dir / "results.h5", SPACE, out, row=1)
+    raw = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    batch = BatchFinisher(MEAN, STD, device=torch.device("cpu"), resolution=32)(
+        raw.contiguous(memory_format=torch.channels_last))
+    with torch.no_grad():
+        assert torch.equal(load_subnetwork(out, with_preprocessing=True)(raw), load_subnetwork(out)(batch))
+
+
+@pytest.mark.parametrize("outputs", [["--out"], ["--onnx"], ["--out", "--onnx"]])
+def test_cli_checks_everything_before_the_first_write(run_dir, tmp_path, monkeypatch, capsys, outputs):
+    """`nps export ... --verify` without the run's dataset fails in one line and writes nothing; the same command
+    with --data then succeeds without --force."""
+    import nps.datasets.loaders as loaders
+
+    if "--onnx" in outputs:
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("data"))
+    monkeypatch.chdir(tmp_path)
+    files = {"--out": tmp_path / "w.pt", "--onnx": tmp_path / "w.onnx"}
+    argv = ["export", str(copy / "results.h5"), "--space", SPACE, "--row", "0", "--verify"]
+    argv += [word for flag in outputs for word in (flag, str(files[flag]))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "dataset dir 'data' is not here" in err and "--data DIR" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no export, no temporary file
+    monkeypatch.setattr(loaders, "make_loaders", lambda data_dir, **kwargs: (None, val_batches(), None))
+    assert main(argv + ["--data", str(run_dir / "data")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("verified:") == len(outputs) and all(files[flag].is_file() for flag in outputs)
+    assert "mean [125.3, 123, 113.9], std [63, 62.1, 66.7]" in out and "3x32x32 RGB NCHW" in out
+    # a dataset without its .beton files is refused before writing too
+    broken = fake_dataset(tmp_path / "broken")
+    (broken / "val.beton").unlink()
+    argv[argv.index("--row") + 1] = "1"
+    assert main(argv + ["--data", str(broken), "--force"]) == 2
+    assert "val.beton missing" in capsys.readouterr().err
+    assert all(files[flag].is_file() for flag in outputs)  # the earlier export, untouched
+
+
+def test_export_help_says_what_amp_auto_resolves_to(capsys, monkeypatch):
+    import nps.pipeline.training.devices as devices
+
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = "".join(capsys.readouterr().out.split())
+    assert "autoisoffontheCPU" not in text
+    assert "".join("auto resolves as the run did on the device: bf16 on a CPU with native bf16 instructions "
+                   "(AVX512-BF16, AMX) unless the network has depthwise convs, else off; bf16, or fp16 without bf16 "
+                   "support, on a GPU".split()) in text
+    cpu = torch.device("cpu")
+    resnet, mobilenet = build_model("resnet20", num_classes=10), build_model("mobilenet_v2", num_classes=10)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.resolve_amp("auto", cpu, [resnet]) == torch.bfloat16
+    assert devices.resolve_amp("auto", cpu, [mobilenet]) is None
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.resolve_amp("auto", cpu, [resnet]) is None

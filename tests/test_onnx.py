@@ -1,7 +1,8 @@
 """ONNX export (``nps export --onnx``): the winner verified with onnxruntime on the val split (the same correct
 images as the stored top-1), on a run-shaped file whose row was evaluated the way a run evaluates (fast); and, with
 ``-m slow``, on the README's demo run (``demo_run``): export and verify, the run's file as a DataFrame equal to its
-HDF5, and ``[output] latency`` timing every finished row at the end of a real run."""
+HDF5, and ``[output] latency`` timing every finished row at the end of a real run. The preprocessing an export
+carries, applied to the stored images (the loader's batches to the bit), and the README's onnxruntime example."""
 from __future__ import annotations
 
 import shutil
@@ -9,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from nps.pipeline.row_status import Result
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")  # torch's default exporter; without it nps uses the TorchScript one
@@ -47,10 +49,11 @@ def scored_file(tmp_path_factory, fmnist_dir):
               '[model]\nname = "resnet20"\n[retrain]\namp = "off"\n')
     store = ResultsStore.create(path, table, config, {
         "base_top1": 90.0, "base_flops": table.base_flops, "base_params": table.base_params,
-        "dataset_fingerprint": meta["fingerprint"], "dataset_num_classes": 10, "dataset_image_shape": [28, 28]})
+        "dataset_fingerprint": meta["fingerprint"], "dataset_num_classes": 10, "dataset_image_shape": [28, 28],
+        "dataset_mean": meta["mean"], "dataset_std": meta["std"]})  # as nps run records them
     try:
         store.add_space(f"{SPACE}@c_flops=0.1", rows, epochs=1, attrs=attrs)
-        store.mark_done(f"{SPACE}@c_flops=0.1", 0, top1=top1, top5=top5, loss=loss)
+        store.record(f"{SPACE}@c_flops=0.1", [0], [Result.done(top1=top1, top5=top5, loss=loss)])
     finally:
         store.close()
     save_subnetwork_weights(path, f"{SPACE}@c_flops=0.1", 0, model)
@@ -101,6 +104,83 @@ def test_onnx_export_and_verify(scored_file, tmp_path, capsys):
     (tmp_path / "other.onnx").write_bytes(b"not a model")
     assert main(["export", "--verify", str(tmp_path / "other.onnx")]) == 2
     assert "not an ONNX model" in capsys.readouterr().err
+
+
+def test_exports_carry_and_apply_the_datasets_preprocessing(scored_file, fmnist_dir, tmp_path, capsys):
+    """The .pt and the ONNX file carry the dataset's normalisation (a one-channel network: the luma of its RGB mean
+    and std); applied to the stored uint8 val images it gives the loader's batches to the bit, so the same logits,
+    and the run's own count of correct images on its 128 val images."""
+    import json
+
+    import onnx
+    import onnxruntime as ort
+
+    from nps.datasets.device_loader import load_split
+    from nps.datasets.loaders import make_loaders
+    from nps.datasets.meta import load_meta
+    from nps.pipeline import load_subnetwork
+    from nps.pipeline.cli import main
+    from nps.pipeline.results.export import read_subnetwork
+    from nps.pipeline.results.preprocessing import LUMA
+
+    data = fmnist_dir(256)
+    meta = load_meta(data)
+    pt, onnx_path = tmp_path / "w.pt", tmp_path / "w.onnx"
+    assert main(["export", str(scored_file), "--space", SPACE, "--best", "--out", str(pt), "--onnx",
+                 str(onnx_path)]) == 0
+    assert "1x28x28 gray NCHW float32" in capsys.readouterr().out
+    ckpt = read_subnetwork(pt)
+    pre = ckpt["preprocessing"]
+    assert pre["dataset_mean"] == meta["mean"] and pre["dataset_std"] == meta["std"]
+    assert pre["mean"] == pytest.approx([sum(m * w for m, w in zip(meta["mean"], LUMA))], rel=1e-12)
+    assert pre["std"] == pytest.approx([sum(s * w for s, w in zip(meta["std"], LUMA))], rel=1e-12)
+    assert pre["mean"][0] == pytest.approx(meta["mean"][0], rel=1e-6)  # grayscale: the luma is the gray value
+    assert (pre["input_size"], pre["channel_order"], pre["scale"], pre["layout"]) == ([1, 28, 28], "gray", "0-255",
+                                                                                       "NCHW")
+    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert json.loads(props["nps_preprocessing"]) == pre and json.loads(props["nps"])["preprocessing"] == pre
+    assert [json.loads(props[k]) for k in ("mean", "std", "input_size")] == [pre["mean"], pre["std"], [1, 28, 28]]
+    assert (props["scale"], props["channel_order"], props["layout"]) == ("0-255", "gray", "NCHW")
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["nps_preprocessing"] == props["nps_preprocessing"]
+
+    images, labels = load_split(str(data / "val.beton"), device=torch.device("cpu"), num_workers=1)
+    _, val, _ = make_loaders(data, batch_size=64, resolution=28, in_channels=1, augment=False, order="sequential",
+                             drop_last=False, val_batch_size=64)
+    model, plain = load_subnetwork(pt, with_preprocessing=True), load_subnetwork(pt)
+    correct = 0
+    for i, (x, y) in zip(range(2), val):  # the run scored the first 128 images in batches of 64
+        raw = images[64 * i:64 * (i + 1)].permute(0, 3, 1, 2)  # the stored uint8 RGB images, NCHW
+        assert torch.equal(labels[64 * i:64 * (i + 1)], y) and torch.equal(model.preprocess(raw), x)
+        with torch.no_grad():
+            logits = model(raw)
+            assert torch.equal(logits, plain(x))
+        correct += int((logits.argmax(1) == y).sum())
+    assert correct == round(ckpt["top1"] * 128 / 100)
+
+
+def test_readme_onnx_snippet_runs_as_written(scored_file, tmp_path, monkeypatch):
+    """The README's onnxruntime + numpy example, run as written next to a winner.onnx: its logits are the
+    network's on those images, preprocessed by nps."""
+    import re
+
+    from test_readme import TEXT
+
+    from nps.pipeline import load_subnetwork
+    from nps.pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(scored_file), "--space", SPACE, "--best", "--out", "winner.pt", "--onnx",
+                 "winner.onnx"]) == 0
+    section = TEXT[TEXT.index("**What an exported network takes.**"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "onnxruntime" in code and "import torch" not in code and "nps" not in code.replace("nps export", "")
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    images = torch.from_numpy(namespace["images"]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = load_subnetwork("winner.pt", with_preprocessing=True)(images).numpy()
+    np.testing.assert_allclose(namespace["logits"], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_readme_latency_table_onnx_examples_run_as_written(scored_file, tmp_path, monkeypatch, capsys):

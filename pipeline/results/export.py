@@ -17,10 +17,18 @@ nor the base checkpoint::
      "channel_multiple", "flops_convention",
      "recipe", "keep", "groups", "channels", "config", "state_dict", "top1", "top5", "acc_drop",
      "base_top1", "c_flops", "c_params", "mcb", "flops", "params", "space", "row", "results",
-     "dataset_fingerprint", "dataset_num_classes", "dataset_image_shape", "nps_version"}
+     "dataset_fingerprint", "dataset_num_classes", "dataset_image_shape", "nps_version", "preprocessing"}
 
 :func:`load_subnetwork` rebuilds it: the registry model, pruned to ``keep`` (weights random at that point, so the
 pruning criterion is irrelevant: only the shapes matter), then ``load_state_dict(strict=True)``.
+
+``preprocessing`` (:mod:`nps.pipeline.results.preprocessing`) says what the network takes: float32 NCHW images
+normalised per channel with the run's dataset's train mean and std on the 0–255 scale, its input size and channel
+order. It comes from results.h5 (``dataset_mean``/``dataset_std``, recorded by runs since this version) or else
+from the run's converted dataset (config ``[dataset] dir``, or ``data_dir``; its fingerprint checked).
+``load_subnetwork(path, with_preprocessing=True)`` returns a module that takes the images as stored (uint8 or
+float, 0–255); an export written before the key existed still loads, and :func:`subnetwork_preprocessing` falls
+back to the run's dataset for it.
 
 Heavy imports (torch, the model registry) happen inside the functions, so ``import nps.pipeline`` (which exports
 :func:`load_subnetwork`) stays cheap.
@@ -45,7 +53,7 @@ _META_KEYS = ("model", "mode", "resolution", "num_classes", "in_channels", "chan
               "recipe", "keep", "groups", "channels",
               "config", "top1", "top5", "acc_drop", "base_top1", "c_flops", "c_params", "mcb", "flops", "params",
               "space", "row", "results", "dataset_fingerprint", "dataset_num_classes", "dataset_image_shape",
-              "nps_version")
+              "nps_version", "preprocessing")
 KEEP_WEIGHTS_HINT = ("the run driver saves fine-tuned weights as weights/<space>/<row>.pt beside results.h5 for the "
                      "best rows of each space (see README, 'Reports and export'); re-run those rows with weight "
                      "saving on")
@@ -166,14 +174,15 @@ def _pick_row(results_path, space: str, status: np.ndarray, top1: np.ndarray) ->
 
 
 def export_subnetwork(results_path: str | os.PathLike, space: str, out: str | os.PathLike, *,
-                      row: int | None = None, best: bool = False) -> dict:
+                      row: int | None = None, best: bool = False, data_dir: str | os.PathLike | None = None) -> dict:
     """Write one trained subnetwork of a results file as a self-contained checkpoint (module docstring).
 
     Exactly one of ``row`` and ``best``: ``best`` picks the finished row with the highest top-1 whose weights are
-    kept. Returns the export's metadata (everything but the state_dict) plus ``note`` (non-empty when a better
-    row had no weights) and ``out``.
+    kept. ``data_dir``: the run's converted dataset, read only when results.h5 does not record its mean and std.
+    Returns the export's metadata (everything but the state_dict) plus ``note`` (non-empty when a better row had
+    no weights) and ``out``.
     """
-    ckpt, note = subnetwork_checkpoint(results_path, space, row=row, best=best)
+    ckpt, note = subnetwork_checkpoint(results_path, space, row=row, best=best, data_dir=data_dir)
     return export_info(ckpt, note, save_atomic(ckpt, out))
 
 
@@ -185,7 +194,7 @@ def export_info(ckpt: dict, note: str = "", out: str | os.PathLike | None = None
 
 
 def subnetwork_checkpoint(results_path: str | os.PathLike, space: str, *, row: int | None = None,
-                          best: bool = False) -> tuple[dict, str]:
+                          best: bool = False, data_dir: str | os.PathLike | None = None) -> tuple[dict, str]:
     """The export of one trained row as a dict (state_dict included, nothing written) and the note of
     :func:`export_subnetwork`."""
     from nps.pipeline.network.layer_table import LayerTable
@@ -242,8 +251,52 @@ def subnetwork_checkpoint(results_path: str | os.PathLike, space: str, *, row: i
         first = str(error).strip().splitlines()
         raise NpsError(f"{weights_path(results_path, space, row)} does not fit row {row} of {space!r} (keep "
                        f"{ckpt['keep']}): {' '.join(first[:2])}") from None
+    ckpt["preprocessing"] = _run_preprocessing(ckpt, attrs, data_dir, f"{results_path} does not record its "
+                                               "dataset's mean and std (an older run), so they must come from the "
+                                               "run's dataset")
     ckpt["state_dict"] = model.state_dict()
     return ckpt, note
+
+
+def _run_preprocessing(ckpt: dict, attrs, data_dir, unknown: str) -> dict:
+    """The export's ``preprocessing``: from results.h5's ``dataset_mean``/``dataset_std`` where the run recorded
+    them, else from the run's converted dataset; NpsError ``"<unknown>, and <why the dataset is not usable>"``."""
+    from nps.pipeline.results.preprocessing import make_preprocessing
+
+    mean, std = attrs.get("dataset_mean"), attrs.get("dataset_std")
+    shape = ckpt.get("dataset_image_shape") or None
+    if mean is None or std is None:
+        try:
+            meta = run_dataset_meta(ckpt, data_dir)
+        except NpsError as error:
+            raise NpsError(f"{unknown}, and {error}") from None
+        mean, std, shape = meta["mean"], meta["std"], meta.get("image_shape")
+    return make_preprocessing([float(v) for v in np.atleast_1d(mean)], [float(v) for v in np.atleast_1d(std)],
+                              shape, resolution=int(ckpt["resolution"]), in_channels=int(ckpt["in_channels"]))
+
+
+def run_dataset_meta(ckpt: dict, data_dir=None) -> dict:
+    """``meta.json`` of the run's converted dataset (``data_dir``, else the config's ``[dataset] dir``), after
+    checking it is the dataset the subnetwork was scored on."""
+    from nps.datasets.meta import load_meta
+    from nps.pipeline.results.verify import check_dataset_of, dataset_dir
+
+    data = dataset_dir(ckpt, data_dir)
+    check_dataset_of(ckpt, data, given=data_dir is not None)
+    return load_meta(data)
+
+
+def subnetwork_preprocessing(export: str | os.PathLike | dict, data_dir: str | os.PathLike | None = None, *,
+                             where: str | None = None) -> dict:
+    """What the exported network takes as input (:mod:`nps.pipeline.results.preprocessing`): the export's own
+    ``preprocessing``, or for an export written before it existed, the one its run's dataset gives (``data_dir``,
+    else the config's ``[dataset] dir``). ``export``: a path or the export's dict (``where`` names it)."""
+    ckpt = export if isinstance(export, dict) else read_subnetwork(export)
+    if isinstance(ckpt.get("preprocessing"), dict):
+        return ckpt["preprocessing"]
+    where = where or ("the export" if isinstance(export, dict) else str(export))
+    return _run_preprocessing(ckpt, {}, data_dir, f"{where} predates the preprocessing metadata (re-export it "
+                                                  "with nps export to add it)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -287,18 +340,27 @@ def build_subnetwork(ckpt: dict):
     return prune_model(base, table, np.asarray(ckpt["keep"], dtype=np.int64))
 
 
-def load_subnetwork(path: str | os.PathLike, device: str = "cpu"):
+def load_subnetwork(path: str | os.PathLike, device: str = "cpu", *, with_preprocessing: bool = False,
+                    data_dir: str | os.PathLike | None = None):
     """The exported subnetwork as an ``nn.Module`` in eval mode on ``device`` (no base checkpoint needed).
 
-    Example::
+    The plain module takes what nps's loaders feed it: float32 ``N x C x H x W`` normalised per channel with the
+    dataset's mean and std on the 0–255 scale (``read_subnetwork(path)["preprocessing"]``). With
+    ``with_preprocessing=True`` it is wrapped in a
+    :class:`~nps.pipeline.results.preprocessing.PreprocessedSubnetwork` that takes the images themselves (uint8 or
+    float 0–255, NCHW) and normalises them exactly as the loaders do; ``data_dir`` gives the run's dataset for an
+    export that predates the preprocessing metadata. Example::
 
         from nps.pipeline import load_subnetwork
         model = load_subnetwork("winner.pt")      # e.g. resnet56 pruned to c_flops 0.25, trained weights
+        model = load_subnetwork("winner.pt", with_preprocessing=True)
+        logits = model(images_uint8_nchw)
 
     A weight-pruned export loads as the base architecture with plain weights, the pruned ones exactly 0.0 (its
     file holds ``<layer>.weight_orig`` and ``<layer>.weight_mask``: the weights and the masks).
     """
     ckpt = read_subnetwork(path)
+    preprocessing = subnetwork_preprocessing(ckpt, data_dir, where=str(path)) if with_preprocessing else None
     model = build_subnetwork(ckpt)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
@@ -309,4 +371,8 @@ def load_subnetwork(path: str | os.PathLike, device: str = "cpu"):
         from nps.pipeline.network.masks import make_permanent
 
         make_permanent(model)
+    if preprocessing is not None:
+        from nps.pipeline.results.preprocessing import PreprocessedSubnetwork
+
+        model = PreprocessedSubnetwork(model, preprocessing)
     return model.to(device).eval()

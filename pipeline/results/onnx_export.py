@@ -7,7 +7,11 @@ build_subnetwork` rebuilds, with its fine-tuned weights, in eval mode, float32):
 ``onnxscript`` is installed (torch's default), else by its TorchScript exporter; which one is stated in the file.
 The file is self-contained (no external data) and carries the export's metadata as JSON in the model's
 ``metadata_props`` (key ``nps``: model, keep counts, scores, the run's config, the dataset's fingerprint...), so
-``nps export --verify FILE.onnx`` needs nothing else.
+``nps export --verify FILE.onnx`` needs nothing else. The input is the normalised image, not the image: the
+preprocessing it needs (per-channel mean and std on the 0–255 scale, input size, channel order, layout) is in
+``metadata_props`` too, as JSON under ``nps_preprocessing`` and as readable keys (``mean``, ``std``, ``scale``,
+``input_size``, ``channel_order``, ``layout``, ``formula``, ``val_transform``; lists as JSON):
+``onnxruntime.InferenceSession(path).get_modelmeta().custom_metadata_map`` reads them.
 
 :func:`verify_onnx` runs the file with onnxruntime (CPU, float32) on the val split the run evaluated on, and counts
 the correct images. The reference is the stored top-1 when the run evaluated in float32 on the CPU (``[retrain]
@@ -51,6 +55,14 @@ def export_onnx(ckpt: dict, out: str | os.PathLike, *, opset: int = OPSET) -> di
     """Write the export ``ckpt`` (a dict with ``state_dict``, :func:`~nps.pipeline.results.export.
     subnetwork_checkpoint`) as ONNX to ``out`` (atomically); returns ``{"onnx", "opset", "exporter", "input",
     "output"}``."""
+    proto, info = onnx_model(ckpt, opset=opset)
+    save_onnx(proto, out)
+    return {"onnx": str(out), **info}
+
+
+def onnx_model(ckpt: dict, *, opset: int = OPSET):
+    """The export ``ckpt`` as a checked ONNX ``ModelProto`` with nps's metadata, nothing written (so that
+    ``nps export`` makes every check before its first write), and ``{"opset", "exporter", "input", "output"}``."""
     import contextlib
     import io
     import warnings
@@ -65,38 +77,56 @@ def export_onnx(ckpt: dict, out: str | os.PathLike, *, opset: int = OPSET) -> di
     model = model.float().eval()
     c, r = int(ckpt["in_channels"]), int(ckpt["resolution"])
     example = (torch.zeros(2, c, r, r),)  # batch 2: a batch of 1 would be specialised away
+    exporter = _exporter()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # the exporters' deprecation and progress chatter
+        if exporter == "dynamo":
+            program = torch.onnx.export(model, example, dynamo=True, opset_version=opset, input_names=[INPUT],
+                                        output_names=[OUTPUT], verbose=False,
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
+            proto = program.model_proto
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(model, example, buffer, dynamo=False, opset_version=opset, input_names=[INPUT],
+                              output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+            proto = onnx.load_from_string(buffer.getvalue())
+    _set_metadata(proto, ckpt, opset, exporter)
+    proto.producer_name = "nps"
+    onnx.checker.check_model(proto)
+    return proto, {"opset": opset, "exporter": exporter, "input": [INPUT, "batch", c, r, r],
+                   "output": [OUTPUT, "batch", int(ckpt["num_classes"])]}
+
+
+def _set_metadata(proto, ckpt: dict, opset: int, exporter: str) -> None:
+    """``metadata_props``: ``nps`` (the export's fields as JSON), ``nps_format``, and the preprocessing the input
+    needs (``nps_preprocessing`` as JSON, and readable keys ``mean``, ``std``, ``scale``, ``input_size``...:
+    :func:`nps.pipeline.results.preprocessing.onnx_metadata`)."""
+    from nps.pipeline.results.preprocessing import onnx_metadata
+
+    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "format")}
+    meta.update(format=FORMAT, opset=opset, exporter=exporter)
+    entries = [("nps", json.dumps(meta)), ("nps_format", FORMAT)]
+    if isinstance(ckpt.get("preprocessing"), dict):
+        entries += onnx_metadata(ckpt["preprocessing"])
+    del proto.metadata_props[:]
+    for key, value in entries:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def save_onnx(proto, out: str | os.PathLike) -> Path:
+    """Write ``proto`` to ``out`` atomically (a temporary file beside it, then a rename)."""
+    onnx, _ = require_onnx()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    exporter = _exporter()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")  # the exporters' deprecation and progress chatter
-            if exporter == "dynamo":
-                program = torch.onnx.export(model, example, dynamo=True, opset_version=opset, input_names=[INPUT],
-                                            output_names=[OUTPUT], verbose=False,
-                                            dynamic_shapes=({0: torch.export.Dim("batch")},))
-                proto = program.model_proto
-            else:
-                buffer = io.BytesIO()
-                torch.onnx.export(model, example, buffer, dynamo=False, opset_version=opset, input_names=[INPUT],
-                                  output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
-                proto = onnx.load_from_string(buffer.getvalue())
-        meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "format")}
-        meta.update(format=FORMAT, opset=opset, exporter=exporter)
-        del proto.metadata_props[:]
-        for key, value in (("nps", json.dumps(meta)), ("nps_format", FORMAT)):
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        proto.producer_name = "nps"
-        onnx.checker.check_model(proto)
         onnx.save_model(proto, str(tmp))
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return {"onnx": str(out), "opset": opset, "exporter": exporter,
-            "input": [INPUT, "batch", c, r, r], "output": [OUTPUT, "batch", int(ckpt["num_classes"])]}
+    return out
 
 
 def read_onnx_meta(path: str | os.PathLike) -> dict:

@@ -106,12 +106,29 @@ class _EvalLoader:
             yield (x.contiguous() if self.contiguous else x), y
 
 
+def check_verifiable(ckpt: dict, data_dir=None, *, where: str = "export") -> Path:
+    """Everything a check of ``ckpt`` (an export's fields) needs before it evaluates, and nothing written: the
+    stored config agrees with the layer table, the run's dataset (``data_dir``, else the config's ``[dataset]
+    dir``) is here, is the dataset the subnetwork was scored on, and has its .beton files. Returns its directory.
+    ``nps export --verify`` calls it before it writes the export, so a missing dataset leaves no file behind."""
+    from nps.datasets.meta import load_meta
+
+    _check_config_model(_parse_config(ckpt.get("config", ""), where), ckpt)
+    data = dataset_dir(ckpt, data_dir)
+    check_dataset_of(ckpt, data, given=data_dir is not None)
+    files = load_meta(data)["files"]
+    missing = [str(path) for path in (data / files[split] for split in ("train", "val")) if not path.is_file()]
+    if missing:
+        raise NpsError(f"{' and '.join(missing)} missing; re-run nps convert, or pass another --data DIR")
+    return data
+
+
 def val_split(ckpt: dict, *, data_dir=None, device="cpu", batch_size: int | None = None, val_loader=None,
               where: str = "export") -> tuple[_EvalLoader, Path | None]:
     """The val batches the run evaluated a subnetwork on (its config's dataset, ``val_images``,
     ``val_batch_size`` and ``on_device``; ``batch_size`` overrides the batch size, ``val_loader`` the loader) and
     the dataset directory (None with ``val_loader``), after checking the config against ``ckpt`` (an export's
-    fields) and the dataset against its fingerprint."""
+    fields) and the dataset against its fingerprint (:func:`check_verifiable`)."""
     import torch
 
     cfg = _parse_config(ckpt.get("config", ""), where)
@@ -122,8 +139,7 @@ def val_split(ckpt: dict, *, data_dir=None, device="cpu", batch_size: int | None
     if val_loader is None:
         from nps.datasets.loaders import make_loaders
 
-        data = dataset_dir(ckpt, data_dir)
-        check_dataset_of(ckpt, data, given=data_dir is not None)
+        data = check_verifiable(ckpt, data_dir, where=where)
         batch = batch_size or int(dataset.get("val_batch_size", 0) or 256)
         _, val_loader, _ = make_loaders(data, batch_size=batch, resolution=int(ckpt["resolution"]),
                                         device=dev, in_channels=int(ckpt["in_channels"]), augment=False,
@@ -138,8 +154,10 @@ def verify_subnetwork(path: str | os.PathLike, *, data_dir: str | os.PathLike | 
     """Re-evaluate an export on the val split and compare with the top-1 stored in results.h5.
 
     The evaluation follows the run's config where it says how the run evaluated: ``[dataset] val_images`` (the
-    first N val images), ``val_batch_size`` and ``on_device``, and ``[retrain] amp`` (``auto`` is off on the CPU,
-    bf16/fp16 on a GPU); ``batch_size`` and ``amp`` override them.
+    first N val images), ``val_batch_size`` and ``on_device``, and ``[retrain] amp`` (``auto`` resolves as the run
+    resolved it on that device, :func:`~nps.pipeline.training.devices.resolve_amp`: bf16 on a CPU with native bf16
+    instructions unless the network has depthwise convs, else off; bf16, or fp16 without bf16 support, on a GPU);
+    ``batch_size`` and ``amp`` override them.
 
     Top-1 is ``100 · correct / N``, so two evaluations of the same weights on the same images differ by a multiple
     of ``100 / N``. With the default ``tolerance`` (half an image, ``50 / N`` points, plus float32 rounding of the
