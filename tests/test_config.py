@@ -278,3 +278,17 @@ def test_ray_without_ray_installed_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.delitem(sys.modules, "ray")
     assert main(["run", "demo", "--ray", "headnode"]) == 2
     assert "--ray: 'headnode' is not a Ray address: use auto or HOST:PORT" in capsys.readouterr().err
+
+
+def test_dump_writes_strings_and_numbers_that_load_back_exactly():
+    """TOML written by tomli-w: quotes, backslashes, newlines and unicode in strings, and floats, survive."""
+    from nps.pipeline.experiment.toml_text import toml_lines
+
+    cfg = parse_config('[experiment]\ndescription = "a \\"quoted\\" C:\\\\data\\\\fmnist, tab\\tand é"\n'
+                       '[[spaces]]\nname = "std-0.05"\nc_flops = [0.1, 0.3333333333333333]\n')
+    again = parse_config(dump(cfg))
+    assert again == cfg and again.experiment.description == 'a "quoted" C:\\data\\fmnist, tab\tand é'
+    import tomllib
+
+    text = toml_lines({"model": 'x"y\\z', "c_flops": [0.1, 0.25], "n": 3, "seed": None})
+    assert tomllib.loads(text) == {"model": 'x"y\\z', "c_flops": [0.1, 0.25], "n": 3}

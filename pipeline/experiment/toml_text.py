@@ -1,30 +1,26 @@
-"""The experiment as TOML text (a small emitter: flat tables and one array of tables; no dependency), and two
-experiments compared key by key (what a resume refuses)."""
+"""The experiment as TOML text (flat tables and arrays of tables, with the keys' help as comments for
+``--print-config``; values written by tomli-w), and two experiments compared key by key (what a resume refuses)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from nps.pipeline.experiment.config import RUNTIME_KEYS, SECTIONS, Config
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-        text = repr(value)
-        return text if any(c in text for c in ".en") else text + ".0"
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-        return f'"{escaped}"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
+def toml_value(value: Any) -> str:
+    """One value as inline TOML, by tomli-w (strings escaped, floats exact, nan and inf as TOML spells them); a list
+    on one line, which tomli-w would spread over several."""
+    import tomli_w
+
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()
+
+
+def toml_lines(values: dict[str, Any]) -> str:
+    """``key = value`` lines of a flat table (``None`` values left out)."""
+    return "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items() if v is not None)
 
 
 def _table_lines(obj, comments: bool, prefix: str = "") -> list[str]:
@@ -38,7 +34,7 @@ def _table_lines(obj, comments: bool, prefix: str = "") -> list[str]:
             if not value:
                 continue  # an unset target
             value = value[0] if len(value) == 1 else value
-        line = f"{prefix}{f.name} = {_toml_value(value)}"
+        line = f"{prefix}{f.name} = {toml_value(value)}"
         if comments and f.metadata.get("help"):
             line = f"{line:<34} # {f.metadata['help']}"
         lines.append(line)

@@ -20,25 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nps.pipeline.files import write_atomic  # noqa: F401 - the driver writes base.pt through outputs.write_atomic
 from nps.pipeline.results.reader import DONE, RECIPE_FIELDS
 from nps.pipeline.training.spec import SpaceSpec
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """``data`` to ``path`` through a temporary name and a rename: never a half-written file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:  # name the file meant, not the temporary one (a full disk's message says where)
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def _rank_key(top1: float, row: int) -> tuple[float, int]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nps.pipeline.run.outputs import write_atomic
+from nps.pipeline.files import write_atomic
 from nps.pipeline.run.protocol import BaseWeights, Event, Task, WorkerLost, WorkerSpec, WorkerStarted
 
 log = logging.getLogger(__name__)

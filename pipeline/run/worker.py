@@ -78,7 +78,7 @@ def stage_weights(spec: WorkerSpec, wid: int, task_id: int, row: int, data: byte
     driver never sees half of one), else the bytes themselves."""
     if not spec.staging:
         return data
-    from nps.pipeline.run.outputs import write_atomic
+    from nps.pipeline.files import write_atomic
 
     path = write_atomic(os.path.join(spec.staging, f"w{wid}-t{task_id}-r{row}.pt"), data)
     return StagedWeights(len(data), path=str(path))
