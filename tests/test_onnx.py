@@ -204,7 +204,7 @@ def test_readme_latency_table_onnx_examples_run_as_written(scored_file, tmp_path
         assert command[0] == "nps"
         assert main(command[1:]) == 0, command
     out = capsys.readouterr().out
-    assert "stored in runs/demo/results.h5 under /latency/cpu" in out and "1 threads" in out
+    assert "stored in runs/demo/results.h5 under /latency/cpu" in out and "1 thread," in out
     assert (tmp_path / "runs/demo/report/latency_cpu.png").is_file() and (tmp_path / "rows.parquet").is_file()
     assert "winner.onnx (onnxruntime, CPU float32)" in out and "difference +0 images" in out
 

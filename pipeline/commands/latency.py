@@ -12,7 +12,11 @@ time per forward are kept. The base network is timed first in the same session, 
 row median) is a ratio of two numbers from one process. On the CPU one intra-op thread by default (--threads), as
 the run steps each subnetwork: on cores shared with other work, more threads mostly measure OpenMP's waiting. Rows
 whose fine-tuned weights are kept are timed with them, the others as their architecture alone (a freshly
-initialised base pruned to the row's keep counts).
+initialised base pruned to the row's keep counts). Weight spaces are not timed: their masked weights run at the
+dense base network's speed.
+
+The table shows each timing's noise, IQR/median; a line warns when some exceed 10 % (a shared or busy machine, or
+more threads than free cores): their speed-ups are unreliable, time again with fewer threads on a quiet machine.
 
 The timings go into RESULTS.h5 under /latency/<device> (with the device's name, the thread count and the library
 versions); nps report draws them and nps table adds them as columns. A run holding the file refuses this command:
@@ -54,7 +58,7 @@ def run(args) -> int:
     from nps.pipeline.views.console import make_console
 
     from nps.pipeline.errors import NpsError
-    from nps.pipeline.results.latency import measure_results, parse_batches, store_latency
+    from nps.pipeline.results.latency import measure_results, noise_warning, parse_batches, store_latency
 
     if not os.path.exists(args.results):
         raise NpsError(f"{args.results}: no such file")
@@ -81,22 +85,34 @@ def run(args) -> int:
     store_latency(args.results, session)
     console.print(latency_table(args.results, session))
     s = session["settings"]
-    if len(session["records"]) == len(batches) and not args.all_rows:
+    if session["untimed"]:
+        console.print(f"[yellow]note:[/yellow] {', '.join(session['untimed'])} not timed: weight spaces run at the "
+                      "dense base network's speed (masked weights; dense kernels skip no zero weight)")
+    if len(session["records"]) == len(batches) and not args.all_rows and session["spaces"]:
         console.print("[yellow]note:[/yellow] no finished rows to time (--all-rows times every row by its "
                       "architecture)")
-    console.print(f"{len(session['records']) // len(batches) - 1} subnetworks and the base network on "
-                  f"{session['device']} ({s['device_name']}), {s['threads']} threads, amp {s['amp']}, channels_last "
-                  f"{s['channels_last']}, torch {s['versions']['torch']}; stored in {args.results} under "
-                  f"/latency/{session['device']}")
+    noisy = noise_warning(session)
+    if noisy:
+        console.print(f"[yellow]warning:[/yellow] {noisy}")
+    console.print(f"{_plural(len(session['records']) // len(batches) - 1, 'subnetwork')} and the base network on "
+                  f"{session['device']} ({s['device_name']}), {_plural(s['threads'], 'thread')}, amp {s['amp']}, "
+                  f"channels_last {s['channels_last']}, torch {s['versions']['torch']}; stored in {args.results} "
+                  f"under /latency/{session['device']}")
     return 0
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun if n == 1 else noun + 's'}"
+
+
 def latency_table(results, session: dict):
-    """One line per network: its space, row, c_flops and top-1, and per batch the median, IQR and speed-up."""
+    """One line per network: its space, row, c_flops and top-1, and per batch the median, IQR, IQR / median (in
+    yellow above the noise limit) and speed-up."""
     import math
 
     from rich.table import Table
 
+    from nps.pipeline.results.latency import NOISE_LIMIT
     from nps.pipeline.results.reader import open_readonly
 
     records = session["records"]
@@ -113,6 +129,7 @@ def latency_table(results, session: dict):
     for b in batches:
         t.add_column(f"b{b} median", justify="right")
         t.add_column(f"b{b} IQR", justify="right")
+        t.add_column(f"b{b} IQR/med", justify="right")
         t.add_column(f"b{b} speed-up", justify="right")
     lines: dict[tuple, dict] = {}
     for r in records:
@@ -126,6 +143,8 @@ def latency_table(results, session: dict):
                      f"{top1:.2f}" if math.isfinite(top1) else "–"]
         for b in batches:
             tm = timings[b]
-            cells += [f"{1e3 * tm.median_s:.3f}", f"{1e3 * tm.iqr_s:.3f}", f"{base[b] / tm.median_s:.2f}×"]
+            noise = f"{100 * tm.noise:.1f} %"
+            noise = f"[yellow]{noise}[/yellow]" if tm.noise > NOISE_LIMIT else noise
+            cells += [f"{1e3 * tm.median_s:.3f}", f"{1e3 * tm.iqr_s:.3f}", noise, f"{base[b] / tm.median_s:.2f}×"]
         t.add_row(*cells)
     return t

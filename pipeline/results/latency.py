@@ -14,15 +14,21 @@ forwards) and its time per forward is one sample; the median and the interquarti
 samples are stored. The base network is measured in the same session, first, so a row's speed-up (base median /
 row median, at the same batch) is a ratio of two numbers from one process, one thread count and one machine state.
 
+A measurement's **noise** is its IQR over its median. A quiet core gives a few per cent; cores shared with other
+work, or more threads than free cores, give tens of per cent, and then a speed-up says more about the machine than
+about the network (on shared cores a batch-1 speed-up measured 0.62-0.91x where a quiet core gives 1.39-1.58x, with
+an IQR of 22.4 ms on a 42.8 ms median). :data:`NOISE_LIMIT` is where ``nps latency`` warns.
+
 Stored in the results file, by its one writer (refused while a run holds the file)::
 
     /latency/<device>     attrs: device_name, versions (JSON: torch, numpy, python, nps, ...), threads,
-                          channels_last, amp, batches, warmup, runs, min_run_s, measured, sessions (JSON list: the
-                          settings of every session, in order)
+                          channels_last, amp, batches, warmup, runs, min_run_s, noise_limit, measured, sessions
+                          (JSON list: the settings of every session, in order)
         space   S256  space key, "base" for the base network
         row     i8    row index (-1: the base network)
         batch   i4
         median_s, q25_s, q75_s  f8   seconds per forward
+        noise   f8    (q75 - q25) / median (noise_limit: where nps latency warns, :data:`NOISE_LIMIT`)
         runs, inner  i4
         weights u1    1 when the row's fine-tuned weights were loaded (timing does not depend on them)
         session i4    index into ``sessions``; a row's speed-up uses its own session's base
@@ -58,8 +64,13 @@ DEFAULT_MIN_RUN_S = 0.02
 # cores, and on cores shared with other processes OpenMP's barriers wait for descheduled threads (on this 2-core
 # machine, under load, the demo's base network took 361 ms per image with 2 threads against 1.4 ms with 1).
 DEFAULT_CPU_THREADS = 1
+# IQR / median above which a measurement is noisy: one thread on a shared 2-core machine gives 1-6 % (README's table),
+# a busy or oversubscribed machine tens of per cent; past 10 % a speed-up's error is as large as the differences
+# between subnetworks of one target (1.39-1.58x in README's table).
+NOISE_LIMIT = 0.10
 _COLUMNS = {"space": "S256", "row": "i8", "batch": "i4", "median_s": "f8", "q25_s": "f8", "q75_s": "f8",
             "runs": "i4", "inner": "i4", "weights": "u1", "session": "i4"}
+_DERIVED = {"noise": "f8"}  # stored beside the columns; derived from them for files written before it was stored
 
 
 @dataclass
@@ -75,6 +86,37 @@ class Timing:
     @property
     def iqr_s(self) -> float:
         return self.q75_s - self.q25_s
+
+    @property
+    def noise(self) -> float:
+        """IQR / median: the measurement's spread relative to what it measures (NaN for a zero median)."""
+        return self.iqr_s / self.median_s if self.median_s > 0 else math.nan
+
+
+def noisy_records(records: list[dict], limit: float | None = None) -> list[dict]:
+    """The records of a session whose timing's IQR / median exceeds ``limit`` (:data:`NOISE_LIMIT`), noisiest
+    first."""
+    limit = NOISE_LIMIT if limit is None else limit
+    over = [r for r in records if r["timing"].noise > limit]
+    return sorted(over, key=lambda r: -r["timing"].noise)
+
+
+def noise_warning(session: dict, limit: float | None = None) -> str | None:
+    """One line for the CLI when some timings of ``session`` are noisy (IQR / median above ``limit``,
+    :data:`NOISE_LIMIT`; None when none is): how many, the worst, and what to do (fewer threads where there are
+    several, a quiet machine)."""
+    limit = NOISE_LIMIT if limit is None else limit
+    records = session["records"]
+    over = noisy_records(records, limit)
+    if not over:
+        return None
+    worst = over[0]
+    what = "the base network" if worst["row"] < 0 else f"{worst['space']} row {worst['row']}"
+    threads = int(session["settings"].get("threads", 1))
+    fewer = f"fewer threads (--threads 1; this session ran {threads}) and " if threads > 1 else ""
+    return (f"{len(over)} of {len(records)} timings are noisy (IQR/median above {100 * limit:g} %; worst "
+            f"{100 * worst['timing'].noise:.0f} %, {what} at batch {worst['batch']}): speed-ups are unreliable; "
+            f"time again with {fewer}a quiet machine (no other work on its cores)")
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
@@ -171,17 +213,21 @@ class Target:
     weights: str | None = None  # path of kept fine-tuned weights
 
 
-def _targets(reader, results_path, spaces: Iterable[str] | None, all_rows: bool, skip: set) -> list[Target]:
+def _targets(reader, results_path, spaces: Iterable[str] | None, all_rows: bool,
+             skip: set) -> tuple[list[Target], list[str], list[str]]:
+    """(the rows to time, the filter spaces chosen, the weight spaces chosen: not timed)."""
     from nps.kernels.spaces import pruning_of
     from nps.pipeline.results.export import resolve_space, saved_weight_rows, weights_path
     from nps.pipeline.results.reader import DONE
 
     groups = reader.spaces()
     chosen = [resolve_space(groups, s) for s in spaces] if spaces else groups
-    out = []
+    out, timed, untimed = [], [], []
     for space in dict.fromkeys(chosen):
         if pruning_of(space) == "weights":  # masks on the base's dense layers: the base's latency, nothing to time
+            untimed.append(space)
             continue
+        timed.append(space)
         cols = reader.read(space, ["status", "keep"])
         kept = set(saved_weight_rows(results_path, space))
         for row in np.flatnonzero(np.ones_like(cols["status"], bool) if all_rows else cols["status"] == DONE):
@@ -189,7 +235,11 @@ def _targets(reader, results_path, spaces: Iterable[str] | None, all_rows: bool,
                 continue
             w = str(weights_path(results_path, space, int(row))) if int(row) in kept else None
             out.append(Target(space, int(row), cols["keep"][row].astype(np.int64), w))
-    return out
+    if spaces and not timed:
+        named = ", ".join(dict.fromkeys(spaces))
+        raise NpsError(f"--space {named}: weight spaces are not timed: their masked weights run at the dense base "
+                       "network's speed (dense kernels skip no zero weight); give a filter space")
+    return out, timed, untimed
 
 
 def measure_results(results_path: str | os.PathLike, *, spaces: Iterable[str] | None = None, device: str = "cpu",
@@ -198,12 +248,15 @@ def measure_results(results_path: str | os.PathLike, *, spaces: Iterable[str] | 
                     min_run_s: float | None = None,
                     progress: Callable[[int, int, Target], None] | None = None) -> dict:
     """Time the base network and the rows of a results file in one session; returns the session (not stored: see
-    :func:`store_latency`).
+    :func:`store_latency`; :func:`noise_warning` words its noisy timings).
 
     Rows: the finished rows of ``spaces`` (all spaces when None), every row with ``all_rows``; with
     ``only_missing`` the rows this device has no measurement of yet (none: no session, no records). ``threads``:
     torch's intra-op threads for the session (None: :data:`DEFAULT_CPU_THREADS` on the CPU; 0: torch's default).
-    Returns ``{"device", "settings", "records"}``, records as ``{"space", "row", "batch", "timing", "weights"}``.
+    Returns ``{"device", "settings", "records", "spaces", "untimed"}``, records as ``{"space", "row", "batch",
+    "timing", "weights"}``, ``spaces`` the filter spaces chosen, ``untimed`` the weight spaces chosen (not timed:
+    their rows run at the base network's speed; ``spaces`` naming weight spaces only is refused in one NpsError
+    line).
     ``batches``, ``warmup``, ``runs`` and ``min_run_s`` default to :data:`DEFAULT_BATCHES`, :data:`DEFAULT_WARMUP`,
     :data:`DEFAULT_RUNS` and :data:`DEFAULT_MIN_RUN_S`.
     """
@@ -246,9 +299,9 @@ def measure_results(results_path: str | os.PathLike, *, spaces: Iterable[str] | 
         if only_missing:
             done = read_latency(reader).get(dev.type)
             skip = {(s, r) for s, r in zip(done["space"], done["row"])} if done else set()
-        targets = _targets(reader, results_path, spaces, all_rows, skip)
+        targets, timed, untimed = _targets(reader, results_path, spaces, all_rows, skip)
     if only_missing and not targets:  # everything timed already: no new session (not even the base network)
-        return {"device": dev.type, "settings": {}, "records": []}
+        return {"device": dev.type, "settings": {}, "records": [], "spaces": timed, "untimed": untimed}
     saved_threads = torch.get_num_threads()
     if threads is None and dev.type == "cpu":
         threads = DEFAULT_CPU_THREADS
@@ -264,6 +317,7 @@ def measure_results(results_path: str | os.PathLike, *, spaces: Iterable[str] | 
                     "threads": int(torch.get_num_threads()), "channels_last": bool(nhwc),
                     "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else "off",
                     "batches": list(batches), "warmup": int(warmup), "runs": int(runs), "min_run_s": float(min_run_s),
+                    "noise_limit": NOISE_LIMIT,
                     "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         records = []
         everything = [Target(BASE, -1, None)] + targets
@@ -281,7 +335,7 @@ def measure_results(results_path: str | os.PathLike, *, spaces: Iterable[str] | 
                                 "weights": target.weights is not None})
     finally:
         torch.set_num_threads(saved_threads)
-    return {"device": dev.type, "settings": settings, "records": records}
+    return {"device": dev.type, "settings": settings, "records": records, "spaces": timed, "untimed": untimed}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -309,8 +363,12 @@ def store_latency(results_path: str | os.PathLike, session: dict) -> None:
                       "median_s": [r["timing"].median_s for r in records],
                       "q25_s": [r["timing"].q25_s for r in records], "q75_s": [r["timing"].q75_s for r in records],
                       "runs": [r["timing"].runs for r in records], "inner": [r["timing"].inner for r in records],
-                      "weights": [int(r["weights"]) for r in records], "session": [index] * len(records)}
-            for name, dtype in _COLUMNS.items():
+                      "weights": [int(r["weights"]) for r in records], "session": [index] * len(records),
+                      "noise": [r["timing"].noise for r in records]}
+            if "noise" not in g and "row" in g:  # a group written before noise was stored: derive its rows' first
+                g.create_dataset("noise", data=_noise(g["median_s"][()], g["q25_s"][()], g["q75_s"][()]),
+                                 maxshape=(None,), chunks=(256,))
+            for name, dtype in {**_COLUMNS, **_DERIVED}.items():
                 data = np.asarray(values[name], dtype=dtype)
                 if name not in g:
                     g.create_dataset(name, data=data, maxshape=(None,), chunks=(256,))
@@ -326,10 +384,17 @@ def store_latency(results_path: str | os.PathLike, session: dict) -> None:
         store.close()
 
 
+def _noise(median, q25, q75) -> np.ndarray:
+    median = np.asarray(median, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(median > 0, (np.asarray(q75) - np.asarray(q25)) / median, np.nan)
+
+
 def read_latency(reader) -> dict[str, dict]:
     """Per device: the latest measurement of every (space, row, batch) as columns (``space``, ``row``, ``batch``,
-    ``median_s``, ``q25_s``, ``q75_s``, ``iqr_s``, ``runs``, ``weights``, ``session``, ``speedup``: the base median
-    of the same session and batch over the row's), plus ``attrs`` (the latest session's settings) and ``sessions``.
+    ``median_s``, ``q25_s``, ``q75_s``, ``iqr_s``, ``noise`` (IQR / median), ``runs``, ``weights``, ``session``,
+    ``speedup``: the base median of the same session and batch over the row's), plus ``attrs`` (the latest session's
+    settings, ``noise_limit``) and ``sessions``.
     A file never measured gives ``{}``."""
     f = reader.file
     if GROUP not in f:
@@ -339,6 +404,9 @@ def read_latency(reader) -> dict[str, dict]:
         cols = {name: g[name][()] for name in _COLUMNS if name in g}
         if len(cols) != len(_COLUMNS) or not cols["row"].size:
             continue
+        noise = g["noise"][()] if "noise" in g else np.empty(0)
+        cols["noise"] = noise if noise.size == cols["row"].size else _noise(cols["median_s"], cols["q25_s"],
+                                                                            cols["q75_s"])
         cols["space"] = np.array([s.decode("utf-8", errors="replace") for s in cols["space"]], dtype=object)
         latest: dict[tuple, int] = {}
         for i, key in enumerate(zip(cols["space"], cols["row"].tolist(), cols["batch"].tolist())):
@@ -356,6 +424,7 @@ def read_latency(reader) -> dict[str, dict]:
             if key in ("versions", "batches", "sessions") and isinstance(value, str):
                 value = json.loads(value)
             attrs[key] = value.item() if isinstance(value, np.generic) else value
+        attrs.setdefault("noise_limit", NOISE_LIMIT)  # sessions measured before the limit was stored
         sel["attrs"] = attrs
         out[str(device)] = sel
     return out

@@ -4,7 +4,8 @@ its figure, drawn from those numbers alone (:func:`render_latency`).
 One figure per measured device, one row of panels per batch size: the measured speed-up (base median / row median,
 both from one session) against c_flops per space, with the ideal ``1 / c_flops`` that FLOPs promise; top-1 against
 latency with the frontier (no other subnetwork is both faster and more accurate) and the base network; each space's
-winner (lowest accuracy drop) with its latency, interquartile range and speed-up.
+winner (lowest accuracy drop) with its latency, interquartile range and speed-up. Timings whose IQR / median exceeds
+the noise limit (:data:`nps.pipeline.results.latency.NOISE_LIMIT`) are counted, and the figure's title says so.
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ def _frontier(points: list[dict]) -> list[dict]:
 
 def latency_summary(reader, pops, base_top1: float = math.nan) -> dict:
     """Per device measured: the settings, the base network's latency, per space its finished rows' c_flops, top-1,
-    latency and speed-up per batch, each space's winner (lowest drop) with its latencies, and per batch the
-    top-1 vs latency frontier (the base included). ``{}`` when the file has no measurements."""
+    latency and speed-up per batch, each space's winner (lowest drop) with its latencies (median, IQR, noise = IQR /
+    median, speed-up), per batch the top-1 vs latency frontier (the base included), and how many of the device's
+    ``timings`` are ``noisy`` (noise above ``noise_limit``). ``{}`` when the file has no measurements."""
     from nps.pipeline.results.analysis import regime_key
     from nps.pipeline.results.latency import BASE, read_latency
 
@@ -45,7 +47,7 @@ def latency_summary(reader, pops, base_top1: float = math.nan) -> dict:
             if i is None:
                 return None
             return {"median_ms": 1e3 * float(cols["median_s"][i]), "iqr_ms": 1e3 * float(cols["iqr_s"][i]),
-                    "speedup": float(cols["speedup"][i])}
+                    "noise": float(cols["noise"][i]), "speedup": float(cols["speedup"][i])}
 
         spaces, winners, points = [], [], {b: [] for b in batches}
         for b in batches:
@@ -74,6 +76,7 @@ def latency_summary(reader, pops, base_top1: float = math.nan) -> dict:
                                        "c_flops": float(pop.c_flops[w]),
                             "latency": {str(b): entry(pop.group, pop.row[w], b) for b in batches}})
         attrs = cols["attrs"]
+        limit = float(attrs["noise_limit"])
         out[device] = {
             "device_name": attrs.get("device_name", ""), "threads": attrs.get("threads"),
             "amp": attrs.get("amp"), "channels_last": attrs.get("channels_last"),
@@ -81,6 +84,7 @@ def latency_summary(reader, pops, base_top1: float = math.nan) -> dict:
             "sessions": len(attrs.get("sessions", [])), "batches": batches,
             "base": {str(b): entry(BASE, -1, b) for b in batches}, "spaces": spaces, "winners": winners,
             "frontier": {str(b): _frontier(points[b]) for b in batches},
+            "noise_limit": limit, "timings": int(cols["noise"].size), "noisy": int(np.sum(cols["noise"] > limit)),
         }
     return out
 
@@ -179,6 +183,14 @@ def _panel_winners(ax, info: dict, batch: str, colors: dict, several: bool) -> N
     ax.set_title(f"Winners' latency, batch {batch}")
 
 
+def _noise_note(info: dict) -> str:
+    """``; NOISY: 7 of 12 timings ...`` when some timings are noisy, else nothing."""
+    if not info.get("noisy"):
+        return ""
+    return (f"; NOISY: {info['noisy']} of {info['timings']} timings have IQR/median above "
+            f"{100 * info['noise_limit']:g} %, speed-ups unreliable")
+
+
 def render_latency(summary: dict, out_dir: str | os.PathLike) -> dict:
     """Draw ``latency_<device>.png`` for every device of ``summary["latency"]``; returns ``{name: {"file",
     "caption"}}`` (nothing when the file has no measurements or no measured finished row)."""
@@ -197,15 +209,16 @@ def render_latency(summary: dict, out_dir: str | os.PathLike) -> dict:
             _panel_speedup(row[0], info, batch, colors, several)
             _panel_frontier(row[1], info, batch, colors, several)
             _panel_winners(row[2], info, batch, colors, several)
-        fig.suptitle(f"Measured latency on {device}: {info['device_name']}, {info['threads']} threads, "
+        threads = f"{info['threads']} thread{'' if info['threads'] == 1 else 's'}"
+        fig.suptitle(f"Measured latency on {device}: {info['device_name']}, {threads}, "
                      f"amp {info['amp']}, channels_last {info['channels_last']}, torch "
-                     f"{info['versions'].get('torch', '?')}")
+                     f"{info['versions'].get('torch', '?')}{_noise_note(info)}")
         name = f"latency_{device}.png"
         fig.savefig(Path(out_dir) / name, dpi=110)
         figures[f"latency {device}"] = {
-            "file": name, "caption": f"Measured on {device} ({info['device_name']}, {info['threads']} threads): "
+            "file": name, "caption": f"Measured on {device} ({info['device_name']}, {threads}): "
                                      "speed-up over the base network against c_flops per space (dashed: the ideal "
                                      "1/c_flops), top-1 against latency with the frontier, and each space's "
                                      "winner's latency and speed-up; medians over repeated timed runs, the base "
-                                     "measured in the same session (nps latency)."}
+                                     f"measured in the same session (nps latency){_noise_note(info)}."}
     return figures
