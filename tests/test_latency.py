@@ -217,7 +217,7 @@ def test_nps_latency_shows_stores_and_warns_about_noisy_timings(table, tmp_path,
     out = capsys.readouterr().out
     assert "b1 IQR/med" in out and "52.3 %" in out and "2.0 %" in out  # IQR / median of each timing
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: 1 of 3 timings are noisy (IQR/median above 10 %; worst 52 %, the base network at "
+    assert warnings == ["warning: 1 of 3 timings is noisy (IQR/median above 10 %; worst 52 %, the base network at "
                         "batch 1): speed-ups are unreliable; time again with a quiet machine (no other work on its "
                         "cores)"]
     assert "2 subnetworks and the base network" in out and "1 thread," in out

@@ -114,9 +114,9 @@ def noise_warning(session: dict, limit: float | None = None) -> str | None:
     what = "the base network" if worst["row"] < 0 else f"{worst['space']} row {worst['row']}"
     threads = int(session["settings"].get("threads", 1))
     fewer = f"fewer threads (--threads 1; this session ran {threads}) and " if threads > 1 else ""
-    return (f"{len(over)} of {len(records)} timings are noisy (IQR/median above {100 * limit:g} %; worst "
-            f"{100 * worst['timing'].noise:.0f} %, {what} at batch {worst['batch']}): speed-ups are unreliable; "
-            f"time again with {fewer}a quiet machine (no other work on its cores)")
+    return (f"{len(over)} of {len(records)} timings {'is' if len(over) == 1 else 'are'} noisy (IQR/median above "
+            f"{100 * limit:g} %; worst {100 * worst['timing'].noise:.0f} %, {what} at batch {worst['batch']}): "
+            f"speed-ups are unreliable; time again with {fewer}a quiet machine (no other work on its cores)")
 
 
 def parse_batches(text: str) -> tuple[int, ...]:

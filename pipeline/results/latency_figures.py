@@ -187,7 +187,8 @@ def _noise_note(info: dict) -> str:
     """``; NOISY: 7 of 12 timings ...`` when some timings are noisy, else nothing."""
     if not info.get("noisy"):
         return ""
-    return (f"; NOISY: {info['noisy']} of {info['timings']} timings have IQR/median above "
+    verb = "has" if info["noisy"] == 1 else "have"
+    return (f"; NOISY: {info['noisy']} of {info['timings']} timings {verb} IQR/median above "
             f"{100 * info['noise_limit']:g} %, speed-ups unreliable")
 
 
