@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "load_subnetwork":
-        from nps.pipeline.results.export import load_subnetwork
+        from nps.pipeline.deploy.export import load_subnetwork
 
         return load_subnetwork
     raise AttributeError(f"module 'nps.pipeline' has no attribute {name!r}")

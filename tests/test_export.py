@@ -19,7 +19,7 @@ from nps.pipeline.errors import NpsError
 from nps.pipeline.network.layer_table import build_layer_table
 from nps.pipeline.network.models import build_model
 from nps.pipeline.network.prune import prune_model
-from nps.pipeline.results.export import (
+from nps.pipeline.deploy.export import (
     FORMAT,
     export_subnetwork,
     load_subnetwork,
@@ -29,9 +29,9 @@ from nps.pipeline.results.export import (
     subnetwork_preprocessing,
     weights_path,
 )
-from nps.pipeline.results.preprocessing import Preprocess, PreprocessedSubnetwork, make_preprocessing
+from nps.pipeline.deploy.preprocessing import Preprocess, PreprocessedSubnetwork, make_preprocessing
 from nps.pipeline.results.store import ResultsStore
-from nps.pipeline.results.verify import verify_subnetwork
+from nps.pipeline.deploy.verify import verify_subnetwork
 from nps.pipeline.training.evaluation import evaluate
 from nps.pipeline.row_status import Result
 
@@ -303,7 +303,7 @@ def test_verify_follows_the_run_config(run_dir, tmp_path):
 def test_export_load_gives_the_same_outputs_for_compact_convnets(tmp_path, name, kw):
     """Export → load_subnetwork rebuilds the architecture from the registry name, the table options (granularity,
     convention) and the keep counts alone, and computes what the trained subnetwork computed."""
-    from nps.pipeline.results.export import load_subnetwork
+    from nps.pipeline.deploy.export import load_subnetwork
 
     table = build_layer_table(name, "all", 32, 10, **kw)
     sample = sample_space(table, parse_space("std-0.05", "c_flops", 0.5), 2, seed=0)

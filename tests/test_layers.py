@@ -13,7 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"nps.pipeline": ROOT / "pipeline", "nps.kernels": ROOT / "kernels", "nps.datasets": ROOT / "datasets"}
-LAYERS = ["errors", "row_status", "network", "training", "results", "experiment", "run", "views", "commands", "cli"]
+LAYERS = ["errors", "row_status", "network", "training", "results", "deploy", "experiment", "run", "views", "commands",
+          "cli"]
 LEAVES = {"errors": 0, "row_status": 0, "catalog": 0, "words": 0, "files": 0}  # the same layer: none imports another
 
 
@@ -125,3 +126,26 @@ def test_kernels_and_datasets_stay_below_the_pipeline():
             assert not any(t.startswith(("nps.pipeline", "nps.datasets")) for t in raw), name
         if name.startswith("nps.datasets"):
             assert not any(t.startswith("nps.pipeline") for t in raw), name
+
+
+def test_results_imports_no_torch_and_nothing_that_runs_networks():
+    """results/ (the file, its reader and writer, the analysis, the report, the table) is below the tools that load
+    and run networks (deploy/): nothing it imports, at any depth and also inside functions, is torch."""
+    known = modules()
+    edges = graph()
+    reached: dict[str, list[str]] = {}
+    for start in (m for m in known if m.startswith("nps.pipeline.results")):
+        todo, seen = [start], {start}
+        while todo:
+            node = todo.pop()
+            for target in edges.get(node, ()):
+                # nps.pipeline itself is entered for __version__; its lazy public names (load_subnetwork...) are
+                # functions that import on first use, not imports of the module that reads __version__
+                if target not in seen and target != "nps.pipeline":
+                    seen.add(target)
+                    todo.append(target)
+        reached[start] = sorted(seen)
+    offenders = sorted({f"{start} -> ... -> {m} imports torch" for start, mods in reached.items() for m in mods
+                        if any(t.split(".")[0] in ("torch", "torchvision") for t in imports(known[m], m))})
+    assert offenders == []
+    assert not any(m.startswith("nps.pipeline.deploy") for mods in reached.values() for m in mods)

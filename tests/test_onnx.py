@@ -29,9 +29,9 @@ def scored_file(tmp_path_factory, fmnist_dir):
     from nps.pipeline.network.layer_table import build_layer_table
     from nps.pipeline.network.models import build_model
     from nps.pipeline.network.prune import prune_model
-    from nps.pipeline.results.export import save_subnetwork_weights
+    from nps.pipeline.deploy.export import save_subnetwork_weights
     from nps.pipeline.results.store import ResultsStore
-    from nps.pipeline.results.verify import _EvalLoader
+    from nps.pipeline.deploy.verify import _EvalLoader
     from nps.pipeline.training.evaluation import evaluate
 
     data = fmnist_dir(256)
@@ -69,7 +69,7 @@ def export_and_compare(results, tmp_path, capsys, *, atol: float):
 
     from nps.pipeline import load_subnetwork
     from nps.pipeline.cli import main
-    from nps.pipeline.results.onnx_export import OPSET
+    from nps.pipeline.deploy.onnx_export import OPSET
 
     onnx_path, pt = tmp_path / "winner.onnx", tmp_path / "winner.pt"
     assert main(["export", str(results), "--space", SPACE, "--best", "--out", str(pt), "--onnx", str(onnx_path),
@@ -93,7 +93,7 @@ def export_and_compare(results, tmp_path, capsys, *, atol: float):
 
 def test_onnx_export_and_verify(scored_file, tmp_path, capsys):
     from nps.pipeline.cli import main
-    from nps.pipeline.results.onnx_export import verify_onnx
+    from nps.pipeline.deploy.onnx_export import verify_onnx
 
     onnx_path = export_and_compare(scored_file, tmp_path, capsys, atol=1e-5)
     # The file alone (its metadata carries the run's config and scores): the stored top-1 is the reference.
@@ -120,8 +120,8 @@ def test_exports_carry_and_apply_the_datasets_preprocessing(scored_file, fmnist_
     from nps.datasets.meta import load_meta
     from nps.pipeline import load_subnetwork
     from nps.pipeline.cli import main
-    from nps.pipeline.results.export import read_subnetwork
-    from nps.pipeline.results.preprocessing import LUMA
+    from nps.pipeline.deploy.export import read_subnetwork
+    from nps.pipeline.deploy.preprocessing import LUMA
 
     data = fmnist_dir(256)
     meta = load_meta(data)
@@ -219,7 +219,7 @@ def run_dir(demo_run):
 @pytest.mark.slow
 def test_the_winner_as_onnx_counts_the_same_correct_images(run_dir, tmp_path, capsys):
     from nps.pipeline.cli import main
-    from nps.pipeline.results.onnx_export import verify_onnx
+    from nps.pipeline.deploy.onnx_export import verify_onnx
 
     onnx_path = export_and_compare(run_dir / "results.h5", tmp_path, capsys, atol=1e-4)
     # The file alone: its metadata carries the run's config and scores.
@@ -237,7 +237,7 @@ def test_load_a_real_run(run_dir):
     from test_table import assert_equals_hdf5
 
     from nps.pipeline.results import load
-    from nps.pipeline.results.export import saved_weight_rows
+    from nps.pipeline.deploy.export import saved_weight_rows
 
     df = load(run_dir / "results.h5")
     assert len(df) == 3 + 1 and set(df["status"]) == {"done"}  # spaces.n = 1: three spaces and the baseline
@@ -252,7 +252,7 @@ def test_output_latency_at_the_end_of_a_run(demo_run, run_dir, tmp_path, monkeyp
     """The same run again with ``--set output.latency=true`` (a runtime key): nothing left to train, so it ends at
     once and times the base network and every finished row."""
     from nps.pipeline.cli import main
-    from nps.pipeline.results import latency
+    from nps.pipeline.deploy import latency
     from nps.pipeline.results.reader import open_readonly
 
     monkeypatch.setattr(latency, "DEFAULT_RUNS", 3)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from nps.kernels.spaces import SpaceKey, parse_space, parse_space_key, regime_key, space_key
-from nps.pipeline.results.export import resolve_space
+from nps.pipeline.deploy.export import resolve_space
 from nps.pipeline.results.report import space_regime
 
 

@@ -58,17 +58,18 @@ def run_amp(results) -> str:
     if results is None:
         return "auto"
     from nps.pipeline.results.reader import open_readonly
-    from nps.pipeline.results.verify import _config_section, _parse_config
+    from nps.pipeline.deploy.run_config import config_section, parse_config
 
     with open_readonly(results) as reader:
-        cfg = _parse_config(str(reader.attrs.get("config", "")), results)
-    return str(_config_section(cfg, "retrain").get("amp", "auto"))
+        cfg = parse_config(str(reader.attrs.get("config", "")), results)
+    return str(config_section(cfg, "retrain").get("amp", "auto"))
 
 
 def main() -> None:
     from nps.pipeline.network.models import build_model
     from nps.pipeline.network.prune import prune_model
-    from nps.pipeline.results.latency import device_name, parse_batches, time_network
+    from nps.pipeline.results.latency import parse_batches
+    from nps.pipeline.deploy.latency import device_name, time_network
     from nps.pipeline.training.devices import resolve_amp
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

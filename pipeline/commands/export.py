@@ -116,7 +116,7 @@ def _check_request(args) -> None:
         if path and os.path.exists(path) and not args.force:
             raise NpsError(f"{flag} {path} exists; pass --force to overwrite it")
     if args.onnx:
-        from nps.pipeline.results.onnx_export import require_onnx
+        from nps.pipeline.deploy.onnx_export import require_onnx
 
         require_onnx()
     if args.verify:
@@ -139,22 +139,22 @@ def _check_device(device: str) -> None:
 def _export(console, args) -> dict:
     """Write the export (and/or its ONNX file) of one row; every check (the request, the row and its weights, the
     preprocessing, the dataset that --verify needs, the ONNX graph) comes before the first file is written."""
-    from nps.pipeline.results.export import export_info, save_atomic, subnetwork_checkpoint
+    from nps.pipeline.deploy.export import export_info, save_atomic, subnetwork_checkpoint
 
     _check_request(args)
     ckpt, note = subnetwork_checkpoint(args.source, args.space, row=args.row, best=args.best, data_dir=args.data)
     if args.verify:
-        from nps.pipeline.results.verify import check_verifiable
+        from nps.pipeline.deploy.verify import check_verifiable
 
         check_verifiable(ckpt, args.data, where=args.source)
     proto = None
     if args.onnx:
-        from nps.pipeline.results.onnx_export import onnx_model
+        from nps.pipeline.deploy.onnx_export import onnx_model
 
         proto, onnx_info = onnx_model(ckpt)
     info = export_info(ckpt, note, save_atomic(ckpt, args.out) if args.out else None)
     if proto is not None:
-        from nps.pipeline.results.onnx_export import save_onnx
+        from nps.pipeline.deploy.onnx_export import save_onnx
 
         info["onnx"] = {"onnx": str(save_onnx(proto, args.onnx)), **onnx_info}
     _print_export(console, args, info)
@@ -185,7 +185,7 @@ def _floats(values) -> str:
 
 
 def _verify_pt(console, args, target) -> int:
-    from nps.pipeline.results.verify import verify_subnetwork
+    from nps.pipeline.deploy.verify import verify_subnetwork
 
     spinner = console.status("evaluating on the val split", spinner="dots") if console.is_terminal else None
     with spinner or contextlib.nullcontext():
@@ -205,7 +205,7 @@ def _verify_pt(console, args, target) -> int:
 def _verify_onnx(console, args, path, ckpt) -> int:
     """Run the ONNX file with onnxruntime on the val split; ``ckpt`` (right after exporting: the export with its
     weights) gives a float32 reference when the run evaluated under autocast."""
-    from nps.pipeline.results.onnx_export import verify_onnx
+    from nps.pipeline.deploy.onnx_export import verify_onnx
 
     with console.status("running the ONNX model on the val split", spinner="dots") if console.is_terminal \
             else contextlib.nullcontext():

@@ -58,7 +58,8 @@ def run(args) -> int:
     from nps.pipeline.views.console import make_console
 
     from nps.pipeline.errors import NpsError
-    from nps.pipeline.results.latency import measure_results, noise_warning, parse_batches, store_latency
+    from nps.pipeline.deploy.latency import measure_results
+    from nps.pipeline.results.latency import noise_warning, parse_batches, store_latency
 
     if not os.path.exists(args.results):
         raise NpsError(f"{args.results}: no such file")

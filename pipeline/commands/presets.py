@@ -12,7 +12,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from nps.pipeline.experiment.config import expand_spaces, parse_config, preset_names, preset_text
-    from nps.pipeline.views.words import plural
+    from nps.pipeline.words import plural
 
     for name in preset_names():
         cfg = parse_config(preset_text(name), f"preset {name}")

@@ -46,7 +46,7 @@ def run(args) -> int:
     from nps.pipeline.errors import NpsError
     from nps.pipeline.results.report import write_report
     from nps.pipeline.views.console import make_console
-    from nps.pipeline.views.words import plural
+    from nps.pipeline.words import plural
 
     if args.edf_points < 2:
         raise NpsError(f"--edf-points {args.edf_points}: use at least 2")
@@ -73,7 +73,7 @@ def summary_table(summary: dict):
     """One line per space and regime (its cells never wrap: a narrow terminal cuts them, a log keeps them whole)."""
     from rich.table import Table
 
-    from nps.pipeline.views.words import plural
+    from nps.pipeline.words import plural
 
     c = summary["counts"]
     band = summary["settings"]["band"]

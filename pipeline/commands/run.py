@@ -64,7 +64,7 @@ def run(args) -> int:
     from nps.pipeline.views.console import make_console
     from nps.pipeline.views.status import results_table
     from nps.pipeline.views.terminal import LiveView, PlainView
-    from nps.pipeline.views.words import plural
+    from nps.pipeline.words import plural
 
     cfg = load_config(args.experiment, args.overrides, out=args.out)
     if args.print_config:

@@ -37,7 +37,7 @@ def run(args) -> int:
     from nps.pipeline.errors import NpsError
     from nps.pipeline.results.table import write_table
     from nps.pipeline.views.console import make_console
-    from nps.pipeline.views.words import plural
+    from nps.pipeline.words import plural
 
     if not os.path.exists(args.results):
         raise NpsError(f"{args.results}: no such file")

@@ -2,19 +2,17 @@
 :data:`WEIGHTS` (single weights, masked by magnitude in the base network's own shapes).
 
 A kind is resolved once per space (:func:`kind_of` reads the space's name or key) and then asked, never the key
-string again: which table its keep vectors count in, how a member is built, whether members can be fused into one
-module, whether a latency measurement says anything, what its recipe's entries are called and which space is its
-regime's uniform baseline. The analysis keeps the kinds apart (a regime is a kind and a target): a fit, a histogram
-or a recipe panel never mixes filter and weight rows.
+string again: which table its keep vectors count in, whether members can be fused into one module, whether a
+latency measurement says anything, what its recipe's entries are called and which space is its regime's uniform
+baseline; how a member of each kind is built is :func:`nps.pipeline.network.members.member_factory`'s registry.
+The analysis keeps the kinds apart (a regime is a kind and a target): a fit, a histogram or a recipe panel never
+mixes filter and weight rows.
 
-This module imports no torch: the results layer asks it too; building a member imports the network code lazily.
+This module imports no torch (the results layer asks it too): building members is in a module of its own.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
-
-import numpy as np
 
 from nps.kernels.spaces import BASELINE, WEIGHTS as WEIGHTS_PREFIX
 
@@ -66,17 +64,6 @@ class PruningKind:
     def table(self, filter_table, weight_table):
         """Of a network's two tables, the one this kind's keep vectors count in."""
         return weight_table if self is WEIGHTS else filter_table
-
-    def member_factory(self, model, table, keep, criterion: str, seed: int) -> Callable[[], Any]:
-        """A function that builds one member (an ``nn.Module``) from the base ``model`` for ``keep``."""
-        keep = np.asarray(keep)
-        if self is WEIGHTS:
-            from nps.pipeline.network.masks import masked_copy
-
-            return lambda: masked_copy(model, table, keep)
-        from nps.pipeline.network.prune import prune_model
-
-        return lambda: prune_model(model, table, keep, criterion, int(seed))
 
 
 FILTERS = PruningKind("filters", "", "layers", fusable=True, timed=True, unit="group",

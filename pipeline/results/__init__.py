@@ -1,4 +1,6 @@
-"""results: the results file, its analysis, report and export.
+"""results: the results file (its reader, its one writer, its format), the analysis, the report and the table.
+
+No torch here: the tools that load and run networks (export, verify, ONNX, latency) are :mod:`nps.pipeline.deploy`.
 
 ``nps.pipeline.results.load(path)`` (a results file as a pandas DataFrame, one row per subnetwork:
 :mod:`nps.pipeline.results.table`) is imported on first use, so that importing this package stays cheap.

@@ -1,11 +1,12 @@
-"""Measured latency of the subnetworks of a results file (``nps latency``, ``[output] latency = true``).
+"""Measured latency in a results file: how it is stored and read back (torch-free; the measuring itself is
+:mod:`nps.pipeline.deploy.latency`, ``nps latency``, ``[output] latency = true``).
 
 A subnetwork's architecture is fully given by its row's keep vector, so any row can be timed without its weights: a
 freshly initialised base network pruned to ``keep`` (:func:`nps.pipeline.network.prune.prune_model`); rows whose
 fine-tuned weights are kept beside the file are timed with them (``weights`` says which). Every forward runs in eval
 mode under ``no_grad``, in the run's memory format (channels_last on the CPU and on GPUs, as the cohort trains) and
 precision (``[retrain] amp`` resolved on the device, as the run evaluated), on random input of the network's
-resolution, on the CPU with :data:`DEFAULT_CPU_THREADS` intra-op thread unless told otherwise. Rows of weight-pruning
+resolution, on the CPU with :data:`nps.pipeline.deploy.latency.DEFAULT_CPU_THREADS` intra-op thread unless told otherwise. Rows of weight-pruning
 spaces (masks on the base's dense layers) are not timed: their network is the base network.
 
 A measurement is ``runs`` timed runs after ``warmup`` forwards; a run is ``inner`` back-to-back forwards (``inner``
@@ -37,33 +38,20 @@ Re-measuring appends a session; readers (:func:`read_latency`) take each (space,
 """
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import math
 import os
-import platform
-import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from nps.pipeline import __version__ as NPS_VERSION
 from nps.pipeline.errors import NpsError
 
 log = logging.getLogger(__name__)
 
 GROUP = "latency"
 BASE = "base"  # the space name of the base network's measurements (not a space key: no '@')
-DEFAULT_BATCHES = (1, 64)
-DEFAULT_WARMUP = 5
-DEFAULT_RUNS = 20
-DEFAULT_MIN_RUN_S = 0.02
-# One intra-op thread on the CPU, as the run steps each cohort member: small pruned convolutions scale poorly over
-# cores, and on cores shared with other processes OpenMP's barriers wait for descheduled threads (on this 2-core
-# machine, under load, the demo's base network took 361 ms per image with 2 threads against 1.4 ms with 1).
-DEFAULT_CPU_THREADS = 1
 # IQR / median above which a measurement is noisy: one thread on a shared 2-core machine gives 1-6 % (README's table),
 # a busy or oversubscribed machine tens of per cent; past 10 % a speed-up's error is as large as the differences
 # between subnetworks of one target (1.39-1.58x in README's table).
@@ -128,214 +116,6 @@ def parse_batches(text: str) -> tuple[int, ...]:
     if not batches or min(batches) < 1:
         raise NpsError(f"--batch {text!r}: give batch sizes as positive integers, e.g. 1,64")
     return tuple(dict.fromkeys(batches))
-
-
-def device_name(device) -> str:
-    """What the device is: the GPU's name, or the CPU's model name."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
-
-
-def library_versions(device) -> dict:
-    import torch
-    import torchvision
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "torchvision": torchvision.__version__, "numpy": np.__version__, "nps": NPS_VERSION}
-    if torch.device(device).type == "cuda":
-        versions.update(cuda=torch.version.cuda, cudnn=str(torch.backends.cudnn.version()))
-    else:
-        versions["mkldnn"] = bool(torch.backends.mkldnn.is_available())
-    return versions
-
-
-def time_forward(model, x, *, device, amp_dtype=None, warmup: int = DEFAULT_WARMUP, runs: int = DEFAULT_RUNS,
-                 min_run_s: float = DEFAULT_MIN_RUN_S) -> Timing:
-    """Time ``model(x)`` (eval mode, no_grad, autocast ``amp_dtype``): see the module docstring."""
-    import torch
-
-    from nps.pipeline.training.schedule import autocast_context
-
-    device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    model.eval()
-    with torch.no_grad(), autocast_context(device, amp_dtype):
-        for _ in range(max(1, warmup)):
-            model(x)
-        sync()
-        t0 = time.perf_counter()
-        model(x)
-        sync()
-        once = max(time.perf_counter() - t0, 1e-7)
-        inner = max(1, math.ceil(min_run_s / once))
-        samples = np.empty(max(1, runs))
-        for i in range(samples.size):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                model(x)
-            sync()
-            samples[i] = (time.perf_counter() - t0) / inner
-    q25, median, q75 = np.percentile(samples, [25, 50, 75])
-    return Timing(float(median), float(q25), float(q75), int(samples.size), int(inner))
-
-
-def time_network(model, table, batch: int, *, device, channels_last: bool, amp_dtype=None, **kwargs) -> Timing:
-    """Time ``model`` (moved to ``device``, eval mode, channels_last if asked) on a random batch of ``batch`` images
-    of ``table``'s input shape (:func:`time_forward`'s keyword arguments pass through)."""
-    import torch
-
-    model = model.to(device).eval()
-    x = torch.randn(batch, int(table.in_channels), int(table.resolution), int(table.resolution), device=device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    return time_forward(model, x, device=device, amp_dtype=amp_dtype, **kwargs)
-
-
-@dataclass
-class Target:
-    """One network to time: the base (``row == -1``) or a row of a space, with its keep vector."""
-
-    space: str
-    row: int
-    keep: np.ndarray | None
-    weights: str | None = None  # path of kept fine-tuned weights
-
-
-def _targets(reader, results_path, spaces: Iterable[str] | None, all_rows: bool,
-             skip: set) -> tuple[list[Target], list[str], list[str]]:
-    """(the rows to time, the filter spaces chosen, the weight spaces chosen: not timed)."""
-    from nps.kernels.spaces import pruning_of
-    from nps.pipeline.results.export import resolve_space, saved_weight_rows, weights_path
-    from nps.pipeline.results.reader import DONE
-
-    groups = reader.spaces()
-    chosen = [resolve_space(groups, s) for s in spaces] if spaces else groups
-    out, timed, untimed = [], [], []
-    for space in dict.fromkeys(chosen):
-        if pruning_of(space) == "weights":  # masks on the base's dense layers: the base's latency, nothing to time
-            untimed.append(space)
-            continue
-        timed.append(space)
-        cols = reader.read(space, ["status", "keep"])
-        kept = set(saved_weight_rows(results_path, space))
-        for row in np.flatnonzero(np.ones_like(cols["status"], bool) if all_rows else cols["status"] == DONE):
-            if (space, int(row)) in skip:
-                continue
-            w = str(weights_path(results_path, space, int(row))) if int(row) in kept else None
-            out.append(Target(space, int(row), cols["keep"][row].astype(np.int64), w))
-    if spaces and not timed:
-        named = ", ".join(dict.fromkeys(spaces))
-        raise NpsError(f"--space {named}: weight spaces are not timed: their masked weights run at the dense base "
-                       "network's speed (dense kernels skip no zero weight); give a filter space")
-    return out, timed, untimed
-
-
-def measure_results(results_path: str | os.PathLike, *, spaces: Iterable[str] | None = None, device: str = "cpu",
-                    batches: Iterable[int] | None = None, threads: int | None = None, all_rows: bool = False,
-                    only_missing: bool = False, warmup: int | None = None, runs: int | None = None,
-                    min_run_s: float | None = None,
-                    progress: Callable[[int, int, Target], None] | None = None) -> dict:
-    """Time the base network and the rows of a results file in one session; returns the session (not stored: see
-    :func:`store_latency`; :func:`noise_warning` words its noisy timings).
-
-    Rows: the finished rows of ``spaces`` (all spaces when None), every row with ``all_rows``; with
-    ``only_missing`` the rows this device has no measurement of yet (none: no session, no records). ``threads``:
-    torch's intra-op threads for the session (None: :data:`DEFAULT_CPU_THREADS` on the CPU; 0: torch's default).
-    Returns ``{"device", "settings", "records", "spaces", "untimed"}``, records as ``{"space", "row", "batch",
-    "timing", "weights"}``, ``spaces`` the filter spaces chosen, ``untimed`` the weight spaces chosen (not timed:
-    their rows run at the base network's speed; ``spaces`` naming weight spaces only is refused in one NpsError
-    line).
-    ``batches``, ``warmup``, ``runs`` and ``min_run_s`` default to :data:`DEFAULT_BATCHES`, :data:`DEFAULT_WARMUP`,
-    :data:`DEFAULT_RUNS` and :data:`DEFAULT_MIN_RUN_S`.
-    """
-    import torch
-
-    from nps.pipeline.network.checkpoints import load_tensors
-    from nps.pipeline.network.layer_table import LayerTable
-    from nps.pipeline.network.models import build_model
-    from nps.pipeline.network.prune import prune_model
-    from nps.pipeline.results import h5file
-    from nps.pipeline.results.reader import open_readonly
-    from nps.pipeline.results.verify import _config_section, _parse_config
-    from nps.pipeline.training.devices import resolve_amp, resolve_channels_last
-
-    results_path = os.fspath(results_path)
-    pid = h5file.writer_pid(results_path)
-    if pid is not None:
-        raise NpsError(f"{results_path} is being written by a run (pid {pid}); measure latency after it ends, or "
-                       "set [output] latency = true to measure at the end of the run")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise NpsError(f"--device {device!r}: use cpu or cuda (cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NpsError(f"--device {device}: no CUDA device here; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise NpsError(f"--device {device!r}: use cpu or cuda")
-    batches = tuple(int(b) for b in (DEFAULT_BATCHES if batches is None else batches))
-    warmup = DEFAULT_WARMUP if warmup is None else int(warmup)
-    runs = DEFAULT_RUNS if runs is None else int(runs)
-    min_run_s = DEFAULT_MIN_RUN_S if min_run_s is None else float(min_run_s)
-    with open_readonly(results_path) as reader:
-        try:
-            table = LayerTable.from_hdf5(reader.layers)
-        except Exception as error:
-            raise NpsError(f"{results_path}: no usable layer table in /layers ({error}); cannot rebuild the "
-                           "architecture") from None
-        cfg = _parse_config(str(reader.attrs.get("config", "")), results_path)
-        skip = set()
-        if only_missing:
-            done = read_latency(reader).get(dev.type)
-            skip = {(s, r) for s, r in zip(done["space"], done["row"])} if done else set()
-        targets, timed, untimed = _targets(reader, results_path, spaces, all_rows, skip)
-    if only_missing and not targets:  # everything timed already: no new session (not even the base network)
-        return {"device": dev.type, "settings": {}, "records": [], "spaces": timed, "untimed": untimed}
-    saved_threads = torch.get_num_threads()
-    if threads is None and dev.type == "cpu":
-        threads = DEFAULT_CPU_THREADS
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
-        torch.manual_seed(0)
-        base = build_model(table.model, num_classes=int(table.num_classes), in_channels=int(table.in_channels))
-        amp_name = str(_config_section(cfg, "retrain").get("amp", "auto"))
-        amp_dtype = resolve_amp(amp_name, dev, [base])
-        nhwc = resolve_channels_last("auto", dev)
-        settings = {"device_name": device_name(dev), "versions": library_versions(dev),
-                    "threads": int(torch.get_num_threads()), "channels_last": bool(nhwc),
-                    "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else "off",
-                    "batches": list(batches), "warmup": int(warmup), "runs": int(runs), "min_run_s": float(min_run_s),
-                    "noise_limit": NOISE_LIMIT,
-                    "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        records = []
-        everything = [Target(BASE, -1, None)] + targets
-        for i, target in enumerate(everything):
-            if progress is not None:
-                progress(i, len(everything), target)
-            model = base if target.keep is None else prune_model(base, table, target.keep)
-            if target.weights:
-                model.load_state_dict(load_tensors(target.weights, f"the weights of row {target.row} of "
-                                                                   f"{target.space!r}", "measure without them"))
-            for batch in batches:
-                timing = time_network(model, table, batch, device=dev, channels_last=nhwc, amp_dtype=amp_dtype,
-                                      warmup=warmup, runs=runs, min_run_s=min_run_s)
-                records.append({"space": target.space, "row": target.row, "batch": batch, "timing": timing,
-                                "weights": target.weights is not None})
-    finally:
-        torch.set_num_threads(saved_threads)
-    return {"device": dev.type, "settings": settings, "records": records, "spaces": timed, "untimed": untimed}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -99,9 +99,9 @@ class _ResultsFile:
     def table_group(self, space: str) -> h5py.Group:
         """The table group a space's keep vectors count in: ``/weight_layers`` for a weight space, else
         ``/layers``."""
-        from nps.kernels.spaces import pruning_of
+        from nps.pipeline.network.pruning_kind import WEIGHTS, kind_of
 
-        if pruning_of(space) == "weights":
+        if kind_of(space) is WEIGHTS:
             if self.weight_layers is None:
                 raise NpsError(f"{self.path}: space {space} prunes weights but the file has no /{WEIGHT_LAYERS}")
             return self.weight_layers

@@ -34,7 +34,7 @@ from nps.pipeline.results.references import compare as compare_references
 from nps.pipeline.results.references import cost as reference_cost
 from nps.pipeline.results.report_html import render_html
 from nps.pipeline.results.stats import DEFAULT_BAND, DEFAULT_BOOTSTRAP, DEFAULT_EDF_POINTS
-from nps.pipeline.views.words import plural
+from nps.pipeline.words import plural
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def read_population(reader, group: str) -> Population:
 
 
 def _layer_table(reader):
-    from nps.pipeline.network.layer_table import LayerTable
+    from nps.pipeline.network.table import LayerTable
 
     try:
         return LayerTable.from_hdf5(reader.layers)
@@ -195,7 +195,7 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
             fit = fits[fit_name]["fit"]
             said = [t for t in (fit["note"], fit.get("not_drawn")) if t]
             if said and counts["finished"]:
-                notes.append(f"{label} ({pruning} spaces): {'; '.join(dict.fromkeys(said))}")
+                notes.append(f"{label} ({pruning.removesuffix('s')} spaces): {'; '.join(dict.fromkeys(said))}")
     if any(r["pruning"] == "weights" for r in summary["regimes"]):
         notes.append("filter and weight spaces are analysed apart: each kind has its own regimes, fits, "
                      "histograms and uniform baseline (baseline for filters, weights:uniform for weights)")

@@ -30,8 +30,9 @@ _RENAME = {"acc_drop": "drop"}
 def columns(path: str | os.PathLike, *, wide: bool = False) -> dict[str, np.ndarray]:
     """The table of :func:`load` as ``{column: array}`` (numpy only); ``recipe`` and ``keep`` are 2-D arrays
     (rows × groups) unless ``wide``."""
-    from nps.kernels.spaces import parse_space_key, pruning_of
-    from nps.pipeline.results.export import saved_weight_rows
+    from nps.kernels.spaces import parse_space_key
+    from nps.pipeline.network.pruning_kind import kind_of
+    from nps.pipeline.results.weights_files import saved_weight_rows
     from nps.pipeline.results.latency import latency_columns, read_latency
     from nps.pipeline.results.reader import STATUS_NAMES, open_readonly
 
@@ -54,7 +55,7 @@ def columns(path: str | os.PathLike, *, wide: bool = False) -> dict[str, np.ndar
                     "regime": np.full(n, key.regime if key else "", dtype=object), "row": np.arange(n, dtype=np.int64),
                     "status": np.array([STATUS_NAMES.get(int(s), str(int(s))) for s in cols.pop("status")],
                                        dtype=object),
-                    "pruning": np.full(n, pruning_of(space), dtype=object)}
+                    "pruning": np.full(n, kind_of(space).name, dtype=object)}
             part.update(cols)
             part["weights"] = np.array([r in kept for r in range(n)], dtype=bool)
             parts.append(part)

@@ -2,7 +2,7 @@
 
 Kept weights (``[output] keep_weights``) arrive with row results, as the bytes of their ``.pt`` file or staged where
 the worker made them (:class:`~nps.pipeline.run.protocol.StagedWeights`), and are put at
-``weights/<space key>/<row>.pt`` (the layout :mod:`nps.pipeline.results.export` reads) by :class:`WeightsKeeper`: bytes are
+``weights/<space key>/<row>.pt`` (the layout :mod:`nps.pipeline.deploy.export` reads) by :class:`WeightsKeeper`: bytes are
 written, a staged file is moved, an object in a transport's store is fetched (the pool does the moving); weights it
 does not keep are released unread. With ``topk`` it keeps a space's ``top_k`` rows by top-1 as results come in: a row outside
 the current top-k can never enter it later (only better rows can push rows out), so its weights are never written,
@@ -53,13 +53,13 @@ class WeightsKeeper:
         return min(kept.values())
 
     def _path(self, space: str, row: int) -> Path:
-        from nps.pipeline.results.export import weights_path
+        from nps.pipeline.results.weights_files import weights_path
 
         return weights_path(self.results_path, space, row)
 
     def start_space(self, space: str, status: np.ndarray, top1: np.ndarray) -> None:
         """What an earlier run kept of this space (rows with weights on disk, among its done rows)."""
-        from nps.pipeline.results.export import saved_weight_rows
+        from nps.pipeline.results.weights_files import saved_weight_rows
 
         kept = {}
         for row in saved_weight_rows(self.results_path, space):
@@ -102,7 +102,7 @@ class WeightsKeeper:
         """``topk``: remove the weights of rows outside the space's final top_k by top-1."""
         if self.policy != "topk":
             return
-        from nps.pipeline.results.export import saved_weight_rows
+        from nps.pipeline.results.weights_files import saved_weight_rows
 
         done = np.flatnonzero(status == DONE)
         keep = set(done[np.argsort(-np.nan_to_num(top1[done], nan=-1), kind="stable")][: self.top_k].tolist())

@@ -22,7 +22,7 @@ from nps.pipeline.run.ledger import RowLedger
 from nps.pipeline.run.log import RunLog
 from nps.pipeline.run.outputs import WeightsKeeper
 from nps.pipeline.training.spec import SpaceSpec
-from nps.pipeline.views.words import plural
+from nps.pipeline.words import plural
 
 
 def default_spec(plan: Plan) -> SpaceSpec:

@@ -56,8 +56,9 @@ def measure_latency(plan: Plan, view: RunView, *, devices: list[str] | None, ray
     import torch
 
     from nps.pipeline.experiment.checks import parse_devices
-    from nps.pipeline.results.latency import measure_results, store_latency
-    from nps.pipeline.views.words import plural
+    from nps.pipeline.deploy.latency import measure_results
+    from nps.pipeline.results.latency import noise_warning, store_latency
+    from nps.pipeline.words import plural
 
     if ray is not None or plan.config.experiment.ray:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,3 +75,6 @@ def measure_latency(plan: Plan, view: RunView, *, devices: list[str] | None, ray
     view.note(f"latency: {timed} and the base network timed at batch {', '.join(map(str, s['batches']))} on "
               f"{s['device_name']} ({plural(s['threads'], 'thread')}); stored in {plan.results_path} under "
               f"/latency/{session['device']} (nps report draws them)")
+    warning = noise_warning(session)
+    if warning:
+        view.note(f"warning: {warning}")

@@ -313,6 +313,7 @@ class Worker:
     # -- cohorts -----------------------------------------------------------------------------------------------------
 
     def cohort(self, task: CohortTask, base: BaseWeights | None) -> None:
+        from nps.pipeline.network.members import member_factory
         from nps.pipeline.network.pruning_kind import kind_of
         from nps.pipeline.training.cohort import CohortOptions
         from nps.pipeline.training.engine import run_cohorts
@@ -324,7 +325,7 @@ class Worker:
         train, val, _ = self.loaders(r.batch_size, r.train_images)
         model, kind = self.base_model(base), kind_of(task.space)
         table = kind.table(self.spec.table, self.spec.weight_table)
-        factories = [kind.member_factory(model, table, keep, task.spec.criterion, seed)
+        factories = [member_factory(kind, model, table, keep, task.spec.criterion, seed)
                      for keep, seed in zip(task.keep, task.seeds)]
         # the driver decided the cohort's form (and formed its rows for it): the task says whether it is fused
         fusion = Fusion(model, table, np.asarray(task.keep)) if task.fused else None

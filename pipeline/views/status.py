@@ -12,7 +12,7 @@ from rich.text import Text
 
 from nps.pipeline.run.state import SpaceState
 from nps.pipeline.views.terminal import fmt, space_table
-from nps.pipeline.views.words import plural
+from nps.pipeline.words import plural
 
 
 def file_states(reader) -> list[SpaceState]:

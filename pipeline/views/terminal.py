@@ -25,7 +25,7 @@ from rich.text import Text
 from nps.pipeline.row_status import RowStatus
 from nps.pipeline.run.state import RowFinished, RunState, SpaceState, WorkerState
 from nps.pipeline.views.console import make_console
-from nps.pipeline.views.words import plural
+from nps.pipeline.words import plural
 
 # --------------------------------------------------------------------------------------------------------------------
 # Rendering pieces shared by the live view and `nps status`.

@@ -22,7 +22,7 @@ nor the base checkpoint::
 :func:`load_subnetwork` rebuilds it: the registry model, pruned to ``keep`` (weights random at that point, so the
 pruning criterion is irrelevant: only the shapes matter), then ``load_state_dict(strict=True)``.
 
-``preprocessing`` (:mod:`nps.pipeline.results.preprocessing`) says what the network takes: float32 NCHW images
+``preprocessing`` (:mod:`nps.pipeline.deploy.preprocessing`) says what the network takes: float32 NCHW images
 normalised per channel with the run's dataset's train mean and std on the 0–255 scale, its input size and channel
 order. It comes from results.h5 (``dataset_mean``/``dataset_std``, recorded by runs since this version) or else
 from the run's converted dataset (config ``[dataset] dir``, or ``data_dir``; its fingerprint checked).
@@ -44,40 +44,28 @@ from typing import Any, Iterable
 import numpy as np
 
 from nps.pipeline.errors import NpsError
+from nps.pipeline.files import atomic_path
+from nps.pipeline.results.weights_files import (  # noqa: F401 - where a row's kept weights are, part of this API
+    KEEP_WEIGHTS_HINT,
+    WEIGHTS_DIR,
+    check_row,
+    resolve_space,
+    saved_weight_rows,
+    weights_path,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "nps-subnetwork-1"
-WEIGHTS_DIR = "weights"
 _META_KEYS = ("model", "mode", "resolution", "num_classes", "in_channels", "channel_multiple", "flops_convention",
               "recipe", "keep", "groups", "channels",
               "config", "top1", "top5", "acc_drop", "base_top1", "c_flops", "c_params", "mcb", "flops", "params",
               "space", "row", "results", "dataset_fingerprint", "dataset_num_classes", "dataset_image_shape",
               "nps_version", "preprocessing")
-KEEP_WEIGHTS_HINT = ("the run driver saves fine-tuned weights as weights/<space>/<row>.pt beside results.h5 for the "
-                     "best rows of each space (see README, 'Reports and export'); re-run those rows with weight "
-                     "saving on")
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Weights beside results.h5.
-
-
-def _check_space_name(space: str) -> str:
-    if not space or "/" in space or "\\" in space or space in (".", "..") or "\0" in space:
-        raise NpsError(f"space {space!r} is not a valid space name (a group name of results.h5, without '/')")
-    return space
-
-
-def _check_row(row) -> int:
-    if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or row < 0:
-        raise NpsError(f"row {row!r}: a row index is a non-negative integer")
-    return int(row)
-
-
-def weights_path(results_path: str | os.PathLike, space: str, row: int) -> Path:
-    """``<dir of results.h5>/weights/<space>/<row>.pt``: where the fine-tuned weights of one row are kept."""
-    return Path(results_path).resolve().parent / WEIGHTS_DIR / _check_space_name(space) / f"{_check_row(row)}.pt"
 
 
 def save_subnetwork_weights(results_path: str | os.PathLike, space: str, row: int, model) -> Path:
@@ -98,19 +86,12 @@ def save_subnetwork_weights(results_path: str | os.PathLike, space: str, row: in
 
 
 def save_atomic(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary name beside ``path``, then rename: never a half-written file at ``path``."""
+    """``torch.save`` through :func:`nps.pipeline.files.atomic_path`: never a half-written file at ``path``."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 def load_subnetwork_weights(results_path: str | os.PathLike, space: str, row: int) -> dict:
@@ -124,33 +105,8 @@ def load_subnetwork_weights(results_path: str | os.PathLike, space: str, row: in
                         "export another row (--row I)")
 
 
-def saved_weight_rows(results_path: str | os.PathLike, space: str) -> list[int]:
-    """Rows of ``space`` whose weights are kept, ascending."""
-    folder = weights_path(results_path, space, 0).parent
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.stem) for p in folder.glob("*.pt") if p.stem.isdigit())
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Export.
-
-
-def resolve_space(spaces: Iterable[str], name: str) -> str:
-    """The space key meant by ``name``: itself, or the one key whose space part (``std-0.05#top`` for the two-stage
-    space) it is."""
-    from nps.kernels.spaces import parse_space_key
-
-    spaces = list(spaces)
-    if name in spaces:
-        return name
-    matches = [s for s in spaces if (k := parse_space_key(s)) is not None and k.label == name]
-    if len(matches) == 1:
-        return matches[0]
-    listing = ", ".join(spaces) or "none"
-    if matches:
-        raise NpsError(f"--space {name!r} is in several regimes ({', '.join(matches)}); give the full name")
-    raise NpsError(f"--space {name!r}: no such space in the file (spaces: {listing})")
 
 
 def _pick_row(results_path, space: str, status: np.ndarray, top1: np.ndarray) -> tuple[int, str]:
@@ -217,7 +173,7 @@ def subnetwork_checkpoint(results_path: str | os.PathLike, space: str, *, row: i
     if best:
         row, note = _pick_row(results_path, space, cols["status"], cols["top1"].astype(np.float64))
     else:
-        row = _check_row(row)
+        row = check_row(row)
         if row >= n:
             raise NpsError(f"--row {row}: space {space!r} has rows 0..{n - 1}")
         if cols["status"][row] != DONE:
@@ -261,7 +217,7 @@ def subnetwork_checkpoint(results_path: str | os.PathLike, space: str, *, row: i
 def _run_preprocessing(ckpt: dict, attrs, data_dir, unknown: str) -> dict:
     """The export's ``preprocessing``: from results.h5's ``dataset_mean``/``dataset_std`` where the run recorded
     them, else from the run's converted dataset; NpsError ``"<unknown>, and <why the dataset is not usable>"``."""
-    from nps.pipeline.results.preprocessing import make_preprocessing
+    from nps.pipeline.deploy.preprocessing import make_preprocessing
 
     mean, std = attrs.get("dataset_mean"), attrs.get("dataset_std")
     shape = ckpt.get("dataset_image_shape") or None
@@ -279,7 +235,7 @@ def run_dataset_meta(ckpt: dict, data_dir=None) -> dict:
     """``meta.json`` of the run's converted dataset (``data_dir``, else the config's ``[dataset] dir``), after
     checking it is the dataset the subnetwork was scored on."""
     from nps.datasets.meta import load_meta
-    from nps.pipeline.results.verify import check_dataset_of, dataset_dir
+    from nps.pipeline.deploy.run_config import check_dataset_of, dataset_dir
 
     data = dataset_dir(ckpt, data_dir)
     check_dataset_of(ckpt, data, given=data_dir is not None)
@@ -288,7 +244,7 @@ def run_dataset_meta(ckpt: dict, data_dir=None) -> dict:
 
 def subnetwork_preprocessing(export: str | os.PathLike | dict, data_dir: str | os.PathLike | None = None, *,
                              where: str | None = None) -> dict:
-    """What the exported network takes as input (:mod:`nps.pipeline.results.preprocessing`): the export's own
+    """What the exported network takes as input (:mod:`nps.pipeline.deploy.preprocessing`): the export's own
     ``preprocessing``, or for an export written before it existed, the one its run's dataset gives (``data_dir``,
     else the config's ``[dataset] dir``). ``export``: a path or the export's dict (``where`` names it)."""
     ckpt = export if isinstance(export, dict) else read_subnetwork(export)
@@ -347,7 +303,7 @@ def load_subnetwork(path: str | os.PathLike, device: str = "cpu", *, with_prepro
     The plain module takes what nps's loaders feed it: float32 ``N x C x H x W`` normalised per channel with the
     dataset's mean and std on the 0–255 scale (``read_subnetwork(path)["preprocessing"]``). With
     ``with_preprocessing=True`` it is wrapped in a
-    :class:`~nps.pipeline.results.preprocessing.PreprocessedSubnetwork` that takes the images themselves (uint8 or
+    :class:`~nps.pipeline.deploy.preprocessing.PreprocessedSubnetwork` that takes the images themselves (uint8 or
     float 0–255, NCHW) and normalises them exactly as the loaders do; ``data_dir`` gives the run's dataset for an
     export that predates the preprocessing metadata. Example::
 
@@ -372,7 +328,7 @@ def load_subnetwork(path: str | os.PathLike, device: str = "cpu", *, with_prepro
 
         make_permanent(model)
     if preprocessing is not None:
-        from nps.pipeline.results.preprocessing import PreprocessedSubnetwork
+        from nps.pipeline.deploy.preprocessing import PreprocessedSubnetwork
 
         model = PreprocessedSubnetwork(model, preprocessing)
     return model.to(device).eval()

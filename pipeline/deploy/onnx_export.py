@@ -1,6 +1,6 @@
 """A trained subnetwork as ONNX (``nps export ... --onnx FILE.onnx``), and its check with onnxruntime.
 
-The ONNX file holds the physically pruned network (the same module :func:`nps.pipeline.results.export.
+The ONNX file holds the physically pruned network (the same module :func:`nps.pipeline.deploy.export.
 build_subnetwork` rebuilds, with its fine-tuned weights, in eval mode, float32): one input ``input`` of shape
 ``(batch, in_channels, resolution, resolution)`` with a dynamic batch axis, one output ``logits`` of shape
 ``(batch, num_classes)``, at opset :data:`OPSET`. It is written by torch's ``torch.export``-based exporter where
@@ -52,7 +52,7 @@ def _exporter() -> str:
 
 
 def export_onnx(ckpt: dict, out: str | os.PathLike, *, opset: int = OPSET) -> dict:
-    """Write the export ``ckpt`` (a dict with ``state_dict``, :func:`~nps.pipeline.results.export.
+    """Write the export ``ckpt`` (a dict with ``state_dict``, :func:`~nps.pipeline.deploy.export.
     subnetwork_checkpoint`) as ONNX to ``out`` (atomically); returns ``{"onnx", "opset", "exporter", "input",
     "output"}``."""
     proto, info = onnx_model(ckpt, opset=opset)
@@ -69,7 +69,7 @@ def onnx_model(ckpt: dict, *, opset: int = OPSET):
 
     import torch
 
-    from nps.pipeline.results.export import build_subnetwork
+    from nps.pipeline.deploy.export import build_subnetwork
 
     onnx, _ = require_onnx()
     model = build_subnetwork(ckpt)
@@ -100,8 +100,8 @@ def onnx_model(ckpt: dict, *, opset: int = OPSET):
 def _set_metadata(proto, ckpt: dict, opset: int, exporter: str) -> None:
     """``metadata_props``: ``nps`` (the export's fields as JSON), ``nps_format``, and the preprocessing the input
     needs (``nps_preprocessing`` as JSON, and readable keys ``mean``, ``std``, ``scale``, ``input_size``...:
-    :func:`nps.pipeline.results.preprocessing.onnx_metadata`)."""
-    from nps.pipeline.results.preprocessing import onnx_metadata
+    :func:`nps.pipeline.deploy.preprocessing.onnx_metadata`)."""
+    from nps.pipeline.deploy.preprocessing import onnx_metadata
 
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "format")}
     meta.update(format=FORMAT, opset=opset, exporter=exporter)
@@ -157,7 +157,8 @@ def verify_onnx(path: str | os.PathLike, *, ckpt: dict | None = None, data_dir: 
     import numpy as np
     import torch
 
-    from nps.pipeline.results.verify import _config_section, _parse_config, val_split
+    from nps.pipeline.deploy.run_config import config_section, parse_config
+    from nps.pipeline.deploy.verify import val_split
     from nps.pipeline.training.devices import resolve_amp
 
     _, ort = require_onnx()
@@ -169,10 +170,10 @@ def verify_onnx(path: str | os.PathLike, *, ckpt: dict | None = None, data_dir: 
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    amp = str(_config_section(_parse_config(meta.get("config", ""), str(path)), "retrain").get("amp", "auto"))
+    amp = str(config_section(parse_config(meta.get("config", ""), str(path)), "retrain").get("amp", "auto"))
     model = None
     if ckpt is not None:
-        from nps.pipeline.results.export import build_subnetwork
+        from nps.pipeline.deploy.export import build_subnetwork
 
         model = build_subnetwork(ckpt)
         model.load_state_dict(ckpt["state_dict"], strict=True)

@@ -6,68 +6,9 @@ import math
 import os
 from pathlib import Path
 
+from nps.pipeline.deploy.export import load_subnetwork, read_subnetwork
+from nps.pipeline.deploy.run_config import check_dataset_of, config_section, dataset_dir, parse_config
 from nps.pipeline.errors import NpsError
-from nps.pipeline.results.export import load_subnetwork, read_subnetwork
-
-
-def _parse_config(text: str, where: str) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        return tomllib.loads(text or "")
-    except tomllib.TOMLDecodeError as error:
-        raise NpsError(f"{where}: the stored config is not valid TOML ({error}); pass --data DIR") from None
-
-
-def dataset_dir(ckpt: dict, data_dir: str | os.PathLike | None = None) -> Path:
-    """The converted dataset the run used: ``data_dir`` if given, else the config's ``[dataset] dir``.
-
-    A relative ``dir`` is looked up from the current directory, then from the results file's directory.
-    """
-    if data_dir is not None:
-        path = Path(data_dir)
-        if not path.is_dir():
-            raise NpsError(f"--data {path}: no such directory (a dataset converted with nps convert)")
-        return path
-    cfg = _parse_config(ckpt.get("config", ""), "export")
-    entry = cfg.get("dataset", {}).get("dir") if isinstance(cfg.get("dataset"), dict) else None
-    if not entry:
-        raise NpsError("the export's config has no [dataset] dir; pass --data DIR (the directory written by "
-                       "nps convert for the run's dataset)")
-    candidates = [Path(entry)]
-    if not Path(entry).is_absolute() and ckpt.get("results"):
-        candidates.append(Path(ckpt["results"]).parent / entry)
-    for path in candidates:
-        if path.is_dir():
-            return path
-    raise NpsError(f"the run's dataset dir {entry!r} is not here (tried {', '.join(map(str, candidates))}); "
-                   "pass --data DIR")
-
-
-def check_dataset_of(ckpt: dict, data: Path, *, given: bool) -> None:
-    """``data`` must be the dataset the subnetwork was scored on: its fingerprint (when the export has it), its
-    classes and its image shape (the network's resolution, for images stored at their size)."""
-    from nps.datasets.errors import DatasetError
-    from nps.datasets.meta import load_meta, same_dataset_problem
-
-    where = f"--data {data}" if given else f"the run's dataset {data}"
-    try:
-        meta = load_meta(data)
-    except DatasetError as exc:
-        raise NpsError(f"{where}: {exc}") from None
-    problem = same_dataset_problem(meta, str(ckpt.get("dataset_fingerprint", "")),
-                                   num_classes=ckpt.get("dataset_num_classes") or None,
-                                   image_shape=ckpt.get("dataset_image_shape") or None)
-    if problem:
-        raise NpsError(f"{where} is not the dataset this subnetwork was scored on ({problem}); pass the run's "
-                       "dataset with --data")
-
-
-def _config_section(cfg: dict, name: str) -> dict:
-    section = cfg.get(name)
-    return section if isinstance(section, dict) else {}
 
 
 def _check_config_model(cfg: dict, ckpt: dict) -> None:
@@ -75,7 +16,7 @@ def _check_config_model(cfg: dict, ckpt: dict) -> None:
 
     0 means "from the dataset" / "automatic" for resolution, in_channels and num_classes, and is not compared.
     """
-    model = _config_section(cfg, "model")
+    model = config_section(cfg, "model")
     for key, ours in (("name", ckpt["model"]), ("mode", ckpt["mode"]), ("resolution", ckpt["resolution"]),
                       ("in_channels", ckpt["in_channels"]), ("num_classes", ckpt["num_classes"])):
         value = model.get(key)
@@ -113,7 +54,7 @@ def check_verifiable(ckpt: dict, data_dir=None, *, where: str = "export") -> Pat
     ``nps export --verify`` calls it before it writes the export, so a missing dataset leaves no file behind."""
     from nps.datasets.meta import load_meta
 
-    _check_config_model(_parse_config(ckpt.get("config", ""), where), ckpt)
+    _check_config_model(parse_config(ckpt.get("config", ""), where), ckpt)
     data = dataset_dir(ckpt, data_dir)
     check_dataset_of(ckpt, data, given=data_dir is not None)
     files = load_meta(data)["files"]
@@ -131,9 +72,9 @@ def val_split(ckpt: dict, *, data_dir=None, device="cpu", batch_size: int | None
     fields) and the dataset against its fingerprint (:func:`check_verifiable`)."""
     import torch
 
-    cfg = _parse_config(ckpt.get("config", ""), where)
+    cfg = parse_config(ckpt.get("config", ""), where)
     _check_config_model(cfg, ckpt)
-    dataset = _config_section(cfg, "dataset")
+    dataset = config_section(cfg, "dataset")
     dev = torch.device(device)
     data = None
     if val_loader is None:
@@ -175,9 +116,9 @@ def verify_subnetwork(path: str | os.PathLike, *, data_dir: str | os.PathLike | 
     from nps.pipeline.training.evaluation import evaluate
 
     ckpt = read_subnetwork(path)
-    cfg = _parse_config(ckpt.get("config", ""), str(path))
+    cfg = parse_config(ckpt.get("config", ""), str(path))
     dev = torch.device(device)
-    amp = amp or str(_config_section(cfg, "retrain").get("amp", "auto"))
+    amp = amp or str(config_section(cfg, "retrain").get("amp", "auto"))
     loader, data = val_split(ckpt, data_dir=data_dir, device=dev, batch_size=batch_size, val_loader=val_loader,
                              where=str(path))
     model = load_subnetwork(path, device=device)
