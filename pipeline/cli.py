@@ -50,13 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of every error, and debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"nps.pipeline.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"nps.pipeline.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"nps.pipeline.commands.{name}").register(sub)
     return parser
 
 

@@ -77,7 +77,3 @@ def environment_error(exc: BaseException, path: str | None = None) -> str | None
         room = f" ({free / 2**20:,.1f} MiB free there)" if free is not None else ""
         return f"{where}: {reason}{room}; free some space (or choose another --out), then run the same command"
     return f"{where}: {reason}; choose a writable place (--out)"
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    return _errno_of(exc) in DISK_FULL

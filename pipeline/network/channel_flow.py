@@ -74,9 +74,6 @@ class _Analysis(FunctionRules):
         for i in range(len(parts) + 1):
             self.g.first_node.setdefault(".".join(parts[:i]), self.position)
 
-    def channel_count(self, info: TensorInfo) -> int:
-        return sum(s.length * s.spread for s in info.segs)
-
     def numel_terms(self, info: TensorInfo | None) -> tuple[tuple[Seg, ...], int, int]:
         """(segs, per-channel, const) with numel = const + per-channel · Σ length·spread (batch excluded)."""
         if info is None:

@@ -239,9 +239,3 @@ def global_keep(model: nn.Module, table: LayerTable, target: str, value: float, 
 def sparsity(keep, table: LayerTable) -> np.ndarray:
     """Fraction of weights pruned per layer, ``1 - keep / numel`` (float64, the shape of ``keep``)."""
     return 1.0 - np.asarray(keep, dtype=np.float64) / np.asarray(table.channels, dtype=np.float64)
-
-
-def overall_sparsity(keep, table: LayerTable) -> np.ndarray:
-    """Fraction of all prunable weights pruned (one value per keep vector)."""
-    keep = np.asarray(keep, dtype=np.float64)
-    return 1.0 - keep.sum(axis=-1) / float(np.sum(table.channels))
