@@ -79,7 +79,7 @@ def test_a_truncated_results_file_ends_every_reader_in_one_line(tmp_path, capsys
     started = time.monotonic()
     done = nps_process("status", cut, timeout=60)  # a process: a hang inside HDF5 cannot be interrupted in-process
     assert done.returncode == 2 and "is truncated" in done.stderr and done.stderr.count("\n") == 1, done.stderr
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 30  # a hang guard: about 1 s here; an unchecked cut file hangs for centuries
     for args in (["status", cut], ["report", cut, "--out", tmp_path / "rep"],
                  ["export", cut, "--space", "std-0.05", "--best", "--out", tmp_path / "x.pt"]):
         assert "is truncated" in one_line_error(capsys, *args)
@@ -98,7 +98,8 @@ def test_damaged_metadata_is_one_line_within_seconds(tmp_path, capsys, recipes):
         started = time.monotonic()
         code = main(["status", str(damaged)])
         out, err = capsys.readouterr()
-        assert time.monotonic() - started < 10
+        # a hang guard: at most ~1.1 s of capped retries per damaged block (h5file.READ_ATTEMPTS), centuries uncapped
+        assert time.monotonic() - started < 30
         assert code in (0, 2) and "Traceback" not in err
         hits += code == 2
     assert hits >= 1  # some of these offsets hold metadata
@@ -272,26 +273,34 @@ def test_spaces_whose_recipes_cannot_fit_in_memory_are_refused_before_any_work(t
     assert not (tmp_path / "run").exists()
 
 
-def test_a_ray_address_where_nothing_listens_is_refused_in_seconds(tmp_path, capsys):
+def test_a_ray_address_where_nothing_listens_is_refused_in_seconds(tmp_path, capsys, monkeypatch):
     """--ray 127.0.0.1:PORT (and experiment.ray, and the pool itself) with nothing listening there: one line naming
-    the address within seconds, not ray.init's minutes of retries (issue 27). Loopback only."""
+    the address within seconds, refused before ray.init, which retries such an address for minutes (issue 27).
+    Loopback only."""
     import socket
 
-    pytest.importorskip("ray")
+    ray = pytest.importorskip("ray")
     from nps.pipeline.run.ray_pool import RayPool
+
+    connects = []  # ray.init calls: none may be made (the probe refuses in seconds; ray.init would take minutes)
+
+    def init(*args, **kwargs):
+        connects.append(kwargs)
+        raise ConnectionError("ray.init reached")  # ends a regression at once instead of after minutes
+
+    monkeypatch.setattr(ray, "init", init)
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # free once the socket closes: nothing listens there
     address = f"127.0.0.1:{port}"
-    started = time.monotonic()
     err = one_line_error(capsys, "run", "demo", "--out", tmp_path / "run", "--ray", address)
     assert f"--ray {address}: no Ray cluster answers there" in err and f"ray start --head --port {port}" in err
     err = one_line_error(capsys, "run", "demo", "--out", tmp_path / "run", "--set", f"experiment.ray={address}")
     assert f"experiment.ray {address}: no Ray cluster answers there" in err
     with pytest.raises(NpsError, match=f"--ray {address}: no Ray cluster answers there"):
         RayPool(address).start(None)
-    assert time.monotonic() - started < 20
+    assert connects == []
     assert not (tmp_path / "run").exists()
 
 

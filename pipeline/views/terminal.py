@@ -140,10 +140,19 @@ class LiveView:
     def start(self, state: RunState) -> None:
         from rich.live import Live
 
-        self._task = self._progress.add_task("overall", total=max(state.work_total, 1e-9), completed=state.work_done)
         # transient: the command prints the final table itself once the display is gone
-        self._live = Live(self._render(state), console=self.console, auto_refresh=False, transient=True)
+        self._live = Live(self.render(state), console=self.console, auto_refresh=False, transient=True)
         self._live.start()
+
+    def render(self, state: RunState):
+        """What the display shows for ``state`` (a rich renderable): the overall progress bar at the state's work
+        done, the workers (by node on a cluster), the spaces (the finished ones folded beyond MAX_SPACE_LINES)."""
+        if self._task is None:
+            self._task = self._progress.add_task("overall", total=max(state.work_total, 1e-9),
+                                                 completed=state.work_done)
+        else:
+            self._progress.update(self._task, total=max(state.work_total, 1e-9), completed=state.work_done)
+        return self._render(state)
 
     def _render(self, state: RunState):
         head = Text.assemble((f"nps run {state.name}", "bold"), f" → {state.results_path}   ",
@@ -171,8 +180,7 @@ class LiveView:
         if not force and now - self._last < self.refresh_s:
             return
         self._last = now
-        self._progress.update(self._task, total=max(state.work_total, 1e-9), completed=state.work_done)
-        self._live.update(self._render(state), refresh=True)
+        self._live.update(self.render(state), refresh=True)
 
     def note(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False)
