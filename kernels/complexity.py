@@ -10,7 +10,8 @@ output) is fixed (the image, an unpruned residual stream, the classifier's class
 group touches is the constant. All coefficients are non-negative integers, so the form is exact in int64 and monotone
 in every ``keep[i]``.
 
-This module imports only numpy and numba (DESIGN.md); the layer table in ``nps.pipeline.network.layer_table`` builds the forms.
+This module imports only numpy and numba (docs/design.md, "The layers"); the layer table in
+``nps.pipeline.network.layer_table`` builds the forms.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Numba kernels that draw recipes of the Gaussian spaces (STD-σ, mCB-refined) and of the uniform space.
 
-Exact sampling, fast (DESIGN.md, "recipe samplers"): the noise ``ε ~ N(0, σ²I)`` is split into its part ``e``
+Exact sampling, fast (docs/design.md, "recipe samplers"): the noise ``ε ~ N(0, σ²I)`` is split into its part ``e``
 orthogonal to a unit direction ``d`` with non-negative entries and ``t·d`` with ``t ~ N(0, σ²)``; for an isotropic
 Gaussian the two are independent, whatever ``d`` is (the caller picks the target's gradient restricted to the groups
 worth moving, see ``samplers._direction``). Along ``t`` every kept-channel count is non-increasing, so for a given

@@ -29,7 +29,8 @@ def test_sample_writes_layers_and_rows(tmp_path, capsys):
         for name, g in f["spaces"].items():
             recipe, keep = g["recipe"][()], g["keep"][()]
             assert recipe.shape == (200, len(table.channels)) and keep.dtype == np.int32
-            # keep is authoritative; recipe is stored as f4 (DESIGN), so compare with the sampler's own draw
+            # keep is authoritative; recipe is stored as f4 (docs/results-format.md), so compare with the sampler's
+            # own draw
             space = parse_space(name.split("@")[0], "c_flops", 0.25)
             drawn = sample_space(table, space, 200, seed=space_seed(0, name))
             assert np.array_equal(drawn.keep, keep)

@@ -34,7 +34,7 @@ def row_seeds(seed: int, key: str, n: int) -> np.ndarray:
 
 
 def rows_from_sample(sample: Sample, seed: int) -> dict[str, np.ndarray]:
-    """The recipe fields of results.h5 (DESIGN.md) for every recipe of ``sample``."""
+    """The recipe fields of results.h5 (docs/results-format.md) for every recipe of ``sample``."""
     return {
         "recipe": sample.recipe.astype(np.float32),
         "keep": sample.keep.astype(np.int32),

@@ -1,6 +1,6 @@
 """The results file: one HDF5 file per experiment, one writer, any number of SWMR readers.
 
-Layout (DESIGN.md, "results.h5")::
+Layout (docs/results-format.md says what each part holds)::
 
     /                 attrs: format_version, nps_version, config, base_top1, base_top5, base_flops, base_params,
                       dataset_fingerprint, created
