@@ -92,6 +92,8 @@ def test_intervals_only_where_n_supports_them():
     assert few["ci"] is None and few["wins"] == 0 and beats_text(few) == "0 of 4"
     many = beats_baseline(np.linspace(3, 6, 12), 4.25, 200, rng)
     assert many["ci"] is not None and beats_text(many).startswith("41.7 % [")
+    none = beats_baseline(np.linspace(5, 6, 10), 4.25, 200, rng)  # 0 of 10 is not a certain 0 %: Wilson, 95 %
+    assert none["ci"][0] == 0.0 and none["ci"][1] == pytest.approx(0.2775, abs=1e-4)
     s = summarize(_mixed(), k=40, n_boot=50)
     sp = s["regimes"][0]["spaces"][0]
     assert sp["drop"]["mean_ci"] is None and sp["edf"]["area_ci"] is None

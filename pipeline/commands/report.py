@@ -57,12 +57,15 @@ def run(args) -> int:
     console.print(summary_table(summary))
     for note in summary["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
-    for key, label in (("optimal_mcb", "optimal mCB"), ("drop_vs_mcb", "drop vs mCB")):
-        fit = summary[key]["fit"]
-        if fit["kind"] != "none":
-            params = ", ".join(f"{k}={v:.4g}" for k, v in fit["params"].items())
-            r2 = "n/a" if fit["r2"] is None else f"{fit['r2']:.3f}"
-            console.print(f"{label}: {fit['formula']} with {params} (R²={r2}, n={fit['n']})")
+    for pruning, fits in summary.get("fits", {}).items():
+        for key, label in (("optimal_mcb", "optimal mCB"), ("drop_vs_mcb", "drop vs mCB")):
+            fit = fits[key]["fit"]
+            if fit["kind"] != "none":  # only the fits the figures draw are given as laws; the others are notes
+                params = ", ".join(f"{k}={v:.4g}" for k, v in fit["params"].items())
+                r2 = "n/a" if fit["r2"] is None else f"{fit['r2']:.3f}"
+                drawn = "" if fit.get("drawn", True) else f"; {fit.get('not_drawn') or 'not drawn'}"
+                console.print(f"{label} ({pruning.removesuffix('s')} spaces): {fit['formula']} with {params} "
+                              f"(R²={r2}, n={fit['n']}{drawn})")
     figures = plural(len(summary.get("figures", {})), "figure")
     console.print(f"wrote {args.out}/index.html ({figures}) and summary.json")
     return 0
@@ -88,11 +91,12 @@ def summary_table(summary: dict):
             if s["n"]:
                 d = s["drop"]
                 ci = d["mean_ci"]
-                mean = f"{d['mean']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{d['mean']:.2f} (too few)"
-                t.add_row(reg["key"], s["space"], f"{s['n']}/{s['counts']['total']}",
+                mean = f"{d['mean']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{d['mean']:.2f} (n < 10)"
+                t.add_row(reg.get("id", reg["key"]), s["space"], f"{s['n']}/{s['counts']['total']}",
                           f"{s['winner']['acc_drop']:.2f}", mean,
-                          f"{comp['prob_best'][s['space']]:.2f}" if comp else "–")
+                          f"{comp['prob_best'][s['space']]:.2f}" if comp and s["space"] in comp["prob_best"] else "–")
             else:
-                t.add_row(reg["key"], s["space"], f"0/{s['counts']['total']}", "–", "–", "–")
-    t.caption = "drops in percentage points; P(top): bootstrap probability that the space's EDF is the highest"
+                t.add_row(reg.get("id", reg["key"]), s["space"], f"0/{s['counts']['total']}", "–", "–", "–")
+    t.caption = ("drops in percentage points; P(top): bootstrap probability that the space's EDF is the highest, among "
+                 "the spaces with at least 10 rows (–: fewer)")
     return t

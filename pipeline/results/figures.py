@@ -23,6 +23,7 @@ _LABELS = {
     "c_params": "c_params = Params(sub) / Params(base)",
     "mcb": "mCB = (FLOPs/Params)(sub) / (FLOPs/Params)(base)",
 }
+_WEIGHT_STD = "std(r): std of the recipe's sparsities over layers"
 _TITLES = {"std": "Spread of the recipe: std(r)", "c_flops": "Remaining FLOPs",
            "c_params": "Remaining parameters", "mcb": "Mean computation budget"}
 _DROP = "accuracy drop (percentage points: base top-1 − top-1)"
@@ -117,7 +118,7 @@ def _edf_panel(ax, summary: dict, reg: dict, spaces: list[dict], colors: dict) -
     for s in spaces:
         e = s["edf"]
         label = f"{s['space']}: n={s['n']}, mean drop {s['drop']['mean']:.2f} pp"
-        if comp:
+        if comp and s["space"] in comp["prob_best"]:
             label += f", P(highest EDF)={comp['prob_best'][s['space']]:.2f}"
         if s.get("beats_baseline"):
             label += f", beats the baseline: {beats_text(s['beats_baseline'])}"
@@ -158,7 +159,7 @@ def _hist_panel(ax, reg: dict, spaces: list[dict], field: str, colors: dict) -> 
     if field == "mcb":
         ax.axvline(1.0, color="0.4", linestyle=":", linewidth=1, label="base network (1.0)")
     ax.set_title(_TITLES[field])
-    ax.set_xlabel(_LABELS[field])
+    ax.set_xlabel(_WEIGHT_STD if field == "std" and reg.get("pruning") == "weights" else _LABELS[field])
     ax.set_ylabel("subnetworks (count)")
     ax.ticklabel_format(axis="x", useOffset=False)
     ax.legend(fontsize=8)
@@ -265,12 +266,10 @@ def best_k_title(summary: dict) -> str:
 
 
 def _strip(ax, j: int, offset: float, values, **style) -> None:
-    """Values of one category at ``j + offset``, spread evenly over a narrow band (sorted, so the spread never reads
-    as an axis: it only keeps equal values apart)."""
-    v = np.sort(np.asarray(values, float))
+    """Values of one category on one vertical line at ``j + offset``: no jitter, which would read as an axis."""
+    v = np.asarray(values, float)
     if v.size:
-        spread = np.linspace(-0.06, 0.06, v.size) if v.size > 1 else np.zeros(1)
-        ax.scatter(j + offset + spread, v, **style)
+        ax.scatter(np.full(v.size, j + offset), v, alpha=0.75, **style)
 
 
 def _fig_best_k(summary: dict, colors: dict, path: Path) -> None:
@@ -350,7 +349,7 @@ def _draw_fit(ax, fit: dict, xs, transform=lambda x: x) -> None:
 
 
 def _kind_suffix(pruning: str) -> str:
-    return "" if pruning == "filters" else f" — {pruning} spaces"
+    return "" if pruning == "filters" else f" — {pruning.removesuffix('s')} spaces"
 
 
 def _fig_optimal_mcb(summary: dict, om: dict, path: Path) -> None:
@@ -439,15 +438,17 @@ def _fig_spaces(summary: dict, colors: dict, path: Path) -> None:
     names = sorted({s["space"] for r in regs for s in r["spaces"] if s["n"]})
     fig = _figure(max(8.0, 1.6 * len(regs) + 3), 5.5)
     ax = fig.add_subplot()
-    width = 0.8 / max(1, len(names))
+    # each regime spreads its own spaces over its slot (a filter regime leaves no gaps for the weight spaces)
+    present = [[s["space"] for s in r["spaces"] if s["n"]] for r in regs]
     few = False
-    for i, name in enumerate(names):
+    for name in names:
         xs, ys, lo, hi = [], [], [], []
         for j, r in enumerate(regs):
             s = next((s for s in r["spaces"] if s["space"] == name and s["n"]), None)
             if not s:
                 continue
-            x = j - 0.4 + width * (i + 0.5)
+            width = 0.8 / len(present[j])
+            x = j - 0.4 + width * (present[j].index(name) + 0.5)
             if s["drop"].get("mean_ci") is None:  # too few rows for an interval: the values and their mean
                 few = True
                 ax.scatter(np.full(s["n"], x), s["finished"]["acc_drop"], s=14, marker="o", facecolors="none",

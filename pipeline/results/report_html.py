@@ -37,7 +37,7 @@ def _regime_rows(reg: dict) -> list[str]:
             cells += [f"<td>{w['acc_drop']:.3f} (row {w['row']})</td>", f"<td>{d['median']:.3f}</td>",
                       f"<td>{d['mean']:.3f} {_interval(d['mean_ci'], s['n'])}</td>",
                       f"<td>{_fmt(s['edf']['area'])}</td>",
-                      f"<td>{_fmt(comp['prob_best'][s['space']], '.2f') if comp else '–'}</td>",
+                      f"<td>{_fmt(comp['prob_best'].get(s['space']), '.2f') if comp else '–'}</td>",
                       f"<td>{_beats_text(s.get('beats_baseline'))}</td>"]
         else:
             cells += ["<td>–</td>"] * 6
