@@ -16,7 +16,6 @@ HEAVY = ("torch", "torchvision", "numba")
 PROBE = """
 import json, sys
 from nps.pipeline.cli import main
-from nps.pipeline.row_status import Result
 try:
     main(sys.argv[1:])
 except SystemExit:
@@ -44,6 +43,7 @@ def test_presets_and_status_import_nothing_heavy(tmp_path):
     from helpers import StandInTable, rows_for_store
 
     from nps.pipeline.results.store import ResultsStore
+    from nps.pipeline.row_status import Result
 
     store = ResultsStore.create(tmp_path / "r.h5", StandInTable(), "[experiment]\nname = 'x'\n", {"base_top1": 90.0})
     store.add_space("std-0.05@c_flops=0.25", rows_for_store(5), epochs=1)

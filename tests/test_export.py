@@ -32,8 +32,8 @@ from nps.pipeline.deploy.export import (
 from nps.pipeline.deploy.preprocessing import Preprocess, PreprocessedSubnetwork, make_preprocessing
 from nps.pipeline.results.store import ResultsStore
 from nps.pipeline.deploy.verify import verify_subnetwork
-from nps.pipeline.training.evaluation import evaluate
 from nps.pipeline.row_status import Result
+from nps.pipeline.training.evaluation import evaluate
 
 torch.set_num_threads(1)
 

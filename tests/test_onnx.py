@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
 from nps.pipeline.row_status import Result
 
 pytest.importorskip("onnxruntime")

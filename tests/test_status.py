@@ -15,9 +15,9 @@ from nps.pipeline.experiment.config import Config
 from nps.pipeline.experiment.toml_text import dump
 from nps.pipeline.results.h5file import writer_pid
 from nps.pipeline.results.store import ResultsStore, open_readonly
+from nps.pipeline.row_status import Result
 from nps.pipeline.run.state import SpaceState
 from nps.pipeline.views.status import file_states, status_renderable
-from nps.pipeline.row_status import Result
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 from nps.kernels.defaults import DEFAULT_DELTA, DEFAULT_R
@@ -95,6 +96,7 @@ def _sample(args, console) -> int:
     from nps.kernels.spaces import parse_space
     from nps.pipeline.experiment.sampling import check_recipes_fit, sample_rows
     from nps.pipeline.network.layer_table import build_layer_table
+    from nps.pipeline.files import atomic_path
     from nps.pipeline.results.store import ResultsStore
 
     target, value = ("c_flops", args.c_flops) if args.c_flops is not None else ("c_params", args.c_params)
@@ -128,23 +130,21 @@ def _sample(args, console) -> int:
             results.append((space, rows, attrs, sample))
 
     # Write everything to a temporary name, then rename: never a half-written --out.
-    tmp = f"{args.out}.tmp-{os.getpid()}"
-    try:
-        config = f"# nps sample\n{vars_to_toml(args)}"
-        store = ResultsStore.create(tmp, table, config, {"base_flops": table.base_flops,
-                                                         "base_params": table.base_params}, overwrite=True,
-                                     weight_table=weight_table)
+    with atomic_path(args.out) as tmp:
         try:
-            for space, rows, attrs, _ in results:
-                store.add_space(space.regime, rows, epochs=0, attrs=attrs)
-            store.flush()
+            config = f"# nps sample\n{vars_to_toml(args)}"
+            store = ResultsStore.create(str(tmp), table, config, {"base_flops": table.base_flops,
+                                                                  "base_params": table.base_params},
+                                         overwrite=True, weight_table=weight_table)
+            try:
+                for space, rows, attrs, _ in results:
+                    store.add_space(space.regime, rows, epochs=0, attrs=attrs)
+                store.flush()
+            finally:
+                store.close()
         finally:
-            store.close()
-        os.replace(tmp, args.out)
-    finally:
-        for leftover in (tmp, tmp + ".lock"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f"{tmp}.lock")
 
     console.print(summary_table([_table_of(space, table, weight_table) for space, *_ in results], results))
     console.print(f"wrote {args.out}")
@@ -152,20 +152,19 @@ def _sample(args, console) -> int:
 
 
 def _table_of(space, table, weight_table):
-    """The table a space's recipes are drawn on: the weight table for a weight space, else the layer table."""
-    return weight_table if space.pruning == "weights" else table
+    """The table a space's recipes are drawn on: its pruning kind's (the weight table for a weight space)."""
+    from nps.pipeline.network.pruning_kind import kind_of
+
+    return kind_of(space.name).table(table, weight_table)
 
 
 def vars_to_toml(args) -> str:
-    keep = ("model", "mode", "resolution", "classes", "in_channels", "channel_multiple", "flops", "c_flops", "c_params", "space", "n", "delta",
-            "R", "seed")
-    lines = []
-    for key in keep:
-        value = getattr(args, key)
-        if value is None:
-            continue
-        lines.append(f"{key} = {value!r}".replace("'", '"'))
-    return "\n".join(lines) + "\n"
+    """The settings that drew the file, as TOML (tomli-w: quotes and backslashes in a model path survive)."""
+    from nps.pipeline.experiment.toml_text import toml_lines
+
+    keep = ("model", "mode", "resolution", "classes", "in_channels", "channel_multiple", "flops", "c_flops",
+            "c_params", "space", "n", "delta", "R", "seed")
+    return toml_lines({key: getattr(args, key) for key in keep})
 
 
 def _span(x) -> str:

@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 
 from nps.pipeline.errors import NpsError
+from nps.pipeline.files import atomic_path
 
 OPSET = 18
 FORMAT = "nps-onnx-1"
@@ -115,18 +116,11 @@ def _set_metadata(proto, ckpt: dict, opset: int, exporter: str) -> None:
 
 
 def save_onnx(proto, out: str | os.PathLike) -> Path:
-    """Write ``proto`` to ``out`` atomically (a temporary file beside it, then a rename)."""
+    """Write ``proto`` to ``out`` atomically (:func:`nps.pipeline.files.atomic_path`)."""
     onnx, _ = require_onnx()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         onnx.save_model(proto, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return Path(out)
 
 
 def read_onnx_meta(path: str | os.PathLike) -> dict:

@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from nps.pipeline.errors import NpsError, environment_error
+from nps.pipeline.files import atomic_path
 
 _FILE_FIELDS = ("status", "top1", "top5", "acc_drop", "loss", "c_flops", "c_params", "mcb", "std", "flops", "params",
                 "seed", "train_s", "bn_top1", "error", "recipe", "keep")
@@ -141,26 +142,23 @@ def write_table(path: str | os.PathLike, out: str | os.PathLike, *, wide: bool |
         raise NpsError(f"--out {out}: name a .parquet or .csv file")
     df = load(path, wide=True if kind == ".csv" else bool(wide))
     folder = os.path.dirname(os.path.abspath(out))
-    tmp = os.path.join(folder, f".{os.path.basename(out)}.tmp-{os.getpid()}")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         raise NpsError(f"--out {out}: cannot make its directory ({exc.strerror or exc}); choose another place") \
             from None
+    if kind == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ModuleNotFoundError:
+            raise NpsError("Parquet needs pyarrow: pip install 'nps[pandas]', or write --out rows.csv") from None
     try:
-        if kind == ".csv":
-            df.to_csv(tmp, index=False)
-        else:
-            try:
-                import pyarrow  # noqa: F401
-            except ModuleNotFoundError:
-                raise NpsError("Parquet needs pyarrow: pip install 'nps[pandas]', or write --out rows.csv") from None
-            df.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
+        with atomic_path(out, mkdir=False) as tmp:
+            if kind == ".csv":
+                df.to_csv(tmp, index=False)
+            else:
+                df.to_parquet(tmp, index=False)
     except OSError as exc:  # a read-only, full or special filesystem: one line naming --out
         raise NpsError(environment_error(exc, out) or f"--out {out}: cannot write it ({exc.strerror or exc}); choose "
                        "another place") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return int(df.shape[0]), int(df.shape[1])

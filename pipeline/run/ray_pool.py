@@ -268,7 +268,7 @@ class RayPool(WorkerPool):
             return super().commit_weights(weights, path)
         import ray
 
-        from nps.pipeline.run.outputs import write_atomic
+        from nps.pipeline.files import write_atomic
 
         try:
             data = ray.get(weights.ref, timeout=120)
