@@ -140,3 +140,21 @@ def test_a_weights_run_trains_its_own_uniform_baseline_per_regime():
     assert [p.key for p in given] == ["weights:uniform@c_flops=0.3", "weights:uniform@c_flops=0.2"]
     filters = check_spaces(parse_config(EXPERIMENT.format(pruning="filters", space="std-0.05", n=4)))
     assert [p.key for p in filters][2:] == ["baseline@c_flops=0.3", "baseline@c_flops=0.2"]
+
+
+def test_axes_read_as_plain_numbers():
+    """references.png over c_flops 0.83-1.0 is linear (its log axis labelled ticks '9×10⁻¹'); where a log axis is
+    wanted its ticks are plain numbers."""
+    from matplotlib.figure import Figure
+
+    from nps.pipeline.results.figures import _log_axis, log_wanted
+
+    assert not log_wanted([0.83, 0.9, 1.0]) and log_wanted([0.05, 0.25, 1.0]) and not log_wanted([])
+    fig = Figure()
+    ax = fig.add_subplot()
+    ax.plot([0.05, 1.0], [1, 2])
+    _log_axis(ax, "x")
+    fig.canvas.draw() if hasattr(fig.canvas, "draw") else None
+    labels = [t.get_text() for t in ax.get_xticklabels(minor=True) + ax.get_xticklabels()]
+    assert labels and not any("10^" in t or "times" in t or "\\mathdefault" in t for t in labels)
+    assert "0.1" in labels and "0.05" in labels

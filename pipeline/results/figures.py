@@ -305,8 +305,7 @@ def _fig_best_k(summary: dict, colors: dict, path: Path) -> None:
         ax.set_xticks(range(len(regs)), [f"{r['value']:g}" + (" (weights)" if r.get("pruning") == "weights" else "")
                                          for r in regs])
         ax.set_xlim(-0.6, len(regs) - 0.4)
-        values = [v for r in regs for v in r["rest"][shown] + r["best_k"][shown] if v is not None]
-        if values and max(values) / max(min(values), 1e-12) > 4:
+        if log_wanted([v for r in regs for v in r["rest"][shown] + r["best_k"][shown] if v is not None]):
             _log_axis(ax, "y")
         ax.set_title(title)
         ax.set_xlabel(f"regime: the {target} target (a category; within it, one slot per space)")
@@ -314,6 +313,12 @@ def _fig_best_k(summary: dict, colors: dict, path: Path) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     fig.savefig(path, dpi=100)
+
+
+def log_wanted(values) -> bool:
+    """A log axis only where the values span more than a factor of 4 (over 0.83-1.0 it would only make odd ticks)."""
+    values = [v for v in values if v is not None and v > 0]
+    return bool(values) and max(values) / min(values) > 4
 
 
 def _log_axis(ax, which: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nps.pipeline.results.figures import _DROP, _colors, _figure, _log_axis
+from nps.pipeline.results.figures import _DROP, _colors, _figure, _log_axis, log_wanted
 
 
 def render_references(summary: dict, out_dir: str | Path) -> dict:
@@ -61,7 +61,7 @@ def render_references(summary: dict, out_dir: str | Path) -> dict:
     if base.get("top1") is not None:
         ax.plot([1.0], [base["top1"]], marker="D", color="0.3", linestyle="none", label="base network")
     xs = [x for points in by_space.values() for x, _ in points] + [r["c_flops"] for r in refs] + [1.0]
-    if max(xs) / max(min(xs), 1e-12) > 4:  # a log axis only where the range spans factors, ticks as plain numbers
+    if log_wanted(xs):  # ticks as plain numbers where it is log
         _log_axis(ax, "x")
     ax.set_xlabel("c_flops (FLOPs relative to the base network)")
     ax.set_ylabel("top-1 (%)")
