@@ -132,7 +132,7 @@ def table():
     return build_layer_table("resnet20", "all", 28, 10, 1)
 
 
-def make_plan(tmp_path, table, *, n=5, two_stage=False, keep="topk", checkpoint=None) -> Plan:
+def make_plan(tmp_path, table, *, n=5, two_stage=False, keep="topk", checkpoint=None, fuse=False) -> Plan:
     cfg = Config()
     cfg.experiment.name, cfg.experiment.out = "fake", str(tmp_path / "run")
     cfg.dataset.dir, cfg.model.name, cfg.base.epochs = "unused", "resnet20", 1
@@ -143,6 +143,7 @@ def make_plan(tmp_path, table, *, n=5, two_stage=False, keep="topk", checkpoint=
     cfg.retrain.epochs, cfg.retrain.cohort_size = 2, 2
     cfg.two_stage.enabled, cfg.two_stage.top_k, cfg.two_stage.full_epochs = two_stage, 2, 3
     cfg.output.keep_weights, cfg.output.top_k = keep, 2
+    cfg.retrain.fuse = fuse
     if checkpoint:
         cfg.model.checkpoint = str(checkpoint)
     out = tmp_path / "run"
@@ -186,6 +187,29 @@ def test_a_run_over_a_fake_pool(tmp_path, table):
         assert all((run / "weights" / name / f"{r}.pt").read_bytes() == f"{name}/{r}".encode() for r in files)
     done = Counter((e["space"], e["row"]) for e in events(plan) if e["event"] == "done")
     assert len(done) == 14 and set(done.values()) == {1}
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_the_driver_decides_each_cohorts_form_and_the_task_carries_it(tmp_path, table, fuse):
+    """retrain.fuse is resolved once, by the driver, which forms the cohort for it; the worker reads task.fused."""
+    plan = make_plan(tmp_path, table, n=6, fuse=fuse)
+    pool = FakePool(workers=1)
+    assert run_experiment(plan, Quiet(), pool=pool).status == "complete"
+    cohorts = [t for _, t, _ in pool.tasks if not isinstance(t, BaseTask)]
+    assert cohorts and all(t.fused is fuse for t in cohorts)
+    dispatched = [e for e in events(plan) if e["event"] == "dispatch"]
+    assert all(("fused_waste" in e) is fuse for e in dispatched)  # only a fused cohort's padding is measured
+
+
+def test_a_weight_space_is_never_formed_for_fusion(table):
+    from nps.pipeline.network.pruning_kind import FILTERS, WEIGHTS
+    from nps.pipeline.run.forming import cohort_rows
+
+    keeps = np.tile(table.channels, (5, 1))
+    keeps[0] //= 4  # the first row is narrow: a fused cohort would pick rows like it, not the next in line
+    keeps[3] //= 4
+    assert cohort_rows(WEIGHTS, table, keeps, 2, 0.5) == [0, 1]
+    assert cohort_rows(FILTERS, table, keeps, 2, 0.5) == [0, 3]
 
 
 def test_topk_tasks_ask_only_for_weights_that_can_be_kept(tmp_path, table):

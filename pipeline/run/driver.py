@@ -480,11 +480,7 @@ class Driver:
     # -- dispatch ----------------------------------------------------------------------------------------------------
 
     def _similar_rows(self, space: str, keeps, k: int) -> list[int]:
-        """The rows of a cohort that will be fused: of similar widths, so that padding every group to the widest
-        wastes little (a kind that is never fused takes its rows in order)."""
-        if not kind_of(space).fusable:
-            return list(range(min(k, len(keeps))))
-        return forming.similar_rows(self.plan.table, keeps, k, self.cfg.retrain.fuse_max_waste)
+        return forming.cohort_rows(kind_of(space), self.plan.table, keeps, k, self.cfg.retrain.fuse_max_waste)
 
     def _cohort_k(self, w: WorkerState, idle_workers: int) -> int:
         k = self.cfg.retrain.cohort_size

@@ -29,6 +29,14 @@ def waste(table, keeps) -> float:
     return fused / float(table.flops_of(keeps).sum()) - 1.0
 
 
+def cohort_rows(kind, table, keeps: np.ndarray, k: int, max_waste: float) -> list[int]:
+    """The rows of a cohort that will be fused, of a space of pruning ``kind``: :func:`similar_rows`, or for a kind
+    that is never fused (weights: every member keeps every channel) the first ``k`` in line order."""
+    if not kind.fusable:
+        return list(range(min(k, len(keeps))))
+    return similar_rows(table, keeps, k, max_waste)
+
+
 def similar_rows(table, keeps: np.ndarray, k: int, max_waste: float) -> list[int]:
     """Positions (into ``keeps``, pending rows in line order) of a cohort of at most ``k`` rows: the first, then
     greedily the row adding the least padded FLOPs, while the cohort's waste stays within ``max_waste``."""

@@ -37,8 +37,9 @@ def open_results(plan: Plan) -> tuple[ResultsStore, bool]:
     attrs = {"base_flops": plan.table.base_flops, "base_params": plan.table.base_params,
              "dataset_fingerprint": plan.meta["fingerprint"], "experiment": cfg.experiment.name,
              "dataset_num_classes": int(plan.meta.get("num_classes", 0)),
-             "dataset_image_shape": list(plan.meta.get("image_shape") or []),
-             "dataset_mean": list(plan.meta["mean"]), "dataset_std": list(plan.meta["std"])}  # what exports need
+             "dataset_image_shape": list(plan.meta.get("image_shape") or [])}
+    if "mean" in plan.meta and "std" in plan.meta:  # what exports need (without them an export reads the dataset)
+        attrs.update(dataset_mean=list(plan.meta["mean"]), dataset_std=list(plan.meta["std"]))
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         store, resumed = ResultsStore.create(path, plan.table, dump(cfg), attrs,
