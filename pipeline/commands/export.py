@@ -124,16 +124,9 @@ def _check_request(args) -> None:
 
 
 def _check_device(device: str) -> None:
-    import torch
+    from nps.pipeline.training.devices import parse_device
 
-    from nps.pipeline.errors import NpsError
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise NpsError(f"--device {device!r}: not a device (cpu, cuda, cuda:1...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NpsError(f"--device {device}: no CUDA device here; verify on the CPU (--device cpu)")
+    parse_device(device, then="verify on the CPU (--device cpu)")
 
 
 def _export(console, args) -> dict:

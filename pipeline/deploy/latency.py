@@ -167,21 +167,14 @@ def measure_results(results_path: str | os.PathLike, *, spaces: Iterable[str] | 
     from nps.pipeline.results import h5file
     from nps.pipeline.results.reader import open_readonly
     from nps.pipeline.deploy.run_config import config_section, parse_config
-    from nps.pipeline.training.devices import resolve_amp, resolve_channels_last
+    from nps.pipeline.training.devices import parse_device, resolve_amp, resolve_channels_last
 
     results_path = os.fspath(results_path)
     pid = h5file.writer_pid(results_path)
     if pid is not None:
         raise NpsError(f"{results_path} is being written by a run (pid {pid}); measure latency after it ends, or "
                        "set [output] latency = true to measure at the end of the run")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise NpsError(f"--device {device!r}: use cpu or cuda (cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NpsError(f"--device {device}: no CUDA device here; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise NpsError(f"--device {device!r}: use cpu or cuda")
+    dev = parse_device(device)
     batches = tuple(int(b) for b in (DEFAULT_BATCHES if batches is None else batches))
     warmup = DEFAULT_WARMUP if warmup is None else int(warmup)
     runs = DEFAULT_RUNS if runs is None else int(runs)

@@ -553,21 +553,18 @@ def render(summary: dict, out_dir: str | os.PathLike) -> dict:
                                                           "under FLOPs targets and their FLOPs under parameter "
                                                           "targets (paper Fig. 3)."}
     _fig_best_k(summary, colors, out / "best_k.png")
+    captions = {"optimal_mcb": ("mCB of the best-k per regime against FLOPs reduction, the fitted curve where it "
+                                "explains something (drawn only with R² ≥ 0.5 and 2 degrees of freedom) and the "
+                                "uniform reference (paper Fig. 5 right).", _fig_optimal_mcb),
+                "drop_vs_mcb": ("Accuracy drop of each regime's best network (whichever space, the baseline "
+                                "included) against its mCB, with the fitted form under the same rule (paper Fig. 5 "
+                                "left, Conjecture 4).", _fig_drop_vs_mcb)}
     for pruning, fits in summary.get("fits", {}).items():
         suffix = "" if pruning == "filters" else f"_{pruning}"
         what = "" if pruning == "filters" else f" Weight spaces only ({pruning} pruning has its own fits)."
-        figures["optimal_mcb" + suffix] = {
-            "file": f"optimal_mcb{suffix}.png",
-            "caption": "mCB of the best-k per regime against FLOPs reduction, the fitted curve where it explains "
-                       "something (drawn only with R² ≥ 0.5 and 2 degrees of freedom) and the uniform reference "
-                       "(paper Fig. 5 right)." + what}
-        _fig_optimal_mcb(summary, fits["optimal_mcb"], out / f"optimal_mcb{suffix}.png")
-        figures["drop_vs_mcb" + suffix] = {
-            "file": f"drop_vs_mcb{suffix}.png",
-            "caption": "Accuracy drop of each regime's best network (whichever space, the baseline included) "
-                       "against its mCB, with the fitted form under the same rule (paper Fig. 5 left, "
-                       "Conjecture 4)." + what}
-        _fig_drop_vs_mcb(summary, fits["drop_vs_mcb"], out / f"drop_vs_mcb{suffix}.png")
+        for name, (caption, draw) in captions.items():
+            figures[name + suffix] = {"file": f"{name}{suffix}.png", "caption": caption + what}
+            draw(summary, fits[name], out / f"{name}{suffix}.png")
     return figures
 
 

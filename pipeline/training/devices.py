@@ -27,6 +27,20 @@ log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)
+def parse_device(device: str, *, then: str = "use --device cpu") -> torch.device:
+    """``--device`` as a torch device, cpu or cuda[:N]; one NpsError line naming it otherwise, or when no CUDA device
+    is here (``then`` says what to do instead)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise NpsError(f"--device {device!r}: not a device; use cpu or cuda (cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise NpsError(f"--device {device!r}: use cpu or cuda (cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NpsError(f"--device {device}: no CUDA device here; {then}")
+    return dev
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU has bf16 arithmetic instructions (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo."""
     try:
