@@ -18,38 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 
-from nps.pipeline.run.state import RunState, SpaceState, WorkerState
+from nps.pipeline.run.state import RunState
 from nps.pipeline.views.terminal import LiveView
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_live import state as fleet_state  # noqa: E402 - the fleets the test draws, built one way
 
 # (workers, nodes, spaces, rows per space): one machine, the fleet tests/test_live.py draws, 16 times that
 FLEETS = [(2, 1, 3, 10), (256, 8, 60, 100), (4096, 8, 960, 1600)]
-
-
-def fleet_state(workers: int, nodes: int, spaces: int, rows: int) -> RunState:
-    """A run's state: three of four workers training, half of the spaces finished, the others half done."""
-    state = RunState("bench", "runs/bench/results.h5", base_top1=93.0)
-    for wid in range(workers):
-        node = wid * nodes // workers
-        worker = WorkerState("cuda", node=f"10.0.0.{node}/n{node}")
-        if wid % 4:
-            worker.phase, worker.space, worker.rows = "cohort", "std-0.05@c_flops=0.1", [wid]
-            worker.epoch, worker.epochs, worker.img_per_s = 2, 50, 1000.0
-        else:
-            worker.phase = "idle"
-        state.workers[wid] = worker
-    rng = np.random.default_rng(0)
-    for i in range(spaces):
-        done = rows if i < spaces // 2 else rows // 2
-        status = np.array([2] * done + [0] * (rows - done))
-        top1 = np.concatenate([93.0 - rng.gamma(2.0, 1.0, done), np.full(rows - done, np.nan)])
-        space = SpaceState.from_rows(f"std-0.05@c_flops={0.01 * (i + 1):g}", status, top1, 93.0)
-        state.spaces[space.name] = space
-    return state
 
 
 def redraw(view: LiveView, state: RunState) -> tuple[float, int]:

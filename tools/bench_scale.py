@@ -16,25 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import h5py
+from bench_cli import wall  # median wall seconds of fresh processes, measured one way
 
 TARGET_S = 30.0
-
-
-def wall(argv: list[str], env: dict, repeats: int) -> tuple[float, int]:
-    """Median wall seconds of ``argv`` over ``repeats`` fresh processes, and the last exit status."""
-    times, code = [], 0
-    for _ in range(repeats):
-        started = time.perf_counter()
-        code = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), code
 
 
 def main() -> None:
