@@ -25,6 +25,7 @@ def check_config(cfg):
     """Reject impossible values (raises NpsError naming the key); touches no file. Returns ``cfg``."""
     from nps.pipeline.catalog import CRITERIA, FLOPS_CONVENTIONS
     from nps.pipeline.network.models import model_kind
+    from nps.pipeline.network.pretrained import is_set
 
     e, d, m, b, r, t, o = cfg.experiment, cfg.dataset, cfg.model, cfg.base, cfg.retrain, cfg.two_stage, cfg.output
     _need(bool(e.name.strip()), "experiment.name", "must not be empty")
@@ -52,23 +53,19 @@ def check_config(cfg):
     _need(m.channel_multiple >= 1, "model.channel_multiple", f"must be >= 1, got {m.channel_multiple}")
     _choice(m.flops, "model.flops", FLOPS_CONVENTIONS)
     _choice(m.pruning, "model.pruning", ("filters", "weights"))
-    seen_refs = set()
-    for i, ref in enumerate(cfg.references):
-        _need(bool(ref.model), f"references[{i}].model", "name the reference network, e.g. timm:fbnetv3_b")
-        try:
-            model_kind(ref.model)
-        except NpsError as exc:
-            raise NpsError(f"references[{i}].model: {exc}") from None
-        _need(ref.model not in seen_refs, f"references[{i}].model", f"{ref.model} is already a reference")
-        _need(ref.epochs >= 0, f"references[{i}].epochs", f"must be >= 0 (0: base.epochs), got {ref.epochs}")
-        seen_refs.add(ref.model)
+    check_pretrained(m.pretrained, m.name, "model.pretrained")
+    _need(not (m.checkpoint and is_set(m.pretrained)), "model.pretrained",
+          "model.checkpoint is set too: a checkpoint is the trained base network (evaluated), pretrained weights a "
+          "start that [base] fine-tunes; set one of them")
+    check_references(cfg)
 
-    if not m.checkpoint:
-        _need(b.epochs >= 1, "base.epochs", f"must be >= 1 to train the base network (or set model.checkpoint), "
-                                             f"got {b.epochs}")
+    if not m.checkpoint and not is_set(m.pretrained):
+        _need(b.epochs >= 1, "base.epochs", f"must be >= 1 to train the base network (or set model.checkpoint, or "
+                                             f"model.pretrained and 0 to evaluate it as it is), got {b.epochs}")
+    _need(b.epochs >= 0, "base.epochs", f"must be >= 0, got {b.epochs}")
     _need(b.batch_size >= 1, "base.batch_size", f"must be >= 1, got {b.batch_size}")
     _need(b.lr > 0, "base.lr", f"must be > 0, got {b.lr}")
-    _need(0 <= b.warmup_epochs <= max(b.epochs, 0), "base.warmup_epochs",
+    _need(0 <= b.warmup_epochs and (b.epochs == 0 or b.warmup_epochs <= b.epochs), "base.warmup_epochs",
           f"must be in [0, base.epochs={b.epochs}], got {b.warmup_epochs}")
     _need(0 <= b.momentum < 1, "base.momentum", f"must be in [0, 1), got {b.momentum}")
     _need(b.weight_decay >= 0, "base.weight_decay", f"must be >= 0, got {b.weight_decay}")
@@ -98,6 +95,54 @@ def check_config(cfg):
     _choice(o.keep_weights, "output.keep_weights", KEEP_WEIGHTS)
     _need(o.top_k >= 1, "output.top_k", f"must be >= 1, got {o.top_k}")
     return cfg
+
+
+def check_references(cfg) -> None:
+    """``[[references]]``: known models, each once, epochs, pretrained and resolution that mean something."""
+    from nps.pipeline.network.models import model_kind
+    from nps.pipeline.network.pretrained import is_set
+
+    m, b = cfg.model, cfg.base
+    seen_refs = set()
+    for i, ref in enumerate(cfg.references):
+        _need(bool(ref.model), f"references[{i}].model", "name the reference network, e.g. timm:fbnetv3_b")
+        try:
+            model_kind(ref.model)
+        except NpsError as exc:
+            raise NpsError(f"references[{i}].model: {exc}") from None
+        _need(ref.model not in seen_refs, f"references[{i}].model", f"{ref.model} is already a reference")
+        if ref.model == m.name:  # the worker knows a network by its name: a reference of the base's model starts alike
+            _need(_start(ref.pretrained) == _start(m.pretrained), f"references[{i}].pretrained",
+                  f"{ref.model} is also model.name, and a reference of the base's model starts from the base's "
+                  "start: give it model.pretrained's value, or use another model")
+            _need(ref.resolution in (0, m.resolution), f"references[{i}].resolution",
+                  f"{ref.model} is also model.name, and a reference of the base's model runs at model.resolution")
+        _need(ref.epochs >= 0, f"references[{i}].epochs", f"must be >= 0 (0: base.epochs), got {ref.epochs}")
+        check_pretrained(ref.pretrained, ref.model, f"references[{i}].pretrained")
+        _need(ref.epochs or b.epochs or is_set(ref.pretrained), f"references[{i}].epochs",
+              "base.epochs is 0 and this reference is not pretrained: it would be evaluated untrained; give it "
+              "epochs or pretrained weights")
+        _need(ref.resolution >= 0, f"references[{i}].resolution",
+              f"must be >= 0 (0: model.resolution), got {ref.resolution}")
+        seen_refs.add(ref.model)
+
+
+def _start(pretrained):
+    """A ``pretrained`` value with every way of saying "from scratch" as False."""
+    from nps.pipeline.network.pretrained import is_set
+
+    return pretrained if is_set(pretrained) else False
+
+
+def check_pretrained(pretrained, name: str, key: str) -> None:
+    """A ``pretrained`` value that can mean something for ``name`` (whether the weights can be had on this machine
+    is the preflight's check: it needs the library and maybe the network)."""
+    from nps.pipeline.network.models import model_kind
+
+    if pretrained is True:
+        _need(model_kind(name) in ("torchvision", "timm"), key,
+              f"{name} has no library pretrained weights (torchvision and timm have them); give a local file: "
+              f"{key.rpartition('.')[2]} = \"path/to/weights.pt\" (its state_dict)")
 
 
 def check_ray_address(text: str, *, key: str = "--ray") -> str:

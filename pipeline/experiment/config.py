@@ -5,19 +5,19 @@ An experiment file has these tables (every key optional; ``dump(Config())`` prin
     [experiment]  name, description, seed, out, devices, ray
     [dataset]     dir (written by `nps convert`), workers, on_device, val_batch_size, augment, train_images,
                   val_images
-    [model]       name, checkpoint, resolution, mode, in_channels, num_classes, criterion, pruning
+    [model]       name, checkpoint, pretrained, resolution, mode, in_channels, num_classes, criterion, pruning
     [base]        how nps trains the base network when model.checkpoint is empty
     [[spaces]]    name, c_flops or c_params (a number or a list: one space per value), delta, R, sigma, n,
                   max_seconds; ratios (a ratio space); criterion, retrain.method, retrain.epochs (overrides:
                   a list expands into one space each; see nps.pipeline.experiment.space_plan)
-    [[references]] model, epochs: networks trained like the base and shown beside the population (e.g. the
-                  smaller members of the base's family, to compare at equal FLOPs)
+    [[references]] model, epochs, pretrained, resolution: networks trained like the base and shown beside the
+                  population (e.g. the smaller members of the base's family, to compare at equal FLOPs)
     [retrain]     method, epochs, lr, ..., batch_size, cohort_size, bn_images, eval_every_epoch, amp, compile
     [two_stage]   enabled, top_k, full_epochs
     [output]      keep_weights, top_k, latency
 
-Relative paths (``experiment.out``, ``dataset.dir``, ``model.checkpoint``) are relative to the current directory,
-like every other path given to ``nps``.
+Relative paths (``experiment.out``, ``dataset.dir``, ``model.checkpoint``, ``pretrained``) are relative to the
+current directory, like every other path given to ``nps``.
 
 Resolution and complexity: ``model.resolution`` is the input size the loaders produce *and* the size FLOPs are
 counted at (0: the stored size of small images, 224 otherwise); ``in_channels`` and ``num_classes`` default to the
@@ -88,6 +88,9 @@ class ModelConfig:
     name: str = _f("resnet50", "base network: a torchvision classification model (resnet50, mobilenet_v2, "
                                "efficientnet_b0…), a CIFAR ResNet (resnet20…), timm:<name> or package.module:function")
     checkpoint: str = _f("", "trained base weights (a state_dict .pt); empty: nps trains the base network ([base])")
+    pretrained: bool | str = _f(False, "start [base] training from pretrained weights: true (the library's: timm, "
+                                       "torchvision; fetched if not cached) or a local weights file; the classifier "
+                                       "and stem are adapted to the dataset; base.epochs = 0 evaluates it as it is")
     resolution: int = _f(0, "input px; FLOPs are counted at it (0: stored size for images <= 64 px, else 224)")
     mode: str = _f("all", "'all' (stem and residual channels too) or 'internal' (convs inside blocks only)")
     in_channels: int = _f(0, "input channels (0: from the dataset, 1 for grayscale, else 3)")
@@ -179,6 +182,9 @@ class ReferenceConfig:
     model: str = _f("", "a reference network trained like the base ([base]) and evaluated beside the population, "
                         "e.g. timm:fbnetv3_b (a smaller member of the base's family)")
     epochs: int = _f(0, "its training epochs (0: base.epochs)")
+    pretrained: bool | str = _f(False, "start it from pretrained weights, as model.pretrained")
+    resolution: int = _f(0, "its input px, for its training, evaluation and FLOPs (0: model.resolution); e.g. the "
+                            "resolution it was pretrained at")
 
 
 @dataclass

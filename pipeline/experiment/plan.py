@@ -119,6 +119,8 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
         devices = parse_devices(cfg.experiment.devices, key="experiment.devices")
     preflight.check_memory(cfg, num_classes, in_channels, resolution, devices or [])
     preflight.check_output_dir(out)
+    preflight.check_pretrained(cfg, num_classes, in_channels, base_done=bool(checkpoint) or os.path.isfile(base_path),
+                               references_done=_done_references(os.path.join(out, "results.h5")))
     plan = Plan(cfg, meta, table, resolution, in_channels, num_classes, spaces, checkpoint,
                 os.path.join(out, "results.h5"), base_path, weight_table)
     check_plan_memory(plan)  # before check_disk, whose estimate walks every row
@@ -134,3 +136,14 @@ def _done_rows(results_path: str) -> int:
 
     with open_readonly(results_path) as reader:
         return sum(counts["done"] + counts["failed"] for counts in reader.summary().values())
+
+
+def _done_references(results_path: str) -> set[str]:
+    """References an earlier run of this experiment trained, or failed to (the driver does not retry those): they
+    need no pretrained weights any more."""
+    if not os.path.isfile(results_path):
+        return set()
+    from nps.pipeline.results.reader import open_readonly
+
+    with open_readonly(results_path) as reader:
+        return set(reader.references())

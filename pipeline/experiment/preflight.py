@@ -1,5 +1,5 @@
-"""What the machine must hold, checked before any work: the output directory and its free space, and the memory one
-training batch of the base network needs.
+"""What the machine must hold, checked before any work: the output directory and its free space, the memory one
+training batch of the base network needs, and the pretrained weights the base and references start from.
 
 A run that cannot finish for want of disk or memory should say so in one line before it trains anything, not after
 an hour (a full disk) or in a worker that tries to allocate terabytes (an absurd ``model.resolution``). Both checks
@@ -141,3 +141,23 @@ def check_memory(cfg, num_classes: int, in_channels: int, resolution: int, devic
                        f" needs about {_size(need)}, more than the {_size(memory)} of {name}; lower "
                        "model.resolution or the batch size")
 
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pretrained weights.
+
+
+def check_pretrained(cfg, num_classes: int, in_channels: int, *, base_done: bool, references_done=()) -> None:
+    """Refuse a pretrained start that cannot be had on this machine (a missing or unfitting file, a model without
+    library weights, weights neither cached nor reachable), in one line naming the key and how to give a local file.
+    The base network (when ``base_done``: its trained weights are on disk) and the references already trained
+    need none. Downloads nothing: at most a connection probe of the hub, a few seconds."""
+    from nps.pipeline.network.pretrained import weights_problem
+
+    todo = [] if base_done else [("model.pretrained", cfg.model.name, cfg.model.pretrained)]
+    todo += [(f"references[{i}].pretrained", ref.model, ref.pretrained) for i, ref in enumerate(cfg.references)
+             if ref.model not in references_done]
+    for key, name, pretrained in todo:
+        problem = weights_problem(name, pretrained, num_classes, in_channels, key)
+        if problem:
+            raise NpsError(problem)

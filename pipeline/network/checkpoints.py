@@ -48,16 +48,37 @@ def load_tensors(source, what: str, hint: str = ""):
         raise NpsError(f"{what}: {name} {why_unloadable(source, exc)}" + (f"; {hint}" if hint else "")) from None
 
 
-def load_state_dict(path: str) -> dict:
-    """The state_dict in a checkpoint file: a bare state_dict, or one under ``model``/``state_dict``."""
-    obj = load_tensors(path, "model.checkpoint", "save the model's state_dict() with torch.save")
+def load_safetensors(path: str, what: str) -> dict:
+    """The tensors of a ``.safetensors`` file (the form the Hugging Face hub keeps timm's weights in)."""
+    try:
+        from safetensors.torch import load_file
+    except ModuleNotFoundError:
+        raise NpsError(f"{what}: {path} is a safetensors file and the safetensors package is missing: "
+                       "pip install safetensors (or 'nps[timm]')") from None
+    if os.path.isdir(path):
+        raise NpsError(f"{what}: {path} is a directory; give the file")
+    try:
+        return load_file(path, device="cpu")
+    except OSError as exc:
+        raise NpsError(f"{what}: {path} cannot be read ({exc.strerror or exc})") from None
+    except Exception:  # noqa: BLE001 - safetensors raises its own error types for a damaged header
+        raise NpsError(f"{what}: {path} is a damaged safetensors file (it cannot be read)") from None
+
+
+def load_state_dict(path: str, what: str = "model.checkpoint") -> dict:
+    """The state_dict in a checkpoint file: a bare state_dict, or one under ``model``/``state_dict`` (timm's and
+    torchvision's training scripts nest it so), or a ``.safetensors`` file; ``what`` names the input in errors."""
+    if isinstance(path, (str, os.PathLike)) and str(path).endswith(".safetensors"):
+        obj = load_safetensors(str(path), what)
+    else:
+        obj = load_tensors(path, what, "save the model's state_dict() with torch.save")
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
-        raise NpsError(f"model.checkpoint: {path} holds no state_dict")
+        raise NpsError(f"{what}: {path} holds no state_dict")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
 
 

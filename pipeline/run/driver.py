@@ -401,16 +401,18 @@ class Driver:
 
     def _on_reference_result(self, e: ReferenceResult) -> None:
         from nps.pipeline.network.layer_table import build_layer_table
+        from nps.pipeline.network.pretrained import resolution_of
 
         m = self.cfg.model
         self.reference_tasks.pop(e.task_id, None)
         self.references.pop(e.model, None)
-        ref = build_layer_table(e.model, "all", self.plan.resolution, self.plan.num_classes,
+        resolution = resolution_of(self.cfg, e.model, self.plan.resolution)  # its FLOPs at the size it ran at
+        ref = build_layer_table(e.model, "all", resolution, self.plan.num_classes,
                                 self.plan.in_channels, flops=m.flops)
         base_flops, base_params = self.plan.table.base_flops, self.plan.table.base_params
         self.store.set_reference(e.model, model=e.model, top1=e.top1, top5=e.top5, loss=e.loss,
                                  flops=ref.base_flops, params=ref.base_params, c_flops=ref.base_flops / base_flops,
-                                 c_params=ref.base_params / base_params, train_s=e.seconds,
+                                 c_params=ref.base_params / base_params, train_s=e.seconds, resolution=resolution,
                                  acc_drop=self.state.base_top1 - e.top1)
         self.view.note(f"reference {e.model} trained in {e.seconds:.0f}s: top-1 {e.top1:.2f} at c_flops "
                        f"{ref.base_flops / base_flops:.3f}")

@@ -154,22 +154,23 @@ class Worker:
         self.loaders(self.cfg.retrain.batch_size, self.cfg.retrain.train_images)
         return Ready(self.wid, self.node, str(self.device), self.threads)
 
-    def loaders(self, batch_size: int, train_images: int = 0):
-        """(train, val, info) at ``batch_size``; an epoch is ``train_images`` images (0: dataset.train_images)."""
+    def loaders(self, batch_size: int, train_images: int = 0, resolution: int = 0):
+        """(train, val, info) at ``batch_size``; an epoch is ``train_images`` images (0: dataset.train_images), an
+        image ``resolution`` px (0: the run's; a reference may have its own)."""
         d = self.cfg.dataset
-        images = train_images or d.train_images
-        if (batch_size, images) not in self._loaders:
+        images, resolution = train_images or d.train_images, resolution or self.spec.resolution
+        if (batch_size, images, resolution) not in self._loaders:
             from nps.datasets.loaders import make_loaders
 
             train, val, info = make_loaders(
-                d.dir, batch_size=batch_size, resolution=self.spec.resolution, device=self.device,
+                d.dir, batch_size=batch_size, resolution=resolution, device=self.device,
                 in_channels=self.spec.in_channels, num_workers=d.workers or self.threads, on_device=d.on_device,
                 seed=self.cfg.experiment.seed, val_batch_size=d.val_batch_size, augment=d.augment)
             cpu = self.device.type == "cpu"
-            self._loaders[batch_size, images] = (_Limited(train, images, whole_batches=True, contiguous=cpu),
-                                                 _Limited(val, d.val_images, whole_batches=False, contiguous=cpu),
-                                                 info)
-        return self._loaders[batch_size, images]
+            self._loaders[batch_size, images, resolution] = (
+                _Limited(train, images, whole_batches=True, contiguous=cpu),
+                _Limited(val, d.val_images, whole_batches=False, contiguous=cpu), info)
+        return self._loaders[batch_size, images, resolution]
 
     def run(self, task, base: BaseWeights | None) -> None:
         if self.should_stop():
@@ -233,18 +234,19 @@ class Worker:
         return self._base[1]
 
     def train_network(self, name: str, epochs: int, task_id: int):
-        """Train ``name`` from scratch as ``[base]`` says, for ``epochs``: the engine's result with its model (precise
-        BN applied when ``base.bn_images``). The base network and every reference train this one way."""
+        """Train ``name`` from its start (:func:`~nps.pipeline.network.pretrained.build_start`) as ``[base]`` says, for
+        ``epochs``: the engine's result with its model (precise BN applied when ``base.bn_images`` and ``epochs``). The
+        base network and every reference train this one way."""
         import torch
 
-        from nps.pipeline.network.models import build_model
+        from nps.pipeline.network.pretrained import build_start, pretrained_of, resolution_of
         from nps.pipeline.training.cohort import CohortOptions, train_cohort
         from nps.pipeline.training.spec import RetrainSpec
 
         b, s = self.cfg.base, self.spec
-        train, val, _ = self.loaders(b.batch_size)
+        train, val, _ = self.loaders(b.batch_size, resolution=resolution_of(self.cfg, name, s.resolution))
         torch.manual_seed(self.cfg.experiment.seed)
-        model = build_model(name, num_classes=s.num_classes, in_channels=s.in_channels)
+        model = build_start(name, pretrained_of(self.cfg, name), s.num_classes, s.in_channels)
         settings = RetrainSpec(method="rewind", epochs=epochs, rewind_lr=b.lr, warmup_epochs=min(b.warmup_epochs, epochs),
                                momentum=b.momentum, weight_decay=b.weight_decay, label_smoothing=b.label_smoothing)
         options = CohortOptions(eval_every_epoch=True, amp=b.amp, keep_models=True, progress_s=self.progress_s,
@@ -253,7 +255,7 @@ class Worker:
                                  on_event=self._on_event(task_id))
         if not result.ok:
             raise NpsError(f"{name} training failed: {result.error}; lower base.lr or check the dataset")
-        if b.bn_images:
+        if b.bn_images and epochs:  # epochs 0 evaluates a pretrained start as it is: its BN statistics too
             result.top1, result.top5, result.loss = self.precise_bn(result.model, train, val)
         return result
 
