@@ -1,6 +1,6 @@
 """Numba kernels that draw recipes of the Gaussian spaces (STD-σ, mCB-refined) and of the uniform space.
 
-Exact sampling, fast (docs/design.md, "recipe samplers"): the noise ``ε ~ N(0, σ²I)`` is split into its part ``e``
+Exact sampling, fast (DESIGN.md, "recipe samplers"): the noise ``ε ~ N(0, σ²I)`` is split into its part ``e``
 orthogonal to a unit direction ``d`` with non-negative entries and ``t·d`` with ``t ~ N(0, σ²)``; for an isotropic
 Gaussian the two are independent, whatever ``d`` is (the caller picks the target's gradient restricted to the groups
 worth moving, see ``samplers._direction``). Along ``t`` every kept-channel count is non-increasing, so for a given
@@ -15,6 +15,7 @@ kernel reports any ``Z`` above it, and the caller then restarts with a larger bo
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -86,7 +87,7 @@ def _truncated_from(state, a, b, fa, fb):
     return x
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")  # inline: the speed rule (see Rows, below)
 def _root_decreasing(a0, b1, q2, level):
     """Smallest s with a0 - b1·s + q2·s² = level (q2 >= 0, the branch where the form decreases).
 
@@ -103,37 +104,6 @@ def _root_decreasing(a0, b1, q2, level):
     return 2.0 * cc / (b1 + math.sqrt(disc))
 
 
-@njit(nogil=True, cache=True)
-def _slack_terms(lin, pa, pb, pw, s, eta):
-    """The parts of the kernel's bounding quadratics fixed for a whole run (see :func:`sample_gauss`).
-
-    Returns the constants Σ lin·s, Σ lin·eta, Σw·s_a·s_b, Σw(s_a·eta_b + eta_a·s_b), Σw·eta_a·eta_b and the
-    vectors ``cs``, ``ce`` with Σw(m_a·s_b + s_a·m_b) = cs·m and Σw(m_a·eta_b + eta_a·m_b) = ce·m, so that a draw
-    needs the pair loop only for Σw·m_a·m_b.
-    """
-    G = lin.shape[0]
-    ls = 0.0
-    le = 0.0
-    cs = np.zeros(G)
-    ce = np.zeros(G)
-    for i in range(G):
-        ls += lin[i] * s[i]
-        le += lin[i] * eta[i]
-    ss = 0.0
-    se = 0.0
-    ee = 0.0
-    for p in range(pw.shape[0]):
-        a = pa[p]
-        b = pb[p]
-        w = pw[p]
-        ss += w * s[a] * s[b]
-        se += w * (s[a] * eta[b] + eta[a] * s[b])
-        ee += w * eta[a] * eta[b]
-        cs[a] += w * s[b]
-        cs[b] += w * s[a]
-        ce[a] += w * eta[b]
-        ce[b] += w * eta[a]
-    return ls, le, ss, se, ee, cs, ce
 
 
 _P1 = np.uint64(0x9E3779B185EBCA87)
@@ -198,81 +168,176 @@ def _mcb(tv, ov, target_is_flops, base_ratio):
     return (tv / ov) / base_ratio if target_is_flops else (ov / tv) / base_ratio
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# What the kernels take, packed: named tuples of arrays and scalars, which numba passes as they are (unpacking them
+# costs nothing measurable per draw). The speed rule of the per-draw helpers below: they are inline="always" and call
+# nothing that is not inlined too, because numba keeps a reference count (an atomic add) on every array an inlined
+# helper holds across a call it cannot inline, on every draw. So sample_gauss calls fill_normals itself, _finish
+# evaluates the forms through an inlined evaluate_one and _root_decreasing is inlined: each of these broke the rule
+# at first and cost 3-8 % of the rate (ResNet-50; the former flat-argument kernels and these interleaved in one
+# process, CPU time). Now both kernels run within the noise (a few %) of the former ones, row for row the same.
+
+
+class Rows(NamedTuple):
+    """The output rows a kernel fills, one per accepted recipe."""
+
+    recipe: np.ndarray  # (n, G) float64: the ratios
+    keep: np.ndarray    # (n, G) int64: the kept-channel counts
+    target: np.ndarray  # (n,) int64: the target form's value (FLOPs for c_flops, params for c_params)
+    other: np.ndarray   # (n,) int64: the other form's value
+    std: np.ndarray     # (n,) float64: std(r)
+    hash: np.ndarray    # (n,) uint64: the keep vector's hash (written only when the job de-duplicates)
+
+
+class Job(NamedTuple):
+    """How much one kernel call does, and where its rows go."""
+
+    n_want: int         # stop after this many rows...
+    max_proposals: int  # ...or this many proposals
+    start: int          # the first row to fill
+    dedup: bool         # hash every row's keep vector (for the caller's de-duplication)
+
+
+class Table(NamedTuple):
+    """The layer table's arrays: channels (or units) per group and the two forms as
+    ``(const, linear, pair_a, pair_b, pair_w)`` (:meth:`nps.kernels.complexity.QuadraticForm.arrays`)."""
+
+    channels: np.ndarray  # (G,) int64
+    target: tuple         # the form the space's target is measured by
+    other: tuple          # the other one (params for c_flops, FLOPs for c_params)
+
+
+class Limits(NamedTuple):
+    """Every constraint of a space, as the kernels check it on a recipe's integer counts."""
+
+    R: float                # every ratio in [0, R]
+    std_lo: float           # std(r) in [std_lo, std_hi]
+    std_hi: float
+    lo_t: float             # the target form in [lo_t, hi_t]: absolute bounds, (value ∓ δ)·base
+    hi_t: float
+    mcb_lo: float           # mCB in [mcb_lo, mcb_hi]; mcb_hi <= 0 disables the band
+    mcb_hi: float
+    target_is_flops: bool
+    base_ratio: float       # base FLOPs / base params (mCB = c_flops / c_params)
+
+
+class Window(NamedTuple):
+    """The proposal of :func:`sample_gauss`: ``r = u + e + t·direction``; ``zmax`` bounds the window mass."""
+
+    u: float
+    sigma: float
+    direction: np.ndarray  # (G,) unit, entries >= 0
+    zmax: float
+
+
+class Plain(NamedTuple):
+    """The proposal of :func:`sample_plain`: ``u + N(0, σ²)`` per group when ``gaussian``, else ``U[0, R]``."""
+
+    gaussian: bool
+    u: float
+    sigma: float
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The output row (both kernels) and the exact checks of the plain one.
+
+
+# complexity.evaluate_one, inlined where _finish calls it (the speed rule above).
+_evaluate_inline = njit(nogil=True, inline="always")(getattr(evaluate_one, "py_func", evaluate_one))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _value(keep, form):
+    """The form ``(const, linear, pair_a, pair_b, pair_w)`` at one keep vector."""
+    const, linear, pair_a, pair_b, pair_w = form
+    return _evaluate_inline(keep, const, linear, pair_a, pair_b, pair_w)
+
+
 @njit(nogil=True, cache=True)
-def _store_row(row, r, keep, tv, ov, sd, out_r, out_keep, out_t, out_o, dedup, out_hash, out_std):
+def _store_row(rows, row, r, keep, tv, ov, sd, dedup):
+    """Row ``row`` of ``rows``: the recipe, its counts, the two forms' values, std(r) and (``dedup``) the hash."""
     for i in range(r.shape[0]):
-        out_r[row, i] = r[i]
-        out_keep[row, i] = keep[i]
-    out_std[row] = sd
-    out_t[row] = tv
-    out_o[row] = ov
+        rows.recipe[row, i] = r[i]
+        rows.keep[row, i] = keep[i]
+    rows.std[row] = sd
+    rows.target[row] = tv
+    rows.other[row] = ov
     if dedup:
-        out_hash[row] = _hash_keep(keep)
+        rows.hash[row] = _hash_keep(keep)
 
 
-@njit(nogil=True, cache=True)
-def _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, oconst, olin, opa, opb,
-            opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts):
+@njit(nogil=True, cache=True, inline="always")  # inline: the speed rule above
+def _finish(r, keep, table, limits, counts):
     """Round to integer channels and check every constraint exactly; returns (ok, target value, other value,
     std(r)). The target goes first: it is the check that fails most often, and std(r) is only computed after it."""
+    channels = table.channels
     total = 0.0
     for i in range(channels.shape[0]):
-        if r[i] < 0.0 or r[i] > R:
+        if r[i] < 0.0 or r[i] > limits.R:
             counts[REASON_BOX] += 1
             return False, 0, 0, 0.0
         total += r[i]
         keep[i] = _count(r[i], channels[i])
-    tv = evaluate_one(keep, tconst, tlin, tpa, tpb, tpw)
-    if tv < lo_t or tv > hi_t:
+    tv = _value(keep, table.target)
+    if tv < limits.lo_t or tv > limits.hi_t:
         counts[REASON_TARGET] += 1
         return False, 0, 0, 0.0
     sd = _std(r, total)
-    if sd < std_lo or sd > std_hi:
+    if sd < limits.std_lo or sd > limits.std_hi:
         counts[REASON_STD] += 1
         return False, 0, 0, 0.0
-    ov = evaluate_one(keep, oconst, olin, opa, opb, opw)
-    if mcb_hi > 0.0:
-        m = _mcb(tv, ov, target_is_flops, base_ratio)
-        if m < mcb_lo or m > mcb_hi:
+    ov = _value(keep, table.other)
+    if limits.mcb_hi > 0.0:
+        m = _mcb(tv, ov, limits.target_is_flops, limits.base_ratio)
+        if m < limits.mcb_lo or m > limits.mcb_hi:
             counts[REASON_MCB] += 1
             return False, 0, 0, 0.0
     return True, tv, ov, sd
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The window kernel: what it fixes for a whole call.
+
+
 @njit(nogil=True, cache=True)
-def sample_gauss(state, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, direction, u, sigma,
-                 R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw,
-                 oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, zmax,
-                 dedup, out_hash, out_std, counts):
-    """Fill rows ``start..`` of the outputs with accepted recipes of a Gaussian space.
+def _slack_terms(form, s, eta):
+    """The parts of the kernel's bounding quadratics fixed for a whole run (see :func:`_window`).
 
-    ``direction`` is a unit vector with non-negative entries; the noise is split into its part ``e`` orthogonal to
-    it and ``t·direction``, ``t ~ N(0, σ²)``. Stops after ``n_want`` rows or ``max_proposals`` proposals; returns
-    (rows filled, proposals used, largest window mass Z seen). ``lo_t``/``hi_t`` are the absolute target bounds
-    ((value ∓ δ)·base); ``mcb_hi <= 0`` disables the mCB band.
-
-    The window: a group the direction leaves out (``direction_i = 0``) has its count fixed by ``e``, and it is
-    computed exactly; a moving group's count at t is ``floor(k0_i - t·h_i + 1/2)``, within ``k0_i ± 1/2 - t·h_i``.
-    So every count lies in ``[m_i - s_i - t·eta_i, m_i + s_i - t·eta_i]`` (fixed: m exact, s = eta = 0; moving:
-    m = k0, s = 1/2, eta = h), and the target form (non-negative coefficients) at the upper and lower ends is a
-    pair of quadratics in t that bound it. Where the lower one is above ``hi_t`` or the upper one below ``lo_t``
-    no recipe exists; between, the window.
+    Returns the constants Σ lin·s, Σ lin·eta, Σw·s_a·s_b, Σw(s_a·eta_b + eta_a·s_b), Σw·eta_a·eta_b and the
+    vectors ``cs``, ``ce`` with Σw(m_a·s_b + s_a·m_b) = cs·m and Σw(m_a·eta_b + eta_a·m_b) = ce·m, so that a draw
+    needs the pair loop only for Σw·m_a·m_b.
     """
-    G = channels.shape[0]
-    e = np.empty(G)
-    m = np.empty(G)
-    h = np.empty(G)
-    s = np.empty(G)
-    inv_d = np.empty(G)
-    r = np.empty(G)
-    keep = np.empty(G, dtype=np.int64)
+    lin, pa, pb, pw = form[1], form[2], form[3], form[4]
+    G = lin.shape[0]
+    ls = 0.0
+    le = 0.0
+    cs = np.zeros(G)
+    ce = np.zeros(G)
     for i in range(G):
-        h[i] = direction[i] * channels[i]
-        s[i] = 0.5 if direction[i] > 0.0 else 0.0
-        inv_d[i] = 1.0 / direction[i] if direction[i] > 0.0 else 0.0
-    ls, le, ss, se, ee, cs, ce = _slack_terms(tlin, tpa, tpb, tpw, s, h)
-    # Pairs by kind: both counts fixed by e (FF), one moving (FM, the moving one second) or both moving (MM). The
-    # exact target at t is then A + Σ_moving B_j·keep_j + Σ_MM w·keep_a·keep_b, with A and B (int64) set from e.
+        ls += lin[i] * s[i]
+        le += lin[i] * eta[i]
+    ss = 0.0
+    se = 0.0
+    ee = 0.0
+    for p in range(pw.shape[0]):
+        a = pa[p]
+        b = pb[p]
+        w = pw[p]
+        ss += w * s[a] * s[b]
+        se += w * (s[a] * eta[b] + eta[a] * s[b])
+        ee += w * eta[a] * eta[b]
+        cs[a] += w * s[b]
+        cs[b] += w * s[a]
+        ce[a] += w * eta[b]
+        ce[b] += w * eta[a]
+    return ls, le, ss, se, ee, cs, ce
+
+
+@njit(nogil=True, cache=True)
+def _moving_groups(direction):
+    """``moving[i]``: group i's place among the groups the direction moves (-1: fixed by e); ``mov``: the moving
+    groups in order."""
+    G = direction.shape[0]
     moving = np.zeros(G, dtype=np.int64) - 1
     n_mov = 0
     for i in range(G):
@@ -283,16 +348,22 @@ def sample_gauss(state, n_want, max_proposals, out_r, out_keep, out_t, out_o, st
     for i in range(G):
         if moving[i] >= 0:
             mov[moving[i]] = i
+    return moving, mov
+
+
+@njit(nogil=True, cache=True)
+def _pairs_by_kind(moving, form):
+    """The form's pair terms by kind: both counts fixed by e (FF: a, b, w), one moving (FM: the fixed group, the
+    moving one, its place among the moving ones, w) or both moving (MM: a, b, w)."""
+    tpa, tpb, tpw = form[2], form[3], form[4]
     kind = np.empty(tpw.shape[0], dtype=np.int64)
     for p in range(tpw.shape[0]):
         kind[p] = (moving[tpa[p]] >= 0) + (moving[tpb[p]] >= 0)
     ff = np.nonzero(kind == 0)[0]
-    ff_a, ff_b, ff_w = tpa[ff].copy(), tpb[ff].copy(), tpw[ff].copy()
     fm = np.nonzero(kind == 1)[0]
-    fm_f = np.empty(fm.shape[0], dtype=np.int64)  # the fixed group
-    fm_m = np.empty(fm.shape[0], dtype=np.int64)  # the moving group
-    fm_j = np.empty(fm.shape[0], dtype=np.int64)  # its place among the moving ones
-    fm_w = tpw[fm].copy()
+    fm_f = np.empty(fm.shape[0], dtype=np.int64)
+    fm_m = np.empty(fm.shape[0], dtype=np.int64)
+    fm_j = np.empty(fm.shape[0], dtype=np.int64)
     for q in range(fm.shape[0]):
         pa_, pb_ = tpa[fm[q]], tpb[fm[q]]
         if moving[pa_] >= 0:
@@ -301,70 +372,212 @@ def sample_gauss(state, n_want, max_proposals, out_r, out_keep, out_t, out_o, st
         fm_m[q] = pb_
         fm_j[q] = moving[pb_]
     mmp = np.nonzero(kind == 2)[0]
-    mm_a, mm_b, mm_w = tpa[mmp].copy(), tpb[mmp].copy(), tpw[mmp].copy()
-    B = np.empty(n_mov, dtype=np.int64)
+    return ((tpa[ff].copy(), tpb[ff].copy(), tpw[ff].copy()), (fm_f, fm_m, fm_j, tpw[fm].copy()),
+            (tpa[mmp].copy(), tpb[mmp].copy(), tpw[mmp].copy()))
+
+
+class _Terms(NamedTuple):
+    """Everything about the window that is the same for every draw of a call (built by :func:`_window_terms`)."""
+
+    inv_d: np.ndarray   # 1 / direction_i on the moving groups, 0 on the fixed ones
+    moving: np.ndarray  # group i's place among the moving groups, -1 when fixed
+    mov: np.ndarray     # the moving groups, in order
+    cs: np.ndarray      # see _slack_terms
+    ce: np.ndarray
+    ls: float
+    le: float
+    ss: float
+    se: float
+    ee: float
+    ff_a: np.ndarray    # the target's pairs of two fixed groups...
+    ff_b: np.ndarray
+    ff_w: np.ndarray
+    fm_f: np.ndarray    # ...of a fixed and a moving group (the fixed one, the moving one, its place)...
+    fm_m: np.ndarray
+    fm_j: np.ndarray
+    fm_w: np.ndarray
+    mm_a: np.ndarray    # ...and of two moving groups
+    mm_b: np.ndarray
+    mm_w: np.ndarray
+
+
+class _Scratch(NamedTuple):
+    """Per-draw work arrays of :func:`sample_gauss`."""
+
+    e: np.ndarray     # the noise less its part along the direction, times σ
+    m: np.ndarray     # every count at t = 0 (a fixed group's exact count, a moving group's midpoint)
+    r: np.ndarray     # the recipe at t
+    keep: np.ndarray  # the integer counts (the fixed ones set from e, the moving ones at t)
+    B: np.ndarray     # the exact target's coefficient of each moving count, given the fixed counts
+
+
+@njit(nogil=True, cache=True)
+def _window_terms(channels, direction, form):
+    """The :class:`_Terms` of a call: the target ``form`` along ``direction``."""
+    G = channels.shape[0]
+    h = np.empty(G)
+    s = np.empty(G)
+    inv_d = np.empty(G)
+    for i in range(G):
+        h[i] = direction[i] * channels[i]
+        s[i] = 0.5 if direction[i] > 0.0 else 0.0
+        inv_d[i] = 1.0 / direction[i] if direction[i] > 0.0 else 0.0
+    ls, le, ss, se, ee, cs, ce = _slack_terms(form, s, h)
+    moving, mov = _moving_groups(direction)
+    (ff_a, ff_b, ff_w), (fm_f, fm_m, fm_j, fm_w), (mm_a, mm_b, mm_w) = _pairs_by_kind(moving, form)
+    return _Terms(inv_d, moving, mov, cs, ce, ls, le, ss, se, ee, ff_a, ff_b, ff_w, fm_f, fm_m, fm_j, fm_w,
+                  mm_a, mm_b, mm_w)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The window kernel: one draw.
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _counts_at_zero(proj, buf, table, limits, win, proposal):
+    """Finish e (``buf.e`` holds N(0, 1) draws whose projection on the direction is ``proj``): e = σ·(draws less
+    that projection). The fixed groups' counts go to ``keep``, every group's count at t = 0 (exact, or the moving
+    one's midpoint) to ``m``, the target's linear coefficients of the moving groups to ``B``. Returns (out of the
+    box, box_lo, box_hi, Σ lin·m, cs·m, ce·m, the fixed counts' linear terms): ``box_lo``/``box_hi`` bound t by
+    every moving ratio staying in [0, R]."""
+    e, m, keep, B = buf.e, buf.m, buf.keep, buf.B
+    inv_d, moving, cs, ce = win.inv_d, win.moving, win.cs, win.ce
+    channels = table.channels
+    tlin = table.target[1]
+    u, sigma, direction = proposal.u, proposal.sigma, proposal.direction
+    R = limits.R
+    G = channels.shape[0]
+    box_lo = -np.inf
+    box_hi = np.inf
+    lm = float(table.target[0])
+    ms = 0.0
+    me = 0.0
+    a_lin = 0
+    out_of_box = False
+    for i in range(G):
+        e[i] = sigma * (e[i] - proj * direction[i])
+        if inv_d[i] > 0.0:
+            m[i] = (1.0 - u - e[i]) * channels[i]
+            lo_i = (-u - e[i]) * inv_d[i]
+            hi_i = (R - u - e[i]) * inv_d[i]
+            if lo_i > box_lo:
+                box_lo = lo_i
+            if hi_i < box_hi:
+                box_hi = hi_i
+            B[moving[i]] = tlin[i]
+        else:  # the same arithmetic as _finish, so the count is the one it would find
+            ri = u + e[i]
+            if ri < 0.0 or ri > R:
+                out_of_box = True
+            k = _count(ri, channels[i])
+            keep[i] = k
+            m[i] = k
+            a_lin += tlin[i] * k
+        lm += tlin[i] * m[i]
+        ms += cs[i] * m[i]
+        me += ce[i] * m[i]
+    return out_of_box, box_lo, box_hi, lm, ms, me, a_lin
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _window(buf, table, limits, win, sums, sigma):
+    """The window of t for the e in ``buf`` (``sums``: what :func:`_counts_at_zero` returned), in units of σ:
+    returns ``(A, a, b)``, no window when not ``a < b``.
+
+    A group the direction leaves out (``direction_i = 0``) has its count fixed by ``e``, and it is computed
+    exactly; a moving group's count at t is ``floor(k0_i - t·h_i + 1/2)``, within ``k0_i ± 1/2 - t·h_i``. So every
+    count lies in ``[m_i - s_i - t·eta_i, m_i + s_i - t·eta_i]`` (fixed: m exact, s = eta = 0; moving: m = k0,
+    s = 1/2, eta = h), and the target form (non-negative coefficients) at the upper and lower ends is a pair of
+    quadratics in t that bound it. Where the lower one is above ``hi_t`` or the upper one below ``lo_t`` no recipe
+    exists; between, the window.
+
+    ``A`` is the exact target's part that t does not change (the fixed counts' terms); ``B`` gains the coefficients
+    of the pairs with one fixed count, so the target at t is ``A + B·keep_moving`` + the pairs of two moving ones.
+    """
+    m, keep, B = buf.m, buf.keep, buf.B
+    ls, le, ss, se, ee = win.ls, win.le, win.ss, win.se, win.ee
+    ff_a, ff_b, ff_w = win.ff_a, win.ff_b, win.ff_w
+    fm_f, fm_m, fm_j, fm_w = win.fm_f, win.fm_m, win.fm_j, win.fm_w
+    mm_a, mm_b, mm_w = win.mm_a, win.mm_b, win.mm_w
+    box_lo, box_hi, lm, ms, me, a_lin = sums[1], sums[2], sums[3], sums[4], sums[5], sums[6]
+    a_ff = 0
+    for q in range(ff_w.shape[0]):
+        a_ff += ff_w[q] * keep[ff_a[q]] * keep[ff_b[q]]
+    A = table.target[0] + a_lin + a_ff
+    mm = float(a_ff)
+    for q in range(fm_w.shape[0]):
+        wk = fm_w[q] * keep[fm_f[q]]
+        B[fm_j[q]] += wk
+        mm += wk * m[fm_m[q]]
+    for q in range(mm_w.shape[0]):
+        mm += mm_w[q] * m[mm_a[q]] * m[mm_b[q]]
+    t_lo = _root_decreasing(lm - ls + mm - ms + ss, le + me - se, ee, limits.hi_t)
+    if np.isnan(t_lo):
+        return A, 0.0, 0.0
+    t_hi = _root_decreasing(lm + ls + mm + ms + ss, le + me + se, ee, limits.lo_t)
+    if np.isnan(t_hi):
+        t_hi = np.inf
+    return A, max(t_lo, box_lo) / sigma, min(t_hi, box_hi) / sigma
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _exact_target(buf, table, limits, win, proposal, A, t):
+    """The recipe at t into ``r`` and its moving counts into ``keep`` (the fixed ones are there from e, so this is
+    not _finish, which rounds every group and evaluates the whole form); returns (in the box, target value, Σ r).
+    """
+    e, r, keep, B = buf.e, buf.r, buf.keep, buf.B
+    mov, mm_a, mm_b, mm_w = win.mov, win.mm_a, win.mm_b, win.mm_w
+    u, direction = proposal.u, proposal.direction
+    channels = table.channels
+    total = 0.0
+    for i in range(channels.shape[0]):
+        r[i] = u + e[i] + t * direction[i]
+        total += r[i]
+    tv = A
+    in_box = True
+    for j in range(mov.shape[0]):
+        i = mov[j]
+        if r[i] < 0.0 or r[i] > limits.R:
+            in_box = False
+        k = _count(r[i], channels[i])
+        keep[i] = k
+        tv += B[j] * k
+    if in_box:
+        for q in range(mm_w.shape[0]):
+            tv += mm_w[q] * keep[mm_a[q]] * keep[mm_b[q]]
+    return in_box, tv, total
+
+
+@njit(nogil=True, cache=True)
+def sample_gauss(state, job, rows, table, limits, proposal, counts):
+    """Fill rows ``job.start..`` of ``rows`` with accepted recipes of a Gaussian space (``proposal``: a
+    :class:`Window`; ``counts``: rejections by reason, added to). Stops after ``job.n_want`` rows or
+    ``job.max_proposals`` proposals; returns (rows filled, proposals used, largest window mass Z seen).
+
+    ``proposal.direction`` is a unit vector with non-negative entries; the noise is split into its part ``e``
+    orthogonal to it and ``t·direction``, ``t ~ N(0, σ²)``, and t is drawn inside :func:`_window`'s window.
+    """
+    sigma, zmax = proposal.sigma, proposal.zmax
+    G = table.channels.shape[0]
+    win = _window_terms(table.channels, proposal.direction, table.target)
+    buf = _Scratch(np.empty(G), np.empty(G), np.empty(G), np.empty(G, dtype=np.int64),
+                   np.empty(win.mov.shape[0], dtype=np.int64))
+    e, r, keep, direction = buf.e, buf.r, buf.keep, proposal.direction
+    oconst, olin, opa, opb, opw = table.other  # unpacked once: faster here than an inlined _value (measured)
     filled = 0
     used = 0
     zseen = 0.0
-    while filled < n_want and used < max_proposals:
+    while filled < job.n_want and used < job.max_proposals:
         used += 1
-        # e: the noise minus its component along `direction`
-        fill_normals(state, e)
+        fill_normals(state, e)  # here, not in _counts_at_zero: the speed rule above
         proj = 0.0
         for i in range(G):
             proj += e[i] * direction[i]
-        box_lo = -np.inf
-        box_hi = np.inf
-        lm = float(tconst)
-        ms = 0.0
-        me = 0.0
-        a_lin = 0
-        out_of_box = False
-        for i in range(G):
-            e[i] = sigma * (e[i] - proj * direction[i])
-            if inv_d[i] > 0.0:
-                m[i] = (1.0 - u - e[i]) * channels[i]
-                lo_i = (-u - e[i]) * inv_d[i]
-                hi_i = (R - u - e[i]) * inv_d[i]
-                if lo_i > box_lo:
-                    box_lo = lo_i
-                if hi_i < box_hi:
-                    box_hi = hi_i
-                B[moving[i]] = tlin[i]
-            else:  # the same arithmetic as _finish, so the count is the one it would find
-                ri = u + e[i]
-                if ri < 0.0 or ri > R:
-                    out_of_box = True
-                k = _count(ri, channels[i])
-                keep[i] = k
-                m[i] = k
-                a_lin += tlin[i] * k
-            lm += tlin[i] * m[i]
-            ms += cs[i] * m[i]
-            me += ce[i] * m[i]
-        if out_of_box:
+        sums = _counts_at_zero(proj, buf, table, limits, win, proposal)
+        if sums[0]:
             counts[REASON_BOX] += 1
             continue
-        a_ff = 0
-        for q in range(ff_w.shape[0]):
-            a_ff += ff_w[q] * keep[ff_a[q]] * keep[ff_b[q]]
-        A = tconst + a_lin + a_ff
-        mm = float(a_ff)
-        for q in range(fm_w.shape[0]):
-            wk = fm_w[q] * keep[fm_f[q]]
-            B[fm_j[q]] += wk
-            mm += wk * m[fm_m[q]]
-        for q in range(mm_w.shape[0]):
-            mm += mm_w[q] * m[mm_a[q]] * m[mm_b[q]]
-        t_lo = _root_decreasing(lm - ls + mm - ms + ss, le + me - se, ee, hi_t)
-        if np.isnan(t_lo):
-            counts[REASON_WINDOW] += 1
-            continue
-        t_hi = _root_decreasing(lm + ls + mm + ms + ss, le + me + se, ee, lo_t)
-        if np.isnan(t_hi):
-            t_hi = np.inf
-        a = max(t_lo, box_lo) / sigma
-        b = min(t_hi, box_hi) / sigma
+        A, a, b = _window(buf, table, limits, win, sums, sigma)
         if not a < b:
             counts[REASON_WINDOW] += 1
             continue
@@ -382,60 +595,45 @@ def sample_gauss(state, n_want, max_proposals, out_r, out_keep, out_t, out_o, st
         t = sigma * _truncated_from(state, a, b, fa, fb)
         if flip:
             t = -t
-        # Exact checks on the integer counts. Only the moving counts change with t; the fixed ones are in `keep`
-        # already, so this is not _finish (which rounds every group and evaluates the whole form).
-        total = 0.0
-        for i in range(G):
-            r[i] = u + e[i] + t * direction[i]
-            total += r[i]
-        tv = A
-        out_of_box = False
-        for j in range(n_mov):
-            i = mov[j]
-            if r[i] < 0.0 or r[i] > R:
-                out_of_box = True
-            k = _count(r[i], channels[i])
-            keep[i] = k
-            tv += B[j] * k
-        if out_of_box:
+        # exact checks on the integer counts, in _finish's order
+        in_box, tv, total = _exact_target(buf, table, limits, win, proposal, A, t)
+        if not in_box:
             counts[REASON_BOX] += 1
             continue
-        for q in range(mm_w.shape[0]):
-            tv += mm_w[q] * keep[mm_a[q]] * keep[mm_b[q]]
-        if tv < lo_t or tv > hi_t:
+        if tv < limits.lo_t or tv > limits.hi_t:
             counts[REASON_TARGET] += 1
             continue
         sd = _std(r, total)
-        if sd < std_lo or sd > std_hi:
+        if sd < limits.std_lo or sd > limits.std_hi:
             counts[REASON_STD] += 1
             continue
         ov = evaluate_one(keep, oconst, olin, opa, opb, opw)
-        if mcb_hi > 0.0:
-            mcb = _mcb(tv, ov, target_is_flops, base_ratio)
-            if mcb < mcb_lo or mcb > mcb_hi:
+        if limits.mcb_hi > 0.0:
+            mcb = _mcb(tv, ov, limits.target_is_flops, limits.base_ratio)
+            if mcb < limits.mcb_lo or mcb > limits.mcb_hi:
                 counts[REASON_MCB] += 1
                 continue
-        _store_row(start + filled, r, keep, tv, ov, sd, out_r, out_keep, out_t, out_o, dedup, out_hash, out_std)
+        _store_row(rows, job.start + filled, r, keep, tv, ov, sd, job.dedup)
         filled += 1
     return filled, used, zseen
 
 
 @njit(nogil=True, cache=True)
-def sample_plain(state, n_want, max_proposals, out_r, out_keep, out_t, out_o, start, channels, gaussian, u, sigma, R,
-                 std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw, oconst, olin, opa, opb, opw,
-                 mcb_lo, mcb_hi, target_is_flops, base_ratio, dedup, out_hash, out_std, counts):
-    """Plain rejection: ``r = u + N(0, σ²)`` per group (``gaussian``) or ``r_i ~ U[0, R]`` (the initial space, the
-    numba twin of the numpy reference), kept when every constraint holds.
+def sample_plain(state, job, rows, table, limits, proposal, counts):
+    """Plain rejection: ``r = u + N(0, σ²)`` per group or ``r_i ~ U[0, R]`` (``proposal``: a :class:`Plain`; the
+    uniform one is the initial space, the numba twin of the numpy reference), kept when every constraint holds.
 
     For a Gaussian space it is cheaper per draw than :func:`sample_gauss`; the caller picks it when the window there
     would hold most of the prior anyway (small σ), so that the window buys no acceptance.
     """
-    G = channels.shape[0]
+    gaussian, u, sigma = proposal
+    R = limits.R
+    G = table.channels.shape[0]
     r = np.empty(G)
     keep = np.empty(G, dtype=np.int64)
     filled = 0
     used = 0
-    while filled < n_want and used < max_proposals:
+    while filled < job.n_want and used < job.max_proposals:
         used += 1
         if gaussian:
             fill_normals(state, r)
@@ -444,10 +642,9 @@ def sample_plain(state, n_want, max_proposals, out_r, out_keep, out_t, out_o, st
         else:
             for i in range(G):
                 r[i] = R * uniform(state)
-        ok, tv, ov, sd = _finish(r, keep, channels, R, std_lo, std_hi, lo_t, hi_t, tconst, tlin, tpa, tpb, tpw,
-                                 oconst, olin, opa, opb, opw, mcb_lo, mcb_hi, target_is_flops, base_ratio, counts)
+        ok, tv, ov, sd = _finish(r, keep, table, limits, counts)
         if not ok:
             continue
-        _store_row(start + filled, r, keep, tv, ov, sd, out_r, out_keep, out_t, out_o, dedup, out_hash, out_std)
+        _store_row(rows, job.start + filled, r, keep, tv, ov, sd, job.dedup)
         filled += 1
     return filled, used, 0.0

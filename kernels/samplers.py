@@ -70,9 +70,25 @@ def _measure(table, space, recipe, keep, flops=None, params=None, std=None) -> S
     return Sample(space, recipe, keep, flops, params, c_flops, c_params, c_flops / c_params, std)
 
 
-def _outputs(n, G):
-    """The kernels' output rows: recipe, keep, target value, other value, std(r)."""
-    return np.empty((n, G)), np.empty((n, G), np.int64), np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n)
+def _outputs(n, G, hashed=True):
+    """The kernels' output rows (:class:`gauss_kernel.Rows`): recipe, keep, target value, other value, std(r) and
+    the keep vector's hash (one unused entry when not ``hashed``)."""
+    return gk.Rows(np.empty((n, G)), np.empty((n, G), np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
+                   np.empty(n), np.zeros(n if hashed else 1, np.uint64))
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What :func:`sample_space` was asked, as its sampling loop needs it (``table``: the unit view)."""
+
+    table: object
+    space: Space
+    n: int
+    seed: int
+    distinct: bool
+    max_seconds: float
+    deadline: float  # time.monotonic() past which it gives up: one limit for pilot, probe, restarts and draws
+    progress: object = None
 
 
 def _target_bounds(table, space):
@@ -158,24 +174,21 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     target_is_flops = space.target == "c_flops"
     base_ratio = table.base_flops / table.base_params
     mcb_lo, mcb_hi = space.mcb_band if space.mcb_band else (0.0, 0.0)
-    common = (channels,)
-    forms = (tform.const, tform.linear, tform.pair_a, tform.pair_b, tform.pair_w)
-    others = (oform.const, oform.linear, oform.pair_a, oform.pair_b, oform.pair_w)
+    kernel_table = gk.Table(channels, tform.arrays(), oform.arrays())
     u = uniform_ratio(table, space.target, space.value) if space.kind != "uniform" else 0.0
     std_lo, std_hi = space.std_band if space.std_band else (0.0, np.inf)
+    limits = gk.Limits(space.R, std_lo, std_hi, lo_t, hi_t, mcb_lo, mcb_hi, target_is_flops, base_ratio)
     direction = _direction(tform, channels, u, hi_t - lo_t, space.R) if space.kind != "uniform" else None
 
     plain = False  # set below when the window buys nothing (see PLAIN_ABOVE)
 
-    def run(zmax, state, out, start, want, budget, hashes, counts, dedup=distinct):
-        r, keep, tv, ov, std = out
+    def run(zmax, state, rows, job, counts):
+        """One kernel call: fill ``rows`` from ``job.start`` on (``job``: a :class:`gauss_kernel.Job`)."""
         if plain or space.kind == "uniform":
-            return gk.sample_plain(state, want, budget, r, keep, tv, ov, start, *common, space.kind != "uniform", u,
-                                   space.sigma, space.R, std_lo, std_hi, lo_t, hi_t, *forms, *others, mcb_lo,
-                                   mcb_hi, target_is_flops, base_ratio, dedup, hashes, std, counts)
-        return gk.sample_gauss(state, want, budget, r, keep, tv, ov, start, *common, direction, u, space.sigma,
-                               space.R, std_lo, std_hi, lo_t, hi_t, *forms, *others,
-                               mcb_lo, mcb_hi, target_is_flops, base_ratio, zmax, dedup, hashes, std, counts)
+            return gk.sample_plain(state, job, rows, kernel_table, limits,
+                                   gk.Plain(space.kind != "uniform", u, space.sigma), counts)
+        return gk.sample_gauss(state, job, rows, kernel_table, limits, gk.Window(u, space.sigma, direction, zmax),
+                               counts)
 
     zmax = 1.0
     if space.kind != "uniform" and not np.any(direction > 0):
@@ -187,9 +200,9 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
         zmax = min(1.0, ZMAX_MARGIN * zseen) if zseen > 0 else 1.0
         # the window's bounds need a moving group's lower count bound x - 1 >= 0 inside the box (gauss_kernel)
         plain = zmax >= PLAIN_ABOVE or (1.0 - space.R) * channels[direction > 0].min() < 0.5
-    deadline = started + max_seconds  # one limit for the whole space: pilot, probe, restarts and draws together
+    request = _Request(table, space, n, seed, distinct, max_seconds, started + max_seconds, progress)
     while True:
-        sample, zseen = _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, distinct, deadline)
+        sample, zseen = _sample_with(run, request, zmax)
         if sample is not None:
             break
         log.info("envelope %.3g was exceeded (%.3g); restarting with a larger one", zmax, zseen)
@@ -219,33 +232,34 @@ def _check_mcb_reachable(table, space, seed, pilot=2000):
 def _pilot(run, seed, G):
     """Largest window mass Z over PILOT_PROPOSALS draws (with its own random stream; the recipes are dropped)."""
     m = PILOT_PROPOSALS
-    scratch = _outputs(m, G)
     state = new_state([seed, 1])
-    _, _, zseen = run(1.0, state, scratch, 0, m, m, np.empty(1, np.uint64), np.zeros(gk.N_REASONS, np.int64),
-                      dedup=False)
+    _, _, zseen = run(1.0, state, _outputs(m, G, hashed=False), gk.Job(m, m, 0, False),
+                      np.zeros(gk.N_REASONS, np.int64))
     return zseen
 
 
-def _drop_duplicates(out, hashes, filled, counts):
+def _drop_duplicates(rows, filled, counts):
     """Keep the first row of every keep vector (by its 64-bit hash), in order; returns the rows left.
 
     Sorting the hashes once per batch is cache-friendly, unlike a hash-table probe per draw.
     """
-    ordered = np.sort(hashes[:filled])
+    ordered = np.sort(rows.hash[:filled])
     if not (ordered[1:] == ordered[:-1]).any():  # the usual case: nothing to drop
         return filled
-    _, first = np.unique(hashes[:filled], return_index=True)
-    rows = np.sort(first)
-    for arr in (*out, hashes):
-        arr[:len(rows)] = arr[rows]
-    counts[gk.REASON_DUPLICATE] += filled - len(rows)
-    return len(rows)
+    _, first = np.unique(rows.hash[:filled], return_index=True)
+    kept = np.sort(first)
+    for arr in rows:
+        arr[:len(kept)] = arr[kept]
+    counts[gk.REASON_DUPLICATE] += filled - len(kept)
+    return len(kept)
 
 
-def _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, distinct, deadline=math.inf):
-    state = new_state(seed)
-    out = _outputs(n, G)
-    hashes = np.zeros(n, np.uint64)  # 64-bit hash of each row's keep vector, for de-duplication
+def _sample_with(run, request: _Request, zmax):
+    """``request.n`` rows with the envelope ``zmax``: (the sample, the largest window mass seen), or (None, that
+    mass) as soon as it exceeds ``zmax`` (the caller restarts with a larger one)."""
+    table, space, n, max_seconds = request.table, request.space, request.n, request.max_seconds
+    state = new_state(request.seed)
+    rows = _outputs(n, len(table.channels))  # with the 64-bit hash of each row's keep vector, for de-duplication
     counts = np.zeros(gk.N_REASONS, np.int64)
     filled = proposals = 0
     zseen = 0.0
@@ -254,17 +268,17 @@ def _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, dis
     rate_from = 0
     chunk = 4096
     while filled < n:
-        got, used, z = run(zmax, state, out, filled, n - filled, chunk, hashes, counts)
+        got, used, z = run(zmax, state, rows, gk.Job(n - filled, chunk, filled, request.distinct), counts)
         filled += got
         proposals += used
         zseen = max(zseen, z)
         if zseen > zmax:
             return None, zseen
         chunk = min(CHUNK_PROPOSALS, chunk * 2)
-        if progress is not None:
-            progress(filled, n)
-        if filled >= n and distinct:
-            filled = _drop_duplicates(out, hashes, filled, counts)
+        if request.progress is not None:
+            request.progress(filled, n)
+        if filled >= n and request.distinct:
+            filled = _drop_duplicates(rows, filled, counts)
         if t_rate is None:
             t_rate, rate_from = time.perf_counter(), filled
             continue
@@ -272,7 +286,7 @@ def _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, dis
             break
         if proposals >= EMPTY_MIN_PROPOSALS and filled < EMPTY_ACCEPTANCE * proposals:
             raise SamplerError(_explain_empty(space, proposals, filled, counts, table))
-        if time.monotonic() > deadline:
+        if time.monotonic() > request.deadline:
             raise SamplerError(f"sampling {space.name} at {space.target}={space.value:g} reached its limit of "
                                f"{max_seconds:g} s with {filled:,} of {n:,} recipes drawn ({proposals:,} proposals);"
                                " raise max_seconds (--max-seconds) or ask for fewer recipes")
@@ -284,7 +298,7 @@ def _sample_with(run, table, space, n, seed, zmax, max_seconds, progress, G, dis
                 raise SamplerError(_explain_empty(space, proposals, filled, counts, table)
                                    + f" (about {eta:,.0f} s more needed; limit {max_seconds:g} s)")
     seconds = time.perf_counter() - t0
-    r, keep, tv, ov, std = out
+    r, keep, tv, ov, std, _ = rows
     if space.target == "c_flops":
         sample = _measure(table, space, r, keep, tv, ov, std)
     else:
