@@ -159,11 +159,11 @@ def read(reader):
 
 def test_the_report_draws_the_latency(table, tmp_path):
     from nps.pipeline.results.latency import store_latency
-    from nps.pipeline.deploy.latency import measure_results
+    from nps.pipeline.deploy.latency import TimingOptions, measure_results
     from nps.pipeline.results.report import write_report
 
     path = make_file(tmp_path / "results.h5", table)
-    store_latency(path, measure_results(path, batches=(1, 8), runs=3, warmup=1, threads=1))
+    store_latency(path, measure_results(path, options=TimingOptions(batches=(1, 8), runs=3, warmup=1, threads=1)))
     summary = write_report(path, tmp_path / "report", n_boot=50)
     info = summary["latency"]["cpu"]
     assert info["batches"] == [1, 8] and info["threads"] == 1

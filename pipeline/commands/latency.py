@@ -58,7 +58,7 @@ def run(args) -> int:
     from nps.pipeline.views.console import make_console
 
     from nps.pipeline.errors import NpsError
-    from nps.pipeline.deploy.latency import measure_results
+    from nps.pipeline.deploy.latency import TimingOptions, measure_results
     from nps.pipeline.results.latency import noise_warning, parse_batches, store_latency
 
     if not os.path.exists(args.results):
@@ -76,9 +76,9 @@ def run(args) -> int:
                 what = "the base network" if target.row < 0 else f"{target.space} row {target.row}"
                 spinner.update(f"timing {what} ({i + 1}/{n})")
 
-        session = measure_results(args.results, spaces=args.space, device=args.device, batches=batches,
-                                  threads=args.threads, all_rows=args.all_rows, only_missing=args.missing,
-                                  warmup=args.warmup, runs=args.runs, progress=progress)
+        options = TimingOptions.given(batches=batches, threads=args.threads, warmup=args.warmup, runs=args.runs)
+        session = measure_results(args.results, spaces=args.space, device=args.device, options=options,
+                                  all_rows=args.all_rows, only_missing=args.missing, progress=progress)
     if not session["records"]:
         console.print(f"nothing to time: every {'' if args.all_rows else 'finished '}row of "
                       f"{', '.join(args.space) if args.space else 'the file'} is timed on {session['device']} already")

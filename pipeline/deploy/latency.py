@@ -140,34 +140,49 @@ def _targets(reader, results_path, spaces: Iterable[str] | None, all_rows: bool,
     return out, timed, untimed
 
 
+@dataclass(frozen=True)
+class TimingOptions:
+    """How a session times each network: at ``batches``, ``runs`` timed runs of at least ``min_run_s`` after
+    ``warmup`` forwards, on ``threads`` intra-op threads. None: the module's default (:data:`DEFAULT_BATCHES`,
+    :data:`DEFAULT_RUNS`, ...; threads: :data:`DEFAULT_CPU_THREADS` on the CPU, 0 for torch's default), read when
+    the session starts."""
+
+    batches: tuple[int, ...] | None = None
+    warmup: int | None = None
+    runs: int | None = None
+    min_run_s: float | None = None
+    threads: int | None = None
+
+    @classmethod
+    def given(cls, **values) -> "TimingOptions":
+        return cls(**{k: (tuple(int(b) for b in v) if k == "batches" and v is not None else v)
+                      for k, v in values.items()})
+
+    def resolved(self, device_type: str) -> "TimingOptions":
+        """Every value set: the defaults filled in (for ``device_type``'s threads)."""
+        cpu_threads = DEFAULT_CPU_THREADS if device_type == "cpu" else 0
+        return TimingOptions(tuple(self.batches or DEFAULT_BATCHES),
+                             DEFAULT_WARMUP if self.warmup is None else int(self.warmup),
+                             DEFAULT_RUNS if self.runs is None else int(self.runs),
+                             DEFAULT_MIN_RUN_S if self.min_run_s is None else float(self.min_run_s),
+                             cpu_threads if self.threads is None else int(self.threads))
+
+
 def measure_results(results_path: str | os.PathLike, *, spaces: Iterable[str] | None = None, device: str = "cpu",
-                    batches: Iterable[int] | None = None, threads: int | None = None, all_rows: bool = False,
-                    only_missing: bool = False, warmup: int | None = None, runs: int | None = None,
-                    min_run_s: float | None = None,
+                    options: TimingOptions | None = None, all_rows: bool = False, only_missing: bool = False,
                     progress: Callable[[int, int, Target], None] | None = None) -> dict:
     """Time the base network and the rows of a results file in one session; returns the session (not stored: see
     :func:`store_latency`; :func:`noise_warning` words its noisy timings).
 
     Rows: the finished rows of ``spaces`` (all spaces when None), every row with ``all_rows``; with
-    ``only_missing`` the rows this device has no measurement of yet (none: no session, no records). ``threads``:
-    torch's intra-op threads for the session (None: :data:`DEFAULT_CPU_THREADS` on the CPU; 0: torch's default).
+    ``only_missing`` the rows this device has no measurement of yet (none: no session, no records).
     Returns ``{"device", "settings", "records", "spaces", "untimed"}``, records as ``{"space", "row", "batch",
     "timing", "weights"}``, ``spaces`` the filter spaces chosen, ``untimed`` the weight spaces chosen (not timed:
     their rows run at the base network's speed; ``spaces`` naming weight spaces only is refused in one NpsError
     line).
-    ``batches``, ``warmup``, ``runs`` and ``min_run_s`` default to :data:`DEFAULT_BATCHES`, :data:`DEFAULT_WARMUP`,
-    :data:`DEFAULT_RUNS` and :data:`DEFAULT_MIN_RUN_S`.
     """
-    import torch
-
-    from nps.pipeline.network.checkpoints import load_tensors
-    from nps.pipeline.network.layer_table import LayerTable
-    from nps.pipeline.network.models import build_model
-    from nps.pipeline.network.prune import prune_model
     from nps.pipeline.results import h5file
-    from nps.pipeline.results.reader import open_readonly
-    from nps.pipeline.deploy.run_config import config_section, parse_config
-    from nps.pipeline.training.devices import parse_device, resolve_amp, resolve_channels_last
+    from nps.pipeline.training.devices import parse_device
 
     results_path = os.fspath(results_path)
     pid = h5file.writer_pid(results_path)
@@ -175,10 +190,20 @@ def measure_results(results_path: str | os.PathLike, *, spaces: Iterable[str] | 
         raise NpsError(f"{results_path} is being written by a run (pid {pid}); measure latency after it ends, or "
                        "set [output] latency = true to measure at the end of the run")
     dev = parse_device(device)
-    batches = tuple(int(b) for b in (DEFAULT_BATCHES if batches is None else batches))
-    warmup = DEFAULT_WARMUP if warmup is None else int(warmup)
-    runs = DEFAULT_RUNS if runs is None else int(runs)
-    min_run_s = DEFAULT_MIN_RUN_S if min_run_s is None else float(min_run_s)
+    table, amp_name, targets, timed, untimed = _read_targets(results_path, dev, spaces, all_rows, only_missing)
+    if only_missing and not targets:  # everything timed already: no new session (not even the base network)
+        return {"device": dev.type, "settings": {}, "records": [], "spaces": timed, "untimed": untimed}
+    settings, records = _time_targets(table, amp_name, dev, targets, (options or TimingOptions()).resolved(dev.type),
+                                      progress)
+    return {"device": dev.type, "settings": settings, "records": records, "spaces": timed, "untimed": untimed}
+
+
+def _read_targets(results_path: str, dev, spaces, all_rows: bool, only_missing: bool):
+    """(layer table, the run's amp setting, targets, timed spaces, untimed spaces) from the results file."""
+    from nps.pipeline.deploy.run_config import config_section, parse_config
+    from nps.pipeline.network.table import LayerTable
+    from nps.pipeline.results.reader import open_readonly
+
     with open_readonly(results_path) as reader:
         try:
             table = LayerTable.from_hdf5(reader.layers)
@@ -191,24 +216,31 @@ def measure_results(results_path: str | os.PathLike, *, spaces: Iterable[str] | 
             done = read_latency(reader).get(dev.type)
             skip = {(s, r) for s, r in zip(done["space"], done["row"])} if done else set()
         targets, timed, untimed = _targets(reader, results_path, spaces, all_rows, skip)
-    if only_missing and not targets:  # everything timed already: no new session (not even the base network)
-        return {"device": dev.type, "settings": {}, "records": [], "spaces": timed, "untimed": untimed}
+    return table, str(config_section(cfg, "retrain").get("amp", "auto")), targets, timed, untimed
+
+
+def _time_targets(table, amp_name: str, dev, targets: list[Target], o: TimingOptions, progress):
+    """(settings, records): the base network, then every target, timed in this process as ``o`` says."""
+    import torch
+
+    from nps.pipeline.network.checkpoints import load_tensors
+    from nps.pipeline.network.models import build_model
+    from nps.pipeline.network.prune import prune_model
+    from nps.pipeline.training.devices import resolve_amp, resolve_channels_last
+
     saved_threads = torch.get_num_threads()
-    if threads is None and dev.type == "cpu":
-        threads = DEFAULT_CPU_THREADS
-    if threads:
-        torch.set_num_threads(int(threads))
+    if o.threads:
+        torch.set_num_threads(o.threads)
     try:
         torch.manual_seed(0)
         base = build_model(table.model, num_classes=int(table.num_classes), in_channels=int(table.in_channels))
-        amp_name = str(config_section(cfg, "retrain").get("amp", "auto"))
         amp_dtype = resolve_amp(amp_name, dev, [base])
         nhwc = resolve_channels_last("auto", dev)
         settings = {"device_name": device_name(dev), "versions": library_versions(dev),
                     "threads": int(torch.get_num_threads()), "channels_last": bool(nhwc),
                     "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else "off",
-                    "batches": list(batches), "warmup": int(warmup), "runs": int(runs), "min_run_s": float(min_run_s),
-                    "noise_limit": NOISE_LIMIT,
+                    "batches": list(o.batches), "warmup": int(o.warmup), "runs": int(o.runs),
+                    "min_run_s": float(o.min_run_s), "noise_limit": NOISE_LIMIT,
                     "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         records = []
         everything = [Target(BASE, -1, None)] + targets
@@ -219,11 +251,11 @@ def measure_results(results_path: str | os.PathLike, *, spaces: Iterable[str] | 
             if target.weights:
                 model.load_state_dict(load_tensors(target.weights, f"the weights of row {target.row} of "
                                                                    f"{target.space!r}", "measure without them"))
-            for batch in batches:
+            for batch in o.batches:
                 timing = time_network(model, table, batch, device=dev, channels_last=nhwc, amp_dtype=amp_dtype,
-                                      warmup=warmup, runs=runs, min_run_s=min_run_s)
+                                      warmup=o.warmup, runs=o.runs, min_run_s=o.min_run_s)
                 records.append({"space": target.space, "row": target.row, "batch": batch, "timing": timing,
                                 "weights": target.weights is not None})
     finally:
         torch.set_num_threads(saved_threads)
-    return {"device": dev.type, "settings": settings, "records": records, "spaces": timed, "untimed": untimed}
+    return settings, records

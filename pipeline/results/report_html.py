@@ -86,6 +86,51 @@ def _baseline_rows(summary: dict) -> list[str]:
     return rows
 
 
+def _comparisons_html(summary: dict) -> list[str]:
+    """Per regime, P(row space's EDF area > column space's)."""
+    e = html.escape
+    parts: list[str] = []
+    comps = [r for r in summary["regimes"] if r.get("comparison")]
+    if comps:
+        parts.append("<h2>Which space's EDF is higher</h2><p>P(row space's EDF area &gt; column space's), from "
+                     "paired bootstrap draws; the EDF area is the mean of F over the regime's e-grid, so a higher "
+                     "area means a lower mean drop. Only spaces with at least 10 finished rows are compared.</p>")
+        for reg in comps:
+            names = list(reg["comparison"]["prob_best"])
+            head = "".join(f"<th>{e(n)}</th>" for n in names)
+            parts.append(f"<h3>{e(reg.get('id', reg['key']))}</h3><table><tr><th class=l></th>{head}</tr>")
+            for a in names:
+                cells = "".join("<td>–</td>" if a == b else f"<td>{reg['comparison']['prob_higher'][a][b]:.3f}</td>"
+                                for b in names)
+                parts.append(f"<tr><th class=l>{e(a)}</th>{cells}</tr>")
+            parts.append("</table>")
+    return parts
+
+
+def _fits_html(summary: dict) -> list[str]:
+    """The fits of each kind of pruning, whether each is drawn and why not."""
+    e = html.escape
+    parts: list[str] = []
+    parts.append("<h2>Fits</h2><p>Per kind of pruning (filter and weight regimes are never fitted together). A fit "
+                 "is drawn in its figure only when it leaves at least 2 degrees of freedom and R² ≥ 0.5; "
+                 "otherwise the figure shows the points alone and says why.</p><table><tr><th class=l>pruning</th>"
+                 "<th class=l>what</th><th class=l>form</th><th class=l>parameters</th>"
+                 "<th>n</th><th>R²</th><th>RMSE</th><th class=l>drawn</th><th class=l>note</th>"
+                 "<th class=l>why this form</th></tr>")
+    for pruning, fits in (summary.get("fits") or {}).items():
+        for label, key in (("optimal mCB vs remaining FLOPs (best-k points)", "optimal_mcb"),
+                           ("accuracy drop vs mCB (each regime's best network)", "drop_vs_mcb")):
+            f = fits[key]["fit"]
+            params = ", ".join(f"{k} = {v:.4g}" for k, v in f["params"].items()) or "–"
+            drawn = "yes" if f.get("drawn") else (f.get("not_drawn") or "no")
+            parts.append(f"<tr><td class=l>{e(pruning)}</td><td class=l>{label}</td><td class=l>{e(f['formula'])}"
+                         f"</td><td class=l>{e(params)}</td><td>{f['n']}</td><td>{_fmt(f['r2'])}</td>"
+                         f"<td>{_fmt(f['rmse'], '.3g')}</td><td class=l>{e(drawn)}</td><td class=l>{e(f['note'])}</td>"
+                         f"<td class=l>{e(fits[key].get('why', ''))}</td></tr>")
+    parts.append("</table>")
+    return parts
+
+
 def render_html(summary: dict) -> str:
     """The report page: counts and notes, the summary table, space comparisons, fits and the figures."""
     e = html.escape
@@ -130,37 +175,8 @@ def render_html(summary: dict) -> str:
                      "<th>c_params</th><th>mCB</th>"
                      "<th>top-1</th><th>drop</th></tr>" + "".join(baselines) + "</table>")
     parts += _ratio_study_html(summary.get("ratio_study"))
-    comps = [r for r in summary["regimes"] if r.get("comparison")]
-    if comps:
-        parts.append("<h2>Which space's EDF is higher</h2><p>P(row space's EDF area &gt; column space's), from "
-                     "paired bootstrap draws; the EDF area is the mean of F over the regime's e-grid, so a higher "
-                     "area means a lower mean drop.</p>")
-        for reg in comps:
-            names = list(reg["comparison"]["prob_best"])
-            head = "".join(f"<th>{e(n)}</th>" for n in names)
-            parts.append(f"<h3>{e(reg.get('id', reg['key']))}</h3><table><tr><th class=l></th>{head}</tr>")
-            for a in names:
-                cells = "".join("<td>–</td>" if a == b else f"<td>{reg['comparison']['prob_higher'][a][b]:.3f}</td>"
-                                for b in names)
-                parts.append(f"<tr><th class=l>{e(a)}</th>{cells}</tr>")
-            parts.append("</table>")
-    parts.append("<h2>Fits</h2><p>Per kind of pruning (filter and weight regimes are never fitted together). A fit "
-                 "is drawn in its figure only when it leaves at least 2 degrees of freedom and R² ≥ 0.5; "
-                 "otherwise the figure shows the points alone and says why.</p><table><tr><th class=l>pruning</th>"
-                 "<th class=l>what</th><th class=l>form</th><th class=l>parameters</th>"
-                 "<th>n</th><th>R²</th><th>RMSE</th><th class=l>drawn</th><th class=l>note</th>"
-                 "<th class=l>why this form</th></tr>")
-    for pruning, fits in (summary.get("fits") or {}).items():
-        for label, key in (("optimal mCB vs remaining FLOPs (best-k points)", "optimal_mcb"),
-                           ("accuracy drop vs mCB (each regime's best network)", "drop_vs_mcb")):
-            f = fits[key]["fit"]
-            params = ", ".join(f"{k} = {v:.4g}" for k, v in f["params"].items()) or "–"
-            drawn = "yes" if f.get("drawn") else (f.get("not_drawn") or "no")
-            parts.append(f"<tr><td class=l>{e(pruning)}</td><td class=l>{label}</td><td class=l>{e(f['formula'])}"
-                         f"</td><td class=l>{e(params)}</td><td>{f['n']}</td><td>{_fmt(f['r2'])}</td>"
-                         f"<td>{_fmt(f['rmse'], '.3g')}</td><td class=l>{e(drawn)}</td><td class=l>{e(f['note'])}</td>"
-                         f"<td class=l>{e(fits[key].get('why', ''))}</td></tr>")
-    parts.append("</table>")
+    parts += _comparisons_html(summary)
+    parts += _fits_html(summary)
     if summary.get("figures"):
         parts.append("<h2>Figures</h2>")
         for fig in summary["figures"].values():

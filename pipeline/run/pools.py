@@ -115,11 +115,26 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def worker_main(wid: int, device: str, threads: int, node: str, spec: WorkerSpec, tasks, results, stop,
-                parent_pid: int) -> None:
+@dataclass(frozen=True)
+class WorkerPlace:
+    """Where a local worker process runs and how it talks: its id, device, threads and node, and its queues."""
+
+    wid: int
+    device: str
+    threads: int
+    node: str
+    tasks: Any  # driver -> worker: (task, base weights), None to exit
+    results: Any  # worker -> driver: events
+    stop: Any  # the pool's stop event
+    parent_pid: int
+
+
+def worker_main(place: WorkerPlace, spec: WorkerSpec) -> None:
     """A local worker process: set up, then serve tasks until told to exit (or stopped)."""
     from nps.pipeline.run.worker import Worker, serve_task, setup_failure
 
+    wid, device, threads, node = place.wid, place.device, place.threads, place.node
+    tasks, results, stop, parent_pid = place.tasks, place.results, place.stop, place.parent_pid
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the driver decides
     logging.basicConfig(level=spec.log_level)
@@ -189,9 +204,9 @@ class LocalPool(WorkerPool):
         tasks = self.ctx.Queue()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child inherits "ignore" from birth
         try:
+            place = WorkerPlace(wid, device, threads, self.node, tasks, self.results, self.stop_event, os.getpid())
             process = self.ctx.Process(target=worker_main, name=f"nps-worker-{wid}", daemon=True,
-                                       args=(wid, device, threads, self.node, self.spec, tasks, self.results,
-                                             self.stop_event, os.getpid()))
+                                       args=(place, self.spec))
             process.start()
         finally:
             signal.signal(signal.SIGINT, previous)
