@@ -20,6 +20,11 @@ fused module is, up to rounding, K independent steps. :class:`FusedNetwork` keep
 (:meth:`~FusedNetwork.mask_grads` after every backward keeps the padding at zero through momentum and weight decay)
 and writes the members back (:meth:`~FusedNetwork.write_back`): K ordinary pruned state_dicts.
 
+:func:`fuse` walks the skeleton member's fx graph once, a rule per kind of node (``_NODE_RULES``: modules by type in
+``_MODULE_RULES``, functions and tensor methods by name in ``_FUNCTION_RULES``), every rule reading and extending one
+state (``_Pass``): on which axis each node carries the members, or that it is the same for all of them, and the fused
+layers and tensors made so far.
+
 What cannot be fused (a reduction or softmax over channels, GroupNorm, a module called twice, an unknown operation
 on channels...) raises :class:`FuseUnsupported` naming it; the engine then trains the cohort unfused.
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -184,6 +190,278 @@ class _Builder:
         return mask, mask.sum(-1, keepdim=True)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The pass over the members' graph: one rule per kind of node, sharing one state.
+
+
+@dataclass
+class _Pass:
+    """What the pass over the member graph knows so far; every rule reads and extends it."""
+
+    b: _Builder
+    modules: dict[str, nn.Module]  # the skeleton member's modules, by qualified name
+    axis: dict[str, int] = field(default_factory=dict)  # nodes carrying the members: their fused axis
+    # nodes whose value is the same for every member: the input batch and what follows from it alone
+    shared: set[str] = field(default_factory=set)
+    new_modules: dict[str, nn.Module] = field(default_factory=dict)  # fused layers, by qualified name
+    new_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # fused tensors that get_attr nodes read
+    ln_masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # functional layer norms
+
+    @staticmethod
+    def where(node: fx.Node) -> str:
+        """How a refusal names the node: a module's qualified name, else the node's."""
+        return f"{node.target if node.op == 'call_module' else node.name}"
+
+    @staticmethod
+    def inputs(node: fx.Node) -> list[fx.Node]:
+        """The nodes among ``node``'s arguments (also inside lists and tuples)."""
+        out = []
+        for a in list(node.args) + list(node.kwargs.values()):
+            if isinstance(a, fx.Node):
+                out.append(a)
+            elif isinstance(a, (list, tuple)):
+                out.extend(x for x in a if isinstance(x, fx.Node))
+        return out
+
+    @staticmethod
+    def ndim(node: fx.Node) -> int | None:
+        shape = node.meta.get("nps_shape")
+        return len(shape) if shape is not None else None
+
+    def fused(self, x) -> bool:
+        """Whether ``x`` (an argument) is a node carrying the members."""
+        return isinstance(x, fx.Node) and x.name in self.axis
+
+    def fused_inputs(self, node: fx.Node) -> list[fx.Node]:
+        return [a for a in self.inputs(node) if a.name in self.axis]
+
+    def refuse(self, node: fx.Node, why: str) -> FuseUnsupported:
+        return FuseUnsupported(f"{self.where(node)}: {why}")
+
+
+# -- placeholder, output, get_attr -----------------------------------------------------------------------------------
+
+
+def _placeholder(st: _Pass, node: fx.Node) -> None:
+    st.shared.add(node.name)
+
+
+def _output(st: _Pass, node: fx.Node) -> None:
+    if not st.fused_inputs(node):
+        raise FuseUnsupported("the network's output does not depend on its layers")
+    out = node.args[0]
+    if not isinstance(out, fx.Node) or out.name not in st.axis or st.axis[out.name] != 1 or st.ndim(out) != 2:
+        raise FuseUnsupported("the network's output is not [batch, classes]")
+
+
+def _get_attr(st: _Pass, node: fx.Node) -> None:
+    """A per-channel tensor read as an attribute (a layer scale...): fused, with its owner's other channel tensors;
+    any other attribute is the same for every member."""
+    owner, _, attr = node.target.rpartition(".")
+    tensors = st.b.graph.channel_tensors.get(owner)
+    if tensors is None or attr not in tensors.tensors:
+        st.shared.add(node.name)
+        return
+    if node.target not in st.new_tensors:
+        for a, t in st.b.channel_tensors(owner, st.modules[owner], tensors):
+            st.new_tensors[f"{owner}.{a}"] = t
+    st.axis[node.name] = tensors.tensors[attr]
+
+
+# -- modules ---------------------------------------------------------------------------------------------------------
+
+
+def _conv(st: _Pass, node: fx.Node, module: nn.Conv2d, x) -> None:
+    x_fused = st.fused(x)
+    if not x_fused and not (isinstance(x, fx.Node) and x.name in st.shared):
+        raise st.refuse(node, "an input nps cannot place")
+    if x_fused and st.axis[x.name] != 1:
+        raise st.refuse(node, "a conv reading a permuted tensor")
+    st.new_modules[node.target] = st.b.conv(node.target, module, shared_input=not x_fused)
+    st.axis[node.name] = 1
+
+
+def _linear(st: _Pass, node: fx.Node, module: nn.Linear, x) -> None:
+    if not st.fused(x) or st.axis[x.name] != st.ndim(x) - 1:
+        raise st.refuse(node, "a linear layer not reading the fused last axis")
+    st.new_modules[node.target] = st.b.linear(node.target, module)
+    st.axis[node.name] = st.axis[x.name]
+
+
+def _batch_norm(st: _Pass, node: fx.Node, module: nn.modules.batchnorm._BatchNorm, x) -> None:
+    if not st.fused(x) or st.axis[x.name] != 1:
+        raise st.refuse(node, "a BatchNorm not over the fused channels")
+    b = st.b
+    tensors = b.graph.channel_tensors[node.target]
+    axes = [b.axis(tensors.segs, m) for m in range(b.k)]
+    fused = type(module)(b.k * axes[0][1], eps=module.eps, momentum=module.momentum, affine=module.affine,
+                         track_running_stats=module.track_running_stats, device="meta")
+    for attr, t in b.channel_tensors(node.target, module, tensors):
+        setattr(fused, attr, t)
+    if module.track_running_stats:
+        fused.num_batches_tracked = module.num_batches_tracked.detach().clone()
+    fused.train(module.training)
+    st.new_modules[node.target] = fused
+    st.axis[node.name] = 1
+
+
+def _layer_norm_module(st: _Pass, node: fx.Node, module: nn.LayerNorm, x) -> None:
+    if not st.fused(x) or st.axis[x.name] != st.ndim(x) - 1 or len(module.normalized_shape) != 1:
+        raise st.refuse(node, "a LayerNorm not over the fused channels")
+    tensors = st.b.graph.channel_tensors[node.target]
+    mask, counts = st.b.layer_norm_mask(tensors.segs)
+    fused = FusedLayerNorm(module, mask, counts, st.b.like)
+    for attr, t in st.b.channel_tensors(node.target, module, tensors):
+        setattr(fused, attr, t)
+    st.new_modules[node.target] = fused
+    st.axis[node.name] = st.axis[x.name]
+
+
+def _same_module(st: _Pass, node: fx.Node, module: nn.Module, x) -> None:
+    """Elementwise and spatial modules: the result's channels are the input's."""
+    if st.fused(x):
+        st.axis[node.name] = st.axis[x.name]
+    else:
+        st.shared.add(node.name)
+
+
+def _flatten_module(st: _Pass, node: fx.Node, module: nn.Flatten, x) -> None:
+    if not st.fused(x):
+        st.shared.add(node.name)
+        return
+    if st.axis[x.name] != module.start_dim or module.end_dim != -1:
+        raise st.refuse(node, "a flatten that is not from the channels on")
+    st.axis[node.name] = module.start_dim
+
+
+_MODULE_RULES = (  # the first whose type matches applies
+    (nn.Conv2d, _conv),
+    (nn.Linear, _linear),
+    (nn.modules.batchnorm._BatchNorm, _batch_norm),
+    (nn.LayerNorm, _layer_norm_module),
+    (_ELEMENTWISE_MODULES + _SPATIAL_MODULES, _same_module),
+    (nn.Flatten, _flatten_module),
+)
+
+
+def _call_module(st: _Pass, node: fx.Node) -> None:
+    module = st.modules[node.target]
+    x = node.args[0] if node.args else None
+    for types, rule in _MODULE_RULES:
+        if isinstance(module, types):
+            rule(st, node, module, x)
+            return
+    raise st.refuse(node, f"{type(module).__name__} cannot be fused")
+
+
+# -- functions and methods -------------------------------------------------------------------------------------------
+
+
+def _sizes(st: _Pass, node: fx.Node, axis: int) -> None:
+    """Sizes: the fused sizes are what the code asks for (the node carries no channels)."""
+
+
+def _cat(st: _Pass, node: fx.Node, axis: int) -> None:
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    tensors = node.args[0]
+    if any(t.name not in st.axis for t in tensors):
+        raise st.refuse(node, "a concat of member and shared tensors")
+    if dim % st.ndim(node) == axis:
+        node.target = member_cat
+        node.args = (tensors,)
+        node.kwargs = {"dim": dim, "k": st.b.k}
+    st.axis[node.name] = axis
+
+
+def _layer_norm_function(st: _Pass, node: fx.Node, axis: int) -> None:
+    weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    owner = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+    tensors = st.b.graph.channel_tensors.get(owner) if owner else None
+    if tensors is None or axis != st.ndim(node) - 1:
+        raise st.refuse(node, "a layer norm nps cannot fuse")
+    st.ln_masks[node.name] = st.b.layer_norm_mask(tensors.segs)
+    st.axis[node.name] = axis
+
+
+def _elementwise(st: _Pass, node: fx.Node, axis: int) -> None:
+    for a in st.inputs(node):  # a shared scalar is fine; a shared tensor would meet every member's channels
+        shape = a.meta.get("nps_shape")
+        if a.name in st.shared and a.op != "get_attr" and isinstance(shape, tuple) and math.prod(shape) > 1:
+            raise st.refuse(node, "an operation between member and shared tensors")
+    st.axis[node.name] = axis
+
+
+def _flatten_function(st: _Pass, node: fx.Node, axis: int) -> None:
+    start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+    end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
+    if start != axis or end not in (-1, st.ndim(st.fused_inputs(node)[0]) - 1):
+        raise st.refuse(node, "a flatten that is not from the channels on")
+    st.axis[node.name] = start
+
+
+def _reduce(st: _Pass, node: fx.Node, axis: int) -> None:
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    n = st.ndim(st.fused_inputs(node)[0])
+    dims = [d % n for d in dims]
+    if not dims or axis in dims:
+        raise st.refuse(node, "a reduction over the channels")
+    st.axis[node.name] = axis if keep else axis - sum(d < axis for d in dims)
+
+
+def _permute(st: _Pass, node: fx.Node, axis: int) -> None:
+    order = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) > 1 else node.kwargs.get("dims")
+    order = [o % st.ndim(st.fused_inputs(node)[0]) for o in order]
+    st.axis[node.name] = order.index(axis)
+
+
+def _reshape(st: _Pass, node: fx.Node, axis: int) -> None:
+    shape = node.meta.get("nps_shape")
+    if axis != 1 or shape is None or len(shape) != 2:
+        raise st.refuse(node, "a reshape of the channels")
+    st.axis[node.name] = 1
+
+
+# (contiguous, to, float, clone, detach and type are unary names: _elementwise)
+_FUNCTION_RULES = {
+    **{name: _elementwise for name in _UNARY_NAMES | _BINARY_NAMES | _SPATIAL_NAMES},
+    **{name: _sizes for name in _SHAPE_NAMES | {"getattr"}},
+    "cat": _cat, "concat": _cat,
+    "layer_norm": _layer_norm_function,
+    "flatten": _flatten_function,
+    "mean": _reduce, "amax": _reduce, "sum": _reduce,
+    "permute": _permute,
+    "view": _reshape, "reshape": _reshape,
+}
+
+
+def _call_function(st: _Pass, node: fx.Node) -> None:
+    """A function or tensor method: shared when no input carries the members; else the rule of its name, given the
+    axis its (activation) inputs carry the members on."""
+    fused_in = st.fused_inputs(node)
+    if not fused_in:
+        st.shared.add(node.name)
+        return
+    activations = [a for a in fused_in if a.op != "get_attr"] or fused_in
+    axis = st.axis[activations[0].name]  # (a per-channel parameter broadcasts against the activation)
+    if any(st.axis[a.name] != axis for a in activations):
+        raise st.refuse(node, "members' channels on different axes")
+    name = _target_name(node)
+    rule = _FUNCTION_RULES.get(name)
+    if rule is None:
+        raise st.refuse(node, f"operation {name} on the members' channels")
+    rule(st, node, axis)
+
+
+_NODE_RULES = {"placeholder": _placeholder, "output": _output, "get_attr": _get_attr, "call_module": _call_module,
+               "call_function": _call_function, "call_method": _call_function}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fuse
+
+
 def fuse(base: nn.Module, table: LayerTable, keeps, members: list[nn.Module]) -> FusedNetwork:
     """One :class:`FusedNetwork` for ``members`` (pruned from ``base`` by ``table`` with the keep vectors ``keeps``,
     on one device, in the same mode); their current weights and statistics are copied in. Raises
@@ -193,10 +471,17 @@ def fuse(base: nn.Module, table: LayerTable, keeps, members: list[nn.Module]) ->
     if not members:
         raise ValueError("fuse needs at least one member")
     b = _Builder(base, table, keeps, members)
-    graph, k = b.graph, b.k
     skeleton = members[0]
     gm_source = trace(skeleton)
-    modules = dict(skeleton.named_modules())
+    _check_called_once(gm_source, b.graph)
+    _record_shapes(skeleton, gm_source, table)
+    st = _Pass(b, dict(skeleton.named_modules()))
+    for node in gm_source.graph.nodes:
+        _NODE_RULES.get(node.op, _call_function)(st, node)
+    return _assemble(st, skeleton, gm_source)
+
+
+def _check_called_once(gm_source: fx.GraphModule, graph) -> None:
     calls: dict[str, int] = {}
     for node in gm_source.graph.nodes:
         if node.op == "call_module":
@@ -205,197 +490,31 @@ def fuse(base: nn.Module, table: LayerTable, keeps, members: list[nn.Module]) ->
         if count > 1 and name in graph.weights:
             raise FuseUnsupported(f"{name}: a layer called {count} times")
 
-    new_modules: dict[str, nn.Module] = {}
-    fused_attrs: dict[str, torch.Tensor] = {}
-    shared: set[str] = set()  # nodes whose value is the same for every member (the input batch and what follows it)
-    fused_axis: dict[str, int] = {}  # nodes carrying the members: their fused axis
-    ln_masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def where(node) -> str:
-        return f"{node.target if node.op == 'call_module' else node.name}"
-
-    def arg_nodes(node):
-        out = []
-        for a in list(node.args) + list(node.kwargs.values()):
-            if isinstance(a, fx.Node):
-                out.append(a)
-            elif isinstance(a, (list, tuple)):
-                out.extend(x for x in a if isinstance(x, fx.Node))
-        return out
-
-    def ndim(node) -> int | None:
-        shape = node.meta.get("nps_shape")
-        return len(shape) if shape is not None else None
-
-    # shapes (batch 1, on the meta device), as the channel analysis records them
+def _record_shapes(skeleton: nn.Module, gm_source: fx.GraphModule, table: LayerTable) -> None:
+    """Every node's shape (batch 1, on the meta device) in its ``meta``, as the channel analysis records them."""
     from nps.pipeline.network.trace import _meta_copy, _Shapes
 
     meta_gm = fx.GraphModule(_meta_copy(skeleton).eval(), gm_source.graph)
     with torch.no_grad():
         _Shapes(meta_gm).run(torch.empty(1, table.in_channels, table.resolution, table.resolution, device="meta"))
 
-    for node in gm_source.graph.nodes:
-        ins = [a for a in arg_nodes(node)]
-        fused_in = [a for a in ins if a.name in fused_axis]
-        if node.op == "placeholder":
-            shared.add(node.name)
-            continue
-        if node.op == "output":
-            if not fused_in:
-                raise FuseUnsupported("the network's output does not depend on its layers")
-            continue
-        if node.op == "get_attr":
-            owner, _, attr = node.target.rpartition(".")
-            tensors = graph.channel_tensors.get(owner)
-            if tensors is not None and attr in tensors.tensors:
-                if node.target not in fused_attrs:
-                    for a, t in b.channel_tensors(owner, modules[owner], tensors):
-                        fused_attrs[f"{owner}.{a}"] = t
-                fused_axis[node.name] = tensors.tensors[attr]
-            else:
-                shared.add(node.name)
-            continue
-        if node.op == "call_module":
-            module = modules[node.target]
-            x = node.args[0] if node.args else None
-            x_fused = isinstance(x, fx.Node) and x.name in fused_axis
-            if isinstance(module, nn.Conv2d):
-                if not x_fused and not (isinstance(x, fx.Node) and x.name in shared):
-                    raise FuseUnsupported(f"{where(node)}: an input nps cannot place")
-                if x_fused and fused_axis[x.name] != 1:
-                    raise FuseUnsupported(f"{where(node)}: a conv reading a permuted tensor")
-                new_modules[node.target] = b.conv(node.target, module, shared_input=not x_fused)
-                fused_axis[node.name] = 1
-            elif isinstance(module, nn.Linear):
-                if not x_fused or fused_axis[x.name] != ndim(x) - 1:
-                    raise FuseUnsupported(f"{where(node)}: a linear layer not reading the fused last axis")
-                new_modules[node.target] = b.linear(node.target, module)
-                fused_axis[node.name] = fused_axis[x.name]
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                if not x_fused or fused_axis[x.name] != 1:
-                    raise FuseUnsupported(f"{where(node)}: a BatchNorm not over the fused channels")
-                tensors = graph.channel_tensors[node.target]
-                axes = [b.axis(tensors.segs, m) for m in range(k)]
-                fused = type(module)(k * axes[0][1], eps=module.eps, momentum=module.momentum,
-                                     affine=module.affine, track_running_stats=module.track_running_stats,
-                                     device="meta")
-                for attr, t in b.channel_tensors(node.target, module, tensors):
-                    setattr(fused, attr, t)
-                if module.track_running_stats:
-                    fused.num_batches_tracked = module.num_batches_tracked.detach().clone()
-                fused.train(module.training)
-                new_modules[node.target] = fused
-                fused_axis[node.name] = 1
-            elif isinstance(module, nn.LayerNorm):
-                if not x_fused or fused_axis[x.name] != ndim(x) - 1 or len(module.normalized_shape) != 1:
-                    raise FuseUnsupported(f"{where(node)}: a LayerNorm not over the fused channels")
-                tensors = graph.channel_tensors[node.target]
-                mask, counts = b.layer_norm_mask(tensors.segs)
-                fused = FusedLayerNorm(module, mask, counts, b.like)
-                for attr, t in b.channel_tensors(node.target, module, tensors):
-                    setattr(fused, attr, t)
-                new_modules[node.target] = fused
-                fused_axis[node.name] = fused_axis[x.name]
-            elif isinstance(module, _ELEMENTWISE_MODULES + _SPATIAL_MODULES):
-                if x_fused:
-                    fused_axis[node.name] = fused_axis[x.name]
-                else:
-                    shared.add(node.name)
-            elif isinstance(module, nn.Flatten):
-                if x_fused:
-                    if fused_axis[x.name] != module.start_dim or module.end_dim != -1:
-                        raise FuseUnsupported(f"{where(node)}: a flatten that is not from the channels on")
-                    fused_axis[node.name] = module.start_dim
-                else:
-                    shared.add(node.name)
-            else:
-                raise FuseUnsupported(f"{where(node)}: {type(module).__name__} cannot be fused")
-            continue
-        # call_function / call_method
-        name = _target_name(node)
-        if not fused_in:
-            shared.add(node.name)
-            continue
-        activations = [a for a in fused_in if a.op != "get_attr"] or fused_in
-        axis = fused_axis[activations[0].name]  # (a per-channel parameter broadcasts against the activation)
-        if any(fused_axis[a.name] != axis for a in activations):
-            raise FuseUnsupported(f"{where(node)}: members' channels on different axes")
-        if name in _SHAPE_NAMES or name == "getattr":
-            continue  # sizes: the fused sizes are what the code asks for
-        if name in ("cat", "concat"):
-            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-            tensors = node.args[0]
-            if any(t.name not in fused_axis for t in tensors):
-                raise FuseUnsupported(f"{where(node)}: a concat of member and shared tensors")
-            if dim % ndim(node) == axis:
-                node.target = member_cat
-                node.args = (tensors,)
-                node.kwargs = {"dim": dim, "k": k}
-            fused_axis[node.name] = axis
-        elif name == "layer_norm":
-            weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-            owner = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" \
-                else None
-            tensors = graph.channel_tensors.get(owner) if owner else None
-            if tensors is None or axis != ndim(node) - 1:
-                raise FuseUnsupported(f"{where(node)}: a layer norm nps cannot fuse")
-            ln_masks[node.name] = b.layer_norm_mask(tensors.segs)
-            fused_axis[node.name] = axis
-        elif name in _UNARY_NAMES or name in _BINARY_NAMES or name in _SPATIAL_NAMES:
-            for a in ins:  # a shared scalar is fine; a shared tensor would meet every member's channels
-                shape = a.meta.get("nps_shape")
-                if a.name in shared and a.op != "get_attr" and isinstance(shape, tuple) and math.prod(shape) > 1:
-                    raise FuseUnsupported(f"{where(node)}: an operation between member and shared tensors")
-            fused_axis[node.name] = axis
-        elif name == "flatten":
-            start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
-            end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
-            if start != axis or end not in (-1, ndim(fused_in[0]) - 1):
-                raise FuseUnsupported(f"{where(node)}: a flatten that is not from the channels on")
-            fused_axis[node.name] = start
-        elif name in ("mean", "amax", "sum"):
-            dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-            dims = [dims] if isinstance(dims, int) else list(dims or [])
-            keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-            n = ndim(fused_in[0])
-            dims = [d % n for d in dims]
-            if not dims or axis in dims:
-                raise FuseUnsupported(f"{where(node)}: a reduction over the channels")
-            fused_axis[node.name] = axis if keep else axis - sum(d < axis for d in dims)
-        elif name == "permute":
-            order = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) > 1 \
-                else node.kwargs.get("dims")
-            order = [o % ndim(fused_in[0]) for o in order]
-            fused_axis[node.name] = order.index(axis)
-        elif name in ("view", "reshape"):
-            shape = node.meta.get("nps_shape")
-            if axis != 1 or shape is None or len(shape) != 2:
-                raise FuseUnsupported(f"{where(node)}: a reshape of the channels")
-            fused_axis[node.name] = 1
-        elif name in ("contiguous", "to", "float", "clone", "detach", "type"):
-            fused_axis[node.name] = axis
-        else:
-            raise FuseUnsupported(f"{where(node)}: operation {name} on the members' channels")
 
-    output = next(n for n in gm_source.graph.nodes if n.op == "output")
-    out_node = output.args[0]
-    if not isinstance(out_node, fx.Node) or out_node.name not in fused_axis or fused_axis[out_node.name] != 1 \
-            or ndim(out_node) != 2:
-        raise FuseUnsupported("the network's output is not [batch, classes]")
-
-    # the fused module: the member's module tree with the fused layers and tensors in place
+def _assemble(st: _Pass, skeleton: nn.Module, gm_source: fx.GraphModule) -> FusedNetwork:
+    """The fused module: the member's module tree with the fused layers and tensors in place."""
     root = copy.deepcopy(skeleton)
-    for name, module in new_modules.items():
+    for name, module in st.new_modules.items():
         root.set_submodule(name, module)
-    for name, tensor in fused_attrs.items():
+    for name, tensor in st.new_tensors.items():
         _set(root, name, tensor)
     gm = fx.GraphModule(root, gm_source.graph)
+    like = st.b.like
     for node in list(gm.graph.nodes):
-        if node.name in ln_masks:  # a functional layer norm: each member over its own channels
-            mask, counts = ln_masks[node.name]
+        if node.name in st.ln_masks:  # a functional layer norm: each member over its own channels
+            mask, counts = st.ln_masks[node.name]
             mname, cname = f"_nps_ln_mask_{node.name}", f"_nps_ln_counts_{node.name}"
-            gm.register_buffer(mname, mask.to(b.like.device, b.like.dtype))
-            gm.register_buffer(cname, counts.to(b.like.device, b.like.dtype))
+            gm.register_buffer(mname, mask.to(like.device, like.dtype))
+            gm.register_buffer(cname, counts.to(like.device, like.dtype))
             with gm.graph.inserting_before(node):
                 m_node = gm.graph.get_attr(mname)
                 c_node = gm.graph.get_attr(cname)
@@ -403,6 +522,6 @@ def fuse(base: nn.Module, table: LayerTable, keeps, members: list[nn.Module]) ->
             node.kwargs = {**node.kwargs, "ln_mask": m_node, "ln_counts": c_node}
     gm.recompile()
     gm.train(skeleton.training)
-    net = FusedNetwork(gm, k, b.params, members)
+    net = FusedNetwork(gm, st.b.k, st.b.params, st.b.members)
     net.load_members()
     return net
