@@ -17,6 +17,12 @@ Two implementations sit behind that interface:
 * **on-device** -- :class:`~nps.datasets.device_loader.DeviceLoader`: the whole split as one uint8 tensor on the
   device, the same pad-and-crop + flip done there in one gather per batch.
 
+:func:`make_holdout_loaders` does the same with a **holdout** carved from the train split (what base training's
+plateau rule scores, never the test split): the last ``holdout_images`` of a permutation of the split drawn from
+``holdout_seed`` (:func:`holdout_split`), evaluated like val (no augmentation) and never trained on. With the
+on-device loader a pass's order, crops and flips are a function of ``(seed, epoch)`` alone (``set_epoch``); with
+FFCV the order is, its augmentation is not (numba's per-thread generators, unseeded).
+
 ``on_device="auto"`` picks the on-device loader when all images have one size, both sides <= 64 px, and the
 tensors it keeps (train: padded, 4 bytes a pixel; val: 3 bytes a pixel) take at most ``min(4 GiB, 25% of the
 device's free memory)`` (CUDA: ``mem_get_info``; CPU: ``MemAvailable``). CIFAR-10 needs about 350 MiB,
@@ -30,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from nps.datasets.batch_ops import BatchFinisher
@@ -44,6 +51,8 @@ ON_DEVICE_MEMORY_FRACTION = 0.25
 VAL_CENTER_CROP_RATIO = 224 / 256
 DEFAULT_LARGE_RESOLUTION = 224
 ORDERS = ("random", "quasi_random", "sequential")
+HOLDOUT_AUTO_MAX = 5000  # holdout_images = "auto": this many, or a tenth of the train split when that is fewer
+HOLDOUT_STREAM = 0x401D  # mixed into the holdout's seed: the permutation is its own, not the train order's
 
 
 @dataclass
@@ -179,6 +188,29 @@ def default_num_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+def resolve_holdout(images: Union[int, str], train_count: int) -> int:
+    """How many training images a holdout of ``images`` takes from a train split of ``train_count``: ``"auto"`` is
+    ``min(HOLDOUT_AUTO_MAX, train_count // 10)``; a number is itself, and must leave at least half the split to
+    train on (DatasetError otherwise)."""
+    if images == "auto":
+        return min(HOLDOUT_AUTO_MAX, int(train_count) // 10)
+    if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+        raise DatasetError(f"holdout of {images!r} images: use 'auto' or a number >= 0")
+    if images > int(train_count) // 2:
+        raise DatasetError(f"a holdout of {images} images leaves too few of the {train_count} training images to "
+                           f"train on: use at most {int(train_count) // 2}")
+    return int(images)
+
+
+def holdout_split(train_count: int, holdout_images: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(train indices, holdout indices) of a train split of ``train_count`` images, each sorted: the holdout is the
+    last ``holdout_images`` of a permutation drawn from ``seed`` alone, so the same experiment always holds out the
+    same images, whatever the loader, device or batch size."""
+    order = np.random.default_rng([HOLDOUT_STREAM, int(seed)]).permutation(int(train_count))
+    cut = int(train_count) - int(holdout_images)
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
 def make_loaders(data_dir: Union[str, os.PathLike], *, batch_size: int, resolution: Optional[int] = None,
                  device: Union[str, torch.device] = "cpu", in_channels: int = 3, num_workers: Optional[int] = None,
                  order: str = "random", drop_last: bool = True, os_cache: bool = True, seed: int = 0,
@@ -226,6 +258,39 @@ def make_loaders(data_dir: Union[str, os.PathLike], *, batch_size: int, resoluti
     -------
     (train_loader, val_loader, LoaderInfo)
     """
+    train, _, val, info = _build_loaders(
+        data_dir, batch_size=batch_size, resolution=resolution, device=device, in_channels=in_channels,
+        num_workers=num_workers, order=order, drop_last=drop_last, os_cache=os_cache, seed=seed,
+        distributed=distributed, on_device=on_device, augment=augment, val_batch_size=val_batch_size,
+        batches_ahead=batches_ahead, dtype=dtype)
+    return train, val, info
+
+
+def make_holdout_loaders(data_dir: Union[str, os.PathLike], *, holdout_images: Union[int, str], holdout_seed: int,
+                         **options):
+    """:func:`make_loaders` with a holdout carved from the train split: ``(train, holdout, val, LoaderInfo)``.
+
+    ``train`` yields the train split without the holdout (augmented, in the order of ``seed`` and the epoch),
+    ``holdout`` the held-out training images as ``val`` yields its own (sequential, no augmentation, at the val
+    batch size); the holdout's images are chosen by :func:`holdout_split` from ``holdout_seed``. ``holdout_images``
+    is resolved by :func:`resolve_holdout` (``"auto"``, or a number up to half the split); 0 gives ``holdout``
+    None and the whole train split. ``LoaderInfo.extra["holdout_images"]`` says how many were held out.
+    ``options`` are :func:`make_loaders`' keywords.
+    """
+    meta = load_meta(Path(data_dir))
+    count = int(meta["counts"]["train"])
+    held = resolve_holdout(holdout_images, count)
+    carve = holdout_split(count, held, holdout_seed) if held else None
+    return _build_loaders(data_dir, carve=carve, **options)
+
+
+def _build_loaders(data_dir: Union[str, os.PathLike], *, batch_size: int, resolution: Optional[int] = None,
+                   device: Union[str, torch.device] = "cpu", in_channels: int = 3, num_workers: Optional[int] = None,
+                   order: str = "random", drop_last: bool = True, os_cache: bool = True, seed: int = 0,
+                   distributed: bool = False, on_device: Union[str, bool] = "auto", augment: bool = True,
+                   val_batch_size: Optional[int] = None, batches_ahead: int = 3, dtype: torch.dtype = torch.float32,
+                   carve=None):
+    """(train, holdout or None, val, info); ``carve`` is (train indices, holdout indices) of the train split."""
     data_dir = Path(data_dir)
     meta = load_meta(data_dir)
     device = torch.device(device)
@@ -272,26 +337,37 @@ def make_loaders(data_dir: Union[str, os.PathLike], *, batch_size: int, resoluti
         from nps.datasets.device_loader import DeviceLoader, load_split
 
         splits = {name: load_split(str(path), device=device, num_workers=num_workers) for name, path in paths.items()}
+        if carve is not None:  # the holdout's images leave the train split before the loader packs it
+            images, labels = splits.pop("train")
+            train_idx, holdout_idx = (torch.as_tensor(i, device=images.device) for i in carve)
+            splits["train"] = images[train_idx], labels[train_idx]
+            splits["holdout"] = images[holdout_idx], labels[holdout_idx]
+            del images, labels
         train = DeviceLoader(*splits["train"], batch_size=batch_size, finisher=finisher, augment=augment,
                              padding=padding, order=order, drop_last=drop_last, seed=seed, distributed=distributed)
         val = DeviceLoader(*splits["val"], batch_size=val_batch_size, finisher=finisher, augment=False,
                            order="sequential", drop_last=False, seed=seed, distributed=distributed)
+        holdout = None if carve is None else DeviceLoader(
+            *splits["holdout"], batch_size=val_batch_size, finisher=finisher, augment=False, order="sequential",
+            drop_last=False, seed=seed, distributed=distributed)
         implementation = "on-device"
     else:
         from ffcv.loader import Loader
 
-        def build(split: str, is_train: bool):
+        def build(split: str, is_train: bool, indices=None):
             pipelines = {"image": _image_pipeline(is_train, small, augment, padding, out_size, device),
                          "label": _label_pipeline(device)}
             loader = Loader(str(paths[split]), batch_size=batch_size if is_train else val_batch_size,
                             num_workers=num_workers, os_cache=os_cache,
                             order=_order_option(order if is_train else "sequential"),
-                            drop_last=drop_last if is_train else False, seed=seed,
+                            drop_last=drop_last if is_train else False, seed=seed, indices=indices,
                             distributed=distributed, pipelines=pipelines, batches_ahead=batches_ahead)
             return FFCVImageLoader(loader, finisher)
 
         threads = torch.get_num_threads()
-        train, val = build("train", True), build("val", False)
+        train = build("train", True, None if carve is None else carve[0])
+        val = build("val", False)
+        holdout = None if carve is None else build("train", False, carve[1])  # evaluated as val is
         torch.set_num_threads(threads)  # see FFCVImageLoader.__iter__
         implementation = "ffcv"
 
@@ -299,6 +375,7 @@ def make_loaders(data_dir: Union[str, os.PathLike], *, batch_size: int, resoluti
                       resolution=[out_size, out_size], in_channels=in_channels, mean=list(meta["mean"]),
                       std=list(meta["std"]), train_batches=len(train), val_batches=len(val),
                       train_augmentation=augmentation, fingerprint=meta["fingerprint"],
-                      extra={"batch_size": batch_size, "num_workers": num_workers, "order": order})
+                      extra={"batch_size": batch_size, "num_workers": num_workers, "order": order,
+                             "holdout_images": 0 if carve is None else int(len(carve[1]))})
     log.info("%s", info)
-    return train, val, info
+    return train, holdout, val, info

@@ -74,9 +74,9 @@ def test_a_new_file_names_the_current_format(tmp_path):
     store = ResultsStore.create(tmp_path / "r.h5", StandInTable(), "[experiment]\nname = 'x'\n", {"base_top1": 90.0})
     store.add_space("std-0.05@c_flops=0.25", rows_for_store(3), epochs=1)
     store.close()
-    assert format_attr(tmp_path / "r.h5") == current_format() == 2
+    assert format_attr(tmp_path / "r.h5") == current_format() == 3
     with open_readonly(tmp_path / "r.h5") as reader:
-        assert reader.format == 2
+        assert reader.format == 3
 
 
 def test_status_table_and_report_read_a_format_1_file(format1, tmp_path, capsys, monkeypatch):
@@ -118,12 +118,12 @@ def test_a_writer_records_the_current_format_on_a_format_1_file_when_it_writes(f
     assert format_attr(format1) is None
     store = ResultsStore.open(format1)
     store.reset_running(FILTERS)  # what a resume does first: its first write
-    assert store.format == 2
+    assert store.format == current_format()
     store.reset_failed(FILTERS)  # and the rows it writes are the file's as before
     store.close()
-    assert format_attr(format1) == 2
+    assert format_attr(format1) == current_format()
     with open_readonly(format1) as reader:
-        assert reader.format == 2
+        assert reader.format == current_format()
         cols = reader.read(FILTERS, ["status", "top1", "error"])
     assert cols["status"].tolist() == [DONE, DONE, DONE, PENDING, PENDING]
     np.testing.assert_array_equal(cols["top1"], [80.25, 78.5, 81.0, np.nan, np.nan])
@@ -138,7 +138,7 @@ def test_storing_latency_on_a_format_1_file_records_the_current_format(format1):
     with store.editing() as f:
         f["latency"]["cpu"].attrs["note"] = "re-measured"
     store.close()
-    assert format_attr(format1) == 2
+    assert format_attr(format1) == current_format()
 
 
 @pytest.mark.parametrize("command", ["status", "report", "table", "export", "latency"])
@@ -225,7 +225,7 @@ bn_images = 64
 @pytest.mark.fmnist
 def test_a_run_resumes_a_format_1_file_and_records_the_current_format(tiny_experiment, tmp_path):
     """A run's own file made format 1 (the attribute removed: the layouts are otherwise the same) resumes: the
-    same experiment, its rows kept, and the file is format 2 from its first write on."""
+    same experiment, its rows kept, and the file is of the current format from its first write on."""
     from nps.pipeline.experiment.config import parse_config
     from nps.pipeline.experiment.plan import validate
     from nps.pipeline.run import open_results, sample_missing_spaces
@@ -240,13 +240,13 @@ def test_a_run_resumes_a_format_1_file_and_records_the_current_format(tiny_exper
     plan = validate(parse_config(tiny_experiment.read_text()))
     store, resumed = open_results(plan)
     try:
-        assert resumed and store.format == 2
+        assert resumed and store.format == current_format()
         assert sorted(store.spaces()) == sorted(recipes)
         for space, recipe in recipes.items():
             np.testing.assert_array_equal(store.read(space, ["recipe"])["recipe"], recipe)
     finally:
         store.close()
-    assert format_attr(plan.results_path) == 2
+    assert format_attr(plan.results_path) == current_format()
 
 
 @pytest.mark.fmnist

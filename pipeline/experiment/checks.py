@@ -70,6 +70,14 @@ def check_config(cfg):
     _need(0 <= b.momentum < 1, "base.momentum", f"must be in [0, 1), got {b.momentum}")
     _need(b.weight_decay >= 0, "base.weight_decay", f"must be >= 0, got {b.weight_decay}")
     _need(0 <= b.label_smoothing < 1, "base.label_smoothing", f"must be in [0, 1), got {b.label_smoothing}")
+    _need(b.holdout_images == "auto" or (isinstance(b.holdout_images, int) and b.holdout_images >= 0),
+          "base.holdout_images", f"use 'auto' or a number >= 0, got {b.holdout_images!r}")
+    _need(b.patience >= 0, "base.patience", f"must be >= 0 (0: no plateau rule), got {b.patience}")
+    _need(not (b.patience and b.holdout_images == 0), "base.patience",
+          "the plateau rule scores a holdout of the training set: set base.holdout_images (or patience = 0)")
+    _need(b.min_delta >= 0, "base.min_delta", f"must be >= 0, got {b.min_delta}")
+    _need(b.cooldown_epochs >= 1, "base.cooldown_epochs", f"must be >= 1 (the cool-down ends the learning rate at 0),"
+                                                          f" got {b.cooldown_epochs}")
     _choice(b.amp, "base.amp", AMP)
 
     _need(b.bn_images >= 0, "base.bn_images", f"must be >= 0, got {b.bn_images}")

@@ -67,7 +67,8 @@ class ExperimentConfig:
     seed: int = _f(0, "seeds recipe sampling, pruning ties, data order and base training")
     out: str = _f("runs/experiment", "output directory: results.h5, base.pt, log.jsonl, weights/ (--out overrides)")
     devices: str = _f("auto", "'auto' (every GPU, else the CPU), 'cpu', or GPU indices '0,1' (--devices overrides)")
-    baseline: bool = _f(True, "train the uniform baseline of every regime (one row, paper section 3.1)")
+    baseline: bool = _f(True, "train the uniform baseline of every regime (one row, paper section 3.1): "
+                             "'baseline' for filter spaces, 'weights:uniform' for weight spaces")
     ray: str = _f("", "a Ray cluster: 'auto' (RAY_ADDRESS, else a local Ray) or HOST:PORT; empty: processes on this "
                       "machine (--ray overrides)")
 
@@ -109,9 +110,10 @@ AMP_HELP = ("autocast: auto (GPUs: bf16, else fp16; a CPU with AVX512-BF16 or AM
 
 @dataclass
 class BaseConfig:
-    epochs: int = _f(30, "base training epochs (only without model.checkpoint)")
+    epochs: int = _f(30, "most base training epochs (only without model.checkpoint); fewer when the holdout top-1 "
+                         "plateaus (patience)")
     batch_size: int = _f(128, "training batch size")
-    lr: float = _f(0.1, "peak learning rate (linear warm-up, then cosine to 0)")
+    lr: float = _f(0.1, "peak learning rate (linear warm-up, then cosine to 0 at base.epochs, or a cool-down)")
     warmup_epochs: float = _f(1.0, "linear warm-up epochs")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "SGD weight decay")
@@ -119,6 +121,14 @@ class BaseConfig:
     amp: str = _f("auto", AMP_HELP)
     bn_images: int = _f(2048, "precise BN: recompute BN statistics on this many training images after training, "
                               "before the final evaluation (0: off)")
+    holdout_images: int | str = _f("auto", "training images held out (never trained on) and scored after every "
+                                           "epoch for the plateau rule: the last N of a seeded permutation of the "
+                                           "train split; auto: min(5000, a tenth of it); 0: none (no plateau rule)")
+    patience: int = _f(5, "plateau rule: stop when the best holdout top-1 of the last `patience` epochs is not "
+                          "above the best before them by more than min_delta (0: train every epoch)")
+    min_delta: float = _f(0.1, "plateau rule: holdout top-1 percentage points that count as progress")
+    cooldown_epochs: int = _f(2, "after a plateau, epochs of learning rate decaying linearly to 0, then stop; the "
+                                 "last weights are kept")
 
 
 @dataclass
@@ -181,7 +191,7 @@ class OutputConfig:
 class ReferenceConfig:
     model: str = _f("", "a reference network trained like the base ([base]) and evaluated beside the population, "
                         "e.g. timm:fbnetv3_b (a smaller member of the base's family)")
-    epochs: int = _f(0, "its training epochs (0: base.epochs)")
+    epochs: int = _f(0, "its most training epochs, with [base]'s plateau rule (0: base.epochs)")
     pretrained: bool | str = _f(False, "start it from pretrained weights, as model.pretrained")
     resolution: int = _f(0, "its input px, for its training, evaluation and FLOPs (0: model.resolution); e.g. the "
                             "resolution it was pretrained at")

@@ -83,6 +83,13 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
     _need(num_classes >= int(meta["num_classes"]), "model.num_classes",
           f"{num_classes} is fewer than the dataset's {meta['num_classes']} classes")
     resolution = m.resolution or default_resolution(meta)
+    if not m.checkpoint or cfg.references:  # the holdout of base and reference training must leave images to train
+        from nps.datasets.loaders import resolve_holdout
+
+        try:
+            resolve_holdout(cfg.base.holdout_images, int(meta["counts"]["train"]))
+        except DatasetError as exc:
+            raise NpsError(f"base.holdout_images: {exc}") from None
     try:
         table = build_layer_table(m.name, m.mode, resolution, num_classes, in_channels, flops=m.flops,
                                   channel_multiple=m.channel_multiple)

@@ -45,7 +45,8 @@ def _read_only(path: str) -> bool:
 
 def output_bytes(plan, done_rows: int = 0) -> dict[str, int]:
     """Bytes the run will write into ``experiment.out``, by file: ``results`` (results.h5), ``base`` (base.pt, when
-    nps trains it and it is not there yet), ``weights`` (the kept weights of the rows still to train) and
+    nps trains it and it is not there yet), ``checkpoint`` (its training's checkpoints, as long as it trains),
+    ``weights`` (the kept weights of the rows still to train) and
     ``staging`` (weights a cohort leaves for the driver before it keeps or drops them).
 
     A subnetwork's weights are estimated as the base network's times its target (c_flops or c_params: the mean
@@ -77,6 +78,8 @@ def output_bytes(plan, done_rows: int = 0) -> dict[str, int]:
     out = {
         "results": RESULTS_OVERHEAD + rows * (ROW_BYTES + groups * 8 + epochs * 4),
         "base": 0 if cfg.model.checkpoint or os.path.isfile(plan.base_path) else int(weight_bytes),
+        # its training's checkpoint (weights and momentum) and, while the driver moves it in, the next one staged
+        "checkpoint": 0 if cfg.model.checkpoint or os.path.isfile(plan.base_path) else int(4 * weight_bytes),
         "weights": int(kept * weight_bytes * share),
         "staging": int(cohort * largest * weight_bytes) if cfg.output.keep_weights != "none" else 0,
     }

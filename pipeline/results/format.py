@@ -39,6 +39,8 @@ VERSIONS: tuple[FormatVersion, ...] = (
     FormatVersion(1, "root attrs (config, base_*, dataset_*, experiment, nps_version, created), /layers, "
                      "/spaces/<space key>, /weight_layers, /references/<model>, /latency/<device>", restamp=False),
     FormatVersion(2, f"the root attribute {ATTR}; nothing else changed", restamp=True),
+    FormatVersion(3, "the learning curves of the base network and the references nps trains: the groups /base/curve "
+                     "and /references/<model>/curve", restamp=True),
 )
 FORMAT_VERSION = VERSIONS[-1].number  # the format this nps writes, and the newest it reads
 PURPOSES = ("read", "write")

@@ -48,6 +48,8 @@ RESULT_FIELDS: dict[str, str] = {
 }
 WEIGHT_LAYERS = "weight_layers"  # the weight table of weight-pruning spaces (LayerTable with mode "weights")
 REFERENCES = "references"  # /references/<model>: the attrs of a reference network trained beside the population
+BASE = "base"  # /base: what the file holds of the base network beyond the root attributes (its curve)
+CURVE = "curve"  # /base/curve, /references/<model>/curve: a training's learning curve (format 3)
 ROOT_ATTRS = ("base_top1", "base_top5", "base_flops", "base_params", "dataset_fingerprint")
 
 
@@ -113,6 +115,27 @@ class _ResultsFile:
             return {}
         refs = ({k: _decode_attr(v) for k, v in g.attrs.items()} for g in self._file[REFERENCES].values())
         return {str(r.get("model", "")): r for r in refs}
+
+    def curves(self) -> list[dict[str, Any]]:
+        """The learning curves of the networks nps trained (format 3; older files have none): one dict per network,
+        the base first, then the references by name: ``network`` (the model), ``role`` (base or reference), the
+        group's attributes (``max_epochs``, ``epochs``, ``plateau_epoch``, ``stopped_by``, ``patience``,
+        ``min_delta``, ``cooldown_epochs``, ``holdout_images``, ``train_s``, ``weights_sha256``) and one list per
+        series (``train_loss``, ``val_top1``, ``holdout_top1``, ``lr``: a value per epoch trained)."""
+        found = []
+        if BASE in self._file and CURVE in self._file[BASE]:
+            found.append(("base", self.model_info()[0], self._file[BASE][CURVE]))
+        if REFERENCES in self._file:
+            for group in self._file[REFERENCES].values():
+                if CURVE in group:
+                    found.append(("reference", str(_decode_attr(group.attrs.get("model", group.name))), group[CURVE]))
+        out = []
+        for role, network, group in found:
+            curve = {"network": network, "role": role}
+            curve.update({k: _decode_attr(v) for k, v in group.attrs.items()})
+            curve.update({name: group[name][()].astype(float).tolist() for name in group})
+            out.append(curve)
+        return out
 
     def model_info(self) -> tuple[str, int]:
         """(model name, resolution) as ``/layers`` records them."""
@@ -211,6 +234,7 @@ class ResultsReader(_ResultsFile):
     read = _damaged_is_user_error(_ResultsFile.read)
     summary = _damaged_is_user_error(_ResultsFile.summary)
     model_info = _damaged_is_user_error(_ResultsFile.model_info)
+    curves = _damaged_is_user_error(_ResultsFile.curves)
 
     def __init__(self, path: str, *, retry_s: float = 5.0):
         self.path = str(path)

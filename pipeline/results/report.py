@@ -26,6 +26,7 @@ from nps.kernels.spaces import BASELINE, RATIOS, continuous_form, parse_space_ke
 from nps.pipeline import __version__ as NPS_VERSION
 from nps.pipeline.errors import NpsError, environment_error
 from nps.pipeline.results.analysis import Population, regime_key, summarize
+from nps.pipeline.results.curve_figures import render_curves
 from nps.pipeline.results.figures import render
 from nps.pipeline.results.latency_figures import latency_summary, render_latency
 from nps.pipeline.results.reader import DONE, FAILED, PENDING, RUNNING, open_readonly
@@ -169,6 +170,7 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
         latency = latency_summary(reader, pops, attrs.get("base_top1", math.nan))
         references = reader.references()
         costs = reference_cost(reader, attrs)
+        curves = reader.curves()
     notes = []
     uniform, curve = _uniform(table, pops, notes)
     summary = summarize(pops, k=k, n_boot=n_boot, seed=seed, edf_points=edf_points, band=band, uniform=uniform)
@@ -215,8 +217,18 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
         "references": compare_references(references, pops, summary["regimes"], float(base_top1), n_boot=n_boot,
                                          seed=seed, band=band),
         "cost": costs,
+        "curves": _with_final_top1(curves, base_top1, references),
     })
     return _json_ready(summary)
+
+
+def _with_final_top1(curves: list[dict], base_top1, references: dict) -> list[dict]:
+    """The learning curves (:meth:`~nps.pipeline.results.reader._ResultsFile.curves`), each with its network's
+    final top-1 (after precise BN: the number the study uses)."""
+    for curve in curves:
+        top1 = base_top1 if curve["role"] == "base" else references.get(curve["network"], {}).get("top1")
+        curve["top1"] = float(top1) if _finite(top1) else None
+    return curves
 
 
 def _finite(x) -> bool:
@@ -260,6 +272,7 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike, *, k: i
         summary["figures"] = render(summary, tmp)
         summary["figures"].update(render_latency(summary, tmp))
         summary["figures"].update(render_references(summary, tmp))
+        summary["figures"].update(render_curves(summary, tmp))
         with open(tmp / "summary.json", "w") as fh:
             json.dump(summary, fh, indent=1, allow_nan=False)
             fh.write("\n")

@@ -6,6 +6,7 @@ Layout (docs/results-format.md says what each part holds)::
                       dataset_fingerprint, created
     /layers           the layer table (written by ``layer_table.to_hdf5(group)``)
     /spaces/<name>/   one row per subnetwork; every dataset chunked and resizable along axis 0
+    /base/curve, /references/<model>/curve   learning curves of the networks nps trained (format 3)
 
 Rules the writer follows, and why:
 
@@ -66,6 +67,8 @@ from nps.pipeline.results.format import FORMAT_VERSION, check_format, format_aft
 from nps.pipeline.results.h5file import clear_consistency_flags
 from nps.pipeline.results.reader import (  # noqa: F401 - the status codes and open_readonly, for the writer's callers
     DONE,
+    BASE,
+    CURVE,
     ERROR_BYTES,
     FAILED,
     PENDING,
@@ -307,12 +310,33 @@ class ResultsStore(_ResultsFile):
             for key, value in attrs.items():
                 f.attrs[key] = value
 
-    def set_reference(self, name: str, **attrs: Any) -> None:
-        """Record a reference network's metrics as ``/references/<name>`` attrs (replacing earlier ones)."""
+    def set_reference(self, name: str, curve: tuple[Mapping, Mapping] | None = None, **attrs: Any) -> None:
+        """Record a reference network's metrics as ``/references/<name>`` attrs (replacing earlier ones), and with
+        ``curve`` (series, attrs: see :meth:`set_curve`) its learning curve in the same change."""
         with self._restructure() as f:
             group = f.require_group(REFERENCES).require_group(name.replace("/", "|"))
+            if curve is not None:
+                self._write_curve(group, *curve)
             for key, value in attrs.items():
                 group.attrs[key] = value
+
+    def set_curve(self, series: Mapping[str, Sequence[float]], attrs: Mapping[str, Any]) -> None:
+        """Record the base network's learning curve (format 3) as ``/base/curve``: ``series`` (name → one value per
+        epoch: ``train_loss``, ``val_top1``, ``holdout_top1``, ``lr``) as f4 datasets and ``attrs`` (where and why it
+        stopped) on the group; an earlier curve is replaced. A reference's goes with its metrics
+        (:meth:`set_reference`)."""
+        with self._restructure() as f:
+            self._write_curve(f.require_group(BASE), series, attrs)
+
+    @staticmethod
+    def _write_curve(parent, series: Mapping[str, Sequence[float]], attrs: Mapping[str, Any]) -> None:
+        if CURVE in parent:
+            del parent[CURVE]
+        group = parent.create_group(CURVE)
+        for name, values in series.items():
+            group.create_dataset(name, data=np.asarray(values, dtype="f4"))
+        for key, value in attrs.items():
+            group.attrs[key] = value
 
     # -- rows ----------------------------------------------------------------------------------------------------
 

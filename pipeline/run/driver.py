@@ -1,7 +1,11 @@
 """The driver: one experiment to completion or interruption, over any worker pool.
 
 It owns the results file (through the :class:`~nps.pipeline.run.ledger.RowLedger`), the files beside it (base.pt,
-weights/, log.jsonl) and the terminal (through its view); the pool only moves tasks, events and weights.
+weights/, log.jsonl, the training checkpoints) and the terminal (through its view); the pool only moves tasks, events
+and weights. The base network's and each reference's training send a checkpoint after every epoch; the driver keeps
+the latest as ``training-base.ckpt`` / ``training-reference-<model>.ckpt`` beside results.h5, hands it back with the
+task when that training starts again (a killed run, a lost worker), and removes it once the training's result is
+stored.
 :meth:`Driver.open` prepares a run (results.h5 created or reopened, missing spaces sampled, rows left running reset)
 and returns a complete driver; :meth:`Driver.run` owns the loop: poll the pool's events and apply them (results to
 the ledger, kept weights to disk, progress to the view), hand every idle worker the next task (the base network
@@ -18,12 +22,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 
-from nps.pipeline.errors import NpsError
+from nps.pipeline.errors import NpsError, environment_error
 from nps.pipeline.network.pruning_kind import kind_of
 from nps.pipeline.experiment.plan import Plan
 from nps.pipeline.row_status import RowStatus
@@ -42,6 +48,7 @@ from nps.pipeline.run.protocol import (
     ReferenceTask,
     RowResult,
     TaskEnd,
+    TrainingCheckpoint,
     WorkerFailed,
     WorkerLost,
     WorkerSpec,
@@ -49,12 +56,28 @@ from nps.pipeline.run.protocol import (
 )
 from nps.pipeline.run.state import Outcome, RowFinished, RunState, RunView, WorkerState
 from nps.pipeline.training.events import EpochEnded
+from nps.pipeline.training.plateau import describe_ending
 from nps.pipeline.training.spec import AUTO_COHORT, resolve_fuse
 
 STOP_GRACE_S = 60.0  # after Ctrl-C, how long workers get to finish their step before they are ended
 MAX_BASE_ATTEMPTS = 2  # the base network's task is given again when its worker is lost, this often
 REFRESH_S = 0.25
 BATCH_S = 0.02  # after a row result, how long the driver collects more before it writes them
+CHECKPOINT_PREFIX = "training-"  # beside results.h5: training-base.ckpt, training-reference-<model>.ckpt
+
+
+def training_checkpoint(results_path: str, reference: str | None = None) -> str:
+    """Where the driver keeps the checkpoint of the base network's training (``reference`` None) or of a
+    reference's, beside results.h5, until that training's result is stored."""
+    what = "base" if reference is None else "reference-" + re.sub(r"[^A-Za-z0-9._-]", "_", reference)
+    return os.path.join(os.path.dirname(os.path.abspath(results_path)), f"{CHECKPOINT_PREFIX}{what}.ckpt")
+
+
+def remove_file(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 class _Base:
@@ -67,6 +90,7 @@ class _Base:
         self.units = units
         self.fraction = 0.0
         self.weights = None  # the pool's BaseWeights, once the base network exists
+        self.task_id: int | None = None  # the task training it now (its checkpoints are the ones kept)
 
 
 class Driver:
@@ -108,12 +132,48 @@ class Driver:
             view.stop(state)
             raise
         state.base_top1 = p.base_top1
+        _remove_finished_checkpoints(plan, p)
         base = _Base(p.base_todo, 0.0 if p.base_todo is None else float(cfg.base.epochs) if p.base_todo else 0.2)
         if p.base_todo is None:
             base.weights = pool.base_weights(cfg.model.checkpoint or plan.base_path)
         else:
             state.base_note = "training the base network" if p.base_todo else "evaluating the base network"
         return cls(plan, pool, view, state, p.store, p.ledger, p.weights, p.log, base, p.resumed)
+
+    # -- training checkpoints (base network, references) -------------------------------------------------------------
+
+    def _checkpoint_of(self, task_id: int) -> str | None:
+        """Where the checkpoints of task ``task_id`` go: the base network's training, a reference's, or None (a
+        task no longer current: a lost worker's)."""
+        if task_id == self.base.task_id and self.base.todo:
+            return training_checkpoint(self.plan.results_path)
+        if task_id in self.reference_tasks:
+            return training_checkpoint(self.plan.results_path, self.reference_tasks[task_id])
+        return None
+
+    def _resume_from(self, path: str):
+        """The checkpoint at ``path`` as the pool's workers receive it, or None when there is none."""
+        return self.pool.base_weights(path) if os.path.isfile(path) else None
+
+    def _on_training_checkpoint(self, e: TrainingCheckpoint) -> None:
+        """Write the checkpoint beside results.h5 (moved into place or written atomically: a kill leaves the last
+        one whole); a full disk stops the run, whose next start resumes from the checkpoint before."""
+        path = self._checkpoint_of(e.task_id)
+        if path is None:
+            self.pool.release_weights(e.data)
+            return
+        try:
+            kept = self.pool.commit_weights(e.data, Path(path))
+        except OSError as exc:
+            self.failure = self.failure or environment_error(exc, path) or f"{path}: {exc}"
+            return
+        if kept:
+            self.log.write("checkpoint", worker=e.worker, path=os.path.basename(path), epoch=e.epoch)
+
+    @staticmethod
+    def _curve_parts(curve):
+        """A :class:`~nps.pipeline.training.plateau.TrainingCurve` as the store takes it: (series, attributes)."""
+        return None if curve is None else ({name: getattr(curve, name) for name in curve.SERIES}, curve.attrs())
 
     # -- the run -----------------------------------------------------------------------------------------------------
 
@@ -278,6 +338,8 @@ class Driver:
                     self._on_ready(event)
                 case Progress():
                     self._on_progress(event)
+                case TrainingCheckpoint():
+                    self._on_training_checkpoint(event)
                 case BaseResult():
                     self._on_base_result(event)
                 case ReferenceResult():
@@ -362,11 +424,15 @@ class Driver:
                 losses, tops = list(p.train_loss.values()), list(p.val_top1.values())
                 loss = float(np.mean(losses)) if losses else math.nan
                 top1 = float(np.max(tops)) if tops else math.nan
+                held = list(p.holdout_top1.values())
+                holdout = f", holdout top-1 {held[0]:.2f}" if held else ""
                 self.view.epoch(self.state, e.worker, f"{what} epoch {p.epoch}/{p.epochs}: train loss {loss:.3f}, "
-                                                      f"val top-1 {top1:.2f} ({p.img_per_s:,.0f} img/s)")
+                                                      f"val top-1 {top1:.2f}{holdout} ({p.img_per_s:,.0f} img/s)")
 
     def _on_base_result(self, e: BaseResult) -> None:
         path = self.cfg.model.checkpoint or self.plan.base_path
+        if e.curve is not None:  # first: a kill before base.pt is written trains the last epoch again, no more
+            self.store.set_curve(*self._curve_parts(e.curve))
         if e.checkpoint is not None:
             outputs.write_atomic(self.plan.base_path, e.checkpoint)
         self.store.set_attrs(base_top1=e.top1, base_top5=e.top5, base_loss=e.loss, base_trained=e.trained,
@@ -375,8 +441,10 @@ class Driver:
         self.state.base_top1 = e.top1
         self.base.todo, self.base.in_flight = None, False
         self.base.weights = self.pool.base_weights(path)
+        remove_file(training_checkpoint(self.plan.results_path))  # its metrics and weights are stored
         what = "trained" if e.trained else "evaluated"
-        self.view.note(f"base network {what} in {e.seconds:.0f}s: top-1 {e.top1:.2f}, top-5 {e.top5:.2f}")
+        self.view.note(f"base network {what} in {e.seconds:.0f}s: top-1 {e.top1:.2f}, top-5 {e.top5:.2f}"
+                       + (f"; {describe_ending(e.curve.attrs())}" if e.curve is not None else ""))
         self.log.write("base_done", worker=e.worker, top1=e.top1, top5=e.top5, loss=e.loss, trained=e.trained,
                        seconds=e.seconds)
         if e.trained:
@@ -410,12 +478,15 @@ class Driver:
         ref = build_layer_table(e.model, "all", resolution, self.plan.num_classes,
                                 self.plan.in_channels, flops=m.flops)
         base_flops, base_params = self.plan.table.base_flops, self.plan.table.base_params
-        self.store.set_reference(e.model, model=e.model, top1=e.top1, top5=e.top5, loss=e.loss,
+        self.store.set_reference(e.model, curve=self._curve_parts(e.curve), model=e.model, top1=e.top1,
+                                 top5=e.top5, loss=e.loss,
                                  flops=ref.base_flops, params=ref.base_params, c_flops=ref.base_flops / base_flops,
                                  c_params=ref.base_params / base_params, train_s=e.seconds, resolution=resolution,
                                  acc_drop=self.state.base_top1 - e.top1)
+        remove_file(training_checkpoint(self.plan.results_path, e.model))  # its result and curve are stored
         self.view.note(f"reference {e.model} trained in {e.seconds:.0f}s: top-1 {e.top1:.2f} at c_flops "
-                       f"{ref.base_flops / base_flops:.3f}")
+                       f"{ref.base_flops / base_flops:.3f}"
+                       + (f"; {describe_ending(e.curve.attrs())}" if e.curve is not None else ""))
         self.log.write("reference_done", worker=e.worker, model=e.model, top1=e.top1, top5=e.top5,
                        seconds=e.seconds)
 
@@ -427,6 +498,7 @@ class Driver:
         if reference is not None and e.error and not (e.stopped or e.environment):
             self.references.pop(reference, None)  # not retried: the error says why
             self.store.set_reference(reference, model=reference, error=e.error[:500])
+            remove_file(training_checkpoint(self.plan.results_path, reference))
             self.view.note(f"reference {reference} failed: {e.error}")
             self.log.write("reference_error", worker=e.worker, model=reference, error=e.error)
         if e.environment:
@@ -507,19 +579,24 @@ class Driver:
                 if self.base.in_flight:
                     return leases  # cohorts wait for the base network
                 weights = None if self.base.todo else self.pool.base_weights(self.cfg.model.checkpoint)
+                resume = self._resume_from(training_checkpoint(self.plan.results_path)) if self.base.todo else None
                 self.next_task += 1
-                self.pool.submit(wid, BaseTask(self.next_task, self.base.todo), weights)
+                self.pool.submit(wid, BaseTask(self.next_task, self.base.todo, resume), weights)
                 w.task, w.base, w.phase, self.base.in_flight = self.next_task, True, "base network", True
-                self.log.write("base", worker=wid, node=w.node, device=w.device)
+                self.base.task_id = self.next_task
+                self.log.write("base", worker=wid, node=w.node, device=w.device, resumed=resume is not None)
                 continue
             waiting = [m for m in self.references if m not in self.reference_tasks.values()]
             if waiting:  # a reference trains like the base, on one worker, before the populations
                 ref = self.references[waiting[0]]
+                resume = self._resume_from(training_checkpoint(self.plan.results_path, ref.model))
                 self.next_task += 1
-                self.pool.submit(wid, ReferenceTask(self.next_task, ref.model, ref.epochs or self.cfg.base.epochs), None)
+                self.pool.submit(wid, ReferenceTask(self.next_task, ref.model, ref.epochs or self.cfg.base.epochs,
+                                                    resume), None)
                 self.reference_tasks[self.next_task] = ref.model
                 w.task, w.phase = self.next_task, f"reference {ref.model}"
-                self.log.write("reference", worker=wid, model=ref.model, node=w.node, device=w.device)
+                self.log.write("reference", worker=wid, model=ref.model, node=w.node, device=w.device,
+                               resumed=resume is not None)
                 continue
             fusing = resolve_fuse(self.cfg.retrain.fuse, w.device)
             choose = self._similar_rows if fusing else None
@@ -562,3 +639,19 @@ class Driver:
         self.log.write("two_stage", space=space, top=top, parent_rows=chosen.tolist())
         self.view.note(f"{space}: rows {', '.join(map(str, chosen))} go on to {self.cfg.two_stage.full_epochs} "
                        f"epochs in {top}")
+
+
+def _remove_finished_checkpoints(plan: Plan, prepared) -> None:
+    """Training checkpoints that must not be resumed: every one beside a results file made new (left by an
+    earlier experiment in the same directory), and those of trainings whose result the file holds already (a run
+    killed between storing a result and removing its checkpoint)."""
+    out = os.path.dirname(os.path.abspath(plan.results_path))
+    if not prepared.resumed:
+        for name in os.listdir(out):
+            if name.startswith(CHECKPOINT_PREFIX) and name.endswith(".ckpt"):
+                remove_file(os.path.join(out, name))
+        return
+    if prepared.base_todo is not True:
+        remove_file(training_checkpoint(plan.results_path))
+    for model in prepared.store.references():
+        remove_file(training_checkpoint(plan.results_path, model))

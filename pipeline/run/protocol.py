@@ -11,7 +11,7 @@ anything the driver owns: the driver is the only writer of results.h5, base.pt a
 A worker's life, as the driver sees it::
 
     WorkerStarted (from the transport) → Ready (dataset checked, loaders built)
-    → per task: Progress… RowResult… (or BaseResult, or ReferenceResult) → TaskEnd
+    → per task: Progress… RowResult… (or TrainingCheckpoint… then BaseResult, or ReferenceResult) → TaskEnd
     → WorkerLost (the process, actor or node died) or WorkerFailed (it cannot work: the run stops)
 """
 from __future__ import annotations
@@ -84,20 +84,24 @@ class BaseWeights:
 
 @dataclass(frozen=True)
 class BaseTask:
-    """Train the base network (``[base]``) or evaluate the given weights; answered by one :class:`BaseResult`."""
+    """Train the base network (``[base]``) or evaluate the given weights; answered by one :class:`BaseResult`.
+    ``resume``: the checkpoint of an interrupted training of it (a file the worker can read, as :class:`BaseWeights`
+    carries the base network), continued after its last epoch."""
 
     task_id: int
     train: bool
+    resume: BaseWeights | None = None
 
 
 @dataclass(frozen=True)
 class ReferenceTask:
-    """Train a reference network (``[[references]]``) as the base is trained, for ``epochs``; answered by one
-    :class:`ReferenceResult`. A reference needs no base weights."""
+    """Train a reference network (``[[references]]``) as the base is trained, for at most ``epochs``; answered by
+    one :class:`ReferenceResult`. A reference needs no base weights; ``resume`` as :class:`BaseTask`'s."""
 
     task_id: int
     model: str
     epochs: int
+    resume: BaseWeights | None = None
 
 
 @dataclass(frozen=True)
@@ -189,8 +193,21 @@ class RowResult:
 
 
 @dataclass(frozen=True)
+class TrainingCheckpoint:
+    """The base network's or a reference's training finished ``epoch``: ``data`` is its checkpoint (bytes, or staged
+    as a row's weights are), which the driver writes beside results.h5 for a resume and removes once the training's
+    result is stored."""
+
+    worker: int
+    task_id: int
+    epoch: int
+    data: bytes | StagedWeights = field(repr=False)
+
+
+@dataclass(frozen=True)
 class BaseResult:
-    """The base network's metrics; ``checkpoint`` is the ``base.pt`` file when the worker trained it."""
+    """The base network's metrics; ``checkpoint`` is the ``base.pt`` file when the worker trained it, ``curve`` its
+    :class:`~nps.pipeline.training.plateau.TrainingCurve` (epoch by epoch, where it stopped)."""
 
     worker: int
     task_id: int
@@ -200,11 +217,12 @@ class BaseResult:
     trained: bool
     seconds: float
     checkpoint: bytes | None = field(default=None, repr=False)
+    curve: Any = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
 class ReferenceResult:
-    """A reference network's metrics after its training (its weights are not kept)."""
+    """A reference network's metrics after its training (its weights are not kept) and its ``curve``."""
 
     worker: int
     task_id: int
@@ -213,6 +231,7 @@ class ReferenceResult:
     top5: float
     loss: float
     seconds: float
+    curve: Any = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -255,5 +274,5 @@ class WorkerLost:
     reason: str
 
 
-Event = Union[WorkerStarted, Ready, Progress, RowResult, BaseResult, ReferenceResult, Note, TaskEnd, WorkerFailed,
-              WorkerLost]
+Event = Union[WorkerStarted, Ready, Progress, RowResult, TrainingCheckpoint, BaseResult, ReferenceResult, Note,
+              TaskEnd, WorkerFailed, WorkerLost]

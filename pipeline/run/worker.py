@@ -2,8 +2,13 @@
 
 :class:`Worker` does the work and reports through an ``emit`` callback; :func:`serve_task` wraps one task with its
 :class:`~nps.pipeline.run.protocol.TaskEnd`. The local transport calls them in a spawned process, the Ray transport
-in an actor; neither adds behaviour. A worker writes no file: results, kept weights and a trained base network go
-back as messages, and the driver writes them.
+in an actor; neither adds behaviour. A worker writes no file: results, kept weights, a trained base network and the
+checkpoints of a training in progress go back as messages (files a local worker stages for the driver to move), and
+the driver writes them.
+
+The base network and every reference train alike (:meth:`Worker.train_network`,
+:mod:`nps.pipeline.training.network_training`): to a plateau of their top-1 on a holdout carved from the training
+set, one checkpoint per epoch sent to the driver, resumed from the last one the driver wrote when the task carries it.
 
 The seed rule: what a row's training sees depends on the experiment, the row's recipe and its seed only, never on
 the worker, its device index or what it did before. The loaders are seeded with ``experiment.seed`` and told the
@@ -38,6 +43,7 @@ from nps.pipeline.run.protocol import (
     RowResult,
     StagedWeights,
     TaskEnd,
+    TrainingCheckpoint,
     WorkerFailed,
     WorkerSpec,
 )
@@ -76,11 +82,17 @@ def check_dataset(data_dir: str, fingerprint: str, node: str) -> dict:
 def stage_weights(spec: WorkerSpec, wid: int, task_id: int, row: int, data: bytes) -> bytes | StagedWeights:
     """A row's weights as its RowResult carries them: a file in ``spec.staging`` (atomically written there, so the
     driver never sees half of one), else the bytes themselves."""
+    return stage_bytes(spec, f"w{wid}-t{task_id}-r{row}.pt", data)
+
+
+def stage_bytes(spec: WorkerSpec, name: str, data: bytes) -> bytes | StagedWeights:
+    """A file for the driver (a row's weights, a training checkpoint) as its event carries it: ``name`` in
+    ``spec.staging``, atomically written, else the bytes themselves."""
     if not spec.staging:
         return data
     from nps.pipeline.files import write_atomic
 
-    path = write_atomic(os.path.join(spec.staging, f"w{wid}-t{task_id}-r{row}.pt"), data)
+    path = write_atomic(os.path.join(spec.staging, name), data)
     return StagedWeights(len(data), path=str(path))
 
 
@@ -142,6 +154,7 @@ class Worker:
         self.cfg = spec.config
         self.emit, self.should_stop, self.progress_s = emit, should_stop, progress_s
         self._loaders: dict[int, tuple] = {}
+        self._base_loaders: dict[tuple, tuple] = {}
         self._base: tuple[str, Any] | None = None
         self._last_progress = 0.0
         torch.set_num_threads(threads)
@@ -233,37 +246,89 @@ class Worker:
             self._base = (base.key, load_base_network(base.open(), self.cfg.model.name, s.num_classes, s.in_channels))
         return self._base[1]
 
-    def train_network(self, name: str, epochs: int, task_id: int):
-        """Train ``name`` from its start (:func:`~nps.pipeline.network.pretrained.build_start`) as ``[base]`` says, for
-        ``epochs``: the engine's result with its model (precise BN applied when ``base.bn_images`` and ``epochs``). The
-        base network and every reference train this one way."""
+    def base_loaders(self, batch_size: int, resolution: int = 0):
+        """(train, holdout, val, holdout images) of base and reference training at ``batch_size``: the train split
+        without the holdout carved from it (``base.holdout_images``; None when 0), ``dataset.train_images`` a
+        training epoch, at ``resolution`` px (0: the run's; a reference may have its own)."""
+        d, b = self.cfg.dataset, self.cfg.base
+        resolution = resolution or self.spec.resolution
+        key = (batch_size, resolution)
+        if key not in self._base_loaders:
+            from nps.datasets.loaders import make_holdout_loaders
+
+            train, holdout, val, info = make_holdout_loaders(
+                d.dir, holdout_images=b.holdout_images, holdout_seed=self.cfg.experiment.seed, batch_size=batch_size,
+                resolution=resolution, device=self.device, in_channels=self.spec.in_channels,
+                num_workers=d.workers or self.threads, on_device=d.on_device, seed=self.cfg.experiment.seed,
+                val_batch_size=d.val_batch_size, augment=d.augment)
+            cpu = self.device.type == "cpu"
+            self._base_loaders[key] = (
+                _Limited(train, d.train_images, whole_batches=True, contiguous=cpu),
+                None if holdout is None else _Limited(holdout, 0, whole_batches=False, contiguous=cpu),
+                _Limited(val, d.val_images, whole_batches=False, contiguous=cpu), info.extra["holdout_images"])
+        return self._base_loaders[key]
+
+    def training_plan(self, name: str, epochs: int, holdout_images: int):
+        """How ``name`` trains (:class:`~nps.pipeline.training.network_training.NetworkTraining`): ``[base]`` over at
+        most ``epochs``, and the fingerprint a checkpoint of this training carries (the settings, model and data
+        that decide its numbers; runtime keys such as devices or workers aside)."""
+        import hashlib
+        import json
+
+        from nps.pipeline.training.network_training import NetworkTraining
+        from nps.pipeline.training.plateau import PlateauRule
+        from nps.pipeline.training.spec import RetrainSpec
+
+        cfg, b, s = self.cfg, self.cfg.base, self.spec
+        warmup = min(b.warmup_epochs, epochs)
+        spec = RetrainSpec(method="rewind", epochs=epochs, rewind_lr=b.lr, warmup_epochs=warmup,
+                           momentum=b.momentum, weight_decay=b.weight_decay, label_smoothing=b.label_smoothing)
+        rule = PlateauRule(b.patience, b.min_delta, b.cooldown_epochs, epochs, warmup)
+        d = cfg.dataset
+        what = {"name": name, "epochs": epochs, "base": dataclasses.asdict(b), "model": dataclasses.asdict(cfg.model),
+                "references": [dataclasses.asdict(r) for r in cfg.references], "seed": cfg.experiment.seed,
+                "data": [d.train_images, d.val_images, d.augment, s.fingerprint], "shape": [s.resolution,
+                                                                                          s.in_channels, s.num_classes]}
+        fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+        return NetworkTraining(name, spec, rule, holdout_images, b.amp, fingerprint)
+
+    def train_network(self, name: str, epochs: int, task_id: int, resume: BaseWeights | None = None):
+        """Train ``name`` from its start (:mod:`nps.pipeline.network.pretrained`) as ``[base]`` says, for at most
+        ``epochs`` (fewer when its holdout top-1 plateaus), or continue the training of ``resume``'s checkpoint: the
+        engine's result with its model (precise BN applied when ``base.bn_images``) and its
+        :class:`~nps.pipeline.training.plateau.TrainingCurve`. Each epoch's checkpoint goes to the driver
+        (:class:`TrainingCheckpoint`). The base network and every reference train this one way."""
         import torch
 
         from nps.pipeline.network.pretrained import build_start, pretrained_of, resolution_of
-        from nps.pipeline.training.cohort import CohortOptions, train_cohort
-        from nps.pipeline.training.spec import RetrainSpec
+        from nps.pipeline.training.network_training import train_to_plateau, weights_digest
 
         b, s = self.cfg.base, self.spec
-        train, val, _ = self.loaders(b.batch_size, resolution=resolution_of(self.cfg, name, s.resolution))
+        train, holdout, val, held = self.base_loaders(b.batch_size, resolution_of(self.cfg, name, s.resolution))
         torch.manual_seed(self.cfg.experiment.seed)
         model = build_start(name, pretrained_of(self.cfg, name), s.num_classes, s.in_channels)
-        settings = RetrainSpec(method="rewind", epochs=epochs, rewind_lr=b.lr, warmup_epochs=min(b.warmup_epochs, epochs),
-                               momentum=b.momentum, weight_decay=b.weight_decay, label_smoothing=b.label_smoothing)
-        options = CohortOptions(eval_every_epoch=True, amp=b.amp, keep_models=True, progress_s=self.progress_s,
-                                member_threads=None)
-        (result,) = train_cohort([model], train, val, settings, self.device, ids=[name], options=options,
-                                 on_event=self._on_event(task_id))
+        plan = self.training_plan(name, epochs, held)
+
+        def checkpoint(epoch: int, data: bytes) -> None:
+            staged = stage_bytes(self.spec, f"w{self.wid}-t{task_id}-e{epoch}.ckpt", data)
+            self.emit(TrainingCheckpoint(self.wid, task_id, epoch, staged))
+
+        result, curve = train_to_plateau(model, train, holdout, val, plan, self.device,
+                                         on_event=self._on_event(task_id), on_checkpoint=checkpoint,
+                                         resume=None if resume is None else resume.open(), progress_s=self.progress_s)
         if not result.ok:
             raise NpsError(f"{name} training failed: {result.error}; lower base.lr or check the dataset")
+        t0 = time.perf_counter()
         if b.bn_images and epochs:  # epochs 0 evaluates a pretrained start as it is: its BN statistics too
             result.top1, result.top5, result.loss = self.precise_bn(result.model, train, val)
-        return result
+        curve.seconds += time.perf_counter() - t0
+        curve.weights_sha256 = weights_digest(result.model)
+        return result, curve
 
     def reference(self, task: ReferenceTask) -> None:
-        t0 = time.perf_counter()
-        result = self.train_network(task.model, task.epochs, task.task_id)
+        result, curve = self.train_network(task.model, task.epochs, task.task_id, task.resume)
         self.emit(ReferenceResult(self.wid, task.task_id, task.model, float(result.top1), float(result.top5),
-                                  float(result.loss), time.perf_counter() - t0))
+                                  float(result.loss), curve.seconds, curve))
 
     def base(self, task: BaseTask, base: BaseWeights | None) -> None:
         import torch
@@ -274,14 +339,15 @@ class Worker:
 
         b, s = self.cfg.base, self.spec
         t0 = time.perf_counter()
-        checkpoint = None
+        checkpoint = curve = None
         if task.train:
-            result = self.train_network(self.cfg.model.name, b.epochs, task.task_id)
+            result, curve = self.train_network(self.cfg.model.name, b.epochs, task.task_id, task.resume)
             buffer = io.BytesIO()
             state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
             torch.save({"model": state, "model_name": self.cfg.model.name, "num_classes": s.num_classes,
                         "in_channels": s.in_channels, "resolution": s.resolution, "top1": result.top1,
-                        "top5": result.top5, "epochs": b.epochs, "config": dump(self.cfg)}, buffer)
+                        "top5": result.top5, "epochs": curve.epochs, "max_epochs": b.epochs,
+                        "stopped_by": curve.stopped_by, "config": dump(self.cfg)}, buffer)
             checkpoint = buffer.getvalue()
             top1, top5, loss = result.top1, result.top5, result.loss
         else:
@@ -291,8 +357,9 @@ class Worker:
             model = self.base_model(base).to(self.device)
             top1, top5, loss = evaluate(model, val, self.device, amp_dtype=resolve_amp(b.amp, self.device, [model]))
             model.to("cpu")
-        self.emit(BaseResult(self.wid, task.task_id, float(top1), float(top5), float(loss), task.train,
-                             time.perf_counter() - t0, checkpoint))
+        seconds = curve.seconds if curve is not None else time.perf_counter() - t0  # a resumed training's in all
+        self.emit(BaseResult(self.wid, task.task_id, float(top1), float(top5), float(loss), task.train, seconds,
+                             checkpoint, curve))
 
     def precise_bn(self, model, train, val) -> tuple[float, float, float]:
         """Precise BN (as pycls does after training): BN statistics recomputed on ``base.bn_images`` training images

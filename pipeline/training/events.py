@@ -42,7 +42,9 @@ class StepProgress:
 
 @dataclass(frozen=True)
 class EpochEnded:
-    """An epoch of the cohort ended: its members' mean train loss, and their val top-1 when evaluated per epoch."""
+    """An epoch of the cohort ended: its members' mean train loss, their val top-1 when evaluated per epoch, and
+    (base and reference training, :mod:`nps.pipeline.training.network_training`) their top-1 on the holdout carved
+    from the training set; ``epochs`` is the epoch training now ends with."""
 
     epoch: int
     epochs: int
@@ -52,6 +54,7 @@ class EpochEnded:
     img_per_s: float
     train_loss: dict = field(default_factory=dict)  # member id -> mean loss of the epoch
     val_top1: dict = field(default_factory=dict)  # member id -> top-1 %, with evaluation per epoch
+    holdout_top1: dict = field(default_factory=dict)  # member id -> top-1 % on the training set's holdout (base)
 
 
 @dataclass(frozen=True)

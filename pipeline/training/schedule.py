@@ -7,7 +7,9 @@
 - **scratch**: the pruned architecture with re-initialised weights, trained with the same schedule as ``rewind``
   (the paper: "the original learning rate schedule is adopted").
 
-The schedule is stepped once per optimisation step (not per epoch), so short runs anneal smoothly.
+The schedule is stepped once per optimisation step (not per epoch), so short runs anneal smoothly. Base and
+reference training use the rewind recipe through :class:`LrPlan`, which can end early with a cool-down
+(:mod:`nps.pipeline.training.plateau`).
 """
 from __future__ import annotations
 
@@ -36,14 +38,49 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: RetrainSpec,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule over ``config.epochs × steps_per_epoch`` steps; call ``.step()`` after every batch."""
+def schedule_steps(config: RetrainSpec, steps_per_epoch: int) -> tuple[int, int]:
+    """(total steps, warm-up steps) of ``config`` at ``steps_per_epoch``."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    total = config.epochs * steps_per_epoch
-    warmup = int(round(config.warmup * steps_per_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
+    return config.epochs * steps_per_epoch, int(round(config.warmup * steps_per_epoch))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: RetrainSpec, steps_per_epoch: int,
+                   factor=None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule over ``config.epochs × steps_per_epoch`` steps; call ``.step()`` after every batch.
+    ``factor`` (step → multiplier of the peak rate) replaces :func:`lr_factor`'s warm-up and cosine (base training's
+    :class:`LrPlan`, which can end early)."""
+    total, warmup = schedule_steps(config, steps_per_epoch)
+    if factor is None:
+        def factor(step: int) -> float:
+            return lr_factor(step, total, warmup)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class LrPlan:
+    """The per-step learning-rate factor of a network trained to a plateau (``LambdaLR``'s lambda; see
+    :func:`make_scheduler` and :mod:`nps.pipeline.training.plateau`): the recipe's warm-up and cosine to 0 at
+    ``total_steps``, until :meth:`cool_down` makes the rest a linear decay to 0. The factor at the cool-down's first
+    step is the cosine's there (the optimizer already holds it when the rule fires), so the rate never jumps.
+    ``LambdaLR.state_dict`` keeps a callable object's attributes: the cool-down is saved and restored with the
+    schedule."""
+
+    def __init__(self, total_steps: int, warmup_steps: int):
+        self.total, self.warmup = int(total_steps), int(warmup_steps)
+        self.cool_from: int | None = None  # the first step of the cool-down
+        self.cool_steps = 0
+
+    def __call__(self, step: int) -> float:
+        if self.cool_from is None or step < self.cool_from:
+            return lr_factor(step, self.total, self.warmup)
+        start = lr_factor(self.cool_from, self.total, self.warmup)
+        return start * max(0.0, 1.0 - (step - self.cool_from) / self.cool_steps)
+
+    def cool_down(self, from_step: int, steps: int) -> None:
+        """From ``from_step`` on, decay linearly from the factor there to 0 over ``steps`` steps."""
+        if steps < 1:
+            raise ValueError(f"a cool-down needs at least one step, got {steps}")
+        self.cool_from, self.cool_steps = int(from_step), int(steps)
 
 
 def reinitialize(model: nn.Module, seed: int | None = None) -> nn.Module:
