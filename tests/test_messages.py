@@ -199,7 +199,8 @@ def test_report_in_a_file_keeps_its_headings_whole(tmp_path):
     code, out, _ = nps(["report", results, "--out", tmp_path / "report", "--bootstrap", "50"])
     assert code == 0
     assert re.search(r"┃ regime +┃ space +┃ +done ┃ +best ┃ +mean drop \[95% CI\] ┃ P\(top\) ┃", out), out
-    assert "drops in percentage points; P(top): bootstrap probability that the space's EDF is the highest\n" in out
+    assert ("drops in percentage points; P(top): bootstrap probability that the space's EDF is the highest, among "
+            "the spaces with at least 10 rows (–: fewer)\n") in out
     assert_whole(out)
 
 

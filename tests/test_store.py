@@ -140,6 +140,7 @@ WRITER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_store import StandInTable, make_rows
     from nps.pipeline.results.store import ResultsStore
+    from nps.pipeline.row_status import Result
     path, n, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     store = ResultsStore.create(path, StandInTable(), "cfg", {{"base_top1": 95.0}})
     store.add_space("s", make_rows(n), epochs=4)
