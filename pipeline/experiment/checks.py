@@ -23,11 +23,20 @@ def _choice(value, key: str, choices) -> None:
 
 def check_config(cfg):
     """Reject impossible values (raises NpsError naming the key); touches no file. Returns ``cfg``."""
-    from nps.pipeline.catalog import CRITERIA, FLOPS_CONVENTIONS
-    from nps.pipeline.network.models import model_kind
-    from nps.pipeline.network.pretrained import is_set
+    _check_experiment_and_dataset(cfg.experiment, cfg.dataset)
+    _check_model(cfg)
+    _check_base(cfg.model, cfg.base)
+    _check_retrain(cfg.retrain, cfg.two_stage)
+    o = cfg.output
+    space_plan.check(cfg)
+    _choice(o.keep_weights, "output.keep_weights", KEEP_WEIGHTS)
+    _need(o.top_k >= 1, "output.top_k", f"must be >= 1, got {o.top_k}")
+    return cfg
 
-    e, d, m, b, r, t, o = cfg.experiment, cfg.dataset, cfg.model, cfg.base, cfg.retrain, cfg.two_stage, cfg.output
+
+
+
+def _check_experiment_and_dataset(e, d) -> None:
     _need(bool(e.name.strip()), "experiment.name", "must not be empty")
     _need(e.seed >= 0, "experiment.seed", f"must be >= 0, got {e.seed}")
     _need(bool(e.out.strip()), "experiment.out", "must not be empty")
@@ -41,6 +50,13 @@ def check_config(cfg):
     _need(d.train_images >= 0, "dataset.train_images", f"must be >= 0, got {d.train_images}")
     _need(d.val_images >= 0, "dataset.val_images", f"must be >= 0, got {d.val_images}")
 
+
+def _check_model(cfg) -> None:
+    from nps.pipeline.catalog import CRITERIA, FLOPS_CONVENTIONS
+    from nps.pipeline.network.models import model_kind
+    from nps.pipeline.network.pretrained import is_set
+
+    m = cfg.model
     try:
         model_kind(m.name)
     except NpsError as exc:
@@ -58,6 +74,10 @@ def check_config(cfg):
           "model.checkpoint is set too: a checkpoint is the trained base network (evaluated), pretrained weights a "
           "start that [base] fine-tunes; set one of them")
     check_references(cfg)
+
+
+def _check_base(m, b) -> None:
+    from nps.pipeline.network.pretrained import is_set
 
     if not m.checkpoint and not is_set(m.pretrained):
         _need(b.epochs >= 1, "base.epochs", f"must be >= 1 to train the base network (or set model.checkpoint, or "
@@ -81,8 +101,10 @@ def check_config(cfg):
     _choice(b.amp, "base.amp", AMP)
 
     _need(b.bn_images >= 0, "base.bn_images", f"must be >= 0, got {b.bn_images}")
-    _need(r.train_images >= 0, "retrain.train_images", f"must be >= 0, got {r.train_images}")
 
+
+def _check_retrain(r, t) -> None:
+    _need(r.train_images >= 0, "retrain.train_images", f"must be >= 0, got {r.train_images}")
     _need(r.epochs >= 1, "retrain.epochs", f"must be >= 1, got {r.epochs}")
     r.check("retrain")
     if t.enabled and r.method != "finetune":
@@ -99,10 +121,6 @@ def check_config(cfg):
     if t.enabled:
         _need(t.top_k >= 1, "two_stage.top_k", f"must be >= 1, got {t.top_k}")
         _need(t.full_epochs >= 1, "two_stage.full_epochs", f"must be >= 1, got {t.full_epochs}")
-    space_plan.check(cfg)
-    _choice(o.keep_weights, "output.keep_weights", KEEP_WEIGHTS)
-    _need(o.top_k >= 1, "output.top_k", f"must be >= 1, got {o.top_k}")
-    return cfg
 
 
 def check_references(cfg) -> None:

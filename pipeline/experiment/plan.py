@@ -15,6 +15,7 @@ from nps.pipeline.errors import NpsError
 from nps.pipeline.experiment.checks import _need, check_config
 from nps.pipeline.experiment.config import Config, expand_spaces
 from nps.pipeline.network.checkpoints import check_checkpoint
+from nps.pipeline.network.pruning_kind import WEIGHTS, kind_of
 
 
 @dataclass
@@ -35,8 +36,6 @@ class Plan:
 
     def table_for(self, key: str):
         """The table a space's keep vectors count in: the weight table for a weight space, else the layer table."""
-        from nps.pipeline.network.pruning_kind import kind_of
-
         return kind_of(key).table(self.table, self.weight_table)
 
 
@@ -45,6 +44,37 @@ def default_resolution(meta: dict) -> int:
 
     shape = meta.get("image_shape")
     return max(shape) if shape and max(shape) <= SMALL_IMAGE_MAX_SIDE else DEFAULT_LARGE_RESOLUTION
+
+
+def converted_dataset(directory: str) -> dict:
+    """The meta of the converted dataset at ``directory`` (``dataset.dir``), its split files checked; one NpsError
+    line naming the key otherwise."""
+    from nps.datasets.errors import DatasetError
+    from nps.datasets.meta import META_NAME, load_meta
+
+    if not os.path.isdir(directory):
+        raise NpsError(f"dataset.dir: {directory} does not exist; convert a dataset first, e.g. "
+                       f"nps convert fashion-mnist --out {directory}")
+    if not os.path.isfile(os.path.join(directory, META_NAME)):
+        raise NpsError(f"dataset.dir: {directory} is not a converted dataset (no {META_NAME}); run "
+                       f"nps convert KIND --out {directory}")
+    try:
+        meta = load_meta(directory)
+    except DatasetError as exc:
+        raise NpsError(f"dataset.dir: {exc}") from None
+    for split in ("train", "val"):
+        if not os.path.isfile(os.path.join(directory, meta["files"][split])):
+            raise NpsError(f"dataset.dir: {directory} lacks {meta['files'][split]}; re-run nps convert")
+    return meta
+
+
+def _weight_table(m, spaces, resolution: int, num_classes: int, in_channels: int):
+    """The weight table when a space prunes weights, else None."""
+    if not any(p.kind == "sampled" and kind_of(p.key) is WEIGHTS for p in spaces):
+        return None
+    from nps.pipeline.network.weight_table import build_weight_table
+
+    return build_weight_table(m.name, resolution, num_classes, in_channels, flops=m.flops)
 
 
 def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
@@ -56,7 +86,6 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
     not checked on a Ray cluster, whose devices the driver does not know yet).
     """
     from nps.datasets.errors import DatasetError
-    from nps.datasets.meta import META_NAME, load_meta
     from nps.kernels.errors import SamplerError
     from nps.kernels.spaces import check_feasible
     from nps.pipeline.experiment import preflight
@@ -64,20 +93,8 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
     from nps.pipeline.network.layer_table import build_layer_table
 
     check_config(cfg)
-    d, m = cfg.dataset, cfg.model
-    if not os.path.isdir(d.dir):
-        raise NpsError(f"dataset.dir: {d.dir} does not exist; convert a dataset first, e.g. "
-                       f"nps convert fashion-mnist --out {d.dir}")
-    if not os.path.isfile(os.path.join(d.dir, META_NAME)):
-        raise NpsError(f"dataset.dir: {d.dir} is not a converted dataset (no {META_NAME}); run "
-                       f"nps convert KIND --out {d.dir}")
-    try:
-        meta = load_meta(d.dir)
-    except DatasetError as exc:
-        raise NpsError(f"dataset.dir: {exc}") from None
-    for split in ("train", "val"):
-        if not os.path.isfile(os.path.join(d.dir, meta["files"][split])):
-            raise NpsError(f"dataset.dir: {d.dir} lacks {meta['files'][split]}; re-run nps convert")
+    m = cfg.model
+    meta = converted_dataset(cfg.dataset.dir)
     in_channels = m.in_channels or (1 if meta.get("source_channels") == 1 else 3)
     num_classes = m.num_classes or int(meta["num_classes"])
     _need(num_classes >= int(meta["num_classes"]), "model.num_classes",
@@ -97,16 +114,12 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
         raise NpsError(f"model.name: {m.name}: {exc}") from None
 
     spaces = expand_spaces(cfg)
-    weight_table = None
-    if any(p.kind == "sampled" and p.space.pruning == "weights" for p in spaces):
-        from nps.pipeline.network.weight_table import build_weight_table
-
-        weight_table = build_weight_table(m.name, resolution, num_classes, in_channels, flops=m.flops)
+    weight_table = _weight_table(m, spaces, resolution, num_classes, in_channels)
     for p in spaces:
         if p.kind != "sampled":
             continue
         try:
-            check_feasible(weight_table if p.space.pruning == "weights" else table, p.space)
+            check_feasible(kind_of(p.key).table(table, weight_table), p.space)
         except SamplerError as exc:
             raise NpsError(f"spaces[{p.index}].{p.target}: {exc}") from None
 

@@ -96,11 +96,13 @@ class _Base:
 class Driver:
     """One run of a validated experiment over a pool; make one with :meth:`open`, then :meth:`run` it."""
 
-    def __init__(self, plan: Plan, pool: WorkerPool, view: RunView, state: RunState, store, ledger: RowLedger,
-                 weights: outputs.WeightsKeeper, log: RunLog, base: _Base, resumed: bool):
+    def __init__(self, plan: Plan, pool: WorkerPool, view: RunView, state: RunState, prepared: resume.Prepared,
+                 base: _Base):
         self.plan, self.cfg, self.pool, self.view, self.state = plan, plan.config, pool, view, state
-        self.store, self.ledger, self.weights, self.log, self.base, self.resumed = (store, ledger, weights, log, base,
-                                                                                  resumed)
+        # what resume.prepare opened: the results file, its ledger, the kept weights and the run's log
+        self.store, self.ledger, self.weights = prepared.store, prepared.ledger, prepared.weights
+        self.log, self.resumed, self.base = prepared.log, prepared.resumed, base
+        store = self.store
         self.task_lease: dict[int, int] = {}
         self.next_task = 0
         self.stopping, self.interrupts, self.stop_started = False, 0, 0.0
@@ -138,7 +140,7 @@ class Driver:
             base.weights = pool.base_weights(cfg.model.checkpoint or plan.base_path)
         else:
             state.base_note = "training the base network" if p.base_todo else "evaluating the base network"
-        return cls(plan, pool, view, state, p.store, p.ledger, p.weights, p.log, base, p.resumed)
+        return cls(plan, pool, view, state, p, base)
 
     # -- training checkpoints (base network, references) -------------------------------------------------------------
 
