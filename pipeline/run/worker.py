@@ -385,6 +385,7 @@ class Worker:
         from nps.pipeline.network.members import member_factory
         from nps.pipeline.network.pruning_kind import kind_of
         from nps.pipeline.training.cohort import CohortOptions
+        from nps.pipeline.training.distill import Teacher
         from nps.pipeline.training.engine import run_cohorts
         from nps.pipeline.training.fused_cohort import Fusion
 
@@ -398,12 +399,13 @@ class Worker:
                      for keep, seed in zip(task.keep, task.seeds)]
         # the driver decided the cohort's form (and formed its rows for it): the task says whether it is fused
         fusion = Fusion(model, table, np.asarray(task.keep)) if task.fused else None
+        teacher = Teacher(model) if task.spec.retrain.distill else None  # the unpruned base network (copied)
         options = CohortOptions(eval_every_epoch=r.eval_every_epoch, bn_images=r.bn_images, amp=r.amp,
                                 compile=r.compile, keep_models=task.keep_weights, progress_s=self.progress_s,
                                 member_threads=1, fuse=task.fused)
         run_cohorts(factories, train, val, task.spec.retrain, self.device, k=task.k,
                     ids=[(task.space, row) for row in task.rows], seeds=list(task.seeds), options=options,
-                    on_event=self._on_event(task.task_id, task), fusion=fusion)
+                    on_event=self._on_event(task.task_id, task), fusion=fusion, teacher=teacher)
 
 
 def serve_task(worker: Worker, task, base: BaseWeights | None, emit: Callable[[Any], None]) -> bool:

@@ -18,7 +18,9 @@ scratch re-initialisation, optimizers), :meth:`~Cohort.train_epoch`, :meth:`~Coh
 
 What a member sees is fixed by its inputs only (the run's seed rule): each epoch's data comes from
 ``train_loader.set_epoch(epoch - 1)`` when the loader has it, adaptive BN from the first ``bn_images`` of epoch 0,
-and a ``scratch`` member's fresh weights from its entry in ``seeds``. Library code never prints: progress goes to
+and a ``scratch`` member's fresh weights from its entry in ``seeds``. A recipe with ``distill`` trains every
+member against the soft targets of one teacher forward per batch (:mod:`nps.pipeline.training.distill`). Library
+code never prints: progress goes to
 ``on_event`` (:mod:`nps.pipeline.training.events`) and to ``logging``.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ from torch import nn
 from nps.pipeline.errors import NpsError
 from nps.pipeline.row_status import RowStatus
 from nps.pipeline.training.devices import CpuWorkers, resolve_amp, resolve_channels_last, resolve_cpu_workers
+from nps.pipeline.training.distill import Distillation, SoftTargets, Teacher, distillation_for
 from nps.pipeline.training.evaluation import adaptive_bn_many, evaluate_many, run_each
 from nps.pipeline.training.events import (
     EpochEnded,
@@ -187,7 +190,7 @@ class Cohort:
     def __init__(self, models: Sequence[nn.Module], train_loader: Iterable, val_loader: Iterable, spec: RetrainSpec,
                  device: torch.device | str = "cpu", *, ids: Sequence[Any] | None = None,
                  seeds: Sequence[int] | None = None, options: CohortOptions | None = None,
-                 on_event: EventCallback | None = None):
+                 on_event: EventCallback | None = None, teacher: Teacher | None = None):
         spec.check()
         self.models, self.spec = list(models), spec
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -205,6 +208,10 @@ class Cohort:
         self.steps = steps_per_epoch(train_loader, o.steps_per_epoch) if spec.epochs > 0 else 1
         self.check_every = o.check_every or (25 if self.device.type == "cuda" else 1)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
+        if spec.distill and teacher is None:
+            raise ValueError("the recipe distils (retrain.distill) but the cohort was given no teacher network")
+        self.teacher = teacher
+        self.distillation: Distillation | None = None  # placed by set_up when the recipe distils
         self.results: dict[int, Result] = {}
         self.members: list[Record] = []
         self.live: list[Record] = []
@@ -246,6 +253,11 @@ class Cohort:
             member.bn_top1 = bn_scores[pos]
             self.members.append(member)
         self.live.extend(self.members)
+        self._set_up_teacher()
+
+    def _set_up_teacher(self) -> None:
+        """The recipe's teacher on the cohort's device, memory format and autocast (nothing without distill)."""
+        self.distillation = distillation_for(self.teacher, self.spec, self.device, self.nhwc, self.amp_dtype)
 
     def adaptive_bn(self) -> list[float]:
         """BN statistics recomputed on the first ``bn_images`` of epoch 0, then each member's top-1 (bn_top1)."""
@@ -280,18 +292,23 @@ class Cohort:
 
     # -- training ----------------------------------------------------------------------------------------------------
 
-    def _step_all(self, x, y, code: int, main_stream) -> None:
+    def _step_all(self, x, y, code: int, main_stream, soft: SoftTargets | None = None) -> None:
+        """Every live member's step on the batch; with distillation, against the batch's ``soft`` targets (made
+        once, on the main stream, before any member reads them)."""
         device, amp = self.device, self.amp_dtype
+        criterion = self.criterion if soft is None else self.distillation.criterion(self.criterion, soft)
         if self.workers is not None:
-            self.workers.map(lambda m: m.step(x, y, self.criterion, device, amp, code), self.live)
+            self.workers.map(lambda m: m.step(x, y, criterion, device, amp, code), self.live)
             return
+        shared = (x, y) if soft is None else (x, y, *soft.tensors())
         for m in self.live:
             with m.stream_context():
                 if m.stream is not None:
-                    m.stream.wait_stream(main_stream)  # the batch (copied on the main stream) is ready
-                    x.record_stream(m.stream)
-                    y.record_stream(m.stream)
-                m.step(x, y, self.criterion, device, amp, code)
+                    # the batch (copied on the main stream) and the teacher's soft targets are ready
+                    m.stream.wait_stream(main_stream)
+                    for t in shared:
+                        t.record_stream(m.stream)
+                m.step(x, y, criterion, device, amp, code)
         if main_stream is not None:
             for m in self.live:
                 main_stream.wait_stream(m.stream)  # device-side join; the host runs ahead to the next batch
@@ -307,7 +324,8 @@ class Cohort:
         self._main_stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
     def _train_batch(self, x, y, code: int, step: int) -> None:
-        self._step_all(x, y, code, self._main_stream)
+        soft = None if self.distillation is None else self.distillation.targets(x)  # one teacher forward per batch
+        self._step_all(x, y, code, self._main_stream, soft)
 
     def _evaluate(self, members: list[Record]) -> list[tuple[float, float, float]]:
         return evaluate_many([m.model for m in members], self.val_loader, self.device, amp_dtype=self.amp_dtype,
@@ -426,12 +444,14 @@ class Cohort:
 def train_cohort(models: Sequence[nn.Module], train_loader: Iterable, val_loader: Iterable, spec: RetrainSpec,
                  device: torch.device | str = "cpu", *, ids: Sequence[Any] | None = None,
                  seeds: Sequence[int] | None = None, on_event: EventCallback | None = None,
-                 options: CohortOptions | None = None, **settings: Any) -> list[Result]:
+                 options: CohortOptions | None = None, teacher: Teacher | None = None,
+                 **settings: Any) -> list[Result]:
     """Retrain ``models`` (trained in place, moved to ``device``) together, one pass of ``train_loader`` per epoch
     shared by all; the results in the order of ``models``. ``ids`` label the results and events (default 0..K-1),
     ``seeds`` seed ``scratch`` re-initialisation; ``options`` (or its fields as keywords) say how (see
-    :class:`CohortOptions`). Raises :class:`CohortOutOfMemory` on a CUDA out-of-memory error."""
+    :class:`CohortOptions`); ``teacher`` is the network a recipe with ``distill`` distils from. Raises
+    :class:`CohortOutOfMemory` on a CUDA out-of-memory error."""
     if settings:
         options = dataclasses.replace(options or CohortOptions(), **settings)
     return Cohort(models, train_loader, val_loader, spec, device, ids=ids, seeds=seeds, options=options,
-                  on_event=on_event).run()
+                  on_event=on_event, teacher=teacher).run()

@@ -63,7 +63,7 @@ def run_cohorts(models: Sequence[ModelSource], train_loader: Iterable, val_loade
                 device: torch.device | str = "cpu", *, k: int | None = None, max_k: int | None = None,
                 ids: Sequence[Any] | None = None, seeds: Sequence[int] | None = None,
                 input_shape: Sequence[int] | None = None, on_event: EventCallback | None = None,
-                options: CohortOptions | None = None, fusion=None, **settings: Any) -> list[Result]:
+                options: CohortOptions | None = None, fusion=None, teacher=None, **settings: Any) -> list[Result]:
     """Retrain any number of subnetworks in cohorts of ``k``, halving a cohort on CUDA out-of-memory.
 
     Parameters
@@ -84,6 +84,9 @@ def run_cohorts(models: Sequence[ModelSource], train_loader: Iterable, val_loade
         The base network, its table and one keep vector per model: with ``options.fuse`` resolved true, each
         cohort trains fused (:mod:`nps.pipeline.training.fused_cohort`); one that cannot be fused trains unfused,
         and says why (:class:`~nps.pipeline.training.events.CohortUnfused`).
+    teacher : :class:`~nps.pipeline.training.distill.Teacher`, optional
+        The network a recipe with ``distill`` distils from (the unpruned base network); each cohort, fused or
+        not, runs it once per batch for all its members. Needed when ``spec.distill``, unused otherwise.
 
     Returns
     -------
@@ -91,6 +94,8 @@ def run_cohorts(models: Sequence[ModelSource], train_loader: Iterable, val_loade
     """
     device = torch.device(device)
     spec.check()
+    if spec.distill and teacher is None:
+        raise ValueError("the recipe distils (retrain.distill) but run_cohorts was given no teacher network")
     if settings:
         options = dataclasses.replace(options or CohortOptions(), **settings)
     options = options or CohortOptions()
@@ -124,11 +129,11 @@ def run_cohorts(models: Sequence[ModelSource], train_loader: Iterable, val_loade
             out = None
             if fused:
                 out = _train_fused(trained, train_loader, val_loader, spec, device, cohort_ids, cohort_seeds,
-                                   on_event, options, fusion, cohort)
+                                   on_event, options, fusion, cohort, teacher)
                 fused = out is not None  # a network that cannot be fused is not tried again
             if out is None:
                 out = train_cohort(trained, train_loader, val_loader, spec, device, ids=cohort_ids,
-                                   seeds=cohort_seeds, on_event=on_event, options=options)
+                                   seeds=cohort_seeds, on_event=on_event, options=options, teacher=teacher)
         except CohortOutOfMemory as exc:
             oom = (exc.finished, exc.unfinished, str(exc))
         if oom is not None:
@@ -159,7 +164,8 @@ def run_cohorts(models: Sequence[ModelSource], train_loader: Iterable, val_loade
     return results  # type: ignore[return-value]
 
 
-def _train_fused(models, train_loader, val_loader, spec, device, ids, seeds, on_event, options, fusion, cohort):
+def _train_fused(models, train_loader, val_loader, spec, device, ids, seeds, on_event, options, fusion, cohort,
+                 teacher=None):
     """The cohort trained fused, or None when it cannot be fused (said with a CohortUnfused event; nothing was
     trained: fusing is refused before the first step). When a member's NaN spoiled others, the members without a
     result are trained again unfused from fresh copies."""
@@ -170,7 +176,7 @@ def _train_fused(models, train_loader, val_loader, spec, device, ids, seeds, on_
     fresh = [copy.deepcopy(m) for m in models]  # (the fused cohort trains the members in place)
     try:
         return FusedCohort(models, train_loader, val_loader, spec, device, fusion=part, ids=ids, seeds=seeds,
-                           options=options, on_event=on_event).run()
+                           options=options, on_event=on_event, teacher=teacher).run()
     except FuseUnsupported as exc:
         log.warning("cannot fuse this cohort (%s); training it unfused", exc)
         if on_event is not None:
@@ -184,6 +190,6 @@ def _train_fused(models, train_loader, val_loader, spec, device, ids, seeds, on_
         rest = train_cohort([fresh[i] for i in exc.unfinished], train_loader, val_loader, spec, device,
                             ids=[ids[i] for i in exc.unfinished],
                             seeds=None if seeds is None else [seeds[i] for i in exc.unfinished], on_event=on_event,
-                            options=options)
+                            options=options, teacher=teacher)
         out.update(zip(exc.unfinished, rest))
         return [out[i] for i in range(len(models))]

@@ -7,6 +7,8 @@ member), with one forward, one backward and one optimizer step per batch for the
 - the loss is the sum of the members' own losses (each the mean cross-entropy of its ``[:, m]`` logits), so each
   member's gradients are its own; after every backward the padding's gradients are zeroed (one ``_foreach_mul_``),
   so with them at zero SGD's momentum and weight decay keep the padding at exactly zero;
+- with distillation (:mod:`nps.pipeline.training.distill`) each member's loss blends its cross-entropy with the KL
+  to the teacher's soft targets, made by one teacher forward per step (inside the captured graph on a GPU);
 - a member whose loss turns NaN/inf stops alone: its loss weight goes to zero and its parameters, statistics and
   momentum are zeroed (NaNs included), so it computes zeros from then on; the others go on;
 - on a GPU the whole step (forward, backward, padding masks, SGD with the learning rate as a device tensor, the NaN
@@ -31,6 +33,7 @@ from torch import nn
 
 from nps.pipeline.errors import NpsError
 from nps.pipeline.training.cohort import _FAULT_SHIFT, _NO_FAULT, Cohort, CohortOptions, Record, set_epoch
+from nps.pipeline.training.distill import Teacher
 from nps.pipeline.training.evaluation import _batches, adaptive_bn_many
 from nps.pipeline.training.events import MemberStarted, Result
 from nps.pipeline.training.fuse import FusedNetwork, fuse
@@ -101,9 +104,10 @@ class FusedCohort(Cohort):
 
     def __init__(self, models: Sequence[nn.Module], train_loader: Iterable, val_loader: Iterable, spec: RetrainSpec,
                  device: torch.device | str = "cpu", *, fusion: Fusion, ids: Sequence[Any] | None = None,
-                 seeds: Sequence[int] | None = None, options: CohortOptions | None = None, on_event=None):
+                 seeds: Sequence[int] | None = None, options: CohortOptions | None = None, on_event=None,
+                 teacher: Teacher | None = None):
         super().__init__(models, train_loader, val_loader, spec, device, ids=ids, seeds=seeds, options=options,
-                         on_event=on_event)
+                         on_event=on_event, teacher=teacher)
         if len(fusion.keeps) != self.k:
             raise ValueError(f"got {self.k} models but {len(fusion.keeps)} keep vectors")
         self.fusion = fusion
@@ -148,6 +152,7 @@ class FusedCohort(Cohort):
         self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
         self.members = [Record(pos, self.ids[pos], model, bn_top1[pos]) for pos, model in enumerate(self.models)]
         self.live = list(self.members)
+        self._set_up_teacher()
 
     # -- a step ------------------------------------------------------------------------------------------------------
 
@@ -160,6 +165,8 @@ class FusedCohort(Cohort):
         ok = torch.isfinite(logits).all(dim=2).all(dim=0)
         logits = torch.where(ok[None, :, None], logits, torch.zeros_like(logits))
         losses = member_losses(logits, y, self.spec.label_smoothing)
+        if self.distillation is not None:  # one teacher forward for the K members (captured with the step on a GPU)
+            losses = self.distillation.loss(losses, logits, self.distillation.targets(x))
         values = losses.detach()
         finite = ok & torch.isfinite(values)
         self.fault.masked_fill_(~finite & (self.fault == _NO_FAULT) & (self.alive > 0), code)

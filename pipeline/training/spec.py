@@ -1,6 +1,7 @@
 """What a subnetwork's retraining is: one definition, shared by the experiment file, the engine and results.h5.
 
-:class:`RetrainSpec` is the recipe (paper §2.2): method, epochs, learning rates, SGD settings. The experiment's
+:class:`RetrainSpec` is the recipe (paper §2.2): method, epochs, learning rates, SGD settings, and whether the
+subnetworks distil from the base network (:mod:`nps.pipeline.training.distill`). The experiment's
 ``[retrain]`` table extends it (:class:`nps.pipeline.experiment.config.RetrainConfig`), the engine trains by it
 (:func:`nps.pipeline.training.cohort.train_cohort`), and :class:`SpaceSpec` (recipe plus pruning criterion) is stored on every
 space of a results file, so the run driver trains each space by its own spec and a cohort only ever mixes rows of
@@ -56,6 +57,13 @@ class RetrainSpec:
     label_smoothing: float = _help(0.0, "label smoothing")
     rewind_lr: float = _help(0.1, "peak learning rate of rewind and scratch")
     warmup_epochs: float = _help(5.0, "linear warm-up of rewind and scratch (fine-tuning has none)")
+    distill: bool = _help(False, "distil from the unpruned base network: loss (1 - distill_alpha) * CE + "
+                                 "distill_alpha * T^2 * KL(teacher || subnetwork); one teacher forward per batch "
+                                 "per cohort")
+    distill_alpha: float = _help(0.5, "with distill: the weight of the distillation term, in [0, 1] (1: the "
+                                      "teacher's soft targets alone, no labels)")
+    distill_temperature: float = _help(4.0, "with distill: the softmax temperature T of teacher and subnetwork "
+                                            "(> 0; the KL term is scaled by T^2)")
 
     def check(self, key: str = "retrain") -> "RetrainSpec":
         """Reject impossible settings before any work starts (NpsError naming ``key.field``); returns self."""
@@ -75,6 +83,10 @@ class RetrainSpec:
         need(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs!r}")
         need(self.method == "finetune" or self.warmup_epochs <= self.epochs, "warmup_epochs",
              f"{self.warmup_epochs} exceeds the retraining epochs ({self.epochs})")
+        need(isinstance(self.distill, bool), "distill", f"must be true or false, got {self.distill!r}")
+        need(0 <= self.distill_alpha <= 1, "distill_alpha", f"must be in [0, 1], got {self.distill_alpha!r}")
+        need(self.distill_temperature > 0, "distill_temperature",
+             f"must be > 0, got {self.distill_temperature!r}")
         return self
 
     def spec(self) -> "RetrainSpec":
