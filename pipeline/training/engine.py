@@ -59,6 +59,8 @@ def _first_input_shape(loader: Iterable) -> tuple[int, ...]:
     raise NpsError("the training loader yielded no batches")
 
 
+# 14 parameters: the engine's one entry point, used by the run's worker, the tests and the benchmarks; past the data
+# and the recipe every parameter is a keyword with a default, and how a cohort trains is one CohortOptions.
 def run_cohorts(models: Sequence[ModelSource], train_loader: Iterable, val_loader: Iterable, spec: RetrainSpec,
                 device: torch.device | str = "cpu", *, k: int | None = None, max_k: int | None = None,
                 ids: Sequence[Any] | None = None, seeds: Sequence[int] | None = None,
@@ -106,21 +108,15 @@ def run_cohorts(models: Sequence[ModelSource], train_loader: Iterable, val_loade
     if n == 0:
         return []
     if k is None:
-        if device.type == "cuda":
-            shape = tuple(input_shape) if input_shape is not None else _first_input_shape(train_loader)
-            sample = [m for m in models if isinstance(m, nn.Module)] or [_materialize(models[0])]
-            amp_dtype = resolve_amp(options.amp, device, sample)
-            k = choose_cohort_size(sample, device, shape, max_k=max_k, amp_dtype=amp_dtype)
-        else:
-            k = choose_cohort_size(list(models), device, (1,), max_k=max_k)
+        k = _automatic_k(models, train_loader, device, options, max_k, input_shape)
     k = max(1, min(int(k), n if max_k is None else max_k))
+    run = _Run(train_loader, val_loader, spec, device, on_event, options, teacher)
     fused = fusion is not None and resolve_fuse(options.fuse, device)
     results: list[Result | None] = [None] * n
     todo = list(range(n))
     while todo:
         cohort, todo = todo[:k], todo[k:]
-        if on_event is not None:
-            on_event(CohortStarted(tuple(ids[i] for i in cohort), len(cohort)))
+        run.emit(CohortStarted(tuple(ids[i] for i in cohort), len(cohort)))
         trained = [_materialize(models[i]) for i in cohort]
         oom = None
         cohort_ids = [ids[i] for i in cohort]
@@ -128,33 +124,17 @@ def run_cohorts(models: Sequence[ModelSource], train_loader: Iterable, val_loade
         try:
             out = None
             if fused:
-                out = _train_fused(trained, train_loader, val_loader, spec, device, cohort_ids, cohort_seeds,
-                                   on_event, options, fusion, cohort, teacher)
+                out = _train_fused(run, trained, cohort_ids, cohort_seeds, fusion, cohort)
                 fused = out is not None  # a network that cannot be fused is not tried again
             if out is None:
-                out = train_cohort(trained, train_loader, val_loader, spec, device, ids=cohort_ids,
-                                   seeds=cohort_seeds, on_event=on_event, options=options, teacher=teacher)
+                out = run.unfused(trained, cohort_ids, cohort_seeds)
         except CohortOutOfMemory as exc:
             oom = (exc.finished, exc.unfinished, str(exc))
         if oom is not None:
             # Outside the except block: the exception, its traceback and the frames holding device tensors are gone.
-            finished, unfinished, message = oom
             del trained
             _free_device_memory(device)
-            for pos, result in finished.items():
-                results[cohort[pos]] = result
-            rest = [cohort[pos] for pos in unfinished]
-            if len(cohort) == 1:
-                error = f"{message}: does not fit even alone"
-                for i in rest:
-                    results[i] = Result(ids[i], RowStatus.FAILED, error=error, cohort_size=1)
-                    if on_event is not None:
-                        on_event(MemberFinished(results[i]))
-                continue
-            k = max(1, len(cohort) // 2)
-            log.warning("%s; retrying %d subnetworks in cohorts of %d", message, len(rest), k)
-            if on_event is not None:
-                on_event(CohortHalved(tuple(ids[i] for i in rest), len(cohort), k))
+            k, rest = _after_out_of_memory(run, oom, cohort, ids, results)
             todo = rest + todo
             continue
         for i, result in zip(cohort, out):
@@ -164,8 +144,57 @@ def run_cohorts(models: Sequence[ModelSource], train_loader: Iterable, val_loade
     return results  # type: ignore[return-value]
 
 
-def _train_fused(models, train_loader, val_loader, spec, device, ids, seeds, on_event, options, fusion, cohort,
-                 teacher=None):
+@dataclasses.dataclass
+class _Run:
+    """What every cohort of one run_cohorts call shares: the data, the recipe, the device, where events go, how a
+    cohort trains, and the teacher it distils from."""
+
+    train_loader: Iterable
+    val_loader: Iterable
+    spec: RetrainSpec
+    device: torch.device
+    on_event: EventCallback | None
+    options: CohortOptions
+    teacher: Any = None
+
+    def emit(self, event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def unfused(self, models, ids, seeds) -> list[Result]:
+        return train_cohort(models, self.train_loader, self.val_loader, self.spec, self.device, ids=ids, seeds=seeds,
+                            on_event=self.on_event, options=self.options, teacher=self.teacher)
+
+
+def _automatic_k(models, train_loader, device: torch.device, options: CohortOptions, max_k, input_shape) -> int:
+    """The cohort size when none is given: what fits the GPU's free memory, or the CPU's default."""
+    if device.type != "cuda":
+        return choose_cohort_size(list(models), device, (1,), max_k=max_k)
+    shape = tuple(input_shape) if input_shape is not None else _first_input_shape(train_loader)
+    sample = [m for m in models if isinstance(m, nn.Module)] or [_materialize(models[0])]
+    amp_dtype = resolve_amp(options.amp, device, sample)
+    return choose_cohort_size(sample, device, shape, max_k=max_k, amp_dtype=amp_dtype)
+
+
+def _after_out_of_memory(run: _Run, oom: tuple, cohort: list[int], ids, results: list) -> tuple[int, list[int]]:
+    """A cohort ran out of memory: keep what finished, fail what does not fit even alone; returns the halved cohort
+    size and the positions to train again."""
+    finished, unfinished, message = oom
+    for pos, result in finished.items():
+        results[cohort[pos]] = result
+    rest = [cohort[pos] for pos in unfinished]
+    if len(cohort) == 1:
+        for i in rest:
+            results[i] = Result(ids[i], RowStatus.FAILED, error=f"{message}: does not fit even alone", cohort_size=1)
+            run.emit(MemberFinished(results[i]))
+        return 1, []
+    k = max(1, len(cohort) // 2)
+    log.warning("%s; retrying %d subnetworks in cohorts of %d", message, len(rest), k)
+    run.emit(CohortHalved(tuple(ids[i] for i in rest), len(cohort), k))
+    return k, rest
+
+
+def _train_fused(run: _Run, models, ids, seeds, fusion, cohort):
     """The cohort trained fused, or None when it cannot be fused (said with a CohortUnfused event; nothing was
     trained: fusing is refused before the first step). When a member's NaN spoiled others, the members without a
     result are trained again unfused from fresh copies."""
@@ -175,21 +204,17 @@ def _train_fused(models, train_loader, val_loader, spec, device, ids, seeds, on_
     part = Fusion(fusion.base, fusion.table, fusion.keeps[list(cohort)])
     fresh = [copy.deepcopy(m) for m in models]  # (the fused cohort trains the members in place)
     try:
-        return FusedCohort(models, train_loader, val_loader, spec, device, fusion=part, ids=ids, seeds=seeds,
-                           options=options, on_event=on_event, teacher=teacher).run()
+        return FusedCohort(models, run.train_loader, run.val_loader, run.spec, run.device, fusion=part, ids=ids,
+                           seeds=seeds, options=run.options, on_event=run.on_event, teacher=run.teacher).run()
     except FuseUnsupported as exc:
         log.warning("cannot fuse this cohort (%s); training it unfused", exc)
-        if on_event is not None:
-            on_event(CohortUnfused(tuple(ids), str(exc)))
+        run.emit(CohortUnfused(tuple(ids), str(exc)))
         return None
     except CohortSpoiled as exc:
         log.warning("%s; training the rest of the cohort unfused", exc)
-        if on_event is not None:
-            on_event(CohortUnfused(tuple(ids[i] for i in exc.unfinished), str(exc)))
+        run.emit(CohortUnfused(tuple(ids[i] for i in exc.unfinished), str(exc)))
         out = dict(exc.finished)
-        rest = train_cohort([fresh[i] for i in exc.unfinished], train_loader, val_loader, spec, device,
-                            ids=[ids[i] for i in exc.unfinished],
-                            seeds=None if seeds is None else [seeds[i] for i in exc.unfinished], on_event=on_event,
-                            options=options, teacher=teacher)
+        rest = run.unfused([fresh[i] for i in exc.unfinished], [ids[i] for i in exc.unfinished],
+                           None if seeds is None else [seeds[i] for i in exc.unfinished])
         out.update(zip(exc.unfinished, rest))
         return [out[i] for i in range(len(models))]
