@@ -124,6 +124,7 @@ class Record:
 class _Member(Record):
     """One member's training state: its own optimizer, schedule, stream and device-side flags."""
 
+    # 9 parameters: everything one member's step needs, set once by Cohort (its only caller) and never again
     def __init__(self, position, ident, model, train_model, spec, steps_per_epoch, device, amp_dtype, stream):
         super().__init__(position, ident, model)
         self.train_model = train_model
@@ -187,6 +188,7 @@ def ids_for(models, ids) -> list:
 class Cohort:
     """The members of one cohort and their training on one data stream (see the module docstring)."""
 
+    # past (models, data, recipe, device) every parameter is an optional keyword, as run_cohorts' (see its comment)
     def __init__(self, models: Sequence[nn.Module], train_loader: Iterable, val_loader: Iterable, spec: RetrainSpec,
                  device: torch.device | str = "cpu", *, ids: Sequence[Any] | None = None,
                  seeds: Sequence[int] | None = None, options: CohortOptions | None = None,
@@ -441,6 +443,7 @@ class Cohort:
         return [self.results[pos] for pos in range(self.k)]
 
 
+# past (models, data, recipe, device) every parameter is an optional keyword, as run_cohorts' (see its comment)
 def train_cohort(models: Sequence[nn.Module], train_loader: Iterable, val_loader: Iterable, spec: RetrainSpec,
                  device: torch.device | str = "cpu", *, ids: Sequence[Any] | None = None,
                  seeds: Sequence[int] | None = None, on_event: EventCallback | None = None,

@@ -102,6 +102,7 @@ class FusedCohort(Cohort):
     :class:`~nps.pipeline.training.cohort.Cohort` whose set-up fuses the members and whose batch is one step of
     the fused module; the epochs, faults, events and results are the cohort's."""
 
+    # the unfused Cohort's parameters and the fusion: a fused cohort is called exactly as an unfused one
     def __init__(self, models: Sequence[nn.Module], train_loader: Iterable, val_loader: Iterable, spec: RetrainSpec,
                  device: torch.device | str = "cpu", *, fusion: Fusion, ids: Sequence[Any] | None = None,
                  seeds: Sequence[int] | None = None, options: CohortOptions | None = None, on_event=None,

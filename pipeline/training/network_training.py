@@ -133,6 +133,8 @@ def read_checkpoint(source: bytes | str | os.PathLike | io.IOBase, plan: Network
 class _Training:
     """One network's training to a plateau (see :func:`train_to_plateau`)."""
 
+    # the three data streams (train, holdout, val), the plan, the device and where epochs and checkpoints go: each
+    # differs between the base network and a reference, none is derived from another
     def __init__(self, model: nn.Module, train: Iterable, holdout: Iterable | None, val: Iterable,
                  plan: NetworkTraining, device: torch.device, on_event: EventCallback | None,
                  on_checkpoint: Callable[[int, bytes], None] | None, progress_s: float):
@@ -243,6 +245,7 @@ class _Training:
         return dataclasses.replace(result, epochs_done=self.curve.epochs), self.curve
 
 
+# the network, its three data streams, the plan and the device; the rest are optional keywords (see _Training)
 def train_to_plateau(model: nn.Module, train: Iterable, holdout: Iterable | None, val: Iterable,
                      plan: NetworkTraining, device: torch.device | str = "cpu", *,
                      on_event: EventCallback | None = None, on_checkpoint: Callable[[int, bytes], None] | None = None,
