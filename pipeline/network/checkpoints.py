@@ -88,6 +88,11 @@ def checkpoint_mismatch(expected: dict, state: dict) -> str:
     extra = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    return mismatch_text(shapes, missing, extra)
+
+
+def mismatch_text(shapes: list[str], missing: list[str], extra: list[str]) -> str:
+    """One line: the first differing shapes, and how many keys are missing or unexpected ("" when none)."""
     parts = []
     if shapes:
         parts.append(f"shape mismatch: {', '.join(shapes[:2])}")

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from nps.pipeline.errors import NpsError, one_line
+from nps.pipeline.network.checkpoints import mismatch_text
 from nps.pipeline.network.models import build_model, model_kind
 
 PROBE_TIMEOUT_S = 3.0  # the preflight's reachability probe of a model hub: a connection, never a download
@@ -136,14 +137,7 @@ def tensor_roles(expected: dict, source: dict, num_classes: int, in_channels: in
         else:
             shapes.append(f"{key} {have} vs {want}")
     extra = [k for k in source if k not in expected]
-    parts = []
-    if shapes:
-        parts.append(f"shape mismatch: {', '.join(shapes[:2])}")
-    if missing:
-        parts.append(f"{len(missing)} missing keys ({', '.join(missing[:2])}, ...)")
-    if extra:
-        parts.append(f"{len(extra)} unexpected keys ({', '.join(extra[:2])}, ...)")
-    return roles, "; ".join(parts)
+    return roles, mismatch_text(shapes, missing, extra)
 
 
 def _for(name: str, num_classes: int, in_channels: int) -> str:
