@@ -413,6 +413,7 @@ def test_sigkill_during_base_training_then_the_same_command_resumes_it_exactly(e
 
 
 @pytest.mark.fmnist
+@pytest.mark.slow  # the base network's training resumes through the same code in the default tier (make test)
 def test_sigkill_during_a_reference_training_then_the_same_command_resumes_it_exactly(experiment, uninterrupted):
     out = experiment.parent / "killed-reference"
     checkpoint = "training-reference-own_models_vgg_like.ckpt"

@@ -260,6 +260,7 @@ def test_the_experiment_file_takes_and_checks_the_keys(tmp_path):
 # -- end to end --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.fmnist
+@pytest.mark.slow  # the default tier checks the loss, the teacher's calls and the rows; this is the whole run
 def test_a_tiny_run_with_distillation_completes(tmp_path, fmnist_dir, base_checkpoint):
     """`nps run demo` on 128 Fashion-MNIST images with retrain.distill = true: fused cohorts (retrain.fuse = true
     on the CPU) and two-stage retraining, every row done, every space storing the recipe with distill."""

@@ -38,7 +38,8 @@ def test_the_blocker_blocks_torch(no_torch):
     assert out.returncode != 0 and "torch is not installed" in out.stderr  # export runs a network: it needs torch
 
 
-@pytest.mark.parametrize("command", [["status"], ["report", "--out", "report"], ["table", "--out", "rows.csv"]])
+@pytest.mark.parametrize("command", [["status"], ["report", "--out", "report", "--bootstrap", "50"],
+                                     ["table", "--out", "rows.csv"]])
 def test_reading_commands_need_no_torch(no_torch, command):
     out = _nps(no_torch, command[0], str(no_torch / "results.h5"), *command[1:])
     assert out.returncode == 0, out.stderr

@@ -280,6 +280,7 @@ def _top1(name: str, state: dict, data, resolution: int) -> float:
 
 
 @pytest.mark.fmnist
+@pytest.mark.slow  # the default tier runs the evaluated start end to end; this adds one fine-tuning epoch
 def test_a_run_fine_tunes_a_local_pretrained_start(tmp_path, fmnist_dir):
     weights = tmp_path / "mnv3.pt"
     torch.save(_source("mobilenet_v3_small"), weights)
