@@ -410,7 +410,8 @@ def test_an_export_with_its_preprocessing_computes_the_loader_paths_logits(run_d
         assert torch.equal(load_subnetwork(out, with_preprocessing=True)(raw), load_subnetwork(out)(batch))
 
 
-@pytest.mark.parametrize("outputs", [["--out"], ["--onnx"], ["--out", "--onnx"]])
+@pytest.mark.parametrize("outputs", [pytest.param(["--out"], marks=pytest.mark.slow),
+                                     pytest.param(["--onnx"], marks=pytest.mark.slow), ["--out", "--onnx"]])
 def test_cli_checks_everything_before_the_first_write(run_dir, tmp_path, monkeypatch, capsys, outputs):
     """`nps export ... --verify` without the run's dataset fails in one line and writes nothing; the same command
     with --data then succeeds without --force."""

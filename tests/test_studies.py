@@ -196,6 +196,7 @@ def test_baseline_rows_are_created_trained_resumed_and_reported(tmp_path, fmnist
 
 
 @pytest.mark.fmnist
+@pytest.mark.slow  # make test stays under 8 minutes; the ratio study's analysis is checked on stored rows by test_report
 def test_a_tiny_ratio_study_runs_and_its_figure_data_match_the_file(tmp_path, fmnist_dir, base_checkpoint):
     exp = _experiment(tmp_path, fmnist_dir(256), base_checkpoint, """
 [[spaces]]
