@@ -168,9 +168,9 @@ def render_html(summary: dict) -> str:
                      "whose integer channel counts come closest to the target (paper §3.1's reference); for weight "
                      "spaces <code>weights:uniform</code>, the same sparsity in every layer. A space is only ever "
                      "compared with the baseline of its own kind. <i>Beats the baseline</i>: the fraction of a "
-                     f"space's finished subnetworks with a lower accuracy drop, with a {band} bootstrap interval "
-                     f"over the space's rows from {s['min_interval_n'] if 'min_interval_n' in s else 10} rows on "
-                     "(below, the count).</p>"
+                     f"space's finished subnetworks with a lower accuracy drop, with its {band} Wilson score "
+                     f"interval from {s['min_interval_n'] if 'min_interval_n' in s else 10} rows on (below, the "
+                     "count).</p>"
                      "<table><tr><th class=l>regime</th><th class=l>baseline</th><th>ratio</th><th>c_flops</th>"
                      "<th>c_params</th><th>mCB</th>"
                      "<th>top-1</th><th>drop</th></tr>" + "".join(baselines) + "</table>")
