@@ -290,3 +290,22 @@ def test_a_tiny_run_with_distillation_completes(tmp_path, fmnist_dir, base_check
         assert (cols["status"] == DONE).all() and np.isfinite(cols["top1"]).all(), name
         recipe = json.loads(attrs["retrain_spec"])
         assert recipe["distill"] is True and recipe["distill_alpha"] == 0.5, name
+
+
+def test_a_space_can_be_fine_tuned_without_and_with_distillation():
+    """`[[spaces]] retrain.distill = [false, true]`: the same space twice, keyed apart, each stored with its recipe
+    (what the compact-ConvNet study's "STD arms once more with distillation" needs)."""
+    from nps.pipeline.errors import NpsError
+    from nps.pipeline.experiment.config import parse_config
+    from nps.pipeline.experiment.space_plan import check as check_spaces
+
+    text = ('[dataset]\ndir = "data"\n[model]\nname = "resnet20"\n[experiment]\nbaseline = false\n'
+            '[[spaces]]\nname = "std-0.05"\nc_flops = 0.3\nn = 4\nretrain.distill = {}\n')
+    planned = check_spaces(parse_config(text.format("[false, true]")))
+    assert [p.key for p in planned] == ["std-0.05+distill=false@c_flops=0.3", "std-0.05+distill=true@c_flops=0.3"]
+    assert [p.spec.retrain.distill for p in planned] == [False, True] and planned[1].label == "distill=true"
+    assert planned[1].spec.attrs()  # stored with the space
+    with pytest.raises(NpsError, match=r"spaces\[0\]\.retrain\.distill: a value is repeated"):
+        check_spaces(parse_config(text.format("[true, true]")))
+    with pytest.raises(NpsError, match=r"retrain\.distill"):
+        parse_config(text.format('"yes"'))

@@ -135,6 +135,8 @@ class BaseConfig:
 class SpaceRetrainConfig:
     method: list[str] = _f(help="this space's retrain.method: a method or a list (one space each)", factory=list)
     epochs: list[int] = _f(help="this space's retrain.epochs: a number or a list (one space each)", factory=list)
+    distill: list[bool] = _f(help="this space's retrain.distill: true, false or [false, true] (one space each: the "
+                                  "same recipes fine-tuned without and with distillation)", factory=list)
 
 
 @dataclass

@@ -20,6 +20,7 @@ space by its own spec. Space keys name the overrides a space was given: ``std-0.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from nps.pipeline.errors import NpsError
 from nps.pipeline.network.pruning_kind import WEIGHTS
 from nps.pipeline.training.spec import SpaceSpec
 
-OVERRIDES = ("criterion", "method", "epochs")
+OVERRIDES = ("criterion", "method", "epochs", "distill")
 # Criteria and methods whose rows differ by their seed: everything else trains the same recipe identically (the
 # data order is the experiment's, not the row's), so a ratio space repeats rows only for these.
 SEEDED_CRITERIA = ("random",)
@@ -63,7 +64,7 @@ class PlannedSpace:
     @property
     def label(self) -> str:
         """The overrides in words (``criterion=l1, epochs=10``): how the report tells such spaces apart."""
-        return ", ".join(f"{k}={self.overrides[k]}" for k in OVERRIDES if k in self.overrides)
+        return ", ".join(f"{k}={_text(self.overrides[k])}" for k in OVERRIDES if k in self.overrides)
 
     def attrs(self) -> dict:
         """What the space's group stores beside the sampler's attributes: its spec and its overrides."""
@@ -73,8 +74,12 @@ class PlannedSpace:
         return out
 
 
+def _text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)  # TOML's spelling: distill=true
+
+
 def _suffix(overrides: dict) -> str:
-    return "".join(f"+{k}={overrides[k]}" for k in OVERRIDES if k in overrides)
+    return "".join(f"+{k}={_text(overrides[k])}" for k in OVERRIDES if k in overrides)
 
 
 def _choices(values: list, default) -> list:
@@ -93,31 +98,29 @@ def expand(cfg) -> list[PlannedSpace]:
     out: list[PlannedSpace] = []
     for i, s in enumerate(cfg.spaces):
         key = f"spaces[{i}]"
-        for criterion in _choices(s.criterion, None):
-            for method in _choices(s.retrain.method, None):
-                for epochs in _choices(s.retrain.epochs, None):
-                    overrides = {k: v for k, v in (("criterion", criterion), ("method", method),
-                                                   ("epochs", epochs)) if v is not None}
-                    retrain = dataclasses.replace(base_spec.retrain, **{k: v for k, v in overrides.items()
-                                                                       if k != "criterion"})
-                    retrain.check(f"{key}.retrain")  # e.g. a warm-up longer than an overridden epochs: an error
-                    spec = SpaceSpec(retrain, criterion or base_spec.criterion)
-                    name = s.name + _suffix(overrides)
-                    if s.name == RATIOS:
-                        out.append(PlannedSpace(i, name, RATIOS, spec, s.n, ratios=tuple(s.ratios),
-                                                overrides=overrides))
-                        continue
-                    target = "c_flops" if s.c_flops else "c_params"
-                    space_name = s.name
-                    if cfg.model.pruning == WEIGHTS.name and not space_name.startswith(WEIGHTS.prefix):
-                        space_name, name = WEIGHTS.space_name(space_name), WEIGHTS.space_name(name)
-                    for value in getattr(s, target):
-                        try:
-                            space = parse_space(space_name, target, value, delta=s.delta, R=s.R, sigma=s.sigma or None)
-                        except SamplerError as exc:
-                            raise NpsError(f"{key}.name: {exc}") from None
-                        out.append(PlannedSpace(i, space_key(name, target, value), "sampled", spec, s.n, space,
-                                                target, float(value), s.delta, s.R, overrides=overrides))
+        axes = {"criterion": s.criterion, "method": s.retrain.method, "epochs": s.retrain.epochs,
+                "distill": s.retrain.distill}
+        for combo in itertools.product(*(_choices(values, None) for values in axes.values())):
+            overrides = {k: v for k, v in zip(axes, combo) if v is not None}  # the cartesian product, in file order
+            retrain = dataclasses.replace(base_spec.retrain, **{k: v for k, v in overrides.items()
+                                                               if k != "criterion"})
+            retrain.check(f"{key}.retrain")  # e.g. a warm-up longer than an overridden epochs: an error
+            spec = SpaceSpec(retrain, overrides.get("criterion") or base_spec.criterion)
+            name = s.name + _suffix(overrides)
+            if s.name == RATIOS:
+                out.append(PlannedSpace(i, name, RATIOS, spec, s.n, ratios=tuple(s.ratios), overrides=overrides))
+                continue
+            target = "c_flops" if s.c_flops else "c_params"
+            space_name = s.name
+            if cfg.model.pruning == WEIGHTS.name and not space_name.startswith(WEIGHTS.prefix):
+                space_name, name = WEIGHTS.space_name(space_name), WEIGHTS.space_name(name)
+            for value in getattr(s, target):
+                try:
+                    space = parse_space(space_name, target, value, delta=s.delta, R=s.R, sigma=s.sigma or None)
+                except SamplerError as exc:
+                    raise NpsError(f"{key}.name: {exc}") from None
+                out.append(PlannedSpace(i, space_key(name, target, value), "sampled", spec, s.n, space, target,
+                                        float(value), s.delta, s.R, overrides=overrides))
     if cfg.experiment.baseline:
         out += baselines(out, base_spec)
     return out
@@ -167,7 +170,7 @@ def check(cfg) -> list[PlannedSpace]:
         for e in s.retrain.epochs:
             need(e >= 1, f"{key}.retrain.epochs", f"must be >= 1, got {e}")
         for name, values in (("criterion", s.criterion), ("retrain.method", s.retrain.method),
-                             ("retrain.epochs", s.retrain.epochs)):
+                             ("retrain.epochs", s.retrain.epochs), ("retrain.distill", s.retrain.distill)):
             need(len(set(values)) == len(values), f"{key}.{name}", "a value is repeated")
         need(s.n >= 1, f"{key}.n", f"must be >= 1, got {s.n}")
         if s.name == RATIOS:
