@@ -23,8 +23,6 @@ def _finite(values) -> list[float]:
     return [math.nan if v is None else float(v) for v in values]
 
 
-
-
 def render_curves(summary: dict, out_dir: str | Path) -> dict:
     """Draw ``learning_curves.png`` when the summary has learning curves; returns ``{name: {"file", "caption"}}``."""
     curves = [c for c in summary.get("curves") or [] if c.get("train_loss")]
@@ -54,7 +52,9 @@ def render_curves(summary: dict, out_dir: str | Path) -> dict:
                 ax.axvspan(plateau, epochs[-1], color=color, alpha=0.08)
     ax_top.set_xlabel("epoch")
     ax_top.set_ylabel("top-1 (%)")
-    ax_top.set_title("Top-1 after every epoch (dotted: plateau, shaded: cool-down)")
+    stopped = [c for c in curves if c.get("plateau_epoch")]
+    ax_top.set_title("Top-1 after every epoch" + (" (dotted: plateau, shaded: cool-down)" if stopped else
+                                                  " (no network reached a plateau: each trained its maximum epochs)"))
     ax_top.legend(fontsize=7, loc="best")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("mean training loss of the epoch")
