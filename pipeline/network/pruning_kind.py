@@ -36,6 +36,8 @@ class PruningKind:
         Its subnetworks run faster than the base (a masked network runs at the dense speed: not timed).
     unit : str
         What one recipe entry prunes: a channel group or a layer.
+    recipe_axis : str
+        What one recipe entry's value is, in words (a figure's axis).
     baseline_space : str
         The space name of its regime's uniform baseline (one row per regime).
     """
@@ -48,10 +50,6 @@ class PruningKind:
     unit: str
     recipe_axis: str
     baseline_space: str
-
-    def owns(self, key: str) -> bool:
-        """Whether a space name or key is of this kind."""
-        return kind_of(key) is self
 
     def space_name(self, name: str) -> str:
         """``name`` as a space of this kind (``std-0.05`` -> ``weights:std-0.05`` for weights)."""

@@ -211,8 +211,10 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
 def _winning_recipes(ax, summary: dict, reg: dict, spaces: list[dict], colors: dict) -> None:
     """The winning recipe of each space of one regime: a filter space's ratios per channel group, a weight space's
     sparsity per prunable layer (a regime holds one kind, so one axis); bars, or lines for many entries."""
-    weights = reg.get("pruning") == "weights"
-    unit, what = ("layer", "sparsity of the layer") if weights else ("group", "pruning ratio r of the group")
+    from nps.pipeline.network.pruning_kind import WEIGHTS, kind_named
+
+    kind = kind_named(reg.get("pruning", "filters"))
+    unit, what = kind.unit, kind.recipe_axis  # the kind says what one recipe entry is
     uni = reg.get("uniform")
 
     def label(s: dict) -> str:
@@ -220,7 +222,7 @@ def _winning_recipes(ax, summary: dict, reg: dict, spaces: list[dict], colors: d
         return f"{s['space']}: row {w['row']}, drop {w['acc_drop']:.2f}, std(r) {w['std']:.3f}, mCB {w['mcb']:.3f}"
 
     G = len(spaces[0]["winner"]["recipe"]) if spaces else 0
-    names = (summary.get("model") or {}).get("layers" if weights else "groups")
+    names = (summary.get("model") or {}).get("layers" if kind is WEIGHTS else "groups")
     names = names if names and len(names) == G else [str(i) for i in range(G)]
     width = 0.8 / max(1, len(spaces))
     x = np.arange(G)

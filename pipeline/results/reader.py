@@ -101,13 +101,12 @@ class _ResultsFile:
     def table_group(self, space: str) -> h5py.Group:
         """The table group a space's keep vectors count in: ``/weight_layers`` for a weight space, else
         ``/layers``."""
-        from nps.pipeline.network.pruning_kind import WEIGHTS, kind_of
+        from nps.pipeline.network.pruning_kind import kind_of
 
-        if kind_of(space) is WEIGHTS:
-            if self.weight_layers is None:
-                raise NpsError(f"{self.path}: space {space} prunes weights but the file has no /{WEIGHT_LAYERS}")
-            return self.weight_layers
-        return self.layers
+        group = kind_of(space).table_group  # the kind names its table's group
+        if group not in self._file:
+            raise NpsError(f"{self.path}: space {space} prunes {kind_of(space).name} but the file has no /{group}")
+        return self._file[group]
 
     def references(self) -> dict[str, dict[str, Any]]:
         """``{model: attrs}`` of the reference networks trained so far (top1, top5, flops, params, train_s, ...)."""
