@@ -267,6 +267,7 @@ cooldown_epochs = 3
 [[references]]
 model = "own_models:vgg_like"
 epochs = 8
+seeds = 2  # a second training from seed 1: own_models:vgg_like#1
 
 [[spaces]]
 name = "std-0.05"
@@ -334,18 +335,26 @@ def test_learning_curves_are_stored_and_drawn(uninterrupted, tmp_path):
     attrs, refs, curves = stored(uninterrupted)
     assert attrs["format_version"] == 3
     by_role = {c["role"]: c for c in curves}
-    assert set(by_role) == {"base", "reference"} and by_role["reference"]["network"] == "own_models:vgg_like"
+    assert set(by_role) == {"base", "reference"}
+    assert [c["network"] for c in curves] == ["own_models:tiny_cnn", "own_models:vgg_like", "own_models:vgg_like#1"]
     for c in curves:  # the rule fired at epoch 2 (min_delta 100), then 3 epochs of cool-down: 5 of at most 8
         assert (c["plateau_epoch"], c["epochs"], c["max_epochs"], c["stopped_by"]) == (2, 5, 8, "plateau")
         assert all(len(c[name]) == 5 and all(map(math.isfinite, c[name])) for name in TrainingCurve.SERIES)
         assert c["holdout_images"] == 100 and c["lr"][-1] < 0.01 < c["lr"][1]
-    assert by_role["base"]["weights_sha256"] != by_role["reference"]["weights_sha256"]
+    assert len({c["weights_sha256"] for c in curves}) == 3  # the reference's two seeds train two networks
+    assert [r["seed"] for r in refs.values()] == [0, 1] and set(refs) == {"own_models:vgg_like", "own_models:vgg_like#1"}
+    assert refs["own_models:vgg_like"]["model"] == refs["own_models:vgg_like#1"]["model"] == "own_models:vgg_like"
     assert base_state(uninterrupted)["epochs"] == 5 and base_state(uninterrupted)["stopped_by"] == "plateau"
     summary = write_report(uninterrupted / "results.h5", tmp_path / "report", n_boot=50)
     figure = summary["figures"]["learning_curves"]
     assert (tmp_path / "report" / figure["file"]).is_file()
     assert "own_models:tiny_cnn stopped after epoch 5 of at most 8 (holdout plateau at epoch 2" in figure["caption"]
-    assert [c["top1"] for c in summary["curves"]] == [attrs["base_top1"], refs["own_models:vgg_like"]["top1"]]
+    assert [c["top1"] for c in summary["curves"]] == [attrs["base_top1"], refs["own_models:vgg_like"]["top1"],
+                                                      refs["own_models:vgg_like#1"]["top1"]]
+    (ref,) = summary["references"]  # one reference network, compared by its mean over the two seeds
+    values = [refs["own_models:vgg_like"]["top1"], refs["own_models:vgg_like#1"]["top1"]]
+    assert ref["seeds"] == 2 and ref["top1_values"] == values and ref["top1"] == pytest.approx(sum(values) / 2)
+    assert ref["top1_range"] == [min(values), max(values)]
     assert left_behind(uninterrupted) == []
 
 
@@ -393,8 +402,9 @@ def assert_resumed_identically(out: Path, uninterrupted: Path, what: str, killed
     (attrs, refs, curves), (attrs0, refs0, curves0) = stored(out), stored(uninterrupted)
     assert [attrs[k] for k in ("base_top1", "base_top5", "base_loss")] == [attrs0[k] for k in ("base_top1",
                                                                                              "base_top5", "base_loss")]
-    for key in ("top1", "top5", "loss"):
-        assert refs["own_models:vgg_like"][key] == refs0["own_models:vgg_like"][key]
+    for name in ("own_models:vgg_like", "own_models:vgg_like#1"):
+        for key in ("top1", "top5", "loss"):
+            assert refs[name][key] == refs0[name][key]
     for c, c0 in zip(curves, curves0, strict=True):  # every epoch's numbers, and the final weights' digest
         assert {k: v for k, v in c.items() if k != "train_s"} == {k: v for k, v in c0.items() if k != "train_s"}
     assert left_behind(out) == []  # the checkpoints go once their training's result is stored

@@ -158,3 +158,26 @@ def test_axes_read_as_plain_numbers():
     labels = [t.get_text() for t in ax.get_xticklabels(minor=True) + ax.get_xticklabels()]
     assert labels and not any("10^" in t or "times" in t or "\\mathdefault" in t for t in labels)
     assert "0.1" in labels and "0.05" in labels
+
+
+def test_a_reference_of_several_seeds_is_compared_by_its_mean_with_an_interval_over_both():
+    from nps.pipeline.results.references import compare, gain_interval
+
+    pops = [_pop("std-0.05", np.linspace(1.0, 3.0, 12), value=0.5, seed=1),
+            _pop("weights:std-0.05", [1.0, 1.5], value=0.5, seed=2)]
+    s = summarize(pops, k=40, n_boot=50)
+    refs = {"m": {"model": "m", "seed": 0, "top1": 88.0, "top5": 99.0, "c_flops": 0.5, "c_params": 0.5, "train_s": 10.0},
+            "m#1": {"model": "m", "seed": 1, "top1": 87.0, "top5": 99.0, "c_flops": 0.5, "c_params": 0.5,
+                    "train_s": 12.0}}
+    (entry,) = compare(refs, pops, s["regimes"], 90.0, n_boot=2000, seed=0, band=(2.5, 97.5))
+    assert entry["seeds"] == 2 and entry["top1"] == 87.5 and entry["top1_values"] == [88.0, 87.0]
+    assert entry["acc_drop"] == 2.5 and entry["train_s"] == 11.0 and entry["top1_range"] == [87.0, 88.0]
+    std = entry["spaces"]["std-0.05"]
+    assert std["gain"] == pytest.approx(0.5) and std["best_gain"] == pytest.approx(1.5)
+    lo, hi = std["gain_ci"]
+    # the reference's two seeds differ by 1 pp: the interval is wider than the subnetworks' alone
+    alone = gain_interval(pops[0].top1, [87.5], 2000, np.random.default_rng(0), (2.5, 97.5))
+    assert lo < alone[0] < 0.5 < alone[1] < hi
+    assert lo == pytest.approx(0.5 - 0.5 - 0.35, abs=0.25) and hi == pytest.approx(0.5 + 0.5 + 0.35, abs=0.25)
+    assert std["beats"]["wins"] == 9  # drops below 2.5 among 1.0, 1.18, ... 3.0 (12 steps)
+    assert entry["spaces"]["weights:std-0.05"]["gain_ci"] is None  # 2 rows: a value, no interval

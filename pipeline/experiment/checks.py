@@ -143,6 +143,7 @@ def check_references(cfg) -> None:
                   "start: give it model.pretrained's value, or use another model")
             _need(ref.resolution in (0, m.resolution), f"references[{i}].resolution",
                   f"{ref.model} is also model.name, and a reference of the base's model runs at model.resolution")
+        _need(ref.seeds >= 1, f"references[{i}].seeds", f"must be >= 1 (trainings of it), got {ref.seeds}")
         _need(ref.epochs >= 0, f"references[{i}].epochs", f"must be >= 0 (0: base.epochs), got {ref.epochs}")
         check_pretrained(ref.pretrained, ref.model, f"references[{i}].pretrained")
         _need(ref.epochs or b.epochs or is_set(ref.pretrained), f"references[{i}].epochs",

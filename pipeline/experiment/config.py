@@ -10,7 +10,7 @@ An experiment file has these tables (every key optional; ``dump(Config())`` prin
     [[spaces]]    name, c_flops or c_params (a number or a list: one space per value), delta, R, sigma, n,
                   max_seconds; ratios (a ratio space); criterion, retrain.method, retrain.epochs (overrides:
                   a list expands into one space each; see nps.pipeline.experiment.space_plan)
-    [[references]] model, epochs, pretrained, resolution: networks trained like the base and shown beside the
+    [[references]] model, epochs, pretrained, resolution, seeds: networks trained like the base and shown beside the
                   population (e.g. the smaller members of the base's family, to compare at equal FLOPs)
     [retrain]     method, epochs, lr, ..., batch_size, cohort_size, bn_images, eval_every_epoch, amp, compile
     [two_stage]   enabled, top_k, full_epochs
@@ -197,6 +197,27 @@ class ReferenceConfig:
     pretrained: bool | str = _f(False, "start it from pretrained weights, as model.pretrained")
     resolution: int = _f(0, "its input px, for its training, evaluation and FLOPs (0: model.resolution); e.g. the "
                             "resolution it was pretrained at")
+    seeds: int = _f(1, "trainings of this reference, each from its own seed (experiment.seed + i: initial weights "
+                       "and data order; the same holdout and validation images): the spread of the reference the "
+                       "pruned networks are compared with (2 or more give the verdict an interval over seeds)")
+
+
+@dataclass(frozen=True)
+class ReferenceTraining:
+    """One training of a ``[[references]]`` entry: ``name`` (``model``, then ``model#1``, ``model#2`` ... for the
+    further seeds: the key of its results group and checkpoint), the architecture, and ``replica`` (its seed is
+    ``experiment.seed + replica``)."""
+
+    name: str
+    model: str
+    replica: int
+    config: "ReferenceConfig"
+
+
+def reference_trainings(cfg: "Config") -> list[ReferenceTraining]:
+    """Every reference training the experiment asks for, in order (each entry's seeds in turn)."""
+    return [ReferenceTraining(ref.model if i == 0 else f"{ref.model}#{i}", ref.model, i, ref)
+            for ref in cfg.references for i in range(ref.seeds)]
 
 
 @dataclass

@@ -109,15 +109,16 @@ class _ResultsFile:
         return self._file[group]
 
     def references(self) -> dict[str, dict[str, Any]]:
-        """``{model: attrs}`` of the reference networks trained so far (top1, top5, flops, params, train_s, ...)."""
+        """``{name: attrs}`` of the reference trainings done so far (model, seed, top1, top5, flops, params, train_s,
+        ...): ``name`` is the model, or ``model#i`` for its further seeds (files before seeds: the model)."""
         if REFERENCES not in self._file:
             return {}
         refs = ({k: _decode_attr(v) for k, v in g.attrs.items()} for g in self._file[REFERENCES].values())
-        return {str(r.get("model", "")): r for r in refs}
+        return {str(r.get("name", r.get("model", ""))): r for r in refs}
 
     def curves(self) -> list[dict[str, Any]]:
         """The learning curves of the networks nps trained (format 3; older files have none): one dict per network,
-        the base first, then the references by name: ``network`` (the model), ``role`` (base or reference), the
+        the base first, then the references by name: ``network`` (the model; a reference's training name), ``role`` (base or reference), the
         group's attributes (``max_epochs``, ``epochs``, ``plateau_epoch``, ``stopped_by``, ``patience``,
         ``min_delta``, ``cooldown_epochs``, ``holdout_images``, ``train_s``, ``weights_sha256``) and one list per
         series (``train_loss``, ``val_top1``, ``holdout_top1``, ``lr``: a value per epoch trained)."""
@@ -127,7 +128,8 @@ class _ResultsFile:
         if REFERENCES in self._file:
             for group in self._file[REFERENCES].values():
                 if CURVE in group:
-                    found.append(("reference", str(_decode_attr(group.attrs.get("model", group.name))), group[CURVE]))
+                    name = group.attrs.get("name", group.attrs.get("model", group.name))
+                    found.append(("reference", str(_decode_attr(name)), group[CURVE]))
         out = []
         for role, network, group in found:
             curve = {"network": network, "role": role}

@@ -20,6 +20,7 @@ def render_references(summary: dict, out_dir: str | Path) -> dict:
     if not refs or not summary.get("regimes"):
         return {}
     colors = _colors(summary)
+    base_top1 = float((summary.get("base") or {}).get("top1") or np.nan)
     regimes: dict[str, list[dict]] = {}  # a key's regimes of both kinds share its panel: the reference is one line
     for reg in summary["regimes"]:
         if reg["n"]:
@@ -37,7 +38,10 @@ def render_references(summary: dict, out_dir: str | Path) -> dict:
         for r in refs:
             if r["regime"] == key:
                 ax.axvline(r["acc_drop"], color="black", linestyle="--", linewidth=1.5,
-                           label=f"{r['model']} (c_flops {r['c_flops']:.3f}): drop {r['acc_drop']:.2f} pp")
+                           label=f"{_named(r)} (c_flops {r['c_flops']:.3f}): drop {r['acc_drop']:.2f} pp")
+                lo, hi = r.get("top1_range") or (r["top1"], r["top1"])
+                if hi > lo:  # its seeds' spread, as drops
+                    ax.axvspan(base_top1 - hi, base_top1 - lo, color="black", alpha=0.08)
         ax.set_title(f"{key}: pruned subnetworks vs reference")
         ax.set_xlabel(_DROP)
         ax.set_ylabel("F(e): fraction with drop < e")
@@ -55,8 +59,10 @@ def render_references(summary: dict, out_dir: str | Path) -> dict:
         x, y = zip(*points)
         ax.plot(x, y, marker="o", color=colors.get(space), label=f"{space}: winner per regime")
     for r in refs:
-        ax.plot([r["c_flops"]], [r["top1"]], marker="*", markersize=14, color="black", linestyle="none")
-        ax.annotate(r["model"], (r["c_flops"], r["top1"]), textcoords="offset points", xytext=(6, -10), fontsize=8)
+        lo, hi = r.get("top1_range") or (r["top1"], r["top1"])
+        ax.errorbar([r["c_flops"]], [r["top1"]], yerr=[[r["top1"] - lo], [hi - r["top1"]]], marker="*",
+                    markersize=14, color="black", linestyle="none", capsize=4)
+        ax.annotate(_named(r), (r["c_flops"], r["top1"]), textcoords="offset points", xytext=(6, -10), fontsize=8)
     base = summary.get("base") or {}
     if base.get("top1") is not None:
         ax.plot([1.0], [base["top1"]], marker="D", color="0.3", linestyle="none", label="base network")
@@ -65,11 +71,20 @@ def render_references(summary: dict, out_dir: str | Path) -> dict:
         _log_axis(ax, "x")
     ax.set_xlabel("c_flops (FLOPs relative to the base network)")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title("Top-1 against FLOPs: winners and references (stars)")
+    ax.set_title("Top-1 against FLOPs: winners and references (stars: mean over seeds, bars: their range)")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3, which="both")
     path = Path(out_dir) / "references.png"
     fig.savefig(path, dpi=110)
     return {"references": {"file": path.name, "caption": "The pruned populations against the reference networks "
-                           "at their FLOPs: accuracy-drop EDFs with each reference's drop (dashed), and top-1 "
-                           "against c_flops of every space's winners, the references (stars) and the base."}}
+                           "at their FLOPs: accuracy-drop EDFs with each reference's drop (dashed: its mean over "
+                           "seeds; shaded: their range), and top-1 against c_flops of every space's winners, the "
+                           "references (stars, bars from the lowest to the highest seed) and the base."}}
+
+
+def _named(ref: dict) -> str:
+    """A reference's label: its model, and its seeds when more than one (their top-1 values listed)."""
+    values = ref.get("top1_values") or []
+    if len(values) < 2:
+        return ref["model"]
+    return f"{ref['model']}, {len(values)} seeds ({', '.join(f'{v:.2f}' for v in values)})"

@@ -310,11 +310,11 @@ class ResultsStore(_ResultsFile):
             for key, value in attrs.items():
                 f.attrs[key] = value
 
-    def set_reference(self, name: str, curve: tuple[Mapping, Mapping] | None = None, **attrs: Any) -> None:
-        """Record a reference network's metrics as ``/references/<name>`` attrs (replacing earlier ones), and with
+    def set_reference(self, key: str, /, curve: tuple[Mapping, Mapping] | None = None, **attrs: Any) -> None:
+        """Record a reference training's metrics as ``/references/<key>`` attrs (replacing earlier ones), and with
         ``curve`` (series, attrs: see :meth:`set_curve`) its learning curve in the same change."""
         with self._restructure() as f:
-            group = f.require_group(REFERENCES).require_group(name.replace("/", "|"))
+            group = f.require_group(REFERENCES).require_group(key.replace("/", "|"))
             if curve is not None:
                 self._write_curve(group, *curve)
             for key, value in attrs.items():

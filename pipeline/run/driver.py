@@ -32,6 +32,7 @@ import numpy as np
 from nps.pipeline.errors import NpsError, environment_error
 from nps.pipeline.network.pruning_kind import kind_of
 from nps.pipeline.experiment.plan import Plan
+from nps.pipeline.experiment.config import reference_trainings
 from nps.pipeline.row_status import RowStatus
 from nps.pipeline.run import forming, outputs, resume
 from nps.pipeline.run.ledger import RowLedger, row_cost
@@ -111,8 +112,8 @@ class Driver:
         self._last_refresh = 0.0
         self._sampled = {p.key for p in plan.spaces if p.kind == "sampled"}  # the spaces two-stage may extend
         trained = store.references()
-        self.references = {r.model: r for r in plan.config.references if r.model not in trained}  # to train
-        self.reference_tasks: dict[int, str] = {}  # task id -> the reference model it trains
+        self.references = {t.name: t for t in reference_trainings(plan.config) if t.name not in trained}  # to train
+        self.reference_tasks: dict[int, str] = {}  # task id -> the name of the reference training it runs
 
     # -- opening -----------------------------------------------------------------------------------------------------
 
@@ -475,21 +476,22 @@ class Driver:
 
         m = self.cfg.model
         self.reference_tasks.pop(e.task_id, None)
-        self.references.pop(e.model, None)
+        self.references.pop(e.key, None)
         resolution = resolution_of(self.cfg, e.model, self.plan.resolution)  # its FLOPs at the size it ran at
         ref = build_layer_table(e.model, "all", resolution, self.plan.num_classes,
                                 self.plan.in_channels, flops=m.flops)
         base_flops, base_params = self.plan.table.base_flops, self.plan.table.base_params
-        self.store.set_reference(e.model, curve=self._curve_parts(e.curve), model=e.model, top1=e.top1,
+        self.store.set_reference(e.key, curve=self._curve_parts(e.curve), model=e.model, name=e.key,
+                                 seed=self.cfg.experiment.seed + e.replica, top1=e.top1,
                                  top5=e.top5, loss=e.loss,
                                  flops=ref.base_flops, params=ref.base_params, c_flops=ref.base_flops / base_flops,
                                  c_params=ref.base_params / base_params, train_s=e.seconds, resolution=resolution,
                                  acc_drop=self.state.base_top1 - e.top1)
-        remove_file(training_checkpoint(self.plan.results_path, e.model))  # its result and curve are stored
-        self.view.note(f"reference {e.model} trained in {e.seconds:.0f}s: top-1 {e.top1:.2f} at c_flops "
+        remove_file(training_checkpoint(self.plan.results_path, e.key))  # its result and curve are stored
+        self.view.note(f"reference {e.key} trained in {e.seconds:.0f}s: top-1 {e.top1:.2f} at c_flops "
                        f"{ref.base_flops / base_flops:.3f}"
                        + (f"; {describe_ending(e.curve.attrs())}" if e.curve is not None else ""))
-        self.log.write("reference_done", worker=e.worker, model=e.model, top1=e.top1, top5=e.top5,
+        self.log.write("reference_done", worker=e.worker, model=e.model, name=e.key, top1=e.top1, top5=e.top5,
                        seconds=e.seconds)
 
     def _on_task_end(self, e: TaskEnd) -> None:
@@ -498,8 +500,9 @@ class Driver:
         lease = self.ledger.leases.get(lease_id) if lease_id is not None else None
         reference = self.reference_tasks.pop(e.task_id, None)
         if reference is not None and e.error and not (e.stopped or e.environment):
-            self.references.pop(reference, None)  # not retried: the error says why
-            self.store.set_reference(reference, model=reference, error=e.error[:500])
+            failed = self.references.pop(reference, None)  # not retried: the error says why
+            model = failed.model if failed is not None else reference
+            self.store.set_reference(reference, model=model, name=reference, error=e.error[:500])
             remove_file(training_checkpoint(self.plan.results_path, reference))
             self.view.note(f"reference {reference} failed: {e.error}")
             self.log.write("reference_error", worker=e.worker, model=reference, error=e.error)
@@ -591,13 +594,13 @@ class Driver:
             waiting = [m for m in self.references if m not in self.reference_tasks.values()]
             if waiting:  # a reference trains like the base, on one worker, before the populations
                 ref = self.references[waiting[0]]
-                resume = self._resume_from(training_checkpoint(self.plan.results_path, ref.model))
+                resume = self._resume_from(training_checkpoint(self.plan.results_path, ref.name))
                 self.next_task += 1
-                self.pool.submit(wid, ReferenceTask(self.next_task, ref.model, ref.epochs or self.cfg.base.epochs,
-                                                    resume), None)
-                self.reference_tasks[self.next_task] = ref.model
-                w.task, w.phase = self.next_task, f"reference {ref.model}"
-                self.log.write("reference", worker=wid, model=ref.model, node=w.node, device=w.device,
+                self.pool.submit(wid, ReferenceTask(self.next_task, ref.model, ref.config.epochs or self.cfg.base.epochs,
+                                                    resume, ref.name, ref.replica), None)
+                self.reference_tasks[self.next_task] = ref.name
+                w.task, w.phase = self.next_task, f"reference {ref.name}"
+                self.log.write("reference", worker=wid, model=ref.model, name=ref.name, node=w.node, device=w.device,
                                resumed=resume is not None)
                 continue
             fusing = resolve_fuse(self.cfg.retrain.fuse, w.device)

@@ -102,6 +102,13 @@ class ReferenceTask:
     model: str
     epochs: int
     resume: BaseWeights | None = None
+    name: str = ""  # the training's name (``model``, ``model#1`` ...: :func:`reference_trainings`); "" is ``model``
+    replica: int = 0  # its seed is experiment.seed + replica
+
+    @property
+    def key(self) -> str:
+        """The training's name: its results group and checkpoint."""
+        return self.name or self.model
 
 
 @dataclass(frozen=True)
@@ -232,6 +239,13 @@ class ReferenceResult:
     loss: float
     seconds: float
     curve: Any = field(default=None, repr=False)
+    name: str = ""  # the training's name (as its task's)
+    replica: int = 0
+
+    @property
+    def key(self) -> str:
+        """The training's name: its results group and checkpoint."""
+        return self.name or self.model
 
 
 @dataclass(frozen=True)

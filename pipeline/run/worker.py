@@ -246,20 +246,21 @@ class Worker:
             self._base = (base.key, load_base_network(base.open(), self.cfg.model.name, s.num_classes, s.in_channels))
         return self._base[1]
 
-    def base_loaders(self, batch_size: int, resolution: int = 0):
+    def base_loaders(self, batch_size: int, resolution: int = 0, replica: int = 0):
         """(train, holdout, val, holdout images) of base and reference training at ``batch_size``: the train split
         without the holdout carved from it (``base.holdout_images``; None when 0), ``dataset.train_images`` a
-        training epoch, at ``resolution`` px (0: the run's; a reference may have its own)."""
+        training epoch, at ``resolution`` px (0: the run's; a reference may have its own); a reference's further
+        seeds (``replica``) draw their own data order from the same split."""
         d, b = self.cfg.dataset, self.cfg.base
         resolution = resolution or self.spec.resolution
-        key = (batch_size, resolution)
+        key = (batch_size, resolution, replica)
         if key not in self._base_loaders:
             from nps.datasets.loaders import make_holdout_loaders
 
             train, holdout, val, info = make_holdout_loaders(
                 d.dir, holdout_images=b.holdout_images, holdout_seed=self.cfg.experiment.seed, batch_size=batch_size,
                 resolution=resolution, device=self.device, in_channels=self.spec.in_channels,
-                num_workers=d.workers or self.threads, on_device=d.on_device, seed=self.cfg.experiment.seed,
+                num_workers=d.workers or self.threads, on_device=d.on_device, seed=self.cfg.experiment.seed + replica,
                 val_batch_size=d.val_batch_size, augment=d.augment)
             cpu = self.device.type == "cpu"
             self._base_loaders[key] = (
@@ -268,7 +269,7 @@ class Worker:
                 _Limited(val, d.val_images, whole_batches=False, contiguous=cpu), info.extra["holdout_images"])
         return self._base_loaders[key]
 
-    def training_plan(self, name: str, epochs: int, holdout_images: int):
+    def training_plan(self, name: str, epochs: int, holdout_images: int, replica: int = 0):
         """How ``name`` trains (:class:`~nps.pipeline.training.network_training.NetworkTraining`): ``[base]`` over at
         most ``epochs``, and the fingerprint a checkpoint of this training carries (the settings, model and data
         that decide its numbers; runtime keys such as devices or workers aside)."""
@@ -286,28 +287,31 @@ class Worker:
         rule = PlateauRule(b.patience, b.min_delta, b.cooldown_epochs, epochs, warmup)
         d = cfg.dataset
         what = {"name": name, "epochs": epochs, "base": dataclasses.asdict(b), "model": dataclasses.asdict(cfg.model),
-                "references": [dataclasses.asdict(r) for r in cfg.references], "seed": cfg.experiment.seed,
+                "references": [dataclasses.asdict(r) for r in cfg.references], "seed": cfg.experiment.seed + replica,
                 "data": [d.train_images, d.val_images, d.augment, s.fingerprint], "shape": [s.resolution,
                                                                                           s.in_channels, s.num_classes]}
         fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
         return NetworkTraining(name, spec, rule, holdout_images, b.amp, fingerprint)
 
-    def train_network(self, name: str, epochs: int, task_id: int, resume: BaseWeights | None = None):
+    def train_network(self, name: str, epochs: int, task_id: int, resume: BaseWeights | None = None,
+                      replica: int = 0):
         """Train ``name`` from its start (:mod:`nps.pipeline.network.pretrained`) as ``[base]`` says, for at most
         ``epochs`` (fewer when its holdout top-1 plateaus), or continue the training of ``resume``'s checkpoint: the
         engine's result with its model (precise BN applied when ``base.bn_images``) and its
         :class:`~nps.pipeline.training.plateau.TrainingCurve`. Each epoch's checkpoint goes to the driver
-        (:class:`TrainingCheckpoint`). The base network and every reference train this one way."""
+        (:class:`TrainingCheckpoint`). The base network and every reference train this one way; a reference's
+        further seeds (``replica`` i) start from seed experiment.seed + i (initial weights and data order)."""
         import torch
 
         from nps.pipeline.network.pretrained import build_start, pretrained_of, resolution_of
         from nps.pipeline.training.network_training import train_to_plateau, weights_digest
 
         b, s = self.cfg.base, self.spec
-        train, holdout, val, held = self.base_loaders(b.batch_size, resolution_of(self.cfg, name, s.resolution))
-        torch.manual_seed(self.cfg.experiment.seed)
+        train, holdout, val, held = self.base_loaders(b.batch_size, resolution_of(self.cfg, name, s.resolution),
+                                                      replica)
+        torch.manual_seed(self.cfg.experiment.seed + replica)
         model = build_start(name, pretrained_of(self.cfg, name), s.num_classes, s.in_channels)
-        plan = self.training_plan(name, epochs, held)
+        plan = self.training_plan(name, epochs, held, replica)
 
         def checkpoint(epoch: int, data: bytes) -> None:
             staged = stage_bytes(self.spec, f"w{self.wid}-t{task_id}-e{epoch}.ckpt", data)
@@ -326,9 +330,9 @@ class Worker:
         return result, curve
 
     def reference(self, task: ReferenceTask) -> None:
-        result, curve = self.train_network(task.model, task.epochs, task.task_id, task.resume)
+        result, curve = self.train_network(task.model, task.epochs, task.task_id, task.resume, task.replica)
         self.emit(ReferenceResult(self.wid, task.task_id, task.model, float(result.top1), float(result.top5),
-                                  float(result.loss), curve.seconds, curve))
+                                  float(result.loss), curve.seconds, curve, task.key, task.replica))
 
     def base(self, task: BaseTask, base: BaseWeights | None) -> None:
         import torch
