@@ -30,6 +30,7 @@ from nps.pipeline.results.curve_figures import render_curves
 from nps.pipeline.results.figures import render
 from nps.pipeline.results.latency_figures import latency_summary, render_latency
 from nps.pipeline.results.reader import DONE, FAILED, PENDING, RUNNING, open_readonly
+from nps.pipeline.results.finetune_curves import finetune_curves, render_finetune_curves
 from nps.pipeline.results.reference_figures import render_references
 from nps.pipeline.results.references import compare as compare_references
 from nps.pipeline.results.references import cost as reference_cost
@@ -171,6 +172,7 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
         references = reader.references()
         costs = reference_cost(reader, attrs)
         curves = reader.curves()
+        finetune = finetune_curves(reader, pops)
     notes = []
     uniform, curve = _uniform(table, pops, notes)
     summary = summarize(pops, k=k, n_boot=n_boot, seed=seed, edf_points=edf_points, band=band, uniform=uniform)
@@ -218,6 +220,7 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
                                          seed=seed, band=band),
         "cost": costs,
         "curves": _with_final_top1(curves, base_top1, references),
+        "finetune_curves": finetune,
     })
     return _json_ready(summary)
 
@@ -273,6 +276,7 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike, *, k: i
         summary["figures"].update(render_latency(summary, tmp))
         summary["figures"].update(render_references(summary, tmp))
         summary["figures"].update(render_curves(summary, tmp))
+        summary["figures"].update(render_finetune_curves(summary, tmp))
         with open(tmp / "summary.json", "w") as fh:
             json.dump(summary, fh, indent=1, allow_nan=False)
             fh.write("\n")
