@@ -137,6 +137,7 @@ class UnitTable:
         self.channels = np.asarray(table.channels, dtype=np.int64) // self.unit_size
         self.flops, self.params = table.flops, table.params
         self.base_flops, self.base_params = table.base_flops, table.base_params
+        self.latency, self.base_latency = getattr(table, "latency", None), getattr(table, "base_latency", None)
         self.model, self.mode = table.model, table.mode
 
 

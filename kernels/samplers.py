@@ -18,7 +18,7 @@ import numpy as np
 from nps.kernels import gauss_kernel as gk
 from nps.kernels.complexity import keep_from_recipe, unit_table
 from nps.kernels.errors import SamplerError
-from nps.kernels.spaces import Space, check_feasible, target_form, uniform_ratio
+from nps.kernels.spaces import LATENCY, Space, check_feasible, target_form, uniform_ratio
 from nps.kernels.xoshiro import new_state
 
 log = logging.getLogger(__name__)
@@ -56,18 +56,24 @@ class Sample:
     mcb: np.ndarray
     std: np.ndarray
     stats: dict = field(default_factory=dict)
+    latency: np.ndarray | None = None  # int64 femtoseconds predicted by the table's latency model (c_latency)
+    c_latency: np.ndarray | None = None
 
     def __len__(self):
         return len(self.recipe)
 
 
-def _measure(table, space, recipe, keep, flops=None, params=None, std=None) -> Sample:
+def _measure(table, space, recipe, keep, flops=None, params=None, std=None, latency=None) -> Sample:
     flops = table.flops(keep) if flops is None else flops
     params = table.params(keep) if params is None else params
     c_flops = flops / table.base_flops
     c_params = params / table.base_params
     std = np.asarray(recipe).std(axis=1) if std is None else std
-    return Sample(space, recipe, keep, flops, params, c_flops, c_params, c_flops / c_params, std)
+    sample = Sample(space, recipe, keep, flops, params, c_flops, c_params, c_flops / c_params, std)
+    if getattr(table, "latency", None) is not None:  # what the latency model predicts, whatever the target
+        sample.latency = table.latency(keep) if latency is None else latency
+        sample.c_latency = sample.latency / table.base_latency
+    return sample
 
 
 def _outputs(n, G, hashed=True):
@@ -173,7 +179,10 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     lo_t, hi_t = _target_bounds(table, space)
     target_is_flops = space.target == "c_flops"
     base_ratio = table.base_flops / table.base_params
-    mcb_lo, mcb_hi = space.mcb_band if space.mcb_band else (0.0, 0.0)
+    # mCB needs FLOPs and params; under a latency target the kernel carries neither as its target, so the band is
+    # checked on each chunk's rows after the kernel (_mcb_filter)
+    in_kernel = space.mcb_band is not None and space.target != LATENCY
+    mcb_lo, mcb_hi = space.mcb_band if in_kernel else (0.0, 0.0)
     kernel_table = gk.Table(channels, tform.arrays(), oform.arrays())
     u = uniform_ratio(table, space.target, space.value) if space.kind != "uniform" else 0.0
     std_lo, std_hi = space.std_band if space.std_band else (0.0, np.inf)
@@ -215,6 +224,21 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     if unit_size is not None:
         sample.keep = sample.keep * unit_size
     return sample
+
+
+def _mcb_filter(table, space, rows, start, got, counts) -> int:
+    """Keep, in order, the rows ``start .. start + got`` whose mCB lies in the space's band (moved up to
+    ``start``); returns how many are left. For latency targets, where the kernel cannot check the band."""
+    if not got:
+        return 0
+    keep = rows.keep[start:start + got]
+    mcb = (table.flops(keep) / table.base_flops) / (table.params(keep) / table.base_params)
+    ok = np.flatnonzero((mcb >= space.mcb_band[0]) & (mcb <= space.mcb_band[1]))
+    for arr in rows:
+        if arr.shape[0] == rows.recipe.shape[0]:  # (the hash has one entry when unused)
+            arr[start:start + ok.size] = arr[start + ok]
+    counts[gk.REASON_MCB] += got - ok.size
+    return int(ok.size)
 
 
 def _check_mcb_reachable(table, space, seed, pilot=2000):
@@ -269,6 +293,8 @@ def _sample_with(run, request: _Request, zmax):
     chunk = 4096
     while filled < n:
         got, used, z = run(zmax, state, rows, gk.Job(n - filled, chunk, filled, request.distinct), counts)
+        if space.target == LATENCY and space.mcb_band:
+            got = _mcb_filter(table, space, rows, filled, got, counts)
         filled += got
         proposals += used
         zseen = max(zseen, z)
@@ -301,6 +327,8 @@ def _sample_with(run, request: _Request, zmax):
     r, keep, tv, ov, std, _ = rows
     if space.target == "c_flops":
         sample = _measure(table, space, r, keep, tv, ov, std)
+    elif space.target == LATENCY:  # the kernel's other form is FLOPs; params are computed here
+        sample = _measure(table, space, r, keep, ov, None, std, latency=tv)
     else:
         sample = _measure(table, space, r, keep, ov, tv, std)
     sample.stats.update(proposals=int(proposals), accepted=int(n), seconds=seconds,
@@ -312,7 +340,7 @@ def _sample_with(run, request: _Request, zmax):
 def _verify(table, space, sample):
     """The contract, checked on the integer counts before anything leaves the sampler (cheap: per-row values;
     the tests also recompute keep from every recipe)."""
-    c = sample.c_flops if space.target == "c_flops" else sample.c_params
+    c = {"c_flops": sample.c_flops, "c_params": sample.c_params, LATENCY: sample.c_latency}[space.target]
     ok = np.abs(c - space.value) <= space.delta + 1e-12
     if not (sample.recipe.min() >= 0 and sample.recipe.max() <= space.R):  # pragma: no cover - a kernel bug
         ok &= (sample.recipe.min(axis=1) >= 0) & (sample.recipe.max(axis=1) <= space.R)
@@ -356,6 +384,8 @@ def sample_naive(table, space: Space, n: int, seed: int = 0, *, max_proposals: i
         f = table.flops(keep)
         p = table.params(keep)
         c = (f / table.base_flops) if space.target == "c_flops" else (p / table.base_params)
+        if space.target == LATENCY:
+            c = table.latency(keep) / table.base_latency
         ok = np.abs(c - space.value) <= space.delta
         if space.mcb_band:
             mcb = (f / table.base_flops) / (p / table.base_params)

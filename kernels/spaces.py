@@ -12,8 +12,10 @@ constraints (paper §3):
     The refined space of paper §4: the same noise model with ``σ = MCB_SIGMA`` and no std constraint, restricted to
     ``lo <= mCB <= hi``.
 
-Every space also carries the regime's target, ``c_flops`` or ``c_params`` within ``±δ`` on the integer channel
-counts ``keep = max(1, floor((1 - r)·c + 0.5))``.
+Every space also carries the regime's target, ``c_flops``, ``c_params`` or ``c_latency`` within ``±δ`` on the
+integer channel counts ``keep = max(1, floor((1 - r)·c + 0.5))``. ``c_latency`` is the predicted latency relative to
+the base network's, by a latency model (``nps latency-model``) whose per-layer terms have the shape of the FLOPs
+form, so the table carries it as a third form (``table.latency``, ``table.base_latency``, integer femtoseconds).
 
 A **space key** names one space in one regime, and is its group name in results.h5: ``<space>@<target>=<value>``
 (``std-0.05@c_flops=0.25``; the part after ``@`` is the **regime key**), with ``#top`` appended for the two-stage
@@ -37,7 +39,8 @@ STD_BAND = (0.5, 1.5)
 # Noise level of the mCB-refined space: the widest of the paper's STD spaces, so that the mCB band, not σ, is what
 # restricts the recipes.
 MCB_SIGMA = 0.1
-TARGETS = ("c_flops", "c_params")
+TARGETS = ("c_flops", "c_params", "c_latency")
+LATENCY = "c_latency"  # the target measured by a latency model (the table must carry one)
 BASELINE = "baseline"
 """The space name of a regime's uniform baseline: one row, the uniform ratio meeting the target (paper §3.1)."""
 
@@ -66,7 +69,7 @@ class Space:
     name : str
         ``uniform``, ``std-<σ>`` or ``mcb-<lo>-<hi>``.
     target : str
-        ``c_flops`` or ``c_params``: which relative complexity the regime fixes.
+        ``c_flops``, ``c_params`` or ``c_latency``: which relative cost the regime fixes.
     value : float
         The target, e.g. 0.25.
     delta : float
@@ -153,7 +156,7 @@ class SpaceKey:
         return space_key(self.space, self.target, self.value, top=self.top)
 
 
-_KEY_RE = re.compile(r"^(?P<space>[^@/]+)@(?P<target>c_flops|c_params)=(?P<value>[0-9.eE+-]+)"
+_KEY_RE = re.compile(r"^(?P<space>[^@/]+)@(?P<target>c_flops|c_params|c_latency)=(?P<value>[0-9.eE+-]+)"
                      rf"(?P<top>{re.escape(TOP_SUFFIX)})?$")
 
 
@@ -186,6 +189,9 @@ def parse_space(name: str, target: str, value: float, *, delta: float = DEFAULT_
     if not (0.0 < R < 1.0):
         raise SamplerError(f"R={R}: the largest pruning ratio must be in (0, 1)")
     if name.startswith(WEIGHTS):
+        if target == LATENCY:
+            raise SamplerError(f"space {name!r} at {LATENCY}: weight pruning keeps every layer's dense shape, so its "
+                               "latency on dense kernels does not change; use a filter space, or c_flops/c_params")
         rest = name[len(WEIGHTS):]
         if rest in DETERMINISTIC:
             return Space(name, target, float(value), delta, R)
@@ -216,9 +222,15 @@ def parse_space(name: str, target: str, value: float, *, delta: float = DEFAULT_
 
 
 def target_form(table, target: str):
-    """(form, base value) of the constrained quantity, and of the other one."""
+    """(form, base value) of the constrained quantity, and of the other one (for ``c_latency``: FLOPs, params being
+    computed after the kernel)."""
     if target == "c_flops":
         return (table.flops, table.base_flops), (table.params, table.base_params)
+    if target == LATENCY:
+        if getattr(table, "latency", None) is None:
+            raise SamplerError(f"{LATENCY} needs a latency model of {table.model}: measure one with nps "
+                               "latency-model and pass it (--latency-model, or [model] latency_model)")
+        return (table.latency, table.base_latency), (table.flops, table.base_flops)
     return (table.params, table.base_params), (table.flops, table.base_flops)
 
 

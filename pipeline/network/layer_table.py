@@ -127,11 +127,12 @@ class _FormBuilder:
                              np.array([self.pairs[k] for k in keys], dtype=np.int64))
 
 
-def _complexity_forms(graph: ChannelGraph, selection: GroupSelection, convention: str):
+def _combiner(graph: ChannelGraph, selection: GroupSelection):
+    """``combo(segs)``: Σ spread · keep over a tensor's channel segments, as (constant, {group: coefficient of its
+    unit count}): a layer's input or output channel count as a linear function of the kept units."""
     groups = selection.index(graph)
 
     def combo(segs: tuple[Seg, ...]) -> tuple[int, dict]:
-        """Σ spread · keep over the segments, as (constant, {group: coefficient of its unit count})."""
         const, lin = 0, {}
         for seg in segs:
             hit = groups.get(graph.root(seg.var))
@@ -142,6 +143,11 @@ def _complexity_forms(graph: ChannelGraph, selection: GroupSelection, convention
                 lin[i] = lin.get(i, 0) + seg.spread * g
         return const, lin
 
+    return combo
+
+
+def _complexity_forms(graph: ChannelGraph, selection: GroupSelection, convention: str):
+    combo = _combiner(graph, selection)
     n = len(selection.classes)
     flops, params = _FormBuilder(n), _FormBuilder(n)
     covered: set[str] = set()
@@ -195,6 +201,78 @@ def _paper_terms(graph: ChannelGraph, flops: _FormBuilder, combo) -> None:
             flops.const += coef * const
             if segs:
                 flops.add(coef * per_channel, combo(segs))
+
+
+LATENCY_UNIT = 1e-15
+"""Seconds per unit of a table's latency form: femtoseconds, so that the form has integer coefficients (exact in
+int64, like FLOPs, up to 2**63 fs = 2.5 hours) and rounding them moves a prediction by far less than a nanosecond."""
+
+
+def latency_form(graph: ChannelGraph, selection: GroupSelection, model) -> QuadraticForm:
+    """The latency model ``model`` (:class:`nps.pipeline.network.latency_model.LatencyModel`) as a form over the
+    groups' unit counts: ``offset + scale · Σ_layers (a + b·cin·cout/groups + c·cout + d·cin)`` (a depthwise conv:
+    ``a + c·C``), each layer's cin and cout the linear functions of the kept units the FLOPs form uses, every
+    coefficient rounded to whole femtoseconds (:data:`LATENCY_UNIT`). Non-negative coefficients make it monotone
+    in every count, as the samplers need."""
+    combo = _combiner(graph, selection)
+    index = {name: i for i, name in enumerate(model.layers)}
+    missing = [name for name in graph.weight_order if name not in index]
+    if missing:
+        raise NpsError(f"the latency model of {model.model} has no timing of layer {missing[0]!r} "
+                       f"({len(missing)} missing): measure it again with nps latency-model for this network")
+    n = len(selection.classes)
+    const, linear, pairs = model.offset / LATENCY_UNIT, np.zeros(n), {}
+
+    def add(coef: float, a: tuple[int, dict], b: tuple[int, dict] | None = None) -> None:
+        nonlocal const
+        ca, la = a
+        cb, lb = b if b is not None else (1, {})
+        const += coef * ca * cb
+        for i, w in la.items():
+            linear[i] += coef * w * cb
+        for j, w in lb.items():
+            linear[j] += coef * ca * w
+        for i, wa in la.items():
+            for j, wb in lb.items():
+                key = (min(i, j), max(i, j))
+                pairs[key] = pairs.get(key, 0.0) + coef * wa * wb
+
+    for name in graph.weight_order:
+        layer, i = graph.weights[name], index[name]
+        a, b, c, d = (float(x) * model.scale / LATENCY_UNIT for x in model.coef[i])
+        inp, out = combo(layer.inp), combo(layer.out)
+        const += a
+        if layer.kind == "depthwise":
+            add(c, out)
+            continue
+        add(b / layer.groups, inp, out)
+        add(c, out)
+        add(d, inp)
+    keys = sorted(k for k, w in pairs.items() if round(w))
+    return QuadraticForm(int(round(const)), np.rint(linear).astype(np.int64),
+                         np.array([k[0] for k in keys], dtype=np.int64), np.array([k[1] for k in keys], dtype=np.int64),
+                         np.array([round(pairs[k]) for k in keys], dtype=np.int64))
+
+
+def with_latency(table: LayerTable, model) -> LayerTable:
+    """``table`` with the latency form of ``model`` (a LatencyModel of the same network, resolution, classes and
+    input channels; one NpsError line otherwise) and the base network's predicted latency."""
+    import dataclasses
+
+    what = [("model", table.model, model.model), ("resolution", table.resolution, model.resolution),
+            ("num_classes", table.num_classes, model.num_classes), ("in_channels", table.in_channels,
+                                                                    model.in_channels)]
+    for key, have, got in what:
+        if have != got:
+            raise NpsError(f"the latency model is of {key} {got!r}, the network here has {have!r}: measure one for "
+                           f"it with nps latency-model --model {table.model} --resolution {table.resolution}")
+    if table.mode == "weights":
+        raise NpsError("a latency model prices filter pruning (weight pruning keeps every dense shape)")
+    net = build_model(table.model, num_classes=table.num_classes, in_channels=table.in_channels, device="meta")
+    graph, _ = analyze(net, int(table.resolution), table.in_channels)
+    selection = select_groups(graph, table.mode, table.channel_multiple)
+    form = latency_form(graph, selection, model)
+    return dataclasses.replace(table, latency=form, base_latency=int(form(table.units)))
 
 
 def _check_options(mode: str, flops: str, channel_multiple: int) -> None:

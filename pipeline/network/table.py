@@ -38,6 +38,8 @@ class LayerTable:
     granularity: np.ndarray = field(default=None)  # type: ignore[assignment]
     flops_convention: str = "macs"
     channel_multiple: int = 1
+    latency: QuadraticForm | None = None  # predicted latency (integer femtoseconds) by a latency model, if given
+    base_latency: int = 0                 # ... of the unpruned network (layer_table.with_latency builds both)
 
     def __post_init__(self):
         self.channels = np.asarray(self.channels, dtype=np.int64)
