@@ -74,9 +74,9 @@ def test_a_new_file_names_the_current_format(tmp_path):
     store = ResultsStore.create(tmp_path / "r.h5", StandInTable(), "[experiment]\nname = 'x'\n", {"base_top1": 90.0})
     store.add_space("std-0.05@c_flops=0.25", rows_for_store(3), epochs=1)
     store.close()
-    assert format_attr(tmp_path / "r.h5") == current_format() == 3
+    assert format_attr(tmp_path / "r.h5") == current_format() == 4
     with open_readonly(tmp_path / "r.h5") as reader:
-        assert reader.format == 3
+        assert reader.format == 4
 
 
 def test_status_table_and_report_read_a_format_1_file(format1, tmp_path, capsys, monkeypatch):

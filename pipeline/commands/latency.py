@@ -15,8 +15,11 @@ whose fine-tuned weights are kept are timed with them, the others as their archi
 initialised base pruned to the row's keep counts). Weight spaces are not timed: their masked weights run at the
 dense base network's speed.
 
-The table shows each timing's noise, IQR/median; a line warns when some exceed 10 % (a shared or busy machine, or
-more threads than free cores): their speed-ups are unreliable, time again with fewer threads on a quiet machine.
+The table shows each timing's noise, IQR/median; a timing above 5 % is taken again (twice at most, the least noisy
+kept), and a line warns when some still exceed 10 % (a shared or busy machine, or more threads than free cores):
+their speed-ups are unreliable, time again with fewer threads on a quiet machine. A results file with a latency model
+(c_latency regimes, nps latency-model) is timed at the model's device, batch and threads unless told otherwise, so
+that nps report can set each row's predicted latency against its measured one.
 
 The timings go into RESULTS.h5 under /latency/<device> (with the device's name, the thread count and the library
 versions); nps report draws them and nps table adds them as columns. A run holding the file refuses this command:
@@ -39,11 +42,14 @@ def register(sub) -> None:
     p.add_argument("--space", action="append", metavar="S",
                    help="a space key (std-0.05@c_flops=0.25), or its space part if unique; repeatable "
                         "(default: every space)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--batch", default="1,64", metavar="LIST", help="batch sizes (default 1,64)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads on the CPU (default 1, as the run steps each subnetwork; 0: torch's "
-                        "default, the machine's cores)")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda (default cpu; a file with a latency model: the model's device)")
+    p.add_argument("--batch", default=None, metavar="LIST",
+                   help="batch sizes (default 1,64; a file with a latency model: the model's batch, so that "
+                        "the report can set predicted against measured)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads on the CPU (default 1, as the run steps each subnetwork; a file with "
+                        "a latency model: the model's; 0: torch's default, the machine's cores)")
     p.add_argument("--all-rows", action="store_true",
                    help="every row, also those not trained yet (default: the finished rows)")
     p.add_argument("--missing", action="store_true", help="only rows this device has no timing of yet")
@@ -65,8 +71,9 @@ def run(args) -> int:
         raise NpsError(f"{args.results}: no such file")
     if args.runs < 3:
         raise NpsError(f"--runs {args.runs}: use at least 3 (the interquartile range needs them)")
-    if args.warmup < 0 or args.threads < 0:
+    if args.warmup < 0 or (args.threads or 0) < 0:
         raise NpsError("--warmup and --threads: use 0 or more")
+    _model_defaults(args)
     batches = parse_batches(args.batch)
     console = make_console()
     status = console.status("timing", spinner="dots") if console.is_terminal else contextlib.nullcontext()
@@ -100,6 +107,21 @@ def run(args) -> int:
                   f"channels_last {s['channels_last']}, torch {s['versions']['torch']}; stored in {args.results} "
                   f"under /latency/{session['device']}")
     return 0
+
+
+def _model_defaults(args) -> None:
+    """Device, batch and threads not given: the latency model's when the file has one (the setting its predictions
+    are for), else cpu, 1 and 64, one thread."""
+    from nps.pipeline.results.reader import open_readonly
+
+    with open_readonly(args.results) as reader:
+        model = reader.latency_model()
+    if model is not None and (args.device is None or args.device.startswith(model.device)):
+        args.device = args.device or model.device
+        args.batch = args.batch or str(model.batch)
+        args.threads = model.threads if args.threads is None else args.threads
+    args.device, args.batch = args.device or "cpu", args.batch or "1,64"
+    args.threads = 1 if args.threads is None else args.threads
 
 
 def _plural(n: int, noun: str) -> str:

@@ -55,6 +55,11 @@ def register(sub) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--c-flops", type=float, help="target FLOPs(sub)/FLOPs(base)")
     target.add_argument("--c-params", type=float, help="target Params(sub)/Params(base)")
+    target.add_argument("--c-latency", type=float,
+                        help="target predicted latency(sub)/latency(base), by --latency-model (filter spaces)")
+    p.add_argument("--latency-model", metavar="FILE",
+                   help="a latency model of this network (nps latency-model): needed by --c-latency; with another "
+                        "target it adds each recipe's predicted latency")
     p.add_argument("--space", action="append", required=True,
                    help="uniform, std-<sigma>, mcb-<lo>-<hi>, or a weight space weights:std-<sigma> or "
                         "weights:mcb-<lo>-<hi> (see below); repeat for several")
@@ -99,9 +104,22 @@ def _sample(args, console) -> int:
     from nps.pipeline.files import atomic_path
     from nps.pipeline.results.store import ResultsStore
 
-    target, value = ("c_flops", args.c_flops) if args.c_flops is not None else ("c_params", args.c_params)
+    target, value = next((t, v) for t, v in (("c_flops", args.c_flops), ("c_params", args.c_params),
+                                             ("c_latency", args.c_latency)) if v is not None)
+    if target == "c_latency" and not args.latency_model:
+        raise NpsError("--c-latency needs --latency-model FILE: measure one with nps latency-model --model "
+                       f"{args.model} --resolution {args.resolution} --out FILE")
+    latency_model = None
+    if args.latency_model:
+        from nps.pipeline.network.latency_model import LatencyModel
+
+        latency_model = LatencyModel.load(args.latency_model)
     table = build_layer_table(args.model, args.mode, args.resolution, args.classes, args.in_channels,
                               flops=args.flops, channel_multiple=args.channel_multiple)
+    if latency_model is not None:
+        from nps.pipeline.network.layer_table import with_latency
+
+        table = with_latency(table, latency_model)
     spaces = [parse_space(name, target, value, delta=args.delta, R=args.R) for name in args.space]
     if len({s.regime for s in spaces}) != len(spaces):
         raise NpsError("--space: each space may be given once")
@@ -135,7 +153,8 @@ def _sample(args, console) -> int:
             config = f"# nps sample\n{vars_to_toml(args)}"
             store = ResultsStore.create(str(tmp), table, config, {"base_flops": table.base_flops,
                                                                   "base_params": table.base_params},
-                                         overwrite=True, weight_table=weight_table)
+                                         overwrite=True, weight_table=weight_table,
+                                         latency_model=latency_model)
             try:
                 for space, rows, attrs, _ in results:
                     store.add_space(space.regime, rows, epochs=0, attrs=attrs)
@@ -163,8 +182,8 @@ def vars_to_toml(args) -> str:
     from nps.pipeline.experiment.toml_text import toml_lines
 
     keep = ("model", "mode", "resolution", "classes", "in_channels", "channel_multiple", "flops", "c_flops",
-            "c_params", "space", "n", "delta", "R", "seed")
-    return toml_lines({key: getattr(args, key) for key in keep})
+            "c_params", "c_latency", "latency_model", "space", "n", "delta", "R", "seed")
+    return toml_lines({key: getattr(args, key, None) for key in keep})
 
 
 def _span(x) -> str:
@@ -182,8 +201,11 @@ def summary_table(tables, results):
         t.add_column(space.regime, justify="right", overflow="fold")
     samples = [s for *_, s in results]
     t.add_row("n", *[f"{len(s):,}" for s in samples])
-    for label, key in (("c_flops", "c_flops"), ("c_params", "c_params"), ("std(r)", "std"), ("mCB", "mcb")):
-        t.add_row(label, *[_span(getattr(s, key)) for s in samples])
+    rows = [("c_flops", "c_flops"), ("c_params", "c_params"), ("std(r)", "std"), ("mCB", "mcb")]
+    if any(s.c_latency is not None for s in samples):
+        rows.insert(2, ("c_latency (predicted)", "c_latency"))
+    for label, key in rows:
+        t.add_row(label, *[_span(getattr(s, key)) if getattr(s, key) is not None else "–" for s in samples])
     t.add_row("recipes/s", *[f"{s.stats['recipes_per_s']:,.0f}" for s in samples])
     t.add_row("accepted", *[f"{s.stats['accepted'] / s.stats['proposals']:.3g} of proposals" for s in samples])
     return t

@@ -5,9 +5,10 @@ An experiment file has these tables (every key optional; ``dump(Config())`` prin
     [experiment]  name, description, seed, out, devices, ray
     [dataset]     dir (written by `nps convert`), workers, on_device, val_batch_size, augment, train_images,
                   val_images
-    [model]       name, checkpoint, pretrained, resolution, mode, in_channels, num_classes, criterion, pruning
+    [model]       name, checkpoint, pretrained, resolution, mode, in_channels, num_classes, criterion, pruning,
+                  latency_model
     [base]        how nps trains the base network when model.checkpoint is empty
-    [[spaces]]    name, c_flops or c_params (a number or a list: one space per value), delta, R, sigma, n,
+    [[spaces]]    name, c_flops, c_params or c_latency (a number or a list: one space per value), delta, R, sigma, n,
                   max_seconds; ratios (a ratio space); criterion, retrain.method, retrain.epochs (overrides:
                   a list expands into one space each; see nps.pipeline.experiment.space_plan)
     [[references]] model, epochs, pretrained, resolution, seeds: networks trained like the base and shown beside the
@@ -16,7 +17,7 @@ An experiment file has these tables (every key optional; ``dump(Config())`` prin
     [two_stage]   enabled, top_k, full_epochs
     [output]      keep_weights, top_k, latency
 
-Relative paths (``experiment.out``, ``dataset.dir``, ``model.checkpoint``, ``pretrained``) are relative to the
+Relative paths (``experiment.out``, ``dataset.dir``, ``model.checkpoint``, ``pretrained``, ``model.latency_model``) are relative to the
 current directory, like every other path given to ``nps``.
 
 Resolution and complexity: ``model.resolution`` is the input size the loaders produce *and* the size FLOPs are
@@ -101,6 +102,8 @@ class ModelConfig:
     flops: str = _f("macs", "FLOPs convention: macs (conv+linear multiply-accumulates) or paper (ptflops' count)")
     pruning: str = _f("filters", "what a space prunes unless its name says (weights:<space>): filters (channels, "
                                  "the paper) or weights (unstructured, by magnitude, masks held while fine-tuning)")
+    latency_model: str = _f("", "a latency model of this network (a file nps latency-model wrote): what c_latency "
+                                "spaces are priced by, stored in results.h5 (empty: none)")
 
 
 # What training/devices.py's resolve_amp makes of each value, "auto" above all (it is not "off" on every CPU).
@@ -146,6 +149,8 @@ class SpaceConfig:
                                "weights:mcb-<lo>-<hi> prune weights (model.pruning sets the kind of the others)")
     c_flops: list[float] = _f(help="target FLOPs(sub)/FLOPs(base): a number or a list", factory=list)
     c_params: list[float] = _f(help="target Params(sub)/Params(base) (instead of c_flops)", factory=list)
+    c_latency: list[float] = _f(help="target predicted latency(sub)/latency(base) by model.latency_model (instead of "
+                                     "c_flops; filter spaces)", factory=list)
     ratios: list[float] = _f(help="a ratio space's uniform pruning ratios (n rows each)", factory=list)
     delta: float = _f(0.002, "tolerance: |c - target| <= delta on integer channel counts")
     R: float = _f(0.95, "largest pruning ratio of a group")
@@ -242,6 +247,7 @@ RUNTIME_KEYS = frozenset({
     "output.keep_weights", "output.top_k", "output.latency",
 })
 
+TARGET_KEYS = ("c_flops", "c_params", "c_latency")  # a space's target: exactly one of these
 PRESETS_DIR = "presets"  # inside the nps.pipeline.experiment package (pyproject: package-data)
 
 
@@ -398,8 +404,10 @@ def apply_overrides(cfg: Config, overrides) -> Config:
             if key not in hints:
                 raise NpsError(f"--set {prefix}.{key}: unknown key{_suggest(key, list(hints))}")
             setattr(obj, key, _coerce(value, hints[key], f"{prefix}.{key}"))
-            if section == "spaces" and key in ("c_flops", "c_params"):  # one target per space
-                setattr(obj, "c_params" if key == "c_flops" else "c_flops", [])
+            if section == "spaces" and key in TARGET_KEYS:  # one target per space
+                for other in TARGET_KEYS:
+                    if other != key:
+                        setattr(obj, other, [])
     return cfg
 
 

@@ -33,6 +33,7 @@ class Plan:
     results_path: str
     base_path: str
     weight_table: Any = None  # the weight table (pipeline.network.weight_table) when a space prunes weights
+    latency_model: Any = None  # model.latency_model's LatencyModel (its form is in table.latency)
 
     def table_for(self, key: str):
         """The table a space's keep vectors count in: the weight table for a weight space, else the layer table."""
@@ -112,8 +113,16 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
                                   channel_multiple=m.channel_multiple)
     except NpsError as exc:
         raise NpsError(f"model.name: {m.name}: {exc}") from None
+    latency_model = _latency_model(m, table)
+    if latency_model is not None:
+        table = latency_model[1]
+        latency_model = latency_model[0]
 
     spaces = expand_spaces(cfg)
+    for p in spaces:
+        _need(p.target != "c_latency" or latency_model is not None, f"spaces[{p.index}].c_latency",
+              "needs model.latency_model: measure one with nps latency-model --model "
+              f"{m.name} --resolution {resolution} --out FILE and name the file there")
     weight_table = _weight_table(m, spaces, resolution, num_classes, in_channels)
     for p in spaces:
         if p.kind != "sampled":
@@ -142,10 +151,25 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
     preflight.check_pretrained(cfg, num_classes, in_channels, base_done=bool(checkpoint) or os.path.isfile(base_path),
                                references_done=_done_references(os.path.join(out, "results.h5")))
     plan = Plan(cfg, meta, table, resolution, in_channels, num_classes, spaces, checkpoint,
-                os.path.join(out, "results.h5"), base_path, weight_table)
+                os.path.join(out, "results.h5"), base_path, weight_table, latency_model)
     check_plan_memory(plan)  # before check_disk, whose estimate walks every row
     preflight.check_disk(plan, _done_rows(plan.results_path))
     return plan
+
+
+def _latency_model(m, table):
+    """(LatencyModel, the table with its form) of ``model.latency_model``, or None when it names none; one NpsError
+    line naming the key when the file cannot be read or is of another network."""
+    if not m.latency_model:
+        return None
+    from nps.pipeline.network.latency_model import LatencyModel
+    from nps.pipeline.network.layer_table import with_latency
+
+    try:
+        model = LatencyModel.load(m.latency_model)
+        return model, with_latency(table, model)
+    except NpsError as exc:
+        raise NpsError(f"model.latency_model: {exc}") from None
 
 
 def _done_rows(results_path: str) -> int:

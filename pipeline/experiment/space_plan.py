@@ -110,7 +110,7 @@ def expand(cfg) -> list[PlannedSpace]:
             if s.name == RATIOS:
                 out.append(PlannedSpace(i, name, RATIOS, spec, s.n, ratios=tuple(s.ratios), overrides=overrides))
                 continue
-            target = "c_flops" if s.c_flops else "c_params"
+            target = _target(s)
             space_name = s.name
             if cfg.model.pruning == WEIGHTS.name and not space_name.startswith(WEIGHTS.prefix):
                 space_name, name = WEIGHTS.space_name(space_name), WEIGHTS.space_name(name)
@@ -189,9 +189,11 @@ def check(cfg) -> list[PlannedSpace]:
                  "set n = 1, or use criterion random or method scratch, whose rows differ by their seed")
             continue
         need(not s.ratios, f"{key}.ratios", f"only a space named {RATIOS!r} takes ratios")
-        need(bool(s.c_flops) != bool(s.c_params), f"{key}.c_flops",
-             "give exactly one of c_flops and c_params" if s.c_flops else "give c_flops or c_params")
-        target = "c_flops" if s.c_flops else "c_params"
+        given = [t for t in ("c_flops", "c_params", "c_latency") if getattr(s, t)]
+        need(len(given) == 1, f"{key}.{given[0] if given else 'c_flops'}",
+             f"give exactly one of c_flops, c_params and c_latency (got {' and '.join(given)})" if given
+             else "give c_flops, c_params or c_latency")
+        target = given[0]
         for v in getattr(s, target):
             need(0 < v <= 1, f"{key}.{target}", f"{v:g} is not a relative complexity in (0, 1]")
         need(len(set(getattr(s, target))) == len(getattr(s, target)), f"{key}.{target}", "a value is repeated")
@@ -219,3 +221,8 @@ def check(cfg) -> list[PlannedSpace]:
         need(t.top_k <= min(sampled), "two_stage.top_k",
              f"{t.top_k} is more than the smallest space's n ({min(sampled)})")
     return planned
+
+
+def _target(space) -> str:
+    """The one target a ``[[spaces]]`` entry gives (checked before: exactly one)."""
+    return next(t for t in ("c_flops", "c_params", "c_latency") if getattr(space, t))

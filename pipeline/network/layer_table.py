@@ -49,7 +49,7 @@ from nps.pipeline.errors import NpsError
 from nps.pipeline.network.channel_graph import ChannelGraph, Seg
 from nps.pipeline.network.channel_groups import ChannelClass, classes
 from nps.pipeline.network.models import build_model
-from nps.pipeline.network.table import LayerTable, feasible_range  # noqa: F401 - what it builds, also imported here
+from nps.pipeline.network.table import LATENCY_UNIT, LayerTable, feasible_range  # noqa: F401 - also imported here
 from nps.pipeline.network.trace import analyze
 
 MODES = ("internal", "all")
@@ -201,11 +201,6 @@ def _paper_terms(graph: ChannelGraph, flops: _FormBuilder, combo) -> None:
             flops.const += coef * const
             if segs:
                 flops.add(coef * per_channel, combo(segs))
-
-
-LATENCY_UNIT = 1e-15
-"""Seconds per unit of a table's latency form: femtoseconds, so that the form has integer coefficients (exact in
-int64, like FLOPs, up to 2**63 fs = 2.5 hours) and rounding them moves a prediction by far less than a nanosecond."""
 
 
 def latency_form(graph: ChannelGraph, selection: GroupSelection, model) -> QuadraticForm:

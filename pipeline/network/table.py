@@ -11,6 +11,12 @@ from nps.kernels.complexity import QuadraticForm, keep_from_recipe
 from nps.pipeline.errors import NpsError
 
 
+LATENCY_UNIT = 1e-15
+"""Seconds per unit of a table's latency form: femtoseconds, so that the form has integer coefficients (exact in
+int64, like FLOPs, up to 2**63 fs = 2.5 hours) and rounding them moves a prediction by far less than a nanosecond
+(:func:`nps.pipeline.network.layer_table.latency_form`)."""
+
+
 @dataclass
 class LayerTable:
     """Prunable channel groups of one base network and its FLOPs/params as functions of the kept channels.
@@ -108,6 +114,16 @@ class LayerTable:
         """Params(sub) / Params(base) per keep vector (float64)."""
         return self.params_of(keep) / self.base_params
 
+    def latency_of(self, keep) -> np.ndarray:
+        """Predicted latency in seconds per keep vector, by the table's latency model (NpsError without one)."""
+        if self.latency is None:
+            raise NpsError(f"the layer table of {self.model} has no latency model (nps latency-model)")
+        return self.latency(self.to_units(keep)) * LATENCY_UNIT
+
+    def c_latency(self, keep) -> np.ndarray:
+        """Predicted latency(sub) / latency(base) per keep vector (float64)."""
+        return self.latency_of(keep) / (self.base_latency * LATENCY_UNIT)
+
     def mcb(self, keep) -> np.ndarray:
         """Mean computation budget: (FLOPs(sub) / Params(sub)) / (FLOPs(base) / Params(base))."""
         units = self.to_units(keep)
@@ -136,7 +152,11 @@ class LayerTable:
         group.create_dataset("granularity", data=np.asarray(self.granularity, dtype=np.int64))
         group.create_dataset("members", data=np.array([",".join(m) for m in self.members], dtype=object),
                              dtype=text)
-        for prefix, form in (("flops", self.flops), ("params", self.params)):
+        forms = [("flops", self.flops), ("params", self.params)]
+        if self.latency is not None:  # results format 4: the latency form of c_latency regimes
+            forms.append(("latency", self.latency))
+            group.attrs["base_latency"] = np.int64(self.base_latency)
+        for prefix, form in forms:
             group.create_dataset(f"{prefix}_const", data=np.int64(form.const))
             group.create_dataset(f"{prefix}_linear", data=form.linear)
             group.create_dataset(f"{prefix}_pair_a", data=form.pair_a)
@@ -150,7 +170,7 @@ class LayerTable:
     @classmethod
     def from_hdf5(cls, group) -> "LayerTable":
         """Read a table written by ``to_hdf5`` (files written before granularity and conventions existed read as
-        granularity 1, ``macs``)."""
+        granularity 1, ``macs``; a table without a latency form has ``latency`` None)."""
 
         def text(value) -> str:
             return value.decode() if isinstance(value, bytes) else str(value)
@@ -174,13 +194,16 @@ class LayerTable:
             granularity=np.asarray(granularity, dtype=np.int64),
             flops_convention=text(group.attrs.get("flops_convention", "macs")),
             channel_multiple=int(group.attrs.get("channel_multiple", 1)),
+            latency=form("latency") if "latency_const" in group else None,
+            base_latency=int(group.attrs.get("base_latency", 0)),
         )
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, LayerTable):
             return NotImplemented
         scalars = ("model", "mode", "resolution", "num_classes", "in_channels", "names", "members", "flops",
-                   "params", "base_flops", "base_params", "flops_convention", "channel_multiple")
+                   "params", "base_flops", "base_params", "flops_convention", "channel_multiple", "latency",
+                   "base_latency")
         return all(getattr(self, k) == getattr(other, k) for k in scalars) and \
             np.array_equal(self.channels, other.channels) and np.array_equal(self.granularity, other.granularity)
 

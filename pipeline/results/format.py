@@ -41,6 +41,10 @@ VERSIONS: tuple[FormatVersion, ...] = (
     FormatVersion(2, f"the root attribute {ATTR}; nothing else changed", restamp=True),
     FormatVersion(3, "the learning curves of the base network and the references nps trains: the groups /base/curve "
                      "and /references/<model>/curve", restamp=True),
+    FormatVersion(4, "latency regimes: the latency model (/latency_model: device, batch, threads, precision, per-layer "
+                     "coefficients and errors) and its form over the groups in /layers (latency_* datasets, "
+                     "base_latency); reference trainings of several seeds (/references/<model>#<i>, attrs name and "
+                     "seed)", restamp=True),
 )
 FORMAT_VERSION = VERSIONS[-1].number  # the format this nps writes, and the newest it reads
 PURPOSES = ("read", "write")

@@ -47,6 +47,7 @@ RESULT_FIELDS: dict[str, str] = {
     "error": f"S{ERROR_BYTES}",
 }
 WEIGHT_LAYERS = "weight_layers"  # the weight table of weight-pruning spaces (LayerTable with mode "weights")
+LATENCY_MODEL = "latency_model"  # the latency model of c_latency regimes (format 4; LatencyModel.write)
 REFERENCES = "references"  # /references/<model>: the attrs of a reference network trained beside the population
 BASE = "base"  # /base: what the file holds of the base network beyond the root attributes (its curve)
 CURVE = "curve"  # /base/curve, /references/<model>/curve: a training's learning curve (format 3)
@@ -107,6 +108,14 @@ class _ResultsFile:
         if group not in self._file:
             raise NpsError(f"{self.path}: space {space} prunes {kind_of(space).name} but the file has no /{group}")
         return self._file[group]
+
+    def latency_model(self):
+        """The latency model the file's c_latency regimes were drawn under (format 4), or None."""
+        if LATENCY_MODEL not in self._file:
+            return None
+        from nps.pipeline.network.latency_model import LatencyModel
+
+        return LatencyModel.read(self._file[LATENCY_MODEL])
 
     def references(self) -> dict[str, dict[str, Any]]:
         """``{name: attrs}`` of the reference trainings done so far (model, seed, top1, top5, flops, params, train_s,
@@ -236,6 +245,7 @@ class ResultsReader(_ResultsFile):
     summary = _damaged_is_user_error(_ResultsFile.summary)
     model_info = _damaged_is_user_error(_ResultsFile.model_info)
     curves = _damaged_is_user_error(_ResultsFile.curves)
+    latency_model = _damaged_is_user_error(_ResultsFile.latency_model)
 
     def __init__(self, path: str, *, retry_s: float = 5.0):
         self.path = str(path)

@@ -31,6 +31,7 @@ from nps.pipeline.results.figures import render
 from nps.pipeline.results.latency_figures import latency_summary, render_latency
 from nps.pipeline.results.reader import DONE, FAILED, PENDING, RUNNING, open_readonly
 from nps.pipeline.results.finetune_curves import finetune_curves, render_finetune_curves
+from nps.pipeline.results.latency_prediction import prediction_summary, render_prediction
 from nps.pipeline.results.reference_figures import render_references
 from nps.pipeline.results.references import compare as compare_references
 from nps.pipeline.results.references import cost as reference_cost
@@ -121,12 +122,15 @@ def _uniform(table, pops, notes) -> tuple[dict, dict | None]:
     G = len(table.channels)
     for p in pops:
         key = regime_key(p.target, p.value)
-        if key in out or p.target not in ("c_flops", "c_params") or not math.isfinite(p.value):
+        priced = p.target in ("c_flops", "c_params") or (p.target == "c_latency" and table.latency is not None)
+        if key in out or not priced or not math.isfinite(p.value):
             continue
         u = uniform_ratio(table, p.target, p.value)
         keep = table.keep(np.full(G, min(max(u, 0.0), 1.0)))
         out[key] = {"ratio": float(u), "keep": [int(v) for v in keep], "c_flops": float(table.c_flops(keep)),
                     "c_params": float(table.c_params(keep)), "mcb": float(table.mcb(keep))}
+        if table.latency is not None:
+            out[key]["c_latency"] = float(table.c_latency(keep))
     # The curve uses continuous channel counts (1 − u)·c: at integer counts a small network's uniform recipes
     # zig-zag by rounding, which hides the trend; the per-regime points above are the real (integer) recipes.
     units = np.asarray(table.units, dtype=np.float64)  # the forms are written over units (channels / granularity)
@@ -173,6 +177,7 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
         costs = reference_cost(reader, attrs)
         curves = reader.curves()
         finetune = finetune_curves(reader, pops)
+        prediction = prediction_summary(reader, table, pops)
     notes = []
     uniform, curve = _uniform(table, pops, notes)
     summary = summarize(pops, k=k, n_boot=n_boot, seed=seed, edf_points=edf_points, band=band, uniform=uniform)
@@ -221,6 +226,7 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
         "cost": costs,
         "curves": _with_final_top1(curves, base_top1, references),
         "finetune_curves": finetune,
+        "latency_prediction": prediction,
     })
     return _json_ready(summary)
 
@@ -277,6 +283,7 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike, *, k: i
         summary["figures"].update(render_references(summary, tmp))
         summary["figures"].update(render_curves(summary, tmp))
         summary["figures"].update(render_finetune_curves(summary, tmp))
+        summary["figures"].update(render_prediction(summary, tmp))
         with open(tmp / "summary.json", "w") as fh:
             json.dump(summary, fh, indent=1, allow_nan=False)
             fh.write("\n")

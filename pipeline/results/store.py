@@ -79,6 +79,7 @@ from nps.pipeline.results.reader import (  # noqa: F401 - the status codes and o
     RUNNING,
     STATUS_NAMES,
     WEIGHT_LAYERS,
+    LATENCY_MODEL,
     ResultsReader,
     _encode_error,
     _ResultsFile,
@@ -165,9 +166,11 @@ class ResultsStore(_ResultsFile):
         *,
         overwrite: bool = False,
         weight_table: Any = None,
+        latency_model: Any = None,
     ) -> "ResultsStore":
         """Create a results file: root attrs, ``/layers`` (via ``layer_table.to_hdf5(group)``), ``/weight_layers``
-        (the weight table, when a space prunes weights), empty ``/spaces``.
+        (the weight table, when a space prunes weights), ``/latency_model`` (the latency model of c_latency
+        regimes, when given), empty ``/spaces``.
 
         ``attrs`` gives ``base_top1``, ``base_top5``, ``base_flops``, ``base_params``, ``dataset_fingerprint``
         (missing ones are stored as NaN / empty) and any extra root attributes.
@@ -194,6 +197,8 @@ class ResultsStore(_ResultsFile):
                 layer_table.to_hdf5(layers)
             if weight_table is not None:
                 weight_table.to_hdf5(f.create_group(WEIGHT_LAYERS))
+            if latency_model is not None:  # the model of c_latency regimes (its form is in /layers)
+                latency_model.write(f.create_group(LATENCY_MODEL))
             f.create_group("spaces")
             f.flush()
         except BaseException:

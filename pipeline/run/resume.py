@@ -42,8 +42,8 @@ def open_results(plan: Plan) -> tuple[ResultsStore, bool]:
         attrs.update(dataset_mean=list(plan.meta["mean"]), dataset_std=list(plan.meta["std"]))
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        store, resumed = ResultsStore.create(path, plan.table, dump(cfg), attrs,
-                                             weight_table=plan.weight_table), False
+        store, resumed = ResultsStore.create(path, plan.table, dump(cfg), attrs, weight_table=plan.weight_table,
+                                             latency_model=plan.latency_model), False
     else:
         store, resumed = ResultsStore.open(path), True
     try:

@@ -1,0 +1,119 @@
+"""Predicted against measured latency: is the latency model right on the population it chose?
+
+A results file with a latency model (``/latency_model`` and the form in ``/layers``, format 4) predicts every row's
+latency from its keep vector; ``nps latency`` measures the rows at the model's device and batch. For every row
+measured there at that batch, :func:`prediction_summary` sets the two side by side:
+
+- ``r2``: 1 − Σ(measured − predicted)² / Σ(measured − mean)² over the rows (the prediction itself, not a line fitted
+  to it: a model off by a constant factor scores below 1);
+- ``error``: the relative error (predicted − measured) / measured per row, its median and the RMS;
+- per c_latency regime, ``within``: how many of its rows, *measured*, lie within the regime's band (their measured
+  latency over the base network's, from the same session, within value ± delta) - the band every row meets by
+  prediction;
+- every measurement's noise (IQR / median): the worst, and how many exceed 5 %.
+
+:func:`render_prediction` draws ``latency_prediction.png`` (measured against predicted, the y = x line, one colour per
+regime).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+FILE = "latency_prediction.png"
+QUIET = 0.05  # IQR / median above which a timing counts as noisy here (nps latency takes such a timing again)
+
+
+def prediction_summary(reader, table, pops) -> dict | None:
+    """The comparison (see the module docstring), or None when the file has no latency model or no row was measured
+    at its device and batch."""
+    from nps.pipeline.network.table import LATENCY_UNIT
+    from nps.pipeline.results.analysis import regime_key
+    from nps.pipeline.results.latency import BASE, read_latency
+
+    if table is None or table.latency is None:
+        return None
+    model = reader.latency_model()
+    measured = read_latency(reader).get(model.device) if model is not None else None
+    if measured is None:
+        return None
+    at = {(str(s), int(r)): i for i, (s, r, b) in enumerate(zip(measured["space"], measured["row"], measured["batch"]))
+          if int(b) == model.batch}
+    base_i = at.get((BASE, -1))
+    if base_i is None:
+        return None
+    base_measured = float(measured["median_s"][base_i])
+    points: dict[str, list] = {k: [] for k in ("group", "space", "regime", "row", "predicted_ms", "measured_ms",
+                                               "noise", "c_measured")}
+    regimes = []
+    for pop in pops:
+        rows = [(j, at[(pop.group, int(r))]) for j, r in enumerate(pop.row) if (pop.group, int(r)) in at]
+        if not rows or pop.space.startswith("weights:"):
+            continue
+        keep = np.asarray(pop.keep, dtype=np.int64)[[j for j, _ in rows]]
+        predicted = table.latency(keep // table.granularity) * LATENCY_UNIT
+        median = np.asarray([float(measured["median_s"][i]) for _, i in rows])
+        c_measured = median / base_measured  # one session's base: the stored speed-up's reciprocal
+        key = regime_key(pop.target, pop.value)
+        points["group"] += [pop.group] * len(rows)
+        points["space"] += [pop.space] * len(rows)
+        points["regime"] += [key] * len(rows)
+        points["row"] += [int(pop.row[j]) for j, _ in rows]
+        points["predicted_ms"] += (1e3 * predicted).tolist()
+        points["measured_ms"] += (1e3 * median).tolist()
+        points["noise"] += [float(measured["noise"][i]) for _, i in rows]
+        points["c_measured"] += c_measured.tolist()
+        if pop.target == "c_latency" and math.isfinite(pop.delta):
+            inside = int(np.count_nonzero(np.abs(c_measured - pop.value) <= pop.delta))
+            regimes.append({"group": pop.group, "space": pop.space, "regime": key, "value": pop.value,
+                            "delta": pop.delta, "n": len(rows), "within": inside,
+                            "c_measured": [float(np.min(c_measured)), float(np.max(c_measured))]})
+    if not points["row"]:
+        return None
+    pred, meas = np.asarray(points["predicted_ms"]), np.asarray(points["measured_ms"])
+    err = (pred - meas) / meas
+    total = float(np.sum((meas - meas.mean()) ** 2))
+    noise = np.asarray(points["noise"] + [float(measured["noise"][base_i])])
+    return {"device": model.device, "device_name": model.device_name, "batch": int(model.batch),
+            "threads": int(model.threads), "precision": model.precision, "n": int(pred.size),
+            "r2": 1.0 - float(np.sum((meas - pred) ** 2)) / total if total > 0 else None,
+            "error_median": float(np.median(err)), "error_rms": float(np.sqrt(np.mean(err ** 2))),
+            "base": {"predicted_ms": 1e3 * table.base_latency * LATENCY_UNIT, "measured_ms": 1e3 * base_measured},
+            "noise_max": float(np.max(noise)), "noisy": int(np.count_nonzero(noise > QUIET)), "quiet_limit": QUIET,
+            "regimes": regimes, "points": points}
+
+
+def render_prediction(summary: dict, out_dir: str | Path) -> dict:
+    """Draw ``latency_prediction.png`` when the summary has a prediction; returns ``{name: {"file", "caption"}}``."""
+    from nps.pipeline.results.figures import _figure
+
+    p = summary.get("latency_prediction")
+    if not p:
+        return {}
+    fig = _figure(7.0, 6.0)
+    ax = fig.subplots()
+    pts = p["points"]
+    for i, regime in enumerate(dict.fromkeys(pts["regime"])):
+        sel = [j for j, r in enumerate(pts["regime"]) if r == regime]
+        ax.scatter([pts["predicted_ms"][j] for j in sel], [pts["measured_ms"][j] for j in sel], s=18, color=f"C{i}",
+                   label=f"{regime} ({len(sel)} rows)")
+    lo = min(min(pts["predicted_ms"]), min(pts["measured_ms"]))
+    hi = max(max(pts["predicted_ms"]), max(pts["measured_ms"]))
+    ax.plot([lo, hi], [lo, hi], color="0.4", linestyle="--", linewidth=1, label="measured = predicted")
+    r2 = "n/a" if p["r2"] is None else f"{p['r2']:.3f}"
+    ax.set_title(f"Latency on {p['device']} at batch {p['batch']}, {p['threads']} thread(s): R² {r2}, "
+                 f"RMS error {100 * p['error_rms']:.1f} %", fontsize=9)
+    ax.set_xlabel("predicted by the latency model (ms)")
+    ax.set_ylabel("measured by nps latency, median (ms)")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    path = Path(out_dir) / FILE
+    fig.savefig(path, dpi=110)
+    bands = "; ".join(f"{r['regime']} {r['space']}: {r['within']} of {r['n']} within ±{r['delta']:g} measured"
+                      for r in p["regimes"])
+    return {"latency_prediction": {"file": path.name, "caption": (
+        f"Measured against predicted latency of {p['n']} subnetworks (R² {r2}; median error "
+        f"{100 * p['error_median']:+.1f} %; noise IQR/median at most {100 * p['noise_max']:.1f} %, "
+        f"{p['noisy']} timing(s) above {100 * p['quiet_limit']:.0f} %)" + (f". {bands}" if bands else "") + ".")}}
