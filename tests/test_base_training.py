@@ -333,7 +333,7 @@ def test_learning_curves_are_stored_and_drawn(uninterrupted, tmp_path):
     from nps.pipeline.results.report import write_report
 
     attrs, refs, curves = stored(uninterrupted)
-    assert attrs["format_version"] == 3
+    assert attrs["format_version"] == 4
     by_role = {c["role"]: c for c in curves}
     assert set(by_role) == {"base", "reference"}
     assert [c["network"] for c in curves] == ["own_models:tiny_cnn", "own_models:vgg_like", "own_models:vgg_like#1"]
@@ -355,6 +355,8 @@ def test_learning_curves_are_stored_and_drawn(uninterrupted, tmp_path):
     values = [refs["own_models:vgg_like"]["top1"], refs["own_models:vgg_like#1"]["top1"]]
     assert ref["seeds"] == 2 and ref["top1_values"] == values and ref["top1"] == pytest.approx(sum(values) / 2)
     assert ref["top1_range"] == [min(values), max(values)]
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<h2>Reference networks</h2>" in page and "= mean of 2 seeds: " in page
     assert left_behind(uninterrupted) == []
 
 

@@ -175,6 +175,7 @@ def render_html(summary: dict) -> str:
                      "<th>c_params</th><th>mCB</th>"
                      "<th>top-1</th><th>drop</th></tr>" + "".join(baselines) + "</table>")
     parts += _ratio_study_html(summary.get("ratio_study"))
+    parts += _references_html(summary, band)
     parts += _comparisons_html(summary)
     parts += _fits_html(summary)
     if summary.get("figures"):
@@ -187,6 +188,34 @@ def render_html(summary: dict) -> str:
     parts.append("<p>Every number shown here and in the figures is in <a href=summary.json>summary.json</a>.</p>"
                  "</body></html>\n")
     return "\n".join(parts)
+
+
+def _references_html(summary: dict, band: str) -> list[str]:
+    """Each reference network against the spaces of the regime nearest its FLOPs: the gain of a space's mean top-1
+    over the reference's mean over its seeds, with its interval (subnetworks and seeds resampled)."""
+    e = html.escape
+    refs = [r for r in summary.get("references") or [] if r.get("spaces")]
+    if not refs:
+        return []
+    rows = []
+    for r in refs:
+        values = ", ".join(f"{v:.2f}" for v in r.get("top1_values") or [])
+        head = (f"{e(r['model'])} (c_flops {_fmt(r.get('c_flops'))}; top-1 {_fmt(r.get('top1'), '.2f')}"
+                + (f" = mean of {r['seeds']} seeds: {values}" if r.get("seeds", 1) > 1 else "") + ")")
+        for space, sp in r["spaces"].items():
+            ci = sp.get("gain_ci")
+            gain = _fmt(sp["gain"], "+.2f") + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " (n &lt; 10: no interval)")
+            rows.append(f"<tr><td class=l>{head}</td><td class=l>{e(space)}</td><td>{sp['n']}</td>"
+                        f"<td>{gain}</td><td>{_fmt(sp['best_gain'], '+.2f')}</td>"
+                        f"<td>{_beats_text(sp['beats'])}</td></tr>")
+            head = ""
+    return ["<h2>Reference networks</h2><p>Each reference (trained like the base network) against every space of "
+            "the regime nearest its FLOPs. <i>Gain</i>: the space's mean top-1 minus the reference's (its mean over "
+            f"seeds), in percentage points, with a {band} bootstrap interval that resamples the subnetworks and the "
+            "reference's seeds independently; <i>best</i>: the space's best subnetwork minus the reference; "
+            "<i>beats</i>: the fraction of subnetworks above the reference.</p>"
+            "<table><tr><th class=l>reference</th><th class=l>space</th><th>n</th><th>gain (pp)</th>"
+            "<th>best (pp)</th><th>beats</th></tr>" + "".join(rows) + "</table>"]
 
 
 def _layer_table_html(summary: dict) -> list[str]:
