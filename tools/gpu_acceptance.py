@@ -18,8 +18,14 @@ from that epoch's checkpoint in a fresh model (after other CUDA draws), under fp
 loss scaler's state too), cuDNN in deterministic mode: one line per precision with whether the weights (SHA-256),
 top-1 and curve are identical, and first whether the CUDA generator's state round-trips.
 
+Then the GPU latency model (docs/latency-model.md): ``check_latency_model`` measures ResNet-20's per-layer latency
+model at 32 px, batch 64, fp16 autocast, channels_last, as ``nps latency-model --device cuda`` does: one line with
+the fit errors, the calibration (measured and predicted ms), the network error and whether every coefficient is
+non-negative and the error stated.
+
     python tools/gpu_acceptance.py [--budget-s 420] [--models resnet20,resnet56,mobilenet_v2,resnet50]
     python tools/gpu_acceptance.py --only resume     # the base-training checks alone (under a minute)
+    python tools/gpu_acceptance.py --only latency    # the latency model alone
 """
 from __future__ import annotations
 
@@ -205,7 +211,8 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new measurements after this")
     ap.add_argument("--models", default="resnet20,resnet56,mobilenet_v2,resnet50")
     ap.add_argument("--k", default="1,4,16,32")
-    ap.add_argument("--only", choices=["resume"], help="run only these checks (resume: base training's)")
+    ap.add_argument("--only", choices=["resume", "latency"],
+                    help="run only these checks (resume: base training's; latency: the latency model)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         emit(error="no CUDA device: this script measures what only a GPU can show")
@@ -213,8 +220,11 @@ def main() -> int:
     device = torch.device("cuda:0")
     emit(device=torch.cuda.get_device_name(device), torch=torch.__version__, cuda=torch.version.cuda,
          cpu_cores=len(os.sched_getaffinity(0)))
-    check_resume(device)
-    if args.only == "resume":
+    if args.only != "latency":
+        check_resume(device)
+    if args.only != "resume":
+        check_latency_model(device)  # before cudnn.benchmark: as nps latency-model runs
+    if args.only is not None:
         return 0
     torch.backends.cudnn.benchmark = True
     check_forward(device)
@@ -298,6 +308,32 @@ def check_distill(device) -> None:
              ok=soft[torch.bfloat16].p.dtype == torch.float32 and gap < 0.02)
     except Exception as exc:  # noqa: BLE001 - reported; the measurements after it still run
         emit(check="distillation", error=f"{type(exc).__name__}: {exc}"[:300], ok=False)
+
+
+def check_latency_model(device) -> None:
+    """The latency model on the GPU (``nps latency-model --device cuda``, docs/latency-model.md): ResNet-20 at 32 px,
+    batch 64, fp16 autocast, channels_last; ``ok`` when every coefficient is non-negative, the scale positive, the
+    offset non-negative and the per-layer and network errors are stated (finite)."""
+    import numpy as np
+
+    from nps.pipeline.deploy.latency_model import measure_latency_model
+
+    what = "latency model on the GPU (resnet20, 32 px, batch 64, fp16)"
+    try:
+        t0 = time.perf_counter()
+        m = measure_latency_model("resnet20", 32, num_classes=10, in_channels=3, device=str(device), batch=64,
+                                  precision="fp16")
+        cal = m.calibration
+        emit(check=what, device_name=m.device_name, layers=len(m.layers),
+             fit_error_min=round(float(m.fit_error.min()), 4), fit_error_max=round(float(m.fit_error.max()), 4),
+             network_error=round(m.network_error, 4), scale=round(m.scale, 4), offset_ms=round(1e3 * m.offset, 4),
+             keep=cal["keep_fraction"], measured_ms=[round(1e3 * v, 4) for v in cal["measured_s"]],
+             predicted_ms=[round(1e3 * v, 4) for v in cal["predicted_s"]],
+             iqr_over_median=[round(v, 3) for v in cal["iqr_over_median"]], seconds=round(time.perf_counter() - t0, 1),
+             ok=bool(np.all(m.coef >= 0) and m.scale > 0 and m.offset >= 0 and np.all(np.isfinite(m.fit_error))
+                     and np.isfinite(m.network_error) and len(cal["measured_s"]) == 4))
+    except Exception as exc:  # noqa: BLE001 - reported; the measurements after it still run
+        emit(check=what, error=f"{type(exc).__name__}: {exc}"[:300], ok=False)
 
 
 if __name__ == "__main__":

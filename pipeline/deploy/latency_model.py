@@ -1,0 +1,392 @@
+"""Measuring a per-layer latency model (``nps latency-model``; what the model is: :mod:`nps.pipeline.network.
+latency_model`; why it is measured this way: docs/latency-model.md).
+
+1. The base network is traced (:func:`nps.pipeline.network.trace.analyze`) and run once at the resolution with
+   forward hooks on its conv and linear layers: each layer's input shapes (every call).
+2. Each layer is rebuilt alone as the network runs it: the conv (same kernel, stride, padding, dilation, bias, the
+   base's group count) or linear layer, then the normalisation and the activation that the fx graph shows right
+   after it (a BatchNorm/GroupNorm that is the only user of the layer's output, then an activation module, function
+   or method that is the only user of that), at a grid of channel counts: fractions :data:`GRID_FRACTIONS` of each
+   base count that the pruning mode can change (in the multiples its channels allow: conv groups, GroupNorm
+   groups), on random input of the layer's own spatial size at the batch. A point is timed by ``nps latency``'s
+   :func:`~nps.pipeline.deploy.latency.time_forward` (the median of :data:`LAYER_TIMING`'s runs; under
+   ``torch.inference_mode``, channels_last and autocast as ``nps latency`` runs networks), again while noisier than
+   :data:`NOISE_TARGET`; every point in :data:`PASSES` passes, each in its own shuffled order, keeping the least
+   median (other work only adds time; shuffling spreads a drift of the machine's speed as noise instead of a slope).
+   Layers of one configuration (same modules, input shape and counts: the repeated blocks of a stage) run the same
+   kernels and share one grid.
+3. Each layer's form is fitted (:func:`nps.pipeline.network.latency_model.fit_layer`).
+4. The base network and copies pruned uniformly to :data:`CALIBRATION_KEEPS` are timed whole as ``nps latency``
+   times them (:func:`~nps.pipeline.deploy.latency.time_network`, again while noisier than :data:`NOISE_TARGET`; in
+   :data:`PASSES` rounds, the least median kept), and ``scale`` and ``offset`` fitted to them.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nps.pipeline.errors import NpsError
+from nps.pipeline.network.latency_model import LatencyModel, fit_calibration, fit_layer, relative_rms
+
+GRID_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
+CALIBRATION_KEEPS = (1.0, 0.75, 0.5, 0.3)
+NOISE_TARGET = 0.05  # IQR / median above which a timing is measured again
+PASSES = 3  # times every grid point is timed (in a new shuffled order each pass)
+ATTEMPTS = 3  # timings of one point or network at most (the least noisy is kept)
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_BATCH = {"cpu": 32, "cuda": 64}
+DEFAULT_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
+# Per point: warm-up forwards, timed runs, and the least time of a run (back-to-back forwards): the layers of a small
+# network take 0.05-5 ms at batch 32 on one CPU thread.
+LAYER_TIMING = {"warmup": 2, "runs": 5, "min_run_s": 0.004}
+NETWORK_TIMING = {"warmup": 3, "runs": 15, "min_run_s": 0.02}
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Sigmoid,
+                       nn.Hardsigmoid, nn.Tanh, nn.Mish)
+_ACTIVATION_FUNCTIONS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, torch.relu_: nn.ReLU, F.relu6: nn.ReLU6,
+                         F.hardswish: nn.Hardswish, F.silu: nn.SiLU, F.gelu: nn.GELU, torch.sigmoid: nn.Sigmoid,
+                         F.sigmoid: nn.Sigmoid, F.hardsigmoid: nn.Hardsigmoid, torch.tanh: nn.Tanh, F.mish: nn.Mish}
+_ACTIVATION_METHODS = {"relu": nn.ReLU, "relu_": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class LayerSpec:
+    """One conv or linear layer as the network runs it: the module, what follows it, its input shapes (batch 1),
+    its base counts, which counts the pruning mode changes and in what multiples."""
+
+    name: str
+    module: nn.Module
+    norm: nn.Module | None
+    act: nn.Module | None
+    shapes: list[tuple[int, ...]]
+    cin: int
+    cout: int
+    groups: int
+    depthwise: bool
+    vary_in: bool
+    vary_out: bool
+    step_in: int
+    step_out: int
+
+    def key(self) -> str:
+        """What makes two layers time alike."""
+        parts = [repr(self.module), repr(self.norm), repr(self.act), repr(self.shapes), self.vary_in, self.vary_out,
+                 self.step_in, self.step_out, type(self.module).__name__]
+        return "|".join(str(p) for p in parts)
+
+    def grid(self) -> list[tuple[int, int]]:
+        """(cin, cout) points: :data:`GRID_FRACTIONS` of each count that varies."""
+        def counts(base: int, step: int, vary: bool) -> list[int]:
+            if not vary:
+                return [base]
+            return sorted({step * max(1, math.floor(f * base / step + 0.5)) for f in GRID_FRACTIONS})
+
+        if self.depthwise:
+            return [(c, c) for c in counts(self.cout, self.step_out, self.vary_out)]
+        return [(i, o) for i in counts(self.cin, self.step_in, self.vary_in)
+                for o in counts(self.cout, self.step_out, self.vary_out)]
+
+
+class _Bench(nn.Module):
+    """A layer block run on each of its inputs (a layer the network calls more than once runs once per call)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, xs):
+        out = None
+        for x in xs:
+            out = self.block(x)
+        return out
+
+
+def _follower(gm, node, kind: str):
+    """(user node, module) when ``node``'s only user is a normalisation layer (``kind`` "norm") or an activation
+    (``kind`` "act": a module, or a new module for an activation function or method); else (None, None)."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None, None
+    user = users[0]
+    if user.op == "call_module":
+        module = gm.get_submodule(user.target)
+        if isinstance(module, _NORMS if kind == "norm" else _ACTIVATION_MODULES):
+            return user, module
+    elif kind == "act" and user.op == "call_function" and user.target in _ACTIVATION_FUNCTIONS:
+        return user, _ACTIVATION_FUNCTIONS[user.target]()
+    elif kind == "act" and user.op == "call_method" and user.target in _ACTIVATION_METHODS:
+        return user, _ACTIVATION_METHODS[user.target]()
+    return None, None
+
+
+def _followers(gm, name: str):
+    """(norm, activation) that the graph runs right after layer ``name`` (either None)."""
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
+    after, norm = _follower(gm, node, "norm")
+    _, act = _follower(gm, after if after is not None else node, "act")
+    return norm, act
+
+
+def _input_shapes(model: nn.Module, names: list[str], resolution: int, in_channels: int) -> dict:
+    """Per layer the shape of its input at each call, from a real batch-1 forward at the resolution."""
+    shapes: dict[str, list] = {n: [] for n in names}
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, args, n=n: shapes[n].append(tuple(int(d) for d in args[0].shape))) for n in names]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(torch.randn(1, in_channels, resolution, resolution))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def layer_specs(model: nn.Module, graph, gm, table) -> list[LayerSpec]:
+    """Every conv and linear layer of ``model`` in ``graph.weight_order``, as :class:`LayerSpec`."""
+    from nps.pipeline.network.layer_table import select_groups
+
+    pruned_roots = {c.root for c in select_groups(graph, table.mode, table.channel_multiple).classes}
+    shapes = _input_shapes(model, graph.weight_order, table.resolution, table.in_channels)
+
+    def varies(segs) -> bool:
+        return any(graph.root(s.var) in pruned_roots for s in segs)
+
+    def step(segs, groups: int) -> int:
+        if len(segs) != 1:
+            return groups
+        return math.lcm(groups, graph.structural(segs[0].var)) * segs[0].spread
+
+    specs = []
+    for name in graph.weight_order:
+        layer, module = graph.weights[name], graph.modules[name]
+        norm, act = _followers(gm, name)
+        linear = layer.kind == "linear"
+        cin = module.in_features if linear else module.in_channels
+        cout = module.out_features if linear else module.out_channels
+        groups = 1 if linear else int(module.groups)
+        depthwise = layer.kind == "depthwise"
+        specs.append(LayerSpec(name, module, norm, act, shapes[name], int(cin), int(cout), groups, depthwise,
+                               varies(layer.inp), varies(layer.out), step(layer.inp, 1 if depthwise else groups),
+                               step(layer.out, 1 if depthwise else groups)))
+    return specs
+
+
+def _resized(module: nn.Module, n: int, base: int) -> nn.Module:
+    """A copy of a normalisation layer for ``n`` channels (its per-channel tensors' first ``n`` entries)."""
+    memo = {}
+    for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+        if t.dim() == 1 and t.shape[0] == base:
+            new = t.detach()[:n].clone()
+            memo[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+    copy_ = copy.deepcopy(module, memo)
+    for attr in ("num_features", "num_channels"):
+        if hasattr(copy_, attr):
+            setattr(copy_, attr, n)
+    return copy_
+
+
+def build_block(spec: LayerSpec, cin: int, cout: int) -> nn.Module:
+    """The layer at (cin, cout), then its normalisation and activation, freshly initialised."""
+    module = spec.module
+    linear = isinstance(module, nn.Linear)
+    groups = cout if spec.depthwise else spec.groups
+    if linear:
+        shape = (cout, cin)
+    else:
+        shape = (cout, cin // groups, *module.weight.shape[2:])
+    weight = torch.randn(shape) * (1.0 / math.sqrt(max(1, math.prod(shape[1:]))))
+    memo = {id(module.weight): nn.Parameter(weight, requires_grad=False)}
+    if module.bias is not None:
+        memo[id(module.bias)] = nn.Parameter(torch.zeros(cout), requires_grad=False)
+    layer = copy.deepcopy(module, memo)
+    if linear:
+        layer.in_features, layer.out_features = cin, cout
+    else:
+        layer.in_channels, layer.out_channels, layer.groups = cin, cout, groups
+    parts = [layer]
+    if spec.norm is not None:
+        parts.append(_resized(spec.norm, cout, spec.cout))
+    if spec.act is not None:
+        parts.append(copy.deepcopy(spec.act))
+    return nn.Sequential(*parts)
+
+
+def _inputs(spec: LayerSpec, cin: int, batch: int, device, channels_last: bool) -> list[torch.Tensor]:
+    xs = []
+    for shape in spec.shapes:
+        dims = list(shape)
+        dims[0] = batch
+        dims[-1 if isinstance(spec.module, nn.Linear) else 1] = cin
+        x = torch.randn(*dims, device=device)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        xs.append(x)
+    return xs
+
+
+def _least_noisy(measure: Callable[[], object]):
+    """Time up to :data:`ATTEMPTS` times while IQR/median exceeds :data:`NOISE_TARGET`; the least noisy timing."""
+    best = None
+    for _ in range(ATTEMPTS):
+        timing = measure()
+        if best is None or timing.noise < best.noise:
+            best = timing
+        if best.noise <= NOISE_TARGET:
+            break
+    return best
+
+
+def time_layer(spec: LayerSpec, cin: int, cout: int, *, batch: int, device, channels_last: bool, amp_dtype):
+    """The :class:`~nps.pipeline.results.latency.Timing` of the layer block at (cin, cout)."""
+    from nps.pipeline.deploy.latency import time_forward
+
+    bench = _Bench(build_block(spec, cin, cout)).to(device).eval()
+    if channels_last and not isinstance(spec.module, nn.Linear):
+        bench = bench.to(memory_format=torch.channels_last)
+    xs = _inputs(spec, cin, batch, device, channels_last)
+    with torch.inference_mode():
+        return _least_noisy(lambda: time_forward(bench, xs, device=device, amp_dtype=amp_dtype, **LAYER_TIMING))
+
+
+def _channels_of(model: nn.Module, names: list[str]) -> dict[str, tuple[int, int]]:
+    """(cin, cout) of every named conv or linear layer of ``model`` as it is (pruned or not)."""
+    out = {}
+    for name in names:
+        m = model.get_submodule(name)
+        out[name] = (int(m.in_features), int(m.out_features)) if isinstance(m, nn.Linear) else \
+            (int(m.in_channels), int(m.out_channels))
+    return out
+
+
+def measure_latency_model(model_name: str, resolution: int, *, num_classes: int, in_channels: int, mode: str = "all",
+                          device: str = "cpu", batch: int | None = None, threads: int | None = None,
+                          precision: str | None = None, progress: Progress | None = None) -> LatencyModel:
+    """Measure and fit the latency model of ``model_name`` (see the module docstring). ``batch``, ``threads`` and
+    ``precision`` None: :data:`DEFAULT_BATCH`, torch's current thread count, :data:`DEFAULT_PRECISION` for the
+    device. ``progress(done, total, what)`` is called before each timing."""
+    from nps.pipeline.deploy.latency import device_name
+    from nps.pipeline.network.layer_table import table_from_graph
+    from nps.pipeline.network.models import build_model
+    from nps.pipeline.network.trace import analyze
+    from nps.pipeline.training.devices import parse_device, resolve_channels_last
+
+    dev = parse_device(device)
+    batch = DEFAULT_BATCH[dev.type] if batch is None else int(batch)
+    precision = DEFAULT_PRECISION[dev.type] if precision is None else str(precision)
+    if precision not in PRECISIONS:
+        raise NpsError(f"--precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if batch < 1:
+        raise NpsError(f"--batch {batch}: use a positive batch size")
+    if threads is not None and threads < 1:
+        raise NpsError(f"--threads {threads}: use a positive thread count")
+    amp_dtype = PRECISIONS[precision]
+    nhwc = resolve_channels_last("auto", dev)
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        torch.manual_seed(0)
+        base = build_model(model_name, num_classes=num_classes, in_channels=in_channels)
+        graph, gm = analyze(base, int(resolution), in_channels)
+        table = table_from_graph(graph, model_name, mode, int(resolution), num_classes, in_channels)
+        specs = layer_specs(base, graph, gm, table)
+        n_threads = int(torch.get_num_threads())
+        networks = _calibration_networks(base, table, [s.name for s in specs])
+        grids = _time_grids(specs, batch, dev, nhwc, amp_dtype, progress, PASSES * len(networks))
+        timings = _time_networks(networks, table, batch, dev, nhwc, amp_dtype, progress,
+                                 PASSES * sum(len(p) for _, p in grids.values()))
+    finally:
+        torch.set_num_threads(saved_threads)
+    name = f"cpu: {device_name(dev).split(' (')[0]}, {n_threads} thread{'s' if n_threads != 1 else ''}" \
+        if dev.type == "cpu" else device_name(dev)
+    fits = {key: fit_layer(*np.asarray(points, dtype=np.float64).T, spec.groups, spec.depthwise)
+            for key, (spec, points) in grids.items()}
+    keys = [s.key() for s in specs]
+    model = LatencyModel(model_name, mode, int(resolution), num_classes, in_channels, dev.type, name, batch,
+                         n_threads, precision, layers=[s.name for s in specs], groups=[s.groups for s in specs],
+                         depthwise=[s.depthwise for s in specs], coef=[fits[k][0] for k in keys],
+                         fit_error=[fits[k][1] for k in keys], scale=1.0, offset=0.0, network_error=math.nan,
+                         calibration={}, base_latency_s=timings[0].median_s,
+                         grid={s.name: np.asarray(grids[k][1], dtype=np.float64) for s, k in zip(specs, keys)})
+    sums = [sum(model.layer_seconds(i, *channels[n]) for i, n in enumerate(model.layers))
+            for _, _, channels in networks]
+    measured = [t.median_s for t in timings]
+    model.scale, model.offset = fit_calibration(sums, measured)
+    predicted = [model.offset + model.scale * s for s in sums]
+    model.network_error = relative_rms(predicted, measured)
+    model.calibration = {"keep_fraction": [f for f, _, _ in networks], "measured_s": measured,
+                         "predicted_s": predicted, "iqr_over_median": [t.noise for t in timings]}
+    return model
+
+
+def _calibration_networks(base: nn.Module, table, layers: list[str]) -> list[tuple[float, nn.Module, dict]]:
+    """(keep fraction, network, its layers' (cin, cout)) of the base pruned uniformly to each of
+    :data:`CALIBRATION_KEEPS`; a fraction that prunes nothing new (a network already listed) is left out."""
+    from nps.kernels.complexity import keep_from_recipe
+    from nps.pipeline.network.prune import prune_model
+
+    out = []
+    for f in CALIBRATION_KEEPS:
+        keep = keep_from_recipe(np.full(len(table.channels), 1.0 - f), table.channels, table.granularity)
+        model = base if np.array_equal(keep, table.channels) else prune_model(base, table, keep)
+        channels = _channels_of(model, layers)
+        if all(channels != c for _, _, c in out):
+            out.append((f, model, channels))
+    return out
+
+
+def _time_networks(networks, table, batch: int, dev, nhwc: bool, amp_dtype, progress, done: int) -> list:
+    """Each network's timing as ``nps latency`` takes it (re-measured while noisier than :data:`NOISE_TARGET`), in
+    :data:`PASSES` rounds over all of them; per network the round with the least median."""
+    from nps.pipeline.deploy.latency import time_network
+
+    best = [None] * len(networks)
+    total = done + PASSES * len(networks)
+    for p in range(PASSES):
+        for i, (f, model, _) in enumerate(networks):
+            if progress is not None:
+                progress(done + p * len(networks) + i, total, f"the network pruned uniformly to {f:g} of its "
+                                                              f"channels (pass {p + 1} of {PASSES})")
+            timing = _least_noisy(lambda: time_network(model, table, batch, device=dev, channels_last=nhwc,
+                                                       amp_dtype=amp_dtype, **NETWORK_TIMING))
+            if best[i] is None or timing.median_s < best[i].median_s:
+                best[i] = timing
+    return best
+
+
+def _time_grids(specs: list[LayerSpec], batch: int, dev, nhwc: bool, amp_dtype, progress, extra: int) -> dict:
+    """Per layer configuration (:meth:`LayerSpec.key`) its spec and timed points [(cin, cout, seconds)]: every point
+    of every configuration timed in :data:`PASSES` passes, each in its own shuffled order; a point's seconds are the
+    least of its passes' medians (other work on the machine only ever adds time)."""
+    grids = {}
+    for spec in specs:
+        grids.setdefault(spec.key(), (spec, []))
+    jobs = [(key, cin, cout) for key, (spec, _) in grids.items() for cin, cout in spec.grid()]
+    seconds = np.full((PASSES, len(jobs)), np.inf)
+    rng = np.random.default_rng(0)
+    total = PASSES * len(jobs) + extra
+    for p in range(PASSES):
+        for done, j in enumerate(rng.permutation(len(jobs))):
+            key, cin, cout = jobs[j]
+            spec = grids[key][0]
+            if progress is not None:
+                progress(p * len(jobs) + done, total, f"layer {spec.name} at {cin}→{cout} channels (pass {p + 1} of "
+                                                      f"{PASSES})")
+            seconds[p, j] = time_layer(spec, cin, cout, batch=batch, device=dev, channels_last=nhwc,
+                                       amp_dtype=amp_dtype).median_s
+    for (key, cin, cout), t in zip(jobs, seconds.min(axis=0)):
+        grids[key][1].append((cin, cout, float(t)))
+    return grids

@@ -1,0 +1,264 @@
+"""A per-layer latency model of a network on one device: what it is, how it is fitted, stored and read (numpy and
+h5py only: no torch; the measuring is :mod:`nps.pipeline.deploy.latency_model`, ``nps latency-model``).
+
+Each prunable layer ``i`` (a conv or linear layer, as ``graph.weight_order`` lists them), run as the network runs
+it (the layer, then the normalisation and activation that follow it), takes
+
+    t_i(cin, cout) = a_i + b_i · cin · cout / groups_i + c_i · cout + d_i · cin        seconds, a, b, c, d >= 0
+
+(a depthwise conv, whose channels are one count C: ``a_i + c_i · C``, b = d = 0): a fixed cost (the call), the
+multiply-accumulates, and the memory traffic of its output and its input. The whole network takes
+
+    T(channels) = offset + scale · Σ_i t_i(cin_i, cout_i)
+
+where ``scale`` and ``offset`` are calibrated on whole networks (uniformly pruned copies of the base): what the
+layer timings miss or double-count (additions, pooling, the framework's per-call overhead, caches warm or cold).
+The coefficients are never negative, so ``T`` grows with every channel count: the samplers' exactness and
+monotonicity rely on it. ``cin`` and ``cout`` are the layer's own counts: a conv's input and output channels (all
+groups together), a linear layer's in and out features (a flattened feature map's channels times its positions).
+
+Fits are non-negative least squares in relative terms (each point weighted by one over its measured time, so a
+narrow layer's few microseconds count as much as the full layer's milliseconds): :func:`nnls` solves them exactly by
+enumerating the active sets (at most 2^4 small least-squares problems).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+from nps.pipeline.errors import NpsError
+
+FORMAT = "nps-latency-model"
+VERSION = 1
+CALIBRATION_KEYS = ("keep_fraction", "measured_s", "predicted_s", "iqr_over_median")
+_ATTRS = ("model", "mode", "resolution", "num_classes", "in_channels", "device", "device_name", "batch", "threads",
+          "precision", "scale", "offset", "network_error", "base_latency_s")
+_TEXT = ("model", "mode", "device", "device_name", "precision")
+_INTS = ("resolution", "num_classes", "in_channels", "batch", "threads")
+
+
+def nnls(A: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``argmin ||A x - y||`` over ``x >= 0``, exactly: the optimum is the unconstrained least-squares solution on
+    its own support (a set of independent columns), so the best of the non-negative least-squares solutions over
+    every subset of the columns is it. For the few columns of a latency fit (2^4 subsets of 4)."""
+    A = np.asarray(A, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = A.shape[1]
+    if n > 12:
+        raise ValueError(f"nnls enumerates 2^{n} column subsets; use at most 12 columns")
+    best, best_residual = np.zeros(n), float(y @ y)
+    for size in range(1, n + 1):
+        for support in itertools.combinations(range(n), size):
+            cols = list(support)
+            sol, *_ = np.linalg.lstsq(A[:, cols], y, rcond=None)
+            if np.any(sol < 0):
+                continue
+            x = np.zeros(n)
+            x[cols] = sol
+            residual = float(np.sum((A @ x - y) ** 2))
+            if residual < best_residual * (1 - 1e-12):  # strictly better: ties keep the smaller support
+                best, best_residual = x, residual
+    return best
+
+
+def layer_terms(cin, cout, groups: int, depthwise: bool) -> np.ndarray:
+    """The columns of a layer's form at (cin, cout): (1, cin·cout/groups, cout, cin); a depthwise conv's are
+    (1, 0, C, 0) with C = cout."""
+    cin = np.asarray(cin, dtype=np.float64)
+    cout = np.asarray(cout, dtype=np.float64)
+    cin, cout = np.broadcast_arrays(cin, cout)
+    one, zero = np.ones_like(cout), np.zeros_like(cout)
+    if depthwise:
+        return np.stack([one, zero, cout, zero], axis=-1)
+    return np.stack([one, cin * cout / float(groups), cout, cin], axis=-1)
+
+
+def relative_rms(predicted, measured) -> float:
+    """sqrt(mean(((predicted - measured) / measured)²))."""
+    predicted = np.asarray(predicted, dtype=np.float64)
+    measured = np.asarray(measured, dtype=np.float64)
+    return float(np.sqrt(np.mean(((predicted - measured) / measured) ** 2)))
+
+
+def fit_layer(cin, cout, seconds, groups: int, depthwise: bool) -> tuple[np.ndarray, float]:
+    """(coef a, b, c, d >= 0; relative RMS error on the points) of one layer's timing grid.
+
+    A count that does not vary on the grid (the image's channels into the stem, the classes out of the classifier,
+    the residual stream in ``internal`` mode) cannot separate its terms: the slope in the other count goes to ``b``
+    (c = d = 0) and the constant to ``a``; neither count varying leaves ``a`` alone."""
+    cin = np.asarray(cin, dtype=np.float64)
+    cout = np.asarray(cout, dtype=np.float64)
+    seconds = np.asarray(seconds, dtype=np.float64)
+    if seconds.size == 0 or np.any(~np.isfinite(seconds)) or np.any(seconds <= 0):
+        raise ValueError("a layer fit needs positive, finite timings")
+    A = layer_terms(cin, cout, groups, depthwise)
+    if depthwise:
+        columns = [0, 2] if np.ptp(cout) > 0 else [0]
+    elif np.ptp(cin) > 0 and np.ptp(cout) > 0:
+        columns = [0, 1, 2, 3]
+    elif np.ptp(cin) > 0 or np.ptp(cout) > 0:
+        columns = [0, 1]
+    else:
+        columns = [0]
+    w = 1.0 / seconds
+    coef = np.zeros(4)
+    coef[columns] = nnls(A[:, columns] * w[:, None], np.ones_like(seconds))
+    return coef, relative_rms(A @ coef, seconds)
+
+
+def fit_calibration(layer_sums, measured) -> tuple[float, float]:
+    """(scale > 0, offset >= 0) of ``measured ≈ offset + scale · layer_sums``, in relative terms. With fewer than
+    two distinct sums (nothing to prune) the offset is 0 and the scale their ratio."""
+    s = np.asarray(layer_sums, dtype=np.float64)
+    m = np.asarray(measured, dtype=np.float64)
+    if np.ptp(s) > 1e-12 * np.max(s):
+        w = 1.0 / m
+        offset, scale = nnls(np.stack([np.ones_like(s), s], axis=1) * w[:, None], np.ones_like(m))
+        if scale > 0:
+            return float(scale), float(offset)
+    w = 1.0 / m  # scale alone, relative least squares: min Σ (scale·s/m − 1)²
+    return float(np.sum(s * w) / np.sum((s * w) ** 2)), 0.0
+
+
+@dataclass
+class LatencyModel:
+    """A network's per-layer latency model on one device (see the module docstring)."""
+
+    model: str
+    mode: str
+    resolution: int
+    num_classes: int
+    in_channels: int
+    device: str  # "cpu" or "cuda"
+    device_name: str  # what the machine is: "cpu: <processor>, N threads", or the GPU's name
+    batch: int
+    threads: int
+    precision: str  # fp32, fp16 or bf16 (autocast)
+    layers: list[str]  # layer names, as graph.weight_order lists them (conv and linear layers)
+    groups: np.ndarray  # (L,) int: each layer's conv groups in the base network (1 for linear)
+    depthwise: np.ndarray  # (L,) bool
+    coef: np.ndarray  # (L, 4) float64 seconds: a, b, c, d (>= 0)
+    fit_error: np.ndarray  # (L,) relative RMS error of the fit on the layer's grid
+    scale: float
+    offset: float  # network seconds = offset + scale * sum of layer terms
+    network_error: float  # RMS relative error of the calibrated prediction on the calibration networks
+    calibration: dict  # "keep_fraction", "measured_s", "predicted_s", "iqr_over_median": lists
+    base_latency_s: float  # measured latency of the unpruned network
+    grid: dict | None = field(default=None)  # layer name -> (n, 3) float64 array: cin, cout, seconds
+
+    def __post_init__(self):
+        self.groups = np.asarray(self.groups, dtype=np.int64)
+        self.depthwise = np.asarray(self.depthwise, dtype=bool)
+        self.coef = np.asarray(self.coef, dtype=np.float64).reshape(-1, 4)
+        self.fit_error = np.asarray(self.fit_error, dtype=np.float64)
+        self.layers = [str(n) for n in self.layers]
+        if not (len(self.layers) == len(self.groups) == len(self.depthwise) == len(self.coef)
+                == len(self.fit_error)):
+            raise ValueError("a latency model needs one name, groups, depthwise flag, coef row and fit error per "
+                             "layer")
+        if np.any(self.coef < 0) or not np.all(np.isfinite(self.coef)):
+            raise ValueError("latency coefficients must be finite and non-negative")
+
+    def index(self, name: str) -> int:
+        return self.layers.index(name)
+
+    def layer_seconds(self, i: int, cin, cout):
+        """Layer ``i``'s term at (cin, cout) (no scale or offset): a float, or an array for array counts."""
+        value = layer_terms(cin, cout, int(self.groups[i]), bool(self.depthwise[i])) @ self.coef[i]
+        return float(value) if np.ndim(value) == 0 else value
+
+    def predict(self, channels: dict) -> float:
+        """Network seconds: ``offset + scale · Σ_i layer_seconds(i, *channels[name_i])``; ``channels`` names every
+        layer (its (cin, cout) in the network to predict)."""
+        missing = [n for n in self.layers if n not in channels]
+        if missing:
+            raise KeyError(f"no channel counts for {len(missing)} layer(s) of the latency model: "
+                           f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        total = sum(self.layer_seconds(i, *channels[n]) for i, n in enumerate(self.layers))
+        return float(self.offset + self.scale * total)
+
+    # -- storage ------------------------------------------------------------------------------------------------------
+
+    def write(self, group: h5py.Group) -> None:
+        """Into ``group`` (emptied of what an older model left there): attributes, per-layer arrays, the
+        calibration points and, if kept, the timing grids."""
+        for key in list(group.keys()):
+            del group[key]
+        group.attrs["format"] = FORMAT
+        group.attrs["version"] = VERSION
+        for name in _ATTRS:
+            value = getattr(self, name)
+            group.attrs[name] = str(value) if name in _TEXT else (int(value) if name in _INTS else float(value))
+        group.create_dataset("layers", data=np.array(self.layers, dtype=object), dtype=h5py.string_dtype())
+        group.create_dataset("groups", data=self.groups)
+        group.create_dataset("depthwise", data=self.depthwise.astype(np.uint8))
+        group.create_dataset("coef", data=self.coef)
+        group.create_dataset("fit_error", data=self.fit_error)
+        cal = group.create_group("calibration")
+        for key in CALIBRATION_KEYS:
+            cal.create_dataset(key, data=np.asarray(self.calibration[key], dtype=np.float64))
+        if self.grid is not None:
+            index = [np.full(len(self.grid[n]), i, dtype=np.int64) for i, n in enumerate(self.layers) if n in self.grid]
+            points = [np.asarray(self.grid[n], dtype=np.float64).reshape(-1, 3) for n in self.layers if n in self.grid]
+            g = group.create_group("grid")
+            g.create_dataset("layer", data=np.concatenate(index) if index else np.zeros(0, np.int64))
+            g.create_dataset("points", data=np.concatenate(points) if points else np.zeros((0, 3)))
+
+    @classmethod
+    def read(cls, group: h5py.Group) -> "LatencyModel":
+        """The model written into ``group``; one NpsError line naming the file and group when it holds none."""
+        where = f"{group.file.filename}:{group.name}" if group.name != "/" else group.file.filename
+        if group.attrs.get("format") != FORMAT:
+            raise NpsError(f"{where}: not an nps latency model (no format attribute {FORMAT!r}); make one with "
+                           "nps latency-model")
+        version = int(group.attrs.get("version", 0))
+        if version > VERSION:
+            raise NpsError(f"{where}: latency model format {version} is newer than this nps reads ({VERSION}); "
+                           "update nps")
+        try:
+            values = {}
+            for name in _ATTRS:
+                raw = group.attrs[name]
+                values[name] = (raw.decode() if isinstance(raw, bytes) else str(raw)) if name in _TEXT else \
+                    (int(raw) if name in _INTS else float(raw))
+            values["layers"] = [s.decode() if isinstance(s, bytes) else str(s) for s in group["layers"][()]]
+            values["groups"] = group["groups"][()]
+            values["depthwise"] = group["depthwise"][()].astype(bool)
+            values["coef"] = group["coef"][()]
+            values["fit_error"] = group["fit_error"][()]
+            values["calibration"] = {k: [float(v) for v in group["calibration"][k][()]] for k in CALIBRATION_KEYS}
+            grid = None
+            if "grid" in group:
+                index, points = group["grid"]["layer"][()], group["grid"]["points"][()]
+                grid = {values["layers"][i]: points[index == i] for i in np.unique(index)}
+            return cls(**values, grid=grid)
+        except (KeyError, ValueError, TypeError, OSError) as exc:
+            raise NpsError(f"{where}: an incomplete or damaged latency model ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); make it again with nps "
+                           "latency-model") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """A file of its own, written atomically (a reader sees the old file or the whole new one)."""
+        from nps.pipeline.files import atomic_path
+
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+            self.write(f)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LatencyModel":
+        """The model saved at ``path``; a missing, truncated or foreign file is one NpsError line naming it."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise NpsError(f"{path}: no such latency model file; make one with nps latency-model --out {path}")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NpsError(f"{path}: not a readable HDF5 file ({first}); it may be truncated: make it again with "
+                           "nps latency-model") from None
+        with f:
+            return cls.read(f)
