@@ -17,7 +17,7 @@ from nps.pipeline.errors import environment_error, user_errors
 USER_ERRORS = user_errors()
 
 # Order here is the order `nps --help` lists them.
-COMMANDS = ["convert", "sample", "run", "status", "report", "export", "latency", "table", "presets"]
+COMMANDS = ["convert", "sample", "run", "status", "report", "export", "latency", "latency-model", "table", "presets"]
 
 DESCRIPTION = """\
 nps - network pruning spaces.
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of every error, and debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"nps.pipeline.commands.{name}").register(sub)
+        importlib.import_module(f"nps.pipeline.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 

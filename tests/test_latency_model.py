@@ -372,3 +372,43 @@ def test_the_command_refuses_an_out_in_a_missing_folder_before_measuring(tmp_pat
     args = parse("--model", "resnet20", "--resolution", "28", "--out", str(tmp_path / "exists.h5"))
     with pytest.raises(NpsError, match="--force"):
         args.func(args)
+
+
+# -- the README's "Latency regimes" block, as written ------------------------------------------------------------------
+
+
+def test_the_readmes_latency_regime_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """The block's two commands, as the README writes them (short timings: the same code, fewer repeats): a model,
+    then recipes under c_latency whose predicted latency (recomputed from the stored form) meets the band."""
+    import re
+    from pathlib import Path
+
+    from nps.pipeline.cli import main
+    from nps.pipeline.deploy import latency_model as lm
+    from nps.pipeline.network.table import LayerTable
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Latency regimes"):]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    commands = [line.split() for line in block.splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["nps", "latency-model"], ["nps", "sample"]]
+    monkeypatch.setattr(lm, "PASSES", 1)
+    monkeypatch.setattr(lm, "ATTEMPTS", 1)
+    monkeypatch.setattr(lm, "LAYER_TIMING", {"warmup": 1, "runs": 3, "min_run_s": 0.0005})
+    monkeypatch.setattr(lm, "NETWORK_TIMING", {"warmup": 1, "runs": 3, "min_run_s": 0.002})
+    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.chdir(tmp_path)
+    first, second = commands
+    second[second.index("-n") + 1] = "50"  # the README's 1,000 recipes: the same code, slower
+    assert main(first[1:]) == 0
+    out = capsys.readouterr().out
+    assert "resnet20-cpu.h5" in out
+    assert main(second[1:]) == 0
+    assert "wrote latency-recipes.h5" in capsys.readouterr().out
+    value = float(second[second.index("--c-latency") + 1])
+    with h5py.File(tmp_path / "latency-recipes.h5", "r") as f:
+        table = LayerTable.from_hdf5(f["layers"])
+        keep = f[f"spaces/std-0.05@c_latency={value:g}/keep"][()]
+        assert "latency_model" in f and table.latency is not None
+    c = table.c_latency(keep)
+    assert c.shape == (50,) and np.all(np.abs(c - value) <= 0.002)

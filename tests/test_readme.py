@@ -108,7 +108,8 @@ def test_convert_as_written(capsys, tmp_path, fmnist_source):
 @pytest.mark.parametrize("index", [0, 1])
 def test_sample_examples(capsys, tmp_path, monkeypatch, index):
     examples = [c for block in sh_blocks() for c in commands_in(block) if c[:2] == ["nps", "sample"]
-                and not any(w.startswith("my_net") for w in c)]
+                and not any(w.startswith("my_net") for w in c) and "--c-flops" in c]  # --c-latency: in
+    # test_latency_model.py, after the latency-model command of its block
     assert len(examples) == 2
     words = examples[index][1:]
     words[words.index("-n") + 1] = "20"  # the README asks for 1,000: the same code, slower
@@ -127,7 +128,8 @@ def test_sample_examples(capsys, tmp_path, monkeypatch, index):
 
 
 TESTED = {"convert", "sample", "run", "status", "presets", "report", "export",
-          "latency", "table"}  # these two run as written in test_onnx.py (the README's "Latency, tables and ONNX")
+          "latency", "table",  # these two run as written in test_onnx.py (the README's "Latency, tables and ONNX")
+          "latency-model"}  # as written in test_latency_model.py (the README's "Latency regimes")
 
 
 @pytest.mark.fmnist

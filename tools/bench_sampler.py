@@ -15,8 +15,15 @@ when it finds nothing, naive_recipes_per_s is 0 and ratio is null. Both are pinn
 layer: :mod:`nps.pipeline.network.weight_table`), "mode": "weights" and the space named ``weights:<space>``;
 its defaults are std-0.05 at c_flops 0.1 and 0.25 (--spaces and --c-flops still choose), --modes is ignored.
 
+``--latency-model FILE`` (a model of --model at --resolution, nps latency-model): per space and c_flops value two
+lines, the FLOPs regime and the latency regime of the same uniform recipe (``target`` c_latency, ``value`` the
+predicted c_latency of the uniform recipe at that c_flops), each timed as above, the latency line with
+``ratio_to_flops``: its recipes/s over the FLOPs line's (the issue's bar: within 2x). No naive baseline there.
+
 usage: python tools/bench_sampler.py [--model resnet50[,mobilenet_v2,...]] [--n 300000] [--quick] [--weights]
        python tools/bench_sampler.py --weights --model resnet50,efficientnet_b0
+       python tools/bench_sampler.py --model resnet20 --resolution 28 --in-channels 1 --modes all \
+           --latency-model resnet20-cpu.h5 --spaces uniform,std-0.05,mcb-0.9-1.1 --c-flops 0.5,0.25
 """
 from __future__ import annotations
 
@@ -61,6 +68,8 @@ def main() -> None:
     ap.add_argument("--naive-proposals", type=int, default=10_000_000)
     ap.add_argument("--naive-seconds", type=float, default=20.0)
     ap.add_argument("--quick", action="store_true", help="small n and budgets (a smoke run)")
+    ap.add_argument("--in-channels", type=int, default=3)
+    ap.add_argument("--latency-model", default=None, help="also the latency regime of each line (see above)")
     args = ap.parse_args()
     if args.spaces is None:
         args.spaces = ",".join(WEIGHT_SPACES if args.weights else SPACES)
@@ -80,16 +89,38 @@ def main() -> None:
                           flush=True)
             continue
         for mode in args.modes.split(","):
-            table = build_layer_table(model, mode, args.resolution, args.classes)
+            table = build_layer_table(model, mode, args.resolution, args.classes, args.in_channels)
+            if args.latency_model:
+                from nps.pipeline.network.latency_model import LatencyModel
+                from nps.pipeline.network.layer_table import with_latency
+
+                table = with_latency(table, LatencyModel.load(args.latency_model))
             for name in args.spaces.split(","):
                 for value in map(float, args.c_flops.split(",")):
-                    print(json.dumps(measure(table, name, value, args)), flush=True)
+                    flops = measure(table, name, value, args)
+                    print(json.dumps(flops), flush=True)
+                    if args.latency_model:
+                        latency = measure(table, name, matched_latency(table, value), args, target="c_latency")
+                        if flops["recipes_per_s"]:
+                            latency["ratio_to_flops"] = round(latency["recipes_per_s"] / flops["recipes_per_s"], 3)
+                        print(json.dumps(latency), flush=True)
 
 
-def measure(table, name, value, args) -> dict:
-    line = {"bench": "sampler", "model": table.model, "mode": table.mode, "space": name, "c_flops": value,
-            "baseline": "numpy plain rejection of the same space (sample_naive), same core, same run"}
-    space = parse_space(name, "c_flops", value, R=args.R)
+def matched_latency(table, c_flops: float) -> float:
+    """The predicted c_latency of the uniform recipe at ``c_flops`` (continuous counts): the latency regime that
+    corresponds to the FLOPs one."""
+    from nps.kernels.spaces import continuous_form, uniform_ratio
+
+    u = uniform_ratio(table, "c_flops", c_flops)
+    units = (1.0 - u) * (table.channels // table.granularity)
+    return round(float(continuous_form(table.latency, units) / table.base_latency), 4)
+
+
+def measure(table, name, value, args, target: str = "c_flops") -> dict:
+    line = {"bench": "sampler", "model": table.model, "mode": table.mode, "space": name, target: value,
+            "baseline": "numpy plain rejection of the same space (sample_naive), same core, same run"
+            if target == "c_flops" else "the FLOPs-regime line before it (ratio_to_flops)"}
+    space = parse_space(name, target, value, R=args.R)
     if space.R != DEFAULT_R:
         line["R"] = space.R
     try:
@@ -108,6 +139,8 @@ def measure(table, name, value, args) -> dict:
     except SamplerError as exc:
         line["recipes_per_s"] = 0
         line["error"] = str(exc)
+    if target != "c_flops":
+        return line
     try:
         found, used, seconds = naive_rate(table, space, args)
         line["naive_recipes_per_s"] = round(found / seconds, 1)
