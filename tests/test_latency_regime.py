@@ -93,3 +93,76 @@ def test_what_a_latency_target_refuses():
         with_latency(table, fake_model("resnet20", 32))
     key = parse_space_key("std-0.05@c_latency=0.7")
     assert key is not None and (key.space, key.target, key.value) == ("std-0.05", "c_latency", 0.7)
+
+
+def latency_model_of(fake, table):
+    """A LatencyModel (the stored kind) with the fake model's coefficients."""
+    from nps.pipeline.network.latency_model import LatencyModel
+
+    L = len(fake.layers)
+    return LatencyModel(model=fake.model, mode="all", resolution=fake.resolution, num_classes=10, in_channels=1,
+                        device="cpu", device_name="cpu: test", batch=8, threads=1, precision="fp32",
+                        layers=list(fake.layers), groups=np.ones(L, dtype=np.int64), depthwise=np.zeros(L, bool),
+                        coef=fake.coef, fit_error=np.full(L, 0.05), scale=fake.scale, offset=fake.offset,
+                        network_error=0.05, calibration={"keep_fraction": [1.0], "measured_s": [1e-3],
+                                                         "predicted_s": [1e-3], "iqr_over_median": [0.01]},
+                        base_latency_s=1e-3)
+
+
+def test_the_report_sets_measured_against_predicted_latency(tmp_path, monkeypatch):
+    """A file with a latency model, a c_latency regime and a c_flops one: nps latency (its timings a stand-in that
+    returns the prediction times a known factor per row) at the model's batch, then the report's R², errors and the
+    share of the latency regime's rows within its band when measured."""
+    from nps.pipeline.cli import main
+    from nps.pipeline.deploy import latency
+    from nps.pipeline.experiment.sampling import sample_rows
+    from nps.pipeline.results.latency import Timing
+    from nps.pipeline.results.report import write_report
+    from nps.pipeline.results.store import ResultsStore
+    from nps.pipeline.row_status import Result
+
+    fake = fake_model("resnet20", 28)
+    table = with_latency(build_layer_table("resnet20", "all", 28, 10, 1), fake)
+    path = tmp_path / "results.h5"
+    config = '[experiment]\nname = "t"\n[model]\nname = "resnet20"\n[retrain]\namp = "off"\n'
+    store = ResultsStore.create(path, table, config, {"base_top1": 90.0, "base_flops": table.base_flops,
+                                                      "base_params": table.base_params},
+                                latency_model=latency_model_of(fake, table))
+    try:
+        for target, value in (("c_flops", 0.5), ("c_latency", 0.8)):
+            rows, attrs, _ = sample_rows(table, parse_space("std-0.05", target, value, delta=0.01), 6, 0)
+            store.add_space(f"std-0.05@{target}={value:g}", rows, epochs=1, attrs=attrs)
+            store.record(f"std-0.05@{target}={value:g}", range(6),
+                         [Result.done(top1=85.0, top5=99.0, loss=0.3, bn_top1=50.0, train_s=1.0)] * 6)
+    finally:
+        store.close()
+    factors = iter([1.0] + [1.0, 1.02, 0.98, 1.05, 0.95, 1.0] * 2)  # the base exact, the rows within ±5 %
+    batches = []
+
+    def stand_in(model, table_, batch, **kwargs):
+        from torch import nn
+
+        batches.append(batch)
+        channels = {n: (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)
+                    for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        t = fake.offset + fake.scale * sum(
+            a + b * channels[n][0] * channels[n][1] + c * channels[n][1] + d * channels[n][0]
+            for n, (a, b, c, d) in zip(fake.layers, fake.coef))
+        t *= next(factors)
+        return Timing(t, t * 0.995, t * 1.005, 5, 1)
+
+    monkeypatch.setattr(latency, "time_network", stand_in)
+    assert main(["latency", str(path), "--runs", "3"]) == 0  # the model's device, batch and threads by default
+    assert set(batches) == {8}
+    p = write_report(path, tmp_path / "report", n_boot=20)["latency_prediction"]
+    assert p["n"] == 12 and p["batch"] == 8 and p["device_name"] == "cpu: test"
+    assert p["base"]["measured_ms"] == pytest.approx(p["base"]["predicted_ms"], rel=1e-6)
+    errors = np.array(p["points"]["measured_ms"]) / np.array(p["points"]["predicted_ms"])
+    assert sorted(np.round(errors, 4)) == sorted([1.0, 1.02, 0.98, 1.05, 0.95, 1.0] * 2)
+    meas, pred = np.array(p["points"]["measured_ms"]), np.array(p["points"]["predicted_ms"])
+    assert p["r2"] == pytest.approx(1 - np.sum((meas - pred) ** 2) / np.sum((meas - meas.mean()) ** 2))
+    (band,) = p["regimes"]  # the c_latency regime: measured c within 0.8 ± 0.01 for the rows off by at most 1 %
+    c = np.array(p["points"]["c_measured"])[np.array(p["points"]["regime"]) == "c_latency=0.8"]
+    assert band["n"] == 6 and band["within"] == int(np.count_nonzero(np.abs(c - 0.8) <= 0.01))
+    assert 0 < band["within"] < 6
+    assert (tmp_path / "report" / "latency_prediction.png").is_file()

@@ -8,7 +8,9 @@ its own rows):
                  runs/latency-study/<net>/latency-model.h5
 2. ``toml``    - the experiment: c_flops = 0.5, and c_latency = the mean predicted c_latency of 4,000 recipes of
                  std-0.05 at c_flops 0.5 (seeded: the same model gives the same file) -> .../experiment.toml
-3. ``run``     - nps run .../experiment.toml (base to its holdout plateau, 10 rows per space, 1 epoch fine-tuning)
+3. ``run``     - nps run .../experiment.toml (base to its holdout plateau within 10 epochs, 10 rows per space of
+                 std-0.05 and std-0.1 in each regime plus its uniform baseline, 8 uniform-ratio rows from 0.1 to 0.8
+                 for a spread of widths; 1 short epoch of fine-tuning, fp32)
 4. ``latency`` - nps latency .../results.h5 (every finished row at the model's batch and threads; a timing above
                  5 % IQR/median taken again)
 5. ``report``  - nps report -> docs/study-latency/<net>/
@@ -30,7 +32,8 @@ OUT = "runs/latency-study"
 DOCS = "docs/study-latency"
 FLOPS_TARGET = 0.5
 BATCH, THREADS = 32, 1
-SPACES = ("uniform", "std-0.05", "std-0.1")
+SPACES = ("std-0.05", "std-0.1")
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # one row each: widths from the base to a fifth, for R²
 ROWS = 10
 
 EXPERIMENT = """\
@@ -54,19 +57,26 @@ name = "{net}"
 latency_model = "{model}"
 
 [base]
-epochs = 15
+epochs = 10
 batch_size = 128
 lr = 0.1
 warmup_epochs = 0.5
+amp = "off"            # fp32, the precision the latency model is measured in
 
 {spaces}
+[[spaces]]
+name = "ratios"        # every group at one ratio: a spread of widths for predicted against measured
+ratios = [{ratios}]
+n = 1
+
 [retrain]
 epochs = 1
-train_images = 4096
+train_images = 2048
 lr = 0.05
 batch_size = 128
 cohort_size = 4
 bn_images = 512
+amp = "off"
 """
 
 
@@ -101,7 +111,7 @@ def study(net: str, steps: list[str]) -> None:
         spaces = "".join(f'[[spaces]]\nname = "{s}"\n{target} = {value}\ndelta = 0.005\nn = {ROWS}\n\n'
                          for target, value in (("c_flops", FLOPS_TARGET), ("c_latency", latency)) for s in SPACES)
         text = EXPERIMENT.format(net=net, flops=FLOPS_TARGET, latency=latency, out=out, model=model, batch=BATCH,
-                                 threads=THREADS, spaces=spaces)
+                                 threads=THREADS, spaces=spaces, ratios=", ".join(map(str, RATIOS)))
         with open(toml + ".tmp", "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(toml + ".tmp", toml)
