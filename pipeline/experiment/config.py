@@ -17,8 +17,8 @@ An experiment file has these tables (every key optional; ``dump(Config())`` prin
     [two_stage]   enabled, top_k, full_epochs
     [output]      keep_weights, top_k, latency
 
-Relative paths (``experiment.out``, ``dataset.dir``, ``model.checkpoint``, ``pretrained``, ``model.latency_model``) are relative to the
-current directory, like every other path given to ``nps``.
+Relative paths (``experiment.out``, ``dataset.dir``, ``model.checkpoint``, ``pretrained``, ``model.latency_model``)
+are relative to the current directory, like every other path given to ``nps``.
 
 Resolution and complexity: ``model.resolution`` is the input size the loaders produce *and* the size FLOPs are
 counted at (0: the stored size of small images, 224 otherwise); ``in_channels`` and ``num_classes`` default to the

@@ -4,8 +4,8 @@ A results file with a latency model (``/latency_model`` and the form in ``/layer
 latency from its keep vector; ``nps latency`` measures the rows at the model's device and batch. For every row
 measured there at that batch, :func:`prediction_summary` sets the two side by side:
 
-- ``r2``: 1 − Σ(measured − predicted)² / Σ(measured − mean)² over the rows (the prediction itself, not a line fitted
-  to it: a model off by a constant factor scores below 1);
+- ``r2``: 1 − Σ(measured − predicted)² / Σ(measured − mean)² over the rows (the prediction itself, not a line
+  fitted to it: a model off by a constant factor scores below 1);
 - ``error``: the relative error (predicted − measured) / measured per row, its median and the RMS;
 - per c_latency regime, ``within``: how many of its rows, *measured*, lie within the regime's band (their measured
   latency over the base network's, from the same session, within value ± delta) - the band every row meets by

@@ -127,10 +127,10 @@ class _ResultsFile:
 
     def curves(self) -> list[dict[str, Any]]:
         """The learning curves of the networks nps trained (format 3; older files have none): one dict per network,
-        the base first, then the references by name: ``network`` (the model; a reference's training name), ``role`` (base or reference), the
-        group's attributes (``max_epochs``, ``epochs``, ``plateau_epoch``, ``stopped_by``, ``patience``,
-        ``min_delta``, ``cooldown_epochs``, ``holdout_images``, ``train_s``, ``weights_sha256``) and one list per
-        series (``train_loss``, ``val_top1``, ``holdout_top1``, ``lr``: a value per epoch trained)."""
+        the base first, then the references by name: ``network`` (the model; a reference's training name), ``role``
+        (base or reference), the group's attributes (``max_epochs``, ``epochs``, ``plateau_epoch``, ``stopped_by``,
+        ``patience``, ``min_delta``, ``cooldown_epochs``, ``holdout_images``, ``train_s``, ``weights_sha256``) and
+        one list per series (``train_loss``, ``val_top1``, ``holdout_top1``, ``lr``: a value per epoch trained)."""
         found = []
         if BASE in self._file and CURVE in self._file[BASE]:
             found.append(("base", self.model_info()[0], self._file[BASE][CURVE]))
