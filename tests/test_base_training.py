@@ -93,7 +93,7 @@ def test_curves_are_stored_per_network_and_read_back(tmp_path):
                         model="timm:x/y", top1=30.0)
     store.close()
     with open_readonly(tmp_path / "r.h5") as reader:
-        assert reader.format == FORMAT_VERSION == 3
+        assert reader.format == FORMAT_VERSION == 4
         curves = reader.curves()
         refs = reader.references()
     assert [(c["network"], c["role"]) for c in curves] == [("resnet20", "base"), ("timm:x/y", "reference")]
