@@ -32,18 +32,23 @@ def render_curves(summary: dict, out_dir: str | Path) -> dict:
 
     fig = _figure(13.0, 5.0)
     ax_top, ax_loss = fig.subplots(1, 2)
+    late: list[float] = []  # the last two thirds of every curve: where a plateau shows
     for i, c in enumerate(curves):
         color = f"C{i}"
         epochs = list(range(1, len(c["train_loss"]) + 1))
         label = f"{c['network']} ({c['role']})"
         holdout, val = _finite(c.get("holdout_top1") or []), _finite(c.get("val_top1") or [])
+        final = f", final {c['top1']:.2f}" if c.get("top1") is not None else ""
+        many = len(curves) > 3  # a legend line per network (its style said once below), not three
         if any(math.isfinite(v) for v in holdout):
-            ax_top.plot(epochs, holdout, color=color, marker="o", markersize=3, label=f"{label}: holdout")
+            ax_top.plot(epochs, holdout, color=color, marker="o", markersize=3,
+                        label=f"{label}{final}" if many else f"{label}: holdout")
         if any(math.isfinite(v) for v in val):
-            ax_top.plot(epochs, val, color=color, linestyle="--", label=f"{label}: val")
+            ax_top.plot(epochs, val, color=color, linestyle="--", label=None if many else f"{label}: val")
         if c.get("top1") is not None:
             ax_top.plot([epochs[-1]], [c["top1"]], marker="*", markersize=12, color=color, linestyle="none",
-                        label=f"{label}: final top-1 {c['top1']:.2f}")
+                        label=None if many else f"{label}: final top-1 {c['top1']:.2f}")
+        late.extend(v for v in holdout[len(holdout) // 3:] + val[len(val) // 3:] if math.isfinite(v))
         ax_loss.plot(epochs, _finite(c["train_loss"]), color=color, marker="o", markersize=3, label=label)
         plateau = int(c.get("plateau_epoch") or 0)
         for ax in (ax_top, ax_loss):
@@ -53,9 +58,15 @@ def render_curves(summary: dict, out_dir: str | Path) -> dict:
     ax_top.set_xlabel("epoch")
     ax_top.set_ylabel("top-1 (%)")
     stopped = [c for c in curves if c.get("plateau_epoch")]
-    ax_top.set_title("Top-1 after every epoch" + (" (dotted: plateau, shaded: cool-down)" if stopped else
-                                                  " (no network reached a plateau: each trained its maximum epochs)"))
-    ax_top.legend(fontsize=7, loc="best")
+    ax_top.set_title("Top-1 after every epoch" + ("\n(dotted: plateau, shaded: cool-down)" if stopped else
+                                                  "\n(no network reached a plateau: each trained its maximum epochs)"),
+                     fontsize=10)
+    if len(curves) > 3:
+        ax_top.plot([], [], color="0.4", marker="o", markersize=3, label="solid: holdout; dashed: val; star: final")
+    if late:  # the axis shows the last two thirds of training, where a plateau is told from a rise
+        lo, hi = min(late), max(late + [c["top1"] for c in curves if c.get("top1") is not None])
+        ax_top.set_ylim(lo - 0.1 * (hi - lo) - 0.2, hi + 0.1 * (hi - lo) + 0.2)
+    ax_top.legend(fontsize=7, loc="lower right")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("mean training loss of the epoch")
     ax_loss.set_title("Training loss")

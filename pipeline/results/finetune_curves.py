@@ -17,6 +17,7 @@ import numpy as np
 from nps.pipeline.results.figures import _colors, _figure
 
 FILE = "finetune_curves.png"
+UNIFORM_COLOR = "tab:orange"  # the colour the other figures give the uniform recipe
 RISING = 0.1  # pp: the plateau rule's default min_delta: a last epoch that gained more was still learning
 
 
@@ -55,15 +56,17 @@ def render_finetune_curves(summary: dict, out_dir: str | Path) -> dict:
     panels: dict[str, list[dict]] = {}
     for c in curves:
         panels.setdefault(f"{c['target']}={c['value']:g}", []).append(c)
-    colors = _colors(summary)
+    colors = _colors(summary)  # the spaces' colours of every other figure; the uniform baselines in its orange
     fig = _figure(6.0 * len(panels), 4.8)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (key, group) in zip(axes, panels.items()):
         for c in group:
             x = np.arange(len(c["median"]))
-            color = colors.get(c["space"])
+            color = colors.get(c["space"], UNIFORM_COLOR)  # baseline, weights:uniform: the uniform recipe
             last = "" if c["last_gain"] is None else f"; last epoch {c['last_gain']:+.2f} pp"
-            ax.plot(x, _nan(c["median"]), marker="o", color=color, label=f"{c['space']} (n={c['n']}{last})")
+            style = "--" if c["n"] == 1 else "-"  # one row (a baseline, a one-recipe space): no quartiles
+            ax.plot(x, _nan(c["median"]), marker="s" if c["space"].startswith("weights:") else "o", color=color,
+                    linestyle=style, label=f"{c['space']} (n={c['n']}{last})")
             if c["n"] > 1:
                 ax.fill_between(x, _nan(c["q25"]), _nan(c["q75"]), color=color, alpha=0.12)
         ax.set_xticks(range(max(len(c["median"]) for c in group)))

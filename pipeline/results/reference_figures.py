@@ -45,7 +45,7 @@ def render_references(summary: dict, out_dir: str | Path) -> dict:
         ax.set_title(f"{key}: pruned subnetworks vs reference")
         ax.set_xlabel(_DROP)
         ax.set_ylabel("F(e): fraction with drop < e")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
     ax = axes[-1]
     by_space: dict[str, list[tuple[float, float]]] = {}
@@ -62,7 +62,9 @@ def render_references(summary: dict, out_dir: str | Path) -> dict:
         lo, hi = r.get("top1_range") or (r["top1"], r["top1"])
         ax.errorbar([r["c_flops"]], [r["top1"]], yerr=[[r["top1"] - lo], [hi - r["top1"]]], marker="*",
                     markersize=14, color="black", linestyle="none", capsize=4)
-        ax.annotate(_named(r), (r["c_flops"], r["top1"]), textcoords="offset points", xytext=(6, -10), fontsize=8)
+        seeds = len(r.get("top1_values") or [])
+        ax.annotate(r["model"] + (f" ({seeds} seeds)" if seeds > 1 else ""), (r["c_flops"], r["top1"]),
+                    textcoords="offset points", xytext=(8, 4), fontsize=8)
     base = summary.get("base") or {}
     if base.get("top1") is not None:
         ax.plot([1.0], [base["top1"]], marker="D", color="0.3", linestyle="none", label="base network")
@@ -71,7 +73,8 @@ def render_references(summary: dict, out_dir: str | Path) -> dict:
         _log_axis(ax, "x")
     ax.set_xlabel("c_flops (FLOPs relative to the base network)")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title("Top-1 against FLOPs: winners and references (stars: mean over seeds, bars: their range)")
+    ax.set_title("Top-1 against FLOPs: winners and references\n(stars: mean over seeds; bars: lowest to highest)",
+                 fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3, which="both")
     path = Path(out_dir) / "references.png"
