@@ -23,10 +23,38 @@ def rows(summary: dict):
             yield ref, space, sp
 
 
+def paired_distillation(results: str, n_boot: int = 10_000) -> None:
+    """Per space fine-tuned without and with distillation (``<space>+distill=false@...`` and ``...=true@...``, the
+    same recipes row by row: checked on their keep vectors): the mean of the per-row top-1 differences with a
+    bootstrap interval over the rows, and how many rows gained."""
+    import numpy as np
+
+    from nps.pipeline.results.reader import DONE, open_readonly
+
+    print("\nDistillation, paired (the same recipe without and with it; top-1 with − without, pp):\n")
+    print("| space | regime | pairs | mean difference [95 % CI] | rows that gained |")
+    print("| --- | --- | --- | --- | --- |")
+    with open_readonly(results) as reader:
+        for off in sorted(k for k in reader.spaces() if "+distill=false@" in k):
+            on = off.replace("+distill=false@", "+distill=true@")
+            a, b = (reader.read(k, ["status", "top1", "keep"]) for k in (off, on))
+            assert np.array_equal(a["keep"], b["keep"]), f"{off} and {on} hold different recipes"
+            ok = (a["status"] == DONE) & (b["status"] == DONE)
+            d = b["top1"][ok].astype(np.float64) - a["top1"][ok].astype(np.float64)
+            rng = np.random.default_rng(0)
+            boot = d[rng.integers(0, d.size, (n_boot, d.size))].mean(axis=1)
+            lo, hi = np.percentile(boot, [2.5, 97.5])
+            space, regime = off.split("@")
+            print(f"| {space.replace('+distill=false', '')} | {regime} | {d.size} | {d.mean():+.2f} "
+                  f"[{lo:+.2f}, {hi:+.2f}] | {int(np.count_nonzero(d > 0))} of {d.size} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("summary")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--results", help="the run's results.h5: adds the paired effect of distillation (the same "
+                                      "recipes fine-tuned without and with it, row by row)")
     args = ap.parse_args()
     with open(args.summary, encoding="utf-8") as fh:
         summary = json.load(fh)
@@ -52,6 +80,8 @@ def main() -> None:
         print(f"| {space} | {sp['n']} | {mean_top1:.2f} | {sp['mean_drop']:.2f} {_ci(sp['mean_drop_ci'], '.2f')} "
               f"| {sp['gain']:+.2f} {_ci(sp['gain_ci'])} | {sp['best_gain']:+.2f} | {sp['beats']['wins']} of "
               f"{sp['n']} |")
+    if args.results and not args.json:
+        paired_distillation(args.results)
     curves = summary.get("finetune_curves") or []
     if curves and not args.json:
         print("\nFine-tuning curves (median val top-1 after adaptive BN and each epoch; last epoch's median gain):\n")

@@ -56,7 +56,7 @@ def prediction_summary(reader, table, pops) -> dict | None:
         predicted = table.latency(keep // table.granularity) * LATENCY_UNIT
         median = np.asarray([float(measured["median_s"][i]) for _, i in rows])
         c_measured = median / base_measured  # one session's base: the stored speed-up's reciprocal
-        key = regime_key(pop.target, pop.value)
+        key = regime_key(pop.target, pop.value) if math.isfinite(pop.value) else pop.space  # ratios: no target
         points["group"] += [pop.group] * len(rows)
         points["space"] += [pop.space] * len(rows)
         points["regime"] += [key] * len(rows)
@@ -99,8 +99,11 @@ def render_prediction(summary: dict, out_dir: str | Path) -> dict:
         sel = [j for j, r in enumerate(pts["regime"]) if r == regime]
         ax.scatter([pts["predicted_ms"][j] for j in sel], [pts["measured_ms"][j] for j in sel], s=18, color=f"C{i}",
                    label=f"{regime} ({len(sel)} rows)")
+    base = p["base"]
+    ax.plot([base["predicted_ms"]], [base["measured_ms"]], marker="D", color="0.2", linestyle="none",
+            label="the base network")
     lo = min(min(pts["predicted_ms"]), min(pts["measured_ms"]))
-    hi = max(max(pts["predicted_ms"]), max(pts["measured_ms"]))
+    hi = max(max(pts["predicted_ms"]), max(pts["measured_ms"]), base["predicted_ms"], base["measured_ms"])
     ax.plot([lo, hi], [lo, hi], color="0.4", linestyle="--", linewidth=1, label="measured = predicted")
     r2 = "n/a" if p["r2"] is None else f"{p['r2']:.3f}"
     ax.set_title(f"Latency on {p['device']} at batch {p['batch']}, {p['threads']} thread(s): R² {r2}, "
