@@ -177,6 +177,37 @@ def test_a_real_training_stops_at_its_holdout_plateau(fmnist_dir):
     assert at_plateau > 0.3 * peak and curve.lr[-1] < 0.1 * at_plateau  # stopped mid-cosine, ended near 0
 
 
+@pytest.mark.fmnist
+def test_the_holdout_can_be_scored_after_bn_reestimation_without_touching_the_network(fmnist_dir):
+    """base.holdout_bn_images: the plateau rule's holdout top-1 is that of a copy whose BN statistics are
+    re-estimated on training images, which equals precise BN applied to the epoch's network; the network trained on
+    keeps its own running statistics (the same weights and buffers as a training scored the plain way)."""
+    import copy
+
+    from nps.pipeline.network.models import build_model
+    from nps.pipeline.training.evaluation import adaptive_bn_many, evaluate
+    from nps.pipeline.training.network_training import NetworkTraining, train_to_plateau, weights_digest
+    from nps.pipeline.training.spec import RetrainSpec
+
+    train, holdout, val = tiny_loaders(fmnist_dir(600), 100)
+    rule = PlateauRule(patience=0, min_delta=0.1, cooldown_epochs=0, max_epochs=2, warmup_epochs=0.5)
+    spec = RetrainSpec(method="rewind", epochs=2, rewind_lr=0.1, warmup_epochs=0.5)
+    runs = {}
+    for bn_images in (0, 64):
+        plan = NetworkTraining("own_models:tiny_cnn", spec, rule, 100, "off", "test", holdout_bn_images=bn_images)
+        torch.manual_seed(0)
+        runs[bn_images] = train_to_plateau(build_model("own_models:tiny_cnn", num_classes=10, in_channels=1), train,
+                                           holdout, val, plan, "cpu")
+    (plain, plain_curve), (bn, bn_curve) = runs[0], runs[64]
+    assert weights_digest(plain.model) == weights_digest(bn.model)  # the trained network: untouched
+    assert plain_curve.val_top1 == bn_curve.val_top1
+    assert plain_curve.holdout_top1[-1] == evaluate(plain.model, holdout, "cpu")[0]
+    again = copy.deepcopy(bn.model)
+    train.set_epoch(0)
+    adaptive_bn_many([again], train, "cpu", num_images=64)
+    assert bn_curve.holdout_top1[-1] == evaluate(again, holdout, "cpu")[0]
+
+
 def dropout_cnn() -> torch.nn.Module:
     """A tiny CNN whose dropout draws from torch's generator every training step."""
     torch.manual_seed(0)

@@ -93,6 +93,8 @@ def _check_base(m, b) -> None:
     _need(b.holdout_images == "auto" or (isinstance(b.holdout_images, int) and b.holdout_images >= 0),
           "base.holdout_images", f"use 'auto' or a number >= 0, got {b.holdout_images!r}")
     _need(b.patience >= 0, "base.patience", f"must be >= 0 (0: no plateau rule), got {b.patience}")
+    _need(b.holdout_bn_images >= 0, "base.holdout_bn_images", f"use 0 (off) or a number of images, got "
+          f"{b.holdout_bn_images}")
     _need(not (b.patience and b.holdout_images == 0), "base.patience",
           "the plateau rule scores a holdout of the training set: set base.holdout_images (or patience = 0)")
     _need(b.min_delta >= 0, "base.min_delta", f"must be >= 0, got {b.min_delta}")

@@ -130,6 +130,9 @@ class BaseConfig:
     patience: int = _f(5, "plateau rule: stop when the best holdout top-1 of the last `patience` epochs is not "
                           "above the best before them by more than min_delta (0: train every epoch)")
     min_delta: float = _f(0.1, "plateau rule: holdout top-1 percentage points that count as progress")
+    holdout_bn_images: int = _f(0, "plateau rule: score the holdout after re-estimating BN statistics on this many "
+                                   "training images (a copy of the network; 0: with its running statistics). For "
+                                   "networks whose eval-mode accuracy swings between epochs (FBNetV3 at 28 px)")
     cooldown_epochs: int = _f(2, "after a plateau, epochs of learning rate decaying linearly to 0, then stop; the "
                                  "last weights are kept")
 

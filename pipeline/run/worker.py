@@ -291,7 +291,7 @@ class Worker:
                 "data": [d.train_images, d.val_images, d.augment, s.fingerprint], "shape": [s.resolution,
                                                                                           s.in_channels, s.num_classes]}
         fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
-        return NetworkTraining(name, spec, rule, holdout_images, b.amp, fingerprint)
+        return NetworkTraining(name, spec, rule, holdout_images, b.amp, fingerprint, b.holdout_bn_images)
 
     def train_network(self, name: str, epochs: int, task_id: int, resume: BaseWeights | None = None,
                       replica: int = 0):
