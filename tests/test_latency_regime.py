@@ -166,3 +166,19 @@ def test_the_report_sets_measured_against_predicted_latency(tmp_path, monkeypatc
     assert band["n"] == 6 and band["within"] == int(np.count_nonzero(np.abs(c - 0.8) <= 0.01))
     assert 0 < band["within"] < 6
     assert (tmp_path / "report" / "latency_prediction.png").is_file()
+
+
+def test_a_latency_target_without_a_model_is_one_line(tmp_path, capsys):
+    from nps.pipeline.cli import main
+
+    out = tmp_path / "r.h5"
+    code = main(["sample", "--model", "resnet20", "--resolution", "28", "--in-channels", "1", "--space", "std-0.05",
+                 "--c-latency", "0.6", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not out.exists()
+    assert err[0].startswith("nps sample: error: --c-latency needs --latency-model FILE: measure one with nps "
+                             "latency-model --model resnet20 --resolution 28")
+    code = main(["sample", "--model", "resnet20", "--resolution", "28", "--space", "std-0.05", "--c-latency", "0.6",
+                 "--latency-model", str(tmp_path / "missing.h5"), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "missing.h5" in err[0] and not out.exists()
