@@ -295,3 +295,29 @@ def test_dump_writes_strings_and_numbers_that_load_back_exactly():
 
     text = toml_lines({"model": 'x"y\\z', "c_flops": [0.1, 0.25], "n": 3, "seed": None})
     assert tomllib.loads(text) == {"model": 'x"y\\z', "c_flops": [0.1, 0.25], "n": 3}
+
+
+@needs_fmnist
+def test_a_latency_space_needs_the_latency_model_of_its_network(data_dir, tmp_path):
+    """[[spaces]] c_latency without model.latency_model, or with a model of another resolution, is one line naming
+    the key; with a model of this network the plan's table carries its form and the plan its model."""
+    from test_latency_regime import fake_model, latency_model_of
+
+    from nps.pipeline.network.layer_table import build_layer_table
+
+    space = '[[spaces]]\nname = "std-0.05"\nc_latency = 0.8\nn = 4\n'
+    message = error_of(validate, parse_config(tiny_toml(data_dir, tmp_path / "run", spaces=space)))
+    assert message.startswith("spaces[0].c_latency: needs model.latency_model: measure one with nps latency-model")
+    for resolution, ok in ((32, False), (28, True)):
+        fake = fake_model("resnet20", resolution)
+        path = tmp_path / f"model{resolution}.h5"
+        latency_model_of(fake, build_layer_table("resnet20", "all", 28, 10, 1)).save(path)
+        text = tiny_toml(data_dir, tmp_path / f"run{resolution}", spaces=space).replace(
+            'name = "resnet20"\n', f'name = "resnet20"\nlatency_model = "{path}"\n')
+        if not ok:
+            message = error_of(validate, parse_config(text))
+            assert message.startswith("model.latency_model: the latency model is of resolution 32")
+            continue
+        plan = validate(parse_config(text))
+        assert plan.table.latency is not None and plan.latency_model.batch == 8
+        assert [(p.target, p.value) for p in plan.spaces if p.kind == "sampled"] == [("c_latency", 0.8)]
