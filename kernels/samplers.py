@@ -228,15 +228,15 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
 
 def _mcb_filter(table, space, rows, start, got, counts) -> int:
     """Keep, in order, the rows ``start .. start + got`` whose mCB lies in the space's band (moved up to
-    ``start``); returns how many are left. For latency targets, where the kernel cannot check the band."""
+    ``start``); returns how many are left. For latency targets, where the kernel cannot check the band: its other
+    form is FLOPs there (``target_form``), so only params are evaluated here."""
     if not got:
         return 0
-    keep = rows.keep[start:start + got]
-    mcb = (table.flops(keep) / table.base_flops) / (table.params(keep) / table.base_params)
+    flops, keep = rows.other[start:start + got], rows.keep[start:start + got]
+    mcb = (flops / table.base_flops) / (table.params(keep) / table.base_params)
     ok = np.flatnonzero((mcb >= space.mcb_band[0]) & (mcb <= space.mcb_band[1]))
-    for arr in rows:
-        if arr.shape[0] == rows.recipe.shape[0]:  # (the hash has one entry when unused)
-            arr[start:start + ok.size] = arr[start + ok]
+    for arr in rows:  # (_sample_with's rows are always hashed: every array has a row per recipe)
+        arr[start:start + ok.size] = arr[start + ok]
     counts[gk.REASON_MCB] += got - ok.size
     return int(ok.size)
 
@@ -291,9 +291,10 @@ def _sample_with(run, request: _Request, zmax):
     t_rate = None  # the rate is measured from the end of the first chunk on (that one includes numba's compile)
     rate_from = 0
     chunk = 4096
+    mcb_after_kernel = space.target == LATENCY and space.mcb_band is not None  # (sample_space: not in the kernel)
     while filled < n:
         got, used, z = run(zmax, state, rows, gk.Job(n - filled, chunk, filled, request.distinct), counts)
-        if space.target == LATENCY and space.mcb_band:
+        if mcb_after_kernel:
             got = _mcb_filter(table, space, rows, filled, got, counts)
         filled += got
         proposals += used
@@ -365,6 +366,7 @@ def sample_naive(table, space: Space, n: int, seed: int = 0, *, max_proposals: i
     channels = np.asarray(table.channels)
     G = len(channels)
     u = uniform_ratio(table, space.target, space.value) if space.kind != "uniform" else 0.0
+    (tform, tbase), _ = target_form(table, space.target)
     kept_r = []
     total = 0
     used = 0
@@ -383,9 +385,7 @@ def sample_naive(table, space: Space, n: int, seed: int = 0, *, max_proposals: i
         keep = keep_from_recipe(r, channels)
         f = table.flops(keep)
         p = table.params(keep)
-        c = (f / table.base_flops) if space.target == "c_flops" else (p / table.base_params)
-        if space.target == LATENCY:
-            c = table.latency(keep) / table.base_latency
+        c = tform(keep) / tbase
         ok = np.abs(c - space.value) <= space.delta
         if space.mcb_band:
             mcb = (f / table.base_flops) / (p / table.base_params)

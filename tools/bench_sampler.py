@@ -89,12 +89,13 @@ def main() -> None:
                           flush=True)
             continue
         for mode in args.modes.split(","):
-            table = build_layer_table(model, mode, args.resolution, args.classes, args.in_channels)
+            latency_model = None
             if args.latency_model:
                 from nps.pipeline.network.latency_model import LatencyModel
-                from nps.pipeline.network.layer_table import with_latency
 
-                table = with_latency(table, LatencyModel.load(args.latency_model))
+                latency_model = LatencyModel.load(args.latency_model)
+            table = build_layer_table(model, mode, args.resolution, args.classes, args.in_channels,
+                                      latency_model=latency_model)
             for name in args.spaces.split(","):
                 for value in map(float, args.c_flops.split(",")):
                     flops = measure(table, name, value, args)

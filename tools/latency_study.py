@@ -85,10 +85,9 @@ def matched_latency(net: str, model_path: str) -> float:
     from nps.kernels.samplers import sample_space
     from nps.kernels.spaces import parse_space
     from nps.pipeline.network.latency_model import LatencyModel
-    from nps.pipeline.network.layer_table import build_layer_table, with_latency
+    from nps.pipeline.network.layer_table import build_layer_table
 
-    model = LatencyModel.load(model_path)
-    table = with_latency(build_layer_table(net, "all", 28, 10, 1), model)
+    table = build_layer_table(net, "all", 28, 10, 1, latency_model=LatencyModel.load(model_path))
     sample = sample_space(table, parse_space("std-0.05", "c_flops", FLOPS_TARGET), 4000, seed=0)
     return round(float(sample.c_latency.mean()), 4)
 

@@ -30,14 +30,12 @@ def space_costs(log_path: str) -> dict[str, dict]:
     """Per space: rows, cohorts and the wall seconds of its cohorts (dispatch to last result), from log.jsonl. A
     cohort dispatched again after a stop counts from its last dispatch."""
     events = [json.loads(line) for line in open(log_path, encoding="utf-8") if line.strip()]
-    open_cohorts: dict[tuple, float] = {}  # (space, row) -> dispatch time of the cohort holding it
     cohort_of: dict[tuple, tuple] = {}
     finished: dict[tuple, float] = {}  # cohort id -> time of its last result so far
     for e in events:
         if e["event"] == "dispatch":
             cohort = (e["space"], tuple(e["rows"]), e["t"])
             for row in e["rows"]:
-                open_cohorts[(e["space"], row)] = e["t"]
                 cohort_of[(e["space"], row)] = cohort
         elif e["event"] in ("done", "failed") and (e.get("space"), e.get("row")) in cohort_of:
             cohort = cohort_of[(e["space"], e["row"])]

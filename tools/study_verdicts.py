@@ -30,6 +30,7 @@ def paired_distillation(results: str, n_boot: int = 10_000) -> None:
     import numpy as np
 
     from nps.pipeline.results.reader import DONE, open_readonly
+    from nps.pipeline.results.stats import bootstrap_weights
 
     print("\nDistillation, paired (the same recipe without and with it; top-1 with − without, pp):\n")
     print("| space | regime | pairs | mean difference [95 % CI] | rows that gained |")
@@ -42,7 +43,7 @@ def paired_distillation(results: str, n_boot: int = 10_000) -> None:
             ok = (a["status"] == DONE) & (b["status"] == DONE)
             d = b["top1"][ok].astype(np.float64) - a["top1"][ok].astype(np.float64)
             rng = np.random.default_rng(0)
-            boot = d[rng.integers(0, d.size, (n_boot, d.size))].mean(axis=1)
+            boot = bootstrap_weights(d.size, n_boot, rng) @ d / d.size
             lo, hi = np.percentile(boot, [2.5, 97.5])
             space, regime = off.split("@")
             print(f"| {space.replace('+distill=false', '')} | {regime} | {d.size} | {d.mean():+.2f} "

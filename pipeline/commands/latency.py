@@ -83,7 +83,7 @@ def run(args) -> int:
                 what = "the base network" if target.row < 0 else f"{target.space} row {target.row}"
                 spinner.update(f"timing {what} ({i + 1}/{n})")
 
-        options = TimingOptions.given(batches=batches, threads=args.threads, warmup=args.warmup, runs=args.runs)
+        options = TimingOptions(batches=batches, threads=args.threads, warmup=args.warmup, runs=args.runs)
         session = measure_results(args.results, spaces=args.space, device=args.device, options=options,
                                   all_rows=args.all_rows, only_missing=args.missing, progress=progress)
     if not session["records"]:

@@ -98,14 +98,13 @@ def run(args) -> int:
 def _sample(args, console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from nps.kernels.spaces import parse_space
+    from nps.kernels.spaces import TARGETS, parse_space
     from nps.pipeline.experiment.sampling import check_recipes_fit, sample_rows
     from nps.pipeline.network.layer_table import build_layer_table
     from nps.pipeline.files import atomic_path
     from nps.pipeline.results.store import ResultsStore
 
-    target, value = next((t, v) for t, v in (("c_flops", args.c_flops), ("c_params", args.c_params),
-                                             ("c_latency", args.c_latency)) if v is not None)
+    target, value = next((t, getattr(args, t)) for t in TARGETS if getattr(args, t) is not None)
     if target == "c_latency" and not args.latency_model:
         raise NpsError("--c-latency needs --latency-model FILE: measure one with nps latency-model --model "
                        f"{args.model} --resolution {args.resolution} --out FILE")
@@ -115,11 +114,7 @@ def _sample(args, console) -> int:
 
         latency_model = LatencyModel.load(args.latency_model)
     table = build_layer_table(args.model, args.mode, args.resolution, args.classes, args.in_channels,
-                              flops=args.flops, channel_multiple=args.channel_multiple)
-    if latency_model is not None:
-        from nps.pipeline.network.layer_table import with_latency
-
-        table = with_latency(table, latency_model)
+                              flops=args.flops, channel_multiple=args.channel_multiple, latency_model=latency_model)
     spaces = [parse_space(name, target, value, delta=args.delta, R=args.R) for name in args.space]
     if len({s.regime for s in spaces}) != len(spaces):
         raise NpsError("--space: each space may be given once")

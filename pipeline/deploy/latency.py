@@ -158,11 +158,6 @@ class TimingOptions:
     retry_above: float | None = None  # a timing noisier than this (IQR / median) is taken again ...
     retries: int | None = None        # ... at most this many times, the least noisy kept
 
-    @classmethod
-    def given(cls, **values) -> "TimingOptions":
-        return cls(**{k: (tuple(int(b) for b in v) if k == "batches" and v is not None else v)
-                      for k, v in values.items()})
-
     def resolved(self, device_type: str) -> "TimingOptions":
         """Every value set: the defaults filled in (for ``device_type``'s threads)."""
         cpu_threads = DEFAULT_CPU_THREADS if device_type == "cpu" else 0

@@ -238,15 +238,11 @@ def _inputs(spec: LayerSpec, cin: int, batch: int, device, channels_last: bool) 
 
 
 def _least_noisy(measure: Callable[[], object]):
-    """Time up to :data:`ATTEMPTS` times while IQR/median exceeds :data:`NOISE_TARGET`; the least noisy timing."""
-    best = None
-    for _ in range(ATTEMPTS):
-        timing = measure()
-        if best is None or timing.noise < best.noise:
-            best = timing
-        if best.noise <= NOISE_TARGET:
-            break
-    return best
+    """Time up to :data:`ATTEMPTS` times while IQR/median exceeds :data:`NOISE_TARGET`; the least noisy timing
+    (``nps latency``'s rule, :func:`~nps.pipeline.deploy.latency.timed_quietly`)."""
+    from nps.pipeline.deploy.latency import timed_quietly
+
+    return timed_quietly(measure, NOISE_TARGET, ATTEMPTS - 1)[0]
 
 
 def time_layer(spec: LayerSpec, cin: int, cout: int, *, batch: int, device, channels_last: bool, amp_dtype):

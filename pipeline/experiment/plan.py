@@ -113,10 +113,7 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
                                   channel_multiple=m.channel_multiple)
     except NpsError as exc:
         raise NpsError(f"model.name: {m.name}: {exc}") from None
-    latency_model = _latency_model(m, table)
-    if latency_model is not None:
-        table = latency_model[1]
-        latency_model = latency_model[0]
+    latency_model, table = _latency_model(m, table)
 
     spaces = expand_spaces(cfg)
     for p in spaces:
@@ -158,10 +155,10 @@ def validate(cfg: Config, devices: list[str] | None = None) -> Plan:
 
 
 def _latency_model(m, table):
-    """(LatencyModel, the table with its form) of ``model.latency_model``, or None when it names none; one NpsError
-    line naming the key when the file cannot be read or is of another network."""
+    """(LatencyModel, the table with its form) of ``model.latency_model``, or (None, the table) when it names none;
+    one NpsError line naming the key when the file cannot be read or is of another network."""
     if not m.latency_model:
-        return None
+        return None, table
     from nps.pipeline.network.latency_model import LatencyModel
     from nps.pipeline.network.layer_table import with_latency
 

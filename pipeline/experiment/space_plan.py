@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from nps.kernels.spaces import RATIOS
+from nps.kernels.spaces import RATIOS, TARGETS
 from nps.pipeline.errors import NpsError
 from nps.pipeline.network.pruning_kind import WEIGHTS
 from nps.pipeline.training.spec import SpaceSpec
@@ -189,7 +189,7 @@ def check(cfg) -> list[PlannedSpace]:
                  "set n = 1, or use criterion random or method scratch, whose rows differ by their seed")
             continue
         need(not s.ratios, f"{key}.ratios", f"only a space named {RATIOS!r} takes ratios")
-        given = [t for t in ("c_flops", "c_params", "c_latency") if getattr(s, t)]
+        given = [t for t in TARGETS if getattr(s, t)]
         need(len(given) == 1, f"{key}.{given[0] if given else 'c_flops'}",
              f"give exactly one of c_flops, c_params and c_latency (got {' and '.join(given)})" if given
              else "give c_flops, c_params or c_latency")
@@ -225,4 +225,4 @@ def check(cfg) -> list[PlannedSpace]:
 
 def _target(space) -> str:
     """The one target a ``[[spaces]]`` entry gives (checked before: exactly one)."""
-    return next(t for t in ("c_flops", "c_params", "c_latency") if getattr(space, t))
+    return next(t for t in TARGETS if getattr(space, t))

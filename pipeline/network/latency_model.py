@@ -163,9 +163,6 @@ class LatencyModel:
         if np.any(self.coef < 0) or not np.all(np.isfinite(self.coef)):
             raise ValueError("latency coefficients must be finite and non-negative")
 
-    def index(self, name: str) -> int:
-        return self.layers.index(name)
-
     def layer_seconds(self, i: int, cin, cout):
         """Layer ``i``'s term at (cin, cout) (no scale or offset): a float, or an array for array counts."""
         value = layer_terms(cin, cout, int(self.groups[i]), bool(self.depthwise[i])) @ self.coef[i]

@@ -93,15 +93,18 @@ def select_groups(graph: ChannelGraph, mode: str, channel_multiple: int = 1) -> 
 
 
 class _FormBuilder:
-    """Accumulates ``coef · A · B / divisor`` for linear combinations A, B of unit counts (exact integers)."""
+    """Accumulates ``coef · A · B / divisor`` for linear combinations A, B of unit counts: exact integers (FLOPs,
+    params), or with ``exact=False`` real coefficients rounded to whole units once, in :meth:`form` (latency)."""
 
-    def __init__(self, groups: int):
+    def __init__(self, groups: int, exact: bool = True):
+        self.exact = exact
         self.const = 0
         self.linear = [0] * groups
         self.pairs: dict[tuple[int, int], int] = {}
 
-    @staticmethod
-    def _div(value: int, divisor: int) -> int:
+    def _div(self, value, divisor: int):
+        if not self.exact:
+            return value / divisor if divisor != 1 else value
         if value % divisor:  # pragma: no cover - the granularity makes every term divisible
             raise AssertionError(f"form term {value} is not divisible by {divisor}")
         return value // divisor
@@ -120,6 +123,9 @@ class _FormBuilder:
                 self.pairs[key] = self.pairs.get(key, 0) + self._div(coef * wa * wb, divisor)
 
     def form(self) -> QuadraticForm:
+        if not self.exact:  # whole units, round half to even (Python's round, numpy's rint)
+            self.const, self.linear = round(self.const), [round(v) for v in self.linear]
+            self.pairs = {k: round(w) for k, w in self.pairs.items()}
         keys = sorted(k for k, w in self.pairs.items() if w)
         return QuadraticForm(self.const, np.array(self.linear, dtype=np.int64),
                              np.array([a for a, _ in keys], dtype=np.int64),
@@ -215,45 +221,25 @@ def latency_form(graph: ChannelGraph, selection: GroupSelection, model) -> Quadr
     if missing:
         raise NpsError(f"the latency model of {model.model} has no timing of layer {missing[0]!r} "
                        f"({len(missing)} missing): measure it again with nps latency-model for this network")
-    n = len(selection.classes)
-    const, linear, pairs = model.offset / LATENCY_UNIT, np.zeros(n), {}
-
-    def add(coef: float, a: tuple[int, dict], b: tuple[int, dict] | None = None) -> None:
-        nonlocal const
-        ca, la = a
-        cb, lb = b if b is not None else (1, {})
-        const += coef * ca * cb
-        for i, w in la.items():
-            linear[i] += coef * w * cb
-        for j, w in lb.items():
-            linear[j] += coef * ca * w
-        for i, wa in la.items():
-            for j, wb in lb.items():
-                key = (min(i, j), max(i, j))
-                pairs[key] = pairs.get(key, 0.0) + coef * wa * wb
-
+    form = _FormBuilder(len(selection.classes), exact=False)
+    form.const = model.offset / LATENCY_UNIT
     for name in graph.weight_order:
         layer, i = graph.weights[name], index[name]
         a, b, c, d = (float(x) * model.scale / LATENCY_UNIT for x in model.coef[i])
         inp, out = combo(layer.inp), combo(layer.out)
-        const += a
+        form.const += a
         if layer.kind == "depthwise":
-            add(c, out)
+            form.add(c, out)
             continue
-        add(b / layer.groups, inp, out)
-        add(c, out)
-        add(d, inp)
-    keys = sorted(k for k, w in pairs.items() if round(w))
-    return QuadraticForm(int(round(const)), np.rint(linear).astype(np.int64),
-                         np.array([k[0] for k in keys], dtype=np.int64), np.array([k[1] for k in keys], dtype=np.int64),
-                         np.array([round(pairs[k]) for k in keys], dtype=np.int64))
+        form.add(b / layer.groups, inp, out)
+        form.add(c, out)
+        form.add(d, inp)
+    return form.form()
 
 
-def with_latency(table: LayerTable, model) -> LayerTable:
-    """``table`` with the latency form of ``model`` (a LatencyModel of the same network, resolution, classes and
-    input channels; one NpsError line otherwise) and the base network's predicted latency."""
-    import dataclasses
-
+def check_latency_model(table: LayerTable, model) -> None:
+    """One NpsError line unless ``model`` (a LatencyModel) prices ``table``: the same network, resolution, classes
+    and input channels, and filter pruning."""
     what = [("model", table.model, model.model), ("resolution", table.resolution, model.resolution),
             ("num_classes", table.num_classes, model.num_classes), ("in_channels", table.in_channels,
                                                                     model.in_channels)]
@@ -263,11 +249,23 @@ def with_latency(table: LayerTable, model) -> LayerTable:
                            f"it with nps latency-model --model {table.model} --resolution {table.resolution}")
     if table.mode == "weights":
         raise NpsError("a latency model prices filter pruning (weight pruning keeps every dense shape)")
-    net = build_model(table.model, num_classes=table.num_classes, in_channels=table.in_channels, device="meta")
-    graph, _ = analyze(net, int(table.resolution), table.in_channels)
-    selection = select_groups(graph, table.mode, table.channel_multiple)
+
+
+def _with_form(table: LayerTable, graph: ChannelGraph, selection: GroupSelection, model) -> LayerTable:
+    import dataclasses
+
     form = latency_form(graph, selection, model)
     return dataclasses.replace(table, latency=form, base_latency=int(form(table.units)))
+
+
+def with_latency(table: LayerTable, model) -> LayerTable:
+    """``table`` with the latency form of ``model`` (:func:`check_latency_model`) and the base network's predicted
+    latency, for a table already built (tracing the network again); :func:`build_layer_table` takes the model
+    directly and traces once."""
+    check_latency_model(table, model)
+    net = build_model(table.model, num_classes=table.num_classes, in_channels=table.in_channels, device="meta")
+    graph, _ = analyze(net, int(table.resolution), table.in_channels)
+    return _with_form(table, graph, select_groups(graph, table.mode, table.channel_multiple), model)
 
 
 def _check_options(mode: str, flops: str, channel_multiple: int) -> None:
@@ -281,8 +279,10 @@ def _check_options(mode: str, flops: str, channel_multiple: int) -> None:
 
 
 def table_from_graph(graph: ChannelGraph, model_name: str, mode: str, resolution: int, num_classes: int,
-                     in_channels: int, *, flops: str = "macs", channel_multiple: int = 1) -> LayerTable:
-    """The layer table of an analysed model (see :func:`nps.pipeline.network.trace.analyze`)."""
+                     in_channels: int, *, flops: str = "macs", channel_multiple: int = 1,
+                     latency_model=None) -> LayerTable:
+    """The layer table of an analysed model (see :func:`nps.pipeline.network.trace.analyze`), with the latency form
+    of ``latency_model`` when given (:func:`check_latency_model`)."""
     _check_options(mode, flops, channel_multiple)
     selection = select_groups(graph, mode, channel_multiple)
     flops_form, params_form = _complexity_forms(graph, selection, flops)
@@ -293,26 +293,31 @@ def table_from_graph(graph: ChannelGraph, model_name: str, mode: str, resolution
     total = sum(p.numel() for p in graph.model.parameters())
     if base_params != total:  # pragma: no cover - every parameter is either per channel, a layer's or constant
         raise AssertionError(f"params form gives {base_params} for the full network, which has {total}")
-    return LayerTable(model=model_name, mode=mode, resolution=int(resolution), num_classes=num_classes,
-                      in_channels=in_channels, names=[c.name for c in selection.classes], channels=channels,
-                      members=[list(c.members) for c in selection.classes], flops=flops_form, params=params_form,
-                      base_flops=int(flops_form(units)), base_params=base_params, granularity=granularity,
-                      flops_convention=flops, channel_multiple=int(channel_multiple))
+    table = LayerTable(model=model_name, mode=mode, resolution=int(resolution), num_classes=num_classes,
+                       in_channels=in_channels, names=[c.name for c in selection.classes], channels=channels,
+                       members=[list(c.members) for c in selection.classes], flops=flops_form, params=params_form,
+                       base_flops=int(flops_form(units)), base_params=base_params, granularity=granularity,
+                       flops_convention=flops, channel_multiple=int(channel_multiple))
+    if latency_model is None:
+        return table
+    check_latency_model(table, latency_model)
+    return _with_form(table, graph, selection, latency_model)
 
 
 def table_from_model(model: nn.Module, model_name: str, mode: str, resolution: int, num_classes: int,
-                     in_channels: int, *, flops: str = "macs", channel_multiple: int = 1) -> LayerTable:
+                     in_channels: int, *, flops: str = "macs", channel_multiple: int = 1,
+                     latency_model=None) -> LayerTable:
     """The layer table of an already built model (one batch-1 forward pass on the meta device)."""
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
         raise NpsError(f"resolution must be a positive integer number of pixels, got {resolution!r}")
     _check_options(mode, flops, channel_multiple)
     graph, _ = analyze(model, int(resolution), in_channels)
     return table_from_graph(graph, model_name, mode, resolution, num_classes, in_channels, flops=flops,
-                            channel_multiple=channel_multiple)
+                            channel_multiple=channel_multiple, latency_model=latency_model)
 
 
 def build_layer_table(model_name: str, mode: str, resolution: int, num_classes: int, in_channels: int = 3, *,
-                      flops: str = "macs", channel_multiple: int = 1) -> LayerTable:
+                      flops: str = "macs", channel_multiple: int = 1, latency_model=None) -> LayerTable:
     """Layer table of a registry model (built on the meta device where it can be: no weights are allocated).
 
     Raises
@@ -324,4 +329,4 @@ def build_layer_table(model_name: str, mode: str, resolution: int, num_classes: 
     _check_options(mode, flops, channel_multiple)
     model = build_model(model_name, num_classes=num_classes, in_channels=in_channels, device="meta")
     return table_from_model(model, model_name, mode, resolution, num_classes, in_channels, flops=flops,
-                            channel_multiple=channel_multiple)
+                            channel_multiple=channel_multiple, latency_model=latency_model)

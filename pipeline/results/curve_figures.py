@@ -13,14 +13,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from nps.pipeline.results.figures import _figure
+from nps.pipeline.results.figures import _figure, _nan_array
 from nps.pipeline.training.plateau import describe_ending
 
 FILE = "learning_curves.png"
-
-
-def _finite(values) -> list[float]:
-    return [math.nan if v is None else float(v) for v in values]
 
 
 def render_curves(summary: dict, out_dir: str | Path) -> dict:
@@ -37,7 +33,8 @@ def render_curves(summary: dict, out_dir: str | Path) -> dict:
         color = f"C{i}"
         epochs = list(range(1, len(c["train_loss"]) + 1))
         label = f"{c['network']} ({c['role']})"
-        holdout, val = _finite(c.get("holdout_top1") or []), _finite(c.get("val_top1") or [])
+        holdout = _nan_array(c.get("holdout_top1") or []).tolist()  # lists: the slices below are joined with +
+        val = _nan_array(c.get("val_top1") or []).tolist()
         final = f", final {c['top1']:.2f}" if c.get("top1") is not None else ""
         many = len(curves) > 3  # a legend line per network (its style said once below), not three
         if any(math.isfinite(v) for v in holdout):
@@ -49,7 +46,7 @@ def render_curves(summary: dict, out_dir: str | Path) -> dict:
             ax_top.plot([epochs[-1]], [c["top1"]], marker="*", markersize=12, color=color, linestyle="none",
                         label=None if many else f"{label}: final top-1 {c['top1']:.2f}")
         late.extend(v for v in holdout[len(holdout) // 3:] + val[len(val) // 3:] if math.isfinite(v))
-        ax_loss.plot(epochs, _finite(c["train_loss"]), color=color, marker="o", markersize=3, label=label)
+        ax_loss.plot(epochs, _nan_array(c["train_loss"]), color=color, marker="o", markersize=3, label=label)
         plateau = int(c.get("plateau_epoch") or 0)
         for ax in (ax_top, ax_loss):
             if plateau:

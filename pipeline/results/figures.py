@@ -50,6 +50,11 @@ def _colors(summary: dict) -> dict:
     return {name: palette[i % len(palette)] for i, name in enumerate(names)}
 
 
+def _nan_array(values) -> np.ndarray:
+    """A JSON list (None where a value was not finite) as a float array with NaN there."""
+    return np.asarray([np.nan if v is None else v for v in values], dtype=float)
+
+
 def _slug(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", key).strip("_")
 
@@ -211,7 +216,7 @@ def _fig_regime(summary: dict, reg: dict, colors: dict, path: Path) -> None:
 def _winning_recipes(ax, summary: dict, reg: dict, spaces: list[dict], colors: dict) -> None:
     """The winning recipe of each space of one regime: a filter space's ratios per channel group, a weight space's
     sparsity per prunable layer (a regime holds one kind, so one axis); bars, or lines for many entries."""
-    from nps.pipeline.network.pruning_kind import WEIGHTS, kind_named
+    from nps.pipeline.network.pruning_kind import kind_named
 
     kind = kind_named(reg.get("pruning", "filters"))
     unit, what = kind.unit, kind.recipe_axis  # the kind says what one recipe entry is
@@ -222,7 +227,7 @@ def _winning_recipes(ax, summary: dict, reg: dict, spaces: list[dict], colors: d
         return f"{s['space']}: row {w['row']}, drop {w['acc_drop']:.2f}, std(r) {w['std']:.3f}, mCB {w['mcb']:.3f}"
 
     G = len(spaces[0]["winner"]["recipe"]) if spaces else 0
-    names = (summary.get("model") or {}).get("layers" if kind is WEIGHTS else "groups")
+    names = (summary.get("model") or {}).get(kind.unit + "s")  # the model's "groups" or "layers"
     names = names if names and len(names) == G else [str(i) for i in range(G)]
     width = 0.8 / max(1, len(spaces))
     x = np.arange(G)

@@ -26,9 +26,11 @@ FILE = "latency_prediction.png"
 QUIET = 0.05  # IQR / median above which a timing counts as noisy here (nps latency takes such a timing again)
 
 
-def prediction_summary(reader, table, pops) -> dict | None:
+def prediction_summary(reader, table, pops, measured: dict | None = None) -> dict | None:
     """The comparison (see the module docstring), or None when the file has no latency model or no row was measured
-    at its device and batch."""
+    at its device and batch. ``measured``: :func:`~nps.pipeline.results.latency.read_latency` of the file, when the
+    caller has it."""
+    from nps.pipeline.network.pruning_kind import kind_of
     from nps.pipeline.network.table import LATENCY_UNIT
     from nps.pipeline.results.analysis import regime_key
     from nps.pipeline.results.latency import BASE, read_latency
@@ -36,7 +38,9 @@ def prediction_summary(reader, table, pops) -> dict | None:
     if table is None or table.latency is None:
         return None
     model = reader.latency_model()
-    measured = read_latency(reader).get(model.device) if model is not None else None
+    if model is None:
+        return None
+    measured = (read_latency(reader) if measured is None else measured).get(model.device)
     if measured is None:
         return None
     at = {(str(s), int(r)): i for i, (s, r, b) in enumerate(zip(measured["space"], measured["row"], measured["batch"]))
@@ -50,10 +54,9 @@ def prediction_summary(reader, table, pops) -> dict | None:
     regimes = []
     for pop in pops:
         rows = [(j, at[(pop.group, int(r))]) for j, r in enumerate(pop.row) if (pop.group, int(r)) in at]
-        if not rows or pop.space.startswith("weights:"):
+        if not rows or not kind_of(pop.group).timed:  # a weight-pruned row runs at the dense speed
             continue
-        keep = np.asarray(pop.keep, dtype=np.int64)[[j for j, _ in rows]]
-        predicted = table.latency(keep // table.granularity) * LATENCY_UNIT
+        predicted = table.latency_of(np.asarray(pop.keep, dtype=np.int64)[[j for j, _ in rows]])
         median = np.asarray([float(measured["median_s"][i]) for _, i in rows])
         c_measured = median / base_measured  # one session's base: the stored speed-up's reciprocal
         key = regime_key(pop.target, pop.value) if math.isfinite(pop.value) else pop.space  # ratios: no target

@@ -73,6 +73,12 @@ def _decode_attr(value: Any) -> Any:
     return value
 
 
+def _reference_name(attrs, fallback: str) -> str:
+    """A reference training's name (``model``, ``model#i``) from its group's attributes: ``name``, or ``model`` in
+    files before seeds, else ``fallback``; the key that joins its curve to its metrics."""
+    return str(_decode_attr(attrs.get("name", attrs.get("model", fallback))))
+
+
 class _ResultsFile:
     """What both the writer and the readers can do with an open results file."""
 
@@ -123,7 +129,7 @@ class _ResultsFile:
         if REFERENCES not in self._file:
             return {}
         refs = ({k: _decode_attr(v) for k, v in g.attrs.items()} for g in self._file[REFERENCES].values())
-        return {str(r.get("name", r.get("model", ""))): r for r in refs}
+        return {_reference_name(r, ""): r for r in refs}
 
     def curves(self) -> list[dict[str, Any]]:
         """The learning curves of the networks nps trained (format 3; older files have none): one dict per network,
@@ -137,8 +143,7 @@ class _ResultsFile:
         if REFERENCES in self._file:
             for group in self._file[REFERENCES].values():
                 if CURVE in group:
-                    name = group.attrs.get("name", group.attrs.get("model", group.name))
-                    found.append(("reference", str(_decode_attr(name)), group[CURVE]))
+                    found.append(("reference", _reference_name(group.attrs, group.name), group[CURVE]))
         out = []
         for role, network, group in found:
             curve = {"network": network, "role": role}

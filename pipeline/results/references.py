@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from nps.pipeline.results.analysis import beats_baseline
-from nps.pipeline.results.stats import MIN_INTERVAL_N
+from nps.pipeline.results.stats import MIN_INTERVAL_N, bootstrap_weights
 
 
 def _nearest_regimes(regimes: list[dict], c_flops: float, c_params: float) -> list[dict]:
@@ -57,9 +57,7 @@ def gain_interval(top1, ref_top1, n_boot: int, rng: np.random.Generator, band) -
     resampled independently, so the interval carries both the population's spread and the reference's own
     training noise (with one seed, only the first)."""
     a, b = np.asarray(top1, dtype=np.float64), np.asarray(ref_top1, dtype=np.float64)
-    ia = rng.integers(0, a.size, size=(n_boot, a.size))
-    ib = rng.integers(0, b.size, size=(n_boot, b.size))
-    gains = a[ia].mean(axis=1) - b[ib].mean(axis=1)
+    gains = bootstrap_weights(a.size, n_boot, rng) @ a / a.size - bootstrap_weights(b.size, n_boot, rng) @ b / b.size
     lo, hi = np.percentile(gains, band)
     return [float(lo), float(hi)]
 

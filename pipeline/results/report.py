@@ -28,6 +28,7 @@ from nps.pipeline.errors import NpsError, environment_error
 from nps.pipeline.results.analysis import Population, regime_key, summarize
 from nps.pipeline.results.curve_figures import render_curves
 from nps.pipeline.results.figures import render
+from nps.pipeline.results.latency import read_latency
 from nps.pipeline.results.latency_figures import latency_summary, render_latency
 from nps.pipeline.results.reader import DONE, FAILED, PENDING, RUNNING, open_readonly
 from nps.pipeline.results.finetune_curves import finetune_curves, render_finetune_curves
@@ -172,12 +173,13 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
         pops = [read_population(reader, g) for g in groups]
         table = _layer_table(reader)
         weight_layers = _weight_layer_names(reader)
-        latency = latency_summary(reader, pops, attrs.get("base_top1", math.nan))
+        measured = read_latency(reader)
+        latency = latency_summary(reader, pops, attrs.get("base_top1", math.nan), measured)
         references = reader.references()
         costs = reference_cost(reader, attrs)
         curves = reader.curves()
         finetune = finetune_curves(reader, pops)
-        prediction = prediction_summary(reader, table, pops)
+        prediction = prediction_summary(reader, table, pops, measured)
     notes = []
     uniform, curve = _uniform(table, pops, notes)
     summary = summarize(pops, k=k, n_boot=n_boot, seed=seed, edf_points=edf_points, band=band, uniform=uniform)

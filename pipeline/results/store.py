@@ -322,8 +322,8 @@ class ResultsStore(_ResultsFile):
             group = f.require_group(REFERENCES).require_group(key.replace("/", "|"))
             if curve is not None:
                 self._write_curve(group, *curve)
-            for key, value in attrs.items():
-                group.attrs[key] = value
+            for attr, value in attrs.items():
+                group.attrs[attr] = value
 
     def set_curve(self, series: Mapping[str, Sequence[float]], attrs: Mapping[str, Any]) -> None:
         """Record the base network's learning curve (format 3) as ``/base/curve``: ``series`` (name → one value per

@@ -476,22 +476,22 @@ class Driver:
 
         m = self.cfg.model
         self.reference_tasks.pop(e.task_id, None)
-        self.references.pop(e.key, None)
+        self.references.pop(e.name, None)
         resolution = resolution_of(self.cfg, e.model, self.plan.resolution)  # its FLOPs at the size it ran at
         ref = build_layer_table(e.model, "all", resolution, self.plan.num_classes,
                                 self.plan.in_channels, flops=m.flops)
         base_flops, base_params = self.plan.table.base_flops, self.plan.table.base_params
-        self.store.set_reference(e.key, curve=self._curve_parts(e.curve), model=e.model, name=e.key,
+        self.store.set_reference(e.name, curve=self._curve_parts(e.curve), model=e.model, name=e.name,
                                  seed=self.cfg.experiment.seed + e.replica, top1=e.top1,
                                  top5=e.top5, loss=e.loss,
                                  flops=ref.base_flops, params=ref.base_params, c_flops=ref.base_flops / base_flops,
                                  c_params=ref.base_params / base_params, train_s=e.seconds, resolution=resolution,
                                  acc_drop=self.state.base_top1 - e.top1)
-        remove_file(training_checkpoint(self.plan.results_path, e.key))  # its result and curve are stored
-        self.view.note(f"reference {e.key} trained in {e.seconds:.0f}s: top-1 {e.top1:.2f} at c_flops "
+        remove_file(training_checkpoint(self.plan.results_path, e.name))  # its result and curve are stored
+        self.view.note(f"reference {e.name} trained in {e.seconds:.0f}s: top-1 {e.top1:.2f} at c_flops "
                        f"{ref.base_flops / base_flops:.3f}"
                        + (f"; {describe_ending(e.curve.attrs())}" if e.curve is not None else ""))
-        self.log.write("reference_done", worker=e.worker, model=e.model, name=e.key, top1=e.top1, top5=e.top5,
+        self.log.write("reference_done", worker=e.worker, model=e.model, name=e.name, top1=e.top1, top5=e.top5,
                        seconds=e.seconds)
 
     def _on_task_end(self, e: TaskEnd) -> None:

@@ -101,14 +101,9 @@ class ReferenceTask:
     task_id: int
     model: str
     epochs: int
-    resume: BaseWeights | None = None
-    name: str = ""  # the training's name (``model``, ``model#1`` ...: :func:`reference_trainings`); "" is ``model``
-    replica: int = 0  # its seed is experiment.seed + replica
-
-    @property
-    def key(self) -> str:
-        """The training's name: its results group and checkpoint."""
-        return self.name or self.model
+    resume: BaseWeights | None
+    name: str  # the training's name (``model``, ``model#1`` ...: :func:`reference_trainings`): its group, checkpoint
+    replica: int  # its seed is experiment.seed + replica
 
 
 @dataclass(frozen=True)
@@ -238,14 +233,9 @@ class ReferenceResult:
     top5: float
     loss: float
     seconds: float
-    curve: Any = field(default=None, repr=False)
-    name: str = ""  # the training's name (as its task's)
-    replica: int = 0
-
-    @property
-    def key(self) -> str:
-        """The training's name: its results group and checkpoint."""
-        return self.name or self.model
+    curve: Any = field(repr=False)
+    name: str  # the training's name (as its task's)
+    replica: int
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,7 @@ class Worker:
         self._loaders: dict[int, tuple] = {}
         self._base_loaders: dict[tuple, tuple] = {}
         self._base: tuple[str, Any] | None = None
+        self._teacher: tuple[str, Any] | None = None  # (base key, Teacher): its device copy outlives one task
         self._last_progress = 0.0
         torch.set_num_threads(threads)
         if self.device.type == "cuda":
@@ -167,12 +168,11 @@ class Worker:
         self.loaders(self.cfg.retrain.batch_size, self.cfg.retrain.train_images)
         return Ready(self.wid, self.node, str(self.device), self.threads)
 
-    def loaders(self, batch_size: int, train_images: int = 0, resolution: int = 0):
-        """(train, val, info) at ``batch_size``; an epoch is ``train_images`` images (0: dataset.train_images), an
-        image ``resolution`` px (0: the run's; a reference may have its own)."""
+    def loaders(self, batch_size: int, train_images: int = 0):
+        """(train, val, info) at ``batch_size``; an epoch is ``train_images`` images (0: dataset.train_images)."""
         d = self.cfg.dataset
-        images, resolution = train_images or d.train_images, resolution or self.spec.resolution
-        if (batch_size, images, resolution) not in self._loaders:
+        images, resolution = train_images or d.train_images, self.spec.resolution
+        if (batch_size, images) not in self._loaders:
             from nps.datasets.loaders import make_loaders
 
             train, val, info = make_loaders(
@@ -180,10 +180,10 @@ class Worker:
                 in_channels=self.spec.in_channels, num_workers=d.workers or self.threads, on_device=d.on_device,
                 seed=self.cfg.experiment.seed, val_batch_size=d.val_batch_size, augment=d.augment)
             cpu = self.device.type == "cpu"
-            self._loaders[batch_size, images, resolution] = (
+            self._loaders[batch_size, images] = (
                 _Limited(train, images, whole_batches=True, contiguous=cpu),
                 _Limited(val, d.val_images, whole_batches=False, contiguous=cpu), info)
-        return self._loaders[batch_size, images, resolution]
+        return self._loaders[batch_size, images]
 
     def run(self, task, base: BaseWeights | None) -> None:
         if self.should_stop():
@@ -237,6 +237,15 @@ class Worker:
         return RowResult(self.wid, task.task_id, space, int(row), dataclasses.replace(result, model=None), weights)
 
     # -- base network ------------------------------------------------------------------------------------------------
+
+    def teacher(self, base: BaseWeights):
+        """The :class:`~nps.pipeline.training.distill.Teacher` of the base network, one per base: the copy it places
+        on the device serves every distilling cohort of this worker, not only one task's."""
+        from nps.pipeline.training.distill import Teacher
+
+        if self._teacher is None or self._teacher[0] != base.key:
+            self._teacher = (base.key, Teacher(self.base_model(base)))
+        return self._teacher[1]
 
     def base_model(self, base: BaseWeights):
         if self._base is None or self._base[0] != base.key:
@@ -332,7 +341,7 @@ class Worker:
     def reference(self, task: ReferenceTask) -> None:
         result, curve = self.train_network(task.model, task.epochs, task.task_id, task.resume, task.replica)
         self.emit(ReferenceResult(self.wid, task.task_id, task.model, float(result.top1), float(result.top5),
-                                  float(result.loss), curve.seconds, curve, task.key, task.replica))
+                                  float(result.loss), curve.seconds, curve, task.name, task.replica))
 
     def base(self, task: BaseTask, base: BaseWeights | None) -> None:
         import torch
@@ -371,15 +380,13 @@ class Worker:
         torchvision's BN momentum of 0.01 (MobileNetV3, EfficientNet) a short training otherwise evaluates at
         chance."""
         from nps.pipeline.training.devices import resolve_amp, resolve_channels_last
-        from nps.pipeline.training.evaluation import adaptive_bn_many, evaluate
+        from nps.pipeline.training.evaluation import precise_bn_evaluate
 
         amp = resolve_amp(self.cfg.base.amp, self.device, [model])
         nhwc = resolve_channels_last("auto", self.device)
         model.to(self.device)
-        train.set_epoch(0)
-        adaptive_bn_many([model], train, self.device, num_images=self.cfg.base.bn_images, amp_dtype=amp,
-                         channels_last=nhwc)
-        scores = evaluate(model, val, self.device, amp_dtype=amp, channels_last=nhwc)
+        scores = precise_bn_evaluate(model, train, val, self.device, num_images=self.cfg.base.bn_images,
+                                     amp_dtype=amp, channels_last=nhwc)
         model.to("cpu")
         return scores
 
@@ -389,7 +396,6 @@ class Worker:
         from nps.pipeline.network.members import member_factory
         from nps.pipeline.network.pruning_kind import kind_of
         from nps.pipeline.training.cohort import CohortOptions
-        from nps.pipeline.training.distill import Teacher
         from nps.pipeline.training.engine import run_cohorts
         from nps.pipeline.training.fused_cohort import Fusion
 
@@ -403,7 +409,7 @@ class Worker:
                      for keep, seed in zip(task.keep, task.seeds)]
         # the driver decided the cohort's form (and formed its rows for it): the task says whether it is fused
         fusion = Fusion(model, table, np.asarray(task.keep)) if task.fused else None
-        teacher = Teacher(model) if task.spec.retrain.distill else None  # the unpruned base network (copied)
+        teacher = self.teacher(base) if task.spec.retrain.distill else None  # the unpruned base network
         options = CohortOptions(eval_every_epoch=r.eval_every_epoch, bn_images=r.bn_images, amp=r.amp,
                                 compile=r.compile, keep_models=task.keep_weights, progress_s=self.progress_s,
                                 member_threads=1, fuse=task.fused)

@@ -25,8 +25,6 @@ from nps.pipeline.training.spec import AUTO_COHORT
 log = logging.getLogger(__name__)
 
 
-
-@functools.lru_cache(maxsize=1)
 def parse_device(device: str, *, then: str = "use --device cpu") -> torch.device:
     """``--device`` as a torch device, cpu or cuda[:N]; one NpsError line naming it otherwise, or when no CUDA device
     is here (``then`` says what to do instead)."""
@@ -41,6 +39,7 @@ def parse_device(device: str, *, then: str = "use --device cpu") -> torch.device
     return dev
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU has bf16 arithmetic instructions (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo."""
     try:

@@ -118,10 +118,6 @@ class Distillation:
 
 def distillation_for(teacher: Teacher | None, spec: RetrainSpec, device: torch.device, channels_last: bool,
                      amp_dtype: torch.dtype | None) -> Distillation | None:
-    """A cohort's :class:`Distillation` when its recipe distils (``spec.distill``), else None. A recipe that
-    distils without a teacher is a caller's error."""
-    if not spec.distill:
-        return None
-    if teacher is None:
-        raise ValueError("the recipe distils (retrain.distill) but the cohort was given no teacher network")
-    return teacher.for_cohort(spec, device, channels_last, amp_dtype)
+    """A cohort's :class:`Distillation` when its recipe distils (``spec.distill``), else None (a cohort that distils
+    has a teacher: :class:`~nps.pipeline.training.cohort.Cohort` refuses one without)."""
+    return teacher.for_cohort(spec, device, channels_last, amp_dtype) if spec.distill else None

@@ -130,3 +130,15 @@ def adaptive_bn(model: nn.Module, loader: Iterable, device: torch.device | str =
                 num_images: int = 500, **kwargs) -> int:
     """Adaptive BN for one model (see :func:`adaptive_bn_many`)."""
     return adaptive_bn_many([model], loader, device, num_images=num_images, **kwargs)
+
+
+def precise_bn_evaluate(model: nn.Module, train: Iterable, loader: Iterable, device: torch.device | str, *,
+                        num_images: int, amp_dtype: torch.dtype | None = None,
+                        channels_last: bool = False) -> tuple[float, float, float]:
+    """Precise BN, then an evaluation: ``model``'s BN statistics recomputed on the first ``num_images`` images of
+    ``train``'s epoch 0 (:func:`adaptive_bn_many`), then its (top-1, top-5, loss) on ``loader``. The end of a base
+    or reference training, and the plateau rule's holdout score with ``base.holdout_bn_images`` (on a copy)."""
+    if hasattr(train, "set_epoch"):
+        train.set_epoch(0)
+    adaptive_bn_many([model], train, device, num_images=num_images, amp_dtype=amp_dtype, channels_last=channels_last)
+    return evaluate(model, loader, device, amp_dtype=amp_dtype, channels_last=channels_last)

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from nps.pipeline.errors import NpsError
-from nps.pipeline.training.cohort import Cohort, CohortOptions, set_epoch
-from nps.pipeline.training.evaluation import evaluate
+from nps.pipeline.training.cohort import Cohort, CohortOptions
+from nps.pipeline.training.evaluation import evaluate, precise_bn_evaluate
 from nps.pipeline.training.events import EpochEnded, EventCallback, StepProgress
 from nps.pipeline.training.plateau import PlateauRule, TrainingCurve
 from nps.pipeline.training.schedule import LrPlan, make_scheduler, schedule_steps
@@ -234,15 +234,12 @@ class _Training:
         training loss fell) would end by the plateau rule on noise. The trained network is not touched."""
         import copy
 
-        from nps.pipeline.training.evaluation import adaptive_bn_many
-
-        model = m.model
-        if self.plan.holdout_bn_images:
-            model = copy.deepcopy(m.model)
-            set_epoch(self.train, 0)
-            adaptive_bn_many([model], self.train, self.device, num_images=self.plan.holdout_bn_images,
-                             amp_dtype=cohort.amp_dtype, channels_last=cohort.nhwc)
-        return evaluate(model, self.holdout, self.device, amp_dtype=cohort.amp_dtype, channels_last=cohort.nhwc)[0]
+        if not self.plan.holdout_bn_images:
+            return evaluate(m.model, self.holdout, self.device, amp_dtype=cohort.amp_dtype,
+                            channels_last=cohort.nhwc)[0]
+        return precise_bn_evaluate(copy.deepcopy(m.model), self.train, self.holdout, self.device,
+                                   num_images=self.plan.holdout_bn_images, amp_dtype=cohort.amp_dtype,
+                                   channels_last=cohort.nhwc)[0]
 
     def run(self, resume) -> tuple[Any, TrainingCurve]:
         try:
