@@ -363,3 +363,49 @@ def test_a_timing_noisier_than_5_percent_is_taken_again_and_the_quietest_kept():
     assert attempts == 3 and timing.noise == pytest.approx(0.1)  # never quiet: the least noisy of 1 + 2 attempts
     timing, attempts = timed_quietly(make([0.04]), RETRY_ABOVE, 2)
     assert attempts == 1
+
+
+def test_each_network_keeps_the_least_median_of_its_passes_and_later_passes_are_shuffled(table, tmp_path,
+                                                                                        monkeypatch):
+    """A slow spell of the machine (every timing 1.6x as long) during the first pass's first calls: with three passes
+    each network keeps its fast timing; the first pass runs in file order, the later ones in other orders; one
+    record per network and batch; the session says how many passes it made."""
+    from nps.pipeline.deploy import latency
+    from nps.pipeline.results.latency import Timing
+
+    path = make_file(tmp_path / "results.h5", table, n=4, done=4)
+    order = []
+
+    def time_network(model, table, batch, **kwargs):
+        size = sum(p.numel() for p in model.parameters())
+        order.append(size)
+        t = 1e-9 * size * (1.6 if 1 <= len(order) <= 3 else 1.0)  # calls 1-3 (of 15) in a slow spell
+        return Timing(t, t * 0.99, t * 1.01, 5, 1)
+
+    monkeypatch.setattr(latency, "time_network", time_network)
+    session = latency.measure_results(path, options=latency.TimingOptions(batches=(1,), passes=3))
+    assert session["settings"]["passes"] == 3
+    sizes = order[:5]
+    assert len(order) == 15 and sizes[0] == max(order)  # the base network first in the first pass
+    passes = [order[i:i + 5] for i in (0, 5, 10)]
+    assert all(sorted(p) == sorted(sizes) for p in passes) and (passes[1] != sizes or passes[2] != sizes)
+    assert [(r["space"], r["row"]) for r in session["records"]] == [("base", -1)] + [(SPACE, i) for i in range(4)]
+    for r, size in zip(session["records"], sizes):
+        assert r["timing"].median_s == pytest.approx(1e-9 * size)  # the fast pass, not the slow spell's 1.6x
+        assert r["attempts"] == 3
+
+    order.clear()
+    one = latency.measure_results(path, options=latency.TimingOptions(batches=(1,), passes=1))
+    assert len(order) == 5 and one["settings"]["passes"] == 1
+    assert one["records"][0]["timing"].median_s == pytest.approx(1.6e-9 * sizes[0])  # one pass: the slow spell stays
+
+
+def test_nps_latency_refuses_no_passes_in_one_line_and_stores_nothing(table, tmp_path, capsys):
+    from nps.pipeline.cli import main
+    from nps.pipeline.results.reader import open_readonly
+
+    path = make_file(tmp_path / "results.h5", table, n=2, done=1)
+    assert main(["latency", str(path), "--passes", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["nps latency: error: --passes 0: use 1 or more"]
+    with open_readonly(path) as reader:
+        assert "latency" not in reader.file

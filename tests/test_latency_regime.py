@@ -152,7 +152,8 @@ def test_the_report_sets_measured_against_predicted_latency(tmp_path, monkeypatc
         return Timing(t, t * 0.995, t * 1.005, 5, 1)
 
     monkeypatch.setattr(latency, "time_network", stand_in)
-    assert main(["latency", str(path), "--runs", "3"]) == 0  # the model's device, batch and threads by default
+    # the model's device, batch and threads by default; one pass: the stand-in's factors go in file order
+    assert main(["latency", str(path), "--runs", "3", "--passes", "1"]) == 0
     assert set(batches) == {8}
     p = write_report(path, tmp_path / "report", n_boot=20)["latency_prediction"]
     assert p["n"] == 12 and p["batch"] == 8 and p["device_name"] == "cpu: test"
@@ -161,6 +162,9 @@ def test_the_report_sets_measured_against_predicted_latency(tmp_path, monkeypatc
     assert sorted(np.round(errors, 4)) == sorted([1.0, 1.02, 0.98, 1.05, 0.95, 1.0] * 2)
     meas, pred = np.array(p["points"]["measured_ms"]), np.array(p["points"]["predicted_ms"])
     assert p["r2"] == pytest.approx(1 - np.sum((meas - pred) ** 2) / np.sum((meas - meas.mean()) ** 2))
+    c_meas, c_pred = meas / p["base"]["measured_ms"], pred / p["base"]["predicted_ms"]  # relative to the base
+    assert p["r2_relative"] == pytest.approx(1 - np.sum((c_meas - c_pred) ** 2) / np.sum((c_meas - c_meas.mean()) ** 2))
+    np.testing.assert_allclose(p["points"]["c_predicted"], c_pred)
     (band,) = p["regimes"]  # the c_latency regime: measured c within 0.8 ± 0.01 for the rows off by at most 1 %
     c = np.array(p["points"]["c_measured"])[np.array(p["points"]["regime"]) == "c_latency=0.8"]
     assert band["n"] == 6 and band["within"] == int(np.count_nonzero(np.abs(c - 0.8) <= 0.01))

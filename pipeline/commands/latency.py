@@ -15,8 +15,10 @@ whose fine-tuned weights are kept are timed with them, the others as their archi
 initialised base pruned to the row's keep counts). Weight spaces are not timed: their masked weights run at the
 dense base network's speed.
 
-The table shows each timing's noise, IQR/median; a timing above 5 % is taken again (twice at most, the least noisy
-kept), and a line warns when some still exceed 10 % (a shared or busy machine, or more threads than free cores):
+Every network is timed in --passes passes over them all (default 3: the first in file order, the others each in a
+shuffled order) and keeps its least median: other work and a virtual machine's slower spells only add time, and the
+shuffle spreads a slow spell over different networks in each pass. The table shows each timing's noise,
+IQR/median; a timing above 5 % is taken again (twice at most, the least noisy kept), and a line warns when some still exceed 10 % (a shared or busy machine, or more threads than free cores):
 their speed-ups are unreliable, time again with fewer threads on a quiet machine. A results file with a latency model
 (c_latency regimes, nps latency-model) is timed at the model's device, batch and threads unless told otherwise, so
 that nps report can set each row's predicted latency against its measured one.
@@ -55,6 +57,9 @@ def register(sub) -> None:
     p.add_argument("--missing", action="store_true", help="only rows this device has no timing of yet")
     p.add_argument("--runs", type=int, default=20, help="timed runs per network and batch (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed forwards first (default 5)")
+    p.add_argument("--passes", type=int, default=3,
+                   help="passes over all the networks, each after the first in a shuffled order; each network keeps "
+                        "its least median (default 3; 1: one timing each, in file order)")
     p.set_defaults(func=run)
 
 
@@ -71,6 +76,8 @@ def run(args) -> int:
         raise NpsError(f"{args.results}: no such file")
     if args.runs < 3:
         raise NpsError(f"--runs {args.runs}: use at least 3 (the interquartile range needs them)")
+    if args.passes < 1:
+        raise NpsError(f"--passes {args.passes}: use 1 or more")
     if args.warmup < 0 or (args.threads or 0) < 0:
         raise NpsError("--warmup and --threads: use 0 or more")
     _model_defaults(args)
@@ -81,9 +88,11 @@ def run(args) -> int:
         def progress(i, n, target):
             if spinner is not None:
                 what = "the base network" if target.row < 0 else f"{target.space} row {target.row}"
-                spinner.update(f"timing {what} ({i + 1}/{n})")
+                which = f", pass {i // max(1, n // args.passes) + 1} of {args.passes}" if args.passes > 1 else ""
+                spinner.update(f"timing {what} ({i + 1}/{n}{which})")
 
-        options = TimingOptions(batches=batches, threads=args.threads, warmup=args.warmup, runs=args.runs)
+        options = TimingOptions(batches=batches, threads=args.threads, warmup=args.warmup, runs=args.runs,
+                                passes=args.passes)
         session = measure_results(args.results, spaces=args.space, device=args.device, options=options,
                                   all_rows=args.all_rows, only_missing=args.missing, progress=progress)
     if not session["records"]:

@@ -4,8 +4,12 @@ A results file with a latency model (``/latency_model`` and the form in ``/layer
 latency from its keep vector; ``nps latency`` measures the rows at the model's device and batch. For every row
 measured there at that batch, :func:`prediction_summary` sets the two side by side:
 
-- ``r2``: 1 − Σ(measured − predicted)² / Σ(measured − mean)² over the rows (the prediction itself, not a line
-  fitted to it: a model off by a constant factor scores below 1);
+- ``r2``: 1 − Σ(measured − predicted)² / Σ(measured − mean)² over the rows, in seconds (the prediction itself, not
+  a line fitted to it: a model off by a constant factor scores below 1, and so does a machine that runs everything
+  a few per cent slower in the timing session than when the model was measured);
+- ``r2_relative``: the same over each row's latency relative to the base network's, measured (``c_measured``: over
+  the base timed in the same session) against predicted (``c_predicted``: the row's c_latency), what a c_latency
+  regime fixes: a machine's speed that differs between the model's session and the timing session cancels;
 - ``error``: the relative error (predicted − measured) / measured per row, its median and the RMS;
 - per c_latency regime, ``within``: how many of its rows, *measured*, lie within the regime's band (their measured
   latency over the base network's, from the same session, within value ± delta) - the band every row meets by
@@ -50,7 +54,8 @@ def prediction_summary(reader, table, pops, measured: dict | None = None) -> dic
         return None
     base_measured = float(measured["median_s"][base_i])
     points: dict[str, list] = {k: [] for k in ("group", "space", "regime", "row", "predicted_ms", "measured_ms",
-                                               "noise", "c_measured")}
+                                               "noise", "c_measured", "c_predicted")}
+    base_predicted = table.base_latency * LATENCY_UNIT
     regimes = []
     for pop in pops:
         rows = [(j, at[(pop.group, int(r))]) for j, r in enumerate(pop.row) if (pop.group, int(r)) in at]
@@ -68,6 +73,7 @@ def prediction_summary(reader, table, pops, measured: dict | None = None) -> dic
         points["measured_ms"] += (1e3 * median).tolist()
         points["noise"] += [float(measured["noise"][i]) for _, i in rows]
         points["c_measured"] += c_measured.tolist()
+        points["c_predicted"] += (predicted / base_predicted).tolist()
         if pop.target == "c_latency" and math.isfinite(pop.delta):
             inside = int(np.count_nonzero(np.abs(c_measured - pop.value) <= pop.delta))
             regimes.append({"group": pop.group, "space": pop.space, "regime": key, "value": pop.value,
@@ -77,15 +83,21 @@ def prediction_summary(reader, table, pops, measured: dict | None = None) -> dic
         return None
     pred, meas = np.asarray(points["predicted_ms"]), np.asarray(points["measured_ms"])
     err = (pred - meas) / meas
-    total = float(np.sum((meas - meas.mean()) ** 2))
     noise = np.asarray(points["noise"] + [float(measured["noise"][base_i])])
     return {"device": model.device, "device_name": model.device_name, "batch": int(model.batch),
             "threads": int(model.threads), "precision": model.precision, "n": int(pred.size),
-            "r2": 1.0 - float(np.sum((meas - pred) ** 2)) / total if total > 0 else None,
+            "r2": _r2(pred, meas), "r2_relative": _r2(points["c_predicted"], points["c_measured"]),
             "error_median": float(np.median(err)), "error_rms": float(np.sqrt(np.mean(err ** 2))),
             "base": {"predicted_ms": 1e3 * table.base_latency * LATENCY_UNIT, "measured_ms": 1e3 * base_measured},
             "noise_max": float(np.max(noise)), "noisy": int(np.count_nonzero(noise > QUIET)), "quiet_limit": QUIET,
             "regimes": regimes, "points": points}
+
+
+def _r2(predicted, measured) -> float | None:
+    """1 − Σ(measured − predicted)² / Σ(measured − mean)²; None when the measurements do not vary."""
+    predicted, measured = np.asarray(predicted, dtype=np.float64), np.asarray(measured, dtype=np.float64)
+    total = float(np.sum((measured - measured.mean()) ** 2))
+    return 1.0 - float(np.sum((measured - predicted) ** 2)) / total if total > 0 else None
 
 
 def render_prediction(summary: dict, out_dir: str | Path) -> dict:
@@ -109,8 +121,9 @@ def render_prediction(summary: dict, out_dir: str | Path) -> dict:
     hi = max(max(pts["predicted_ms"]), max(pts["measured_ms"]), base["predicted_ms"], base["measured_ms"])
     ax.plot([lo, hi], [lo, hi], color="0.4", linestyle="--", linewidth=1, label="measured = predicted")
     r2 = "n/a" if p["r2"] is None else f"{p['r2']:.3f}"
-    ax.set_title(f"Latency on {p['device']} at batch {p['batch']}, {p['threads']} thread(s): R² {r2}, "
-                 f"RMS error {100 * p['error_rms']:.1f} %", fontsize=9)
+    r2_rel = "n/a" if p.get("r2_relative") is None else f"{p['r2_relative']:.3f}"
+    ax.set_title(f"Latency on {p['device']} at batch {p['batch']}, {p['threads']} thread(s): R² {r2} in ms, "
+                 f"{r2_rel} relative to the base; RMS error {100 * p['error_rms']:.1f} %", fontsize=9)
     ax.set_xlabel("predicted by the latency model (ms)")
     ax.set_ylabel("measured by nps latency, median (ms)")
     ax.legend(fontsize=7, loc="upper left")
@@ -120,6 +133,7 @@ def render_prediction(summary: dict, out_dir: str | Path) -> dict:
     bands = "; ".join(f"{r['regime']} {r['space']}: {r['within']} of {r['n']} within ±{r['delta']:g} measured"
                       for r in p["regimes"])
     return {"latency_prediction": {"file": path.name, "caption": (
-        f"Measured against predicted latency of {p['n']} subnetworks (R² {r2}; median error "
+        f"Measured against predicted latency of {p['n']} subnetworks (R² {r2} in ms, {r2_rel} relative to the "
+        f"base network timed in the same session; median error "
         f"{100 * p['error_median']:+.1f} %; noise IQR/median at most {100 * p['noise_max']:.1f} %, "
         f"{p['noisy']} timing(s) above {100 * p['quiet_limit']:.0f} %)" + (f". {bands}" if bands else "") + ".")}}
