@@ -212,7 +212,9 @@ keep_weights = "all"
     assert (out / "references.png").is_file()
     (entry,) = summary["references"]
     assert entry["model"] == "resnet20" and set(entry["spaces"]) >= {"weights:global", "weights:std-0.05"}
-    assert summary["cost"]["population_train_s"] > 0
+    spent = summary["cost"]["spaces"]["weights:std-0.05@c_flops=0.4"]
+    assert spent["rows"] > 0 and 0 < spent["row_train_s_median"] <= spent["row_train_s_max"]
+    assert "population_train_s" not in summary["cost"]  # a sum of rows' cohort times would overstate it K-fold
     winner = tmp_path / "winner.pt"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):

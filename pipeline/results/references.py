@@ -16,8 +16,9 @@ compared by its mean top-1 over them, its values listed (too few for an interval
 - the space's best and median top-1, and the mean accuracy drop with its bootstrap interval (from the regime's
   summary).
 
-``cost`` gives the training seconds of the base network, of each space's population (the sum of its rows'
-``train_s``) and of each reference: what each answer cost.
+``cost`` gives the training seconds of the base network and of each reference, and per space its rows' ``train_s``
+(median, largest): a row's is its cohort's wall time, so a space's cost (its cohorts, each once) comes from the
+run's log (``tools/study_cost.py``), not from summing rows.
 """
 from __future__ import annotations
 
@@ -118,11 +119,18 @@ def compare(references: dict[str, dict], pops, regimes: list[dict], base_top1: f
 
 
 def cost(reader, attrs) -> dict:
-    """Training seconds: the base network, each space's population (sum of its rows), each reference."""
+    """Training seconds: the base network, each reference training, and per space its finished rows' ``train_s``
+    (median and largest). A row's ``train_s`` is the wall time of the cohort it trained in, shared by the cohort's
+    members, so summing a space's rows would overstate its cost as many times as its cohorts had members; what a
+    space cost (its cohorts, each once) is in the run's log: ``tools/study_cost.py RUN_DIR``."""
     spaces = {}
     for name in reader.spaces():
         t = np.asarray(reader.read(name, ["train_s"])["train_s"], dtype=np.float64)
-        spaces[name] = float(np.nansum(t))
+        t = t[np.isfinite(t) & (t > 0)]
+        spaces[name] = {"rows": int(t.size), "row_train_s_median": float(np.median(t)) if t.size else None,
+                        "row_train_s_max": float(np.max(t)) if t.size else None}
     refs = {name: float(r.get("train_s", math.nan)) for name, r in reader.references().items()}  # per training
-    return {"base_train_s": float(attrs.get("base_train_s", math.nan)), "spaces_train_s": spaces,
-            "population_train_s": float(sum(spaces.values())), "references_train_s": refs}
+    return {"base_train_s": float(attrs.get("base_train_s", math.nan)), "spaces": spaces,
+            "references_train_s": refs,
+            "note": "a row's train_s is its cohort's wall time (shared by the members): a space's cost is its "
+                    "cohorts' time, each once (tools/study_cost.py RUN_DIR reads it from the run's log.jsonl)"}
