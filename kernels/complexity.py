@@ -10,6 +10,13 @@ output) is fixed (the image, an unpruned residual stream, the classifier's class
 group touches is the constant. All coefficients are non-negative integers, so the form is exact in int64 and monotone
 in every ``keep[i]``.
 
+A **padded** form (a latency model whose layers run channels in blocks, ``nps latency-model``) has G more
+variables: variable ``G + i`` is group i's channel count rounded up to its block,
+``P_i = block[i] · ceil(mult[i] · keep[i] / block[i])`` (``mult``: channels per unit), so a term may price a layer's
+output channels as the hardware computes them. Its value is the same quadratic form over ``(keep, P)``; it is
+still exact in int64 and monotone in every ``keep[i]`` (P is non-decreasing), but a step function, so the samplers
+draw its regimes by plain rejection (:mod:`nps.kernels.samplers`).
+
 This module imports only numpy and numba (docs/design.md, "The layers"); the layer table in
 ``nps.pipeline.network.layer_table`` builds the forms.
 """
@@ -41,9 +48,11 @@ class QuadraticForm:
         Group indices of each product term (``a <= b``; ``a == b`` is a square term).
     pair_w : array of int64, shape (P,)
         Coefficient of ``keep[a] * keep[b]``.
+    pad_mult, pad_block : arrays of int64, shape (G,), optional
+        A padded form (see the module docstring): ``linear`` then has 2G entries and pair indices run to 2G - 1.
     """
 
-    def __init__(self, const, linear, pair_a, pair_b, pair_w):
+    def __init__(self, const, linear, pair_a, pair_b, pair_w, pad_mult=None, pad_block=None):
         self.const = int(const)
         self.linear = np.ascontiguousarray(linear, dtype=np.int64)
         self.pair_a = np.ascontiguousarray(pair_a, dtype=np.int64)
@@ -51,37 +60,76 @@ class QuadraticForm:
         self.pair_w = np.ascontiguousarray(pair_w, dtype=np.int64)
         if not (len(self.pair_a) == len(self.pair_b) == len(self.pair_w)):
             raise ValueError("pair_a, pair_b and pair_w must have the same length")
+        if (pad_mult is None) != (pad_block is None):
+            raise ValueError("a padded form needs both pad_mult and pad_block")
+        self.pad_mult = self.pad_block = None
+        if pad_mult is not None:
+            self.pad_mult = np.ascontiguousarray(pad_mult, dtype=np.int64)
+            self.pad_block = np.ascontiguousarray(pad_block, dtype=np.int64)
+            if len(self.linear) != 2 * len(self.pad_mult) or len(self.pad_block) != len(self.pad_mult):
+                raise ValueError("a padded form over G groups has 2G linear coefficients and G pad_mult, pad_block")
+            if np.any(self.pad_mult < 1) or np.any(self.pad_block < 1):
+                raise ValueError("pad_mult and pad_block must be positive")
+
+    @property
+    def padded(self) -> bool:
+        return self.pad_mult is not None
 
     @property
     def groups(self) -> int:
-        return len(self.linear)
+        return len(self.pad_mult) if self.padded else len(self.linear)
 
     def arrays(self):
-        """The coefficients as a tuple, in the order the numba kernels take them."""
+        """The coefficients as a tuple, in the order the numba kernels take them (a padded form's padding:
+        :meth:`pad_arrays`)."""
         return self.const, self.linear, self.pair_a, self.pair_b, self.pair_w
+
+    def pad_arrays(self):
+        """``(pad_mult, pad_block)``: empty arrays for a form without padding (what the kernels take)."""
+        if not self.padded:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return self.pad_mult, self.pad_block
+
+    def variables(self, keep) -> np.ndarray:
+        """The form's variables at ``keep`` (G,) or (n, G): keep itself, or for a padded form keep then the padded
+        channel counts (2G). Real-valued counts are padded with a real ceiling."""
+        if not self.padded:
+            return keep
+        keep = np.asarray(keep)
+        x = keep * self.pad_mult
+        padded = self.pad_block * (np.ceil(x / self.pad_block) if keep.dtype.kind == "f" else
+                                   -(-x // self.pad_block))
+        return np.concatenate([keep, padded], axis=-1)
 
     def __call__(self, keep) -> np.ndarray:
         """Exact value for one keep vector (G,) or many (n, G); returns int64 of shape () or (n,)."""
         keep = np.asarray(keep, dtype=np.int64)
         if keep.ndim == 1:
-            return evaluate_many(keep[None, :], *self.arrays())[0]
-        return evaluate_many(np.ascontiguousarray(keep), *self.arrays())
+            return evaluate_many(np.ascontiguousarray(self.variables(keep)[None, :]), *self.arrays())[0]
+        return evaluate_many(np.ascontiguousarray(self.variables(keep)), *self.arrays())
 
     def gradient(self, keep) -> np.ndarray:
-        """d value / d keep at one real-valued keep vector (float64, shape (G,))."""
+        """d value / d keep at one real-valued keep vector (float64, shape (G,)); a padded form's padded counts are
+        taken as smooth (P_i ≈ mult_i · keep_i), which is what a direction of search needs."""
         keep = np.asarray(keep, dtype=np.float64)
+        if self.padded:
+            keep = np.concatenate([keep, keep * self.pad_mult])
         g = self.linear.astype(np.float64).copy()
         np.add.at(g, self.pair_a, self.pair_w * keep[self.pair_b])
         np.add.at(g, self.pair_b, self.pair_w * keep[self.pair_a])
+        if self.padded:
+            G = self.groups
+            return g[:G] + g[G:] * self.pad_mult
         return g
 
     def __eq__(self, other):
         return isinstance(other, QuadraticForm) and self.const == other.const and all(
             np.array_equal(x, y) for x, y in zip(self.arrays()[1:], other.arrays()[1:])
-        )
+        ) and all(np.array_equal(x, y) for x, y in zip(self.pad_arrays(), other.pad_arrays()))
 
     def __repr__(self):
-        return f"QuadraticForm(groups={self.groups}, pairs={len(self.pair_w)}, const={self.const})"
+        pad = f", padded to blocks of {sorted(set(self.pad_block.tolist()))}" if self.padded else ""
+        return f"QuadraticForm(groups={self.groups}, pairs={len(self.pair_w)}, const={self.const}{pad})"
 
 
 @njit(nogil=True, cache=True)
@@ -92,6 +140,23 @@ def evaluate_one(keep, const, linear, pair_a, pair_b, pair_w):
         total += linear[i] * keep[i]
     for p in range(pair_w.shape[0]):
         total += pair_w[p] * keep[pair_a[p]] * keep[pair_b[p]]
+    return total
+
+
+@njit(nogil=True, cache=True)
+def evaluate_padded(keep, const, linear, pair_a, pair_b, pair_w, pad_mult, pad_block, x):
+    """Exact int64 value of a padded form (see the module docstring) at one integer keep vector (G,); ``x`` is a
+    work array of 2G int64 for its variables."""
+    G = keep.shape[0]
+    for i in range(G):
+        x[i] = keep[i]
+        b = pad_block[i]
+        x[G + i] = b * ((pad_mult[i] * keep[i] + b - 1) // b)
+    total = const
+    for i in range(linear.shape[0]):
+        total += linear[i] * x[i]
+    for p in range(pair_w.shape[0]):
+        total += pair_w[p] * x[pair_a[p]] * x[pair_b[p]]
     return total
 
 

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nps.kernels.complexity import evaluate_one, njit
+from nps.kernels.complexity import evaluate_one, evaluate_padded, njit
 from nps.kernels.xoshiro import fill_normals, uniform
 
 # Rejection reasons, indices into the counters the kernels return.
@@ -205,6 +205,8 @@ class Table(NamedTuple):
     channels: np.ndarray  # (G,) int64
     target: tuple         # the form the space's target is measured by
     other: tuple          # the other one (params for c_flops, FLOPs for c_params)
+    tpad_mult: np.ndarray   # a padded target form's pad_mult and pad_block (QuadraticForm.pad_arrays): empty for
+    tpad_block: np.ndarray  # a form without padding; a padded target is drawn by sample_plain only
 
 
 class Limits(NamedTuple):
@@ -242,8 +244,9 @@ class Plain(NamedTuple):
 # The output row (both kernels) and the exact checks of the plain one.
 
 
-# complexity.evaluate_one, inlined where _finish calls it (the speed rule above).
+# complexity.evaluate_one and evaluate_padded, inlined where _finish calls them (the speed rule above).
 _evaluate_inline = njit(nogil=True, inline="always")(getattr(evaluate_one, "py_func", evaluate_one))
+_padded_inline = njit(nogil=True, inline="always")(getattr(evaluate_padded, "py_func", evaluate_padded))
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -267,9 +270,10 @@ def _store_row(rows, row, r, keep, tv, ov, sd, dedup):
 
 
 @njit(nogil=True, cache=True, inline="always")  # inline: the speed rule above
-def _finish(r, keep, table, limits, counts):
+def _finish(r, keep, x, table, limits, counts):
     """Round to integer channels and check every constraint exactly; returns (ok, target value, other value,
-    std(r)). The target goes first: it is the check that fails most often, and std(r) is only computed after it."""
+    std(r)). The target goes first: it is the check that fails most often, and std(r) is only computed after it.
+    ``x``: work space for a padded target's 2G variables."""
     channels = table.channels
     total = 0.0
     for i in range(channels.shape[0]):
@@ -278,7 +282,11 @@ def _finish(r, keep, table, limits, counts):
             return False, 0, 0, 0.0
         total += r[i]
         keep[i] = _count(r[i], channels[i])
-    tv = _value(keep, table.target)
+    if table.tpad_mult.shape[0] > 0:
+        const, linear, pair_a, pair_b, pair_w = table.target
+        tv = _padded_inline(keep, const, linear, pair_a, pair_b, pair_w, table.tpad_mult, table.tpad_block, x)
+    else:
+        tv = _value(keep, table.target)
     if tv < limits.lo_t or tv > limits.hi_t:
         counts[REASON_TARGET] += 1
         return False, 0, 0, 0.0
@@ -631,6 +639,7 @@ def sample_plain(state, job, rows, table, limits, proposal, counts):
     G = table.channels.shape[0]
     r = np.empty(G)
     keep = np.empty(G, dtype=np.int64)
+    x = np.empty(2 * table.tpad_mult.shape[0], dtype=np.int64)
     filled = 0
     used = 0
     while filled < job.n_want and used < job.max_proposals:
@@ -642,7 +651,7 @@ def sample_plain(state, job, rows, table, limits, proposal, counts):
         else:
             for i in range(G):
                 r[i] = R * uniform(state)
-        ok, tv, ov, sd = _finish(r, keep, table, limits, counts)
+        ok, tv, ov, sd = _finish(r, keep, x, table, limits, counts)
         if not ok:
             continue
         _store_row(rows, job.start + filled, r, keep, tv, ov, sd, job.dedup)

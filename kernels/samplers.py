@@ -183,7 +183,7 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     # checked on each chunk's rows after the kernel (_mcb_filter)
     in_kernel = space.mcb_band is not None and space.target != LATENCY
     mcb_lo, mcb_hi = space.mcb_band if in_kernel else (0.0, 0.0)
-    kernel_table = gk.Table(channels, tform.arrays(), oform.arrays())
+    kernel_table = gk.Table(channels, tform.arrays(), oform.arrays(), *tform.pad_arrays())
     u = uniform_ratio(table, space.target, space.value) if space.kind != "uniform" else 0.0
     std_lo, std_hi = space.std_band if space.std_band else (0.0, np.inf)
     limits = gk.Limits(space.R, std_lo, std_hi, lo_t, hi_t, mcb_lo, mcb_hi, target_is_flops, base_ratio)
@@ -200,7 +200,9 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
                                counts)
 
     zmax = 1.0
-    if space.kind != "uniform" and not np.any(direction > 0):
+    if space.kind != "uniform" and tform.padded:
+        plain = True  # a padded (step) form has no quadratic bounds for the window: plain rejection, checked exactly
+    elif space.kind != "uniform" and not np.any(direction > 0):
         plain = True  # no group can move along t (every one is too narrow for R): nothing for a window to do
     elif space.kind != "uniform":
         # Pilot: the largest window mass over a few thousand draws, with margin, is the envelope. The kernel

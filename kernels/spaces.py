@@ -237,7 +237,7 @@ def target_form(table, target: str):
 def continuous_form(form, keep):
     """A complexity form at real-valued keep counts (no rounding): one value for a keep vector, one per row of a
     matrix of them."""
-    keep = np.asarray(keep, dtype=np.float64)
+    keep = form.variables(np.asarray(keep, dtype=np.float64))  # a padded form's padded counts too
     pairs = form.pair_w * keep[..., form.pair_a] * keep[..., form.pair_b]
     return form.const + keep @ form.linear + np.sum(pairs, axis=-1)
 

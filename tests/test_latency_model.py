@@ -54,6 +54,41 @@ def test_the_fit_recovers_known_non_negative_coefficients(coef, groups):
     assert error < 1e-9
 
 
+def test_a_padded_fit_recovers_a_staircase_in_the_output_count():
+    """Times that step with the output count in blocks of 16 (as oneDNN's AVX-512 kernels compute): the padded fit
+    recovers the coefficients exactly, the unpadded one cannot."""
+    cin, cout = grid(CIN, np.array([2, 6, 10, 16, 20, 26, 32, 40, 48, 58, 64]))
+    coef = np.array([3e-5, 2e-7, 1e-6, 4e-6])
+    seconds = layer_terms(cin, cout, 1, False, 16) @ coef
+    np.testing.assert_allclose(layer_terms(cin, cout, 1, False, 16)[:, 2], 16 * np.ceil(cout / 16))
+    fitted, error = fit_layer(cin, cout, seconds, 1, False, 16)
+    np.testing.assert_allclose(fitted, coef, rtol=1e-9, atol=1e-15)
+    assert error < 1e-9 and fit_layer(cin, cout, seconds, 1, False)[1] > 0.03
+
+
+def test_the_block_is_the_one_whose_fits_err_least_and_only_conv_layers_are_padded():
+    from types import SimpleNamespace
+
+    from nps.pipeline.deploy.latency_model import fit_layers
+
+    cin, cout = grid(CIN, np.array([2, 6, 10, 16, 20, 26, 32, 40, 48, 58, 64]))
+    coef = np.array([3e-5, 2e-7, 1e-6, 4e-6])
+    conv = SimpleNamespace(groups=1, depthwise=False, module=nn.Conv2d(16, 64, 3), count=3)
+    fc = SimpleNamespace(groups=1, depthwise=False, module=nn.Linear(16, 64), count=1)
+
+    def grids(block):
+        seconds = layer_terms(cin, cout, 1, False, block) @ coef
+        return {"conv": (conv, list(zip(cin, cout, seconds))), "fc": (fc, list(zip(cin, cout, seconds)))}
+
+    block, fits = fit_layers(grids(16))
+    assert block == 16 and fits["conv"][2] and not fits["fc"][2]  # a linear layer stays unpadded
+    assert fits["conv"][1] < 1e-9 and fits["fc"][1] > 0.03
+    block, fits = fit_layers(grids(1))  # smooth times: nothing to gain from a block
+    assert block == 1 and not fits["conv"][2] and fits["conv"][1] < 1e-9
+    block, fits = fit_layers(grids(16), block=1)  # asked: no padding
+    assert block == 1 and not fits["conv"][2] and fits["conv"][1] > 0.03
+
+
 def test_a_depthwise_fit_is_a_plus_c_times_its_channels():
     c = np.array([4.0, 8, 16, 24, 32])
     fitted, error = fit_layer(c, c, 2e-5 + 3e-7 * c, 1, True)
@@ -231,13 +266,16 @@ def test_a_measured_model_states_its_own_errors(measured):
         assert model.fit_error[i] == pytest.approx(relative_rms(model.layer_seconds(i, cin, cout), seconds),
                                                    rel=1e-9, abs=1e-12)
         # ... and no other non-negative coefficients fit that grid better (the weighted NNLS optimum)
-        A = layer_terms(cin, cout, 1, False) / seconds[:, None]
-        used = [0, 1, 2, 3] if np.ptp(cin) and np.ptp(cout) else [0, 1] if np.ptp(cin) + np.ptp(cout) else [0]
+        A = layer_terms(cin, cout, 1, False, model.layer_block(i)) / seconds[:, None]
+        pout = A[:, 2] * seconds  # the output count as the layer's form prices it (padded or not)
+        used = [0, 1, 2, 3] if np.ptp(cin) and np.ptp(pout) else [0, 1] if np.ptp(cin) + np.ptp(pout) else [0]
         assert kkt_violation(A[:, used], np.ones_like(seconds), model.coef[i, used]) < 1e-6
     assert set(model.grid["conv1"][:, 0]) == {1} and set(model.grid["fc"][:, 1]) == {10}  # image, classes
-    assert len(model.grid["layer1.0.conv1"]) == 25
-    # the stem's image channels and the classes never vary: their grids are one row of 5
-    assert len(model.grid["conv1"]) == 5 and len(model.grid["fc"]) == 5
+    assert len(model.grid["layer1.0.conv1"]) == 5 * 8  # 5 input counts, 8 output counts (2, 4, ... 16)
+    assert sorted(set(model.grid["layer3.1.conv1"][:, 1])) == [6, 16, 26, 32, 38, 48, 58, 64]  # off the blocks too
+    # the stem's image channels and the classes never vary: their grids are one row of 8 and of 5
+    assert len(model.grid["conv1"]) == 8 and len(model.grid["fc"]) == 5
+    assert model.block in (1, 8, 16, 32) and not model.padded[model.layers.index("fc")]  # a linear layer never is
     # identical configurations share one timing grid
     np.testing.assert_array_equal(model.grid["layer1.1.conv1"], model.grid["layer1.2.conv1"])
     # progress counted every timing, in order
@@ -270,10 +308,10 @@ def test_predict_is_offset_plus_scale_times_the_layer_terms(measured):
 def assert_same(a: LatencyModel, b: LatencyModel) -> None:
     for name in ("model", "mode", "resolution", "num_classes", "in_channels", "device", "device_name", "batch",
                  "threads", "precision", "layers", "scale", "offset", "network_error", "calibration",
-                 "base_latency_s"):
+                 "base_latency_s", "block"):
         assert getattr(a, name) == getattr(b, name), name
         assert type(getattr(a, name)) is type(getattr(b, name)), name
-    for name in ("groups", "depthwise", "coef", "fit_error"):
+    for name in ("groups", "depthwise", "coef", "fit_error", "padded"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and np.array_equal(x, y), name
     assert (a.grid is None) == (b.grid is None)
@@ -295,6 +333,20 @@ def test_save_and_load_round_trip_exactly(measured, tmp_path):
     without = LatencyModel(**{**model.__dict__, "grid": None})
     without.save(tmp_path / "m.h5")  # replaces the file: no grid left behind
     assert LatencyModel.load(tmp_path / "m.h5").grid is None
+
+
+def test_a_version_1_model_reads_as_unpadded(measured, tmp_path):
+    """Files written before blocks existed: no block attribute, no padded dataset, version 1."""
+    model, _ = measured
+    padded = LatencyModel(**{**model.__dict__, "block": 16, "padded": np.ones(len(model.layers), bool)})
+    padded.save(tmp_path / "m.h5")
+    assert LatencyModel.load(tmp_path / "m.h5").block == 16
+    with h5py.File(tmp_path / "m.h5", "a") as f:
+        f.attrs["version"] = 1
+        del f.attrs["block"]
+        del f["padded"]
+    old = LatencyModel.load(tmp_path / "m.h5")
+    assert old.block == 1 and not old.padded.any() and old.layer_block(0) == 1
 
 
 def test_a_missing_truncated_or_foreign_file_is_one_line_naming_it(measured, tmp_path):

@@ -7,10 +7,15 @@ import contextlib
 EPILOG = """\
 Each conv and linear layer is timed alone, as the network runs it (the layer, then the normalisation and the
 activation that follow it in the traced graph), on random input of its own spatial size at the batch, at a grid of
-about 5 x 5 input and output channel counts (fractions 0.1 to 1 of its width, multiples of its conv groups; a count
-the pruning mode cannot change stays at its width), and fitted as
+about 5 input x 8 output channel counts (fractions 0.1 to 1 of its width, multiples of its conv groups; a count the
+pruning mode cannot change stays at its width), and fitted as
 
-  t(cin, cout) = a + b * cin * cout / groups + c * cout + d * cin        (a, b, c, d >= 0; depthwise: a + c * C)
+  t(cin, cout) = a + b * cin * P / groups + c * P + d * cin        (a, b, c, d >= 0; depthwise: a + c * P)
+
+where P is cout, or for a padded layer cout rounded up to the model's channel block (CPU kernels compute output
+channels in blocks: with AVX-512, 17 channels cost as 32). --block auto (the default) tries blocks of 8, 16 and 32,
+pads each conv layer whose grid it fits better, and keeps the block that errs least over the network (1, no
+padding, unless one errs at most 0.9 as much); --block N fixes it (1: no layer padded).
 
 Then the base network and copies pruned uniformly to 0.75, 0.5 and 0.3 of their channels are timed whole, as
 nps latency times them, and network = offset + scale * sum of the layer terms is fitted to them. The table states
@@ -46,6 +51,9 @@ def register(sub) -> None:
                    help="torch intra-op threads (default: torch's current count, stored with the model)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                    help="autocast precision (default fp32 on the CPU, fp16 on a GPU)")
+    p.add_argument("--block", default="auto", metavar="N",
+                   help="channel block output counts are rounded up to in padded layers: auto (default: chosen by "
+                        "the fits among 8, 16, 32, or 1), or a number (1: no padding)")
     p.add_argument("--out", required=True, metavar="FILE", help="HDF5 file to write the model to")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=run)
@@ -75,6 +83,9 @@ def run(args) -> int:
     from nps.pipeline.views.console import make_console
 
     check_out(args.out, args.force)
+    block = None if args.block == "auto" else (int(args.block) if str(args.block).isdigit() else 0)
+    if block is not None and block < 1:
+        raise NpsError(f"--block {args.block}: use auto or a positive channel block (1: no padding)")
     for flag, value in (("--resolution", args.resolution), ("--classes", args.classes),
                         ("--batch", args.batch), ("--threads", args.threads)):
         if value is not None and value < 1:
@@ -91,12 +102,15 @@ def run(args) -> int:
         model = measure_latency_model(args.model, args.resolution, num_classes=args.classes,
                                       in_channels=args.in_channels, mode=args.mode, device=args.device,
                                       batch=args.batch, threads=args.threads, precision=args.precision,
-                                      progress=progress)
+                                      block=block, progress=progress)
     model.save(args.out)
     console.print(layer_table(model))
     console.print(calibration_table(model))
+    padded = int(model.padded.sum())
+    blocks = f"output counts in blocks of {model.block} in {padded} of {len(model.layers)} layers" if padded else \
+        "no layer padded"
     console.print(f"{len(model.layers)} layers on {model.device} ({model.device_name}), batch {model.batch}, "
-                  f"{model.precision}: network = {1e3 * model.offset:.3f} ms + {model.scale:.3f} x sum of layers, "
+                  f"{model.precision}, {blocks}: network = {1e3 * model.offset:.3f} ms + {model.scale:.3f} x sum of layers, "
                   f"network error {100 * model.network_error:.1f} % (RMS over {len(model.calibration['measured_s'])} "
                   f"calibration networks); measured in {time.perf_counter() - started:.0f} s; wrote {args.out}")
     return 0
@@ -112,6 +126,8 @@ def layer_table(model):
         t.add_column(name, justify="left" if name in ("layer", "kind") else "right", no_wrap=True)
     for i, name in enumerate(model.layers):
         kind = "depthwise" if model.depthwise[i] else (f"groups {model.groups[i]}" if model.groups[i] > 1 else "")
+        if model.padded[i]:
+            kind = f"{kind}, padded to {model.block}" if kind else f"padded to {model.block}"
         cells = [name, kind]
         grid = model.grid.get(name) if model.grid else None
         if grid is not None and len(grid):

@@ -15,7 +15,10 @@ latency_model`; why it is measured this way: docs/latency-model.md).
    median (other work only adds time; shuffling spreads a drift of the machine's speed as noise instead of a slope).
    Layers of one configuration (same modules, input shape and counts: the repeated blocks of a stage) run the same
    kernels and share one grid.
-3. Each layer's form is fitted (:func:`nps.pipeline.network.latency_model.fit_layer`).
+3. Each layer's form is fitted (:func:`nps.pipeline.network.latency_model.fit_layer`), with its output count as it
+   is and rounded up to each block of :data:`BLOCKS` (or the block asked for): a conv layer is padded where that
+   fits its grid better, and the model's block is the one whose fits err least over all layers (:func:`fit_layers`;
+   block 1 unless one errs at most :data:`BLOCK_GAIN` as much).
 4. The base network and copies pruned uniformly to :data:`CALIBRATION_KEEPS` are timed whole as ``nps latency``
    times them (:func:`~nps.pipeline.deploy.latency.time_network`, again while noisier than :data:`NOISE_TARGET`; in
    :data:`PASSES` rounds, the least median kept), and ``scale`` and ``offset`` fitted to them.
@@ -36,6 +39,11 @@ from nps.pipeline.errors import NpsError
 from nps.pipeline.network.latency_model import LatencyModel, fit_calibration, fit_layer, relative_rms
 
 GRID_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
+# Output counts: more fractions, most of them off the blocks of 8 and 16 channels (of 64: 6, 16, 26, 32, 38, 48, 58,
+# 64), so that the grid shows whether a layer's time steps with its output count (BLOCKS).
+OUT_FRACTIONS = (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
+BLOCKS = (8, 16, 32)  # channel blocks tried (oneDNN: 8 floats per AVX2 vector, 16 per AVX-512 one)
+BLOCK_GAIN = 0.9  # a block is taken when its fits' mean error is at most this fraction of the unpadded fits' one
 CALIBRATION_KEEPS = (1.0, 0.75, 0.5, 0.3)
 NOISE_TARGET = 0.05  # IQR / median above which a timing is measured again
 PASSES = 3  # times every grid point is timed (in a new shuffled order each pass)
@@ -77,6 +85,7 @@ class LayerSpec:
     vary_out: bool
     step_in: int
     step_out: int
+    count: int = 1  # layers of the network with this configuration (set by measure_latency_model)
 
     def key(self) -> str:
         """What makes two layers time alike."""
@@ -85,16 +94,17 @@ class LayerSpec:
         return "|".join(str(p) for p in parts)
 
     def grid(self) -> list[tuple[int, int]]:
-        """(cin, cout) points: :data:`GRID_FRACTIONS` of each count that varies."""
-        def counts(base: int, step: int, vary: bool) -> list[int]:
+        """(cin, cout) points: :data:`GRID_FRACTIONS` of the input count and :data:`OUT_FRACTIONS` of the output
+        count, where they vary."""
+        def counts(base: int, step: int, vary: bool, fractions) -> list[int]:
             if not vary:
                 return [base]
-            return sorted({step * max(1, math.floor(f * base / step + 0.5)) for f in GRID_FRACTIONS})
+            return sorted({step * max(1, math.floor(f * base / step + 0.5)) for f in fractions})
 
+        outs = counts(self.cout, self.step_out, self.vary_out, OUT_FRACTIONS)
         if self.depthwise:
-            return [(c, c) for c in counts(self.cout, self.step_out, self.vary_out)]
-        return [(i, o) for i in counts(self.cin, self.step_in, self.vary_in)
-                for o in counts(self.cout, self.step_out, self.vary_out)]
+            return [(c, c) for c in outs]
+        return [(i, o) for i in counts(self.cin, self.step_in, self.vary_in, GRID_FRACTIONS) for o in outs]
 
 
 class _Bench(nn.Module):
@@ -267,12 +277,49 @@ def _channels_of(model: nn.Module, names: list[str]) -> dict[str, tuple[int, int
     return out
 
 
+def fit_layers(grids: dict, block: int | None = None) -> tuple[int, dict]:
+    """(the model's block, {configuration key: (coef, fit error, padded)}) for the timed grids (``{key: (spec,
+    points)}``). ``block`` None: each of :data:`BLOCKS` is tried, every conv layer padded where its fit errs less
+    than unpadded, and the block whose fits' mean error (over the network's layers) is least is kept, if it is at
+    most :data:`BLOCK_GAIN` of the unpadded fits' (else 1, no padding). A given block pads every conv layer whose
+    fit it improves; 1 pads none."""
+    def fits_for(b: int) -> dict:
+        out = {}
+        for key, (spec, points) in grids.items():
+            cin, cout, seconds = np.asarray(points, dtype=np.float64).T
+            coef, error = fit_layer(cin, cout, seconds, spec.groups, spec.depthwise)
+            padded = False
+            if b > 1 and not isinstance(spec.module, nn.Linear):
+                coef_b, error_b = fit_layer(cin, cout, seconds, spec.groups, spec.depthwise, b)
+                if error_b < error:
+                    coef, error, padded = coef_b, error_b, True
+            out[key] = (coef, error, padded)
+        return out
+
+    def mean_error(fits: dict) -> float:
+        return float(np.mean([fits[key][1] for key, (spec, _) in grids.items() for _ in range(spec.count)]))
+
+    if block is not None:
+        return int(block), fits_for(int(block))
+    unpadded = fits_for(1)
+    best_block, best = 1, unpadded
+    for b in BLOCKS:
+        fits = fits_for(b)
+        if mean_error(fits) < mean_error(best):
+            best_block, best = b, fits
+    if best_block > 1 and mean_error(best) > BLOCK_GAIN * mean_error(unpadded):
+        return 1, unpadded
+    return best_block, best
+
+
 def measure_latency_model(model_name: str, resolution: int, *, num_classes: int, in_channels: int, mode: str = "all",
                           device: str = "cpu", batch: int | None = None, threads: int | None = None,
-                          precision: str | None = None, progress: Progress | None = None) -> LatencyModel:
+                          precision: str | None = None, block: int | None = None,
+                          progress: Progress | None = None) -> LatencyModel:
     """Measure and fit the latency model of ``model_name`` (see the module docstring). ``batch``, ``threads`` and
     ``precision`` None: :data:`DEFAULT_BATCH`, torch's current thread count, :data:`DEFAULT_PRECISION` for the
-    device. ``progress(done, total, what)`` is called before each timing."""
+    device; ``block`` None: chosen by the fits (:func:`fit_layers`). ``progress(done, total, what)`` is called
+    before each timing."""
     from nps.pipeline.deploy.latency import device_name
     from nps.pipeline.network.layer_table import table_from_graph
     from nps.pipeline.network.models import build_model
@@ -288,6 +335,8 @@ def measure_latency_model(model_name: str, resolution: int, *, num_classes: int,
         raise NpsError(f"--batch {batch}: use a positive batch size")
     if threads is not None and threads < 1:
         raise NpsError(f"--threads {threads}: use a positive thread count")
+    if block is not None and block < 1:
+        raise NpsError(f"--block {block}: use a positive channel block (1: no padding), or auto")
     amp_dtype = PRECISIONS[precision]
     nhwc = resolve_channels_last("auto", dev)
     saved_threads = torch.get_num_threads()
@@ -308,15 +357,17 @@ def measure_latency_model(model_name: str, resolution: int, *, num_classes: int,
         torch.set_num_threads(saved_threads)
     name = f"cpu: {device_name(dev).split(' (')[0]}, {n_threads} thread{'s' if n_threads != 1 else ''}" \
         if dev.type == "cpu" else device_name(dev)
-    fits = {key: fit_layer(*np.asarray(points, dtype=np.float64).T, spec.groups, spec.depthwise)
-            for key, (spec, points) in grids.items()}
     keys = [s.key() for s in specs]
+    for key in keys:
+        grids[key][0].count = keys.count(key)
+    chosen, fits = fit_layers(grids, block)
     model = LatencyModel(model_name, mode, int(resolution), num_classes, in_channels, dev.type, name, batch,
                          n_threads, precision, layers=[s.name for s in specs], groups=[s.groups for s in specs],
                          depthwise=[s.depthwise for s in specs], coef=[fits[k][0] for k in keys],
                          fit_error=[fits[k][1] for k in keys], scale=1.0, offset=0.0, network_error=math.nan,
                          calibration={}, base_latency_s=timings[0].median_s,
-                         grid={s.name: np.asarray(grids[k][1], dtype=np.float64) for s, k in zip(specs, keys)})
+                         grid={s.name: np.asarray(grids[k][1], dtype=np.float64) for s, k in zip(specs, keys)},
+                         block=chosen, padded=[fits[k][2] for k in keys])
     sums = [sum(model.layer_seconds(i, *channels[n]) for i, n in enumerate(model.layers))
             for _, _, channels in networks]
     measured = [t.median_s for t in timings]

@@ -7,7 +7,11 @@ it (the layer, then the normalisation and activation that follow it), takes
     t_i(cin, cout) = a_i + b_i · cin · cout / groups_i + c_i · cout + d_i · cin        seconds, a, b, c, d >= 0
 
 (a depthwise conv, whose channels are one count C: ``a_i + c_i · C``, b = d = 0): a fixed cost (the call), the
-multiply-accumulates, and the memory traffic of its output and its input. The whole network takes
+multiply-accumulates, and the memory traffic of its output and its input. A **padded** layer (``padded[i]``) takes
+its output count rounded up to the model's ``block``, ``P(cout) = block · ceil(cout / block)``, in place of cout:
+CPU kernels (oneDNN) compute output channels in vector-width blocks (16 floats with AVX-512), so 17 output channels
+cost as much as 32 and 12 as much as 16. ``nps latency-model`` chooses the block and which layers it fits better
+(``block`` 1: no layer is padded). The whole network takes
 
     T(channels) = offset + scale · Σ_i t_i(cin_i, cout_i)
 
@@ -33,12 +37,12 @@ import numpy as np
 from nps.pipeline.errors import NpsError
 
 FORMAT = "nps-latency-model"
-VERSION = 1
+VERSION = 2  # 2: block and padded (a version-1 file reads as block 1, no layer padded)
 CALIBRATION_KEYS = ("keep_fraction", "measured_s", "predicted_s", "iqr_over_median")
 _ATTRS = ("model", "mode", "resolution", "num_classes", "in_channels", "device", "device_name", "batch", "threads",
-          "precision", "scale", "offset", "network_error", "base_latency_s")
+          "precision", "scale", "offset", "network_error", "base_latency_s", "block")
 _TEXT = ("model", "mode", "device", "device_name", "precision")
-_INTS = ("resolution", "num_classes", "in_channels", "batch", "threads")
+_INTS = ("resolution", "num_classes", "in_channels", "batch", "threads", "block")
 
 
 def nnls(A: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -65,11 +69,18 @@ def nnls(A: np.ndarray, y: np.ndarray) -> np.ndarray:
     return best
 
 
-def layer_terms(cin, cout, groups: int, depthwise: bool) -> np.ndarray:
-    """The columns of a layer's form at (cin, cout): (1, cin·cout/groups, cout, cin); a depthwise conv's are
-    (1, 0, C, 0) with C = cout."""
+def padded_count(count, block: int):
+    """``block · ceil(count / block)``: a channel count as a kernel computing blocks of ``block`` channels pays for
+    it (``count`` itself for block 1)."""
+    count = np.asarray(count, dtype=np.float64)
+    return count if block <= 1 else block * np.ceil(count / block)
+
+
+def layer_terms(cin, cout, groups: int, depthwise: bool, block: int = 1) -> np.ndarray:
+    """The columns of a layer's form at (cin, cout): (1, cin·P/groups, P, cin) with P the output count rounded up to
+    ``block`` (:func:`padded_count`; P = cout for block 1); a depthwise conv's are (1, 0, P, 0)."""
     cin = np.asarray(cin, dtype=np.float64)
-    cout = np.asarray(cout, dtype=np.float64)
+    cout = padded_count(cout, block)
     cin, cout = np.broadcast_arrays(cin, cout)
     one, zero = np.ones_like(cout), np.zeros_like(cout)
     if depthwise:
@@ -84,8 +95,9 @@ def relative_rms(predicted, measured) -> float:
     return float(np.sqrt(np.mean(((predicted - measured) / measured) ** 2)))
 
 
-def fit_layer(cin, cout, seconds, groups: int, depthwise: bool) -> tuple[np.ndarray, float]:
-    """(coef a, b, c, d >= 0; relative RMS error on the points) of one layer's timing grid.
+def fit_layer(cin, cout, seconds, groups: int, depthwise: bool, block: int = 1) -> tuple[np.ndarray, float]:
+    """(coef a, b, c, d >= 0; relative RMS error on the points) of one layer's timing grid, its output count padded
+    to ``block`` (:func:`layer_terms`).
 
     A count that does not vary on the grid (the image's channels into the stem, the classes out of the classifier,
     the residual stream in ``internal`` mode) cannot separate its terms: the slope in the other count goes to ``b``
@@ -95,12 +107,13 @@ def fit_layer(cin, cout, seconds, groups: int, depthwise: bool) -> tuple[np.ndar
     seconds = np.asarray(seconds, dtype=np.float64)
     if seconds.size == 0 or np.any(~np.isfinite(seconds)) or np.any(seconds <= 0):
         raise ValueError("a layer fit needs positive, finite timings")
-    A = layer_terms(cin, cout, groups, depthwise)
+    A = layer_terms(cin, cout, groups, depthwise, block)
+    pout = padded_count(cout, block)
     if depthwise:
-        columns = [0, 2] if np.ptp(cout) > 0 else [0]
-    elif np.ptp(cin) > 0 and np.ptp(cout) > 0:
+        columns = [0, 2] if np.ptp(pout) > 0 else [0]
+    elif np.ptp(cin) > 0 and np.ptp(pout) > 0:
         columns = [0, 1, 2, 3]
-    elif np.ptp(cin) > 0 or np.ptp(cout) > 0:
+    elif np.ptp(cin) > 0 or np.ptp(pout) > 0:
         columns = [0, 1]
     else:
         columns = [0]
@@ -149,10 +162,17 @@ class LatencyModel:
     calibration: dict  # "keep_fraction", "measured_s", "predicted_s", "iqr_over_median": lists
     base_latency_s: float  # measured latency of the unpruned network
     grid: dict | None = field(default=None)  # layer name -> (n, 3) float64 array: cin, cout, seconds
+    block: int = 1  # the channel block of the device's kernels: a padded layer's output count is rounded up to it
+    padded: np.ndarray | None = None  # (L,) bool: layers priced at their padded output count (None: none)
 
     def __post_init__(self):
         self.groups = np.asarray(self.groups, dtype=np.int64)
         self.depthwise = np.asarray(self.depthwise, dtype=bool)
+        self.block = int(self.block)
+        self.padded = np.zeros(len(self.groups), dtype=bool) if self.padded is None else \
+            np.asarray(self.padded, dtype=bool)
+        if self.block < 1 or len(self.padded) != len(self.groups):
+            raise ValueError("a latency model needs block >= 1 and one padded flag per layer")
         self.coef = np.asarray(self.coef, dtype=np.float64).reshape(-1, 4)
         self.fit_error = np.asarray(self.fit_error, dtype=np.float64)
         self.layers = [str(n) for n in self.layers]
@@ -163,9 +183,14 @@ class LatencyModel:
         if np.any(self.coef < 0) or not np.all(np.isfinite(self.coef)):
             raise ValueError("latency coefficients must be finite and non-negative")
 
+    def layer_block(self, i: int) -> int:
+        """The block layer ``i``'s output count is rounded up to (1: not padded)."""
+        return self.block if self.padded[i] else 1
+
     def layer_seconds(self, i: int, cin, cout):
         """Layer ``i``'s term at (cin, cout) (no scale or offset): a float, or an array for array counts."""
-        value = layer_terms(cin, cout, int(self.groups[i]), bool(self.depthwise[i])) @ self.coef[i]
+        terms = layer_terms(cin, cout, int(self.groups[i]), bool(self.depthwise[i]), self.layer_block(i))
+        value = terms @ self.coef[i]
         return float(value) if np.ndim(value) == 0 else value
 
     def predict(self, channels: dict) -> float:
@@ -195,6 +220,7 @@ class LatencyModel:
         group.create_dataset("depthwise", data=self.depthwise.astype(np.uint8))
         group.create_dataset("coef", data=self.coef)
         group.create_dataset("fit_error", data=self.fit_error)
+        group.create_dataset("padded", data=self.padded.astype(np.uint8))
         cal = group.create_group("calibration")
         for key in CALIBRATION_KEYS:
             cal.create_dataset(key, data=np.asarray(self.calibration[key], dtype=np.float64))
@@ -219,6 +245,9 @@ class LatencyModel:
         try:
             values = {}
             for name in _ATTRS:
+                if name == "block" and version < 2:
+                    values[name] = 1
+                    continue
                 raw = group.attrs[name]
                 values[name] = (raw.decode() if isinstance(raw, bytes) else str(raw)) if name in _TEXT else \
                     (int(raw) if name in _INTS else float(raw))
@@ -227,6 +256,7 @@ class LatencyModel:
             values["depthwise"] = group["depthwise"][()].astype(bool)
             values["coef"] = group["coef"][()]
             values["fit_error"] = group["fit_error"][()]
+            values["padded"] = group["padded"][()].astype(bool) if version >= 2 else None
             values["calibration"] = {k: [float(v) for v in group["calibration"][k][()]] for k in CALIBRATION_KEYS}
             grid = None
             if "grid" in group:

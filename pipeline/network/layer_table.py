@@ -211,22 +211,38 @@ def _paper_terms(graph: ChannelGraph, flops: _FormBuilder, combo) -> None:
 
 def latency_form(graph: ChannelGraph, selection: GroupSelection, model) -> QuadraticForm:
     """The latency model ``model`` (:class:`nps.pipeline.network.latency_model.LatencyModel`) as a form over the
-    groups' unit counts: ``offset + scale · Σ_layers (a + b·cin·cout/groups + c·cout + d·cin)`` (a depthwise conv:
-    ``a + c·C``), each layer's cin and cout the linear functions of the kept units the FLOPs form uses, every
-    coefficient rounded to whole femtoseconds (:data:`LATENCY_UNIT`). Non-negative coefficients make it monotone
-    in every count, as the samplers need."""
+    groups' unit counts: ``offset + scale · Σ_layers (a + b·cin·P/groups + c·P + d·cin)`` (a depthwise conv:
+    ``a + c·P``), each layer's cin the linear function of the kept units the FLOPs form uses and P its output count
+    (:func:`~nps.pipeline.network.latency_model.layer_terms`), every coefficient rounded to whole femtoseconds
+    (:data:`LATENCY_UNIT`). A padded layer's P is its output group's padded variable (a padded form,
+    :mod:`nps.kernels.complexity`) when its output channels are one group's (the usual conv); a fixed output count
+    is padded in the constant; an output made of several groups (a concatenation) is priced unpadded. Non-negative
+    coefficients make it monotone in every count, as the samplers need."""
+    from nps.pipeline.network.latency_model import padded_count
+
     combo = _combiner(graph, selection)
     index = {name: i for i, name in enumerate(model.layers)}
     missing = [name for name in graph.weight_order if name not in index]
     if missing:
         raise NpsError(f"the latency model of {model.model} has no timing of layer {missing[0]!r} "
                        f"({len(missing)} missing): measure it again with nps latency-model for this network")
-    form = _FormBuilder(len(selection.classes), exact=False)
+    G = len(selection.classes)
+    unit = [int(g) for g in selection.granularity]
+    form = _FormBuilder(2 * G, exact=False)  # variables G + j: group j's channels padded to the block
     form.const = model.offset / LATENCY_UNIT
+    padded_any = False
     for name in graph.weight_order:
         layer, i = graph.weights[name], index[name]
         a, b, c, d = (float(x) * model.scale / LATENCY_UNIT for x in model.coef[i])
         inp, out = combo(layer.inp), combo(layer.out)
+        block = model.layer_block(i)
+        if block > 1:
+            const, lin = out
+            if not lin:
+                out = (int(padded_count(const, block)), {})
+            elif const == 0 and len(lin) == 1 and next(iter(lin.values())) == unit[next(iter(lin))]:
+                out = (0, {G + next(iter(lin)): 1})
+                padded_any = True
         form.const += a
         if layer.kind == "depthwise":
             form.add(c, out)
@@ -234,7 +250,11 @@ def latency_form(graph: ChannelGraph, selection: GroupSelection, model) -> Quadr
         form.add(b / layer.groups, inp, out)
         form.add(c, out)
         form.add(d, inp)
-    return form.form()
+    full = form.form()
+    if not padded_any:
+        return QuadraticForm(full.const, full.linear[:G], full.pair_a, full.pair_b, full.pair_w)
+    return QuadraticForm(full.const, full.linear, full.pair_a, full.pair_b, full.pair_w,
+                         pad_mult=np.asarray(unit, dtype=np.int64), pad_block=np.full(G, model.block, np.int64))
 
 
 def check_latency_model(table: LayerTable, model) -> None:

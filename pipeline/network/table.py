@@ -162,6 +162,9 @@ class LayerTable:
             group.create_dataset(f"{prefix}_pair_a", data=form.pair_a)
             group.create_dataset(f"{prefix}_pair_b", data=form.pair_b)
             group.create_dataset(f"{prefix}_pair_w", data=form.pair_w)
+            if form.padded:  # a latency form whose layers price output channels in blocks (kernels.complexity)
+                group.create_dataset(f"{prefix}_pad_mult", data=form.pad_mult)
+                group.create_dataset(f"{prefix}_pad_block", data=form.pad_block)
         for key in ("mode", "model", "flops_convention"):
             group.attrs[key] = getattr(self, key)
         for key in ("resolution", "num_classes", "in_channels", "base_flops", "base_params", "channel_multiple"):
@@ -176,9 +179,11 @@ class LayerTable:
             return value.decode() if isinstance(value, bytes) else str(value)
 
         def form(prefix: str) -> QuadraticForm:
+            pad = [group[f"{prefix}_{k}"][()] for k in ("pad_mult", "pad_block")] \
+                if f"{prefix}_pad_mult" in group else [None, None]
             return QuadraticForm(int(group[f"{prefix}_const"][()]), group[f"{prefix}_linear"][()],
                                  group[f"{prefix}_pair_a"][()], group[f"{prefix}_pair_b"][()],
-                                 group[f"{prefix}_pair_w"][()])
+                                 group[f"{prefix}_pair_w"][()], *pad)
 
         members = [text(m) for m in group["members"][()]]
         channels = np.asarray(group["channels"][()], dtype=np.int64)
