@@ -57,7 +57,7 @@ def register(sub) -> None:
     p.add_argument("--missing", action="store_true", help="only rows this device has no timing of yet")
     p.add_argument("--runs", type=int, default=20, help="timed runs per network and batch (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed forwards first (default 5)")
-    p.add_argument("--passes", type=int, default=3,
+    p.add_argument("--passes", type=int, default=None,
                    help="passes over all the networks, each after the first in a shuffled order; each network keeps "
                         "its least median (default 3; 1: one timing each, in file order)")
     p.set_defaults(func=run)
@@ -76,8 +76,11 @@ def run(args) -> int:
         raise NpsError(f"{args.results}: no such file")
     if args.runs < 3:
         raise NpsError(f"--runs {args.runs}: use at least 3 (the interquartile range needs them)")
-    if args.passes < 1:
+    from nps.pipeline.deploy.latency import DEFAULT_PASSES
+
+    if args.passes is not None and args.passes < 1:
         raise NpsError(f"--passes {args.passes}: use 1 or more")
+    passes = DEFAULT_PASSES if args.passes is None else args.passes
     if args.warmup < 0 or (args.threads or 0) < 0:
         raise NpsError("--warmup and --threads: use 0 or more")
     _model_defaults(args)
@@ -88,11 +91,11 @@ def run(args) -> int:
         def progress(i, n, target):
             if spinner is not None:
                 what = "the base network" if target.row < 0 else f"{target.space} row {target.row}"
-                which = f", pass {i // max(1, n // args.passes) + 1} of {args.passes}" if args.passes > 1 else ""
+                which = f", pass {i // max(1, n // passes) + 1} of {passes}" if passes > 1 else ""
                 spinner.update(f"timing {what} ({i + 1}/{n}{which})")
 
         options = TimingOptions(batches=batches, threads=args.threads, warmup=args.warmup, runs=args.runs,
-                                passes=args.passes)
+                                passes=passes)
         session = measure_results(args.results, spaces=args.space, device=args.device, options=options,
                                   all_rows=args.all_rows, only_missing=args.missing, progress=progress)
     if not session["records"]:
