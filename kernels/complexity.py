@@ -109,17 +109,14 @@ class QuadraticForm:
         return evaluate_many(np.ascontiguousarray(self.variables(keep)), *self.arrays())
 
     def gradient(self, keep) -> np.ndarray:
-        """d value / d keep at one real-valued keep vector (float64, shape (G,)); a padded form's padded counts are
-        taken as smooth (P_i ≈ mult_i · keep_i), which is what a direction of search needs."""
-        keep = np.asarray(keep, dtype=np.float64)
+        """d value / d keep at one real-valued keep vector (float64, shape (G,)): the window kernel's direction
+        (a padded form, a step function, is drawn by plain rejection and has none)."""
         if self.padded:
-            keep = np.concatenate([keep, keep * self.pad_mult])
+            raise ValueError("a padded form is a step function: it has no gradient")
+        keep = np.asarray(keep, dtype=np.float64)
         g = self.linear.astype(np.float64).copy()
         np.add.at(g, self.pair_a, self.pair_w * keep[self.pair_b])
         np.add.at(g, self.pair_b, self.pair_w * keep[self.pair_a])
-        if self.padded:
-            G = self.groups
-            return g[:G] + g[G:] * self.pad_mult
         return g
 
     def __eq__(self, other):
@@ -144,20 +141,14 @@ def evaluate_one(keep, const, linear, pair_a, pair_b, pair_w):
 
 
 @njit(nogil=True, cache=True)
-def evaluate_padded(keep, const, linear, pair_a, pair_b, pair_w, pad_mult, pad_block, x):
-    """Exact int64 value of a padded form (see the module docstring) at one integer keep vector (G,); ``x`` is a
-    work array of 2G int64 for its variables."""
+def pad_variables(keep, pad_mult, pad_block, x):
+    """A padded form's 2G variables at one integer keep vector (G,) into ``x``: keep, then each group's channels
+    rounded up to its block (see the module docstring); the form's value is then :func:`evaluate_one` at ``x``."""
     G = keep.shape[0]
     for i in range(G):
         x[i] = keep[i]
         b = pad_block[i]
         x[G + i] = b * ((pad_mult[i] * keep[i] + b - 1) // b)
-    total = const
-    for i in range(linear.shape[0]):
-        total += linear[i] * x[i]
-    for p in range(pair_w.shape[0]):
-        total += pair_w[p] * x[pair_a[p]] * x[pair_b[p]]
-    return total
 
 
 @njit(nogil=True, cache=True)

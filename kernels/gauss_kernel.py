@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nps.kernels.complexity import evaluate_one, evaluate_padded, njit
+from nps.kernels.complexity import evaluate_one, njit, pad_variables
 from nps.kernels.xoshiro import fill_normals, uniform
 
 # Rejection reasons, indices into the counters the kernels return.
@@ -244,9 +244,9 @@ class Plain(NamedTuple):
 # The output row (both kernels) and the exact checks of the plain one.
 
 
-# complexity.evaluate_one and evaluate_padded, inlined where _finish calls them (the speed rule above).
+# complexity.evaluate_one and pad_variables, inlined where _finish calls them (the speed rule above).
 _evaluate_inline = njit(nogil=True, inline="always")(getattr(evaluate_one, "py_func", evaluate_one))
-_padded_inline = njit(nogil=True, inline="always")(getattr(evaluate_padded, "py_func", evaluate_padded))
+_pad_inline = njit(nogil=True, inline="always")(getattr(pad_variables, "py_func", pad_variables))
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -282,9 +282,9 @@ def _finish(r, keep, x, table, limits, counts):
             return False, 0, 0, 0.0
         total += r[i]
         keep[i] = _count(r[i], channels[i])
-    if table.tpad_mult.shape[0] > 0:
-        const, linear, pair_a, pair_b, pair_w = table.target
-        tv = _padded_inline(keep, const, linear, pair_a, pair_b, pair_w, table.tpad_mult, table.tpad_block, x)
+    if table.tpad_mult.shape[0] > 0:  # a padded target: its form over keep and the padded counts
+        _pad_inline(keep, table.tpad_mult, table.tpad_block, x)
+        tv = _value(x, table.target)
     else:
         tv = _value(keep, table.target)
     if tv < limits.lo_t or tv > limits.hi_t:

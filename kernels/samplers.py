@@ -187,9 +187,11 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     u = uniform_ratio(table, space.target, space.value) if space.kind != "uniform" else 0.0
     std_lo, std_hi = space.std_band if space.std_band else (0.0, np.inf)
     limits = gk.Limits(space.R, std_lo, std_hi, lo_t, hi_t, mcb_lo, mcb_hi, target_is_flops, base_ratio)
-    direction = _direction(tform, channels, u, hi_t - lo_t, space.R) if space.kind != "uniform" else None
+    # the window kernel's direction; a padded (step) form has no quadratic bounds for a window: plain rejection
+    window = space.kind != "uniform" and not tform.padded
+    direction = _direction(tform, channels, u, hi_t - lo_t, space.R) if window else None
 
-    plain = False  # set below when the window buys nothing (see PLAIN_ABOVE)
+    plain = space.kind != "uniform" and not window  # a padded target; also set below when the window buys nothing
 
     def run(zmax, state, rows, job, counts):
         """One kernel call: fill ``rows`` from ``job.start`` on (``job``: a :class:`gauss_kernel.Job`)."""
@@ -200,11 +202,9 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
                                counts)
 
     zmax = 1.0
-    if space.kind != "uniform" and tform.padded:
-        plain = True  # a padded (step) form has no quadratic bounds for the window: plain rejection, checked exactly
-    elif space.kind != "uniform" and not np.any(direction > 0):
+    if window and not np.any(direction > 0):
         plain = True  # no group can move along t (every one is too narrow for R): nothing for a window to do
-    elif space.kind != "uniform":
+    elif window:
         # Pilot: the largest window mass over a few thousand draws, with margin, is the envelope. The kernel
         # reports every Z it sees, so a bound that turns out too small is caught below and the run restarts.
         zseen = _pilot(run, seed, G)

@@ -73,19 +73,20 @@ def test_the_block_is_the_one_whose_fits_err_least_and_only_conv_layers_are_padd
 
     cin, cout = grid(CIN, np.array([2, 6, 10, 16, 20, 26, 32, 40, 48, 58, 64]))
     coef = np.array([3e-5, 2e-7, 1e-6, 4e-6])
-    conv = SimpleNamespace(groups=1, depthwise=False, module=nn.Conv2d(16, 64, 3), count=3)
-    fc = SimpleNamespace(groups=1, depthwise=False, module=nn.Linear(16, 64), count=1)
+    conv = SimpleNamespace(groups=1, depthwise=False, module=nn.Conv2d(16, 64, 3))
+    fc = SimpleNamespace(groups=1, depthwise=False, module=nn.Linear(16, 64))
+    layers = ["conv"] * 3 + ["fc"]  # three layers of the conv's configuration, one of the classifier's
 
     def grids(block):
         seconds = layer_terms(cin, cout, 1, False, block) @ coef
         return {"conv": (conv, list(zip(cin, cout, seconds))), "fc": (fc, list(zip(cin, cout, seconds)))}
 
-    block, fits = fit_layers(grids(16))
+    block, fits = fit_layers(grids(16), layers)
     assert block == 16 and fits["conv"][2] and not fits["fc"][2]  # a linear layer stays unpadded
     assert fits["conv"][1] < 1e-9 and fits["fc"][1] > 0.03
-    block, fits = fit_layers(grids(1))  # smooth times: nothing to gain from a block
+    block, fits = fit_layers(grids(1), layers)  # smooth times: nothing to gain from a block
     assert block == 1 and not fits["conv"][2] and fits["conv"][1] < 1e-9
-    block, fits = fit_layers(grids(16), block=1)  # asked: no padding
+    block, fits = fit_layers(grids(16), layers, block=1)  # asked: no padding
     assert block == 1 and not fits["conv"][2] and fits["conv"][1] > 0.03
 
 

@@ -18,8 +18,9 @@ dense base network's speed.
 Every network is timed in --passes passes over them all (default 3: the first in file order, the others each in a
 shuffled order) and keeps its least median: other work and a virtual machine's slower spells only add time, and the
 shuffle spreads a slow spell over different networks in each pass. The table shows each timing's noise,
-IQR/median; a timing above 5 % is taken again (twice at most, the least noisy kept), and a line warns when some still exceed 10 % (a shared or busy machine, or more threads than free cores):
-their speed-ups are unreliable, time again with fewer threads on a quiet machine. A results file with a latency model
+IQR/median; a timing above 5 % is taken again (twice at most, the least noisy kept), and a line warns when some
+still exceed 10 % (a shared or busy machine, or more threads than free cores): their speed-ups are unreliable, time
+again with fewer threads on a quiet machine. A results file with a latency model
 (c_latency regimes, nps latency-model) is timed at the model's device, batch and threads unless told otherwise, so
 that nps report can set each row's predicted latency against its measured one.
 

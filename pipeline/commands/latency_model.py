@@ -110,9 +110,9 @@ def run(args) -> int:
     blocks = f"output counts in blocks of {model.block} in {padded} of {len(model.layers)} layers" if padded else \
         "no layer padded"
     console.print(f"{len(model.layers)} layers on {model.device} ({model.device_name}), batch {model.batch}, "
-                  f"{model.precision}, {blocks}: network = {1e3 * model.offset:.3f} ms + {model.scale:.3f} x sum of layers, "
-                  f"network error {100 * model.network_error:.1f} % (RMS over {len(model.calibration['measured_s'])} "
-                  f"calibration networks); measured in {time.perf_counter() - started:.0f} s; wrote {args.out}")
+                  f"{model.precision}, {blocks}: network = {1e3 * model.offset:.3f} ms + {model.scale:.3f} x sum of "
+                  f"layers, network error {100 * model.network_error:.1f} % (RMS over "
+                  f"{len(model.calibration['measured_s'])} calibration networks); measured in {time.perf_counter() - started:.0f} s; wrote {args.out}")
     return 0
 
 

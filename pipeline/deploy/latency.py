@@ -271,15 +271,15 @@ def _time_targets(table, amp_name: str, dev, targets: list[Target], o: TimingOpt
                     "retry_above": float(o.retry_above), "retries": int(o.retries), "passes": int(o.passes),
                     "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         everything = [Target(BASE, -1, None)] + targets
-        best: dict[tuple[int, int], dict] = {}
+        taken: dict[tuple[int, int], list] = {(t, b): [] for t in range(len(everything)) for b in o.batches}
         rng = np.random.default_rng(0)
-        total = len(everything) * max(1, o.passes)
-        for p in range(max(1, o.passes)):
+        passes = max(1, o.passes)
+        for p in range(passes):
             order = np.arange(len(everything)) if p == 0 else rng.permutation(len(everything))
             for step, t in enumerate(order.tolist()):
                 target = everything[t]
                 if progress is not None:
-                    progress(p * len(everything) + step, total, target)
+                    progress(p * len(everything) + step, passes * len(everything), target)
                 model = base if target.keep is None else prune_model(base, table, target.keep)
                 if target.weights:
                     model.load_state_dict(load_tensors(target.weights, f"the weights of row {target.row} of "
@@ -289,15 +289,13 @@ def _time_targets(table, amp_name: str, dev, targets: list[Target], o: TimingOpt
                         return time_network(model, table, batch, device=dev, channels_last=nhwc,
                                             amp_dtype=amp_dtype, warmup=o.warmup, runs=o.runs, min_run_s=o.min_run_s)
 
-                    timing, attempts = timed_quietly(once, o.retry_above, o.retries)
-                    kept = best.get((t, batch))
-                    if kept is None or timing.median_s < kept["timing"].median_s:
-                        best[(t, batch)] = {"space": target.space, "row": target.row, "batch": batch,
-                                            "timing": timing, "weights": target.weights is not None,
-                                            "attempts": attempts + (kept["attempts"] if kept else 0)}
-                    else:
-                        kept["attempts"] += attempts
-        records = [best[(t, batch)] for t in range(len(everything)) for batch in o.batches]
+                    taken[t, batch].append(timed_quietly(once, o.retry_above, o.retries))
+        records = []
+        for (t, batch), timings in taken.items():  # each network and batch: its pass with the least median
+            target = everything[t]
+            records.append({"space": target.space, "row": target.row, "batch": batch,
+                            "timing": min((timing for timing, _ in timings), key=lambda tm: tm.median_s),
+                            "weights": target.weights is not None, "attempts": sum(a for _, a in timings)})
     finally:
         torch.set_num_threads(saved_threads)
     return settings, records

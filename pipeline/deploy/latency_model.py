@@ -85,7 +85,6 @@ class LayerSpec:
     vary_out: bool
     step_in: int
     step_out: int
-    count: int = 1  # layers of the network with this configuration (set by measure_latency_model)
 
     def key(self) -> str:
         """What makes two layers time alike."""
@@ -277,31 +276,32 @@ def _channels_of(model: nn.Module, names: list[str]) -> dict[str, tuple[int, int
     return out
 
 
-def fit_layers(grids: dict, block: int | None = None) -> tuple[int, dict]:
+def fit_layers(grids: dict, layer_keys: list[str], block: int | None = None) -> tuple[int, dict]:
     """(the model's block, {configuration key: (coef, fit error, padded)}) for the timed grids (``{key: (spec,
-    points)}``). ``block`` None: each of :data:`BLOCKS` is tried, every conv layer padded where its fit errs less
-    than unpadded, and the block whose fits' mean error (over the network's layers) is least is kept, if it is at
-    most :data:`BLOCK_GAIN` of the unpadded fits' (else 1, no padding). A given block pads every conv layer whose
-    fit it improves; 1 pads none."""
+    points)}``) of a network whose layers have the configurations ``layer_keys`` (one per layer, repeats counted).
+    ``block`` None: each of :data:`BLOCKS` is tried, every conv layer padded where its fit errs less than unpadded,
+    and the block whose fits' mean error over the network's layers is least is kept, if it is at most
+    :data:`BLOCK_GAIN` of the unpadded fits' (else 1, no padding). A given block pads every conv layer whose fit it
+    improves; 1 pads none."""
+    points = {key: np.asarray(p, dtype=np.float64).T for key, (_, p) in grids.items()}
+    unpadded = {key: (*fit_layer(*points[key], spec.groups, spec.depthwise), False)
+                for key, (spec, _) in grids.items()}
+
     def fits_for(b: int) -> dict:
-        out = {}
-        for key, (spec, points) in grids.items():
-            cin, cout, seconds = np.asarray(points, dtype=np.float64).T
-            coef, error = fit_layer(cin, cout, seconds, spec.groups, spec.depthwise)
-            padded = False
-            if b > 1 and not isinstance(spec.module, nn.Linear):
-                coef_b, error_b = fit_layer(cin, cout, seconds, spec.groups, spec.depthwise, b)
-                if error_b < error:
-                    coef, error, padded = coef_b, error_b, True
-            out[key] = (coef, error, padded)
+        out = dict(unpadded)
+        if b > 1:
+            for key, (spec, _) in grids.items():
+                if not isinstance(spec.module, nn.Linear):
+                    coef, error = fit_layer(*points[key], spec.groups, spec.depthwise, b)
+                    if error < unpadded[key][1]:
+                        out[key] = (coef, error, True)
         return out
 
     def mean_error(fits: dict) -> float:
-        return float(np.mean([fits[key][1] for key, (spec, _) in grids.items() for _ in range(spec.count)]))
+        return float(np.mean([fits[key][1] for key in layer_keys]))
 
     if block is not None:
         return int(block), fits_for(int(block))
-    unpadded = fits_for(1)
     best_block, best = 1, unpadded
     for b in BLOCKS:
         fits = fits_for(b)
@@ -358,9 +358,7 @@ def measure_latency_model(model_name: str, resolution: int, *, num_classes: int,
     name = f"cpu: {device_name(dev).split(' (')[0]}, {n_threads} thread{'s' if n_threads != 1 else ''}" \
         if dev.type == "cpu" else device_name(dev)
     keys = [s.key() for s in specs]
-    for key in keys:
-        grids[key][0].count = keys.count(key)
-    chosen, fits = fit_layers(grids, block)
+    chosen, fits = fit_layers(grids, keys, block)
     model = LatencyModel(model_name, mode, int(resolution), num_classes, in_channels, dev.type, name, batch,
                          n_threads, precision, layers=[s.name for s in specs], groups=[s.groups for s in specs],
                          depthwise=[s.depthwise for s in specs], coef=[fits[k][0] for k in keys],

@@ -108,7 +108,7 @@ def fit_layer(cin, cout, seconds, groups: int, depthwise: bool, block: int = 1) 
     if seconds.size == 0 or np.any(~np.isfinite(seconds)) or np.any(seconds <= 0):
         raise ValueError("a layer fit needs positive, finite timings")
     A = layer_terms(cin, cout, groups, depthwise, block)
-    pout = padded_count(cout, block)
+    pout = A[:, 2]  # the output count as the form prices it (padded to the block)
     if depthwise:
         columns = [0, 2] if np.ptp(pout) > 0 else [0]
     elif np.ptp(cin) > 0 and np.ptp(pout) > 0:

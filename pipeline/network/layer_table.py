@@ -238,10 +238,11 @@ def latency_form(graph: ChannelGraph, selection: GroupSelection, model) -> Quadr
         block = model.layer_block(i)
         if block > 1:
             const, lin = out
-            if not lin:
+            group, per_unit = next(iter(lin.items())) if len(lin) == 1 else (None, 0)
+            if not lin:  # a fixed output count
                 out = (int(padded_count(const, block)), {})
-            elif const == 0 and len(lin) == 1 and next(iter(lin.values())) == unit[next(iter(lin))]:
-                out = (0, {G + next(iter(lin)): 1})
+            elif const == 0 and per_unit == unit[group]:  # one group's channels: its padded variable
+                out = (0, {G + group: 1})
                 padded_any = True
         form.const += a
         if layer.kind == "depthwise":

@@ -29,17 +29,17 @@ def _frontier(points: list[dict]) -> list[dict]:
     return out
 
 
-def latency_summary(reader, pops, base_top1: float = math.nan, measured: dict | None = None) -> dict:
+def latency_summary(pops, measured: dict, base_top1: float = math.nan) -> dict:
     """Per device measured: the settings, the base network's latency, per space its finished rows' c_flops, top-1,
     latency and speed-up per batch, each space's winner (lowest drop) with its latencies (median, IQR, noise = IQR /
     median, speed-up), per batch the top-1 vs latency frontier (the base included), and how many of the device's
     ``timings`` are ``noisy`` (noise above ``noise_limit``). ``{}`` when the file has no measurements.
-    ``measured``: :func:`~nps.pipeline.results.latency.read_latency` of the file, when the caller has it."""
+    ``measured``: :func:`~nps.pipeline.results.latency.read_latency` of the file."""
     from nps.pipeline.results.analysis import regime_key
-    from nps.pipeline.results.latency import BASE, read_latency
+    from nps.pipeline.results.latency import BASE
 
     out = {}
-    for device, cols in (read_latency(reader) if measured is None else measured).items():
+    for device, cols in measured.items():
         index = {(s, int(r), int(b)): i for i, (s, r, b) in enumerate(zip(cols["space"], cols["row"], cols["batch"]))}
         batches = sorted({int(b) for b in cols["batch"]})
 

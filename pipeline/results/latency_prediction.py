@@ -30,21 +30,20 @@ FILE = "latency_prediction.png"
 QUIET = 0.05  # IQR / median above which a timing counts as noisy here (nps latency takes such a timing again)
 
 
-def prediction_summary(reader, table, pops, measured: dict | None = None) -> dict | None:
+def prediction_summary(reader, table, pops, measured: dict) -> dict | None:
     """The comparison (see the module docstring), or None when the file has no latency model or no row was measured
-    at its device and batch. ``measured``: :func:`~nps.pipeline.results.latency.read_latency` of the file, when the
-    caller has it."""
+    at its device and batch. ``measured``: :func:`~nps.pipeline.results.latency.read_latency` of the file."""
     from nps.pipeline.network.pruning_kind import kind_of
     from nps.pipeline.network.table import LATENCY_UNIT
     from nps.pipeline.results.analysis import regime_key
-    from nps.pipeline.results.latency import BASE, read_latency
+    from nps.pipeline.results.latency import BASE
 
     if table is None or table.latency is None:
         return None
     model = reader.latency_model()
     if model is None:
         return None
-    measured = (read_latency(reader) if measured is None else measured).get(model.device)
+    measured = measured.get(model.device)
     if measured is None:
         return None
     at = {(str(s), int(r)): i for i, (s, r, b) in enumerate(zip(measured["space"], measured["row"], measured["batch"]))
@@ -88,7 +87,7 @@ def prediction_summary(reader, table, pops, measured: dict | None = None) -> dic
             "threads": int(model.threads), "precision": model.precision, "n": int(pred.size),
             "r2": _r2(pred, meas), "r2_relative": _r2(points["c_predicted"], points["c_measured"]),
             "error_median": float(np.median(err)), "error_rms": float(np.sqrt(np.mean(err ** 2))),
-            "base": {"predicted_ms": 1e3 * table.base_latency * LATENCY_UNIT, "measured_ms": 1e3 * base_measured},
+            "base": {"predicted_ms": 1e3 * base_predicted, "measured_ms": 1e3 * base_measured},
             "noise_max": float(np.max(noise)), "noisy": int(np.count_nonzero(noise > QUIET)), "quiet_limit": QUIET,
             "regimes": regimes, "points": points}
 

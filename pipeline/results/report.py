@@ -174,7 +174,7 @@ def build_summary(results: str | os.PathLike, *, k: int = 40, n_boot: int = DEFA
         table = _layer_table(reader)
         weight_layers = _weight_layer_names(reader)
         measured = read_latency(reader)
-        latency = latency_summary(reader, pops, attrs.get("base_top1", math.nan), measured)
+        latency = latency_summary(pops, measured, attrs.get("base_top1", math.nan))
         references = reader.references()
         costs = reference_cost(reader, attrs)
         curves = reader.curves()
