@@ -14,8 +14,9 @@ A **padded** form (a latency model whose layers run channels in blocks, ``nps la
 variables: variable ``G + i`` is group i's channel count rounded up to its block,
 ``P_i = block[i] · ceil(mult[i] · keep[i] / block[i])`` (``mult``: channels per unit), so a term may price a layer's
 output channels as the hardware computes them. Its value is the same quadratic form over ``(keep, P)``; it is
-still exact in int64 and monotone in every ``keep[i]`` (P is non-decreasing), but a step function, so the samplers
-draw its regimes by plain rejection (:mod:`nps.kernels.samplers`).
+still exact in int64 and monotone in every ``keep[i]`` (P is non-decreasing), a step function whose padded counts
+lie within ``[mult·keep, mult·keep + block - 1]``: the bounds the samplers' window kernel uses for them
+(:mod:`nps.kernels.gauss_kernel`).
 
 This module imports only numpy and numba (docs/design.md, "The layers"); the layer table in
 ``nps.pipeline.network.layer_table`` builds the forms.
@@ -108,16 +109,34 @@ class QuadraticForm:
             return evaluate_many(np.ascontiguousarray(self.variables(keep)[None, :]), *self.arrays())[0]
         return evaluate_many(np.ascontiguousarray(self.variables(keep)), *self.arrays())
 
-    def gradient(self, keep) -> np.ndarray:
-        """d value / d keep at one real-valued keep vector (float64, shape (G,)): the window kernel's direction
-        (a padded form, a step function, is drawn by plain rejection and has none)."""
-        if self.padded:
-            raise ValueError("a padded form is a step function: it has no gradient")
+    def _partials(self, keep) -> np.ndarray:
+        """d value / d variable at one real-valued keep vector (float64): over keep, and for a padded form over
+        the padded counts too, taken at the middle of their range ``mult·keep + (block - 1)/2``."""
         keep = np.asarray(keep, dtype=np.float64)
+        x = keep if not self.padded else np.concatenate([keep, self.pad_mult * keep + 0.5 * (self.pad_block - 1)])
         g = self.linear.astype(np.float64).copy()
-        np.add.at(g, self.pair_a, self.pair_w * keep[self.pair_b])
-        np.add.at(g, self.pair_b, self.pair_w * keep[self.pair_a])
+        np.add.at(g, self.pair_a, self.pair_w * x[self.pair_b])
+        np.add.at(g, self.pair_b, self.pair_w * x[self.pair_a])
         return g
+
+    def gradient(self, keep) -> np.ndarray:
+        """d value / d keep at one real-valued keep vector (float64, shape (G,)): the window kernel's direction.
+        A padded form's padded counts count as ``mult·keep`` plus half a block (their trend)."""
+        g = self._partials(keep)
+        if not self.padded:
+            return g
+        G = self.groups
+        return g[:G] + self.pad_mult * g[G:]
+
+    def slack(self, keep) -> np.ndarray:
+        """How far the value can move per group when only the group's real-valued count is known, to within one
+        channel (shape (G,)): the window kernel's rounding slack. The gradient for a smooth form; a padded count
+        adds its block, its range at a count known to one channel being ``mult + block - 1`` wide."""
+        g = self._partials(keep)
+        if not self.padded:
+            return g
+        G = self.groups
+        return g[:G] + (self.pad_mult + self.pad_block - 1) * g[G:]
 
     def __eq__(self, other):
         return isinstance(other, QuadraticForm) and self.const == other.const and all(

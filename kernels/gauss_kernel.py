@@ -5,12 +5,13 @@ orthogonal to a unit direction ``d`` with non-negative entries and ``t·d`` with
 Gaussian the two are independent, whatever ``d`` is (the caller picks the target's gradient restricted to the groups
 worth moving, see ``samplers._direction``). Along ``t`` every kept-channel count is non-increasing, so for a given
 ``e`` the ``t`` that meet the target form an interval, and two quadratics (the form at the upper and lower ends of
-every count: a moving count is rounded, a count ``d`` leaves out is exact) give a window ``[a, b]`` that contains
-it. The kernel draws ``e``, computes the window, accepts ``e`` with probability ``Z(e)/zmax`` (``Z`` = prior mass of
-``t`` in the window) and draws ``t`` from the prior truncated to the window. The product is the prior times the
-window indicator, so after the exact check of every constraint on the integer counts the accepted recipes follow the
-space's distribution, the same as plain rejection. ``zmax`` must bound ``Z``: the caller sets it from a pilot and the
-kernel reports any ``Z`` above it, and the caller then restarts with a larger bound.
+every count: a moving count is rounded, a count ``d`` leaves out is exact; a padded latency form's padded counts lie
+within a block of their count times ``mult``) give a window ``[a, b]`` that contains it. The kernel draws ``e``,
+computes the window, accepts ``e`` with probability ``Z(e)/zmax`` (``Z`` = prior mass of ``t`` in the window) and
+draws ``t`` from the prior truncated to the window. The product is the prior times the window indicator, so after the
+exact check of every constraint on the integer counts the accepted recipes follow the space's distribution, the same
+as plain rejection. ``zmax`` must bound ``Z``: the caller sets it from a pilot and the kernel reports any ``Z`` above
+it, and the caller then restarts with a larger bound.
 """
 from __future__ import annotations
 
@@ -206,7 +207,7 @@ class Table(NamedTuple):
     target: tuple         # the form the space's target is measured by
     other: tuple          # the other one (params for c_flops, FLOPs for c_params)
     tpad_mult: np.ndarray   # a padded target form's pad_mult and pad_block (QuadraticForm.pad_arrays): empty for
-    tpad_block: np.ndarray  # a form without padding; a padded target is drawn by sample_plain only
+    tpad_block: np.ndarray  # a form without padding
 
 
 class Limits(NamedTuple):
@@ -342,26 +343,27 @@ def _slack_terms(form, s, eta):
 
 
 @njit(nogil=True, cache=True)
-def _moving_groups(direction):
-    """``moving[i]``: group i's place among the groups the direction moves (-1: fixed by e); ``mov``: the moving
-    groups in order."""
+def _moving_variables(direction, V):
+    """``moving[v]``: variable v's place among the variables t moves (-1: fixed by e); ``mov``: the moving
+    variables in order. Variables ``0 .. G-1`` are the groups' counts, which move where the direction does; a padded
+    form's variable ``G + i`` (group i's padded count) moves with group i."""
     G = direction.shape[0]
-    moving = np.zeros(G, dtype=np.int64) - 1
+    moving = np.zeros(V, dtype=np.int64) - 1
     n_mov = 0
-    for i in range(G):
-        if direction[i] > 0.0:
-            moving[i] = n_mov
+    for v in range(V):
+        if direction[v if v < G else v - G] > 0.0:
+            moving[v] = n_mov
             n_mov += 1
     mov = np.empty(n_mov, dtype=np.int64)
-    for i in range(G):
-        if moving[i] >= 0:
-            mov[moving[i]] = i
+    for v in range(V):
+        if moving[v] >= 0:
+            mov[moving[v]] = v
     return moving, mov
 
 
 @njit(nogil=True, cache=True)
 def _pairs_by_kind(moving, form):
-    """The form's pair terms by kind: both counts fixed by e (FF: a, b, w), one moving (FM: the fixed group, the
+    """The form's pair terms by kind: both variables fixed by e (FF: a, b, w), one moving (FM: the fixed one, the
     moving one, its place among the moving ones, w) or both moving (MM: a, b, w)."""
     tpa, tpb, tpw = form[2], form[3], form[4]
     kind = np.empty(tpw.shape[0], dtype=np.int64)
@@ -385,11 +387,13 @@ def _pairs_by_kind(moving, form):
 
 
 class _Terms(NamedTuple):
-    """Everything about the window that is the same for every draw of a call (built by :func:`_window_terms`)."""
+    """Everything about the window that is the same for every draw of a call (built by :func:`_window_terms`).
+    The target's variables: the G groups' counts, then (a padded form) their G padded counts."""
 
-    inv_d: np.ndarray   # 1 / direction_i on the moving groups, 0 on the fixed ones
-    moving: np.ndarray  # group i's place among the moving groups, -1 when fixed
-    mov: np.ndarray     # the moving groups, in order
+    inv_d: np.ndarray   # 1 / direction_i on the moving groups, 0 on the fixed ones (G)
+    moving: np.ndarray  # variable v's place among the moving variables, -1 when fixed
+    mov: np.ndarray     # the moving variables, in order (the groups' counts first, then the padded ones)
+    n_mov_groups: int   # how many of them are groups' counts
     cs: np.ndarray      # see _slack_terms
     ce: np.ndarray
     ls: float
@@ -397,14 +401,14 @@ class _Terms(NamedTuple):
     ss: float
     se: float
     ee: float
-    ff_a: np.ndarray    # the target's pairs of two fixed groups...
+    ff_a: np.ndarray    # the target's pairs of two fixed variables...
     ff_b: np.ndarray
     ff_w: np.ndarray
-    fm_f: np.ndarray    # ...of a fixed and a moving group (the fixed one, the moving one, its place)...
+    fm_f: np.ndarray    # ...of a fixed and a moving one (the fixed one, the moving one, its place)...
     fm_m: np.ndarray
     fm_j: np.ndarray
     fm_w: np.ndarray
-    mm_a: np.ndarray    # ...and of two moving groups
+    mm_a: np.ndarray    # ...and of two moving ones
     mm_b: np.ndarray
     mm_w: np.ndarray
 
@@ -412,29 +416,44 @@ class _Terms(NamedTuple):
 class _Scratch(NamedTuple):
     """Per-draw work arrays of :func:`sample_gauss`."""
 
-    e: np.ndarray     # the noise less its part along the direction, times σ
-    m: np.ndarray     # every count at t = 0 (a fixed group's exact count, a moving group's midpoint)
-    r: np.ndarray     # the recipe at t
-    keep: np.ndarray  # the integer counts (the fixed ones set from e, the moving ones at t)
-    B: np.ndarray     # the exact target's coefficient of each moving count, given the fixed counts
+    e: np.ndarray     # the noise less its part along the direction, times σ (G)
+    m: np.ndarray     # every variable at t = 0 (a fixed one's exact value, a moving one's midpoint)
+    r: np.ndarray     # the recipe at t (G)
+    x: np.ndarray     # the integer variables (the fixed ones set from e, the moving ones at t); x[:G] the counts
+    B: np.ndarray     # the exact target's coefficient of each moving variable, given the fixed ones
 
 
 @njit(nogil=True, cache=True)
-def _window_terms(channels, direction, form):
-    """The :class:`_Terms` of a call: the target ``form`` along ``direction``."""
+def _window_terms(channels, direction, form, pad_mult, pad_block):
+    """The :class:`_Terms` of a call: the target ``form`` along ``direction`` (``pad_mult``, ``pad_block``: a
+    padded form's, empty otherwise).
+
+    Each variable lies in ``[m - s - t·eta, m + s - t·eta]`` (:func:`_window`): a moving group's count with
+    ``s = 1/2``, ``eta = h = direction·channels``; its padded count ``P = block·ceil(mult·k / block)`` within
+    ``[mult·k, mult·k + block - 1]``, so with ``s = mult/2 + (block - 1)/2``, ``eta = mult·h`` around
+    ``mult·m + (block - 1)/2``; a fixed variable with ``s = eta = 0``."""
     G = channels.shape[0]
-    h = np.empty(G)
-    s = np.empty(G)
+    V = form[1].shape[0]
+    h = np.zeros(V)
+    s = np.zeros(V)
     inv_d = np.empty(G)
     for i in range(G):
         h[i] = direction[i] * channels[i]
         s[i] = 0.5 if direction[i] > 0.0 else 0.0
         inv_d[i] = 1.0 / direction[i] if direction[i] > 0.0 else 0.0
+    for i in range(V - G):
+        if direction[i] > 0.0:
+            h[G + i] = pad_mult[i] * h[i]
+            s[G + i] = 0.5 * pad_mult[i] + 0.5 * (pad_block[i] - 1)
     ls, le, ss, se, ee, cs, ce = _slack_terms(form, s, h)
-    moving, mov = _moving_groups(direction)
+    moving, mov = _moving_variables(direction, V)
+    n_mov_groups = 0
+    for j in range(mov.shape[0]):
+        if mov[j] < G:
+            n_mov_groups += 1
     (ff_a, ff_b, ff_w), (fm_f, fm_m, fm_j, fm_w), (mm_a, mm_b, mm_w) = _pairs_by_kind(moving, form)
-    return _Terms(inv_d, moving, mov, cs, ce, ls, le, ss, se, ee, ff_a, ff_b, ff_w, fm_f, fm_m, fm_j, fm_w,
-                  mm_a, mm_b, mm_w)
+    return _Terms(inv_d, moving, mov, n_mov_groups, cs, ce, ls, le, ss, se, ee, ff_a, ff_b, ff_w, fm_f, fm_m,
+                  fm_j, fm_w, mm_a, mm_b, mm_w)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -444,11 +463,11 @@ def _window_terms(channels, direction, form):
 @njit(nogil=True, cache=True, inline="always")
 def _counts_at_zero(proj, buf, table, limits, win, proposal):
     """Finish e (``buf.e`` holds N(0, 1) draws whose projection on the direction is ``proj``): e = σ·(draws less
-    that projection). The fixed groups' counts go to ``keep``, every group's count at t = 0 (exact, or the moving
-    one's midpoint) to ``m``, the target's linear coefficients of the moving groups to ``B``. Returns (out of the
-    box, box_lo, box_hi, Σ lin·m, cs·m, ce·m, the fixed counts' linear terms): ``box_lo``/``box_hi`` bound t by
-    every moving ratio staying in [0, R]."""
-    e, m, keep, B = buf.e, buf.m, buf.keep, buf.B
+    that projection). The fixed variables go to ``x``, every variable at t = 0 (exact, or a moving one's midpoint)
+    to ``m``, the target's linear coefficients of the moving variables to ``B``. Returns (out of the box, box_lo,
+    box_hi, Σ lin·m, cs·m, ce·m, the fixed variables' linear terms): ``box_lo``/``box_hi`` bound t by every moving
+    ratio staying in [0, R]."""
+    e, m, x, B = buf.e, buf.m, buf.x, buf.B
     inv_d, moving, cs, ce = win.inv_d, win.moving, win.cs, win.ce
     channels = table.channels
     tlin = table.target[1]
@@ -478,12 +497,27 @@ def _counts_at_zero(proj, buf, table, limits, win, proposal):
             if ri < 0.0 or ri > R:
                 out_of_box = True
             k = _count(ri, channels[i])
-            keep[i] = k
+            x[i] = k
             m[i] = k
             a_lin += tlin[i] * k
         lm += tlin[i] * m[i]
         ms += cs[i] * m[i]
         me += ce[i] * m[i]
+    pad_mult, pad_block = table.tpad_mult, table.tpad_block
+    for i in range(pad_mult.shape[0]):  # a padded target's padded counts (none for any other form)
+        v = G + i
+        bk = pad_block[i]
+        if moving[v] >= 0:  # the middle of [mult·k, mult·k + block - 1] at k = m (_window_terms)
+            m[v] = pad_mult[i] * m[i] + 0.5 * (bk - 1)
+            B[moving[v]] = tlin[v]
+        else:
+            p = bk * ((pad_mult[i] * x[i] + bk - 1) // bk)
+            x[v] = p
+            m[v] = p
+            a_lin += tlin[v] * p
+        lm += tlin[v] * m[v]
+        ms += cs[v] * m[v]
+        me += ce[v] * m[v]
     return out_of_box, box_lo, box_hi, lm, ms, me, a_lin
 
 
@@ -495,14 +529,15 @@ def _window(buf, table, limits, win, sums, sigma):
     A group the direction leaves out (``direction_i = 0``) has its count fixed by ``e``, and it is computed
     exactly; a moving group's count at t is ``floor(k0_i - t·h_i + 1/2)``, within ``k0_i ± 1/2 - t·h_i``. So every
     count lies in ``[m_i - s_i - t·eta_i, m_i + s_i - t·eta_i]`` (fixed: m exact, s = eta = 0; moving: m = k0,
-    s = 1/2, eta = h), and the target form (non-negative coefficients) at the upper and lower ends is a pair of
-    quadratics in t that bound it. Where the lower one is above ``hi_t`` or the upper one below ``lo_t`` no recipe
-    exists; between, the window.
+    s = 1/2, eta = h; a padded count likewise, see :func:`_window_terms`), and the target form (non-negative
+    coefficients) at the upper and lower ends is a pair of quadratics in t that bound it. Where the lower one is
+    above ``hi_t`` or the upper one below ``lo_t`` no recipe exists; between, the window.
 
-    ``A`` is the exact target's part that t does not change (the fixed counts' terms); ``B`` gains the coefficients
-    of the pairs with one fixed count, so the target at t is ``A + B·keep_moving`` + the pairs of two moving ones.
+    ``A`` is the exact target's part that t does not change (the fixed variables' terms); ``B`` gains the
+    coefficients of the pairs with one fixed variable, so the target at t is ``A + B·x_moving`` + the pairs of two
+    moving ones.
     """
-    m, keep, B = buf.m, buf.keep, buf.B
+    m, x, B = buf.m, buf.x, buf.B
     ls, le, ss, se, ee = win.ls, win.le, win.ss, win.se, win.ee
     ff_a, ff_b, ff_w = win.ff_a, win.ff_b, win.ff_w
     fm_f, fm_m, fm_j, fm_w = win.fm_f, win.fm_m, win.fm_j, win.fm_w
@@ -510,11 +545,11 @@ def _window(buf, table, limits, win, sums, sigma):
     box_lo, box_hi, lm, ms, me, a_lin = sums[1], sums[2], sums[3], sums[4], sums[5], sums[6]
     a_ff = 0
     for q in range(ff_w.shape[0]):
-        a_ff += ff_w[q] * keep[ff_a[q]] * keep[ff_b[q]]
+        a_ff += ff_w[q] * x[ff_a[q]] * x[ff_b[q]]
     A = table.target[0] + a_lin + a_ff
     mm = float(a_ff)
     for q in range(fm_w.shape[0]):
-        wk = fm_w[q] * keep[fm_f[q]]
+        wk = fm_w[q] * x[fm_f[q]]
         B[fm_j[q]] += wk
         mm += wk * m[fm_m[q]]
     for q in range(mm_w.shape[0]):
@@ -530,29 +565,38 @@ def _window(buf, table, limits, win, sums, sigma):
 
 @njit(nogil=True, cache=True, inline="always")
 def _exact_target(buf, table, limits, win, proposal, A, t):
-    """The recipe at t into ``r`` and its moving counts into ``keep`` (the fixed ones are there from e, so this is
-    not _finish, which rounds every group and evaluates the whole form); returns (in the box, target value, Σ r).
-    """
-    e, r, keep, B = buf.e, buf.r, buf.keep, buf.B
+    """The recipe at t into ``r`` and its moving variables into ``x`` (the fixed ones are there from e, so this
+    is not _finish, which rounds every group and evaluates the whole form); returns (in the box, target value,
+    Σ r)."""
+    e, r, x, B = buf.e, buf.r, buf.x, buf.B
     mov, mm_a, mm_b, mm_w = win.mov, win.mm_a, win.mm_b, win.mm_w
     u, direction = proposal.u, proposal.direction
     channels = table.channels
+    G = channels.shape[0]
     total = 0.0
-    for i in range(channels.shape[0]):
+    for i in range(G):
         r[i] = u + e[i] + t * direction[i]
         total += r[i]
     tv = A
     in_box = True
-    for j in range(mov.shape[0]):
+    for j in range(win.n_mov_groups):
         i = mov[j]
         if r[i] < 0.0 or r[i] > limits.R:
             in_box = False
         k = _count(r[i], channels[i])
-        keep[i] = k
+        x[i] = k
         tv += B[j] * k
+    pad_mult, pad_block = table.tpad_mult, table.tpad_block
+    for j in range(win.n_mov_groups, mov.shape[0]):  # a padded target's moving padded counts, from the counts
+        v = mov[j]
+        i = v - G
+        bk = pad_block[i]
+        p = bk * ((pad_mult[i] * x[i] + bk - 1) // bk)
+        x[v] = p
+        tv += B[j] * p
     if in_box:
         for q in range(mm_w.shape[0]):
-            tv += mm_w[q] * keep[mm_a[q]] * keep[mm_b[q]]
+            tv += mm_w[q] * x[mm_a[q]] * x[mm_b[q]]
     return in_box, tv, total
 
 
@@ -567,10 +611,12 @@ def sample_gauss(state, job, rows, table, limits, proposal, counts):
     """
     sigma, zmax = proposal.sigma, proposal.zmax
     G = table.channels.shape[0]
-    win = _window_terms(table.channels, proposal.direction, table.target)
-    buf = _Scratch(np.empty(G), np.empty(G), np.empty(G), np.empty(G, dtype=np.int64),
+    V = table.target[1].shape[0]  # the target's variables: G counts, and G padded ones for a padded target
+    win = _window_terms(table.channels, proposal.direction, table.target, table.tpad_mult, table.tpad_block)
+    buf = _Scratch(np.empty(G), np.empty(V), np.empty(G), np.empty(V, dtype=np.int64),
                    np.empty(win.mov.shape[0], dtype=np.int64))
-    e, r, keep, direction = buf.e, buf.r, buf.keep, proposal.direction
+    e, r, direction = buf.e, buf.r, proposal.direction
+    keep = buf.x[:G]  # the counts (a view: what _exact_target writes into x)
     oconst, olin, opa, opb, opw = table.other  # unpacked once: faster here than an inlined _value (measured)
     filled = 0
     used = 0

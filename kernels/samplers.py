@@ -118,8 +118,8 @@ def _direction(form, channels, u, band, R):
     rounding bounds would not hold for it, so it never moves (its count stays exact given e).
     """
     c = channels.astype(np.float64)
-    slack = form.gradient((1.0 - u) * c)
-    g = slack * c
+    slack = form.slack((1.0 - u) * c)  # the gradient, or for a padded form the gradient widened by the blocks
+    g = form.gradient((1.0 - u) * c) * c
     movable = (1.0 - R) * c >= 0.5
     if not np.all(np.isfinite(g)) or g[movable].sum() <= 0:
         return np.where(movable, 1.0, 0.0) / math.sqrt(max(1, movable.sum()))
@@ -187,11 +187,9 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     u = uniform_ratio(table, space.target, space.value) if space.kind != "uniform" else 0.0
     std_lo, std_hi = space.std_band if space.std_band else (0.0, np.inf)
     limits = gk.Limits(space.R, std_lo, std_hi, lo_t, hi_t, mcb_lo, mcb_hi, target_is_flops, base_ratio)
-    # the window kernel's direction; a padded (step) form has no quadratic bounds for a window: plain rejection
-    window = space.kind != "uniform" and not tform.padded
+    window = space.kind != "uniform"  # the window kernel's direction (a padded form's too: gauss_kernel)
     direction = _direction(tform, channels, u, hi_t - lo_t, space.R) if window else None
-
-    plain = space.kind != "uniform" and not window  # a padded target; also set below when the window buys nothing
+    plain = False  # set below when the window buys nothing
 
     def run(zmax, state, rows, job, counts):
         """One kernel call: fill ``rows`` from ``job.start`` on (``job``: a :class:`gauss_kernel.Job`)."""

@@ -14,6 +14,8 @@ import torch
 
 from nps.pipeline.row_status import Result
 
+from helpers import paired_stand_in
+
 SPACE = "std-0.05@c_flops=0.1"
 
 
@@ -218,6 +220,7 @@ def test_nps_latency_shows_stores_and_warns_about_noisy_timings(table, tmp_path,
     argv = ["latency", str(path), "--runs", "3", "--batch", "1"]
     monkeypatch.setenv("COLUMNS", "250")
     monkeypatch.setattr(latency, "time_network", _timings(noisy=True))
+    monkeypatch.setattr(latency, "time_network_pair", paired_stand_in(latency.time_network))
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "b1 IQR/med" in out and "52.3 %" in out and "2.0 %" in out  # IQR / median of each timing
@@ -225,7 +228,7 @@ def test_nps_latency_shows_stores_and_warns_about_noisy_timings(table, tmp_path,
     assert warnings == ["warning: 1 of 3 timings is noisy (IQR/median above 10 %; worst 52 %, the base network at "
                         "batch 1): speed-ups are unreliable; time again with a quiet machine (no other work on its "
                         "cores)"]
-    assert "2 subnetworks and the base network" in out and "1 thread," in out
+    assert "2 subnetworks (each paired with the base network) and the base network" in out and "1 thread," in out
     with open_readonly(path) as reader:
         cpu = latency.read_latency(reader)["cpu"]
         stored = reader.file["latency/cpu/noise"][()]
@@ -234,6 +237,7 @@ def test_nps_latency_shows_stores_and_warns_about_noisy_timings(table, tmp_path,
     assert cpu["attrs"]["noise_limit"] == latency.NOISE_LIMIT == 0.10
 
     monkeypatch.setattr(latency, "time_network", _timings(noisy=False))
+    monkeypatch.setattr(latency, "time_network_pair", paired_stand_in(latency.time_network))
     assert main(argv + ["--threads", "2"]) == 0
     out = capsys.readouterr().out
     assert "warning" not in out and "1.0 %" in out and "2 threads" in out
@@ -333,6 +337,7 @@ def test_weight_spaces_are_not_timed_and_nps_latency_says_why(tmp_path, capsys, 
     path = make_mixed_file(tmp_path / "results.h5")
     monkeypatch.setenv("COLUMNS", "250")
     monkeypatch.setattr(latency, "time_network", _timings(noisy=False))
+    monkeypatch.setattr(latency, "time_network_pair", paired_stand_in(latency.time_network))
     assert main(["latency", str(path), "--space", "weights:std-0.05", "--runs", "3", "--batch", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--space weights:std-0.05: weight spaces are not timed: their masked weights run " \
@@ -341,7 +346,8 @@ def test_weight_spaces_are_not_timed_and_nps_latency_says_why(tmp_path, capsys, 
     assert main(["latency", str(path), "--runs", "3", "--batch", "1"]) == 0
     out = capsys.readouterr().out
     assert "note: weights:std-0.05@c_flops=0.1 not timed: weight spaces run at the dense base network's speed" in out
-    assert "no finished rows" not in out and "2 subnetworks and the base network" in out
+    assert "no finished rows" not in out
+    assert "2 subnetworks (each paired with the base network) and the base network" in out
 
 
 def test_a_timing_noisier_than_5_percent_is_taken_again_and_the_quietest_kept():
@@ -383,7 +389,7 @@ def test_each_network_keeps_the_least_median_of_its_passes_and_later_passes_are_
         return Timing(t, t * 0.99, t * 1.01, 5, 1)
 
     monkeypatch.setattr(latency, "time_network", time_network)
-    session = latency.measure_results(path, options=latency.TimingOptions(batches=(1,), passes=3))
+    session = latency.measure_results(path, options=latency.TimingOptions(batches=(1,), passes=3, paired=False))
     assert session["settings"]["passes"] == 3
     sizes = order[:5]
     assert len(order) == 15 and sizes[0] == max(order)  # the base network first in the first pass
@@ -395,7 +401,7 @@ def test_each_network_keeps_the_least_median_of_its_passes_and_later_passes_are_
         assert r["attempts"] == 3
 
     order.clear()
-    one = latency.measure_results(path, options=latency.TimingOptions(batches=(1,), passes=1))
+    one = latency.measure_results(path, options=latency.TimingOptions(batches=(1,), passes=1, paired=False))
     assert len(order) == 5 and one["settings"]["passes"] == 1
     assert one["records"][0]["timing"].median_s == pytest.approx(1.6e-9 * sizes[0])  # one pass: the slow spell stays
 
@@ -409,3 +415,120 @@ def test_nps_latency_refuses_no_passes_in_one_line_and_stores_nothing(table, tmp
     assert capsys.readouterr().err.strip().splitlines() == ["nps latency: error: --passes 0: use 1 or more"]
     with open_readonly(path) as reader:
         assert "latency" not in reader.file
+
+
+class _Machine:
+    """A machine whose speed changes: every forward of a :class:`_Burn` network takes its cost times ``slowness``
+    (busy-waiting), 3 for the first ``slow_forwards`` forwards of the session (a slow spell), 1 after."""
+
+    def __init__(self, slow_forwards: int):
+        self.forwards, self.slow_forwards = 0, slow_forwards
+
+    def burn(self, cost_s: float) -> None:
+        import time
+
+        self.forwards += 1
+        end = time.perf_counter() + cost_s * (3.0 if self.forwards <= self.slow_forwards else 1.0)
+        while time.perf_counter() < end:
+            pass
+
+
+class _Burn(torch.nn.Module):
+    def __init__(self, machine: _Machine, cost_s: float):
+        super().__init__()
+        self.machine, self.cost_s = machine, cost_s
+
+    def forward(self, x):
+        self.machine.burn(self.cost_s)
+        return x
+
+
+def test_a_paired_timing_keeps_the_ratio_through_a_slow_spell_that_timings_taken_apart_carry():
+    """A row costing half the base: timed apart, a slow spell over the row's timing (the first 16 forwards) makes it
+    1.5x the base; timed paired, run by run against the base, its ratio stays 0.5 (within the busy-wait's
+    precision) through a spell over the first half of the pairs, and the pair carries both networks' timings."""
+    from nps.pipeline.deploy.latency import time_forward, time_pair
+
+    x = torch.zeros(1)
+    machine = _Machine(slow_forwards=16)
+    base, row = _Burn(machine, 2e-3), _Burn(machine, 1e-3)
+    apart_row = time_forward(row, x, device="cpu", warmup=1, runs=9, min_run_s=0.0)
+    apart_base = time_forward(base, x, device="cpu", warmup=1, runs=9, min_run_s=0.0)
+    assert apart_row.median_s / apart_base.median_s > 1.2  # the spell's doing: the row is half the base
+
+    machine = _Machine(slow_forwards=24)  # warm-ups and about half of the 21 pairs slow
+    base.machine = row.machine = machine
+    pair = time_pair(base, row, x, device="cpu", warmup=1, runs=21, min_run_s=0.0)
+    assert pair.ratio == pytest.approx(0.5, rel=0.1) and pair.ratio_q25 <= pair.ratio <= pair.ratio_q75
+    assert pair.row.runs == pair.base.runs == 21 and pair.row.inner == pair.base.inner == 1
+    assert pair.base.q75_s > 2 * pair.base.q25_s  # the spell is in the base's own timings: only the ratio cancels it
+
+
+def test_paired_timings_are_stored_and_set_the_speedup_and_a_file_measured_before_pairing_reads(table, tmp_path,
+                                                                                                 monkeypatch):
+    """nps latency pairs by default: each row's stored paired_c is its pass's ratio (the middle one of three), its
+    speed-up 1 / paired_c; --unpaired stores NaN there and divides the medians; a group written before the columns
+    existed reads with NaN and its speed-ups from the medians, and a later session appends to it."""
+    import h5py
+
+    from nps.pipeline.cli import main
+    from nps.pipeline.deploy import latency
+    from nps.pipeline.results.latency import PairedTiming, Timing, read_latency, store_latency
+    from nps.pipeline.results.reader import open_readonly
+
+    path = make_file(tmp_path / "results.h5", table, n=3, done=3)
+    seen: dict[int, int] = {}
+    spell = [1.1, 0.9, 1.0]  # each row's ratio in its first, second and third pass, times its own
+
+    def time_network(model, table_, batch, **kwargs):
+        return Timing(0.02, 0.0199, 0.0201, 3, 1)
+
+    def time_network_pair(base, model, table_, batch, **kwargs):
+        size = sum(p.numel() for p in model.parameters())
+        seen[size] = seen.get(size, 0) + 1
+        c = size / sum(p.numel() for p in base.parameters()) * spell[seen[size] - 1]
+        return PairedTiming(Timing(0.02 * c, 0.0199 * c, 0.0201 * c, 3, 1), Timing(0.02, 0.0199, 0.0201, 3, 1),
+                            c, 0.99 * c, 1.01 * c)
+
+    monkeypatch.setattr(latency, "time_network", time_network)
+    monkeypatch.setattr(latency, "time_network_pair", time_network_pair)
+    session = latency.measure_results(path, options=latency.TimingOptions(batches=(1,), passes=3))
+    assert session["settings"]["paired"] is True
+    by_row = {r["row"]: r for r in session["records"]}
+    assert by_row[-1]["paired"] is None  # the base network has no pair
+    for r in session["records"][1:]:  # the middle pass's ratio (the spell's 1.0), not the first's nor the least
+        own = r["timing"].median_s / 0.02 / 0.9  # the timing: the least median of the three (the 0.9 pass)
+        assert r["paired"].ratio == pytest.approx(own) and r["attempts"] == 3 and own < 1
+    assert sorted(seen.values()) == [3, 3, 3]
+    store_latency(path, session)
+    with open_readonly(path) as reader:
+        cpu = read_latency(reader)["cpu"]
+    rows = cpu["row"] >= 0
+    np.testing.assert_allclose(cpu["speedup"][rows], 1.0 / cpu["paired_c"][rows])
+    assert np.isnan(cpu["paired_c"][~rows]).all() and cpu["speedup"][~rows] == pytest.approx(1.0)
+    assert (cpu["paired_c_q25"][rows] < cpu["paired_c"][rows]).all()
+
+    monkeypatch.setattr(latency, "time_network", _timings(noisy=False))
+    assert main(["latency", str(path), "--runs", "3", "--batch", "1", "--unpaired", "--passes", "1"]) == 0
+    with open_readonly(path) as reader:
+        cpu = read_latency(reader)["cpu"]
+    assert np.isnan(cpu["paired_c"]).all() and cpu["speedup"][cpu["row"] >= 0] == pytest.approx(2.0)
+
+    with h5py.File(path, "a") as f:  # as written before pairing: no paired columns
+        for name in ("paired_c", "paired_c_q25", "paired_c_q75"):
+            del f["latency/cpu"][name]
+    with open_readonly(path) as reader:
+        cpu = read_latency(reader)["cpu"]
+    assert np.isnan(cpu["paired_c"]).all() and cpu["speedup"][cpu["row"] >= 0] == pytest.approx(2.0)
+    seen.clear()
+    monkeypatch.setattr(latency, "time_network", time_network)
+    assert main(["latency", str(path), "--runs", "3", "--batch", "1", "--passes", "1"]) == 0  # appended, paired
+    with open_readonly(path) as reader:
+        cpu = read_latency(reader)["cpu"]
+        n = reader.file["latency/cpu/row"].shape[0]
+        assert n == 3 * 4 and all(reader.file["latency/cpu"][name].shape == (n,)
+                                  for name in ("paired_c", "paired_c_q25", "paired_c_q75"))
+        assert np.isnan(reader.file["latency/cpu/paired_c"][:8]).all()  # the earlier sessions' rows: none
+    rows = cpu["row"] >= 0
+    assert np.isfinite(cpu["paired_c"][rows]).all() and (cpu["paired_c"][rows] < 1).all()
+    np.testing.assert_allclose(cpu["speedup"][rows], 1.0 / cpu["paired_c"][rows])

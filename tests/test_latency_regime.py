@@ -96,6 +96,26 @@ def test_a_latency_regime_sample_meets_its_band_exactly_on_the_integer_counts(sp
     assert len(naive) and np.all(np.abs(naive.c_latency - 0.8) <= 0.002)
 
 
+@pytest.mark.parametrize("name,space,value,multiple", [("resnet20", "std-0.05", 0.8, 1),
+                                                       ("resnet20", "mcb-0.9-1.1", 0.85, 1),
+                                                       ("mobilenet_v2", "std-0.05", 0.85, 4)])
+def test_the_window_kernel_draws_a_padded_target_without_distortion(name, space, value, multiple, monkeypatch):
+    """A padded latency form (blocks of 16; MobileNetV2's groups drawn in units of 4 channels, so mult = 4) through
+    the window kernel, each padded count bounded by [mult·k, mult·k + block - 1]: the same population as plain
+    rejection of the space. PLAIN_ABOVE is lifted so that the window kernel runs even where its envelope is wide."""
+    import nps.kernels.samplers as samplers
+
+    from helpers import compare_to_rejection
+
+    table = with_latency(build_layer_table(name, "all", 28, 10, 1, channel_multiple=multiple),
+                         fake_model(name, 28, block=16))
+    assert table.latency.padded and set(table.latency.pad_mult.tolist()) == {multiple}
+    sp = parse_space(space, "c_latency", value, delta=0.005)
+    monkeypatch.setattr(samplers, "PLAIN_ABOVE", 2.0)
+    assert sample_space(table, sp, 100, seed=0).stats["method"] == "window"
+    compare_to_rejection(table, sp, 20_000)
+
+
 def test_what_a_latency_target_refuses():
     table = build_layer_table("resnet20", "all", 28, 10, 1)
     with pytest.raises(SamplerError, match="needs a latency model of resnet20"):
@@ -129,7 +149,7 @@ def test_the_report_sets_measured_against_predicted_latency(tmp_path, monkeypatc
     from nps.pipeline.cli import main
     from nps.pipeline.deploy import latency
     from nps.pipeline.experiment.sampling import sample_rows
-    from nps.pipeline.results.latency import Timing
+    from nps.pipeline.results.latency import PairedTiming, Timing
     from nps.pipeline.results.report import write_report
     from nps.pipeline.results.store import ResultsStore
     from nps.pipeline.row_status import Result
@@ -152,19 +172,26 @@ def test_the_report_sets_measured_against_predicted_latency(tmp_path, monkeypatc
     factors = iter([1.0] + [1.0, 1.02, 0.98, 1.05, 0.95, 1.0] * 2)  # the base exact, the rows within ±5 %
     batches = []
 
-    def stand_in(model, table_, batch, **kwargs):
+    def exact(model):
         from torch import nn
 
-        batches.append(batch)
         channels = {n: (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)
                     for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-        t = fake.offset + fake.scale * sum(
+        return fake.offset + fake.scale * sum(
             a + b * channels[n][0] * channels[n][1] + c * channels[n][1] + d * channels[n][0]
             for n, (a, b, c, d) in zip(fake.layers, fake.coef))
-        t *= next(factors)
+
+    def stand_in(model, table_, batch, **kwargs):
+        batches.append(batch)
+        t = exact(model) * next(factors)
         return Timing(t, t * 0.995, t * 1.005, 5, 1)
 
+    def paired(base, model, table_, batch, **kwargs):  # each row against the base's exact time
+        row, b = stand_in(model, table_, batch), exact(base)
+        return PairedTiming(row, Timing(b, b, b, 5, 1), row.median_s / b, row.median_s / b, row.median_s / b)
+
     monkeypatch.setattr(latency, "time_network", stand_in)
+    monkeypatch.setattr(latency, "time_network_pair", paired)
     # the model's device, batch and threads by default; one pass: the stand-in's factors go in file order
     assert main(["latency", str(path), "--runs", "3", "--passes", "1"]) == 0
     assert set(batches) == {8}

@@ -12,6 +12,8 @@ from nps.kernels.samplers import sample_naive, sample_space
 from nps.kernels.spaces import parse_space, reachable_range
 from nps.pipeline.network.layer_table import build_layer_table
 
+from helpers import compare_to_rejection
+
 
 @pytest.fixture(scope="module")
 def r50():
@@ -84,10 +86,10 @@ def test_no_distortion_on_grouped_convs_and_narrow_groups():
     plain rejection."""
     regnet = build_layer_table("regnet_x_400mf", "all", 32, 10)
     assert regnet.granularity.max() > 1
-    _compare_to_rejection(regnet, parse_space("std-0.05", "c_flops", 0.5), 20_000)
+    compare_to_rejection(regnet, parse_space("std-0.05", "c_flops", 0.5), 20_000)
     effnet = build_layer_table("efficientnet_b0", "internal", 32, 10)
     assert (0.05 * effnet.channels < 0.5).any()
-    _compare_to_rejection(effnet, parse_space("std-0.1", "c_flops", 0.6), 20_000)
+    compare_to_rejection(effnet, parse_space("std-0.1", "c_flops", 0.6), 20_000)
 
 
 def test_seed_reproduces_and_differs(r50):
@@ -127,39 +129,12 @@ def test_bad_space_names(bad):
         parse_space(bad, "c_flops", 0.25)
 
 
-def _two_sample_ks(a, b):
-    grid = np.sort(np.concatenate([a, b]))
-    fa = np.searchsorted(np.sort(a), grid, side="right") / len(a)
-    fb = np.searchsorted(np.sort(b), grid, side="right") / len(b)
-    return np.abs(fa - fb).max()
-
-
-def _compare_to_rejection(table, space, n):
-    fast = sample_space(table, space, n, seed=1, distinct=False)
-    naive, used = sample_naive(table, space, n, seed=2, max_proposals=20_000_000)
-    assert len(naive) == n, f"naive rejection found only {len(naive)} in {used} proposals"
-    se_mean = np.sqrt(fast.recipe.var(axis=0) / n + naive.recipe.var(axis=0) / n)
-    assert np.all(np.abs(fast.recipe.mean(axis=0) - naive.recipe.mean(axis=0)) < 5 * se_mean + 1e-9)
-    sd_f, sd_n = fast.recipe.std(axis=0), naive.recipe.std(axis=0)
-    # the std of a std estimate is about sd/sqrt(2n) (normal case); allow 5 of them plus 2% for the truncation
-    assert np.all(np.abs(sd_f - sd_n) < 5 * sd_n * np.sqrt(1.0 / n) + 0.02 * sd_n)
-    # std(r) and the complexities: two-sample KS at alpha = 0.001 (c = 1.95)
-    crit = 1.95 * np.sqrt(2.0 / n)
-    for key in ("std", "c_flops", "c_params", "mcb"):
-        assert _two_sample_ks(getattr(fast, key), getattr(naive, key)) < crit, key
-    # the std(r) histogram, bin by bin
-    edges = np.quantile(naive.std, np.linspace(0, 1, 11))
-    hf, _ = np.histogram(np.clip(fast.std, edges[0], edges[-1]), edges)
-    hn, _ = np.histogram(naive.std, edges)
-    assert np.all(np.abs(hf - hn) < 5 * np.sqrt(hn + hf) + 1)
-
-
 @pytest.mark.parametrize("name,target,value", [
     ("std-0.05", "c_flops", 0.25), ("std-0.1", "c_flops", 0.25), ("std-0.01", "c_flops", 0.5),
     ("mcb-0.9-1.1", "c_flops", 0.25), ("std-0.05", "c_params", 0.25), ("uniform", "c_flops", 0.45),
 ])
 def test_no_distortion_against_plain_rejection(r56, name, target, value):
-    _compare_to_rejection(r56, parse_space(name, target, value), 20_000)
+    compare_to_rejection(r56, parse_space(name, target, value), 20_000)
 
 
 @pytest.mark.e2e
@@ -194,7 +169,7 @@ def test_window_sampler_also_exact_where_plain_rejection_is_chosen(r56, monkeypa
     assert sample_space(r56, space, 100, seed=0).stats["method"] == "plain rejection"
     monkeypatch.setattr(samplers, "PLAIN_ABOVE", 2.0)
     assert sample_space(r56, space, 100, seed=0).stats["method"] == "window"
-    _compare_to_rejection(r56, space, 20_000)
+    compare_to_rejection(r56, space, 20_000)
 
 
 @pytest.mark.parametrize("name,value", [("std-0.05", 0.5), ("mcb-0.9-1.1", 0.25)])
@@ -211,7 +186,7 @@ def test_no_distortion_with_groups_held_fixed(r50, name, value):
     assert np.all(d >= 0) and abs(np.linalg.norm(d) - 1) < 1e-12
     assert 0 < (d > 0).sum() < len(d) // 2, "the direction should leave the small groups out"
     assert sample_space(r50, space, 100, seed=0).stats["method"] == "window"
-    _compare_to_rejection(r50, space, 20_000)
+    compare_to_rejection(r50, space, 20_000)
 
 
 def test_inlined_normals_match_the_normal_distribution():

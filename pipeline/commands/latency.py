@@ -8,8 +8,8 @@ EPILOG = """\
 Each network is timed in eval mode, in the run's memory format (channels_last) and precision ([retrain] amp as the
 run resolved it on that device), on random input of the run's resolution: --warmup forwards, then --runs timed runs
 (each long enough for the clock: at least 20 ms of back-to-back forwards); the median and interquartile range of the
-time per forward are kept. The base network is timed first in the same session, so each speed-up (base median /
-row median) is a ratio of two numbers from one process. On the CPU one intra-op thread by default (--threads), as
+time per forward are kept. The base network is timed first in the same session, and each subnetwork paired with it
+(below), so each speed-up comes from one process. On the CPU one intra-op thread by default (--threads), as
 the run steps each subnetwork: on cores shared with other work, more threads mostly measure OpenMP's waiting. Rows
 whose fine-tuned weights are kept are timed with them, the others as their architecture alone (a freshly
 initialised base pruned to the row's keep counts). Weight spaces are not timed: their masked weights run at the
@@ -17,12 +17,17 @@ dense base network's speed.
 
 Every network is timed in --passes passes over them all (default 3: the first in file order, the others each in a
 shuffled order) and keeps its least median: other work and a virtual machine's slower spells only add time, and the
-shuffle spreads a slow spell over different networks in each pass. The table shows each timing's noise,
-IQR/median; a timing above 5 % is taken again (twice at most, the least noisy kept), and a line warns when some
-still exceed 10 % (a shared or busy machine, or more threads than free cores): their speed-ups are unreliable, time
-again with fewer threads on a quiet machine. A results file with a latency model
-(c_latency regimes, nps latency-model) is timed at the model's device, batch and threads unless told otherwise, so
-that nps report can set each row's predicted latency against its measured one.
+shuffle spreads a slow spell over different networks in each pass. Each subnetwork is timed paired with the base
+network: its runs interleaved with the base's (base, row, row, base, ...), each divided by the base's run beside it;
+the median ratio (the middle one of the passes') is its latency relative to the base, and its speed-up the
+reciprocal. A slower spell lengthens both runs of a pair alike and cancels in their ratio, where timings taken apart
+carry it (on a virtual machine whose speed moves by a third within minutes, docs/study-latency.md). Pairing doubles
+the time a session takes; --unpaired times each network alone and divides the medians. The table shows each timing's
+noise, IQR/median; a timing above 5 % is taken again (twice at most, the least noisy kept), and a line warns when
+some still exceed 10 % (a shared or busy machine, or more threads than free cores): their speed-ups are unreliable,
+time again with fewer threads on a quiet machine. A results file with a latency model (c_latency regimes, nps
+latency-model) is timed at the model's device, batch and threads unless told otherwise, so that nps report can set
+each row's predicted latency against its measured one.
 
 The timings go into RESULTS.h5 under /latency/<device> (with the device's name, the thread count and the library
 versions); nps report draws them and nps table adds them as columns. A run holding the file refuses this command:
@@ -61,6 +66,9 @@ def register(sub) -> None:
     p.add_argument("--passes", type=int, default=None,
                    help="passes over all the networks, each after the first in a shuffled order; each network keeps "
                         "its least median (default 3; 1: one timing each, in file order)")
+    p.add_argument("--unpaired", action="store_true",
+                   help="time each subnetwork alone, its speed-up the base median over its median (half the time; "
+                        "default: paired with the base network, run by run)")
     p.set_defaults(func=run)
 
 
@@ -96,7 +104,7 @@ def run(args) -> int:
                 spinner.update(f"timing {what} ({i + 1}/{n}{which})")
 
         options = TimingOptions(batches=batches, threads=args.threads, warmup=args.warmup, runs=args.runs,
-                                passes=passes)
+                                passes=passes, paired=not args.unpaired)
         session = measure_results(args.results, spaces=args.space, device=args.device, options=options,
                                   all_rows=args.all_rows, only_missing=args.missing, progress=progress)
     if not session["records"]:
@@ -115,8 +123,10 @@ def run(args) -> int:
     noisy = noise_warning(session)
     if noisy:
         console.print(f"[yellow]warning:[/yellow] {noisy}")
-    console.print(f"{_plural(len(session['records']) // len(batches) - 1, 'subnetwork')} and the base network on "
-                  f"{session['device']} ({s['device_name']}), {_plural(s['threads'], 'thread')}, amp {s['amp']}, "
+    paired = "each paired with the base network" if s.get("paired") else "unpaired"
+    console.print(f"{_plural(len(session['records']) // len(batches) - 1, 'subnetwork')} ({paired}) and the base "
+                  f"network on {session['device']} ({s['device_name']}), {_plural(s['threads'], 'thread')}, "
+                  f"amp {s['amp']}, "
                   f"channels_last {s['channels_last']}, torch {s['versions']['torch']}; stored in {args.results} "
                   f"under /latency/{session['device']}")
     return 0
@@ -143,7 +153,7 @@ def _plural(n: int, noun: str) -> str:
 
 def latency_table(results, session: dict):
     """One line per network: its space, row, c_flops and top-1, and per batch the median, IQR, IQR / median (in
-    yellow above the noise limit) and speed-up."""
+    yellow above the noise limit) and speed-up (a paired timing's: the reciprocal of its median ratio to the base)."""
     import math
 
     from rich.table import Table
@@ -168,8 +178,12 @@ def latency_table(results, session: dict):
         t.add_column(f"b{b} IQR/med", justify="right")
         t.add_column(f"b{b} speed-up", justify="right")
     lines: dict[tuple, dict] = {}
+    speedup: dict[tuple, float] = {}
     for r in records:
         lines.setdefault((r["space"], r["row"]), {})[r["batch"]] = r["timing"]
+        pair = r.get("paired")
+        speedup[r["space"], r["row"], r["batch"]] = (1.0 / pair.ratio if pair is not None else
+                                                     base[r["batch"]] / r["timing"].median_s)
     for (space, row), timings in lines.items():
         if row < 0:
             cells = ["base network", "", "1.0000", ""]
@@ -181,6 +195,6 @@ def latency_table(results, session: dict):
             tm = timings[b]
             noise = f"{100 * tm.noise:.1f} %"
             noise = f"[yellow]{noise}[/yellow]" if tm.noise > NOISE_LIMIT else noise
-            cells += [f"{1e3 * tm.median_s:.3f}", f"{1e3 * tm.iqr_s:.3f}", noise, f"{base[b] / tm.median_s:.2f}×"]
+            cells += [f"{1e3 * tm.median_s:.3f}", f"{1e3 * tm.iqr_s:.3f}", noise, f"{speedup[space, row, b]:.2f}×"]
         t.add_row(*cells)
     return t

@@ -17,7 +17,7 @@ import numpy as np
 
 from nps.pipeline import __version__ as NPS_VERSION
 from nps.pipeline.errors import NpsError
-from nps.pipeline.results.latency import BASE, NOISE_LIMIT, Timing, read_latency
+from nps.pipeline.results.latency import BASE, NOISE_LIMIT, PairedTiming, Timing, read_latency
 
 DEFAULT_BATCHES = (1, 64)
 DEFAULT_WARMUP = 5
@@ -69,6 +69,31 @@ def library_versions(device) -> dict:
     return versions
 
 
+def _ready(model, x, sync, warmup: int, min_run_s: float) -> int:
+    """``warmup`` forwards (at least one), then how many back-to-back forwards make a run of ``min_run_s``."""
+    for _ in range(max(1, warmup)):
+        model(x)
+    sync()
+    t0 = time.perf_counter()
+    model(x)
+    sync()
+    return max(1, math.ceil(min_run_s / max(time.perf_counter() - t0, 1e-7)))
+
+
+def _run(model, x, sync, inner: int) -> float:
+    """Seconds per forward over one run of ``inner`` back-to-back forwards."""
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        model(x)
+    sync()
+    return (time.perf_counter() - t0) / inner
+
+
+def _quartiles(samples) -> tuple[float, float, float]:
+    q25, median, q75 = np.percentile(samples, [25, 50, 75])
+    return float(median), float(q25), float(q75)
+
+
 def time_forward(model, x, *, device, amp_dtype=None, warmup: int = DEFAULT_WARMUP, runs: int = DEFAULT_RUNS,
                  min_run_s: float = DEFAULT_MIN_RUN_S) -> Timing:
     """Time ``model(x)`` (eval mode, no_grad, autocast ``amp_dtype``): see the module docstring."""
@@ -80,28 +105,44 @@ def time_forward(model, x, *, device, amp_dtype=None, warmup: int = DEFAULT_WARM
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model.eval()
     with torch.no_grad(), autocast_context(device, amp_dtype):
-        for _ in range(max(1, warmup)):
-            model(x)
-        sync()
-        t0 = time.perf_counter()
-        model(x)
-        sync()
-        once = max(time.perf_counter() - t0, 1e-7)
-        inner = max(1, math.ceil(min_run_s / once))
-        samples = np.empty(max(1, runs))
-        for i in range(samples.size):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                model(x)
-            sync()
-            samples[i] = (time.perf_counter() - t0) / inner
-    q25, median, q75 = np.percentile(samples, [25, 50, 75])
-    return Timing(float(median), float(q25), float(q75), int(samples.size), int(inner))
+        inner = _ready(model, x, sync, warmup, min_run_s)
+        samples = np.array([_run(model, x, sync, inner) for _ in range(max(1, runs))])
+    return Timing(*_quartiles(samples), int(samples.size), int(inner))
 
 
-def time_network(model, table, batch: int, *, device, channels_last: bool, amp_dtype=None, **kwargs) -> Timing:
-    """Time ``model`` (moved to ``device``, eval mode, channels_last if asked) on a random batch of ``batch`` images
-    of ``table``'s input shape (:func:`time_forward`'s keyword arguments pass through)."""
+def time_pair(base, model, x, *, device, amp_dtype=None, warmup: int = DEFAULT_WARMUP, runs: int = DEFAULT_RUNS,
+              min_run_s: float = DEFAULT_MIN_RUN_S) -> PairedTiming:
+    """Time ``model(x)`` interleaved with ``base(x)``: ``runs`` runs of each, alternating (base then model, then
+    model then base, ...), each of the model's runs divided by the base's run beside it. A slower spell of the machine
+    (a virtual machine's, other work's) lengthens both runs of a pair alike, so their ratio keeps the network's
+    latency relative to the base where the two medians, or timings taken apart, do not."""
+    import torch
+
+    from nps.pipeline.training.schedule import autocast_context
+
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    base.eval()
+    model.eval()
+    n = max(1, runs)
+    a, b = np.empty(n), np.empty(n)
+    with torch.no_grad(), autocast_context(device, amp_dtype):
+        inner_a = _ready(base, x, sync, warmup, min_run_s)
+        inner_b = _ready(model, x, sync, warmup, min_run_s)
+        for i in range(n):
+            if i % 2 == 0:
+                a[i] = _run(base, x, sync, inner_a)
+                b[i] = _run(model, x, sync, inner_b)
+            else:
+                b[i] = _run(model, x, sync, inner_b)
+                a[i] = _run(base, x, sync, inner_a)
+    return PairedTiming(Timing(*_quartiles(b), n, int(inner_b)), Timing(*_quartiles(a), n, int(inner_a)),
+                        *_quartiles(b / a))
+
+
+def _on_device(model, table, batch: int, device, channels_last: bool):
+    """``model`` on ``device`` in eval mode (channels_last if asked), and a random batch of ``batch`` images of
+    ``table``'s input shape to time it on."""
     import torch
 
     model = model.to(device).eval()
@@ -109,7 +150,22 @@ def time_network(model, table, batch: int, *, device, channels_last: bool, amp_d
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    return model, x
+
+
+def time_network(model, table, batch: int, *, device, channels_last: bool, amp_dtype=None, **kwargs) -> Timing:
+    """Time ``model`` (moved to ``device``, eval mode, channels_last if asked) on a random batch of ``batch`` images
+    of ``table``'s input shape (:func:`time_forward`'s keyword arguments pass through)."""
+    model, x = _on_device(model, table, batch, device, channels_last)
     return time_forward(model, x, device=device, amp_dtype=amp_dtype, **kwargs)
+
+
+def time_network_pair(base, model, table, batch: int, *, device, channels_last: bool, amp_dtype=None,
+                      **kwargs) -> PairedTiming:
+    """:func:`time_pair` of ``model`` against ``base`` as :func:`time_network` sets them up."""
+    base, x = _on_device(base, table, batch, device, channels_last)
+    model, _ = _on_device(model, table, batch, device, channels_last)
+    return time_pair(base, model, x, device=device, amp_dtype=amp_dtype, **kwargs)
 
 
 @dataclass
@@ -166,6 +222,7 @@ class TimingOptions:
     retry_above: float | None = None  # a timing noisier than this (IQR / median) is taken again ...
     retries: int | None = None        # ... at most this many times, the least noisy kept
     passes: int | None = None         # passes over all networks (the first in file order, the others shuffled)
+    paired: bool | None = None        # each row timed interleaved with the base network (time_pair; default True)
 
     def resolved(self, device_type: str) -> "TimingOptions":
         """Every value set: the defaults filled in (for ``device_type``'s threads)."""
@@ -177,7 +234,8 @@ class TimingOptions:
                              cpu_threads if self.threads is None else int(self.threads),
                              RETRY_ABOVE if self.retry_above is None else float(self.retry_above),
                              DEFAULT_RETRIES if self.retries is None else int(self.retries),
-                             DEFAULT_PASSES if self.passes is None else int(self.passes))
+                             DEFAULT_PASSES if self.passes is None else int(self.passes),
+                             True if self.paired is None else bool(self.paired))
 
 
 def timed_quietly(once: Callable[[], Any], retry_above: float, retries: int):
@@ -247,7 +305,9 @@ def _read_targets(results_path: str, dev, spaces, all_rows: bool, only_missing: 
 def _time_targets(table, amp_name: str, dev, targets: list[Target], o: TimingOptions, progress):
     """(settings, records): the base network, then every target, timed in this process as ``o`` says: ``o.passes``
     passes over them all (the first in this order, each further pass in its own shuffled order, seeded), each network
-    and batch keeping the timing with the least median of its passes (:data:`DEFAULT_PASSES`)."""
+    and batch keeping the timing with the least median of its passes (:data:`DEFAULT_PASSES`); with ``o.paired`` each
+    target timed interleaved with the base (:func:`time_pair`), keeping the pass whose ratio is the median one
+    (a ratio has no one-sided error to drop: a slow spell lengthens both of a pair's runs)."""
     import torch
 
     from nps.pipeline.network.checkpoints import load_tensors
@@ -269,6 +329,7 @@ def _time_targets(table, amp_name: str, dev, targets: list[Target], o: TimingOpt
                     "batches": list(o.batches), "warmup": int(o.warmup), "runs": int(o.runs),
                     "min_run_s": float(o.min_run_s), "noise_limit": NOISE_LIMIT,
                     "retry_above": float(o.retry_above), "retries": int(o.retries), "passes": int(o.passes),
+                    "paired": bool(o.paired),
                     "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         everything = [Target(BASE, -1, None)] + targets
         taken: dict[tuple[int, int], list] = {(t, b): [] for t in range(len(everything)) for b in o.batches}
@@ -285,17 +346,27 @@ def _time_targets(table, amp_name: str, dev, targets: list[Target], o: TimingOpt
                     model.load_state_dict(load_tensors(target.weights, f"the weights of row {target.row} of "
                                                                        f"{target.space!r}", "measure without them"))
                 for batch in o.batches:
-                    def once(batch=batch, model=model):
-                        return time_network(model, table, batch, device=dev, channels_last=nhwc,
-                                            amp_dtype=amp_dtype, warmup=o.warmup, runs=o.runs, min_run_s=o.min_run_s)
+                    kw = dict(device=dev, channels_last=nhwc, amp_dtype=amp_dtype, warmup=o.warmup, runs=o.runs,
+                              min_run_s=o.min_run_s)
+                    if o.paired and target.keep is not None:
+                        def once(batch=batch, model=model, kw=kw):
+                            return time_network_pair(base, model, table, batch, **kw)
 
-                    taken[t, batch].append(timed_quietly(once, o.retry_above, o.retries))
+                        pair, attempts = timed_quietly(once, o.retry_above, o.retries)
+                        taken[t, batch].append((pair.row, attempts, pair))
+                    else:
+                        def once(batch=batch, model=model, kw=kw):
+                            return time_network(model, table, batch, **kw)
+
+                        taken[t, batch].append((*timed_quietly(once, o.retry_above, o.retries), None))
         records = []
         for (t, batch), timings in taken.items():  # each network and batch: its pass with the least median
             target = everything[t]
+            pairs = sorted((pair for _, _, pair in timings if pair is not None), key=lambda pair: pair.ratio)
             records.append({"space": target.space, "row": target.row, "batch": batch,
-                            "timing": min((timing for timing, _ in timings), key=lambda tm: tm.median_s),
-                            "weights": target.weights is not None, "attempts": sum(a for _, a in timings)})
+                            "timing": min((timing for timing, _, _ in timings), key=lambda tm: tm.median_s),
+                            "paired": pairs[(len(pairs) - 1) // 2] if pairs else None,
+                            "weights": target.weights is not None, "attempts": sum(a for _, a, _ in timings)})
     finally:
         torch.set_num_threads(saved_threads)
     return settings, records

@@ -12,8 +12,13 @@ spaces (masks on the base's dense layers) are not timed: their network is the ba
 A measurement is ``runs`` timed runs after ``warmup`` forwards; a run is ``inner`` back-to-back forwards (``inner``
 chosen so that a run lasts at least ``min_run_s``, which keeps the clock's resolution and one-off stalls out of short
 forwards) and its time per forward is one sample; the median and the interquartile range (q75 − q25) of the
-samples are stored. The base network is measured in the same session, first, so a row's speed-up (base median /
-row median, at the same batch) is a ratio of two numbers from one process, one thread count and one machine state.
+samples are stored. The base network is measured in the same session, first. By default each row is also timed
+**paired**: its runs interleaved with runs of the base network (base, row, row, base, ...), each run of the row
+divided by the base's run beside it; the median of these ratios is the row's latency relative to the base
+(``paired_c``) and its speed-up is its reciprocal. A virtual machine's speed can move by a third within minutes (the
+latency study, docs/study-latency.md): timings taken apart, even in one session, carry it into their ratio, the
+pairs' ratios cancel it. Unpaired (``--unpaired``), a row's speed-up is the base median over the row median, two
+numbers from one process, one thread count and one session.
 
 A measurement's **noise** is its IQR over its median. A quiet core gives a few per cent; cores shared with other
 work, or more threads than free cores, give tens of per cent, and then a speed-up says more about the machine than
@@ -33,6 +38,9 @@ Stored in the results file, by its one writer (refused while a run holds the fil
         runs, inner  i4
         weights u1    1 when the row's fine-tuned weights were loaded (timing does not depend on them)
         session i4    index into ``sessions``; a row's speed-up uses its own session's base
+        paired_c, paired_c_q25, paired_c_q75  f8   a paired timing's ratio (row run / base run beside it): median
+                      and quartiles; the row's speed-up is 1 / paired_c. NaN: the base network, an unpaired
+                      timing (--unpaired), or a file measured before pairing
 
 Re-measuring appends a session; readers (:func:`read_latency`) take each (space, row, batch)'s latest measurement.
 """
@@ -59,6 +67,8 @@ NOISE_LIMIT = 0.10
 _COLUMNS = {"space": "S256", "row": "i8", "batch": "i4", "median_s": "f8", "q25_s": "f8", "q75_s": "f8",
             "runs": "i4", "inner": "i4", "weights": "u1", "session": "i4"}
 _DERIVED = {"noise": "f8"}  # stored beside the columns; derived from them for files written before it was stored
+# Paired timings (PairedTiming; NaN for the base network, for unpaired timings and in files written before them)
+_PAIRED = {"paired_c": "f8", "paired_c_q25": "f8", "paired_c_q75": "f8"}
 
 
 @dataclass
@@ -79,6 +89,25 @@ class Timing:
     def noise(self) -> float:
         """IQR / median: the measurement's spread relative to what it measures (NaN for a zero median)."""
         return self.iqr_s / self.median_s if self.median_s > 0 else math.nan
+
+
+@dataclass
+class PairedTiming:
+    """A network timed interleaved with the base network (``nps latency``'s default): its own :class:`Timing`, the
+    base's over the runs beside it, and the quartiles of the per-pair ratio (network run / base run beside it), its
+    latency relative to the base: c_measured, the reciprocal of its speed-up."""
+
+    row: Timing
+    base: Timing
+    ratio: float
+    ratio_q25: float
+    ratio_q75: float
+
+    @property
+    def noise(self) -> float:
+        """The ratio's IQR / median: how well the pairs agree on the relative latency (what is taken again while
+        above ``retry_above``; the network's own timing keeps its :attr:`Timing.noise`)."""
+        return (self.ratio_q75 - self.ratio_q25) / self.ratio if self.ratio > 0 else math.nan
 
 
 def noisy_records(records: list[dict], limit: float | None = None) -> list[dict]:
@@ -145,10 +174,16 @@ def store_latency(results_path: str | os.PathLike, session: dict) -> None:
                       "runs": [r["timing"].runs for r in records], "inner": [r["timing"].inner for r in records],
                       "weights": [int(r["weights"]) for r in records], "session": [index] * len(records),
                       "noise": [r["timing"].noise for r in records]}
+            pairs = [r.get("paired") for r in records]
+            for name, field in (("paired_c", "ratio"), ("paired_c_q25", "ratio_q25"), ("paired_c_q75", "ratio_q75")):
+                values[name] = [math.nan if pair is None else getattr(pair, field) for pair in pairs]
+            if "paired_c" not in g and "row" in g:  # a group written before pairing: its rows have none
+                for name in _PAIRED:
+                    g.create_dataset(name, data=np.full(g["row"].shape[0], np.nan), maxshape=(None,), chunks=(256,))
             if "noise" not in g and "row" in g:  # a group written before noise was stored: derive its rows' first
                 g.create_dataset("noise", data=_noise(g["median_s"][()], g["q25_s"][()], g["q75_s"][()]),
                                  maxshape=(None,), chunks=(256,))
-            for name, dtype in {**_COLUMNS, **_DERIVED}.items():
+            for name, dtype in {**_COLUMNS, **_DERIVED, **_PAIRED}.items():
                 data = np.asarray(values[name], dtype=dtype)
                 if name not in g:
                     g.create_dataset(name, data=data, maxshape=(None,), chunks=(256,))
@@ -173,8 +208,9 @@ def _noise(median, q25, q75) -> np.ndarray:
 def read_latency(reader) -> dict[str, dict]:
     """Per device: the latest measurement of every (space, row, batch) as columns (``space``, ``row``, ``batch``,
     ``median_s``, ``q25_s``, ``q75_s``, ``iqr_s``, ``noise`` (IQR / median), ``runs``, ``weights``, ``session``,
-    ``speedup``: the base median of the same session and batch over the row's), plus ``attrs`` (the latest session's
-    settings, ``noise_limit``) and ``sessions``.
+    ``paired_c``, ``paired_c_q25``, ``paired_c_q75`` (NaN where not paired), ``speedup``: 1 / ``paired_c`` for a
+    paired timing, else the base median of the same session and batch over the row's), plus ``attrs`` (the latest
+    session's settings, ``noise_limit``) and ``sessions``.
     A file never measured gives ``{}``."""
     f = reader.file
     if GROUP not in f:
@@ -187,6 +223,9 @@ def read_latency(reader) -> dict[str, dict]:
         noise = g["noise"][()] if "noise" in g else np.empty(0)
         cols["noise"] = noise if noise.size == cols["row"].size else _noise(cols["median_s"], cols["q25_s"],
                                                                             cols["q75_s"])
+        for name in _PAIRED:
+            paired = g[name][()] if name in g else np.empty(0)
+            cols[name] = paired if paired.size == cols["row"].size else np.full(cols["row"].size, np.nan)
         cols["space"] = np.array([s.decode("utf-8", errors="replace") for s in cols["space"]], dtype=object)
         latest: dict[tuple, int] = {}
         for i, key in enumerate(zip(cols["space"], cols["row"].tolist(), cols["batch"].tolist())):
@@ -196,8 +235,9 @@ def read_latency(reader) -> dict[str, dict]:
                 for i in range(cols["row"].size) if cols["space"][i] == BASE}
         sel = {name: c[pick] for name, c in cols.items()}
         sel["iqr_s"] = sel["q75_s"] - sel["q25_s"]
-        sel["speedup"] = np.array([base.get((int(s), int(b)), math.nan) / m
-                                   for s, b, m in zip(sel["session"], sel["batch"], sel["median_s"])])
+        sel["speedup"] = np.array([1.0 / c if math.isfinite(c) and c > 0 else base.get((int(s), int(b)), math.nan) / m
+                                   for s, b, m, c in zip(sel["session"], sel["batch"], sel["median_s"],
+                                                         sel["paired_c"])])
         attrs = {}
         for key, value in g.attrs.items():
             value = value.decode() if isinstance(value, bytes) else value

@@ -7,9 +7,10 @@ measured there at that batch, :func:`prediction_summary` sets the two side by si
 - ``r2``: 1 − Σ(measured − predicted)² / Σ(measured − mean)² over the rows, in seconds (the prediction itself, not
   a line fitted to it: a model off by a constant factor scores below 1, and so does a machine that runs everything
   a few per cent slower in the timing session than when the model was measured);
-- ``r2_relative``: the same over each row's latency relative to the base network's, measured (``c_measured``: over
-  the base timed in the same session) against predicted (``c_predicted``: the row's c_latency), what a c_latency
-  regime fixes: a machine's speed that differs between the model's session and the timing session cancels;
+- ``r2_relative``: the same over each row's latency relative to the base network's, measured (``c_measured``: the
+  reciprocal of its stored speed-up: its paired ratio to the base, or unpaired over the base timed in the same
+  session) against predicted (``c_predicted``: the row's c_latency), what a c_latency regime fixes: a machine's
+  speed that differs between the model's session and the timing session cancels;
 - ``error``: the relative error (predicted − measured) / measured per row, its median and the RMS;
 - per c_latency regime, ``within``: how many of its rows, *measured*, lie within the regime's band (their measured
   latency over the base network's, from the same session, within value ± delta) - the band every row meets by
@@ -62,7 +63,7 @@ def prediction_summary(reader, table, pops, measured: dict) -> dict | None:
             continue
         predicted = table.latency_of(np.asarray(pop.keep, dtype=np.int64)[[j for j, _ in rows]])
         median = np.asarray([float(measured["median_s"][i]) for _, i in rows])
-        c_measured = median / base_measured  # one session's base: the stored speed-up's reciprocal
+        c_measured = 1.0 / np.asarray([float(measured["speedup"][i]) for _, i in rows])  # paired, or own session's
         key = regime_key(pop.target, pop.value) if math.isfinite(pop.value) else pop.space  # ratios: no target
         points["group"] += [pop.group] * len(rows)
         points["space"] += [pop.space] * len(rows)
