@@ -225,9 +225,10 @@ def test_nps_latency_shows_stores_and_warns_about_noisy_timings(table, tmp_path,
     out = capsys.readouterr().out
     assert "b1 IQR/med" in out and "52.3 %" in out and "2.0 %" in out  # IQR / median of each timing
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: 1 of 3 timings is noisy (IQR/median above 10 %; worst 52 %, the base network at "
-                        "batch 1): speed-ups are unreliable; time again with a quiet machine (no other work on its "
-                        "cores)"]
+    assert warnings == ["warning: 1 of 3 timings is noisy (IQR/median above 10 % (a paired row's: of its ratio to the "
+                        "base); worst 52 %, the base network at batch 1): speed-ups are unreliable; time again with "
+                        "a quiet machine (no other work on its cores)"]
+    assert "b1 ratio IQR/med" in out  # the paired rows' ratio noise, 0.0 % from the stand-in
     assert "2 subnetworks (each paired with the base network) and the base network" in out and "1 thread," in out
     with open_readonly(path) as reader:
         cpu = latency.read_latency(reader)["cpu"]
@@ -244,7 +245,7 @@ def test_nps_latency_shows_stores_and_warns_about_noisy_timings(table, tmp_path,
 
 
 def test_the_noise_warning_names_the_worst_timing_and_fewer_threads(table):
-    from nps.pipeline.results.latency import Timing, noise_warning
+    from nps.pipeline.results.latency import PairedTiming, Timing, noise_warning
 
     def record(space, row, noise):
         return {"space": space, "row": row, "batch": 64, "timing": Timing(1.0, 1.0, 1.0 + noise, 20, 1)}
@@ -257,6 +258,14 @@ def test_the_noise_warning_names_the_worst_timing_and_fewer_threads(table):
         "work on its cores)")
     assert noise_warning(session, limit=0.5) is None
     assert noise_warning({"settings": {"threads": 1}, "records": session["records"][:1]}) is None
+    # a paired row: its speed-up rests on its ratio to the base, so the ratio's noise counts, not its timing's
+    quiet_ratio = dict(record(SPACE, 0, 0.3), paired=PairedTiming(Timing(1, 1, 1.3, 20, 1), Timing(2, 2, 2.6, 20, 1),
+                                                                   0.5, 0.495, 0.505))
+    noisy_ratio = dict(record(SPACE, 1, 0.01), paired=PairedTiming(Timing(1, 1, 1.01, 20, 1),
+                                                                   Timing(2, 2, 2.02, 20, 1), 0.5, 0.45, 0.6))
+    line = noise_warning({"settings": {"threads": 1}, "records": [record("base", -1, 0.02), quiet_ratio, noisy_ratio]})
+    assert line.startswith(f"1 of 3 timings is noisy (IQR/median above 10 % (a paired row's: of its ratio to the "
+                           f"base); worst 30 %, {SPACE} row 1 at batch 64)")
 
 
 def test_a_file_measured_before_noise_was_stored_gets_it_derived_and_appended(table, tmp_path):

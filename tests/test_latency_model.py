@@ -16,8 +16,8 @@ from torch import nn
 from nps.pipeline.errors import NpsError
 from nps.pipeline.network.latency_model import (
     LatencyModel,
-    fit_calibration,
     fit_layer,
+    fit_relative_calibration,
     layer_terms,
     nnls,
     relative_rms,
@@ -135,14 +135,56 @@ def test_nnls_is_the_constrained_optimum_on_random_problems():
             assert np.sum((A @ other - y) ** 2) >= np.sum((A @ x - y) ** 2) - 1e-12
 
 
-def test_the_calibration_keeps_a_positive_scale_and_a_non_negative_offset():
-    s = np.array([10.0, 7.0, 4.0, 2.0]) * 1e-3
-    scale, offset = fit_calibration(s, 2e-3 + 1.2 * s)
-    assert scale == pytest.approx(1.2, rel=1e-9) and offset == pytest.approx(2e-3, rel=1e-9)
-    scale, offset = fit_calibration(s, 1.5 * s - 1e-3)  # wants a negative offset: held at 0
-    assert scale > 0 and offset == 0.0
-    scale, offset = fit_calibration([5e-3], [6e-3])  # nothing to prune: the ratio
-    assert scale == pytest.approx(1.2) and offset == 0.0
+def test_the_calibration_from_ratios_to_the_base_recovers_scale_and_offset_and_never_a_negative_offset():
+    """Networks timed paired with the base give their ratios c = T / T_base; with T = offset + scale · sum the fit
+    recovers both exactly and predicts the base at its measured time; ratios that want a negative offset hold it at
+    0; without a pruned network the offset is 0 and the scale puts the base at its time."""
+    s, base_sum, scale, offset = np.array([7.0, 4.0, 2.0]) * 1e-3, 10e-3, 1.2, 2e-3
+    base_s = offset + scale * base_sum
+    got_scale, got_offset = fit_relative_calibration(s, (offset + scale * s) / base_s, base_sum, base_s)
+    assert got_scale == pytest.approx(scale, rel=1e-9) and got_offset == pytest.approx(offset, rel=1e-9)
+    assert got_offset + got_scale * base_sum == pytest.approx(base_s, rel=1e-12)
+    got_scale, got_offset = fit_relative_calibration(s, (1.5 * s - 1e-3) / (1.5 * base_sum - 1e-3), base_sum, 0.01)
+    assert got_scale > 0 and got_offset == 0.0
+    got_scale, got_offset = fit_relative_calibration([], [], 5e-3, 6e-3)
+    assert got_scale == pytest.approx(1.2) and got_offset == 0.0
+
+
+def test_inputs_are_padded_where_the_calibration_networks_say_so():
+    """Two conv layers whose grids (timed alone) step with the output count only, in a network whose timings step
+    with the input count too (what the calibration networks show): the model that pads the inputs as well is kept,
+    with its own coefficients; where the networks show no input step, the output-only model stays."""
+    from types import SimpleNamespace
+
+    from nps.pipeline.deploy.latency_model import calibrated
+    from nps.pipeline.results.latency import Timing
+
+    block, coef = 16, np.array([1e-4, 2e-7, 3e-6, 4e-6])
+    cin, cout = grid(np.array([16, 32, 48, 64]), np.array([6, 16, 26, 32, 38, 48, 58, 64]))
+    alone = layer_terms(cin, cout, 1, False, block) @ coef  # a layer alone: only its output count steps
+    spec = SimpleNamespace(groups=1, depthwise=False, module=nn.Conv2d(1, 1, 1))
+    grids = {"k": (spec, list(zip(cin, cout, alone)))}
+    keys = ["k", "k"]
+    fitted, error = fit_layer(cin, cout, alone, 1, False, block)
+    model = LatencyModel("resnet20", "all", 28, 10, 1, "cpu", "cpu: test", 8, 1, "fp32", layers=["a", "b"],
+                         groups=[1, 1], depthwise=[False, False], coef=[fitted, fitted], fit_error=[error, error],
+                         scale=1.0, offset=0.0, network_error=np.nan, calibration={}, base_latency_s=1.0,
+                         block=block, padded=[True, True])
+    counts = [(64, 64), (40, 40), (33, 17), (50, 29), (21, 45), (60, 9)]  # the base first, then uneven networks
+    networks = [(1.0, None, {"a": (64, c_a), "b": (c_a, c_b)}) for c_a, c_b in counts]
+
+    def network_seconds(in_block):
+        return np.array([sum(layer_terms(ci, co, 1, False, block, in_block) @ coef for ci, co in ch.values())
+                         for _, _, ch in networks])
+
+    for in_block, expect in ((block, True), (1, False)):
+        t = network_seconds(in_block)
+        pairs = [(x / t[0], 0.01) for x in t[1:]]
+        kept = calibrated(model, grids, keys, networks, Timing(t[0], t[0], t[0], 3, 1), pairs)
+        assert bool(kept.padded_in.all()) is expect and not (kept.padded_in.any() and not expect)
+        assert kept.network_error < 1e-9 and kept.network_error <= model.network_error
+        assert kept.calibration["predicted_s"][0] == pytest.approx(t[0], rel=1e-9)
+    assert not model.padded_in.any()  # the model passed in is left as it was
 
 
 # -- the layers as the network runs them ---------------------------------------------------------------------------
@@ -290,13 +332,15 @@ def test_predict_is_offset_plus_scale_times_the_layer_terms(measured):
     assert model.predict(base) == pytest.approx(model.offset + model.scale * total, rel=1e-12)
     assert model.scale > 0 and model.offset >= 0
     cal = model.calibration
-    assert cal["keep_fraction"] == [1.0, 0.75, 0.5, 0.3]
+    assert cal["keep_fraction"][:4] == pytest.approx([1.0, 0.75, 0.5, 0.3], abs=0.02)  # then the random ones
+    assert len(cal["keep_fraction"]) == 4 + 8 and len(set(cal["keep_fraction"])) == 12
     assert cal["predicted_s"][0] == pytest.approx(model.predict(base), rel=1e-12)
+    assert cal["predicted_s"][0] == pytest.approx(cal["measured_s"][0], rel=1e-9)  # the base at its measured time
     assert model.base_latency_s == cal["measured_s"][0]
     errors = (np.array(cal["predicted_s"]) - np.array(cal["measured_s"])) / np.array(cal["measured_s"])
     assert model.network_error == pytest.approx(float(np.sqrt(np.mean(errors ** 2))), rel=1e-12)
     # smaller networks are predicted faster (non-negative coefficients, positive scale)
-    assert np.all(np.diff(cal["predicted_s"]) < 0)
+    assert np.all(np.diff(cal["predicted_s"][:4]) < 0)
     half = {n: (max(1, ci // 2) if n != "conv1" else ci, co // 2 if n != "fc" else co) for n, (ci, co) in base.items()}
     assert model.predict(half) < model.predict(base)
     with pytest.raises(KeyError, match="conv1"):
@@ -312,7 +356,7 @@ def assert_same(a: LatencyModel, b: LatencyModel) -> None:
                  "base_latency_s", "block"):
         assert getattr(a, name) == getattr(b, name), name
         assert type(getattr(a, name)) is type(getattr(b, name)), name
-    for name in ("groups", "depthwise", "coef", "fit_error", "padded"):
+    for name in ("groups", "depthwise", "coef", "fit_error", "padded", "padded_in"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and np.array_equal(x, y), name
     assert (a.grid is None) == (b.grid is None)
@@ -337,11 +381,18 @@ def test_save_and_load_round_trip_exactly(measured, tmp_path):
 
 
 def test_a_version_1_model_reads_as_unpadded(measured, tmp_path):
-    """Files written before blocks existed: no block attribute, no padded dataset, version 1."""
+    """Files written before blocks existed: no block attribute, no padded dataset, version 1; before inputs were
+    padded: no padded_in dataset, version 2."""
     model, _ = measured
-    padded = LatencyModel(**{**model.__dict__, "block": 16, "padded": np.ones(len(model.layers), bool)})
+    every = np.ones(len(model.layers), bool)
+    padded = LatencyModel(**{**model.__dict__, "block": 16, "padded": every, "padded_in": every})
     padded.save(tmp_path / "m.h5")
-    assert LatencyModel.load(tmp_path / "m.h5").block == 16
+    assert LatencyModel.load(tmp_path / "m.h5").block == 16 and LatencyModel.load(tmp_path / "m.h5").padded_in.all()
+    with h5py.File(tmp_path / "m.h5", "a") as f:
+        f.attrs["version"] = 2
+        del f["padded_in"]
+    v2 = LatencyModel.load(tmp_path / "m.h5")
+    assert v2.padded.all() and not v2.padded_in.any() and v2.layer_in_block(0) == 1
     with h5py.File(tmp_path / "m.h5", "a") as f:
         f.attrs["version"] = 1
         del f.attrs["block"]

@@ -14,9 +14,10 @@ from nps.pipeline.network.layer_table import LATENCY_UNIT, build_layer_table, wi
 
 
 def fake_model(name: str, resolution: int, seed: int = 0, *, offset: float = 1e-4, scale: float = 1.1,
-               block: int = 1):
+               block: int = 1, pad_inputs: bool = False):
     """A latency model of ``name`` with random non-negative coefficients (what nps latency-model would fit); with
-    ``block`` > 1 every conv layer's output count padded to it (as nps latency-model pads on a CPU)."""
+    ``block`` > 1 every conv layer's output count padded to it (as nps latency-model pads on a CPU), and with
+    ``pad_inputs`` its input count too."""
     from nps.pipeline.network.models import build_model
     from nps.pipeline.network.trace import analyze
 
@@ -24,9 +25,12 @@ def fake_model(name: str, resolution: int, seed: int = 0, *, offset: float = 1e-
     rng = np.random.default_rng(seed)
     coef = np.abs(rng.normal(size=(len(graph.weight_order), 4))) * np.array([2e-5, 3e-9, 1e-7, 1e-7])
     padded = np.array([graph.weights[n].kind != "linear" and block > 1 for n in graph.weight_order])
+    padded_in = padded & pad_inputs
     return types.SimpleNamespace(model=name, resolution=resolution, num_classes=10, in_channels=1,
                                  layers=list(graph.weight_order), coef=coef, scale=scale, offset=offset,
-                                 block=block, padded=padded, layer_block=lambda i: block if padded[i] else 1)
+                                 block=block, padded=padded, padded_in=padded_in,
+                                 layer_block=lambda i: block if padded[i] else 1,
+                                 layer_in_block=lambda i: block if padded_in[i] else 1)
 
 
 def layer_sum(model, pruned) -> float:
@@ -44,8 +48,9 @@ def layer_sum(model, pruned) -> float:
         else:
             cin, cout, groups = m.in_features, m.out_features, 1
         depthwise = isinstance(m, nn.Conv2d) and groups == cin == cout and groups > 1
-        block = model.layer_block(i)
+        block, in_block = model.layer_block(i), model.layer_in_block(i)
         cout = block * -(-cout // block)  # the output count as a kernel computing blocks of channels pays for it
+        cin = in_block * -(-cin // in_block)  # and the input count, where the model pads it
         if depthwise:  # a + c·C
             total += a + c * cout
         else:
@@ -53,15 +58,15 @@ def layer_sum(model, pruned) -> float:
     return model.offset + model.scale * total
 
 
-@pytest.mark.parametrize("block", [1, 16])
+@pytest.mark.parametrize("block,pad_inputs", [(1, False), (16, False), (16, True)])
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2"])
-def test_the_form_is_the_sum_of_the_layer_terms_at_the_pruned_networks_channel_counts(name, block):
+def test_the_form_is_the_sum_of_the_layer_terms_at_the_pruned_networks_channel_counts(name, block, pad_inputs):
     """The form reproduces the model's prediction at a pruned network's real channel counts; with block 16 every
-    conv layer's output count padded (a padded form over 2G variables)."""
+    conv layer's output count padded (a padded form over 2G variables), and its input count too with pad_inputs."""
     from nps.pipeline.network.models import build_model
     from nps.pipeline.network.prune import prune_model
 
-    model = fake_model(name, 28, block=block)
+    model = fake_model(name, 28, block=block, pad_inputs=pad_inputs)
     table = with_latency(build_layer_table(name, "all", 28, 10, 1), model)
     assert table.latency.padded == (block > 1)
     net = build_model(name, num_classes=10, in_channels=1)
@@ -197,6 +202,7 @@ def test_the_report_sets_measured_against_predicted_latency(tmp_path, monkeypatc
     assert set(batches) == {8}
     p = write_report(path, tmp_path / "report", n_boot=20)["latency_prediction"]
     assert p["n"] == 12 and p["batch"] == 8 and p["device_name"] == "cpu: test"
+    assert p["paired"] == 12 and p["paired_noise_max"] == 0.0 and p["paired_noisy"] == 0  # the stand-in's pairs agree
     assert p["base"]["measured_ms"] == pytest.approx(p["base"]["predicted_ms"], rel=1e-6)
     errors = np.array(p["points"]["measured_ms"]) / np.array(p["points"]["predicted_ms"])
     assert sorted(np.round(errors, 4)) == sorted([1.0, 1.02, 0.98, 1.05, 0.95, 1.0] * 2)

@@ -12,7 +12,8 @@ its own rows):
                  std-0.05 and std-0.1 in each regime plus its uniform baseline, 8 uniform-ratio rows from 0.1 to 0.8
                  for a spread of widths; 1 short epoch of fine-tuning, fp32)
 4. ``latency`` - nps latency .../results.h5 (every finished row at the model's batch and threads, in 3 passes, each
-                 network's least median kept; a timing above 5 % IQR/median taken again)
+                 network's least median kept, each row paired with the base run by run, the middle ratio kept; a
+                 timing above 5 % IQR/median taken again)
 5. ``report``  - nps report -> docs/study-latency/<net>/
 
 Time the models and the rows on a quiet machine: the timings are the study's data (run the ``model`` and

@@ -153,7 +153,8 @@ def _plural(n: int, noun: str) -> str:
 
 def latency_table(results, session: dict):
     """One line per network: its space, row, c_flops and top-1, and per batch the median, IQR, IQR / median (in
-    yellow above the noise limit) and speed-up (a paired timing's: the reciprocal of its median ratio to the base)."""
+    yellow above the noise limit) and speed-up (a paired timing's: the reciprocal of its median ratio to the base,
+    with that ratio's IQR / median in a column of its own)."""
     import math
 
     from rich.table import Table
@@ -163,6 +164,7 @@ def latency_table(results, session: dict):
 
     records = session["records"]
     batches = session["settings"]["batches"]
+    paired = any(r.get("paired") is not None for r in records)
     info = {}
     with open_readonly(results) as reader:
         for space in {r["space"] for r in records if r["row"] >= 0}:
@@ -177,14 +179,17 @@ def latency_table(results, session: dict):
         t.add_column(f"b{b} IQR", justify="right")
         t.add_column(f"b{b} IQR/med", justify="right")
         t.add_column(f"b{b} speed-up", justify="right")
+        if paired:
+            t.add_column(f"b{b} ratio IQR/med", justify="right")
     lines: dict[tuple, dict] = {}
-    speedup: dict[tuple, float] = {}
     for r in records:
-        lines.setdefault((r["space"], r["row"]), {})[r["batch"]] = r["timing"]
-        pair = r.get("paired")
-        speedup[r["space"], r["row"], r["batch"]] = (1.0 / pair.ratio if pair is not None else
-                                                     base[r["batch"]] / r["timing"].median_s)
-    for (space, row), timings in lines.items():
+        lines.setdefault((r["space"], r["row"]), {})[r["batch"]] = r
+
+    def percent(noise: float) -> str:
+        text = f"{100 * noise:.1f} %"
+        return f"[yellow]{text}[/yellow]" if noise > NOISE_LIMIT else text
+
+    for (space, row), by_batch in lines.items():
         if row < 0:
             cells = ["base network", "", "1.0000", ""]
         else:
@@ -192,9 +197,10 @@ def latency_table(results, session: dict):
             cells = [space, str(row), f"{float(info[space]['c_flops'][row]):.4f}",
                      f"{top1:.2f}" if math.isfinite(top1) else "–"]
         for b in batches:
-            tm = timings[b]
-            noise = f"{100 * tm.noise:.1f} %"
-            noise = f"[yellow]{noise}[/yellow]" if tm.noise > NOISE_LIMIT else noise
-            cells += [f"{1e3 * tm.median_s:.3f}", f"{1e3 * tm.iqr_s:.3f}", noise, f"{speedup[space, row, b]:.2f}×"]
+            tm, pair = by_batch[b]["timing"], by_batch[b].get("paired")
+            speedup = 1.0 / pair.ratio if pair is not None else base[b] / tm.median_s
+            cells += [f"{1e3 * tm.median_s:.3f}", f"{1e3 * tm.iqr_s:.3f}", percent(tm.noise), f"{speedup:.2f}×"]
+            if paired:
+                cells.append(percent(pair.noise) if pair is not None else "")
         t.add_row(*cells)
     return t

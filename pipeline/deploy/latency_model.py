@@ -19,13 +19,19 @@ latency_model`; why it is measured this way: docs/latency-model.md).
    is and rounded up to each block of :data:`BLOCKS` (or the block asked for): a conv layer is padded where that
    fits its grid better, and the model's block is the one whose fits err least over all layers (:func:`fit_layers`;
    block 1 unless one errs at most :data:`BLOCK_GAIN` as much).
-4. The base network and copies pruned uniformly to :data:`CALIBRATION_KEEPS` are timed whole as ``nps latency``
-   times them (:func:`~nps.pipeline.deploy.latency.time_network`, again while noisier than :data:`NOISE_TARGET`; in
-   :data:`PASSES` rounds, the least median kept), and ``scale`` and ``offset`` fitted to them.
+4. The base network, copies pruned uniformly to :data:`CALIBRATION_KEEPS` and :data:`CALIBRATION_RANDOM` copies
+   pruned at random are timed whole as ``nps latency`` times them: the base alone (the least median of
+   :data:`PASSES` rounds), every copy paired with the base run by run
+   (:func:`~nps.pipeline.deploy.latency.time_network_pair`, the middle ratio of the rounds), each again while
+   noisier than :data:`NOISE_TARGET`; ``scale`` and ``offset`` are fitted to the ratios
+   (:func:`~nps.pipeline.network.latency_model.fit_relative_calibration`). With a block, the padded layers are
+   fitted again with their input counts padded too, and the two models' calibrations decide: the one that predicts
+   the calibration networks better is kept (``padded_in``).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nps.pipeline.errors import NpsError
-from nps.pipeline.network.latency_model import LatencyModel, fit_calibration, fit_layer, relative_rms
+from nps.pipeline.network.latency_model import LatencyModel, fit_layer, fit_relative_calibration, relative_rms
 
 GRID_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 # Output counts: more fractions, most of them off the blocks of 8 and 16 channels (of 64: 6, 16, 26, 32, 38, 48, 58,
@@ -45,6 +51,10 @@ OUT_FRACTIONS = (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
 BLOCKS = (8, 16, 32)  # channel blocks tried (oneDNN: 8 floats per AVX2 vector, 16 per AVX-512 one)
 BLOCK_GAIN = 0.9  # a block is taken when its fits' mean error is at most this fraction of the unpadded fits' one
 CALIBRATION_KEEPS = (1.0, 0.75, 0.5, 0.3)
+# ...and this many copies pruned at random (each group's ratio uniform in [0, CALIBRATION_R], seeded): recipes of
+# uneven counts, as the samplers draw them, which uniformly pruned copies do not show (docs/study-latency.md)
+CALIBRATION_RANDOM = 8
+CALIBRATION_R = 0.7
 NOISE_TARGET = 0.05  # IQR / median above which a timing is measured again
 PASSES = 3  # times every grid point is timed (in a new shuffled order each pass)
 ATTEMPTS = 3  # timings of one point or network at most (the least noisy is kept)
@@ -351,8 +361,8 @@ def measure_latency_model(model_name: str, resolution: int, *, num_classes: int,
         n_threads = int(torch.get_num_threads())
         networks = _calibration_networks(base, table, [s.name for s in specs])
         grids = _time_grids(specs, batch, dev, nhwc, amp_dtype, progress, PASSES * len(networks))
-        timings = _time_networks(networks, table, batch, dev, nhwc, amp_dtype, progress,
-                                 PASSES * sum(len(p) for _, p in grids.values()))
+        base_timing, pairs = _time_networks(networks, table, batch, dev, nhwc, amp_dtype, progress,
+                                            PASSES * sum(len(p) for _, p in grids.values()))
     finally:
         torch.set_num_threads(saved_threads)
     name = f"cpu: {device_name(dev).split(' (')[0]}, {n_threads} thread{'s' if n_threads != 1 else ''}" \
@@ -363,53 +373,94 @@ def measure_latency_model(model_name: str, resolution: int, *, num_classes: int,
                          n_threads, precision, layers=[s.name for s in specs], groups=[s.groups for s in specs],
                          depthwise=[s.depthwise for s in specs], coef=[fits[k][0] for k in keys],
                          fit_error=[fits[k][1] for k in keys], scale=1.0, offset=0.0, network_error=math.nan,
-                         calibration={}, base_latency_s=timings[0].median_s,
+                         calibration={}, base_latency_s=base_timing.median_s,
                          grid={s.name: np.asarray(grids[k][1], dtype=np.float64) for s, k in zip(specs, keys)},
                          block=chosen, padded=[fits[k][2] for k in keys])
+    return calibrated(model, grids, keys, networks, base_timing, pairs)
+
+
+def calibrated(model: LatencyModel, grids: dict, keys: list[str], networks, base_timing, pairs) -> LatencyModel:
+    """``model`` (its layers fitted, ``keys`` their configurations in ``grids``) calibrated on the networks'
+    timings (:func:`_calibrate`); with a block, the same model with every padded layer's input count padded too,
+    fitted again on its grid and calibrated alike, is returned instead where it predicts the calibration networks
+    better (a layer timed alone does not show it, the networks do)."""
+    _calibrate(model, networks, base_timing, pairs)
+    if model.block <= 1:
+        return model
+    refit = {k: fit_layer(*np.asarray(grids[k][1], dtype=np.float64).T, grids[k][0].groups, grids[k][0].depthwise,
+                          model.block, model.block) for k, padded in zip(keys, model.padded) if padded}
+    alt = dataclasses.replace(model, coef=[refit[k][0] if k in refit else c for k, c in zip(keys, model.coef)],
+                              fit_error=[refit[k][1] if k in refit else e for k, e in zip(keys, model.fit_error)],
+                              padded_in=[k in refit for k in keys])
+    _calibrate(alt, networks, base_timing, pairs)
+    return alt if alt.network_error < model.network_error else model
+
+
+def _calibrate(model: LatencyModel, networks, base_timing, pairs) -> None:
+    """Set ``model``'s scale, offset, network error and calibration points from the calibration networks' timings:
+    the base's alone, each other's paired with it (``pairs``: (median ratio, its IQR / median) per network)."""
     sums = [sum(model.layer_seconds(i, *channels[n]) for i, n in enumerate(model.layers))
             for _, _, channels in networks]
-    measured = [t.median_s for t in timings]
-    model.scale, model.offset = fit_calibration(sums, measured)
+    c = np.array([1.0] + [ratio for ratio, _ in pairs])
+    model.scale, model.offset = fit_relative_calibration(sums[1:], c[1:], sums[0], base_timing.median_s)
     predicted = [model.offset + model.scale * s for s in sums]
+    measured = (c * base_timing.median_s).tolist()
     model.network_error = relative_rms(predicted, measured)
     model.calibration = {"keep_fraction": [f for f, _, _ in networks], "measured_s": measured,
-                         "predicted_s": predicted, "iqr_over_median": [t.noise for t in timings]}
-    return model
+                         "predicted_s": predicted,
+                         "iqr_over_median": [base_timing.noise] + [noise for _, noise in pairs]}
 
 
 def _calibration_networks(base: nn.Module, table, layers: list[str]) -> list[tuple[float, nn.Module, dict]]:
-    """(keep fraction, network, its layers' (cin, cout)) of the base pruned uniformly to each of
-    :data:`CALIBRATION_KEEPS`; a fraction that prunes nothing new (a network already listed) is left out."""
+    """(kept fraction of the channels, network, its layers' (cin, cout)): the base (first), copies pruned uniformly
+    to each of :data:`CALIBRATION_KEEPS` and :data:`CALIBRATION_RANDOM` copies pruned at random (every group's ratio
+    uniform in [0, :data:`CALIBRATION_R`], seeded); a copy that prunes nothing new (a network already listed) is left
+    out."""
     from nps.kernels.complexity import keep_from_recipe
     from nps.pipeline.network.prune import prune_model
 
+    rng = np.random.default_rng(0)
+    G = len(table.channels)
+    recipes = [np.full(G, 1.0 - f) for f in CALIBRATION_KEEPS]
+    recipes += [rng.uniform(0.0, CALIBRATION_R, G) for _ in range(CALIBRATION_RANDOM)]
     out = []
-    for f in CALIBRATION_KEEPS:
-        keep = keep_from_recipe(np.full(len(table.channels), 1.0 - f), table.channels, table.granularity)
+    for recipe in recipes:
+        keep = keep_from_recipe(recipe, table.channels, table.granularity)
         model = base if np.array_equal(keep, table.channels) else prune_model(base, table, keep)
         channels = _channels_of(model, layers)
         if all(channels != c for _, _, c in out):
-            out.append((f, model, channels))
+            out.append((float(np.sum(keep) / np.sum(table.channels)), model, channels))
     return out
 
 
-def _time_networks(networks, table, batch: int, dev, nhwc: bool, amp_dtype, progress, done: int) -> list:
-    """Each network's timing as ``nps latency`` takes it (re-measured while noisier than :data:`NOISE_TARGET`), in
-    :data:`PASSES` rounds over all of them; per network the round with the least median."""
-    from nps.pipeline.deploy.latency import time_network
+def _time_networks(networks, table, batch: int, dev, nhwc: bool, amp_dtype, progress, done: int):
+    """(the base's timing, [(median ratio, its IQR / median)] of every other network): the base (first of
+    ``networks``) timed alone, each other network paired with it run by run as ``nps latency`` times a row
+    (:func:`~nps.pipeline.deploy.latency.time_network_pair`, again while noisier than :data:`NOISE_TARGET`), in
+    :data:`PASSES` rounds over all of them; the base keeps its least median, each other network the round whose
+    ratio is the middle one."""
+    from nps.pipeline.deploy.latency import time_network, time_network_pair
 
-    best = [None] * len(networks)
+    base = networks[0][1]
+    best = None
+    taken: list[list] = [[] for _ in networks[1:]]
     total = done + PASSES * len(networks)
     for p in range(PASSES):
         for i, (f, model, _) in enumerate(networks):
             if progress is not None:
-                progress(done + p * len(networks) + i, total, f"the network pruned uniformly to {f:g} of its "
-                                                              f"channels (pass {p + 1} of {PASSES})")
-            timing = _least_noisy(lambda: time_network(model, table, batch, device=dev, channels_last=nhwc,
-                                                       amp_dtype=amp_dtype, **NETWORK_TIMING))
-            if best[i] is None or timing.median_s < best[i].median_s:
-                best[i] = timing
-    return best
+                what = "the base network" if i == 0 else f"a network pruned to {f:.2f} of its channels, paired"
+                progress(done + p * len(networks) + i, total, f"{what} (pass {p + 1} of {PASSES})")
+            kw = dict(device=dev, channels_last=nhwc, amp_dtype=amp_dtype, **NETWORK_TIMING)
+            if i == 0:
+                timing = _least_noisy(lambda: time_network(model, table, batch, **kw))
+                best = timing if best is None or timing.median_s < best.median_s else best
+            else:
+                taken[i - 1].append(_least_noisy(lambda: time_network_pair(base, model, table, batch, **kw)))
+    pairs = []
+    for runs in taken:
+        middle = sorted(runs, key=lambda pair: pair.ratio)[(len(runs) - 1) // 2]
+        pairs.append((middle.ratio, middle.noise))
+    return best, pairs
 
 
 def _time_grids(specs: list[LayerSpec], batch: int, dev, nhwc: bool, amp_dtype, progress, extra: int) -> dict:

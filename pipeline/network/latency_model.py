@@ -11,12 +11,16 @@ multiply-accumulates, and the memory traffic of its output and its input. A **pa
 its output count rounded up to the model's ``block``, ``P(cout) = block · ceil(cout / block)``, in place of cout:
 CPU kernels (oneDNN) compute output channels in vector-width blocks (16 floats with AVX-512), so 17 output channels
 cost as much as 32 and 12 as much as 16. ``nps latency-model`` chooses the block and which layers it fits better
-(``block`` 1: no layer is padded). The whole network takes
+(``block`` 1: no layer is padded). A padded layer may take its input count rounded up too (``padded_in[i]``): a
+layer timed alone does not show it, the whole networks do (odd counts fed from one layer to the next), so
+``nps latency-model`` decides it for all padded layers at once, by which of the two predicts its calibration
+networks better. The whole network takes
 
     T(channels) = offset + scale · Σ_i t_i(cin_i, cout_i)
 
-where ``scale`` and ``offset`` are calibrated on whole networks (uniformly pruned copies of the base): what the
-layer timings miss or double-count (additions, pooling, the framework's per-call overhead, caches warm or cold).
+where ``scale`` and ``offset`` are calibrated on whole networks (uniformly and randomly pruned copies of the base,
+each timed paired with the base: :func:`fit_relative_calibration`): what the layer timings miss or double-count
+(additions, pooling, the framework's per-call overhead, caches warm or cold).
 The coefficients are never negative, so ``T`` grows with every channel count: the samplers' exactness and
 monotonicity rely on it. ``cin`` and ``cout`` are the layer's own counts: a conv's input and output channels (all
 groups together), a linear layer's in and out features (a flattened feature map's channels times its positions).
@@ -37,7 +41,7 @@ import numpy as np
 from nps.pipeline.errors import NpsError
 
 FORMAT = "nps-latency-model"
-VERSION = 2  # 2: block and padded (a version-1 file reads as block 1, no layer padded)
+VERSION = 3  # 2: block and padded (a version-1 file reads as block 1, no layer padded); 3: padded_in (none before)
 CALIBRATION_KEYS = ("keep_fraction", "measured_s", "predicted_s", "iqr_over_median")
 _ATTRS = ("model", "mode", "resolution", "num_classes", "in_channels", "device", "device_name", "batch", "threads",
           "precision", "scale", "offset", "network_error", "base_latency_s", "block")
@@ -76,10 +80,11 @@ def padded_count(count, block: int):
     return count if block <= 1 else block * np.ceil(count / block)
 
 
-def layer_terms(cin, cout, groups: int, depthwise: bool, block: int = 1) -> np.ndarray:
+def layer_terms(cin, cout, groups: int, depthwise: bool, block: int = 1, in_block: int = 1) -> np.ndarray:
     """The columns of a layer's form at (cin, cout): (1, cin·P/groups, P, cin) with P the output count rounded up to
-    ``block`` (:func:`padded_count`; P = cout for block 1); a depthwise conv's are (1, 0, P, 0)."""
-    cin = np.asarray(cin, dtype=np.float64)
+    ``block`` (:func:`padded_count`; P = cout for block 1) and cin rounded up to ``in_block``; a depthwise conv's are
+    (1, 0, P, 0)."""
+    cin = padded_count(cin, in_block)
     cout = padded_count(cout, block)
     cin, cout = np.broadcast_arrays(cin, cout)
     one, zero = np.ones_like(cout), np.zeros_like(cout)
@@ -95,9 +100,10 @@ def relative_rms(predicted, measured) -> float:
     return float(np.sqrt(np.mean(((predicted - measured) / measured) ** 2)))
 
 
-def fit_layer(cin, cout, seconds, groups: int, depthwise: bool, block: int = 1) -> tuple[np.ndarray, float]:
+def fit_layer(cin, cout, seconds, groups: int, depthwise: bool, block: int = 1,
+              in_block: int = 1) -> tuple[np.ndarray, float]:
     """(coef a, b, c, d >= 0; relative RMS error on the points) of one layer's timing grid, its output count padded
-    to ``block`` (:func:`layer_terms`).
+    to ``block`` and its input count to ``in_block`` (:func:`layer_terms`).
 
     A count that does not vary on the grid (the image's channels into the stem, the classes out of the classifier,
     the residual stream in ``internal`` mode) cannot separate its terms: the slope in the other count goes to ``b``
@@ -107,13 +113,13 @@ def fit_layer(cin, cout, seconds, groups: int, depthwise: bool, block: int = 1) 
     seconds = np.asarray(seconds, dtype=np.float64)
     if seconds.size == 0 or np.any(~np.isfinite(seconds)) or np.any(seconds <= 0):
         raise ValueError("a layer fit needs positive, finite timings")
-    A = layer_terms(cin, cout, groups, depthwise, block)
-    pout = A[:, 2]  # the output count as the form prices it (padded to the block)
+    A = layer_terms(cin, cout, groups, depthwise, block, in_block)
+    pout, pin = A[:, 2], padded_count(cin, in_block)  # the counts as the form prices them (padded to the blocks)
     if depthwise:
         columns = [0, 2] if np.ptp(pout) > 0 else [0]
-    elif np.ptp(cin) > 0 and np.ptp(pout) > 0:
+    elif np.ptp(pin) > 0 and np.ptp(pout) > 0:
         columns = [0, 1, 2, 3]
-    elif np.ptp(cin) > 0 or np.ptp(pout) > 0:
+    elif np.ptp(pin) > 0 or np.ptp(pout) > 0:
         columns = [0, 1]
     else:
         columns = [0]
@@ -123,18 +129,21 @@ def fit_layer(cin, cout, seconds, groups: int, depthwise: bool, block: int = 1) 
     return coef, relative_rms(A @ coef, seconds)
 
 
-def fit_calibration(layer_sums, measured) -> tuple[float, float]:
-    """(scale > 0, offset >= 0) of ``measured ≈ offset + scale · layer_sums``, in relative terms. With fewer than
-    two distinct sums (nothing to prune) the offset is 0 and the scale their ratio."""
+def fit_relative_calibration(layer_sums, c_measured, base_sum: float,
+                             base_measured_s: float) -> tuple[float, float]:
+    """(scale > 0, offset >= 0) from networks timed relative to the base (paired: ``c_measured`` = a network's
+    latency over the base's, run by run) and the base's own time: ``c ≈ (o + sum) / (o + base_sum)`` with ``o >= 0``
+    (least squares of ``(o + sum) - c·(o + base_sum)``, linear in o), then ``scale = base_measured_s / (o +
+    base_sum)`` and ``offset = scale·o``, so the base is predicted at its measured time. The relative times repeat
+    where absolute ones on a machine of changing speed do not; without a pruned network the offset is 0."""
     s = np.asarray(layer_sums, dtype=np.float64)
-    m = np.asarray(measured, dtype=np.float64)
-    if np.ptp(s) > 1e-12 * np.max(s):
-        w = 1.0 / m
-        offset, scale = nnls(np.stack([np.ones_like(s), s], axis=1) * w[:, None], np.ones_like(m))
-        if scale > 0:
-            return float(scale), float(offset)
-    w = 1.0 / m  # scale alone, relative least squares: min Σ (scale·s/m − 1)²
-    return float(np.sum(s * w) / np.sum((s * w) ** 2)), 0.0
+    c = np.asarray(c_measured, dtype=np.float64)
+    d = c - 1.0
+    o = 0.0
+    if s.size and float(d @ d) > 0:
+        o = max(0.0, float(d @ (s - c * base_sum)) / float(d @ d))
+    scale = float(base_measured_s) / (o + float(base_sum))
+    return scale, scale * o
 
 
 @dataclass
@@ -164,6 +173,7 @@ class LatencyModel:
     grid: dict | None = field(default=None)  # layer name -> (n, 3) float64 array: cin, cout, seconds
     block: int = 1  # the channel block of the device's kernels: a padded layer's output count is rounded up to it
     padded: np.ndarray | None = None  # (L,) bool: layers priced at their padded output count (None: none)
+    padded_in: np.ndarray | None = None  # (L,) bool: layers priced at their padded input count too (None: none)
 
     def __post_init__(self):
         self.groups = np.asarray(self.groups, dtype=np.int64)
@@ -171,8 +181,10 @@ class LatencyModel:
         self.block = int(self.block)
         self.padded = np.zeros(len(self.groups), dtype=bool) if self.padded is None else \
             np.asarray(self.padded, dtype=bool)
-        if self.block < 1 or len(self.padded) != len(self.groups):
-            raise ValueError("a latency model needs block >= 1 and one padded flag per layer")
+        self.padded_in = np.zeros(len(self.groups), dtype=bool) if self.padded_in is None else \
+            np.asarray(self.padded_in, dtype=bool)
+        if self.block < 1 or len(self.padded) != len(self.groups) or len(self.padded_in) != len(self.groups):
+            raise ValueError("a latency model needs block >= 1 and one padded and padded_in flag per layer")
         self.coef = np.asarray(self.coef, dtype=np.float64).reshape(-1, 4)
         self.fit_error = np.asarray(self.fit_error, dtype=np.float64)
         self.layers = [str(n) for n in self.layers]
@@ -187,9 +199,14 @@ class LatencyModel:
         """The block layer ``i``'s output count is rounded up to (1: not padded)."""
         return self.block if self.padded[i] else 1
 
+    def layer_in_block(self, i: int) -> int:
+        """The block layer ``i``'s input count is rounded up to (1: not padded)."""
+        return self.block if self.padded_in[i] else 1
+
     def layer_seconds(self, i: int, cin, cout):
         """Layer ``i``'s term at (cin, cout) (no scale or offset): a float, or an array for array counts."""
-        terms = layer_terms(cin, cout, int(self.groups[i]), bool(self.depthwise[i]), self.layer_block(i))
+        terms = layer_terms(cin, cout, int(self.groups[i]), bool(self.depthwise[i]), self.layer_block(i),
+                            self.layer_in_block(i))
         value = terms @ self.coef[i]
         return float(value) if np.ndim(value) == 0 else value
 
@@ -221,6 +238,7 @@ class LatencyModel:
         group.create_dataset("coef", data=self.coef)
         group.create_dataset("fit_error", data=self.fit_error)
         group.create_dataset("padded", data=self.padded.astype(np.uint8))
+        group.create_dataset("padded_in", data=self.padded_in.astype(np.uint8))
         cal = group.create_group("calibration")
         for key in CALIBRATION_KEYS:
             cal.create_dataset(key, data=np.asarray(self.calibration[key], dtype=np.float64))
@@ -257,6 +275,7 @@ class LatencyModel:
             values["coef"] = group["coef"][()]
             values["fit_error"] = group["fit_error"][()]
             values["padded"] = group["padded"][()].astype(bool) if version >= 2 else None
+            values["padded_in"] = group["padded_in"][()].astype(bool) if version >= 3 else None
             values["calibration"] = {k: [float(v) for v in group["calibration"][k][()]] for k in CALIBRATION_KEYS}
             grid = None
             if "grid" in group:

@@ -216,8 +216,9 @@ def latency_form(graph: ChannelGraph, selection: GroupSelection, model) -> Quadr
     (:func:`~nps.pipeline.network.latency_model.layer_terms`), every coefficient rounded to whole femtoseconds
     (:data:`LATENCY_UNIT`). A padded layer's P is its output group's padded variable (a padded form,
     :mod:`nps.kernels.complexity`) when its output channels are one group's (the usual conv); a fixed output count
-    is padded in the constant; an output made of several groups (a concatenation) is priced unpadded. Non-negative
-    coefficients make it monotone in every count, as the samplers need."""
+    is padded in the constant; an output made of several groups (a concatenation) is priced unpadded. A layer whose
+    input is padded too (``padded_in``) prices its cin the same way. Non-negative coefficients make it monotone in
+    every count, as the samplers need."""
     from nps.pipeline.network.latency_model import padded_count
 
     combo = _combiner(graph, selection)
@@ -231,19 +232,26 @@ def latency_form(graph: ChannelGraph, selection: GroupSelection, model) -> Quadr
     form = _FormBuilder(2 * G, exact=False)  # variables G + j: group j's channels padded to the block
     form.const = model.offset / LATENCY_UNIT
     padded_any = False
+
+    def padded(count, block: int):
+        """(the count as the form prices it, whether it is a group's padded variable): one group's channels become
+        that group's padded variable, a fixed count is padded in the constant, several groups stay unpadded."""
+        const, lin = count
+        if block <= 1:
+            return count, False
+        group, per_unit = next(iter(lin.items())) if len(lin) == 1 else (None, 0)
+        if not lin:  # a fixed count
+            return (int(padded_count(const, block)), {}), False
+        if const == 0 and per_unit == unit[group]:  # one group's channels: its padded variable
+            return (0, {G + group: 1}), True
+        return count, False
+
     for name in graph.weight_order:
         layer, i = graph.weights[name], index[name]
         a, b, c, d = (float(x) * model.scale / LATENCY_UNIT for x in model.coef[i])
-        inp, out = combo(layer.inp), combo(layer.out)
-        block = model.layer_block(i)
-        if block > 1:
-            const, lin = out
-            group, per_unit = next(iter(lin.items())) if len(lin) == 1 else (None, 0)
-            if not lin:  # a fixed output count
-                out = (int(padded_count(const, block)), {})
-            elif const == 0 and per_unit == unit[group]:  # one group's channels: its padded variable
-                out = (0, {G + group: 1})
-                padded_any = True
+        out, out_padded = padded(combo(layer.out), model.layer_block(i))
+        inp, in_padded = padded(combo(layer.inp), model.layer_in_block(i))
+        padded_any = padded_any or out_padded or (in_padded and layer.kind != "depthwise")
         form.const += a
         if layer.kind == "depthwise":
             form.add(c, out)

@@ -110,12 +110,18 @@ class PairedTiming:
         return (self.ratio_q75 - self.ratio_q25) / self.ratio if self.ratio > 0 else math.nan
 
 
+def speedup_noise(record: dict) -> float:
+    """The IQR / median a record's speed-up rests on: its paired ratio's, or unpaired its timing's."""
+    pair = record.get("paired")
+    return pair.noise if pair is not None else record["timing"].noise
+
+
 def noisy_records(records: list[dict], limit: float | None = None) -> list[dict]:
-    """The records of a session whose timing's IQR / median exceeds ``limit`` (:data:`NOISE_LIMIT`), noisiest
-    first."""
+    """The records of a session whose speed-up's IQR / median (:func:`speedup_noise`) exceeds ``limit``
+    (:data:`NOISE_LIMIT`), noisiest first."""
     limit = NOISE_LIMIT if limit is None else limit
-    over = [r for r in records if r["timing"].noise > limit]
-    return sorted(over, key=lambda r: -r["timing"].noise)
+    over = [r for r in records if speedup_noise(r) > limit]
+    return sorted(over, key=lambda r: -speedup_noise(r))
 
 
 def noise_warning(session: dict, limit: float | None = None) -> str | None:
@@ -131,8 +137,9 @@ def noise_warning(session: dict, limit: float | None = None) -> str | None:
     what = "the base network" if worst["row"] < 0 else f"{worst['space']} row {worst['row']}"
     threads = int(session["settings"].get("threads", 1))
     fewer = f"fewer threads (--threads 1; this session ran {threads}) and " if threads > 1 else ""
+    paired = " (a paired row's: of its ratio to the base)" if any(r.get("paired") for r in records) else ""
     return (f"{len(over)} of {len(records)} timings {'is' if len(over) == 1 else 'are'} noisy (IQR/median above "
-            f"{100 * limit:g} %; worst {100 * worst['timing'].noise:.0f} %, {what} at batch {worst['batch']}): "
+            f"{100 * limit:g} %{paired}; worst {100 * speedup_noise(worst):.0f} %, {what} at batch {worst['batch']}): "
             f"speed-ups are unreliable; time again with {fewer}a quiet machine (no other work on its cores)")
 
 

@@ -15,7 +15,8 @@ measured there at that batch, :func:`prediction_summary` sets the two side by si
 - per c_latency regime, ``within``: how many of its rows, *measured*, lie within the regime's band (their measured
   latency over the base network's, from the same session, within value ± delta) - the band every row meets by
   prediction;
-- every measurement's noise (IQR / median): the worst, and how many exceed 5 %.
+- every measurement's noise (IQR / median): the worst, and how many exceed 5 %; for rows timed paired with the base
+  (``paired``), the same of their ratio's (``paired_noise_max``, ``paired_noisy``): what ``c_measured`` rests on.
 
 :func:`render_prediction` draws ``latency_prediction.png`` (measured against predicted, the y = x line, one colour per
 regime).
@@ -54,7 +55,7 @@ def prediction_summary(reader, table, pops, measured: dict) -> dict | None:
         return None
     base_measured = float(measured["median_s"][base_i])
     points: dict[str, list] = {k: [] for k in ("group", "space", "regime", "row", "predicted_ms", "measured_ms",
-                                               "noise", "c_measured", "c_predicted")}
+                                               "noise", "c_measured", "c_predicted", "paired_noise")}
     base_predicted = table.base_latency * LATENCY_UNIT
     regimes = []
     for pop in pops:
@@ -72,6 +73,7 @@ def prediction_summary(reader, table, pops, measured: dict) -> dict | None:
         points["predicted_ms"] += (1e3 * predicted).tolist()
         points["measured_ms"] += (1e3 * median).tolist()
         points["noise"] += [float(measured["noise"][i]) for _, i in rows]
+        points["paired_noise"] += [_ratio_noise(measured, i) for _, i in rows]
         points["c_measured"] += c_measured.tolist()
         points["c_predicted"] += (predicted / base_predicted).tolist()
         if pop.target == "c_latency" and math.isfinite(pop.delta):
@@ -84,13 +86,23 @@ def prediction_summary(reader, table, pops, measured: dict) -> dict | None:
     pred, meas = np.asarray(points["predicted_ms"]), np.asarray(points["measured_ms"])
     err = (pred - meas) / meas
     noise = np.asarray(points["noise"] + [float(measured["noise"][base_i])])
+    paired = np.asarray(points["paired_noise"], dtype=np.float64)
+    paired = paired[np.isfinite(paired)]
     return {"device": model.device, "device_name": model.device_name, "batch": int(model.batch),
             "threads": int(model.threads), "precision": model.precision, "n": int(pred.size),
             "r2": _r2(pred, meas), "r2_relative": _r2(points["c_predicted"], points["c_measured"]),
             "error_median": float(np.median(err)), "error_rms": float(np.sqrt(np.mean(err ** 2))),
             "base": {"predicted_ms": 1e3 * base_predicted, "measured_ms": 1e3 * base_measured},
             "noise_max": float(np.max(noise)), "noisy": int(np.count_nonzero(noise > QUIET)), "quiet_limit": QUIET,
+            "paired": int(paired.size), "paired_noise_max": float(np.max(paired)) if paired.size else None,
+            "paired_noisy": int(np.count_nonzero(paired > QUIET)),
             "regimes": regimes, "points": points}
+
+
+def _ratio_noise(measured: dict, i: int) -> float:
+    """A paired timing's ratio IQR / median (NaN when the row was timed unpaired)."""
+    c, q25, q75 = (float(measured[k][i]) for k in ("paired_c", "paired_c_q25", "paired_c_q75"))
+    return (q75 - q25) / c if math.isfinite(c) and c > 0 else math.nan
 
 
 def _r2(predicted, measured) -> float | None:
@@ -136,4 +148,13 @@ def render_prediction(summary: dict, out_dir: str | Path) -> dict:
         f"Measured against predicted latency of {p['n']} subnetworks (R² {r2} in ms, {r2_rel} relative to the "
         f"base network timed in the same session; median error "
         f"{100 * p['error_median']:+.1f} %; noise IQR/median at most {100 * p['noise_max']:.1f} %, "
-        f"{p['noisy']} timing(s) above {100 * p['quiet_limit']:.0f} %)" + (f". {bands}" if bands else "") + ".")}}
+        f"{p['noisy']} timing(s) above {100 * p['quiet_limit']:.0f} %{_paired_words(p)})"
+        + (f". {bands}" if bands else "") + ".")}}
+
+
+def _paired_words(p: dict) -> str:
+    """The caption's words on the paired rows' ratio noise (nothing when no row was timed paired)."""
+    if not p.get("paired"):
+        return ""
+    return (f"; {p['paired']} row(s) timed paired with the base, their ratio's IQR/median at most "
+            f"{100 * p['paired_noise_max']:.1f} %, {p['paired_noisy']} above {100 * p['quiet_limit']:.0f} %")
