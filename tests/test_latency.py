@@ -78,7 +78,7 @@ def test_nps_latency_stores_the_timings_and_reads_them_back(table, tmp_path, cap
     from nps.pipeline.results.reader import open_readonly
 
     path = make_file(tmp_path / "results.h5", table)
-    argv = ["latency", str(path), "--runs", "3", "--warmup", "1", "--batch", "1,4", "--threads", "1"]
+    argv = ["latency", str(path), "--runs", "3", "--warmup", "1", "--batch", "1,4", "--threads", "1", "--passes", "1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "base network" in out and SPACE in out and "/latency/cpu" in out and "1 thread," in out
@@ -90,6 +90,10 @@ def test_nps_latency_stores_the_timings_and_reads_them_back(table, tmp_path, cap
     assert np.all(np.isfinite(cpu["speedup"]))
     base = cpu["space"] == "base"
     np.testing.assert_allclose(cpu["speedup"][base], 1.0)
+    # every row timed paired with the base (the default): its speed-up is the reciprocal of its median ratio
+    assert np.isnan(cpu["paired_c"][base]).all() and (cpu["paired_c"][~base] > 0).all()
+    np.testing.assert_allclose(cpu["speedup"][~base], 1.0 / cpu["paired_c"][~base])
+    assert (cpu["paired_c_q25"][~base] <= cpu["paired_c"][~base]).all()
     attrs = cpu["attrs"]
     assert attrs["threads"] == 1 and attrs["channels_last"] and attrs["amp"] == "off"  # the run's [retrain] amp
     assert attrs["versions"]["torch"] == torch.__version__ and attrs["device_name"]
@@ -165,7 +169,8 @@ def test_the_report_draws_the_latency(table, tmp_path):
     from nps.pipeline.results.report import write_report
 
     path = make_file(tmp_path / "results.h5", table)
-    store_latency(path, measure_results(path, options=TimingOptions(batches=(1, 8), runs=3, warmup=1, threads=1)))
+    store_latency(path, measure_results(path, options=TimingOptions(batches=(1, 8), runs=3, warmup=1, threads=1,
+                                                                    passes=1)))
     summary = write_report(path, tmp_path / "report", n_boot=50)
     info = summary["latency"]["cpu"]
     assert info["batches"] == [1, 8] and info["threads"] == 1

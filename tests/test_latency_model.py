@@ -171,11 +171,11 @@ def test_inputs_are_padded_where_the_calibration_networks_say_so():
                          scale=1.0, offset=0.0, network_error=np.nan, calibration={}, base_latency_s=1.0,
                          block=block, padded=[True, True])
     counts = [(64, 64), (40, 40), (33, 17), (50, 29), (21, 45), (60, 9)]  # the base first, then uneven networks
-    networks = [(1.0, None, {"a": (64, c_a), "b": (c_a, c_b)}) for c_a, c_b in counts]
+    networks = [(1.0, None, {"a": (64, c_a), "b": (c_a, c_b)}, True) for c_a, c_b in counts]
 
     def network_seconds(in_block):
         return np.array([sum(layer_terms(ci, co, 1, False, block, in_block) @ coef for ci, co in ch.values())
-                         for _, _, ch in networks])
+                         for _, _, ch, _ in networks])
 
     for in_block, expect in ((block, True), (1, False)):
         t = network_seconds(in_block)
@@ -334,6 +334,7 @@ def test_predict_is_offset_plus_scale_times_the_layer_terms(measured):
     cal = model.calibration
     assert cal["keep_fraction"][:4] == pytest.approx([1.0, 0.75, 0.5, 0.3], abs=0.02)  # then the random ones
     assert len(cal["keep_fraction"]) == 4 + 8 and len(set(cal["keep_fraction"])) == 12
+    assert cal["pruned_at_random"] == [0.0] * 4 + [1.0] * 8
     assert cal["predicted_s"][0] == pytest.approx(model.predict(base), rel=1e-12)
     assert cal["predicted_s"][0] == pytest.approx(cal["measured_s"][0], rel=1e-9)  # the base at its measured time
     assert model.base_latency_s == cal["measured_s"][0]

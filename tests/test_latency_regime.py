@@ -216,6 +216,8 @@ def test_the_report_sets_measured_against_predicted_latency(tmp_path, monkeypatc
     assert band["n"] == 6 and band["within"] == int(np.count_nonzero(np.abs(c - 0.8) <= 0.01))
     assert 0 < band["within"] < 6
     assert (tmp_path / "report" / "latency_prediction.png").is_file()
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "relative to the base network (right; R²" in html and "measured paired with the base, run by run" in html
 
 
 def test_a_latency_target_without_a_model_is_one_line(tmp_path, capsys):

@@ -17,10 +17,14 @@ channels in blocks: with AVX-512, 17 channels cost as 32). --block auto (the def
 pads each conv layer whose grid it fits better, and keeps the block that errs least over the network (1, no
 padding, unless one errs at most 0.9 as much); --block N fixes it (1: no layer padded).
 
-Then the base network and copies pruned uniformly to 0.75, 0.5 and 0.3 of their channels are timed whole, as
-nps latency times them, and network = offset + scale * sum of the layer terms is fitted to them. The table states
-each layer's fit error (relative RMS over its grid) and the calibration networks' errors; their RMS is the model's
-network error. Everything runs in eval mode, channels_last, under autocast at --precision (fp32: none).
+Then the base network, copies pruned uniformly to 0.75, 0.5 and 0.3 of their channels and 8 copies pruned at
+random (each group's ratio uniform in [0, 0.7], seeded) are timed whole, as nps latency times them (each copy paired
+with the base, run by run), and network = offset + scale * sum of the layer terms is fitted to their ratios to the
+base. With a block, the padded layers are fitted again with their input counts padded too, and the model whose
+calibration predicts these networks better is kept (a layer timed alone does not show the input's padding; a
+network may). The tables state each layer's fit error (relative RMS over its grid) and the calibration networks'
+errors; their RMS is the model's network error. Everything runs in eval mode, channels_last, under autocast at
+--precision (fp32: none).
 
 Defaults: --device cpu; --batch 32 on the CPU (at batch 1 a small network's latency is mostly per-layer overhead
 and barely follows the channel counts), 64 on a GPU; --threads: torch's current thread count; --precision fp32 on
@@ -35,8 +39,8 @@ examples:
 def register(sub) -> None:
     p = sub.add_parser("latency-model", help="measure a per-layer latency model of a network on this machine",
                        description="Time every conv and linear layer of a network at a grid of channel counts, fit "
-                                   "each a non-negative latency form, calibrate the sum on whole uniformly pruned "
-                                   "networks, and write the model (with its error) to --out.",
+                                   "each a non-negative latency form, calibrate the sum on whole pruned networks, "
+                                   "and write the model (with its error) to --out.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="base network: a registry or torchvision model, timm:<name>, or package.module:function")
@@ -106,13 +110,16 @@ def run(args) -> int:
     model.save(args.out)
     console.print(layer_table(model))
     console.print(calibration_table(model))
-    padded = int(model.padded.sum())
+    padded, padded_in = int(model.padded.sum()), int(model.padded_in.sum())
     blocks = f"output counts in blocks of {model.block} in {padded} of {len(model.layers)} layers" if padded else \
         "no layer padded"
+    if padded:
+        blocks += f", input counts too in {padded_in}" if padded_in else ", input counts not padded"
     console.print(f"{len(model.layers)} layers on {model.device} ({model.device_name}), batch {model.batch}, "
                   f"{model.precision}, {blocks}: network = {1e3 * model.offset:.3f} ms + {model.scale:.3f} x sum of "
                   f"layers, network error {100 * model.network_error:.1f} % (RMS over "
-                  f"{len(model.calibration['measured_s'])} calibration networks); measured in {time.perf_counter() - started:.0f} s; wrote {args.out}")
+                  f"{len(model.calibration['measured_s'])} calibration networks); measured in "
+                  f"{time.perf_counter() - started:.0f} s; wrote {args.out}")
     return 0
 
 
@@ -141,14 +148,20 @@ def layer_table(model):
 
 
 def calibration_table(model):
-    """One line per calibration network: keep fraction, measured and predicted ms, error, IQR/median."""
+    """One line per calibration network: how it was pruned and the fraction of channels it keeps, measured and
+    predicted ms, error, IQR/median (a pruned copy's: of its ratio to the base)."""
     from rich.table import Table
 
     cal = model.calibration
-    t = Table(title="whole network: uniformly pruned, measured and predicted (offset + scale x sum of layers)")
-    for name in ("keep", "measured ms", "predicted ms", "error", "IQR/median"):
+    t = Table(title="whole networks: the base, then pruned copies timed paired with it; measured and predicted "
+                    "(offset + scale x sum of layers)")
+    for name in ("pruned", "channels kept", "measured ms", "predicted ms", "error", "IQR/median"):
         t.add_column(name, justify="right", no_wrap=True)
-    for f, m, p, noise in zip(cal["keep_fraction"], cal["measured_s"], cal["predicted_s"], cal["iqr_over_median"]):
-        t.add_row(f"{f:g}", f"{1e3 * m:.3f}", f"{1e3 * p:.3f}", f"{100 * (p - m) / m:+.1f} %", f"{100 * noise:.1f} %")
+    at_random = cal.get("pruned_at_random", [0.0] * len(cal["measured_s"]))  # files before it: uniform copies
+    rows = zip(cal["keep_fraction"], cal["measured_s"], cal["predicted_s"], cal["iqr_over_median"], at_random)
+    for i, (f, m, p, noise, random) in enumerate(rows):
+        how = "base" if i == 0 else ("at random" if random else "uniformly")
+        t.add_row(how, f"{f:.2f}", f"{1e3 * m:.3f}", f"{1e3 * p:.3f}", f"{100 * (p - m) / m:+.1f} %",
+                  f"{100 * noise:.1f} %")
     return t
 

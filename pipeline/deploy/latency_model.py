@@ -400,36 +400,37 @@ def _calibrate(model: LatencyModel, networks, base_timing, pairs) -> None:
     """Set ``model``'s scale, offset, network error and calibration points from the calibration networks' timings:
     the base's alone, each other's paired with it (``pairs``: (median ratio, its IQR / median) per network)."""
     sums = [sum(model.layer_seconds(i, *channels[n]) for i, n in enumerate(model.layers))
-            for _, _, channels in networks]
+            for _, _, channels, _ in networks]
     c = np.array([1.0] + [ratio for ratio, _ in pairs])
     model.scale, model.offset = fit_relative_calibration(sums[1:], c[1:], sums[0], base_timing.median_s)
     predicted = [model.offset + model.scale * s for s in sums]
     measured = (c * base_timing.median_s).tolist()
     model.network_error = relative_rms(predicted, measured)
-    model.calibration = {"keep_fraction": [f for f, _, _ in networks], "measured_s": measured,
+    model.calibration = {"keep_fraction": [f for f, _, _, _ in networks], "measured_s": measured,
                          "predicted_s": predicted,
-                         "iqr_over_median": [base_timing.noise] + [noise for _, noise in pairs]}
+                         "iqr_over_median": [base_timing.noise] + [noise for _, noise in pairs],
+                         "pruned_at_random": [float(at_random) for _, _, _, at_random in networks]}
 
 
-def _calibration_networks(base: nn.Module, table, layers: list[str]) -> list[tuple[float, nn.Module, dict]]:
-    """(kept fraction of the channels, network, its layers' (cin, cout)): the base (first), copies pruned uniformly
-    to each of :data:`CALIBRATION_KEEPS` and :data:`CALIBRATION_RANDOM` copies pruned at random (every group's ratio
-    uniform in [0, :data:`CALIBRATION_R`], seeded); a copy that prunes nothing new (a network already listed) is left
-    out."""
+def _calibration_networks(base: nn.Module, table, layers: list[str]) -> list[tuple[float, nn.Module, dict, bool]]:
+    """(kept fraction of the channels, network, its layers' (cin, cout), pruned at random): the base (first), copies
+    pruned uniformly to each of :data:`CALIBRATION_KEEPS` and :data:`CALIBRATION_RANDOM` copies pruned at random
+    (every group's ratio uniform in [0, :data:`CALIBRATION_R`], seeded); a copy that prunes nothing new (a network
+    already listed) is left out."""
     from nps.kernels.complexity import keep_from_recipe
     from nps.pipeline.network.prune import prune_model
 
     rng = np.random.default_rng(0)
     G = len(table.channels)
-    recipes = [np.full(G, 1.0 - f) for f in CALIBRATION_KEEPS]
-    recipes += [rng.uniform(0.0, CALIBRATION_R, G) for _ in range(CALIBRATION_RANDOM)]
+    recipes = [(np.full(G, 1.0 - f), False) for f in CALIBRATION_KEEPS]
+    recipes += [(rng.uniform(0.0, CALIBRATION_R, G), True) for _ in range(CALIBRATION_RANDOM)]
     out = []
-    for recipe in recipes:
+    for recipe, at_random in recipes:
         keep = keep_from_recipe(recipe, table.channels, table.granularity)
         model = base if np.array_equal(keep, table.channels) else prune_model(base, table, keep)
         channels = _channels_of(model, layers)
-        if all(channels != c for _, _, c in out):
-            out.append((float(np.sum(keep) / np.sum(table.channels)), model, channels))
+        if all(channels != c for _, _, c, _ in out):
+            out.append((float(np.sum(keep) / np.sum(table.channels)), model, channels, at_random))
     return out
 
 
@@ -446,7 +447,7 @@ def _time_networks(networks, table, batch: int, dev, nhwc: bool, amp_dtype, prog
     taken: list[list] = [[] for _ in networks[1:]]
     total = done + PASSES * len(networks)
     for p in range(PASSES):
-        for i, (f, model, _) in enumerate(networks):
+        for i, (f, model, _, _) in enumerate(networks):
             if progress is not None:
                 what = "the base network" if i == 0 else f"a network pruned to {f:.2f} of its channels, paired"
                 progress(done + p * len(networks) + i, total, f"{what} (pass {p + 1} of {PASSES})")

@@ -43,6 +43,7 @@ from nps.pipeline.errors import NpsError
 FORMAT = "nps-latency-model"
 VERSION = 3  # 2: block and padded (a version-1 file reads as block 1, no layer padded); 3: padded_in (none before)
 CALIBRATION_KEYS = ("keep_fraction", "measured_s", "predicted_s", "iqr_over_median")
+OPTIONAL_CALIBRATION_KEYS = ("pruned_at_random",)  # 1 for a copy pruned at random (version 3; absent before)
 _ATTRS = ("model", "mode", "resolution", "num_classes", "in_channels", "device", "device_name", "batch", "threads",
           "precision", "scale", "offset", "network_error", "base_latency_s", "block")
 _TEXT = ("model", "mode", "device", "device_name", "precision")
@@ -240,7 +241,7 @@ class LatencyModel:
         group.create_dataset("padded", data=self.padded.astype(np.uint8))
         group.create_dataset("padded_in", data=self.padded_in.astype(np.uint8))
         cal = group.create_group("calibration")
-        for key in CALIBRATION_KEYS:
+        for key in CALIBRATION_KEYS + tuple(k for k in OPTIONAL_CALIBRATION_KEYS if k in self.calibration):
             cal.create_dataset(key, data=np.asarray(self.calibration[key], dtype=np.float64))
         if self.grid is not None:
             index = [np.full(len(self.grid[n]), i, dtype=np.int64) for i, n in enumerate(self.layers) if n in self.grid]
@@ -276,7 +277,8 @@ class LatencyModel:
             values["fit_error"] = group["fit_error"][()]
             values["padded"] = group["padded"][()].astype(bool) if version >= 2 else None
             values["padded_in"] = group["padded_in"][()].astype(bool) if version >= 3 else None
-            values["calibration"] = {k: [float(v) for v in group["calibration"][k][()]] for k in CALIBRATION_KEYS}
+            values["calibration"] = {k: [float(v) for v in group["calibration"][k][()]] for k in CALIBRATION_KEYS
+                                     + tuple(k for k in OPTIONAL_CALIBRATION_KEYS if k in group["calibration"])}
             grid = None
             if "grid" in group:
                 index, points = group["grid"]["layer"][()], group["grid"]["points"][()]

@@ -119,34 +119,45 @@ def render_prediction(summary: dict, out_dir: str | Path) -> dict:
     p = summary.get("latency_prediction")
     if not p:
         return {}
-    fig = _figure(7.0, 6.0)
-    ax = fig.subplots()
+    fig = _figure(13.0, 6.0)
+    ax, rel = fig.subplots(1, 2)
     pts = p["points"]
+    base = p["base"]
     for i, regime in enumerate(dict.fromkeys(pts["regime"])):
         sel = [j for j, r in enumerate(pts["regime"]) if r == regime]
         ax.scatter([pts["predicted_ms"][j] for j in sel], [pts["measured_ms"][j] for j in sel], s=18, color=f"C{i}",
                    label=f"{regime} ({len(sel)} rows)")
-    base = p["base"]
+        rel.scatter([pts["c_predicted"][j] for j in sel], [pts["c_measured"][j] for j in sel], s=18, color=f"C{i}",
+                    label=f"{regime} ({len(sel)} rows)")
     ax.plot([base["predicted_ms"]], [base["measured_ms"]], marker="D", color="0.2", linestyle="none",
             label="the base network")
+    rel.plot([1.0], [1.0], marker="D", color="0.2", linestyle="none", label="the base network")
     lo = min(min(pts["predicted_ms"]), min(pts["measured_ms"]))
     hi = max(max(pts["predicted_ms"]), max(pts["measured_ms"]), base["predicted_ms"], base["measured_ms"])
     ax.plot([lo, hi], [lo, hi], color="0.4", linestyle="--", linewidth=1, label="measured = predicted")
+    lo = min(min(pts["c_predicted"]), min(pts["c_measured"]))
+    rel.plot([lo, 1.0], [lo, 1.0], color="0.4", linestyle="--", linewidth=1, label="measured = predicted")
     r2 = "n/a" if p["r2"] is None else f"{p['r2']:.3f}"
     r2_rel = "n/a" if p.get("r2_relative") is None else f"{p['r2_relative']:.3f}"
-    ax.set_title(f"Latency on {p['device']} at batch {p['batch']}, {p['threads']} thread(s): R² {r2} in ms, "
-                 f"{r2_rel} relative to the base; RMS error {100 * p['error_rms']:.1f} %", fontsize=9)
+    fig.suptitle(f"Latency on {p['device']} at batch {p['batch']}, {p['threads']} thread(s): R² {r2} in ms, "
+                 f"{r2_rel} relative to the base; RMS error {100 * p['error_rms']:.1f} %", fontsize=10)
+    ax.set_title("in ms: each network's least median of its passes", fontsize=9)
     ax.set_xlabel("predicted by the latency model (ms)")
     ax.set_ylabel("measured by nps latency, median (ms)")
-    ax.legend(fontsize=7, loc="upper left")
-    ax.grid(alpha=0.3)
+    paired = "paired with the base, run by run" if p.get("paired") else "over the base timed in the same session"
+    rel.set_title(f"relative to the base network: measured {paired}", fontsize=9)
+    rel.set_xlabel("predicted c_latency (latency / base latency)")
+    rel.set_ylabel("measured latency / base latency")
+    for a in (ax, rel):
+        a.legend(fontsize=7, loc="upper left")
+        a.grid(alpha=0.3)
     path = Path(out_dir) / FILE
     fig.savefig(path, dpi=110)
     bands = "; ".join(f"{r['regime']} {r['space']}: {r['within']} of {r['n']} within ±{r['delta']:g} measured"
                       for r in p["regimes"])
     return {"latency_prediction": {"file": path.name, "caption": (
-        f"Measured against predicted latency of {p['n']} subnetworks (R² {r2} in ms, {r2_rel} relative to the "
-        f"base network timed in the same session; median error "
+        f"Measured against predicted latency of {p['n']} subnetworks, in ms (left) and relative to the base network "
+        f"(right; R² {r2} in ms, {r2_rel} relative, measured {paired}; median error "
         f"{100 * p['error_median']:+.1f} %; noise IQR/median at most {100 * p['noise_max']:.1f} %, "
         f"{p['noisy']} timing(s) above {100 * p['quiet_limit']:.0f} %{_paired_words(p)})"
         + (f". {bands}" if bands else "") + ".")}}
