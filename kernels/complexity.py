@@ -159,6 +159,13 @@ def evaluate_one(keep, const, linear, pair_a, pair_b, pair_w):
     return total
 
 
+@njit(nogil=True, cache=True, inline="always")
+def padded_channels(k, mult, block):
+    """``block · ceil(mult · k / block)``: ``k`` units of ``mult`` channels as a kernel computing blocks of ``block``
+    channels pays for them (integers)."""
+    return block * ((mult * k + block - 1) // block)
+
+
 @njit(nogil=True, cache=True)
 def pad_variables(keep, pad_mult, pad_block, x):
     """A padded form's 2G variables at one integer keep vector (G,) into ``x``: keep, then each group's channels
@@ -166,8 +173,7 @@ def pad_variables(keep, pad_mult, pad_block, x):
     G = keep.shape[0]
     for i in range(G):
         x[i] = keep[i]
-        b = pad_block[i]
-        x[G + i] = b * ((pad_mult[i] * keep[i] + b - 1) // b)
+        x[G + i] = padded_channels(keep[i], pad_mult[i], pad_block[i])
 
 
 @njit(nogil=True, cache=True)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nps.kernels.complexity import evaluate_one, njit, pad_variables
+from nps.kernels.complexity import evaluate_one, njit, pad_variables, padded_channels
 from nps.kernels.xoshiro import fill_normals, uniform
 
 # Rejection reasons, indices into the counters the kernels return.
@@ -511,7 +511,7 @@ def _counts_at_zero(proj, buf, table, limits, win, proposal):
             m[v] = pad_mult[i] * m[i] + 0.5 * (bk - 1)
             B[moving[v]] = tlin[v]
         else:
-            p = bk * ((pad_mult[i] * x[i] + bk - 1) // bk)
+            p = padded_channels(x[i], pad_mult[i], bk)
             x[v] = p
             m[v] = p
             a_lin += tlin[v] * p
@@ -590,8 +590,7 @@ def _exact_target(buf, table, limits, win, proposal, A, t):
     for j in range(win.n_mov_groups, mov.shape[0]):  # a padded target's moving padded counts, from the counts
         v = mov[j]
         i = v - G
-        bk = pad_block[i]
-        p = bk * ((pad_mult[i] * x[i] + bk - 1) // bk)
+        p = padded_channels(x[i], pad_mult[i], pad_block[i])
         x[v] = p
         tv += B[j] * p
     if in_box:
