@@ -119,24 +119,22 @@ class QuadraticForm:
         np.add.at(g, self.pair_b, self.pair_w * x[self.pair_a])
         return g
 
+    def _per_group(self, keep, padded_weight) -> np.ndarray:
+        """:meth:`_partials` summed per group: a padded form's padded count's partial weighted by ``padded_weight``
+        (G,) onto its group's."""
+        g = self._partials(keep)
+        return g if not self.padded else g[:self.groups] + padded_weight * g[self.groups:]
+
     def gradient(self, keep) -> np.ndarray:
         """d value / d keep at one real-valued keep vector (float64, shape (G,)): the window kernel's direction.
         A padded form's padded counts count as ``mult·keep`` plus half a block (their trend)."""
-        g = self._partials(keep)
-        if not self.padded:
-            return g
-        G = self.groups
-        return g[:G] + self.pad_mult * g[G:]
+        return self._per_group(keep, self.pad_mult)
 
     def slack(self, keep) -> np.ndarray:
         """How far the value can move per group when only the group's real-valued count is known, to within one
         channel (shape (G,)): the window kernel's rounding slack. The gradient for a smooth form; a padded count
         adds its block, its range at a count known to one channel being ``mult + block - 1`` wide."""
-        g = self._partials(keep)
-        if not self.padded:
-            return g
-        G = self.groups
-        return g[:G] + (self.pad_mult + self.pad_block - 1) * g[G:]
+        return self._per_group(keep, None if not self.padded else self.pad_mult + self.pad_block - 1)
 
     def __eq__(self, other):
         return isinstance(other, QuadraticForm) and self.const == other.const and all(

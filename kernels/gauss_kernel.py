@@ -345,20 +345,24 @@ def _slack_terms(form, s, eta):
 @njit(nogil=True, cache=True)
 def _moving_variables(direction, V):
     """``moving[v]``: variable v's place among the variables t moves (-1: fixed by e); ``mov``: the moving
-    variables in order. Variables ``0 .. G-1`` are the groups' counts, which move where the direction does; a padded
-    form's variable ``G + i`` (group i's padded count) moves with group i."""
+    variables in order; and how many of them are groups' counts (they come first). Variables ``0 .. G-1`` are the
+    groups' counts, which move where the direction does; a padded form's variable ``G + i`` (group i's padded
+    count) moves with group i."""
     G = direction.shape[0]
     moving = np.zeros(V, dtype=np.int64) - 1
     n_mov = 0
+    n_mov_groups = 0
     for v in range(V):
         if direction[v if v < G else v - G] > 0.0:
             moving[v] = n_mov
             n_mov += 1
+        if v == G - 1:
+            n_mov_groups = n_mov
     mov = np.empty(n_mov, dtype=np.int64)
     for v in range(V):
         if moving[v] >= 0:
             mov[moving[v]] = v
-    return moving, mov
+    return moving, mov, n_mov_groups
 
 
 @njit(nogil=True, cache=True)
@@ -446,11 +450,7 @@ def _window_terms(channels, direction, form, pad_mult, pad_block):
             h[G + i] = pad_mult[i] * h[i]
             s[G + i] = 0.5 * pad_mult[i] + 0.5 * (pad_block[i] - 1)
     ls, le, ss, se, ee, cs, ce = _slack_terms(form, s, h)
-    moving, mov = _moving_variables(direction, V)
-    n_mov_groups = 0
-    for j in range(mov.shape[0]):
-        if mov[j] < G:
-            n_mov_groups += 1
+    moving, mov, n_mov_groups = _moving_variables(direction, V)
     (ff_a, ff_b, ff_w), (fm_f, fm_m, fm_j, fm_w), (mm_a, mm_b, mm_w) = _pairs_by_kind(moving, form)
     return _Terms(inv_d, moving, mov, n_mov_groups, cs, ce, ls, le, ss, se, ee, ff_a, ff_b, ff_w, fm_f, fm_m,
                   fm_j, fm_w, mm_a, mm_b, mm_w)
@@ -458,6 +458,12 @@ def _window_terms(channels, direction, form, pad_mult, pad_block):
 
 # --------------------------------------------------------------------------------------------------------------------
 # The window kernel: one draw.
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _add_terms(lm, ms, me, lin, c_s, c_e, mv):
+    """One variable's share of Σ lin·m, cs·m and ce·m (:func:`_counts_at_zero`) added (scalars only, inlined)."""
+    return lm + lin * mv, ms + c_s * mv, me + c_e * mv
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -500,9 +506,7 @@ def _counts_at_zero(proj, buf, table, limits, win, proposal):
             x[i] = k
             m[i] = k
             a_lin += tlin[i] * k
-        lm += tlin[i] * m[i]
-        ms += cs[i] * m[i]
-        me += ce[i] * m[i]
+        lm, ms, me = _add_terms(lm, ms, me, tlin[i], cs[i], ce[i], m[i])
     pad_mult, pad_block = table.tpad_mult, table.tpad_block
     for i in range(pad_mult.shape[0]):  # a padded target's padded counts (none for any other form)
         v = G + i
@@ -515,9 +519,7 @@ def _counts_at_zero(proj, buf, table, limits, win, proposal):
             x[v] = p
             m[v] = p
             a_lin += tlin[v] * p
-        lm += tlin[v] * m[v]
-        ms += cs[v] * m[v]
-        me += ce[v] * m[v]
+        lm, ms, me = _add_terms(lm, ms, me, tlin[v], cs[v], ce[v], m[v])
     return out_of_box, box_lo, box_hi, lm, ms, me, a_lin
 
 

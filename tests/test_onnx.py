@@ -192,7 +192,6 @@ def test_readme_latency_table_onnx_examples_run_as_written(scored_file, tmp_path
     from test_readme import TEXT, commands_in, table_commands
 
     from nps.pipeline.cli import main
-
     from nps.pipeline.deploy import latency
 
     shutil.copytree(scored_file.parent, tmp_path / "runs" / "demo")

@@ -35,7 +35,8 @@ def main() -> None:
     from nps.pipeline.deploy.latency import time_network, time_network_pair
     from nps.pipeline.network.models import build_model
     from nps.pipeline.network.prune import prune_model
-    from nps.pipeline.network.table import LayerTable
+    from nps.pipeline.network.table import LATENCY_UNIT, LayerTable
+    from nps.pipeline.results.latency_prediction import r_squared
     from nps.pipeline.results.reader import open_readonly
 
     torch.set_num_threads(1)
@@ -46,9 +47,9 @@ def main() -> None:
             keep = reader.read(space, ["keep"])["keep"]
             rows += [(space, j, keep[j].astype(np.int64)) for j in range(len(keep))]
     predicted = None
-    if table.latency is not None:
-        predicted = {(s, j): float(table.latency_of(k[None])[0] / table.latency_of(table.channels[None])[0])
-                     for s, j, k in rows}
+    if table.latency is not None:  # c_latency as the report computes it: the row's prediction over the base's
+        base_s = table.base_latency * LATENCY_UNIT
+        predicted = {(s, j): float(table.latency_of(k[None])[0] / base_s) for s, j, k in rows}
     torch.manual_seed(0)
     base = build_model(table.model, num_classes=int(table.num_classes), in_channels=int(table.in_channels))
     kw = dict(device=torch.device("cpu"), channels_last=True, amp_dtype=None, warmup=5, runs=20, min_run_s=0.02)
@@ -80,13 +81,8 @@ def main() -> None:
                        "correlation": float(np.corrcoef(first, second)[0, 1]) if len(keys) > 2 else None}
             if predicted is not None:
                 pred = np.array([predicted[k] for k in keys])
-                summary["r2_pass_1"], summary["r2_pass_2"] = _r2(pred, first), _r2(pred, second)
+                summary["r2_pass_1"], summary["r2_pass_2"] = r_squared(pred, first), r_squared(pred, second)
             print(json.dumps(summary), flush=True)
-
-
-def _r2(predicted, measured) -> float | None:
-    total = float(np.sum((measured - measured.mean()) ** 2))
-    return 1.0 - float(np.sum((measured - predicted) ** 2)) / total if total > 0 else None
 
 
 if __name__ == "__main__":

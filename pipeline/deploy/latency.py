@@ -238,6 +238,49 @@ class TimingOptions:
                              True if self.paired is None else bool(self.paired))
 
 
+def time_in_passes(model_of: Callable[[int], Any], n: int, table, batches, kw: dict, *, passes: int,
+                   retry_above: float, retries: int, paired: bool, rng=None, on_step=None) -> dict:
+    """``{(t, batch): [(timing, attempts, paired timing or None) per pass]}`` for the networks ``model_of(t)``,
+    ``t`` in ``range(n)``, ``t = 0`` the base network: ``passes`` passes over them all (the first in order, each
+    further one in an order of ``rng``'s, or in order again without it), each network at every batch timed by
+    :func:`time_network` (the base, and every network unpaired) or :func:`time_network_pair` against the base,
+    again while noisier than ``retry_above`` (:func:`timed_quietly`). ``kw``: their keyword arguments;
+    ``on_step(pass, step, t)`` before each network."""
+    base = model_of(0)
+    taken: dict[tuple[int, int], list] = {(t, b): [] for t in range(n) for b in batches}
+    for p in range(passes):
+        order = np.arange(n) if p == 0 or rng is None else rng.permutation(n)
+        for step, t in enumerate(order.tolist()):
+            if on_step is not None:
+                on_step(p, step, t)
+            model = base if t == 0 else model_of(t)
+            for batch in batches:
+                if paired and t > 0:
+                    pair, attempts = timed_quietly(lambda: time_network_pair(base, model, table, batch, **kw),
+                                                   retry_above, retries)
+                    taken[t, batch].append((pair.row, attempts, pair))
+                else:
+                    timing, attempts = timed_quietly(lambda: time_network(model, table, batch, **kw), retry_above,
+                                                     retries)
+                    taken[t, batch].append((timing, attempts, None))
+    return taken
+
+
+def best_of_passes(timings: list) -> tuple:
+    """(the least median, attempts in all, the middle paired timing or None) of one network's passes at one batch
+    (:func:`time_in_passes`): other work only adds time to a timing, while a ratio has no one-sided error to drop."""
+    pairs = [pair for _, _, pair in timings if pair is not None]
+    return (min((timing for timing, _, _ in timings), key=lambda tm: tm.median_s), sum(a for _, a, _ in timings),
+            middle_pair(pairs) if pairs else None)
+
+
+def middle_pair(pairs: list[PairedTiming]) -> PairedTiming:
+    """Of one network's paired timings (its passes), the one whose ratio is the middle one (the lower of the two
+    middle ones for an even count): a ratio has no one-sided error to drop, a slow spell lengthens both of a pair's
+    runs."""
+    return sorted(pairs, key=lambda pair: pair.ratio)[(len(pairs) - 1) // 2]
+
+
 def timed_quietly(once: Callable[[], Any], retry_above: float, retries: int):
     """(timing, attempts): ``once()``, taken again while its noise (IQR / median) is above ``retry_above``, at most
     ``retries`` more times, keeping the least noisy: a timing disturbed by other work on the machine says little
@@ -332,41 +375,29 @@ def _time_targets(table, amp_name: str, dev, targets: list[Target], o: TimingOpt
                     "paired": bool(o.paired),
                     "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         everything = [Target(BASE, -1, None)] + targets
-        taken: dict[tuple[int, int], list] = {(t, b): [] for t in range(len(everything)) for b in o.batches}
-        rng = np.random.default_rng(0)
-        passes = max(1, o.passes)
-        for p in range(passes):
-            order = np.arange(len(everything)) if p == 0 else rng.permutation(len(everything))
-            for step, t in enumerate(order.tolist()):
-                target = everything[t]
-                if progress is not None:
-                    progress(p * len(everything) + step, passes * len(everything), target)
-                model = base if target.keep is None else prune_model(base, table, target.keep)
-                if target.weights:
-                    model.load_state_dict(load_tensors(target.weights, f"the weights of row {target.row} of "
-                                                                       f"{target.space!r}", "measure without them"))
-                for batch in o.batches:
-                    kw = dict(device=dev, channels_last=nhwc, amp_dtype=amp_dtype, warmup=o.warmup, runs=o.runs,
-                              min_run_s=o.min_run_s)
-                    if o.paired and target.keep is not None:
-                        def once(batch=batch, model=model, kw=kw):
-                            return time_network_pair(base, model, table, batch, **kw)
 
-                        pair, attempts = timed_quietly(once, o.retry_above, o.retries)
-                        taken[t, batch].append((pair.row, attempts, pair))
-                    else:
-                        def once(batch=batch, model=model, kw=kw):
-                            return time_network(model, table, batch, **kw)
-
-                        taken[t, batch].append((*timed_quietly(once, o.retry_above, o.retries), None))
-        records = []
-        for (t, batch), timings in taken.items():  # each network and batch: its pass with the least median
+        def model_of(t: int):
             target = everything[t]
-            pairs = sorted((pair for _, _, pair in timings if pair is not None), key=lambda pair: pair.ratio)
-            records.append({"space": target.space, "row": target.row, "batch": batch,
-                            "timing": min((timing for timing, _, _ in timings), key=lambda tm: tm.median_s),
-                            "paired": pairs[(len(pairs) - 1) // 2] if pairs else None,
-                            "weights": target.weights is not None, "attempts": sum(a for _, a, _ in timings)})
+            model = base if target.keep is None else prune_model(base, table, target.keep)
+            if target.weights:
+                model.load_state_dict(load_tensors(target.weights, f"the weights of row {target.row} of "
+                                                                   f"{target.space!r}", "measure without them"))
+            return model
+
+        passes = max(1, o.passes)
+        on_step = None if progress is None else \
+            (lambda p, step, t: progress(p * len(everything) + step, passes * len(everything), everything[t]))
+        kw = dict(device=dev, channels_last=nhwc, amp_dtype=amp_dtype, warmup=o.warmup, runs=o.runs,
+                  min_run_s=o.min_run_s)
+        taken = time_in_passes(model_of, len(everything), table, o.batches, kw, passes=passes,
+                               retry_above=o.retry_above, retries=o.retries, paired=o.paired,
+                               rng=np.random.default_rng(0), on_step=on_step)
+        records = []
+        for (t, batch), timings in taken.items():
+            timing, attempts, pair = best_of_passes(timings)
+            records.append({"space": everything[t].space, "row": everything[t].row, "batch": batch,
+                            "timing": timing, "paired": pair, "weights": everything[t].weights is not None,
+                            "attempts": attempts})
     finally:
         torch.set_num_threads(saved_threads)
     return settings, records

@@ -437,31 +437,23 @@ def _calibration_networks(base: nn.Module, table, layers: list[str]) -> list[tup
 def _time_networks(networks, table, batch: int, dev, nhwc: bool, amp_dtype, progress, done: int):
     """(the base's timing, [(median ratio, its IQR / median)] of every other network): the base (first of
     ``networks``) timed alone, each other network paired with it run by run as ``nps latency`` times a row
-    (:func:`~nps.pipeline.deploy.latency.time_network_pair`, again while noisier than :data:`NOISE_TARGET`), in
-    :data:`PASSES` rounds over all of them; the base keeps its least median, each other network the round whose
-    ratio is the middle one."""
-    from nps.pipeline.deploy.latency import time_network, time_network_pair
+    (:func:`~nps.pipeline.deploy.latency.time_in_passes`, again while noisier than :data:`NOISE_TARGET`), in
+    :data:`PASSES` rounds over all of them in order; the base keeps its least median, each other network the round
+    whose ratio is the middle one."""
+    from nps.pipeline.deploy.latency import best_of_passes, time_in_passes
 
-    base = networks[0][1]
-    best = None
-    taken: list[list] = [[] for _ in networks[1:]]
     total = done + PASSES * len(networks)
-    for p in range(PASSES):
-        for i, (f, model, _, _) in enumerate(networks):
-            if progress is not None:
-                what = "the base network" if i == 0 else f"a network pruned to {f:.2f} of its channels, paired"
-                progress(done + p * len(networks) + i, total, f"{what} (pass {p + 1} of {PASSES})")
-            kw = dict(device=dev, channels_last=nhwc, amp_dtype=amp_dtype, **NETWORK_TIMING)
-            if i == 0:
-                timing = _least_noisy(lambda: time_network(model, table, batch, **kw))
-                best = timing if best is None or timing.median_s < best.median_s else best
-            else:
-                taken[i - 1].append(_least_noisy(lambda: time_network_pair(base, model, table, batch, **kw)))
-    pairs = []
-    for runs in taken:
-        middle = sorted(runs, key=lambda pair: pair.ratio)[(len(runs) - 1) // 2]
-        pairs.append((middle.ratio, middle.noise))
-    return best, pairs
+
+    def on_step(p: int, i: int, t: int) -> None:
+        what = "the base network" if t == 0 else f"a network pruned to {networks[t][0]:.2f} of its channels, paired"
+        progress(done + p * len(networks) + i, total, f"{what} (pass {p + 1} of {PASSES})")
+
+    kw = dict(device=dev, channels_last=nhwc, amp_dtype=amp_dtype, **NETWORK_TIMING)
+    taken = time_in_passes(lambda t: networks[t][1], len(networks), table, (batch,), kw, passes=PASSES,
+                           retry_above=NOISE_TARGET, retries=ATTEMPTS - 1, paired=True,
+                           on_step=None if progress is None else on_step)
+    best = [best_of_passes(taken[t, batch]) for t in range(len(networks))]
+    return best[0][0], [(pair.ratio, pair.noise) for _, _, pair in best[1:]]
 
 
 def _time_grids(specs: list[LayerSpec], batch: int, dev, nhwc: bool, amp_dtype, progress, extra: int) -> dict:

@@ -115,7 +115,7 @@ def fit_layer(cin, cout, seconds, groups: int, depthwise: bool, block: int = 1,
     if seconds.size == 0 or np.any(~np.isfinite(seconds)) or np.any(seconds <= 0):
         raise ValueError("a layer fit needs positive, finite timings")
     A = layer_terms(cin, cout, groups, depthwise, block, in_block)
-    pout, pin = A[:, 2], padded_count(cin, in_block)  # the counts as the form prices them (padded to the blocks)
+    pout, pin = A[:, 2], A[:, 3]  # the counts as the form prices them (padded to the blocks; pin unused depthwise)
     if depthwise:
         columns = [0, 2] if np.ptp(pout) > 0 else [0]
     elif np.ptp(pin) > 0 and np.ptp(pout) > 0:

@@ -90,7 +90,7 @@ def prediction_summary(reader, table, pops, measured: dict) -> dict | None:
     paired = paired[np.isfinite(paired)]
     return {"device": model.device, "device_name": model.device_name, "batch": int(model.batch),
             "threads": int(model.threads), "precision": model.precision, "n": int(pred.size),
-            "r2": _r2(pred, meas), "r2_relative": _r2(points["c_predicted"], points["c_measured"]),
+            "r2": r_squared(pred, meas), "r2_relative": r_squared(points["c_predicted"], points["c_measured"]),
             "error_median": float(np.median(err)), "error_rms": float(np.sqrt(np.mean(err ** 2))),
             "base": {"predicted_ms": 1e3 * base_predicted, "measured_ms": 1e3 * base_measured},
             "noise_max": float(np.max(noise)), "noisy": int(np.count_nonzero(noise > QUIET)), "quiet_limit": QUIET,
@@ -105,7 +105,7 @@ def _ratio_noise(measured: dict, i: int) -> float:
     return (q75 - q25) / c if math.isfinite(c) and c > 0 else math.nan
 
 
-def _r2(predicted, measured) -> float | None:
+def r_squared(predicted, measured) -> float | None:
     """1 − Σ(measured − predicted)² / Σ(measured − mean)²; None when the measurements do not vary."""
     predicted, measured = np.asarray(predicted, dtype=np.float64), np.asarray(measured, dtype=np.float64)
     total = float(np.sum((measured - measured.mean()) ** 2))
