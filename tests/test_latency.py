@@ -318,6 +318,25 @@ def test_the_report_counts_noisy_timings(table, tmp_path):
     assert caption.startswith("Measured on cpu (x, 1 thread): ")
 
 
+def test_the_report_counts_a_paired_row_by_its_ratio_noise(table, tmp_path):
+    """A paired row's speed-up rests on its ratio to the base: a noisy timing with a quiet ratio is not counted noisy,
+    a quiet timing with a noisy ratio is; an unpaired row counts by its timing."""
+    from nps.pipeline.results.latency import PairedTiming, Timing, store_latency
+    from nps.pipeline.results.report import write_report
+
+    path = make_file(tmp_path / "results.h5", table, n=4, done=4)
+    noisy, quiet = Timing(1e-3, 0.8e-3, 1.2e-3, 5, 1), Timing(1e-3, 0.99e-3, 1.01e-3, 5, 1)
+    quiet_ratio, noisy_ratio = PairedTiming(noisy, noisy, 0.5, 0.49, 0.51), PairedTiming(quiet, quiet, 0.5, 0.4, 0.6)
+    records = [{"space": "base", "row": -1, "batch": 1, "timing": quiet, "weights": False}]
+    for row, timing, pair in ((0, noisy, quiet_ratio), (1, quiet, noisy_ratio), (2, noisy, quiet_ratio),
+                              (3, noisy, None)):
+        records.append({"space": SPACE, "row": row, "batch": 1, "timing": timing, "weights": False, "paired": pair})
+    store_latency(path, {"device": "cpu", "settings": {"threads": 1, "device_name": "x", "batches": [1]},
+                         "records": records})
+    info = write_report(path, tmp_path / "report", n_boot=20)["latency"]["cpu"]
+    assert (info["timings"], info["noisy"]) == (5, 2)  # row 1 (ratio 40 %) and row 3 (unpaired, timing 40 %)
+
+
 def make_mixed_file(path: Path) -> Path:
     """A results file with a filter space and a weight space of the demo's network, two finished rows each."""
     from nps.kernels.spaces import parse_space

@@ -216,7 +216,8 @@ def read_latency(reader) -> dict[str, dict]:
     """Per device: the latest measurement of every (space, row, batch) as columns (``space``, ``row``, ``batch``,
     ``median_s``, ``q25_s``, ``q75_s``, ``iqr_s``, ``noise`` (IQR / median), ``runs``, ``weights``, ``session``,
     ``paired_c``, ``paired_c_q25``, ``paired_c_q75`` (NaN where not paired), ``speedup``: 1 / ``paired_c`` for a
-    paired timing, else the base median of the same session and batch over the row's), plus ``attrs`` (the latest
+    paired timing, else the base median of the same session and batch over the row's, ``speedup_noise``: the IQR /
+    median the speed-up rests on, a paired timing's ratio's or else the timing's), plus ``attrs`` (the latest
     session's settings, ``noise_limit``) and ``sessions``.
     A file never measured gives ``{}``."""
     f = reader.file
@@ -242,6 +243,10 @@ def read_latency(reader) -> dict[str, dict]:
                 for i in range(cols["row"].size) if cols["space"][i] == BASE}
         sel = {name: c[pick] for name, c in cols.items()}
         sel["iqr_s"] = sel["q75_s"] - sel["q25_s"]
+        with np.errstate(divide="ignore", invalid="ignore"):  # what a speed-up rests on: the pair's ratio, or the timing
+            sel["speedup_noise"] = np.where(np.isfinite(sel["paired_c"]) & (sel["paired_c"] > 0),
+                                            (sel["paired_c_q75"] - sel["paired_c_q25"]) / sel["paired_c"],
+                                            sel["noise"])
         sel["speedup"] = np.array([1.0 / c if math.isfinite(c) and c > 0 else base.get((int(s), int(b)), math.nan) / m
                                    for s, b, m, c in zip(sel["session"], sel["batch"], sel["median_s"],
                                                          sel["paired_c"])])

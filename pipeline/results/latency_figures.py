@@ -33,7 +33,8 @@ def latency_summary(pops, measured: dict, base_top1: float = math.nan) -> dict:
     """Per device measured: the settings, the base network's latency, per space its finished rows' c_flops, top-1,
     latency and speed-up per batch, each space's winner (lowest drop) with its latencies (median, IQR, noise = IQR /
     median, speed-up), per batch the top-1 vs latency frontier (the base included), and how many of the device's
-    ``timings`` are ``noisy`` (noise above ``noise_limit``). ``{}`` when the file has no measurements.
+    ``timings`` are ``noisy``: the noise its speed-up rests on (a paired row's ratio's, else the timing's) above
+    ``noise_limit``. ``{}`` when the file has no measurements.
     ``measured``: :func:`~nps.pipeline.results.latency.read_latency` of the file."""
     from nps.pipeline.results.analysis import regime_key
     from nps.pipeline.results.latency import BASE
@@ -85,7 +86,7 @@ def latency_summary(pops, measured: dict, base_top1: float = math.nan) -> dict:
             "sessions": len(attrs.get("sessions", [])), "batches": batches,
             "base": {str(b): entry(BASE, -1, b) for b in batches}, "spaces": spaces, "winners": winners,
             "frontier": {str(b): _frontier(points[b]) for b in batches},
-            "noise_limit": limit, "timings": int(cols["noise"].size), "noisy": int(np.sum(cols["noise"] > limit)),
+            "noise_limit": limit, "timings": int(cols["noise"].size), "noisy": int(np.sum(cols["speedup_noise"] > limit)),
         }
     return out
 
@@ -221,6 +222,8 @@ def render_latency(summary: dict, out_dir: str | os.PathLike) -> dict:
             "file": name, "caption": f"Measured on {device} ({info['device_name']}, {threads}): "
                                      "speed-up over the base network against c_flops per space (dashed: the ideal "
                                      "1/c_flops), top-1 against latency with the frontier, and each space's "
-                                     "winner's latency and speed-up; medians over repeated timed runs, the base "
-                                     f"measured in the same session (nps latency){_noise_note(info)}."}
+                                     "winner's latency and speed-up; latencies are medians over repeated timed runs, "
+                                     "the base measured in the same session; a speed-up is a paired row's median "
+                                     "ratio to the base, run by run, or unpaired the base median over the row's "
+                                     f"(nps latency){_noise_note(info)}."}
     return figures
