@@ -565,3 +565,17 @@ def test_paired_timings_are_stored_and_set_the_speedup_and_a_file_measured_befor
     rows = cpu["row"] >= 0
     assert np.isfinite(cpu["paired_c"][rows]).all() and (cpu["paired_c"][rows] < 1).all()
     np.testing.assert_allclose(cpu["speedup"][rows], 1.0 / cpu["paired_c"][rows])
+
+
+def test_the_latency_figure_names_a_population_without_a_target_by_its_space_alone():
+    """The uniform-ratio rows (``nps sample --ratios``) have no regime: beside regimes the legend and the winners'
+    bars say "ratios", not "ratios @ unspecified"; a population in a regime keeps its regime."""
+    from nps.pipeline.results.latency_figures import _label
+    from nps.pipeline.results.report import space_regime
+
+    space, target, value = space_regime("ratios", {})
+    from nps.pipeline.results.analysis import regime_key
+
+    assert _label({"space": space, "regime": regime_key(target, value)}, True) == "ratios"
+    assert _label({"space": "std-0.05", "regime": regime_key("c_flops", 0.5)}, True) == "std-0.05 @ c_flops=0.5"
+    assert _label({"space": "std-0.05", "regime": regime_key("c_flops", 0.5)}, False) == "std-0.05"

@@ -103,7 +103,10 @@ def _space_colors(info: dict) -> dict:
 
 
 def _label(s: dict, several_regimes: bool) -> str:
-    return f"{s['space']} @ {s['regime']}" if several_regimes else s["space"]
+    """A space's name, with its regime where the figure shows several; a population without a target (the
+    uniform-ratio rows of ``nps sample --ratios``) has no regime to name."""
+    targeted = "=" in s["regime"]  # regime_key: "c_flops=0.5"; the bare target name when there is no value
+    return f"{s['space']} @ {s['regime']}" if several_regimes and targeted else s["space"]
 
 
 def _plain_ticks(axis) -> None:
