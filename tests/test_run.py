@@ -281,10 +281,13 @@ class _Silent:
     def stop(self, state): pass
 
 
+@pytest.mark.slow
 def test_a_rows_result_depends_on_the_experiment_recipe_and_seed_only(tmp_path, data_dir, base_checkpoint):
     """The seed rule: the same rows trained in cohorts of 4 or of 1, by one worker or by two, give bit-identical
     numbers (data order from the experiment seed and the epoch, adaptive BN on a fixed image set, one intra-op
-    thread per member on the CPU)."""
+    thread per member on the CPU). Slow (three whole runs, about a minute): ``make test`` keeps the rule's unit
+    tests (tests/test_engine.py: a cohort member trains exactly as alone, on one core and on several) and
+    tests/test_distill.py's rows identical in cohorts of 1 and 2."""
     from nps.pipeline.experiment.config import parse_config
     from nps.pipeline.experiment.plan import validate
     from nps.pipeline.run import run_experiment
