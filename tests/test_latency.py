@@ -570,12 +570,23 @@ def test_paired_timings_are_stored_and_set_the_speedup_and_a_file_measured_befor
 def test_the_latency_figure_names_a_population_without_a_target_by_its_space_alone():
     """The uniform-ratio rows (``nps sample --ratios``) have no regime: beside regimes the legend and the winners'
     bars say "ratios", not "ratios @ unspecified"; a population in a regime keeps its regime."""
-    from nps.pipeline.results.latency_figures import _label
+    import math
+    from types import SimpleNamespace
+
+    from nps.pipeline.results.latency_figures import _label, latency_summary
     from nps.pipeline.results.report import space_regime
 
-    space, target, value = space_regime("ratios", {})
-    from nps.pipeline.results.analysis import regime_key
+    def pop(group):
+        space, target, value = space_regime(group, {})
+        return SimpleNamespace(group=group, space=space, target=target, value=value, row=np.array([0]),
+                               c_flops=np.array([0.5]), top1=np.array([80.0]), acc_drop=np.array([1.0]))
 
-    assert _label({"space": space, "regime": regime_key(target, value)}, True) == "ratios"
-    assert _label({"space": "std-0.05", "regime": regime_key("c_flops", 0.5)}, True) == "std-0.05 @ c_flops=0.5"
-    assert _label({"space": "std-0.05", "regime": regime_key("c_flops", 0.5)}, False) == "std-0.05"
+    groups = ["ratios", "std-0.05@c_flops=0.5"]
+    one = np.ones(3)
+    measured = {"cpu": {"space": np.array(["base"] + groups, dtype=object), "row": np.array([-1, 0, 0]),
+                        "batch": np.array([1, 1, 1]), "median_s": one, "iqr_s": 0 * one, "noise": 0 * one,
+                        "speedup": one, "speedup_noise": 0 * one, "attrs": {"noise_limit": 0.1}}}
+    info = latency_summary([pop(g) for g in groups], measured, math.nan)["cpu"]
+    assert [_label(s, True) for s in info["spaces"]] == ["ratios", "std-0.05 @ c_flops=0.5"]
+    assert [_label(w, True) for w in info["winners"]] == ["ratios", "std-0.05 @ c_flops=0.5"]
+    assert [_label(s, False) for s in info["spaces"]] == ["ratios", "std-0.05"]

@@ -155,8 +155,8 @@ def study(directory: Path) -> list[dict]:
     lines = [{"bench": "latency_model_variant", "network": model.model, "variant": "stored, as calibrated",
               "what": "the model file's own offset and scale (the report's R²)", "rows": int(c.size),
               "r2_relative": r_squared(stored_sums, c), "mean_residual": float(np.mean(c - stored_sums))}]
-    kinds, stored = variants(model)
-    for name, fn in kinds:
+    fits, stored = variants(model)
+    for name, fn in fits:
         cal_t, row_t = terms(fn, cal_channels), terms(fn, row_channels)
         lines.append(score(name, model.model, with_constant(cal_t.sum(axis=(1, 2))),
                            with_constant(row_t.sum(axis=(1, 2))), c_cal, c, spaces))

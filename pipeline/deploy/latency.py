@@ -69,6 +69,13 @@ def library_versions(device) -> dict:
     return versions
 
 
+def _synchronizer(device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work before the clock is read (nothing on the CPU)."""
+    import torch
+
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
 def _ready(model, x, sync, warmup: int, min_run_s: float) -> int:
     """``warmup`` forwards (at least one), then how many back-to-back forwards make a run of ``min_run_s``."""
     for _ in range(max(1, warmup)):
@@ -101,10 +108,9 @@ def time_forward(model, x, *, device, amp_dtype=None, warmup: int = DEFAULT_WARM
 
     from nps.pipeline.training.schedule import autocast_context
 
-    device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     model.eval()
-    with torch.no_grad(), autocast_context(device, amp_dtype):
+    with torch.no_grad(), autocast_context(torch.device(device), amp_dtype):
         inner = _ready(model, x, sync, warmup, min_run_s)
         samples = np.array([_run(model, x, sync, inner) for _ in range(max(1, runs))])
     return Timing(*_quartiles(samples), int(samples.size), int(inner))
@@ -120,13 +126,12 @@ def time_pair(base, model, x, *, device, amp_dtype=None, warmup: int = DEFAULT_W
 
     from nps.pipeline.training.schedule import autocast_context
 
-    device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     base.eval()
     model.eval()
     n = max(1, runs)
     a, b = np.empty(n), np.empty(n)
-    with torch.no_grad(), autocast_context(device, amp_dtype):
+    with torch.no_grad(), autocast_context(torch.device(device), amp_dtype):
         inner_a = _ready(base, x, sync, warmup, min_run_s)
         inner_b = _ready(model, x, sync, warmup, min_run_s)
         for i in range(n):

@@ -387,8 +387,9 @@ def calibrated(model: LatencyModel, grids: dict, keys: list[str], networks, base
     _calibrate(model, networks, base_timing, pairs)
     if model.block <= 1:
         return model
+    padded = dict.fromkeys(k for k, p in zip(keys, model.padded) if p)  # each configuration once (repeated blocks)
     refit = {k: fit_layer(*np.asarray(grids[k][1], dtype=np.float64).T, grids[k][0].groups, grids[k][0].depthwise,
-                          model.block, model.block) for k, padded in zip(keys, model.padded) if padded}
+                          model.block, model.block) for k in padded}
     alt = dataclasses.replace(model, coef=[refit[k][0] if k in refit else c for k, c in zip(keys, model.coef)],
                               fit_error=[refit[k][1] if k in refit else e for k, e in zip(keys, model.fit_error)],
                               padded_in=[k in refit for k in keys])

@@ -215,9 +215,10 @@ def _noise(median, q25, q75) -> np.ndarray:
 def read_latency(reader) -> dict[str, dict]:
     """Per device: the latest measurement of every (space, row, batch) as columns (``space``, ``row``, ``batch``,
     ``median_s``, ``q25_s``, ``q75_s``, ``iqr_s``, ``noise`` (IQR / median), ``runs``, ``weights``, ``session``,
-    ``paired_c``, ``paired_c_q25``, ``paired_c_q75`` (NaN where not paired), ``speedup``: 1 / ``paired_c`` for a
-    paired timing, else the base median of the same session and batch over the row's, ``speedup_noise``: the IQR /
-    median the speed-up rests on, a paired timing's ratio's or else the timing's), plus ``attrs`` (the latest
+    ``paired_c``, ``paired_c_q25``, ``paired_c_q75`` and ``paired_noise`` (the ratio's IQR / median; all NaN where
+    not paired), ``speedup``: 1 / ``paired_c`` for a paired timing, else the base median of the same session and
+    batch over the row's, ``speedup_noise``: the IQR / median the speed-up rests on, ``paired_noise`` or else the
+    timing's ``noise``), plus ``attrs`` (the latest
     session's settings, ``noise_limit``) and ``sessions``.
     A file never measured gives ``{}``."""
     f = reader.file
@@ -243,10 +244,9 @@ def read_latency(reader) -> dict[str, dict]:
                 for i in range(cols["row"].size) if cols["space"][i] == BASE}
         sel = {name: c[pick] for name, c in cols.items()}
         sel["iqr_s"] = sel["q75_s"] - sel["q25_s"]
-        with np.errstate(divide="ignore", invalid="ignore"):  # what a speed-up rests on: the pair's ratio, or the timing
-            sel["speedup_noise"] = np.where(np.isfinite(sel["paired_c"]) & (sel["paired_c"] > 0),
-                                            (sel["paired_c_q75"] - sel["paired_c_q25"]) / sel["paired_c"],
-                                            sel["noise"])
+        sel["paired_noise"] = _noise(sel["paired_c"], sel["paired_c_q25"], sel["paired_c_q75"])  # NaN unpaired
+        # what a speed-up rests on: the pair's ratio, or the timing
+        sel["speedup_noise"] = np.where(np.isfinite(sel["paired_noise"]), sel["paired_noise"], sel["noise"])
         sel["speedup"] = np.array([1.0 / c if math.isfinite(c) and c > 0 else base.get((int(s), int(b)), math.nan) / m
                                    for s, b, m, c in zip(sel["session"], sel["batch"], sel["median_s"],
                                                          sel["paired_c"])])

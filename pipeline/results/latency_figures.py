@@ -62,6 +62,7 @@ def latency_summary(pops, measured: dict, base_top1: float = math.nan) -> dict:
             if not measured:
                 continue
             s = {"group": pop.group, "space": pop.space, "regime": regime_key(pop.target, pop.value),
+                 "targeted": bool(math.isfinite(pop.value)),  # a regime (the uniform-ratio rows have none)
                  "rows": [int(pop.row[j]) for j in measured], "c_flops": [float(pop.c_flops[j]) for j in measured],
                  "top1": [float(pop.top1[j]) for j in measured], "latency_ms": {}, "iqr_ms": {}, "speedup": {}}
             for b in batches:
@@ -73,9 +74,10 @@ def latency_summary(pops, measured: dict, base_top1: float = math.nan) -> dict:
                                "latency_ms": e["median_ms"]} for j, e in zip(measured, es) if e]
             spaces.append(s)
             w = int(np.argmin(pop.acc_drop))
-            winners.append({"group": pop.group, "space": pop.space, "regime": s["regime"], "row": int(pop.row[w]),
+            winners.append({"group": pop.group, "space": pop.space, "regime": s["regime"],
+                            "targeted": s["targeted"], "row": int(pop.row[w]),
                             "top1": float(pop.top1[w]), "acc_drop": float(pop.acc_drop[w]),
-                                       "c_flops": float(pop.c_flops[w]),
+                            "c_flops": float(pop.c_flops[w]),
                             "latency": {str(b): entry(pop.group, pop.row[w], b) for b in batches}})
         attrs = cols["attrs"]
         limit = float(attrs["noise_limit"])
@@ -105,8 +107,7 @@ def _space_colors(info: dict) -> dict:
 def _label(s: dict, several_regimes: bool) -> str:
     """A space's name, with its regime where the figure shows several; a population without a target (the
     uniform-ratio rows of ``nps sample --ratios``) has no regime to name."""
-    targeted = "=" in s["regime"]  # regime_key: "c_flops=0.5"; the bare target name when there is no value
-    return f"{s['space']} @ {s['regime']}" if several_regimes and targeted else s["space"]
+    return f"{s['space']} @ {s['regime']}" if several_regimes and s.get("targeted", True) else s["space"]
 
 
 def _plain_ticks(axis) -> None:

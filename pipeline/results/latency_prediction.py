@@ -73,7 +73,7 @@ def prediction_summary(reader, table, pops, measured: dict) -> dict | None:
         points["predicted_ms"] += (1e3 * predicted).tolist()
         points["measured_ms"] += (1e3 * median).tolist()
         points["noise"] += [float(measured["noise"][i]) for _, i in rows]
-        points["paired_noise"] += [_ratio_noise(measured, i) for _, i in rows]
+        points["paired_noise"] += [float(measured["paired_noise"][i]) for _, i in rows]
         points["c_measured"] += c_measured.tolist()
         points["c_predicted"] += (predicted / base_predicted).tolist()
         if pop.target == "c_latency" and math.isfinite(pop.delta):
@@ -97,12 +97,6 @@ def prediction_summary(reader, table, pops, measured: dict) -> dict | None:
             "paired": int(paired.size), "paired_noise_max": float(np.max(paired)) if paired.size else None,
             "paired_noisy": int(np.count_nonzero(paired > QUIET)),
             "regimes": regimes, "points": points}
-
-
-def _ratio_noise(measured: dict, i: int) -> float:
-    """A paired timing's ratio IQR / median (NaN when the row was timed unpaired)."""
-    c, q25, q75 = (float(measured[k][i]) for k in ("paired_c", "paired_c_q25", "paired_c_q75"))
-    return (q75 - q25) / c if math.isfinite(c) and c > 0 else math.nan
 
 
 def r_squared(predicted, measured) -> float | None:
