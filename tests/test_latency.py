@@ -96,6 +96,9 @@ def test_nps_latency_stores_the_timings_and_reads_them_back(table, tmp_path, cap
     assert (cpu["paired_c_q25"][~base] <= cpu["paired_c"][~base]).all()
     attrs = cpu["attrs"]
     assert attrs["threads"] == 1 and attrs["channels_last"] and attrs["amp"] == "off"  # the run's [retrain] amp
+    from nps.pipeline.deploy.allocator import steady_heap
+
+    assert attrs["allocator"] == steady_heap()  # what the heap did while the session timed (glibc: kept steady)
     assert attrs["versions"]["torch"] == torch.__version__ and attrs["device_name"]
     assert attrs["batches"] == [1, 4] and len(attrs["sessions"]) == 1
 
@@ -590,3 +593,46 @@ def test_the_latency_figure_names_a_population_without_a_target_by_its_space_alo
     assert [_label(s, True) for s in info["spaces"]] == ["ratios", "std-0.05 @ c_flops=0.5"]
     assert [_label(w, True) for w in info["winners"]] == ["ratios", "std-0.05 @ c_flops=0.5"]
     assert [_label(s, False) for s in info["spaces"]] == ["ratios", "std-0.05"]
+
+
+_TRIM_WORKLOAD = """
+import ctypes, resource, sys
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+if sys.argv[1] == "steady":
+    from nps.pipeline.deploy.allocator import steady_heap
+    print(steady_heap())
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+SIZE = 5 * 2 ** 20
+def forward():  # 8 blocks of 5 MiB alive at once, written, then freed: a forward's activations, roughly
+    blocks = [libc.malloc(SIZE) for _ in range(8)]  # malloc itself: no small allocation lands between them
+    for b in blocks:
+        libc.memset(b, 1, SIZE)
+    for b in blocks:
+        libc.free(b)
+for _ in range(3):
+    forward()
+before = faults()
+for _ in range(10):
+    forward()
+print((faults() - before) / 10)
+"""
+
+
+def test_timing_steadies_the_heap_so_that_no_forward_pays_page_faults_for_memory_given_back():
+    """glibc's malloc gives freed blocks back to the system (mmap above a moving threshold, the heap's top trimmed),
+    so the next forward touches fresh pages: 8 blocks of 5 MiB freed and allocated again fault every one of their
+    10,240 pages each time. After steady_heap none do; nps latency's sessions record what the allocator did."""
+    import subprocess
+    import sys
+
+    from nps.pipeline.deploy.allocator import STEADY, steady_heap
+
+    if steady_heap() != STEADY:
+        pytest.skip("not glibc: the allocator is left as it is")
+    run = [subprocess.run([sys.executable, "-c", _TRIM_WORKLOAD, mode], capture_output=True, text=True, check=True)
+           for mode in ("default", "steady")]
+    default, steady = (float(r.stdout.split()[-1]) for r in run)
+    assert default > 5000 and steady == 0, (default, steady)
+    assert run[1].stdout.splitlines()[0] == STEADY

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nps.pipeline import __version__ as NPS_VERSION
+from nps.pipeline.deploy.allocator import steady_heap
 from nps.pipeline.errors import NpsError
 from nps.pipeline.results.latency import BASE, NOISE_LIMIT, PairedTiming, Timing, read_latency
 
@@ -103,11 +104,14 @@ def _quartiles(samples) -> tuple[float, float, float]:
 
 def time_forward(model, x, *, device, amp_dtype=None, warmup: int = DEFAULT_WARMUP, runs: int = DEFAULT_RUNS,
                  min_run_s: float = DEFAULT_MIN_RUN_S) -> Timing:
-    """Time ``model(x)`` (eval mode, no_grad, autocast ``amp_dtype``): see the module docstring."""
+    """Time ``model(x)`` (eval mode, no_grad, autocast ``amp_dtype``): see the module docstring. The heap is made
+    steady first (:func:`~nps.pipeline.deploy.allocator.steady_heap`): no run pays page faults for memory an
+    earlier forward gave back."""
     import torch
 
     from nps.pipeline.training.schedule import autocast_context
 
+    steady_heap()
     sync = _synchronizer(device)
     model.eval()
     with torch.no_grad(), autocast_context(torch.device(device), amp_dtype):
@@ -121,11 +125,13 @@ def time_pair(base, model, x, *, device, amp_dtype=None, warmup: int = DEFAULT_W
     """Time ``model(x)`` interleaved with ``base(x)``: ``runs`` runs of each, alternating (base then model, then
     model then base, ...), each of the model's runs divided by the base's run beside it. A slower spell of the machine
     (a virtual machine's, other work's) lengthens both runs of a pair alike, so their ratio keeps the network's
-    latency relative to the base where the two medians, or timings taken apart, do not."""
+    latency relative to the base where the two medians, or timings taken apart, do not. The heap is made steady
+    first, as for :func:`time_forward`."""
     import torch
 
     from nps.pipeline.training.schedule import autocast_context
 
+    steady_heap()
     sync = _synchronizer(device)
     base.eval()
     model.eval()
@@ -377,7 +383,7 @@ def _time_targets(table, amp_name: str, dev, targets: list[Target], o: TimingOpt
                     "batches": list(o.batches), "warmup": int(o.warmup), "runs": int(o.runs),
                     "min_run_s": float(o.min_run_s), "noise_limit": NOISE_LIMIT,
                     "retry_above": float(o.retry_above), "retries": int(o.retries), "passes": int(o.passes),
-                    "paired": bool(o.paired),
+                    "paired": bool(o.paired), "allocator": steady_heap(),
                     "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         everything = [Target(BASE, -1, None)] + targets
 
