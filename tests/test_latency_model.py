@@ -66,7 +66,7 @@ def test_a_padded_fit_recovers_a_staircase_in_the_output_count():
     assert error < 1e-9 and fit_layer(cin, cout, seconds, 1, False)[1] > 0.03
 
 
-def test_the_block_is_the_one_whose_fits_err_least_and_only_conv_layers_are_padded():
+def test_a_block_pads_the_conv_layers_whose_fit_it_improves_and_never_a_linear_one():
     from types import SimpleNamespace
 
     from nps.pipeline.deploy.latency_model import fit_layers
@@ -75,19 +75,54 @@ def test_the_block_is_the_one_whose_fits_err_least_and_only_conv_layers_are_padd
     coef = np.array([3e-5, 2e-7, 1e-6, 4e-6])
     conv = SimpleNamespace(groups=1, depthwise=False, module=nn.Conv2d(16, 64, 3))
     fc = SimpleNamespace(groups=1, depthwise=False, module=nn.Linear(16, 64))
-    layers = ["conv"] * 3 + ["fc"]  # three layers of the conv's configuration, one of the classifier's
 
     def grids(block):
         seconds = layer_terms(cin, cout, 1, False, block) @ coef
         return {"conv": (conv, list(zip(cin, cout, seconds))), "fc": (fc, list(zip(cin, cout, seconds)))}
 
-    block, fits = fit_layers(grids(16), layers)
-    assert block == 16 and fits["conv"][2] and not fits["fc"][2]  # a linear layer stays unpadded
+    fits = fit_layers(grids(16), 16)
+    assert fits["conv"][2] and not fits["fc"][2]  # a linear layer stays unpadded
     assert fits["conv"][1] < 1e-9 and fits["fc"][1] > 0.03
-    block, fits = fit_layers(grids(1), layers)  # smooth times: nothing to gain from a block
-    assert block == 1 and not fits["conv"][2] and fits["conv"][1] < 1e-9
-    block, fits = fit_layers(grids(16), layers, block=1)  # asked: no padding
-    assert block == 1 and not fits["conv"][2] and fits["conv"][1] > 0.03
+    fits = fit_layers(grids(1), 16)  # smooth times: padding would only err more
+    assert not fits["conv"][2] and fits["conv"][1] < 1e-9
+    fits = fit_layers(grids(16), 1)  # block 1: no padding
+    assert not fits["conv"][2] and fits["conv"][1] > 0.03
+
+
+def test_the_block_is_the_one_that_predicts_the_calibration_networks_best():
+    """Two conv layers whose grids (timed alone) step with the output count in blocks of 16: in a network that steps
+    the same way the model padded to 16 is kept; in one whose times do not step (what a layer's grid can mislead
+    about), the unpadded one, though the grids favour 16; and a block asked for is the one used."""
+    from types import SimpleNamespace
+
+    from nps.pipeline.deploy.latency_model import best_model
+    from nps.pipeline.results.latency import Timing
+
+    coef = np.array([1e-4, 2e-7, 3e-6, 4e-6])
+    cin, cout = grid(np.array([16, 32, 48, 64]), np.array([6, 16, 26, 32, 38, 48, 58, 64]))
+    spec = SimpleNamespace(groups=1, depthwise=False, module=nn.Conv2d(1, 1, 1))
+    grids = {"k": (spec, list(zip(cin, cout, layer_terms(cin, cout, 1, False, 16) @ coef)))}
+    keys = ["k", "k"]
+
+    def make_model(block, fits):
+        return LatencyModel("resnet20", "all", 28, 10, 1, "cpu", "cpu: test", 8, 1, "fp32", layers=["a", "b"],
+                            groups=[1, 1], depthwise=[False, False], coef=[fits["k"][0]] * 2,
+                            fit_error=[fits["k"][1]] * 2, scale=1.0, offset=0.0, network_error=np.nan,
+                            calibration={}, base_latency_s=1.0, block=block, padded=[fits["k"][2]] * 2)
+
+    counts = [(64, 64), (40, 40), (33, 17), (50, 29), (21, 45), (60, 9)]  # the base first, then uneven networks
+    networks = [(1.0, None, {"a": (64, c_a), "b": (c_a, c_b)}, True) for c_a, c_b in counts]
+    for network_block, expect in ((16, 16), (1, 1)):
+        t = np.array([sum(layer_terms(ci, co, 1, False, network_block) @ coef for ci, co in ch.values())
+                      for _, _, ch, _ in networks])
+        pairs = [(x / t[0], 0.01) for x in t[1:]]
+        base = Timing(t[0], t[0], t[0], 3, 1)
+        kept = best_model(make_model, grids, keys, networks, base, pairs)
+        assert kept.block == expect and bool(kept.padded.all()) is (expect > 1)
+        other = best_model(make_model, grids, keys, networks, base, pairs, block=17 - expect)  # 16 <-> 1: asked
+        assert other.block == 17 - expect and other.network_error > kept.network_error + 0.01
+    assert kept.network_error < other.network_error and best_model(make_model, grids, keys, networks, base, pairs,
+                                                                   block=8).block == 8
 
 
 def test_a_depthwise_fit_is_a_plus_c_times_its_channels():

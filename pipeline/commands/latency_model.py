@@ -13,16 +13,15 @@ pruning mode cannot change stays at its width), and fitted as
   t(cin, cout) = a + b * cin * P / groups + c * P + d * cin        (a, b, c, d >= 0; depthwise: a + c * P)
 
 where P is cout, or for a padded layer cout rounded up to the model's channel block (CPU kernels compute output
-channels in blocks: with AVX-512, 17 channels cost as 32). --block auto (the default) tries blocks of 8, 16 and 32,
-pads each conv layer whose grid it fits better, and keeps the block that errs least over the network (1, no
-padding, unless one errs at most 0.9 as much); --block N fixes it (1: no layer padded).
+channels in blocks: with AVX-512, 17 channels cost as 32). For each block tried (--block auto, the default: 1, 8, 16
+and 32; --block N: N alone, 1 pads no layer) each conv layer is padded where its grid fits better so.
 
 Then the base network, copies pruned uniformly to 0.75, 0.5 and 0.3 of their channels and 8 copies pruned at
 random (each group's ratio uniform in [0, 0.7], seeded) are timed whole, as nps latency times them (each copy paired
 with the base, run by run), and network = offset + scale * sum of the layer terms is fitted to their ratios to the
-base. With a block, the padded layers are fitted again with their input counts padded too, and the model whose
-calibration predicts these networks better is kept (a layer timed alone does not show the input's padding; a
-network may). The tables state each layer's fit error (relative RMS over its grid) and the calibration networks'
+base. With a block, the padded layers are fitted again with their input counts padded too. Of these models (each
+block, inputs padded or not) the one whose calibration predicts the pruned networks best is kept: the layers' grids
+hardly tell the blocks apart and a layer timed alone does not show its input's padding; whole networks do. The tables state each layer's fit error (relative RMS over its grid) and the calibration networks'
 errors; their RMS is the model's network error. Everything runs in eval mode, channels_last, under autocast at
 --precision (fp32: none).
 
@@ -57,7 +56,7 @@ def register(sub) -> None:
                    help="autocast precision (default fp32 on the CPU, fp16 on a GPU)")
     p.add_argument("--block", default="auto", metavar="N",
                    help="channel block output counts are rounded up to in padded layers: auto (default: chosen by "
-                        "the fits among 8, 16, 32, or 1), or a number (1: no padding)")
+                        "the calibration networks among 1, 8, 16 and 32), or a number (1: no padding)")
     p.add_argument("--out", required=True, metavar="FILE", help="HDF5 file to write the model to")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=run)

@@ -17,16 +17,15 @@ latency_model`; why it is measured this way: docs/latency-model.md).
    kernels and share one grid.
 3. Each layer's form is fitted (:func:`nps.pipeline.network.latency_model.fit_layer`), with its output count as it
    is and rounded up to each block of :data:`BLOCKS` (or the block asked for): a conv layer is padded where that
-   fits its grid better, and the model's block is the one whose fits err least over all layers (:func:`fit_layers`;
-   block 1 unless one errs at most :data:`BLOCK_GAIN` as much).
+   fits its grid better (:func:`fit_layers`). Which block the model takes, the calibration networks decide (step 4).
 4. The base network, copies pruned uniformly to :data:`CALIBRATION_KEEPS` and :data:`CALIBRATION_RANDOM` copies
    pruned at random are timed whole as ``nps latency`` times them: the base alone (the least median of
    :data:`PASSES` rounds), every copy paired with the base run by run
    (:func:`~nps.pipeline.deploy.latency.time_network_pair`, the middle ratio of the rounds), each again while
    noisier than :data:`NOISE_TARGET`; ``scale`` and ``offset`` are fitted to the ratios
    (:func:`~nps.pipeline.network.latency_model.fit_relative_calibration`). With a block, the padded layers are
-   fitted again with their input counts padded too, and the two models' calibrations decide: the one that predicts
-   the calibration networks better is kept (``padded_in``).
+   fitted again with their input counts padded too. Of the models so made (each block and no block, inputs padded
+   or not) the one that predicts the calibration networks best is kept (:func:`best_model`).
 """
 from __future__ import annotations
 
@@ -49,7 +48,6 @@ GRID_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 # 64), so that the grid shows whether a layer's time steps with its output count (BLOCKS).
 OUT_FRACTIONS = (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
 BLOCKS = (8, 16, 32)  # channel blocks tried (oneDNN: 8 floats per AVX2 vector, 16 per AVX-512 one)
-BLOCK_GAIN = 0.9  # a block is taken when its fits' mean error is at most this fraction of the unpadded fits' one
 CALIBRATION_KEEPS = (1.0, 0.75, 0.5, 0.3)
 # ...and this many copies pruned at random (each group's ratio uniform in [0, CALIBRATION_R], seeded): recipes of
 # uneven counts, as the samplers draw them, which uniformly pruned copies do not show (docs/study-latency.md)
@@ -286,40 +284,31 @@ def _channels_of(model: nn.Module, names: list[str]) -> dict[str, tuple[int, int
     return out
 
 
-def fit_layers(grids: dict, layer_keys: list[str], block: int | None = None) -> tuple[int, dict]:
-    """(the model's block, {configuration key: (coef, fit error, padded)}) for the timed grids (``{key: (spec,
-    points)}``) of a network whose layers have the configurations ``layer_keys`` (one per layer, repeats counted).
-    ``block`` None: each of :data:`BLOCKS` is tried, every conv layer padded where its fit errs less than unpadded,
-    and the block whose fits' mean error over the network's layers is least is kept, if it is at most
-    :data:`BLOCK_GAIN` of the unpadded fits' (else 1, no padding). A given block pads every conv layer whose fit it
-    improves; 1 pads none."""
-    points = {key: np.asarray(p, dtype=np.float64).T for key, (_, p) in grids.items()}
-    unpadded = {key: (*fit_layer(*points[key], spec.groups, spec.depthwise), False)
-                for key, (spec, _) in grids.items()}
+def fit_layers(grids: dict, block: int) -> dict:
+    """{configuration key: (coef, fit error, padded)} for the timed grids (``{key: (spec, points)}``) at ``block``:
+    every conv layer padded to it where its fit errs less than unpadded (block 1 pads none; a linear layer never is)."""
+    out = {}
+    for key, (spec, p) in grids.items():
+        points = np.asarray(p, dtype=np.float64).T
+        out[key] = (*fit_layer(*points, spec.groups, spec.depthwise), False)
+        if block > 1 and not isinstance(spec.module, nn.Linear):
+            coef, error = fit_layer(*points, spec.groups, spec.depthwise, block)
+            if error < out[key][1]:
+                out[key] = (coef, error, True)
+    return out
 
-    def fits_for(b: int) -> dict:
-        out = dict(unpadded)
-        if b > 1:
-            for key, (spec, _) in grids.items():
-                if not isinstance(spec.module, nn.Linear):
-                    coef, error = fit_layer(*points[key], spec.groups, spec.depthwise, b)
-                    if error < unpadded[key][1]:
-                        out[key] = (coef, error, True)
-        return out
 
-    def mean_error(fits: dict) -> float:
-        return float(np.mean([fits[key][1] for key in layer_keys]))
-
-    if block is not None:
-        return int(block), fits_for(int(block))
-    best_block, best = 1, unpadded
-    for b in BLOCKS:
-        fits = fits_for(b)
-        if mean_error(fits) < mean_error(best):
-            best_block, best = b, fits
-    if best_block > 1 and mean_error(best) > BLOCK_GAIN * mean_error(unpadded):
-        return 1, unpadded
-    return best_block, best
+def best_model(make_model: Callable[[int, dict], LatencyModel], grids: dict, keys: list[str], networks, base_timing,
+               pairs, block: int | None = None) -> LatencyModel:
+    """The model that predicts the calibration networks best: for each block of ``(1,) +`` :data:`BLOCKS` (or
+    ``block`` alone), its layers fitted at it (:func:`fit_layers`), the model ``make_model(block, fits)`` calibrated
+    with and without its inputs padded (:func:`calibrated`); ties go to the smaller block. The layers' grids alone
+    do not decide the block: their fit errors differ by little between blocks and flip between sessions (the
+    latency study: MobileNetV2 padded in blocks of 16 in one run, unpadded in the next), while the whole networks
+    show what the padding costs."""
+    models = [calibrated(make_model(b, fits_b), grids, keys, networks, base_timing, pairs)
+              for b, fits_b in ((b, fit_layers(grids, b)) for b in ((1,) + BLOCKS if block is None else (block,)))]
+    return min(models, key=lambda m: m.network_error)
 
 
 def measure_latency_model(model_name: str, resolution: int, *, num_classes: int, in_channels: int, mode: str = "all",
@@ -328,7 +317,7 @@ def measure_latency_model(model_name: str, resolution: int, *, num_classes: int,
                           progress: Progress | None = None) -> LatencyModel:
     """Measure and fit the latency model of ``model_name`` (see the module docstring). ``batch``, ``threads`` and
     ``precision`` None: :data:`DEFAULT_BATCH`, torch's current thread count, :data:`DEFAULT_PRECISION` for the
-    device; ``block`` None: chosen by the fits (:func:`fit_layers`). ``progress(done, total, what)`` is called
+    device; ``block`` None: chosen by the calibration networks (:func:`best_model`). ``progress(done, total, what)`` is called
     before each timing."""
     from nps.pipeline.deploy.latency import device_name
     from nps.pipeline.network.layer_table import table_from_graph
@@ -368,15 +357,17 @@ def measure_latency_model(model_name: str, resolution: int, *, num_classes: int,
     name = f"cpu: {device_name(dev).split(' (')[0]}, {n_threads} thread{'s' if n_threads != 1 else ''}" \
         if dev.type == "cpu" else device_name(dev)
     keys = [s.key() for s in specs]
-    chosen, fits = fit_layers(grids, keys, block)
-    model = LatencyModel(model_name, mode, int(resolution), num_classes, in_channels, dev.type, name, batch,
-                         n_threads, precision, layers=[s.name for s in specs], groups=[s.groups for s in specs],
-                         depthwise=[s.depthwise for s in specs], coef=[fits[k][0] for k in keys],
-                         fit_error=[fits[k][1] for k in keys], scale=1.0, offset=0.0, network_error=math.nan,
-                         calibration={}, base_latency_s=base_timing.median_s,
-                         grid={s.name: np.asarray(grids[k][1], dtype=np.float64) for s, k in zip(specs, keys)},
-                         block=chosen, padded=[fits[k][2] for k in keys])
-    return calibrated(model, grids, keys, networks, base_timing, pairs)
+
+    def make_model(chosen: int, fits: dict) -> LatencyModel:
+        return LatencyModel(model_name, mode, int(resolution), num_classes, in_channels, dev.type, name, batch,
+                            n_threads, precision, layers=[s.name for s in specs], groups=[s.groups for s in specs],
+                            depthwise=[s.depthwise for s in specs], coef=[fits[k][0] for k in keys],
+                            fit_error=[fits[k][1] for k in keys], scale=1.0, offset=0.0, network_error=math.nan,
+                            calibration={}, base_latency_s=base_timing.median_s,
+                            grid={s.name: np.asarray(grids[k][1], dtype=np.float64) for s, k in zip(specs, keys)},
+                            block=chosen, padded=[fits[k][2] for k in keys])
+
+    return best_model(make_model, grids, keys, networks, base_timing, pairs, block)
 
 
 def calibrated(model: LatencyModel, grids: dict, keys: list[str], networks, base_timing, pairs) -> LatencyModel:
