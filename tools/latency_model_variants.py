@@ -9,7 +9,9 @@ to the base, as the report computes it. The population is held out: nothing here
 marked ``ceiling``, the affine map of the stored model's layer sum fitted to the population itself (no model
 calibrated on other networks can do better with that sum; it is a bound, not a model).
 
-Variants: ``stored, as calibrated`` (the model file as it is: the report's R²); ``stored`` (its layer fits, the
+Variants: ``stored, as calibrated`` (the model file as it is: the report's R²); ``as nps latency-model chooses
+now`` (the block and input padding picked from the same grids and calibration timings by today's rule,
+:func:`~nps.pipeline.deploy.latency_model.best_model`); ``stored`` (its layer fits, the
 calibration fitted here: least squares of the relative error, where ``nps latency-model`` linearises it);
 ``unpadded``; ``block B`` (output counts
 padded to B, each conv layer where its grid fit errs less) and ``block B, inputs padded`` for B in 8, 16, 32;
@@ -33,8 +35,9 @@ import numpy as np
 
 
 def calibration_channels(model, table, base):
-    """Per calibration network its layers' (cin, cout) and parameter count, rebuilt as ``nps latency-model`` built
-    them; SystemExit if their kept fractions differ from the ones stored in the model file."""
+    """The calibration networks as ``nps latency-model`` built them (:func:`_calibration_networks`), and per network
+    its layers' (cin, cout) and parameter count; SystemExit if their kept fractions differ from the ones stored in
+    the model file."""
     from nps.pipeline.deploy.latency_model import _calibration_networks
 
     networks = _calibration_networks(base, table, model.layers)
@@ -43,7 +46,32 @@ def calibration_channels(model, table, base):
     if rebuilt.shape != stored.shape or not np.allclose(rebuilt, stored, atol=1e-9):
         sys.exit(f"the calibration networks of {model.model} differ from the ones its model file was calibrated on "
                  "(CALIBRATION_* changed since): measure the model again with nps latency-model")
-    return [ch for _, _, ch, _ in networks], [sum(p.numel() for p in n.parameters()) for _, n, _, _ in networks]
+    return networks, [ch for _, _, ch, _ in networks], [sum(p.numel() for p in n.parameters()) for _, n, _, _ in
+                                                         networks]
+
+
+def rechosen(model, base, networks):
+    """The model ``nps latency-model`` would choose now from this file's grids and calibration timings
+    (:func:`best_model`: the block and input padding that predict the calibration networks best)."""
+    from types import SimpleNamespace
+
+    from nps.pipeline.deploy.latency_model import best_model
+    from nps.pipeline.network.latency_model import LatencyModel
+    from nps.pipeline.results.latency import Timing
+
+    measured = np.asarray(model.calibration["measured_s"], dtype=np.float64)
+    pairs = [(m / measured[0], q) for m, q in zip(measured[1:], model.calibration["iqr_over_median"][1:])]
+    grids = {n: (SimpleNamespace(groups=int(g), depthwise=bool(dw), module=base.get_submodule(n)),
+                 [tuple(p) for p in model.grid[n]]) for n, g, dw in zip(model.layers, model.groups, model.depthwise)}
+
+    def make_model(block: int, fits: dict) -> LatencyModel:
+        return LatencyModel(**{**model.__dict__, "coef": [fits[n][0] for n in model.layers],
+                               "fit_error": [fits[n][1] for n in model.layers], "block": block,
+                               "padded": [fits[n][2] for n in model.layers], "padded_in": None,
+                               "scale": 1.0, "offset": 0.0, "network_error": np.nan, "calibration": {}})
+
+    base_timing = Timing(measured[0], measured[0], measured[0], 3, 1)
+    return best_model(make_model, grids, model.layers, networks, base_timing, pairs)
 
 
 def relative_fit(cal: np.ndarray, c_cal: np.ndarray) -> np.ndarray:
@@ -121,7 +149,7 @@ def study(directory: Path) -> list[dict]:
     table = build_layer_table(model.model, model.mode, model.resolution, model.num_classes, model.in_channels)
     torch.manual_seed(0)
     base = build_model(model.model, num_classes=model.num_classes, in_channels=model.in_channels)
-    cal_channels, cal_params = calibration_channels(model, table, base)
+    networks, cal_channels, cal_params = calibration_channels(model, table, base)
     c_cal = np.asarray(model.calibration["measured_s"], dtype=np.float64) / model.calibration["measured_s"][0]
     with open_readonly(directory / "results.h5") as reader:
         measured = read_latency(reader).get(model.device)
@@ -155,6 +183,14 @@ def study(directory: Path) -> list[dict]:
     lines = [{"bench": "latency_model_variant", "network": model.model, "variant": "stored, as calibrated",
               "what": "the model file's own offset and scale (the report's R²)", "rows": int(c.size),
               "r2_relative": r_squared(stored_sums, c), "mean_residual": float(np.mean(c - stored_sums))}]
+    now = rechosen(model, base, networks)
+    base_channels = _channels_of(base, model.layers)
+    now_c = np.asarray([now.predict(ch) for ch in row_channels]) / now.predict(base_channels)
+    lines.append({"bench": "latency_model_variant", "network": model.model, "variant": "as nps latency-model chooses now",
+                  "what": f"block {now.block}, {int(now.padded.sum())} layers padded, inputs "
+                          f"{'padded' if now.padded_in.any() else 'not padded'} (stored: block {model.block})",
+                  "rows": int(c.size), "calibration_error": now.network_error, "r2_relative": r_squared(now_c, c),
+                  "mean_residual": float(np.mean(c - now_c))})
     fits, stored = variants(model)
     for name, fn in fits:
         cal_t, row_t = terms(fn, cal_channels), terms(fn, row_channels)
