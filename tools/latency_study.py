@@ -20,6 +20,7 @@ Time the models and the rows on a quiet machine: the timings are the study's dat
 ``latency`` steps with nothing else on the cores; ``run`` may share them).
 
 usage: python tools/latency_study.py [--nets resnet20,mobilenet_v2] [--steps model,toml,run,latency,report]
+       [--out runs/latency-study] [--docs docs/study-latency]   (another run beside an earlier one)
 """
 from __future__ import annotations
 
@@ -98,8 +99,8 @@ def nps(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "nps.pipeline.cli", *args], check=True)
 
 
-def study(net: str, steps: list[str]) -> None:
-    out = os.path.join(OUT, net)
+def study(net: str, steps: list[str], out_dir: str = OUT, docs_dir: str = DOCS) -> None:
+    out = os.path.join(out_dir, net)
     os.makedirs(out, exist_ok=True)
     model, toml, results = (os.path.join(out, name) for name in ("latency-model.h5", "experiment.toml",
                                                                  "results.h5"))
@@ -121,16 +122,18 @@ def study(net: str, steps: list[str]) -> None:
     if "latency" in steps:
         nps("latency", results, "--missing")
     if "report" in steps:
-        nps("report", results, "--out", os.path.join(DOCS, net), "--force")
+        nps("report", results, "--out", os.path.join(docs_dir, net), "--force")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nets", default="resnet20,mobilenet_v2")
     ap.add_argument("--steps", default="model,toml,run,latency,report")
+    ap.add_argument("--out", default=OUT, help="where the runs go, one folder per network (default %(default)s)")
+    ap.add_argument("--docs", default=DOCS, help="where the reports go (default %(default)s)")
     args = ap.parse_args()
     for net in args.nets.split(","):
-        study(net, args.steps.split(","))
+        study(net, args.steps.split(","), args.out, args.docs)
 
 
 if __name__ == "__main__":
