@@ -23,6 +23,7 @@ This module imports only numpy and numba (docs/design.md, "The layers"); the lay
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -188,6 +189,46 @@ def evaluate_many(keep, const, linear, pair_a, pair_b, pair_w):
             total += pair_w[p] * row[pair_a[p]] * row[pair_b[p]]
         out[j] = total
     return out
+
+
+@njit(nogil=True, cache=True)
+def expected_padded_form(u, sigma, R, channels, const, linear, pair_a, pair_b, pair_w, pad_mult, pad_block):
+    """A padded form's expectation when each group's ratio is ``N(u, σ²)`` truncated to ``[0, R]``, groups
+    independent: each count ``k`` by the rounding rule ``max(1, floor((1 - r)·c + 1/2))``, its padded count
+    :func:`padded_channels`; a pair of two groups' variables takes the product of their means, a pair of one group's
+    two (k·k, k·P, P·P) its own second moment (float)."""
+    G = channels.shape[0]
+    moments = np.zeros((5, G))  # E[k], E[P], E[k²], E[k·P], E[P²] per group
+    root2 = math.sqrt(2.0)
+    for i in range(G):
+        c = channels[i]
+        total = 0.0
+        for k in range(1, c + 1):
+            r_lo = min(max(1.0 - (k + 0.5) / c, 0.0), R)  # the ratios that round to k
+            r_hi = R if k == 1 else min(max(1.0 - (k - 0.5) / c, 0.0), R)  # max(1, ·): one unit up to R
+            p = 0.5 * math.erfc(-(r_hi - u) / sigma / root2) - 0.5 * math.erfc(-(r_lo - u) / sigma / root2)
+            if p <= 0.0:
+                continue
+            P = padded_channels(k, pad_mult[i], pad_block[i])
+            total += p
+            moments[0, i] += p * k
+            moments[1, i] += p * P
+            moments[2, i] += p * k * k
+            moments[3, i] += p * k * P
+            moments[4, i] += p * P * P
+        for m in range(5):
+            moments[m, i] /= total
+    value = float(const)
+    for v in range(2 * G):
+        value += linear[v] * moments[v // G, v % G]
+    for q in range(pair_w.shape[0]):
+        a = pair_a[q]
+        b = pair_b[q]
+        if a % G == b % G:  # one group's two variables: its second moment
+            value += pair_w[q] * moments[2 + (a >= G) + (b >= G), a % G]
+        else:
+            value += pair_w[q] * moments[a // G, a % G] * moments[b // G, b % G]
+    return value
 
 
 def keep_from_recipe(recipe, channels, granularity=None) -> np.ndarray:

@@ -12,6 +12,12 @@ draws ``t`` from the prior truncated to the window. The product is the prior tim
 exact check of every constraint on the integer counts the accepted recipes follow the space's distribution, the same
 as plain rejection. ``zmax`` must bound ``Z``: the caller sets it from a pilot and the kernel reports any ``Z`` above
 it, and the caller then restarts with a larger bound.
+
+Where the direction moves one group only (a small network's usual case: ResNet-20 and ResNet-56 move one stream
+group) the kernel goes further: the few counts of that group inside the window give the exact window, the t whose
+count meets the target on the integer counts (:func:`_one_group_window`), and ``Z`` is its mass. No drawn t then
+misses the target after rounding, and the envelope, the largest ``Z``, is smaller (ResNet-20, STD-0.05 at the
+c_latency of c_flops 0.25's mean latency: 0.49 against 0.66, acceptance 0.106 against 0.080).
 """
 from __future__ import annotations
 
@@ -415,6 +421,9 @@ class _Terms(NamedTuple):
     mm_a: np.ndarray    # ...and of two moving ones
     mm_b: np.ndarray
     mm_w: np.ndarray
+    one_kk: int         # one group moving (n_mov_groups == 1): the weights of its pairs k·k, k·P and P·P (P: its
+    one_kp: int         # padded count), so that the target at its count k is A + B·(k, P) + these (scalars only,
+    one_pp: int         # see _one_group_window)
 
 
 class _Scratch(NamedTuple):
@@ -452,8 +461,20 @@ def _window_terms(channels, direction, form, pad_mult, pad_block):
     ls, le, ss, se, ee, cs, ce = _slack_terms(form, s, h)
     moving, mov, n_mov_groups = _moving_variables(direction, V)
     (ff_a, ff_b, ff_w), (fm_f, fm_m, fm_j, fm_w), (mm_a, mm_b, mm_w) = _pairs_by_kind(moving, form)
+    one_kk = 0
+    one_kp = 0
+    one_pp = 0
+    if n_mov_groups == 1:
+        for q in range(mm_w.shape[0]):
+            padded_pair = (mm_a[q] >= G) + (mm_b[q] >= G)
+            if padded_pair == 0:
+                one_kk += mm_w[q]
+            elif padded_pair == 1:
+                one_kp += mm_w[q]
+            else:
+                one_pp += mm_w[q]
     return _Terms(inv_d, moving, mov, n_mov_groups, cs, ce, ls, le, ss, se, ee, ff_a, ff_b, ff_w, fm_f, fm_m,
-                  fm_j, fm_w, mm_a, mm_b, mm_w)
+                  fm_j, fm_w, mm_a, mm_b, mm_w, one_kk, one_kp, one_pp)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -601,6 +622,42 @@ def _exact_target(buf, table, limits, win, proposal, A, t):
     return in_box, tv, total
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _one_group_window(a, b, base, d, c, A, B0, B1, mult, block, kk, kp, pp, lo_t, hi_t):
+    """The exact window (σ units) inside ``[a, b]`` when one group moves along t: the t at which that group's count
+    gives a target within ``[lo_t, hi_t]``. Its count is ``k = _count(base + d·t, c)`` (``d``: the direction times
+    σ); the target at k is ``A + B0·k + B1·P + kk·k² + kp·k·P + pp·P²`` with P its padded count (``block`` 0: no
+    padded count), exact in integers. The target never falls as k grows (non-negative coefficients), so the counts
+    that meet it are a run ``k1 .. k2`` of the few the window spans; their ratios, by the rounding rule, bound t,
+    widened by 1e-9 of the window against floating point, so the window still holds every t that meets the target
+    (the exact check after the draw does the rest). ``lo >= hi``: none does.
+
+    Scalars only: an inlined helper that holds the kernel's arrays costs a reference count per array and draw."""
+    k_top = _count(base + d * a, c)  # the counts at the window's ends (the count falls as t grows)
+    k_bottom = _count(base + d * b, c)
+    k1 = k_top + 1  # the run of counts that meet the target, empty until found
+    k2 = k_top
+    for k in range(k_bottom, k_top + 1):
+        p = padded_channels(k, mult, block) if block > 0 else 0
+        tv = A + B0 * k + B1 * p + kk * k * k + kp * k * p + pp * p * p
+        if tv > hi_t:
+            break  # and above it for every larger count
+        if tv >= lo_t:
+            if k1 > k:
+                k1 = k
+            k2 = k
+    if k1 > k2:
+        return a, a
+    slack = 1e-9 * (b - a)
+    lo = a
+    hi = b
+    if k2 < k_top:  # a count <= k2 needs (1 - r)·c + 1/2 < k2 + 1: r > 1 - (k2 + 1/2)/c
+        lo = max(a, ((1.0 - (k2 + 0.5) / c) - base) / d - slack)
+    if k1 > k_bottom:  # a count >= k1 needs (1 - r)·c + 1/2 >= k1: r <= 1 - (k1 - 1/2)/c
+        hi = min(b, ((1.0 - (k1 - 0.5) / c) - base) / d + slack)
+    return lo, hi
+
+
 @njit(nogil=True, cache=True)
 def sample_gauss(state, job, rows, table, limits, proposal, counts):
     """Fill rows ``job.start..`` of ``rows`` with accepted recipes of a Gaussian space (``proposal``: a
@@ -636,15 +693,37 @@ def sample_gauss(state, job, rows, table, limits, proposal, counts):
         if not a < b:
             counts[REASON_WINDOW] += 1
             continue
+        a0, b0 = a, b
         flip = a > 0.0  # work on the lower tail, where the CDF has full relative precision
         if flip:
             a, b = -b, -a
         fa = _phi_cdf(a)
         fb = _phi_cdf(b)
         z = fb - fa
+        v = uniform(state) * zmax
+        # One group moving: its few counts in the window give the exact window, whose mass z replaces the bound's.
+        # Not needed where the bound's own mass is rejected (v >= z) and is no new largest mass (z <= zseen).
+        if win.n_mov_groups == 1 and (v < z or z > zseen):
+            g = win.mov[0]
+            padded = win.mov.shape[0] > 1  # its padded count moves with it
+            lo, hi = _one_group_window(a0, b0, proposal.u + e[g], direction[g] * sigma, table.channels[g], A,
+                                       buf.B[0], buf.B[1] if padded else 0,
+                                       table.tpad_mult[g] if padded else 1, table.tpad_block[g] if padded else 0,
+                                       win.one_kk, win.one_kp, win.one_pp, limits.lo_t, limits.hi_t)
+            if not lo < hi:
+                counts[REASON_TARGET] += 1
+                continue
+            if lo != a0 or hi != b0:
+                a, b = lo, hi
+                flip = a > 0.0
+                if flip:
+                    a, b = -b, -a
+                fa = _phi_cdf(a)
+                fb = _phi_cdf(b)
+                z = fb - fa
         if z > zseen:
             zseen = z
-        if uniform(state) * zmax >= z:
+        if v >= z:
             counts[REASON_ENVELOPE] += 1
             continue
         t = sigma * _truncated_from(state, a, b, fa, fb)

@@ -122,19 +122,29 @@ def relative(a: nn.Module, b: nn.Module) -> float:
     return ((va - vb).norm() / va.norm()).item()
 
 
-def assert_equivalent(start, alone, fused):
-    for s, a, f in zip(start, alone, fused):
+def assert_equivalent(start, alone, fused, again=None):
+    """Fused and alone agree: weights within 1e-4 relative and the members moved 100 times further than that
+    difference. With ``again`` (fp32: the members alone trained from weights changed by 1e-7) the second part is
+    training's own rounding instead: fp32 training amplifies a 1e-7 change in a one-channel member (the second, its
+    first group kept at one unit) to a few 1e-6 over 30 steps, 2 % of how far it moves, so no fusion could stay within
+    1 % of that; the fused member must then stray no more than 3 times as far as the perturbed one (the slow zoo
+    test's rule) while the member moved 10 times further than rounding takes it."""
+    for i, (s, a, f) in enumerate(zip(start, alone, fused)):
         assert a.status == f.status == RowStatus.DONE
         diff = relative(a.model, f.model)
         moved = ((vector(a.model) - s).norm() / s.norm()).item()
-        assert diff <= 1e-4 and moved >= 100 * diff, (diff, moved)
+        if again is None:
+            assert diff <= 1e-4 and moved >= 100 * diff, (diff, moved)
+        else:
+            rounding = relative(a.model, again[i].model)
+            assert diff <= 1e-4 and diff <= 3 * rounding + 1e-6 and moved >= 10 * rounding, (diff, rounding, moved)
         assert abs(a.top1 - f.top1) <= 1e-4 * max(a.top1, 1.0) and abs(a.top5 - f.top5) <= 1e-4 * max(a.top5, 1.0)
         for (key, pa), pf in zip(a.model.state_dict().items(), f.model.state_dict().values()):
             assert pa.shape == pf.shape, key  # ordinary pruned state_dicts
 
 
 def test_a_fused_cohort_trains_as_its_members_alone_fp32():
-    assert_equivalent(*train_both("resnet20", torch.float32))
+    assert_equivalent(*train_both("resnet20", torch.float32, perturbed=True))
 
 
 @pytest.mark.zoo

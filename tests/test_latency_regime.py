@@ -101,21 +101,24 @@ def test_a_latency_regime_sample_meets_its_band_exactly_on_the_integer_counts(sp
     assert len(naive) and np.all(np.abs(naive.c_latency - 0.8) <= 0.002)
 
 
-@pytest.mark.parametrize("name,space,value,multiple", [("resnet20", "std-0.05", 0.8, 1),
-                                                       ("resnet20", "mcb-0.9-1.1", 0.85, 1),
-                                                       ("mobilenet_v2", "std-0.05", 0.85, 4)])
-def test_the_window_kernel_draws_a_padded_target_without_distortion(name, space, value, multiple, monkeypatch):
+@pytest.mark.parametrize("name,space,value,multiple,moving", [("resnet20", "std-0.05", 0.8, 1, 1),
+                                                              ("resnet20", "mcb-0.9-1.1", 0.85, 1, 1),
+                                                              ("mobilenet_v2", "std-0.05", 0.85, 4, 4)])
+def test_the_window_kernel_draws_a_padded_target_without_distortion(name, space, value, multiple, moving,
+                                                                    monkeypatch):
     """A padded latency form (blocks of 16; MobileNetV2's groups drawn in units of 4 channels, so mult = 4) through
-    the window kernel, each padded count bounded by [mult·k, mult·k + block - 1]: the same population as plain
-    rejection of the space. PLAIN_ABOVE is lifted so that the window kernel runs even where its envelope is wide."""
+    the window kernel, each padded count bounded by [mult·k, mult·k + block - 1], and with one group moving its
+    exact window over that group's counts and padded count: the same population as plain rejection of the space.
+    PLAIN_ABOVE is lifted so that the window kernel runs even where its envelope is wide."""
     import nps.kernels.samplers as samplers
 
-    from helpers import compare_to_rejection
+    from helpers import compare_to_rejection, moving_groups
 
     table = with_latency(build_layer_table(name, "all", 28, 10, 1, channel_multiple=multiple),
                          fake_model(name, 28, block=16))
     assert table.latency.padded and set(table.latency.pad_mult.tolist()) == {multiple}
     sp = parse_space(space, "c_latency", value, delta=0.005)
+    assert moving_groups(table, sp) == moving  # both window paths: one group (exact), several (bounds)
     monkeypatch.setattr(samplers, "PLAIN_ABOVE", 2.0)
     assert sample_space(table, sp, 100, seed=0).stats["method"] == "window"
     compare_to_rejection(table, sp, 20_000)
@@ -234,3 +237,46 @@ def test_a_latency_target_without_a_model_is_one_line(tmp_path, capsys):
                  "--latency-model", str(tmp_path / "missing.h5"), "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "missing.h5" in err[0] and not out.exists()
+
+
+@pytest.mark.parametrize("name,multiple", [("resnet20", 1), ("mobilenet_v2", 4)])
+def test_a_padded_latency_space_is_centred_where_its_recipes_meet_the_target_on_average(name, multiple):
+    """The uniform recipes' latency under a padded model is a staircase: uniform_ratio gives one ratio for a whole
+    range of targets (the jump). space_center moves with the target, and at it the space's noise (each ratio
+    N(u, σ²) truncated to [0, R], counts by the rounding rule) meets the target on average (Monte Carlo)."""
+    from nps.kernels.complexity import keep_from_recipe, unit_table
+    from nps.kernels.spaces import space_center, uniform_ratio
+
+    table = with_latency(build_layer_table(name, "all", 28, 10, 1, channel_multiple=multiple),
+                         fake_model(name, 28, block=16))
+    targets = np.round(np.arange(0.70, 0.905, 0.01), 2)  # inside what the noise reaches on average
+    plain = [uniform_ratio(table, "c_latency", v) for v in targets]
+    centres = [space_center(table, parse_space("std-0.05", "c_latency", v)) for v in targets]
+    assert np.any(np.diff(plain) == 0)  # the staircase: two targets, one uniform ratio
+    assert np.all(np.diff(centres) < 0)  # the centre decreases strictly with the target
+    units, _ = unit_table(table)
+    c = np.asarray(units.channels)
+    rng = np.random.default_rng(0)
+    for value in (0.72, 0.8):
+        sp = parse_space("std-0.05", "c_latency", value)
+        u = space_center(table, sp)
+        r = u + sp.sigma * rng.standard_normal((400_000, len(c)))
+        r = np.where((r < 0) | (r > sp.R), np.nan, r)
+        for i in range(len(c)):  # each group truncated to [0, R] on its own, as the centre assumes
+            bad = np.isnan(r[:, i])
+            while bad.any():
+                r[bad, i] = u + sp.sigma * rng.standard_normal(bad.sum())
+                r[bad & ((r[:, i] < 0) | (r[:, i] > sp.R)), i] = np.nan
+                bad = np.isnan(r[:, i])
+        latency = table.latency(keep_from_recipe(r, c)) / table.base_latency
+        assert abs(latency.mean() - value) < 4 * latency.std() / np.sqrt(len(latency)) + 1e-4
+        assert sample_space(table, sp, 50, seed=0).stats["u"] == u  # the sampler draws around it
+
+
+def test_a_form_without_padding_keeps_the_uniform_ratio_as_its_centre():
+    from nps.kernels.spaces import space_center, uniform_ratio
+
+    table = with_latency(build_layer_table("resnet20", "all", 28, 10, 1), fake_model("resnet20", 28, block=1))
+    for target, value in (("c_latency", 0.7), ("c_flops", 0.5), ("c_params", 0.5)):
+        sp = parse_space("std-0.05", target, value)
+        assert space_center(table, sp) == uniform_ratio(table, target, value)

@@ -137,6 +137,46 @@ def test_no_distortion_against_plain_rejection(r56, name, target, value):
     compare_to_rejection(r56, parse_space(name, target, value), 20_000)
 
 
+def test_the_one_group_window_holds_exactly_the_t_that_meet_the_target():
+    """_one_group_window against a scan of t: every t of the bounding window whose count meets the band lies in the
+    exact window, and just inside each of its ends the count does (it is no wider than it must be), for random
+    linear-and-padded targets, counts and bands."""
+    from nps.kernels.complexity import padded_channels
+    from nps.kernels.gauss_kernel import _count, _one_group_window
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(300):
+        c = int(rng.choice([16, 32, 64, 96]))
+        block = int(rng.choice([0, 8, 16]))
+        A, B0, B1 = (int(v) for v in rng.integers(0, 1000, 3))
+        kk, kp, pp = (int(v) for v in rng.integers(0, 3, 3))
+        base, d = rng.uniform(0.2, 0.6), rng.uniform(0.005, 0.05)
+        a, b = sorted(rng.uniform(-4, 4, 2))
+
+        def target(t):
+            k = _count(base + d * t, c)
+            p = padded_channels(k, 1, block) if block else 0
+            return A + B0 * k + B1 * p + kk * k * k + kp * k * p + pp * p * p
+
+        values = sorted(target(t) for t in (a, b))
+        mid = rng.uniform(*values) if values[1] > values[0] else values[0]
+        half = rng.uniform(0, 0.3) * (values[1] - values[0] + 1)
+        lo_t, hi_t = mid - half, mid + half
+        lo, hi = _one_group_window(a, b, base, d, c, A, B0, B1, 1, block, kk, kp, pp, lo_t, hi_t)
+        ts = np.linspace(a, b, 4001)
+        meets = np.array([lo_t <= target(t) <= hi_t for t in ts])
+        if not lo < hi:
+            assert not meets.any()
+            continue
+        assert a <= lo and hi <= b
+        assert np.all((ts[meets] >= lo) & (ts[meets] <= hi))
+        eps = 1e-6 * (b - a)
+        assert lo_t <= target(lo + eps) <= hi_t and lo_t <= target(hi - eps) <= hi_t
+        checked += 1
+    assert checked > 100
+
+
 @pytest.mark.e2e
 def test_kernels_run_as_plain_python():
     """The NPS_NUMBA_DISABLE switch (ffcv's convention) runs the same sampler without numba."""
