@@ -15,13 +15,19 @@ when it finds nothing, naive_recipes_per_s is 0 and ratio is null. Both are pinn
 layer: :mod:`nps.pipeline.network.weight_table`), "mode": "weights" and the space named ``weights:<space>``;
 its defaults are std-0.05 at c_flops 0.1 and 0.25 (--spaces and --c-flops still choose), --modes is ignored.
 
-``--latency-model FILE`` (a model of --model at --resolution, nps latency-model): per space and c_flops value two
-lines, the FLOPs regime and the latency regime of the same uniform recipe (``target`` c_latency, ``value`` the
-predicted c_latency of the uniform recipe at that c_flops), each timed as above, the latency line with
-``ratio_to_flops``: its recipes/s over the FLOPs line's (the issue's bar: within 2x). No naive baseline there; instead
-both lines of a Gaussian space give ``plain_recipes_per_s`` and ``plain_acceptance``, the same space drawn by the
-numba plain-rejection kernel (what the window kernel gains, ``window_over_plain``; and the plain acceptance says how
-much of the prior the target's band holds).
+``--latency-model FILE`` (a model of --model at --resolution, nps latency-model): per space and c_flops value three
+lines, the FLOPs regime and two latency regimes matched to it (``match``), each timed as above, each latency line with
+``ratio_to_flops``: its recipes/s over the FLOPs line's (the issue's bar: within 2x).
+  - ``"match": "population mean"``: c_latency = the mean predicted c_latency of the FLOPs line's own recipes, the
+    latency regime of the same mean latency (the issue's and tools/latency_study.py's match; the FLOPs line gives
+    that mean and its standard deviation as ``c_latency_mean``, ``c_latency_sd``);
+  - ``"match": "uniform recipe"``: c_latency = the predicted c_latency of the uniform recipe at that c_flops
+    (continuous counts). With a padded model the uniform recipe can sit on a block edge, below most of the FLOPs
+    population (ResNet-20 at c_flops 0.25: 0.5167 against a population mean of 0.5536, 2.3 standard deviations
+    lower), a regime whose band holds little of the prior: ``sd_from_mean`` says how far it lies.
+No naive baseline there; instead the lines of a Gaussian space give ``plain_recipes_per_s`` and
+``plain_acceptance``, the same space drawn by the numba plain-rejection kernel (what the window kernel gains,
+``window_over_plain``; and the plain acceptance says how much of the prior the target's band holds).
 
 usage: python tools/bench_sampler.py [--model resnet50[,mobilenet_v2,...]] [--n 300000] [--quick] [--weights]
        python tools/bench_sampler.py --weights --model resnet50,efficientnet_b0
@@ -103,8 +109,14 @@ def main() -> None:
                 for value in map(float, args.c_flops.split(",")):
                     flops = measure(table, name, value, args)
                     print(json.dumps(flops), flush=True)
-                    if args.latency_model:
-                        latency = measure(table, name, matched_latency(table, value), args, target="c_latency")
+                    if not args.latency_model or "c_latency_mean" not in flops:
+                        continue
+                    for match, target in (("population mean", flops["c_latency_mean"]),
+                                          ("uniform recipe", matched_latency(table, value))):
+                        latency = {"match": match, **measure(table, name, target, args, target="c_latency")}
+                        if match == "uniform recipe":
+                            latency["sd_from_mean"] = round((target - flops["c_latency_mean"])
+                                                            / flops["c_latency_sd"], 2)
                         if flops["recipes_per_s"]:
                             latency["ratio_to_flops"] = round(latency["recipes_per_s"] / flops["recipes_per_s"], 3)
                         print(json.dumps(latency), flush=True)
@@ -167,9 +179,13 @@ def rate(table, space, args, plain: bool = False) -> dict:
             best_cpu = max(best_cpu, len(s) / max(time.thread_time() - c0, 1e-9))
     finally:
         samplers.PLAIN_ABOVE = saved
-    return {"recipes_per_s": round(best), "cpu_recipes_per_s": round(best_cpu),
-            "acceptance": round(s.stats["accepted"] / s.stats["proposals"], 5), "method": s.stats["method"],
-            "n": len(s), "repeats": args.repeats}
+    out = {"recipes_per_s": round(best), "cpu_recipes_per_s": round(best_cpu),
+           "acceptance": round(s.stats["accepted"] / s.stats["proposals"], 5), "method": s.stats["method"],
+           "n": len(s), "repeats": args.repeats}
+    if s.c_latency is not None and space.target == "c_flops":  # the latency regimes' population match
+        out["c_latency_mean"] = round(float(s.c_latency.mean()), 4)
+        out["c_latency_sd"] = round(float(s.c_latency.std()), 4)
+    return out
 
 
 def naive_rate(table, space, args):

@@ -1,0 +1,95 @@
+"""How much acceptance an exact window along t can give a space, direction by direction (offline, no timing).
+
+The window kernel (kernels/gauss_kernel.py) splits the noise into e, orthogonal to a direction d, and t along it, and
+accepts e with probability Z(e)/Z_max, Z(e) the prior mass of the t that meet the target. With the exact window (the
+kernel's where one group moves) its acceptance is E[Z]/max Z, before the std(r) and mCB checks: E[Z] is the prior's
+mass in the band, the same for every d, and max Z, the envelope, is what a direction changes. This scores it for
+several directions: Z(e) of each of --draws draws of e, by evaluating the target on the integer counts at --grid
+values of t across ±4σ (the exact window's mass to within the grid's step).
+
+One JSON line per direction:
+  {"bench": "window_bound", "model", "space", "target", "value", "direction", "moving": [groups],
+   "mean_Z", "max_Z", "acceptance_bound": mean_Z / max_Z, "draws", "baseline"}
+Directions: "sampler" (kernels.samplers._direction, what the sampler uses), "group <i>" (each group alone, along its
+gradient), "gradient" (every group, along the whole gradient). Baseline: the sampler's direction.
+
+usage: python tools/window_bound.py --model resnet20 --resolution 28 --in-channels 1 \\
+           --latency-model runs/latency-study/resnet20/latency-model.h5 --space std-0.05 --target c_latency \\
+           --value 0.5537
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+
+from nps.kernels.complexity import keep_from_recipe, unit_table
+from nps.kernels.samplers import _direction, _target_bounds
+from nps.kernels.spaces import parse_space, space_center, target_form
+from nps.pipeline.network.layer_table import build_layer_table
+
+
+def window_masses(table, space, u, d, draws: int, grid: int, seed: int = 0) -> np.ndarray:
+    """Z(e) for ``draws`` draws of e orthogonal to the unit direction ``d``."""
+    (form, _), _ = target_form(table, space.target)
+    lo, hi = _target_bounds(table, space)
+    c = np.asarray(table.channels)
+    rng = np.random.default_rng(seed)
+    e = rng.standard_normal((draws, len(c)))
+    e = space.sigma * (e - (e @ d)[:, None] * d)
+    t = np.linspace(-4.0, 4.0, grid)  # in σ
+    weight = np.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi) * (t[1] - t[0])
+    z = np.empty(draws)
+    for j in range(draws):
+        r = u + e[j][None, :] + space.sigma * t[:, None] * d[None, :]
+        inside = np.all((r >= 0) & (r <= space.R), axis=1)
+        value = form(keep_from_recipe(np.clip(r, 0.0, space.R), c))
+        z[j] = weight[inside & (value >= lo) & (value <= hi)].sum()
+    return z
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--resolution", type=int, default=28)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--in-channels", type=int, default=1)
+    ap.add_argument("--mode", default="all")
+    ap.add_argument("--latency-model", default=None, help="a model file (nps latency-model): c_latency targets")
+    ap.add_argument("--space", default="std-0.05")
+    ap.add_argument("--target", default="c_latency")
+    ap.add_argument("--value", type=float, required=True)
+    ap.add_argument("--draws", type=int, default=3000)
+    ap.add_argument("--grid", type=int, default=1201, help="t values across ±4σ")
+    args = ap.parse_args()
+    model = None
+    if args.latency_model:
+        from nps.pipeline.network.latency_model import LatencyModel
+
+        model = LatencyModel.load(args.latency_model)
+    table = build_layer_table(args.model, args.mode, args.resolution, args.classes, args.in_channels,
+                              latency_model=model)
+    units, _ = unit_table(table)
+    space = parse_space(args.space, args.target, args.value)
+    (form, _), _ = target_form(units, space.target)
+    lo, hi = _target_bounds(units, space)
+    u = space_center(units, space)
+    c = np.asarray(units.channels, dtype=np.float64)
+    g = form.gradient((1.0 - u) * c) * c
+    directions = {"sampler": _direction(form, np.asarray(units.channels), u, hi - lo, space.R), "gradient": g}
+    for i in range(len(c)):
+        directions[f"group {i}"] = np.where(np.arange(len(c)) == i, max(g[i], 1e-12), 0.0)
+    for name, d in directions.items():
+        d = np.asarray(d, dtype=np.float64) / np.linalg.norm(d)
+        z = window_masses(units, space, u, d, args.draws, args.grid)
+        print(json.dumps({"bench": "window_bound", "model": args.model, "space": args.space, "target": args.target,
+                          "value": args.value, "direction": name, "moving": np.flatnonzero(d > 0).tolist(),
+                          "mean_Z": round(float(z.mean()), 4), "max_Z": round(float(z.max()), 4),
+                          "acceptance_bound": round(float(z.mean() / z.max()), 3) if z.max() > 0 else 0.0,
+                          "draws": args.draws, "baseline": "the sampler's direction"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
