@@ -3,6 +3,7 @@ errors are its own, the layers rebuilt as the traced graph runs them, storage, a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 
@@ -222,6 +223,41 @@ def test_inputs_are_padded_where_the_calibration_networks_say_so():
     assert not model.padded_in.any()  # the model passed in is left as it was
 
 
+def test_one_scale_per_term_recovers_networks_that_miss_each_term_in_its_own_proportion():
+    """Calibration networks whose times weight the layers' a, b, c and d terms unequally (2, 0.5, 1.5, 0 here, plus
+    an offset): the per-term calibration recovers the weights and predicts every network exactly, where one scale
+    cannot; with fewer than MIN_PER_TERM_NETWORKS pruned networks the model keeps one scale."""
+    from types import SimpleNamespace
+
+    from nps.pipeline.deploy import latency_model as dlm
+    from nps.pipeline.results.latency import Timing
+
+    coef = np.array([[1e-4, 2e-7, 3e-6, 4e-6], [2e-4, 1e-7, 1e-6, 5e-6]])
+    model = LatencyModel("resnet20", "all", 28, 10, 1, "cpu", "cpu: test", 8, 1, "fp32", layers=["a", "b"],
+                         groups=[1, 1], depthwise=[False, False], coef=coef, fit_error=[0.0, 0.0], scale=1.0,
+                         offset=0.0, network_error=np.nan, calibration={}, base_latency_s=1.0)
+    rng = np.random.default_rng(0)
+    counts = [(64, 64)] + [tuple(rng.integers(8, 64, 2)) for _ in range(9)]
+    networks = [(1.0, None, {"a": (64, c_a), "b": (c_a, c_b)}, True) for c_a, c_b in counts]
+    weights, offset = np.array([2.0, 0.5, 1.5, 0.0]), 3e-4
+    t = np.array([offset + sum(layer_terms(ci, co, 1, False) @ (coef[i] * weights)
+                               for i, (ci, co) in enumerate(ch.values())) for _, _, ch, _ in networks])
+    pairs = [(x / t[0], 0.01) for x in t[1:]]
+    base_timing = Timing(t[0], t[0], t[0], 3, 1)
+    single = dataclasses.replace(model)
+    dlm._calibrate(single, networks, base_timing, pairs)
+    kept = dlm._per_term(single, networks, base_timing, pairs)
+    assert single.network_error > 0.005 and np.all(single.term_scale == 1.0)  # one scale misses them (0.9 %)
+    assert kept.network_error < 1e-9 and kept.scale == 1.0 and kept.offset == 0.0
+    assert kept.term_scale[1:] == pytest.approx(weights[1:], rel=1e-6, abs=1e-9)
+    # every network has both layers, so their a terms are one constant: its scale carries the offset too
+    assert kept.term_scale[0] * coef[:, 0].sum() == pytest.approx(weights[0] * coef[:, 0].sum() + offset, rel=1e-6)
+    for (_, _, ch, _), seconds in zip(networks, t):
+        assert kept.predict(ch) == pytest.approx(seconds, rel=1e-9)
+    few = dlm._per_term(single, networks[:6], base_timing, pairs[:5])
+    assert few is single and np.all(few.term_scale == 1.0)
+
+
 # -- the layers as the network runs them ---------------------------------------------------------------------------
 
 
@@ -372,11 +408,17 @@ def test_a_measured_model_states_its_own_errors(measured):
 
 
 def test_predict_is_offset_plus_scale_times_the_layer_terms(measured):
+    """With its 11 pruned calibration networks the model is calibrated with one scale per term: each layer's a, b,
+    c, d (its fit on its grid) times term_scale, summed, plus the offset."""
     model, _ = measured
     base = {n: base_channels()[n] for n in model.layers}
-    total = sum(model.layer_seconds(i, *base[n]) for i, n in enumerate(model.layers))
+    total = sum(layer_terms(*base[n], int(model.groups[i]), False, model.layer_block(i), model.layer_in_block(i))
+                @ (model.coef[i] * model.term_scale) for i, n in enumerate(model.layers))
     assert model.predict(base) == pytest.approx(model.offset + model.scale * total, rel=1e-12)
-    assert model.scale > 0 and model.offset >= 0
+    assert model.scale == 1.0 and model.offset >= 0 and np.all(model.term_scale >= 0) and model.term_scale.any()
+    assert model.layer_share(0, *base[model.layers[0]]) == pytest.approx(
+        layer_terms(*base[model.layers[0]], 1, False, model.layer_block(0), model.layer_in_block(0))
+        @ (model.coef[0] * model.term_scale), rel=1e-12)
     cal = model.calibration
     assert cal["keep_fraction"][:4] == pytest.approx([1.0, 0.75, 0.5, 0.3], abs=0.02)  # then the random ones
     assert len(cal["keep_fraction"]) == 4 + 8 and len(set(cal["keep_fraction"])) == 12
@@ -403,7 +445,7 @@ def assert_same(a: LatencyModel, b: LatencyModel) -> None:
                  "base_latency_s", "block"):
         assert getattr(a, name) == getattr(b, name), name
         assert type(getattr(a, name)) is type(getattr(b, name)), name
-    for name in ("groups", "depthwise", "coef", "fit_error", "padded", "padded_in"):
+    for name in ("groups", "depthwise", "coef", "fit_error", "padded", "padded_in", "term_scale"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and np.array_equal(x, y), name
     assert (a.grid is None) == (b.grid is None)
@@ -429,12 +471,19 @@ def test_save_and_load_round_trip_exactly(measured, tmp_path):
 
 def test_a_version_1_model_reads_as_unpadded(measured, tmp_path):
     """Files written before blocks existed: no block attribute, no padded dataset, version 1; before inputs were
-    padded: no padded_in dataset, version 2."""
+    padded: no padded_in dataset, version 2; before one scale per term: no term_scale, version 3 (all ones)."""
     model, _ = measured
     every = np.ones(len(model.layers), bool)
-    padded = LatencyModel(**{**model.__dict__, "block": 16, "padded": every, "padded_in": every})
+    padded = LatencyModel(**{**model.__dict__, "block": 16, "padded": every, "padded_in": every,
+                             "term_scale": [1.0, 2.0, 0.5, 0.0]})
     padded.save(tmp_path / "m.h5")
     assert LatencyModel.load(tmp_path / "m.h5").block == 16 and LatencyModel.load(tmp_path / "m.h5").padded_in.all()
+    assert LatencyModel.load(tmp_path / "m.h5").term_scale.tolist() == [1.0, 2.0, 0.5, 0.0]
+    with h5py.File(tmp_path / "m.h5", "a") as f:
+        f.attrs["version"] = 3
+        del f["term_scale"]
+    v3 = LatencyModel.load(tmp_path / "m.h5")
+    assert v3.term_scale.tolist() == [1.0] * 4 and v3.padded_in.all()
     with h5py.File(tmp_path / "m.h5", "a") as f:
         f.attrs["version"] = 2
         del f["padded_in"]

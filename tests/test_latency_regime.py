@@ -14,7 +14,7 @@ from nps.pipeline.network.layer_table import LATENCY_UNIT, build_layer_table, wi
 
 
 def fake_model(name: str, resolution: int, seed: int = 0, *, offset: float = 1e-4, scale: float = 1.1,
-               block: int = 1, pad_inputs: bool = False):
+               block: int = 1, pad_inputs: bool = False, term_scale=None):
     """A latency model of ``name`` with random non-negative coefficients (what nps latency-model would fit); with
     ``block`` > 1 every conv layer's output count padded to it (as nps latency-model pads on a CPU), and with
     ``pad_inputs`` its input count too."""
@@ -28,7 +28,7 @@ def fake_model(name: str, resolution: int, seed: int = 0, *, offset: float = 1e-
     padded_in = padded & pad_inputs
     return types.SimpleNamespace(model=name, resolution=resolution, num_classes=10, in_channels=1,
                                  layers=list(graph.weight_order), coef=coef, scale=scale, offset=offset,
-                                 block=block, padded=padded, padded_in=padded_in,
+                                 block=block, padded=padded, padded_in=padded_in, term_scale=term_scale,
                                  layer_block=lambda i: block if padded[i] else 1,
                                  layer_in_block=lambda i: block if padded_in[i] else 1)
 
@@ -42,7 +42,7 @@ def layer_sum(model, pruned) -> float:
     total = 0.0
     for i, name in enumerate(model.layers):
         m = modules[name]
-        a, b, c, d = model.coef[i]
+        a, b, c, d = model.coef[i] * (1.0 if model.term_scale is None else np.asarray(model.term_scale))
         if isinstance(m, nn.Conv2d):
             cin, cout, groups = m.in_channels, m.out_channels, m.groups
         else:
@@ -58,15 +58,18 @@ def layer_sum(model, pruned) -> float:
     return model.offset + model.scale * total
 
 
-@pytest.mark.parametrize("block,pad_inputs", [(1, False), (16, False), (16, True)])
+@pytest.mark.parametrize("block,pad_inputs,term_scale", [(1, False, None), (16, False, None), (16, True, None),
+                                                          (16, True, (1.7, 0.4, 2.5, 0.0))])
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2"])
-def test_the_form_is_the_sum_of_the_layer_terms_at_the_pruned_networks_channel_counts(name, block, pad_inputs):
+def test_the_form_is_the_sum_of_the_layer_terms_at_the_pruned_networks_channel_counts(name, block, pad_inputs,
+                                                                                       term_scale):
     """The form reproduces the model's prediction at a pruned network's real channel counts; with block 16 every
-    conv layer's output count padded (a padded form over 2G variables), and its input count too with pad_inputs."""
+    conv layer's output count padded (a padded form over 2G variables), and its input count too with pad_inputs;
+    with a term_scale each of a, b, c, d in its own proportion."""
     from nps.pipeline.network.models import build_model
     from nps.pipeline.network.prune import prune_model
 
-    model = fake_model(name, 28, block=block, pad_inputs=pad_inputs)
+    model = fake_model(name, 28, block=block, pad_inputs=pad_inputs, term_scale=term_scale)
     table = with_latency(build_layer_table(name, "all", 28, 10, 1), model)
     assert table.latency.padded == (block > 1)
     net = build_model(name, num_classes=10, in_channels=1)

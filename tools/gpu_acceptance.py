@@ -328,11 +328,13 @@ def check_latency_model(device) -> None:
         emit(check=what, device_name=m.device_name, layers=len(m.layers),
              fit_error_min=round(float(m.fit_error.min()), 4), fit_error_max=round(float(m.fit_error.max()), 4),
              network_error=round(m.network_error, 4), scale=round(m.scale, 4), offset_ms=round(1e3 * m.offset, 4),
+             term_scale=[round(float(v), 4) for v in m.term_scale],
              block=m.block, padded=int(m.padded.sum()), padded_in=int(m.padded_in.sum()),
              keep=cal["keep_fraction"], measured_ms=[round(1e3 * v, 4) for v in cal["measured_s"]],
              predicted_ms=[round(1e3 * v, 4) for v in cal["predicted_s"]],
              iqr_over_median=[round(v, 3) for v in cal["iqr_over_median"]], seconds=round(time.perf_counter() - t0, 1),
-             ok=bool(np.all(m.coef >= 0) and m.scale > 0 and m.offset >= 0 and np.all(np.isfinite(m.fit_error))
+             ok=bool(np.all(m.coef >= 0) and m.scale > 0 and m.offset >= 0 and np.all(m.term_scale >= 0)
+                     and np.all(np.isfinite(m.fit_error))
                      and np.isfinite(m.network_error)
                      and len(cal["measured_s"]) == len(CALIBRATION_KEEPS) + CALIBRATION_RANDOM))
     except Exception as exc:  # noqa: BLE001 - reported; the measurements after it still run

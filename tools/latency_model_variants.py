@@ -188,7 +188,9 @@ def study(directory: Path) -> list[dict]:
     now_c = np.asarray([now.predict(ch) for ch in row_channels]) / now.predict(base_channels)
     lines.append({"bench": "latency_model_variant", "network": model.model, "variant": "as nps latency-model chooses now",
                   "what": f"block {now.block}, {int(now.padded.sum())} layers padded, inputs "
-                          f"{'padded' if now.padded_in.any() else 'not padded'} (stored: block {model.block})",
+                          f"{'padded' if now.padded_in.any() else 'not padded'}, "
+                          f"{'one scale' if np.all(now.term_scale == 1.0) else 'one scale per term'} "
+                          f"(stored: block {model.block})",
                   "rows": int(c.size), "calibration_error": now.network_error, "r2_relative": r_squared(now_c, c),
                   "mean_residual": float(np.mean(c - now_c))})
     fits, stored = variants(model)

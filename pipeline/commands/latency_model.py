@@ -114,9 +114,12 @@ def run(args) -> int:
         "no layer padded"
     if padded:
         blocks += f", input counts too in {padded_in}" if padded_in else ", input counts not padded"
+    ts = model.term_scale * model.scale
+    summed = f"{model.scale:.3f} x sum of layers" if all(model.term_scale == 1.0) else \
+        f"sum of layers with a x {ts[0]:.2f}, b x {ts[1]:.2f}, c x {ts[2]:.2f}, d x {ts[3]:.2f}"
     console.print(f"{len(model.layers)} layers on {model.device} ({model.device_name}), batch {model.batch}, "
-                  f"{model.precision}, {blocks}: network = {1e3 * model.offset:.3f} ms + {model.scale:.3f} x sum of "
-                  f"layers, network error {100 * model.network_error:.1f} % (RMS over "
+                  f"{model.precision}, {blocks}: network = {1e3 * model.offset:.3f} ms + {summed}, network error "
+                  f"{100 * model.network_error:.1f} % (RMS over "
                   f"{len(model.calibration['measured_s'])} calibration networks); measured in "
                   f"{time.perf_counter() - started:.0f} s; wrote {args.out}")
     return 0

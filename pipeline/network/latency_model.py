@@ -20,7 +20,10 @@ networks better. The whole network takes
 
 where ``scale`` and ``offset`` are calibrated on whole networks (uniformly and randomly pruned copies of the base,
 each timed paired with the base: :func:`fit_relative_calibration`): what the layer timings miss or double-count
-(additions, pooling, the framework's per-call overhead, caches warm or cold).
+(additions, pooling, the framework's per-call overhead, caches warm or cold). Or, where those networks say so (their
+leave-one-out error, ``nps latency-model``), one scale per term (``term_scale``: a, b, c and d each summed over the
+layers, :func:`fit_relative_terms`): ``T = offset + Σ_i t_i`` with each t_i's coefficients times ``term_scale``
+(``scale`` 1); a network's calls, its arithmetic and its memory traffic need not be missed in one proportion.
 The coefficients are never negative, so ``T`` grows with every channel count: the samplers' exactness and
 monotonicity rely on it. ``cin`` and ``cout`` are the layer's own counts: a conv's input and output channels (all
 groups together), a linear layer's in and out features (a flattened feature map's channels times its positions).
@@ -41,7 +44,8 @@ import numpy as np
 from nps.pipeline.errors import NpsError
 
 FORMAT = "nps-latency-model"
-VERSION = 3  # 2: block and padded (a version-1 file reads as block 1, no layer padded); 3: padded_in (none before)
+VERSION = 4  # 2: block and padded (a version-1 file reads as block 1, no layer padded); 3: padded_in (none before);
+# 4: term_scale (ones before)
 CALIBRATION_KEYS = ("keep_fraction", "measured_s", "predicted_s", "iqr_over_median")
 OPTIONAL_CALIBRATION_KEYS = ("pruned_at_random",)  # 1 for a copy pruned at random (version 3; absent before)
 _ATTRS = ("model", "mode", "resolution", "num_classes", "in_channels", "device", "device_name", "batch", "threads",
@@ -147,6 +151,33 @@ def fit_relative_calibration(layer_sums, c_measured, base_sum: float,
     return scale, scale * o
 
 
+def fit_relative_terms(term_sums, c_measured, base_terms, base_measured_s: float) -> tuple[np.ndarray, float]:
+    """(term scales >= 0, offset >= 0): :func:`fit_relative_calibration` with one scale per term. ``term_sums``
+    (networks, 4): each network's a, b, c and d terms summed over its layers; ``base_terms`` (4,) the base's. Least
+    squares of ``(o + sums·w) - c·(o + base·w)`` over the networks, non-negative, with the base predicted at its
+    measured time (a heavily weighted row), so only the ratios between the scales and the offset come from the
+    pruned networks. Every network has every layer, so the a terms sum to the same constant in each: an offset
+    beside them would be the same unknown twice, and the a scale carries it (offset 0) unless the a terms are 0."""
+    term_sums = np.asarray(term_sums, dtype=np.float64).reshape(-1, 4)
+    base_terms = np.asarray(base_terms, dtype=np.float64)
+    if base_terms[0] > 0:
+        return _relative_nnls(term_sums, c_measured, base_terms, base_measured_s), 0.0
+    x = _relative_nnls(np.c_[np.ones(len(term_sums)), term_sums[:, 1:]], c_measured, np.r_[1.0, base_terms[1:]],
+                       base_measured_s)
+    return np.r_[0.0, x[1:]], float(x[0])
+
+
+def _relative_nnls(S: np.ndarray, c_measured, base: np.ndarray, base_measured_s: float) -> np.ndarray:
+    """Non-negative ``x`` with ``S·x ≈ c·(base·x)`` per network and ``base·x = base_measured_s``."""
+    c = np.asarray(c_measured, dtype=np.float64)
+    A = S - c[:, None] * base[None, :]
+    norm = np.abs(np.vstack([A, base[None, :]])).max(axis=0)
+    norm[norm == 0] = 1.0
+    weight = 1e3
+    x = nnls(np.vstack([A / norm, weight * base[None, :] / norm]), np.r_[np.zeros(len(A)), weight]) / norm
+    return x * (float(base_measured_s) / float(base @ x))
+
+
 @dataclass
 class LatencyModel:
     """A network's per-layer latency model on one device (see the module docstring)."""
@@ -175,6 +206,7 @@ class LatencyModel:
     block: int = 1  # the channel block of the device's kernels: a padded layer's output count is rounded up to it
     padded: np.ndarray | None = None  # (L,) bool: layers priced at their padded output count (None: none)
     padded_in: np.ndarray | None = None  # (L,) bool: layers priced at their padded input count too (None: none)
+    term_scale: np.ndarray | None = None  # (4,) >= 0: the calibration's scale of each of a, b, c, d (None: ones)
 
     def __post_init__(self):
         self.groups = np.asarray(self.groups, dtype=np.int64)
@@ -195,6 +227,10 @@ class LatencyModel:
                              "layer")
         if np.any(self.coef < 0) or not np.all(np.isfinite(self.coef)):
             raise ValueError("latency coefficients must be finite and non-negative")
+        self.term_scale = np.ones(4) if self.term_scale is None else \
+            np.asarray(self.term_scale, dtype=np.float64).reshape(-1)
+        if self.term_scale.shape != (4,) or np.any(self.term_scale < 0) or not np.all(np.isfinite(self.term_scale)):
+            raise ValueError("a latency model's term_scale is four finite, non-negative numbers")
 
     def layer_block(self, i: int) -> int:
         """The block layer ``i``'s output count is rounded up to (1: not padded)."""
@@ -211,14 +247,21 @@ class LatencyModel:
         value = terms @ self.coef[i]
         return float(value) if np.ndim(value) == 0 else value
 
+    def layer_share(self, i: int, cin, cout):
+        """Layer ``i``'s term at (cin, cout) with each of a, b, c, d times ``term_scale`` (no scale or offset)."""
+        terms = layer_terms(cin, cout, int(self.groups[i]), bool(self.depthwise[i]), self.layer_block(i),
+                            self.layer_in_block(i))
+        value = terms @ (self.coef[i] * self.term_scale)
+        return float(value) if np.ndim(value) == 0 else value
+
     def predict(self, channels: dict) -> float:
-        """Network seconds: ``offset + scale · Σ_i layer_seconds(i, *channels[name_i])``; ``channels`` names every
+        """Network seconds: ``offset + scale · Σ_i layer_share(i, *channels[name_i])``; ``channels`` names every
         layer (its (cin, cout) in the network to predict)."""
         missing = [n for n in self.layers if n not in channels]
         if missing:
             raise KeyError(f"no channel counts for {len(missing)} layer(s) of the latency model: "
                            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        total = sum(self.layer_seconds(i, *channels[n]) for i, n in enumerate(self.layers))
+        total = sum(self.layer_share(i, *channels[n]) for i, n in enumerate(self.layers))
         return float(self.offset + self.scale * total)
 
     # -- storage ------------------------------------------------------------------------------------------------------
@@ -240,6 +283,7 @@ class LatencyModel:
         group.create_dataset("fit_error", data=self.fit_error)
         group.create_dataset("padded", data=self.padded.astype(np.uint8))
         group.create_dataset("padded_in", data=self.padded_in.astype(np.uint8))
+        group.create_dataset("term_scale", data=self.term_scale)
         cal = group.create_group("calibration")
         for key in CALIBRATION_KEYS + tuple(k for k in OPTIONAL_CALIBRATION_KEYS if k in self.calibration):
             cal.create_dataset(key, data=np.asarray(self.calibration[key], dtype=np.float64))
@@ -277,6 +321,7 @@ class LatencyModel:
             values["fit_error"] = group["fit_error"][()]
             values["padded"] = group["padded"][()].astype(bool) if version >= 2 else None
             values["padded_in"] = group["padded_in"][()].astype(bool) if version >= 3 else None
+            values["term_scale"] = group["term_scale"][()] if version >= 4 else None
             values["calibration"] = {k: [float(v) for v in group["calibration"][k][()]] for k in CALIBRATION_KEYS
                                      + tuple(k for k in OPTIONAL_CALIBRATION_KEYS if k in group["calibration"])}
             grid = None
