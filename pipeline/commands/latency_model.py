@@ -115,10 +115,12 @@ def run(args) -> int:
     if padded:
         blocks += f", input counts too in {padded_in}" if padded_in else ", input counts not padded"
     ts = model.term_scale * model.scale
-    summed = f"{model.scale:.3f} x sum of layers" if all(model.term_scale == 1.0) else \
+    one_scale = all(model.term_scale == 1.0)
+    summed = f"{model.scale:.3f} x sum of layers" if one_scale else \
         f"sum of layers with a x {ts[0]:.2f}, b x {ts[1]:.2f}, c x {ts[2]:.2f}, d x {ts[3]:.2f}"
+    offset = f"{1e3 * model.offset:.3f} ms + " if one_scale or model.offset > 0 else ""  # else a's scale holds it
     console.print(f"{len(model.layers)} layers on {model.device} ({model.device_name}), batch {model.batch}, "
-                  f"{model.precision}, {blocks}: network = {1e3 * model.offset:.3f} ms + {summed}, network error "
+                  f"{model.precision}, {blocks}: network = {offset}{summed}, network error "
                   f"{100 * model.network_error:.1f} % (RMS over "
                   f"{len(model.calibration['measured_s'])} calibration networks); measured in "
                   f"{time.perf_counter() - started:.0f} s; wrote {args.out}")
