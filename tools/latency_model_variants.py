@@ -21,7 +21,7 @@ network's parameter count, weights read from memory). One JSON line per network 
 residual (measured − predicted c) per space; then a line with the correlation of the stored model's residual with
 each row's spread of kept fractions across its groups.
 
-usage: python tools/latency_model_variants.py STUDY_DIR [STUDY_DIR ...]
+usage: python tools/latency_model_variants.py STUDY_DIR [STUDY_DIR ...] [--write-model DIR]
        (a directory with latency-model.h5 and results.h5, as tools/latency_study.py writes them)
 """
 from __future__ import annotations
@@ -132,7 +132,7 @@ def variants(model):
     return out, stored
 
 
-def study(directory: Path) -> list[dict]:
+def study(directory: Path, write_model: Path | None = None) -> list[dict]:
     import torch
 
     from nps.pipeline.deploy.latency_model import _channels_of
@@ -184,6 +184,9 @@ def study(directory: Path) -> list[dict]:
               "what": "the model file's own offset and scale (the report's R²)", "rows": int(c.size),
               "r2_relative": r_squared(stored_sums, c), "mean_residual": float(np.mean(c - stored_sums))}]
     now = rechosen(model, base, networks)
+    if write_model is not None:
+        write_model.mkdir(parents=True, exist_ok=True)
+        now.save(write_model / f"{model.model}.h5")
     base_channels = _channels_of(base, model.layers)
     now_c = np.asarray([now.predict(ch) for ch in row_channels]) / now.predict(base_channels)
     lines.append({"bench": "latency_model_variant", "network": model.model, "variant": "as nps latency-model chooses now",
@@ -236,9 +239,12 @@ def _linear_layers(model, names) -> set[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("studies", nargs="+", type=Path)
+    ap.add_argument("--write-model", type=Path, default=None, metavar="DIR",
+                    help="also save the model nps latency-model would make now from each study's grids and "
+                         "calibration timings, as DIR/<network>.h5 (to sample or benchmark with it)")
     args = ap.parse_args()
     for directory in args.studies:
-        for line in study(directory):
+        for line in study(directory, args.write_model):
             print(json.dumps(line), flush=True)
 
 
