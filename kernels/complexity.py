@@ -203,10 +203,12 @@ def expected_padded_form(u, sigma, R, channels, const, linear, pair_a, pair_b, p
     for i in range(G):
         c = channels[i]
         total = 0.0
+        cdf_hi = 0.5 * math.erfc(-(R - u) / sigma / root2)  # max(1, ·): count 1 takes every ratio up to R
         for k in range(1, c + 1):
-            r_lo = min(max(1.0 - (k + 0.5) / c, 0.0), R)  # the ratios that round to k
-            r_hi = R if k == 1 else min(max(1.0 - (k - 0.5) / c, 0.0), R)  # max(1, ·): one unit up to R
-            p = 0.5 * math.erfc(-(r_hi - u) / sigma / root2) - 0.5 * math.erfc(-(r_lo - u) / sigma / root2)
+            r_lo = min(max(1.0 - (k + 0.5) / c, 0.0), R)  # the ratios that round to k: (r_lo, r_hi]
+            cdf_lo = 0.5 * math.erfc(-(r_lo - u) / sigma / root2)
+            p = cdf_hi - cdf_lo
+            cdf_hi = cdf_lo  # count k + 1's upper ratio is count k's lower one
             if p <= 0.0:
                 continue
             P = padded_channels(k, pad_mult[i], pad_block[i])

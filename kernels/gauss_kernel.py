@@ -423,7 +423,10 @@ class _Terms(NamedTuple):
     mm_w: np.ndarray
     one_kk: int         # one group moving (n_mov_groups == 1): the weights of its pairs k·k, k·P and P·P (P: its
     one_kp: int         # padded count), so that the target at its count k is A + B·(k, P) + these (scalars only,
-    one_pp: int         # see _one_group_window)
+    one_pp: int         # see _one_group_window)...
+    one_g: int          # ...that group,
+    one_mult: int       # its padded count's pad_mult and pad_block (block 0: no padded count moves with it)
+    one_block: int
 
 
 class _Scratch(NamedTuple):
@@ -464,7 +467,13 @@ def _window_terms(channels, direction, form, pad_mult, pad_block):
     one_kk = 0
     one_kp = 0
     one_pp = 0
+    one_g = mov[0] if n_mov_groups == 1 else -1
+    one_mult = 1
+    one_block = 0
     if n_mov_groups == 1:
+        if mov.shape[0] > 1:  # the group's padded count moves with it
+            one_mult = pad_mult[one_g]
+            one_block = pad_block[one_g]
         for q in range(mm_w.shape[0]):
             padded_pair = (mm_a[q] >= G) + (mm_b[q] >= G)
             if padded_pair == 0:
@@ -474,7 +483,7 @@ def _window_terms(channels, direction, form, pad_mult, pad_block):
             else:
                 one_pp += mm_w[q]
     return _Terms(inv_d, moving, mov, n_mov_groups, cs, ce, ls, le, ss, se, ee, ff_a, ff_b, ff_w, fm_f, fm_m,
-                  fm_j, fm_w, mm_a, mm_b, mm_w, one_kk, one_kp, one_pp)
+                  fm_j, fm_w, mm_a, mm_b, mm_w, one_kk, one_kp, one_pp, one_g, one_mult, one_block)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -676,6 +685,9 @@ def sample_gauss(state, job, rows, table, limits, proposal, counts):
     e, r, direction = buf.e, buf.r, proposal.direction
     keep = buf.x[:G]  # the counts (a view: what _exact_target writes into x)
     oconst, olin, opa, opb, opw = table.other  # unpacked once: faster here than an inlined _value (measured)
+    g1 = win.one_g  # the one moving group (-1: several), its direction times σ and its channels, fixed for the call
+    d1 = direction[g1] * sigma if g1 >= 0 else 0.0
+    c1 = table.channels[g1] if g1 >= 0 else 1
     filled = 0
     used = 0
     zseen = 0.0
@@ -703,12 +715,9 @@ def sample_gauss(state, job, rows, table, limits, proposal, counts):
         v = uniform(state) * zmax
         # One group moving: its few counts in the window give the exact window, whose mass z replaces the bound's.
         # Not needed where the bound's own mass is rejected (v >= z) and is no new largest mass (z <= zseen).
-        if win.n_mov_groups == 1 and (v < z or z > zseen):
-            g = win.mov[0]
-            padded = win.mov.shape[0] > 1  # its padded count moves with it
-            lo, hi = _one_group_window(a0, b0, proposal.u + e[g], direction[g] * sigma, table.channels[g], A,
-                                       buf.B[0], buf.B[1] if padded else 0,
-                                       table.tpad_mult[g] if padded else 1, table.tpad_block[g] if padded else 0,
+        if g1 >= 0 and (v < z or z > zseen):
+            lo, hi = _one_group_window(a0, b0, proposal.u + e[g1], d1, c1, A, buf.B[0],
+                                       buf.B[1] if win.one_block > 0 else 0, win.one_mult, win.one_block,
                                        win.one_kk, win.one_kp, win.one_pp, limits.lo_t, limits.hi_t)
             if not lo < hi:
                 counts[REASON_TARGET] += 1

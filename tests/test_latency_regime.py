@@ -14,7 +14,7 @@ from nps.pipeline.network.layer_table import LATENCY_UNIT, build_layer_table, wi
 
 
 def fake_model(name: str, resolution: int, seed: int = 0, *, offset: float = 1e-4, scale: float = 1.1,
-               block: int = 1, pad_inputs: bool = False, term_scale=None):
+               block: int = 1, pad_inputs: bool = False, term_scale=(1.0, 1.0, 1.0, 1.0)):
     """A latency model of ``name`` with random non-negative coefficients (what nps latency-model would fit); with
     ``block`` > 1 every conv layer's output count padded to it (as nps latency-model pads on a CPU), and with
     ``pad_inputs`` its input count too."""
@@ -28,7 +28,8 @@ def fake_model(name: str, resolution: int, seed: int = 0, *, offset: float = 1e-
     padded_in = padded & pad_inputs
     return types.SimpleNamespace(model=name, resolution=resolution, num_classes=10, in_channels=1,
                                  layers=list(graph.weight_order), coef=coef, scale=scale, offset=offset,
-                                 block=block, padded=padded, padded_in=padded_in, term_scale=term_scale,
+                                 block=block, padded=padded, padded_in=padded_in,
+                                 term_scale=np.asarray(term_scale, dtype=np.float64),
                                  layer_block=lambda i: block if padded[i] else 1,
                                  layer_in_block=lambda i: block if padded_in[i] else 1)
 
@@ -42,7 +43,7 @@ def layer_sum(model, pruned) -> float:
     total = 0.0
     for i, name in enumerate(model.layers):
         m = modules[name]
-        a, b, c, d = model.coef[i] * (1.0 if model.term_scale is None else np.asarray(model.term_scale))
+        a, b, c, d = model.coef[i] * model.term_scale
         if isinstance(m, nn.Conv2d):
             cin, cout, groups = m.in_channels, m.out_channels, m.groups
         else:
@@ -58,8 +59,8 @@ def layer_sum(model, pruned) -> float:
     return model.offset + model.scale * total
 
 
-@pytest.mark.parametrize("block,pad_inputs,term_scale", [(1, False, None), (16, False, None), (16, True, None),
-                                                          (16, True, (1.7, 0.4, 2.5, 0.0))])
+@pytest.mark.parametrize("block,pad_inputs,term_scale", [(1, False, (1, 1, 1, 1)), (16, False, (1, 1, 1, 1)),
+                                                          (16, True, (1, 1, 1, 1)), (16, True, (1.7, 0.4, 2.5, 0.0))])
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2"])
 def test_the_form_is_the_sum_of_the_layer_terms_at_the_pruned_networks_channel_counts(name, block, pad_inputs,
                                                                                        term_scale):

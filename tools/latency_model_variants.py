@@ -76,16 +76,11 @@ def rechosen(model, base, networks):
 
 def relative_fit(cal: np.ndarray, c_cal: np.ndarray) -> np.ndarray:
     """Non-negative weights x of the columns (column 0 the constant) with the base (row 0) at 1 and
-    ``cal[j] @ x ≈ c_cal[j]`` for the other networks: least squares of ``cal[j] @ x - c_j · cal[0] @ x`` under
-    ``cal[0] @ x = 1`` (a heavily weighted row), as :func:`fit_relative_calibration` does for one scale."""
-    from nps.pipeline.network.latency_model import nnls
+    ``cal[j] @ x ≈ c_cal[j]`` for the other networks (:func:`fit_relative_columns`, as ``nps latency-model``'s
+    per-term calibration fits them)."""
+    from nps.pipeline.network.latency_model import fit_relative_columns
 
-    A = cal[1:] - c_cal[1:, None] * cal[0][None, :]
-    norm = np.abs(np.vstack([A, cal[:1]])).max(axis=0)
-    norm[norm == 0] = 1.0
-    weight = 1e3
-    x = nnls(np.vstack([A / norm, weight * cal[:1] / norm]), np.r_[np.zeros(len(A)), weight])
-    return x / norm
+    return fit_relative_columns(cal[1:], c_cal[1:], cal[0], 1.0)
 
 
 def score(name: str, net: str, cal: np.ndarray, rows: np.ndarray, c_cal, c, spaces) -> dict:
@@ -123,8 +118,7 @@ def variants(model):
                                                 *blocks[i]) * coefs[i]
 
     def stored(i, cin, cout):
-        return layer_terms(cin, cout, int(model.groups[i]), bool(model.depthwise[i]), model.layer_block(i),
-                           model.layer_in_block(i)) * model.coef[i]
+        return model.layer_form(i, cin, cout) * model.coef[i]
 
     out = [("stored", stored), ("unpadded", fitted(1, False))]
     for block in (8, 16, 32):
@@ -189,7 +183,8 @@ def study(directory: Path, write_model: Path | None = None) -> list[dict]:
         now.save(write_model / f"{model.model}.h5")
     base_channels = _channels_of(base, model.layers)
     now_c = np.asarray([now.predict(ch) for ch in row_channels]) / now.predict(base_channels)
-    lines.append({"bench": "latency_model_variant", "network": model.model, "variant": "as nps latency-model chooses now",
+    lines.append({"bench": "latency_model_variant", "network": model.model,
+                  "variant": "as nps latency-model chooses now",
                   "what": f"block {now.block}, {int(now.padded.sum())} layers padded, inputs "
                           f"{'padded' if now.padded_in.any() else 'not padded'}, "
                           f"{'one scale' if np.all(now.term_scale == 1.0) else 'one scale per term'} "

@@ -21,9 +21,10 @@ random (each group's ratio uniform in [0, 0.7], seeded) are timed whole, as nps 
 with the base, run by run), and network = offset + scale * sum of the layer terms is fitted to their ratios to the
 base. With a block, the padded layers are fitted again with their input counts padded too. Of these models (each
 block, inputs padded or not) the one whose calibration predicts the pruned networks best is kept: the layers' grids
-hardly tell the blocks apart and a layer timed alone does not show its input's padding; whole networks do. The tables state each layer's fit error (relative RMS over its grid) and the calibration networks'
-errors; their RMS is the model's network error. Everything runs in eval mode, channels_last, under autocast at
---precision (fp32: none).
+hardly tell the blocks apart and a layer timed alone does not show its input's padding; whole networks do. The
+model kept is calibrated again with one scale per term (a, b, c, d). The tables state each layer's fit error
+(relative RMS over its grid) and the calibration networks' errors; their RMS is the model's network error.
+Everything runs in eval mode, channels_last, under autocast at --precision (fp32: none).
 
 Defaults: --device cpu; --batch 32 on the CPU (at batch 1 a small network's latency is mostly per-layer overhead
 and barely follows the channel counts), 64 on a GPU; --threads: torch's current thread count; --precision fp32 on

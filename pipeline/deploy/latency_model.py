@@ -319,8 +319,8 @@ def measure_latency_model(model_name: str, resolution: int, *, num_classes: int,
                           progress: Progress | None = None) -> LatencyModel:
     """Measure and fit the latency model of ``model_name`` (see the module docstring). ``batch``, ``threads`` and
     ``precision`` None: :data:`DEFAULT_BATCH`, torch's current thread count, :data:`DEFAULT_PRECISION` for the
-    device; ``block`` None: chosen by the calibration networks (:func:`best_model`). ``progress(done, total, what)`` is called
-    before each timing."""
+    device; ``block`` None: chosen by the calibration networks (:func:`best_model`). ``progress(done, total,
+    what)`` is called before each timing."""
     from nps.pipeline.deploy.latency import device_name
     from nps.pipeline.network.layer_table import table_from_graph
     from nps.pipeline.network.models import build_model
@@ -377,7 +377,17 @@ def calibrated(model: LatencyModel, grids: dict, keys: list[str], networks, base
     timings (:func:`_calibrate`); with a block, the same model with every padded layer's input count padded too,
     fitted again on its grid and calibrated alike, is returned instead where it predicts the calibration networks
     better (a layer timed alone does not show it, the networks do)."""
-    return _padded_in_if_better(model, grids, keys, networks, base_timing, pairs)
+    _calibrate(model, networks, base_timing, pairs)
+    if model.block <= 1:
+        return model
+    padded = dict.fromkeys(k for k, p in zip(keys, model.padded) if p)  # each configuration once (repeated blocks)
+    refit = {k: fit_layer(*np.asarray(grids[k][1], dtype=np.float64).T, grids[k][0].groups, grids[k][0].depthwise,
+                          model.block, model.block) for k in padded}
+    alt = dataclasses.replace(model, coef=[refit[k][0] if k in refit else c for k, c in zip(keys, model.coef)],
+                              fit_error=[refit[k][1] if k in refit else e for k, e in zip(keys, model.fit_error)],
+                              padded_in=[k in refit for k in keys])
+    _calibrate(alt, networks, base_timing, pairs)
+    return alt if alt.network_error < model.network_error else model
 
 
 MIN_PER_TERM_NETWORKS = 6
@@ -386,11 +396,8 @@ MIN_PER_TERM_NETWORKS = 6
 
 def _term_sums(model: LatencyModel, networks) -> np.ndarray:
     """(networks, 4): each calibration network's a, b, c and d terms (the layers' fits, no calibration) summed."""
-    from nps.pipeline.network.latency_model import layer_terms
-
-    return np.array([sum(layer_terms(*channels[n], int(model.groups[i]), bool(model.depthwise[i]),
-                                     model.layer_block(i), model.layer_in_block(i)) * model.coef[i]
-                         for i, n in enumerate(model.layers)) for _, _, channels, _ in networks])
+    return np.array([sum(model.layer_form(i, *channels[n]) * model.coef[i] for i, n in enumerate(model.layers))
+                     for _, _, channels, _ in networks])
 
 
 def _per_term(model: LatencyModel, networks, base_timing, pairs) -> LatencyModel:
@@ -409,23 +416,6 @@ def _per_term(model: LatencyModel, networks, base_timing, pairs) -> LatencyModel
     return per_term
 
 
-def _padded_in_if_better(model: LatencyModel, grids: dict, keys: list[str], networks, base_timing,
-                         pairs) -> LatencyModel:
-    """``model`` calibrated (:func:`_calibrate`), or its copy with the padded layers' inputs padded too (see
-    :func:`calibrated`)."""
-    _calibrate(model, networks, base_timing, pairs)
-    if model.block <= 1:
-        return model
-    padded = dict.fromkeys(k for k, p in zip(keys, model.padded) if p)  # each configuration once (repeated blocks)
-    refit = {k: fit_layer(*np.asarray(grids[k][1], dtype=np.float64).T, grids[k][0].groups, grids[k][0].depthwise,
-                          model.block, model.block) for k in padded}
-    alt = dataclasses.replace(model, coef=[refit[k][0] if k in refit else c for k, c in zip(keys, model.coef)],
-                              fit_error=[refit[k][1] if k in refit else e for k, e in zip(keys, model.fit_error)],
-                              padded_in=[k in refit for k in keys])
-    _calibrate(alt, networks, base_timing, pairs)
-    return alt if alt.network_error < model.network_error else model
-
-
 def _calibrate(model: LatencyModel, networks, base_timing, pairs) -> None:
     """Set ``model``'s scale, offset, network error and calibration points from the calibration networks' timings:
     the base's alone, each other's paired with it (``pairs``: (median ratio, its IQR / median) per network)."""
@@ -434,7 +424,7 @@ def _calibrate(model: LatencyModel, networks, base_timing, pairs) -> None:
     c = np.array([1.0] + [ratio for ratio, _ in pairs])
     model.term_scale = np.ones(4)
     model.scale, model.offset = fit_relative_calibration(sums[1:], c[1:], sums[0], base_timing.median_s)
-    _calibration_points(model, networks, base_timing, pairs, [model.offset + model.scale * s for s in sums])
+    _calibration_points(model, networks, base_timing, pairs, c, [model.offset + model.scale * s for s in sums])
 
 
 def _calibrate_terms(model: LatencyModel, networks, base_timing, pairs, sums: np.ndarray) -> None:
@@ -445,11 +435,12 @@ def _calibrate_terms(model: LatencyModel, networks, base_timing, pairs, sums: np
     c = np.array([1.0] + [ratio for ratio, _ in pairs])
     model.term_scale, model.offset = fit_relative_terms(sums[1:], c[1:], sums[0], base_timing.median_s)
     model.scale = 1.0
-    _calibration_points(model, networks, base_timing, pairs, (model.offset + sums @ model.term_scale).tolist())
+    _calibration_points(model, networks, base_timing, pairs, c, (model.offset + sums @ model.term_scale).tolist())
 
 
-def _calibration_points(model: LatencyModel, networks, base_timing, pairs, predicted) -> None:
-    c = np.array([1.0] + [ratio for ratio, _ in pairs])
+def _calibration_points(model: LatencyModel, networks, base_timing, pairs, c, predicted) -> None:
+    """``model``'s network error and calibration points: each network ``predicted`` against its measured seconds,
+    ``c`` (its ratio to the base) times the base's."""
     measured = (c * base_timing.median_s).tolist()
     model.network_error = relative_rms(predicted, measured)
     model.calibration = {"keep_fraction": [f for f, _, _, _ in networks], "measured_s": measured,

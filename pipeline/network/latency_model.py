@@ -20,10 +20,10 @@ networks better. The whole network takes
 
 where ``scale`` and ``offset`` are calibrated on whole networks (uniformly and randomly pruned copies of the base,
 each timed paired with the base: :func:`fit_relative_calibration`): what the layer timings miss or double-count
-(additions, pooling, the framework's per-call overhead, caches warm or cold). Or, where those networks say so (their
-leave-one-out error, ``nps latency-model``), one scale per term (``term_scale``: a, b, c and d each summed over the
-layers, :func:`fit_relative_terms`): ``T = offset + Σ_i t_i`` with each t_i's coefficients times ``term_scale``
-(``scale`` 1); a network's calls, its arithmetic and its memory traffic need not be missed in one proportion.
+(additions, pooling, the framework's per-call overhead, caches warm or cold). ``nps latency-model`` then calibrates
+the model it keeps with one scale per term (``term_scale``: a, b, c and d each summed over the layers,
+:func:`fit_relative_terms`): ``T = offset + Σ_i t_i`` with each t_i's coefficients times ``term_scale`` (``scale``
+1); a network's calls, its arithmetic and its memory traffic need not be missed in one proportion.
 The coefficients are never negative, so ``T`` grows with every channel count: the samplers' exactness and
 monotonicity rely on it. ``cin`` and ``cout`` are the layer's own counts: a conv's input and output channels (all
 groups together), a linear layer's in and out features (a flattened feature map's channels times its positions).
@@ -161,14 +161,16 @@ def fit_relative_terms(term_sums, c_measured, base_terms, base_measured_s: float
     term_sums = np.asarray(term_sums, dtype=np.float64).reshape(-1, 4)
     base_terms = np.asarray(base_terms, dtype=np.float64)
     if base_terms[0] > 0:
-        return _relative_nnls(term_sums, c_measured, base_terms, base_measured_s), 0.0
-    x = _relative_nnls(np.c_[np.ones(len(term_sums)), term_sums[:, 1:]], c_measured, np.r_[1.0, base_terms[1:]],
-                       base_measured_s)
+        return fit_relative_columns(term_sums, c_measured, base_terms, base_measured_s), 0.0
+    x = fit_relative_columns(np.c_[np.ones(len(term_sums)), term_sums[:, 1:]], c_measured,
+                             np.r_[1.0, base_terms[1:]], base_measured_s)
     return np.r_[0.0, x[1:]], float(x[0])
 
 
-def _relative_nnls(S: np.ndarray, c_measured, base: np.ndarray, base_measured_s: float) -> np.ndarray:
-    """Non-negative ``x`` with ``S·x ≈ c·(base·x)`` per network and ``base·x = base_measured_s``."""
+def fit_relative_columns(S: np.ndarray, c_measured, base: np.ndarray, base_measured_s: float) -> np.ndarray:
+    """Non-negative weights ``x`` of the columns of ``S`` (one row per network) with ``S·x ≈ c·(base·x)`` for each
+    network (least squares, each column scaled to unit size) and ``base·x = base_measured_s`` (a heavily weighted
+    row)."""
     c = np.asarray(c_measured, dtype=np.float64)
     A = S - c[:, None] * base[None, :]
     norm = np.abs(np.vstack([A, base[None, :]])).max(axis=0)
@@ -240,18 +242,19 @@ class LatencyModel:
         """The block layer ``i``'s input count is rounded up to (1: not padded)."""
         return self.block if self.padded_in[i] else 1
 
+    def layer_form(self, i: int, cin, cout) -> np.ndarray:
+        """The columns of layer ``i``'s form at (cin, cout) (:func:`layer_terms` with its groups and padding)."""
+        return layer_terms(cin, cout, int(self.groups[i]), bool(self.depthwise[i]), self.layer_block(i),
+                           self.layer_in_block(i))
+
     def layer_seconds(self, i: int, cin, cout):
         """Layer ``i``'s term at (cin, cout) (no scale or offset): a float, or an array for array counts."""
-        terms = layer_terms(cin, cout, int(self.groups[i]), bool(self.depthwise[i]), self.layer_block(i),
-                            self.layer_in_block(i))
-        value = terms @ self.coef[i]
+        value = self.layer_form(i, cin, cout) @ self.coef[i]
         return float(value) if np.ndim(value) == 0 else value
 
     def layer_share(self, i: int, cin, cout):
         """Layer ``i``'s term at (cin, cout) with each of a, b, c, d times ``term_scale`` (no scale or offset)."""
-        terms = layer_terms(cin, cout, int(self.groups[i]), bool(self.depthwise[i]), self.layer_block(i),
-                            self.layer_in_block(i))
-        value = terms @ (self.coef[i] * self.term_scale)
+        value = self.layer_form(i, cin, cout) @ (self.coef[i] * self.term_scale)
         return float(value) if np.ndim(value) == 0 else value
 
     def predict(self, channels: dict) -> float:

@@ -246,11 +246,9 @@ def latency_form(graph: ChannelGraph, selection: GroupSelection, model) -> Quadr
             return (0, {G + group: 1}), True
         return count, False
 
-    term_scale = getattr(model, "term_scale", None)  # one calibration scale per term (LatencyModel), or none
-    term_scale = np.ones(4) if term_scale is None else np.asarray(term_scale, dtype=np.float64)
     for name in graph.weight_order:
         layer, i = graph.weights[name], index[name]
-        a, b, c, d = (float(x) * model.scale / LATENCY_UNIT for x in model.coef[i] * term_scale)
+        a, b, c, d = (float(x) * model.scale / LATENCY_UNIT for x in model.coef[i] * model.term_scale)
         out, out_padded = padded(combo(layer.out), model.layer_block(i))
         inp, in_padded = padded(combo(layer.inp), model.layer_in_block(i))
         padded_any = padded_any or out_padded or (in_padded and layer.kind != "depthwise")
