@@ -136,3 +136,12 @@ def demo_run(tmp_path_factory, fmnist_dir):
         else:
             os.environ["COLUMNS"] = previous
     return out, code, stdout.getvalue(), argv
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Networks timed in the test's own process, not each in a forked child (pipeline/deploy/isolation.py): for
+    tests whose stand-in timers count or record their calls, which a child's copy would do out of the test's sight."""
+    from nps.pipeline.deploy import isolation
+
+    monkeypatch.setattr(isolation, "isolation", lambda device: isolation.IN_PROCESS)

@@ -219,7 +219,8 @@ def _timings(noisy: bool):
     return time_network
 
 
-def test_nps_latency_shows_stores_and_warns_about_noisy_timings(table, tmp_path, capsys, monkeypatch):
+def test_nps_latency_shows_stores_and_warns_about_noisy_timings(table, tmp_path, capsys, monkeypatch,
+                                                                 in_process):
     from nps.pipeline.cli import main
     from nps.pipeline.deploy import latency
     from nps.pipeline.results.reader import open_readonly
@@ -408,7 +409,7 @@ def test_a_timing_noisier_than_5_percent_is_taken_again_and_the_quietest_kept():
 
 
 def test_each_network_keeps_the_least_median_of_its_passes_and_later_passes_are_shuffled(table, tmp_path,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, in_process):
     """A slow spell of the machine (every timing 1.6x as long) during the first pass's first calls: with three passes
     each network keeps its fast timing; the first pass runs in file order, the later ones in other orders; one
     record per network and batch; the session says how many passes it made."""
@@ -501,7 +502,8 @@ def test_a_paired_timing_keeps_the_ratio_through_a_slow_spell_that_timings_taken
 
 
 def test_paired_timings_are_stored_and_set_the_speedup_and_a_file_measured_before_pairing_reads(table, tmp_path,
-                                                                                                 monkeypatch):
+                                                                                                 monkeypatch,
+                                                                                                 in_process):
     """nps latency pairs by default: each row's stored paired_c is its pass's ratio (the middle one of three), its
     speed-up 1 / paired_c; --unpaired stores NaN there and divides the medians; a group written before the columns
     existed reads with NaN and its speed-ups from the medians, and a later session appends to it."""

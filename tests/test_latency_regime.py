@@ -154,7 +154,7 @@ def latency_model_of(fake, table):
                         base_latency_s=1e-3)
 
 
-def test_the_report_sets_measured_against_predicted_latency(tmp_path, monkeypatch):
+def test_the_report_sets_measured_against_predicted_latency(tmp_path, monkeypatch, in_process):
     """A file with a latency model, a c_latency regime and a c_flops one: nps latency (its timings a stand-in that
     returns the prediction times a known factor per row) at the model's batch, then the report's R², errors and the
     share of the latency regime's rows within its band when measured."""

@@ -17,6 +17,7 @@ import numpy as np
 
 from nps.pipeline import __version__ as NPS_VERSION
 from nps.pipeline.deploy.allocator import steady_heap
+from nps.pipeline.deploy.isolation import isolation, run_isolated
 from nps.pipeline.errors import NpsError
 from nps.pipeline.results.latency import BASE, NOISE_LIMIT, PairedTiming, Timing, read_latency
 
@@ -256,24 +257,34 @@ def time_in_passes(model_of: Callable[[int], Any], n: int, table, batches, kw: d
     further one in an order of ``rng``'s, or in order again without it), each network at every batch timed by
     :func:`time_network` (the base, and every network unpaired) or :func:`time_network_pair` against the base,
     again while noisier than ``retry_above`` (:func:`timed_quietly`). ``kw``: their keyword arguments;
-    ``on_step(pass, step, t)`` before each network."""
+    ``on_step(pass, step, t)`` before each network. Each network's timings run in a child process forked for them
+    where :func:`~nps.pipeline.deploy.isolation.isolation` allows (the CPU, one thread): every network starts from
+    this process's state, not from what the networks timed before it left behind."""
     base = model_of(0)
+
+    def timed(t: int) -> list:
+        model = base if t == 0 else model_of(t)
+        out = []
+        for batch in batches:
+            if paired and t > 0:
+                pair, attempts = timed_quietly(lambda: time_network_pair(base, model, table, batch, **kw),
+                                               retry_above, retries)
+                out.append((pair.row, attempts, pair))
+            else:
+                timing, attempts = timed_quietly(lambda: time_network(model, table, batch, **kw), retry_above,
+                                                 retries)
+                out.append((timing, attempts, None))
+        return out
+
     taken: dict[tuple[int, int], list] = {(t, b): [] for t in range(n) for b in batches}
     for p in range(passes):
         order = np.arange(n) if p == 0 or rng is None else rng.permutation(n)
         for step, t in enumerate(order.tolist()):
             if on_step is not None:
                 on_step(p, step, t)
-            model = base if t == 0 else model_of(t)
-            for batch in batches:
-                if paired and t > 0:
-                    pair, attempts = timed_quietly(lambda: time_network_pair(base, model, table, batch, **kw),
-                                                   retry_above, retries)
-                    taken[t, batch].append((pair.row, attempts, pair))
-                else:
-                    timing, attempts = timed_quietly(lambda: time_network(model, table, batch, **kw), retry_above,
-                                                     retries)
-                    taken[t, batch].append((timing, attempts, None))
+            what = "the base network" if t == 0 else f"network {t} of {n - 1}"
+            for batch, got in zip(batches, run_isolated(lambda: timed(t), what, kw["device"])):
+                taken[t, batch].append(got)
     return taken
 
 
@@ -383,7 +394,7 @@ def _time_targets(table, amp_name: str, dev, targets: list[Target], o: TimingOpt
                     "batches": list(o.batches), "warmup": int(o.warmup), "runs": int(o.runs),
                     "min_run_s": float(o.min_run_s), "noise_limit": NOISE_LIMIT,
                     "retry_above": float(o.retry_above), "retries": int(o.retries), "passes": int(o.passes),
-                    "paired": bool(o.paired), "allocator": steady_heap(),
+                    "paired": bool(o.paired), "allocator": steady_heap(), "isolation": isolation(dev),
                     "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         everything = [Target(BASE, -1, None)] + targets
 

@@ -56,6 +56,7 @@ CALIBRATION_RANDOM = 8
 CALIBRATION_R = 0.7
 NOISE_TARGET = 0.05  # IQR / median above which a timing is measured again
 PASSES = 3  # times every grid point is timed (in a new shuffled order each pass)
+GRID_CHUNK = 8  # grid points timed per child process (:func:`_time_grids`)
 ATTEMPTS = 3  # timings of one point or network at most (the least noisy is kept)
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_BATCH = {"cpu": 32, "cuda": 64}
@@ -496,7 +497,12 @@ def _time_networks(networks, table, batch: int, dev, nhwc: bool, amp_dtype, prog
 def _time_grids(specs: list[LayerSpec], batch: int, dev, nhwc: bool, amp_dtype, progress, extra: int) -> dict:
     """Per layer configuration (:meth:`LayerSpec.key`) its spec and timed points [(cin, cout, seconds)]: every point
     of every configuration timed in :data:`PASSES` passes, each in its own shuffled order; a point's seconds are the
-    least of its passes' medians (other work on the machine only ever adds time)."""
+    least of its passes' medians (other work on the machine only ever adds time). The points are timed
+    :data:`GRID_CHUNK` at a time in a child process of their own where
+    :func:`~nps.pipeline.deploy.isolation.run_isolated` allows (the CPU, one thread), so every few points start
+    from the same process state (a child per point cost ResNet-20's model 40 % more time, in forks)."""
+    from nps.pipeline.deploy.isolation import run_isolated
+
     grids = {}
     for spec in specs:
         grids.setdefault(spec.key(), (spec, []))
@@ -504,15 +510,22 @@ def _time_grids(specs: list[LayerSpec], batch: int, dev, nhwc: bool, amp_dtype, 
     seconds = np.full((PASSES, len(jobs)), np.inf)
     rng = np.random.default_rng(0)
     total = PASSES * len(jobs) + extra
+
+    def timed(chunk) -> list[float]:
+        return [time_layer(grids[jobs[j][0]][0], *jobs[j][1:], batch=batch, device=dev, channels_last=nhwc,
+                           amp_dtype=amp_dtype).median_s for j in chunk]
+
     for p in range(PASSES):
-        for done, j in enumerate(rng.permutation(len(jobs))):
-            key, cin, cout = jobs[j]
+        order = rng.permutation(len(jobs))
+        for done in range(0, len(jobs), GRID_CHUNK):
+            chunk = order[done:done + GRID_CHUNK]
+            key, cin, cout = jobs[chunk[0]]
             spec = grids[key][0]
             if progress is not None:
                 progress(p * len(jobs) + done, total, f"layer {spec.name} at {cin}→{cout} channels (pass {p + 1} of "
                                                       f"{PASSES})")
-            seconds[p, j] = time_layer(spec, cin, cout, batch=batch, device=dev, channels_last=nhwc,
-                                       amp_dtype=amp_dtype).median_s
+            seconds[p, chunk] = run_isolated(lambda: timed(chunk), f"layer {spec.name} at {cin}→{cout} channels",
+                                             dev)
     for (key, cin, cout), t in zip(jobs, seconds.min(axis=0)):
         grids[key][1].append((cin, cout, float(t)))
     return grids
