@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -99,6 +100,9 @@ def test_nps_latency_stores_the_timings_and_reads_them_back(table, tmp_path, cap
     from nps.pipeline.deploy.allocator import steady_heap
 
     assert attrs["allocator"] == steady_heap()  # what the heap did while the session timed (glibc: kept steady)
+    from nps.pipeline.deploy.isolation import FORKED, IN_PROCESS
+
+    assert attrs["isolation"] == (FORKED if hasattr(os, "fork") else IN_PROCESS)  # one thread on the CPU: forked
     assert attrs["versions"]["torch"] == torch.__version__ and attrs["device_name"]
     assert attrs["batches"] == [1, 4] and len(attrs["sessions"]) == 1
 

@@ -22,10 +22,13 @@ network: its runs interleaved with the base's (base, row, row, base, ...), each 
 the median ratio (the middle one of the passes') is its latency relative to the base, and its speed-up the
 reciprocal. A slower spell lengthens both runs of a pair alike and cancels in their ratio, where timings taken apart
 carry it (on a virtual machine whose speed moves by a third within minutes, docs/study-latency.md). Pairing doubles
-the time a session takes; --unpaired times each network alone and divides the medians. The table shows each timing's
-noise, IQR/median; a timing above 5 % is taken again (twice at most, the least noisy kept), and a line warns when
-some still exceed 10 % (a shared or busy machine, or more threads than free cores): their speed-ups are unreliable,
-time again with fewer threads on a quiet machine. A results file with a latency model (c_latency regimes, nps
+the time a session takes; --unpaired times each network alone and divides the medians. On the CPU with one thread
+each network is timed in a child process forked for it, so that every network starts from the same process state:
+in one process, a MobileNetV2 subnetwork measured 6 % slower relative to its base once some 50 other subnetworks had
+run there (oneDNN's kernel cache and the heap keep what they left; the session records it as isolation). The
+table shows each timing's noise, IQR/median; a timing above 5 % is taken again (twice at most, the least noisy
+kept), and a line warns when some still exceed 10 % (a shared or busy machine, or more threads than free cores):
+their speed-ups are unreliable, time again with fewer threads on a quiet machine. A results file with a latency model (c_latency regimes, nps
 latency-model) is timed at the model's device, batch and threads unless told otherwise, so that nps report can set
 each row's predicted latency against its measured one.
 

@@ -27,6 +27,10 @@ latency_model`; why it is measured this way: docs/latency-model.md).
    fitted again with their input counts padded too. Of the models so made (each block and no block, inputs padded
    or not) the one that predicts the calibration networks best is kept (:func:`best_model`), and calibrated again
    with one scale per term (:func:`_per_term`).
+
+Every timing of steps 2 and 4 starts from the same process state: on the CPU with one thread the grid points are
+timed :data:`GRID_CHUNK` at a time, and each calibration network, in a child process forked for them
+(:mod:`nps.pipeline.deploy.isolation`).
 """
 from __future__ import annotations
 
