@@ -62,6 +62,18 @@ def test_an_error_in_the_child_is_raised_here(one_thread):
         isolation.run_isolated(fn, "a test", "cpu")
 
 
+def test_an_error_that_does_not_pickle_comes_back_as_its_words(one_thread):
+    class Unpicklable(Exception):
+        def __reduce__(self):
+            raise TypeError("no")
+
+    def fn():
+        raise Unpicklable("a lock in its arguments")
+
+    with pytest.raises(RuntimeError, match="Unpicklable: a lock in its arguments"):
+        isolation.run_isolated(fn, "a test", "cpu")
+
+
 def test_a_child_killed_without_an_answer_is_one_line_naming_what_it_timed(one_thread):
     with pytest.raises(NpsError, match=r"timing network 3 of 9: its process ended \(signal 9\) without a result"):
         isolation.run_isolated(lambda: os.kill(os.getpid(), signal.SIGKILL), "network 3 of 9", "cpu")

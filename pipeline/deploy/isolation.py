@@ -54,7 +54,10 @@ def run_isolated(fn: Callable[[], Any], what: str, device) -> Any:
             try:
                 answer = pickle.dumps((True, fn()))
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent, which raises it
-                answer = pickle.dumps((False, exc))
+                try:
+                    answer = pickle.dumps((False, exc))
+                except Exception:  # noqa: BLE001 - an exception that does not pickle goes back as its words
+                    answer = pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
             with os.fdopen(write_fd, "wb") as fh:
                 fh.write(answer)
         except BaseException:  # noqa: BLE001 - nothing may escape a forked child
