@@ -2,11 +2,11 @@
 
 A timing process that has run many networks is not the process it was: oneDNN keeps the kernels it made for each
 layer shape in a cache of 1,024 (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``), least recently used out first, and the heap
-holds what every earlier network left in it. On this 2-core CPU a MobileNetV2 subnetwork paired with its base
-(``nps latency``'s ratio) measured 0.72-0.75 in a fresh process and 0.77-0.81 once some 50 other subnetworks had run
-in it (each of the other 49 shapes evicting the kernels of the last); the latency study's rows, timed in one session
-of 51 networks, came out 2-7 % slower relative to the base than in a session of 10, and the one slowed each row by
-a different amount (docs/study-latency.md, seventh run). A deployed network runs alone in its own process: that is
+holds what every earlier network left in it. On this 2-core CPU three MobileNetV2 subnetworks paired with their
+base (``nps latency``'s ratio) measured 0.050 higher on average once 50 other subnetworks had run in the process
+than fresh, and 0.007 higher each timed in a forked child (``tools/probe_process_state.py``); the latency study's
+std-0.1 rows, timed in one session of 51 networks, came out 0.022-0.063 higher relative to the base than in a
+session of 11, each by a different amount (docs/study-latency.md, seventh run). A deployed network runs alone in its own process: that is
 the state a timing should see. :func:`run_isolated` runs one network's timing in a child process forked for it, so
 every network starts from the parent's state, which timing never touched, and whatever the timing leaves dies with
 the child.

@@ -504,7 +504,7 @@ def _time_grids(specs: list[LayerSpec], batch: int, dev, nhwc: bool, amp_dtype, 
     least of its passes' medians (other work on the machine only ever adds time). The points are timed
     :data:`GRID_CHUNK` at a time in a child process of their own where
     :func:`~nps.pipeline.deploy.isolation.run_isolated` allows (the CPU, one thread), so every few points start
-    from the same process state (a child per point cost ResNet-20's model 40 % more time, in forks)."""
+    from the same process state (a child per point took ResNet-20's model 109 s against 66 s, in forks)."""
     from nps.pipeline.deploy.isolation import run_isolated
 
     grids = {}
