@@ -6,10 +6,10 @@ holds what every earlier network left in it. On this 2-core CPU three MobileNetV
 base (``nps latency``'s ratio) measured 0.050 higher on average once 50 other subnetworks had run in the process
 than fresh, and 0.007 higher each timed in a forked child (``tools/probe_process_state.py``); the latency study's
 std-0.1 rows, timed in one session of 51 networks, came out 0.022-0.063 higher relative to the base than in a
-session of 11, each by a different amount (docs/study-latency.md, seventh run). A deployed network runs alone in its own process: that is
-the state a timing should see. :func:`run_isolated` runs one network's timing in a child process forked for it, so
-every network starts from the parent's state, which timing never touched, and whatever the timing leaves dies with
-the child.
+session of 11, each by a different amount (docs/study-latency.md, seventh run). A deployed network runs alone in
+its own process: that is the state a timing should see. :func:`run_isolated` runs one network's timing in a child
+process forked for it, so every network starts from the parent's state, which timing never touched, and whatever
+the timing leaves dies with the child.
 
 Forking is used only where it is safe and its state is the parent's: on the CPU, with one intra-op thread (a
 forked child cannot use an OpenMP thread pool its parent started; with more threads, or on CUDA, which a child
