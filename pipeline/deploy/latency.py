@@ -17,7 +17,7 @@ import numpy as np
 
 from nps.pipeline import __version__ as NPS_VERSION
 from nps.pipeline.deploy.allocator import steady_heap
-from nps.pipeline.deploy.isolation import isolation, run_isolated
+from nps.pipeline.deploy import isolation as process_isolation
 from nps.pipeline.errors import NpsError
 from nps.pipeline.results.latency import BASE, NOISE_LIMIT, PairedTiming, Timing, read_latency
 
@@ -283,7 +283,7 @@ def time_in_passes(model_of: Callable[[int], Any], n: int, table, batches, kw: d
             if on_step is not None:
                 on_step(p, step, t)
             what = "the base network" if t == 0 else f"network {t} of {n - 1}"
-            for batch, got in zip(batches, run_isolated(lambda: timed(t), what, kw["device"])):
+            for batch, got in zip(batches, process_isolation.run_isolated(lambda: timed(t), what, kw["device"])):
                 taken[t, batch].append(got)
     return taken
 
@@ -394,7 +394,7 @@ def _time_targets(table, amp_name: str, dev, targets: list[Target], o: TimingOpt
                     "batches": list(o.batches), "warmup": int(o.warmup), "runs": int(o.runs),
                     "min_run_s": float(o.min_run_s), "noise_limit": NOISE_LIMIT,
                     "retry_above": float(o.retry_above), "retries": int(o.retries), "passes": int(o.passes),
-                    "paired": bool(o.paired), "allocator": steady_heap(), "isolation": isolation(dev),
+                    "paired": bool(o.paired), "allocator": steady_heap(), "isolation": process_isolation.isolation(dev),
                     "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         everything = [Target(BASE, -1, None)] + targets
 
