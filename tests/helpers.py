@@ -1,6 +1,9 @@
 """Plain helpers shared by test modules (fixtures and markers are in conftest.py)."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 
 from nps.kernels.samplers import sample_naive, sample_space
@@ -103,3 +106,12 @@ def paired_stand_in(time_network):
         return PairedTiming(row, against, c, c, c)
 
     return time_network_pair
+
+
+def load_tool(name: str):
+    """The module of ``tools/<name>.py`` (the tools are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,18 +2,13 @@
 cohort (not once per row, as the rows' train_s would be)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("study_cost", ROOT / "tools" / "study_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("study_cost")
 
 
 def test_cohorts_are_timed_from_dispatch_to_their_last_result(tmp_path):

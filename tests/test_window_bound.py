@@ -2,19 +2,13 @@
 same whichever groups a window moves (one group, a pair): their means agree within Monte Carlo error."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("window_bound", ROOT / "tools" / "window_bound.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("window_bound")
 
 
 def test_one_group_and_pair_windows_hold_the_same_prior_mass_on_average():
