@@ -632,6 +632,16 @@ def _exact_target(buf, table, limits, win, proposal, A, t):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _lower_tail(a, b):
+    """The window ``[a, b]`` (σ units) on the lower tail, where the normal CDF has full relative precision:
+    ``(a, b, flipped, Φ(a), Φ(b))``, mirrored (``-b, -a``) when it lies above 0; a t drawn there is negated back."""
+    flip = a > 0.0
+    if flip:
+        a, b = -b, -a
+    return a, b, flip, _phi_cdf(a), _phi_cdf(b)
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _one_group_window(a, b, base, d, c, A, B0, B1, mult, block, kk, kp, pp, lo_t, hi_t):
     """The exact window (σ units) inside ``[a, b]`` when one group moves along t: the t at which that group's count
     gives a target within ``[lo_t, hi_t]``. Its count is ``k = _count(base + d·t, c)`` (``d``: the direction times
@@ -706,11 +716,7 @@ def sample_gauss(state, job, rows, table, limits, proposal, counts):
             counts[REASON_WINDOW] += 1
             continue
         a0, b0 = a, b
-        flip = a > 0.0  # work on the lower tail, where the CDF has full relative precision
-        if flip:
-            a, b = -b, -a
-        fa = _phi_cdf(a)
-        fb = _phi_cdf(b)
+        a, b, flip, fa, fb = _lower_tail(a, b)
         z = fb - fa
         v = uniform(state) * zmax
         # One group moving: its few counts in the window give the exact window, whose mass z replaces the bound's.
@@ -723,12 +729,7 @@ def sample_gauss(state, job, rows, table, limits, proposal, counts):
                 counts[REASON_TARGET] += 1
                 continue
             if lo != a0 or hi != b0:
-                a, b = lo, hi
-                flip = a > 0.0
-                if flip:
-                    a, b = -b, -a
-                fa = _phi_cdf(a)
-                fb = _phi_cdf(b)
+                a, b, flip, fa, fb = _lower_tail(lo, hi)
                 z = fb - fa
         if z > zseen:
             zseen = z

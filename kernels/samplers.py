@@ -106,6 +106,15 @@ def _target_bounds(table, space):
     return (space.value - space.delta) * base, (space.value + space.delta) * base
 
 
+def window_direction(table, space: Space) -> np.ndarray:
+    """The unit direction the window kernel draws t along for ``space`` (:func:`_direction` as :func:`sample_space`
+    sets it up: on ``table``'s unit groups, at the space's centre)."""
+    table, _ = unit_table(table)
+    (form, _), _ = target_form(table, space.target)
+    lo, hi = _target_bounds(table, space)
+    return _direction(form, np.asarray(table.channels), space_center(table, space), hi - lo, space.R)
+
+
 def _direction(form, channels, u, band, R):
     """Unit direction (entries >= 0) along which the kernel draws t: the target's gradient at the uniform recipe,
     kept on the subset of groups that maximises the expected acceptance.

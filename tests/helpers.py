@@ -61,14 +61,9 @@ def two_sample_ks(a, b):
 
 def moving_groups(table, space) -> int:
     """How many groups the window kernel moves along t for ``space`` (1: its exact one-group window)."""
-    from nps.kernels.complexity import unit_table
-    from nps.kernels.samplers import _direction, _target_bounds
-    from nps.kernels.spaces import space_center, target_form
+    from nps.kernels.samplers import window_direction
 
-    units, _ = unit_table(table)
-    (form, _), _ = target_form(units, space.target)
-    lo, hi = _target_bounds(units, space)
-    return int((_direction(form, np.asarray(units.channels), space_center(units, space), hi - lo, space.R) > 0).sum())
+    return int((window_direction(table, space) > 0).sum())
 
 
 def compare_to_rejection(table, space, n):

@@ -30,51 +30,43 @@ import math
 import numpy as np
 
 from nps.kernels.complexity import keep_from_recipe, unit_table
-from nps.kernels.samplers import _direction, _target_bounds
+from nps.kernels.samplers import _target_bounds, window_direction
 from nps.kernels.spaces import parse_space, space_center, target_form
 from nps.pipeline.network.layer_table import build_layer_table
 
 
 def window_masses(table, space, u, d, draws: int, grid: int, seed: int = 0) -> np.ndarray:
     """Z(e) for ``draws`` draws of e orthogonal to the unit direction ``d``."""
-    (form, _), _ = target_form(table, space.target)
-    lo, hi = _target_bounds(table, space)
-    c = np.asarray(table.channels)
-    rng = np.random.default_rng(seed)
-    e = rng.standard_normal((draws, len(c)))
-    e = space.sigma * (e - (e @ d)[:, None] * d)
-    t = np.linspace(-4.0, 4.0, grid)  # in σ
-    weight = np.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi) * (t[1] - t[0])
-    z = np.empty(draws)
-    for j in range(draws):
-        r = u + e[j][None, :] + space.sigma * t[:, None] * d[None, :]
-        inside = np.all((r >= 0) & (r <= space.R), axis=1)
-        value = form(keep_from_recipe(np.clip(r, 0.0, space.R), c))
-        z[j] = weight[inside & (value >= lo) & (value <= hi)].sum()
-    return z
+    return _masses(table, space, u, np.asarray(d, dtype=np.float64)[None, :], draws, grid, seed)
 
 
 def pair_masses(table, space, u, pair, draws: int, grid: int, seed: int = 0) -> np.ndarray:
     """Z(e) over two groups' noise at once: the prior mass of the (t_i, t_j) that meet the target, for ``draws``
     draws of the other groups' noise."""
+    return _masses(table, space, u, np.eye(len(table.channels))[list(pair)], draws, grid, seed)
+
+
+def _masses(table, space, u, directions: np.ndarray, draws: int, grid: int, seed: int) -> np.ndarray:
+    """Z(e) along the orthonormal ``directions`` (k, G) at once: the prior mass of the t on a ``grid``^k grid across
+    ±4σ that meet the target on the integer counts, for ``draws`` draws of e orthogonal to them all."""
     (form, _), _ = target_form(table, space.target)
     lo, hi = _target_bounds(table, space)
     c = np.asarray(table.channels)
     rng = np.random.default_rng(seed)
+    e = rng.standard_normal((draws, len(c)))
+    e = space.sigma * (e - (e @ directions.T) @ directions)
     t = np.linspace(-4.0, 4.0, grid)  # in σ
     w = np.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi) * (t[1] - t[0])
-    ti, tj = (a.ravel() for a in np.meshgrid(t, t, indexing="ij"))
-    weight = np.outer(w, w).ravel()
+    k = len(directions)
+    ts = np.stack([a.ravel() for a in np.meshgrid(*[t] * k, indexing="ij")], axis=1)  # (grid^k, k)
+    weight = np.prod(np.stack([a.ravel() for a in np.meshgrid(*[w] * k, indexing="ij")], axis=1), axis=1)
+    step = space.sigma * ts @ directions  # (grid^k, G)
     z = np.empty(draws)
-    for k in range(draws):
-        e = space.sigma * rng.standard_normal(len(c))
-        e[list(pair)] = 0.0
-        r = np.repeat((u + e)[None, :], ti.size, axis=0)
-        r[:, pair[0]] += space.sigma * ti
-        r[:, pair[1]] += space.sigma * tj
+    for j in range(draws):
+        r = u + e[j][None, :] + step
         inside = np.all((r >= 0) & (r <= space.R), axis=1)
         value = form(keep_from_recipe(np.clip(r, 0.0, space.R), c))
-        z[k] = weight[inside & (value >= lo) & (value <= hi)].sum()
+        z[j] = weight[inside & (value >= lo) & (value <= hi)].sum()
     return z
 
 
@@ -113,11 +105,10 @@ def main() -> None:
     units, _ = unit_table(table)
     space = parse_space(args.space, args.target, args.value)
     (form, _), _ = target_form(units, space.target)
-    lo, hi = _target_bounds(units, space)
     u = space_center(units, space)
     c = np.asarray(units.channels, dtype=np.float64)
     g = form.gradient((1.0 - u) * c) * c
-    directions = {"sampler": _direction(form, np.asarray(units.channels), u, hi - lo, space.R), "gradient": g}
+    directions = {"sampler": window_direction(units, space), "gradient": g}
     for i in range(len(c)):
         directions[f"group {i}"] = np.where(np.arange(len(c)) == i, max(g[i], 1e-12), 0.0)
     for name, d in directions.items():
