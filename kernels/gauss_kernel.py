@@ -18,6 +18,9 @@ group) the kernel goes further: the few counts of that group inside the window g
 count meets the target on the integer counts (:func:`_one_group_window`), and ``Z`` is its mass. No drawn t then
 misses the target after rounding, and the envelope, the largest ``Z``, is smaller (ResNet-20, STD-0.05 at the
 c_latency of c_flops 0.25's mean latency: 0.49 against 0.66, acceptance 0.106 against 0.080).
+
+Under a padded target the sampler may draw with the cell kernel instead (:mod:`nps.kernels.cell_kernel`), which
+prices one or two groups' counts exactly without a window's roots and CDFs, when its pilot promises a recipe sooner.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nps.kernels import cell_kernel as ck
 from nps.kernels import gauss_kernel as gk
 from nps.kernels.complexity import keep_from_recipe, unit_table
 from nps.kernels.errors import SamplerError
@@ -24,6 +25,17 @@ from nps.kernels.xoshiro import new_state
 log = logging.getLogger(__name__)
 
 PILOT_PROPOSALS = 20_000
+# A padded target (a latency model's) may be drawn by the cell kernel over one or two groups' counts (CELL_GROUPS)
+# instead of the window kernel: whichever promises the least time a recipe, its pilot's acceptance against its cost
+# a proposal, which for the cell kernel grows with the counts its walk covers (its core's columns). In units of the
+# window kernel's proposal, from tools/bench_kernels.py on ResNet-20 (window 255 ns a proposal; one group over 6 and
+# 12 columns 179 and 203 ns, two groups over 26 and 50 columns 296 and 472 ns): CELL_COST[0] + CELL_COST[1]·columns.
+# Where the window kernel moves many groups it costs more (MobileNetV2: 690-900 ns, one group over 30 columns 413 ns),
+# so this model favours the window there: it errs towards the kernel sampled before the cell kernel existed.
+WINDOW_COST = 1.0
+CELL_COST = (0.55, 0.0255)
+CELL_GROUPS = (1, 2)  # the cell kernel's candidates: one group, two groups (_cell_groups)
+CELL_COLUMNS = 48  # a group the cell kernel draws has at most this many counts in its core
 # Envelope = margin × the largest window mass the pilot saw (over 2 million draws the largest was at most
 # 3.5 % above a pilot's, ResNet-50, std-0.05/0.1 and mCB spaces). A draw above it makes the run restart with a larger
 # envelope (same seed), so a small margin costs nothing in exactness, only an occasional restart.
@@ -131,20 +143,44 @@ def _direction(form, channels, u, band, R):
     rounding bounds would not hold for it, so it never moves (its count stays exact given e).
     """
     c = channels.astype(np.float64)
-    slack = form.slack((1.0 - u) * c)  # the gradient, or for a padded form the gradient widened by the blocks
-    g = form.gradient((1.0 - u) * c) * c
     movable = (1.0 - R) * c >= 0.5
+    g, slack, order = _ranked_groups(form, channels, u, movable)
     if not np.all(np.isfinite(g)) or g[movable].sum() <= 0:
         return np.where(movable, 1.0, 0.0) / math.sqrt(max(1, movable.sum()))
-    useful = (g > 0) & movable
-    order = np.argsort(-np.where(useful, g * g / np.where(useful, slack, 1.0), -1.0))
-    order = order[:int(useful.sum())]
     cos = np.sqrt(np.cumsum(g[order] ** 2) / (g * g).sum())
     kept = cos / (1.0 + np.cumsum(slack[order]) / band)
     subset = order[:int(np.argmax(kept)) + 1]
     d = np.zeros_like(c)
     d[subset] = g[subset]
     return np.ascontiguousarray(d / np.linalg.norm(d))
+
+
+def _ranked_groups(form, channels, u, eligible):
+    """(g, slack, order): the target's gradient over the ratios at the uniform recipe ``u``, its rounding slack per
+    group (the gradient, or for a padded form the gradient widened by the blocks), and the ``eligible`` groups with
+    ``g > 0`` by ``g²/slack``, best first (how much a group moves the target against how much its rounding blurs
+    it)."""
+    c = channels.astype(np.float64)
+    slack = form.slack((1.0 - u) * c)
+    g = form.gradient((1.0 - u) * c) * c
+    useful = (g > 0) & eligible
+    order = np.argsort(-np.where(useful, g * g / np.where(useful, slack, 1.0), -1.0))
+    return g, slack, order[:int(useful.sum())]
+
+
+def _cell_groups(form, channels, u, sigma):
+    """The cell kernel's candidates (:mod:`nps.kernels.cell_kernel`): the first group of :func:`_ranked_groups`
+    alone, and with the best-ranked group of another width (two groups of one width change count at the same noise,
+    which keeps the target's level set lumpy: ResNet-20 at c_latency 0.5135, groups 0 and 1 have an envelope of 0.36,
+    0 and 8 of 0.28), else the second. Only groups whose core spans at most CELL_COLUMNS counts (a walk costs one
+    evaluation per count), any width otherwise (the count tables hold the one-channel floor)."""
+    narrow = 2.0 * ck.CORE * sigma * channels <= CELL_COLUMNS
+    g, _, order = _ranked_groups(form, channels, u, narrow)
+    if not np.all(np.isfinite(g)) or len(order) == 0:
+        return []
+    first = int(order[0])
+    other = [int(i) for i in order[1:] if channels[i] != channels[first]] or [int(i) for i in order[1:2]]
+    return [groups for groups in [(first,)] + [(first, other[0])] * bool(other) if len(groups) in CELL_GROUPS]
 
 
 def _explain_empty(space, proposals, accepted, counts, table):
@@ -204,11 +240,15 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     direction = _direction(tform, channels, u, hi_t - lo_t, space.R) if window else None
     plain = False  # set below when the window buys nothing
 
+    cells = chosen = None  # set below when the cell kernel draws this space
+
     def run(zmax, state, rows, job, counts):
         """One kernel call: fill ``rows`` from ``job.start`` on (``job``: a :class:`gauss_kernel.Job`)."""
         if plain or space.kind == "uniform":
             return gk.sample_plain(state, job, rows, kernel_table, limits,
                                    gk.Plain(space.kind != "uniform", u, space.sigma), counts)
+        if cells is not None:
+            return ck.sample_cells(state, job, rows, kernel_table, limits, cells._replace(zmax=zmax), counts)
         return gk.sample_gauss(state, job, rows, kernel_table, limits, gk.Window(u, space.sigma, direction, zmax),
                                counts)
 
@@ -218,10 +258,20 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     elif window:
         # Pilot: the largest window mass over a few thousand draws, with margin, is the envelope. The kernel
         # reports every Z it sees, so a bound that turns out too small is caught below and the run restarts.
-        zseen = _pilot(run, seed, G)
-        zmax = min(1.0, ZMAX_MARGIN * zseen) if zseen > 0 else 1.0
+        zseen, kept = _pilot(run, seed, G)
+        zmax = _envelope(zseen)
         # the window's bounds need a moving group's lower count bound x - 1 >= 0 inside the box (gauss_kernel)
         plain = zmax >= PLAIN_ABOVE or (1.0 - space.R) * channels[direction > 0].min() < 0.5
+        if tform.padded and not plain:  # a padded target: the cell kernel too, where its pilots promise more
+            cost = WINDOW_COST * zmax / kept if kept > 0 else math.inf  # the estimated cost of a recipe
+            for groups in _cell_groups(tform, channels, u, space.sigma):
+                cells = ck.cell_tables(channels, groups, u, space.sigma, space.R, *tform.pad_arrays())
+                zcells, kept_cells = _pilot(run, seed, G)
+                columns = int((cells.core[:, 1] - cells.core[:, 0] + 1).sum())
+                estimate = (CELL_COST[0] + CELL_COST[1] * columns) * _envelope(zcells) / max(kept_cells, 1e-300)
+                if kept_cells > 0 and estimate < cost:
+                    cost, chosen, zmax = estimate, cells, _envelope(zcells)
+            cells = chosen
     request = _Request(table, space, n, seed, distinct, max_seconds, started + max_seconds, progress)
     while True:
         sample, zseen = _sample_with(run, request, zmax)
@@ -232,7 +282,9 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     sample.stats["u"] = u if space.kind != "uniform" else float("nan")
     sample.stats["zmax"] = zmax
     sample.stats["method"] = "uniform rejection" if space.kind == "uniform" else (
-        "plain rejection" if plain else "window")
+        "plain rejection" if plain else "cells" if cells is not None else "window")
+    if cells is not None:  # the groups the cell kernel drew by their counts
+        sample.stats["cell_groups"] = [int(g) for g in cells.pair if g >= 0]
     _verify(table, space, sample)
     if unit_size is not None:
         sample.keep = sample.keep * unit_size
@@ -267,12 +319,18 @@ def _check_mcb_reachable(table, space, seed, pilot=2000):
 
 
 def _pilot(run, seed, G):
-    """Largest window mass Z over PILOT_PROPOSALS draws (with its own random stream; the recipes are dropped)."""
+    """(largest window mass Z, share of proposals kept) over PILOT_PROPOSALS draws with no envelope (its own random
+    stream; the recipes are dropped). The share over the envelope estimates a run's acceptance."""
     m = PILOT_PROPOSALS
     state = new_state([seed, 1])
-    _, _, zseen = run(1.0, state, _outputs(m, G, hashed=False), gk.Job(m, m, 0, False),
-                      np.zeros(gk.N_REASONS, np.int64))
-    return zseen
+    filled, used, zseen = run(1.0, state, _outputs(m, G, hashed=False), gk.Job(m, m, 0, False),
+                              np.zeros(gk.N_REASONS, np.int64))
+    return zseen, filled / max(used, 1)
+
+
+def _envelope(zseen):
+    """The envelope for a pilot's largest window mass: ZMAX_MARGIN above it, at most 1 (1 when it saw none)."""
+    return min(1.0, ZMAX_MARGIN * zseen) if zseen > 0 else 1.0
 
 
 def _drop_duplicates(rows, filled, counts):

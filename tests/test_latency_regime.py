@@ -113,7 +113,8 @@ def test_the_window_kernel_draws_a_padded_target_without_distortion(name, space,
     """A padded latency form (blocks of 16; MobileNetV2's groups drawn in units of 4 channels, so mult = 4) through
     the window kernel, each padded count bounded by [mult·k, mult·k + block - 1], and with one group moving its
     exact window over that group's counts and padded count: the same population as plain rejection of the space.
-    PLAIN_ABOVE is lifted so that the window kernel runs even where its envelope is wide."""
+    PLAIN_ABOVE is lifted so that the window kernel runs even where its envelope is wide, and the cell kernel
+    (tests/test_cell_kernel.py) is ruled out."""
     import nps.kernels.samplers as samplers
 
     from helpers import compare_to_rejection, moving_groups
@@ -124,6 +125,7 @@ def test_the_window_kernel_draws_a_padded_target_without_distortion(name, space,
     sp = parse_space(space, "c_latency", value, delta=0.005)
     assert moving_groups(table, sp) == moving  # both window paths: one group (exact), several (bounds)
     monkeypatch.setattr(samplers, "PLAIN_ABOVE", 2.0)
+    monkeypatch.setattr(samplers, "CELL_GROUPS", ())  # not the cell kernel
     assert sample_space(table, sp, 100, seed=0).stats["method"] == "window"
     compare_to_rejection(table, sp, 20_000)
 

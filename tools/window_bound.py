@@ -13,9 +13,11 @@ One JSON line per direction:
 Directions: "sampler" (kernels.samplers._direction, what the sampler uses), "group <i>" (each group alone, along its
 gradient), "gradient" (every group, along the whole gradient). Baseline: the sampler's direction.
 
-``--pairs 0,1;4,8``: also an exact window over two groups' noise at once (a sampler this kernel does not have), one
-line per pair, "direction": "pair <i>,<j>": Z(e) the prior mass of the (t_i, t_j) on a --pair-grid² grid across ±4σ
-that meet the target, e the other groups' noise.
+``--pairs 0,1;4,8``: also an exact window over two groups' noise at once, one line per pair, "direction":
+"pair <i>,<j>": Z(e) the prior mass of the (t_i, t_j) on a --pair-grid² grid across ±4σ that meet the target, e the
+other groups' noise. The cell kernel (kernels/cell_kernel.py) draws so, exactly; its pilot's envelope over 20,000
+draws is the figure to trust: the largest Z of --pair-draws (1,000) draws is optimistic (ResNet-20 at c_latency
+0.5135, groups 0 and 1: 0.163 here, 0.092 by the kernel's pilot).
 
 usage: python tools/window_bound.py --model resnet20 --resolution 28 --in-channels 1 \\
            --latency-model runs/latency-study/resnet20/latency-model.h5 --space std-0.05 --target c_latency \\
