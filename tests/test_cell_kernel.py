@@ -197,3 +197,17 @@ def test_a_count_draw_follows_the_prior_truncated_to_its_interval():
         assert x.min() >= lo and x.max() <= hi
         cdf = (phi(x) - phi(lo)) / (phi(hi) - phi(lo))
         assert np.abs(cdf - np.arange(1, x.size + 1) / x.size).max() < 1.63 / math.sqrt(x.size)  # KS, alpha 0.01
+
+
+def test_a_space_records_the_kernel_that_drew_it(monkeypatch):
+    """The space's attributes in results.h5 name the kernel (a seed's rows are that kernel's draws), with the groups
+    the cell kernel drew by their counts."""
+    from nps.pipeline.experiment.sampling import sample_rows
+
+    table = _table("resnet20")
+    pin(monkeypatch, TWO_GROUPS)
+    _, attrs, sample = sample_rows(table, parse_space("std-0.05", "c_latency", 0.8, delta=0.005), 20, 0)
+    groups = sample.stats["cell_groups"]
+    assert attrs["sampler"] == f"cells {groups[0]},{groups[1]}"
+    _, attrs, _ = sample_rows(table, parse_space("std-0.05", "c_flops", 0.5), 20, 0)
+    assert attrs["sampler"] == "window"
