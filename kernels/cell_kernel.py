@@ -41,10 +41,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nps.kernels.complexity import evaluate_one, njit, padded_channels
-from nps.kernels.gauss_kernel import (REASON_BOX, REASON_ENVELOPE, REASON_MCB, REASON_STD, REASON_TARGET,
-                                      REASON_WINDOW, _count, _lower_tail, _mcb, _pairs_by_kind, _std, _store_row,
-                                      _truncated_from)
+from nps.kernels.complexity import njit, padded_channels
+from nps.kernels.gauss_kernel import (REASON_BOX, REASON_ENVELOPE, REASON_TARGET, REASON_WINDOW, _after_target,
+                                      _count, _lower_tail, _pairs_by_kind, _store_row, _truncated_from)
 from nps.kernels.xoshiro import fill_normals, uniform
 
 # The walk's first region, ±CORE·σ of each group's noise (see the module docstring). ResNet-20, STD-0.05 at
@@ -360,16 +359,9 @@ def sample_cells(state, job, rows, table, limits, proposal, counts):
         if tv < limits.lo_t or tv > limits.hi_t:
             counts[REASON_TARGET] += 1
             continue
-        sd = _std(r, total)
-        if sd < limits.std_lo or sd > limits.std_hi:
-            counts[REASON_STD] += 1
+        ok, ov, sd = _after_target(r, total, keep, tv, limits, oconst, olin, opa, opb, opw, counts)
+        if not ok:
             continue
-        ov = evaluate_one(keep, oconst, olin, opa, opb, opw)
-        if limits.mcb_hi > 0.0:
-            mcb = _mcb(tv, ov, limits.target_is_flops, limits.base_ratio)
-            if mcb < limits.mcb_lo or mcb > limits.mcb_hi:
-                counts[REASON_MCB] += 1
-                continue
         _store_row(rows, job.start + filled, r, keep, tv, ov, sd, job.dedup)
         filled += 1
     return filled, used, zseen

@@ -279,6 +279,24 @@ def _store_row(rows, row, r, keep, tv, ov, sd, dedup):
         rows.hash[row] = _hash_keep(keep)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _after_target(r, total, keep, tv, limits, oconst, olin, opa, opb, opw, counts):
+    """The checks after the target's, as the kernels that price the target themselves make them (window, cells):
+    std(r), then the other form's value and the mCB band. Returns (ok, other value, std(r)). It runs only for the
+    draws that met the target, so its call of evaluate_one costs the speed rule's reference counts there only."""
+    sd = _std(r, total)
+    if sd < limits.std_lo or sd > limits.std_hi:
+        counts[REASON_STD] += 1
+        return False, 0, sd
+    ov = evaluate_one(keep, oconst, olin, opa, opb, opw)
+    if limits.mcb_hi > 0.0:
+        mcb = _mcb(tv, ov, limits.target_is_flops, limits.base_ratio)
+        if mcb < limits.mcb_lo or mcb > limits.mcb_hi:
+            counts[REASON_MCB] += 1
+            return False, ov, sd
+    return True, ov, sd
+
+
 @njit(nogil=True, cache=True, inline="always")  # inline: the speed rule above
 def _finish(r, keep, x, table, limits, counts):
     """Round to integer channels and check every constraint exactly; returns (ok, target value, other value,
@@ -750,16 +768,9 @@ def sample_gauss(state, job, rows, table, limits, proposal, counts):
         if tv < limits.lo_t or tv > limits.hi_t:
             counts[REASON_TARGET] += 1
             continue
-        sd = _std(r, total)
-        if sd < limits.std_lo or sd > limits.std_hi:
-            counts[REASON_STD] += 1
+        ok, ov, sd = _after_target(r, total, keep, tv, limits, oconst, olin, opa, opb, opw, counts)
+        if not ok:
             continue
-        ov = evaluate_one(keep, oconst, olin, opa, opb, opw)
-        if limits.mcb_hi > 0.0:
-            mcb = _mcb(tv, ov, limits.target_is_flops, limits.base_ratio)
-            if mcb < limits.mcb_lo or mcb > limits.mcb_hi:
-                counts[REASON_MCB] += 1
-                continue
         _store_row(rows, job.start + filled, r, keep, tv, ov, sd, job.dedup)
         filled += 1
     return filled, used, zseen
