@@ -36,14 +36,13 @@ its arrays' reference counts on every proposal, 274 against 233 ns a proposal ov
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
 
 from nps.kernels.complexity import njit, padded_channels
-from nps.kernels.gauss_kernel import (REASON_BOX, REASON_ENVELOPE, REASON_TARGET, REASON_WINDOW, _after_target,
-                                      _count, _lower_tail, _pairs_by_kind, _store_row, _truncated_from)
+from nps.kernels.gauss_kernel import (REASON_BOX, REASON_ENVELOPE, REASON_WINDOW, _check_row, _count, _lower_tail,
+                                      _pairs_by_kind, _phi_cdf, _store_row, _truncated_from)
 from nps.kernels.xoshiro import fill_normals, uniform
 
 # The walk's first region, ±CORE·σ of each group's noise (see the module docstring). ResNet-20, STD-0.05 at
@@ -72,10 +71,6 @@ class Cells(NamedTuple):
     zmax: float
 
 
-def _phi(x: float) -> float:
-    return 0.5 * math.erfc(-x / math.sqrt(2.0))
-
-
 def count_table(c: int, u: float, sigma: float, R: float, mult: int = 1, block: int = 0):
     """One group's counts with prior mass in double precision (``c`` channels, ratio ``u + N(0, σ²)`` in
     ``[0, R]``; ``block`` > 0: its padded count ``block·ceil(mult·k/block)``), ascending: (counts, the noise interval
@@ -87,7 +82,7 @@ def count_table(c: int, u: float, sigma: float, R: float, mult: int = 1, block: 
         if not r_lo < r_hi:
             continue
         a, b = (r_lo - u) / sigma, (r_hi - u) / sigma
-        m = _phi(b) - _phi(a) if a <= 0.0 else _phi(-a) - _phi(-b)  # on the tail where Φ keeps its precision
+        m = _phi_cdf(b) - _phi_cdf(a) if a <= 0.0 else _phi_cdf(-a) - _phi_cdf(-b)  # the tail: Φ keeps precision
         if m > 0.0:
             rows.append((k, a, b, m, block * -(-(mult * k) // block) if block else 0))
     k, lo, hi, m, p = (np.array(col) for col in zip(*rows))
@@ -125,6 +120,11 @@ def cell_tables(channels, groups, u: float, sigma: float, R: float, pad_mult, pa
     return Cells(float(u), float(sigma), np.array([-1] * (2 - len(groups)) + groups, np.int64),
                  np.array([t[0][0] for t in tables], np.int64), np.array([t[0].size for t in tables], np.int64),
                  mass, cum, lo, hi, padded, cores, float(outside), float(zmax))
+
+
+def walk_columns(cells: Cells) -> int:
+    """How many counts the core walk covers (both tables' cores): what a proposal's walk costs grows with it."""
+    return int((cells.core[:, 1] - cells.core[:, 0] + 1).sum())
 
 
 class _Form(NamedTuple):
@@ -171,6 +171,20 @@ def _slice(A, B, w, k1, p1):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _own2(w, k2, p2):
+    """g2's own products at its count ``k2`` (padded ``p2``): the target's part that only g2's variables make."""
+    return w[1, 1] * k2 * k2 + w[1, 3] * k2 * p2 + w[3, 3] * p2 * p2
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _at(alpha, beta, gamma, first2, padded, own2, j2):
+    """The target at column ``j2`` of g2 (its lowest count ``first2``; ``padded``: the tables' padded counts), given
+    :func:`_slice`'s terms for a count of g1. Arrays, not the :class:`Cells`: an array taken from a tuple in the
+    walk's loop costs a reference count each time (the speed rule, gauss_kernel)."""
+    return alpha + beta * (first2 + j2) + gamma * padded[1, j2] + own2[j2]
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _walk(A, B, w, own2, cells, j1a, j1b, j2a, j2b, lo_t, hi_t, skip_a, skip_b, s_j1, s_a, s_b, s_cum):
     """The staircase over columns ``j1a..j1b`` of g1 and ``j2a..j2b`` of g2: for each j1 the run ``a..b`` of j2 whose
     cells meet ``[lo_t, hi_t]``, less the columns ``skip_a..skip_b`` of g2 where j1 lies in the core (the cells the
@@ -185,18 +199,18 @@ def _walk(A, B, w, own2, cells, j1a, j1b, j2a, j2b, lo_t, hi_t, skip_a, skip_b, 
     for j1 in range(j1a, j1b + 1):
         k1 = first[0] + j1
         alpha, beta, gamma = _slice(A, B, w, k1, padded[0, j1])
-        while b >= j2a and alpha + beta * (first[1] + b) + gamma * padded[1, b] + own2[b] > hi_t:
+        while b >= j2a and _at(alpha, beta, gamma, first[1], padded, own2, b) > hi_t:
             b -= 1
         if b < j2a:
             break  # every cell of this j1 and the larger ones is above the band
         if a > b + 1:
             a = b + 1  # the cells above b exceed hi_t, so they are at least lo_t: the run starts at b + 1 or below
-        while a > j2a and alpha + beta * (first[1] + a - 1) + gamma * padded[1, a - 1] + own2[a - 1] >= lo_t:
+        while a > j2a and _at(alpha, beta, gamma, first[1], padded, own2, a - 1) >= lo_t:
             a -= 1
         if a > b:
             continue
         m = cum[1, b + 1] - cum[1, a]
-        if c1a <= j1 <= c1b and skip_a <= skip_b:  # the core's part of the run was counted already
+        if _skipped(c1a, c1b, j1, skip_a, skip_b):  # the core's part of the run was counted already
             lo_, hi_ = max(a, skip_a), min(b, skip_b)
             if lo_ <= hi_:
                 m -= cum[1, hi_ + 1] - cum[1, lo_]
@@ -209,10 +223,16 @@ def _walk(A, B, w, own2, cells, j1a, j1b, j2a, j2b, lo_t, hi_t, skip_a, skip_b, 
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _pick(cells, v, z0, s_j1, s_a, s_b, s_cum, n, skip_a, skip_b, in_core):
+def _skipped(c1a, c1b, j1, skip_a, skip_b):
+    """Whether the walk passes over g2's columns ``skip_a..skip_b`` at column ``j1`` of g1: there are some, and j1 is
+    in g1's core ``c1a..c1b`` (the outer walk leaves the core walk's cells to it)."""
+    return skip_a <= skip_b and c1a <= j1 <= c1b
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _pick(cells, v, z0, s_j1, s_a, s_b, s_cum, n, skip_a, skip_b):
     """The cell where ``v`` falls in the slices' running mass (starting at ``z0``): (j1, j2). Within a slice the
-    residual picks j2 along g2's running mass, passing over the columns ``skip_a..skip_b`` when ``in_core`` says
-    the slice's j1 is in the core (they belong to the core walk)."""
+    residual picks j2 along g2's running mass, passing over the columns :func:`_walk` passed over."""
     mass, cum = cells.mass, cells.cum
     s = 0
     while s < n - 1 and s_cum[s] <= v - z0:
@@ -221,7 +241,7 @@ def _pick(cells, v, z0, s_j1, s_a, s_b, s_cum, n, skip_a, skip_b, in_core):
     j1 = s_j1[s]
     rest = (v - before) / mass[0, j1]
     j2 = s_a[s]
-    skipping = in_core[0] <= j1 <= in_core[1] and skip_a <= skip_b
+    skipping = _skipped(cells.core[0, 0], cells.core[0, 1], j1, skip_a, skip_b)
     while j2 < s_b[s]:
         if not (skipping and skip_a <= j2 <= skip_b):
             if rest < mass[1, j2]:
@@ -260,7 +280,7 @@ def sample_cells(state, job, rows, table, limits, proposal, counts):
     own2 = np.zeros(n2, dtype=np.int64)  # g2's own products at each of its counts
     for j in range(n2):
         k, p = cells.first[1] + j, cells.padded[1, j]
-        own2[j] = w[1, 1] * k * k + w[1, 3] * k * p + w[3, 3] * p * p
+        own2[j] = _own2(w, k, p)
     c1a, c1b, c2a, c2b = cells.core[0, 0], cells.core[0, 1], cells.core[1, 0], cells.core[1, 1]
     last1, last2 = cells.size[0] - 1, n2 - 1
     npad = pad_mult.shape[0]
@@ -272,14 +292,17 @@ def sample_cells(state, job, rows, table, limits, proposal, counts):
     r = np.empty(G)
     x = np.empty(tlin.shape[0], dtype=np.int64)
     keep = x[:G]
-    B = np.zeros(4, dtype=np.int64)
+    B0 = np.zeros(4, dtype=np.int64)  # the target's linear coefficients of y, before the pairs with fixed variables
+    for v_ in range(tlin.shape[0]):
+        if moving[v_] >= 0:
+            B0[moving[v_]] = tlin[v_]
+    fixed = np.flatnonzero(moving[:G] < 0)  # the groups e fixes
+    B = np.empty(4, dtype=np.int64)
     n1 = cells.size[0]
     s_j1, s_a, s_b, s_cum = (np.empty(n1, np.int64), np.empty(n1, np.int64), np.empty(n1, np.int64),
                              np.empty(n1))
     t_j1, t_a, t_b, t_cum = (np.empty(n1, np.int64), np.empty(n1, np.int64), np.empty(n1, np.int64),
                              np.empty(n1))
-    core_rows = np.array([c1a, c1b], np.int64)
-    no_rows = np.array([1, 0], np.int64)
     filled = 0
     used = 0
     zseen = 0.0
@@ -333,9 +356,9 @@ def sample_cells(state, job, rows, table, limits, proposal, counts):
             counts[REASON_ENVELOPE if zall > 0.0 else REASON_WINDOW] += 1
             continue
         if v < z:
-            j1, j2 = _pick(cells, v, 0.0, s_j1, s_a, s_b, s_cum, ns, 1, 0, no_rows)
+            j1, j2 = _pick(cells, v, 0.0, s_j1, s_a, s_b, s_cum, ns, 1, 0)
         else:
-            j1, j2 = _pick(cells, v, z, t_j1, t_a, t_b, t_cum, nt, c2a, c2b, core_rows)
+            j1, j2 = _pick(cells, v, z, t_j1, t_a, t_b, t_cum, nt, c2a, c2b)
         # the pair's noise, each from the prior truncated to its count's interval
         k1 = p1 = 0
         if g1 >= 0:
@@ -355,11 +378,8 @@ def sample_cells(state, job, rows, table, limits, proposal, counts):
         x[g2] = k2
         p2 = pad_of[g2, k2] if npad else 0
         alpha, beta, gamma = _slice(A, B, w, k1, p1)
-        tv = alpha + beta * k2 + gamma * p2 + w[1, 1] * k2 * k2 + w[1, 3] * k2 * p2 + w[3, 3] * p2 * p2
-        if tv < limits.lo_t or tv > limits.hi_t:
-            counts[REASON_TARGET] += 1
-            continue
-        ok, ov, sd = _after_target(r, total, keep, tv, limits, oconst, olin, opa, opb, opw, counts)
+        tv = alpha + beta * k2 + gamma * p2 + _own2(w, k2, p2)
+        ok, ov, sd = _check_row(r, total, keep, tv, limits, oconst, olin, opa, opb, opw, counts)
         if not ok:
             continue
         _store_row(rows, job.start + filled, r, keep, tv, ov, sd, job.dedup)

@@ -280,10 +280,14 @@ def _store_row(rows, row, r, keep, tv, ov, sd, dedup):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _after_target(r, total, keep, tv, limits, oconst, olin, opa, opb, opw, counts):
-    """The checks after the target's, as the kernels that price the target themselves make them (window, cells):
-    std(r), then the other form's value and the mCB band. Returns (ok, other value, std(r)). It runs only for the
-    draws that met the target, so its call of evaluate_one costs the speed rule's reference counts there only."""
+def _check_row(r, total, keep, tv, limits, oconst, olin, opa, opb, opw, counts):
+    """The exact checks of a drawn recipe whose target value ``tv`` the kernel priced itself (window, cells), in
+    _finish's order: the target's band, std(r), then the other form's value and the mCB band. Returns (ok, other
+    value, std(r)). evaluate_one is called only for the draws that met the target and std(r), so its reference counts
+    (the speed rule) are paid there only."""
+    if tv < limits.lo_t or tv > limits.hi_t:
+        counts[REASON_TARGET] += 1
+        return False, 0, 0.0
     sd = _std(r, total)
     if sd < limits.std_lo or sd > limits.std_hi:
         counts[REASON_STD] += 1
@@ -765,10 +769,7 @@ def sample_gauss(state, job, rows, table, limits, proposal, counts):
         if not in_box:
             counts[REASON_BOX] += 1
             continue
-        if tv < limits.lo_t or tv > limits.hi_t:
-            counts[REASON_TARGET] += 1
-            continue
-        ok, ov, sd = _after_target(r, total, keep, tv, limits, oconst, olin, opa, opb, opw, counts)
+        ok, ov, sd = _check_row(r, total, keep, tv, limits, oconst, olin, opa, opb, opw, counts)
         if not ok:
             continue
         _store_row(rows, job.start + filled, r, keep, tv, ov, sd, job.dedup)

@@ -59,7 +59,8 @@ class Sample:
     """Recipes of one space and what they cost.
 
     ``recipe`` (n, G) float64, ``keep`` (n, G) int64, ``flops``/``params`` int64 and ``c_flops``, ``c_params``,
-    ``mcb``, ``std`` float64 per row; ``stats`` holds proposals, acceptance, rejections by reason, seconds, u.
+    ``mcb``, ``std`` float64 per row; ``stats`` holds proposals, acceptance, rejections by reason, seconds, u, the
+    method and ``kernel`` (the method, and the groups the cell kernel drew: ``cells 0,8``).
     """
 
     space: Space
@@ -263,13 +264,13 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
         # the window's bounds need a moving group's lower count bound x - 1 >= 0 inside the box (gauss_kernel)
         plain = zmax >= PLAIN_ABOVE or (1.0 - space.R) * channels[direction > 0].min() < 0.5
         if tform.padded and not plain:  # a padded target: the cell kernel too, where its pilots promise more
-            cost = WINDOW_COST * zmax / kept if kept > 0 else math.inf  # the estimated cost of a recipe
+            cost = _per_recipe(WINDOW_COST, zmax, kept)
             for groups in _cell_groups(tform, channels, u, space.sigma):
-                cells = ck.cell_tables(channels, groups, u, space.sigma, space.R, *tform.pad_arrays())
+                cells = ck.cell_tables(channels, groups, u, space.sigma, space.R, *tform.pad_arrays())  # run's
                 zcells, kept_cells = _pilot(run, seed, G)
-                columns = int((cells.core[:, 1] - cells.core[:, 0] + 1).sum())
-                estimate = (CELL_COST[0] + CELL_COST[1] * columns) * _envelope(zcells) / max(kept_cells, 1e-300)
-                if kept_cells > 0 and estimate < cost:
+                estimate = _per_recipe(CELL_COST[0] + CELL_COST[1] * ck.walk_columns(cells), _envelope(zcells),
+                                       kept_cells)
+                if estimate < cost:
                     cost, chosen, zmax = estimate, cells, _envelope(zcells)
             cells = chosen
     request = _Request(table, space, n, seed, distinct, max_seconds, started + max_seconds, progress)
@@ -283,8 +284,10 @@ def sample_space(table, space: Space, n: int, seed: int = 0, *, distinct: bool =
     sample.stats["zmax"] = zmax
     sample.stats["method"] = "uniform rejection" if space.kind == "uniform" else (
         "plain rejection" if plain else "cells" if cells is not None else "window")
-    if cells is not None:  # the groups the cell kernel drew by their counts
+    sample.stats["kernel"] = sample.stats["method"]  # the method, with the groups the cell kernel drew by their counts
+    if cells is not None:
         sample.stats["cell_groups"] = [int(g) for g in cells.pair if g >= 0]
+        sample.stats["kernel"] += " " + ",".join(map(str, sample.stats["cell_groups"]))
     _verify(table, space, sample)
     if unit_size is not None:
         sample.keep = sample.keep * unit_size
@@ -326,6 +329,12 @@ def _pilot(run, seed, G):
     filled, used, zseen = run(1.0, state, _outputs(m, G, hashed=False), gk.Job(m, m, 0, False),
                               np.zeros(gk.N_REASONS, np.int64))
     return zseen, filled / max(used, 1)
+
+
+def _per_recipe(per_proposal, envelope, kept):
+    """A kernel's estimated cost of a recipe from its pilot: its cost a proposal over its acceptance (the share of
+    the pilot's proposals kept, over the envelope); infinite when the pilot kept none."""
+    return per_proposal * envelope / kept if kept > 0 else math.inf
 
 
 def _envelope(zseen):

@@ -132,8 +132,8 @@ def _walks():
         return z, n, zt, nt, (a1, a2, a3, a4), (b1, b2, b3, b4)
 
     @njit
-    def pick(cells, v, z0, slices, n, skip_a, skip_b, in_core):
-        return ck._pick(cells, v, z0, slices[0], slices[1], slices[2], slices[3], n, skip_a, skip_b, in_core)
+    def pick(cells, v, z0, slices, n, skip_a, skip_b):
+        return ck._pick(cells, v, z0, slices[0], slices[1], slices[2], slices[3], n, skip_a, skip_b)
 
     return walks, pick
 
@@ -169,13 +169,12 @@ def test_the_walks_find_every_cell_in_the_band_and_the_pick_follows_their_mass(s
     assert zt == pytest.approx(mass[band & ~in_core].sum(), rel=1e-9, abs=1e-15)
     order = [cell for part in (band & in_core, band & ~in_core) for cell in zip(*np.nonzero(part))]
     running = np.cumsum([mass[c] for c in order])
-    no_rows, core_rows = np.array([1, 0]), cells.core[0].copy()
     for v in rng.uniform(0, z + zt, 200):
         at = int(np.searchsorted(running, v, side="right"))
         if abs(running[min(at, len(running) - 1)] - v) < 1e-12 or (at and abs(running[at - 1] - v) < 1e-12):
             continue  # on a boundary between cells: rounding may take either
-        got = (pick(cells, v, 0.0, core, n, 1, 0, no_rows) if v < z
-               else pick(cells, v, z, rest, nt, cells.core[1, 0], cells.core[1, 1], core_rows))
+        got = (pick(cells, v, 0.0, core, n, 1, 0) if v < z
+               else pick(cells, v, z, rest, nt, cells.core[1, 0], cells.core[1, 1]))
         assert tuple(int(x) for x in got) == tuple(int(x) for x in order[at])
 
 

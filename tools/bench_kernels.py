@@ -48,7 +48,7 @@ def measure(table, space, kernel: str, n: int, repeats: int) -> dict:
             setattr(samplers, name, value)
     seconds, s = best
     proposals = s.stats["proposals"]
-    return {"kernel": kernel, "method": s.stats["method"], "ns_per_proposal": round(seconds / proposals * 1e9, 1),
+    return {"kernel": kernel, "method": s.stats["kernel"], "ns_per_proposal": round(seconds / proposals * 1e9, 1),
             "acceptance": round(len(s) / proposals, 4), "zmax": round(s.stats["zmax"], 3),
             "recipes_per_s": round(len(s) / seconds)}
 

@@ -28,9 +28,9 @@ in one process, a MobileNetV2 subnetwork measured 6 % slower relative to its bas
 run there (oneDNN's kernel cache and the heap keep what they left; the session records it as isolation). The
 table shows each timing's noise, IQR/median; a timing above 5 % is taken again (twice at most, the least noisy
 kept), and a line warns when some still exceed 10 % (a shared or busy machine, or more threads than free cores):
-their speed-ups are unreliable, time again with fewer threads on a quiet machine. A results file with a latency model (c_latency regimes, nps
-latency-model) is timed at the model's device, batch and threads unless told otherwise, so that nps report can set
-each row's predicted latency against its measured one.
+their speed-ups are unreliable, time again with fewer threads on a quiet machine. A results file with a latency
+model (c_latency regimes, nps latency-model) is timed at the model's device, batch and threads unless told
+otherwise, so that nps report can set each row's predicted latency against its measured one.
 
 The timings go into RESULTS.h5 under /latency/<device> (with the device's name, the thread count and the library
 versions); nps report draws them and nps table adds them as columns. A run holding the file refuses this command:

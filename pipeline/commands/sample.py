@@ -203,6 +203,5 @@ def summary_table(tables, results):
         t.add_row(label, *[_span(getattr(s, key)) if getattr(s, key) is not None else "–" for s in samples])
     t.add_row("recipes/s", *[f"{s.stats['recipes_per_s']:,.0f}" for s in samples])
     t.add_row("accepted", *[f"{s.stats['accepted'] / s.stats['proposals']:.3g} of proposals" for s in samples])
-    t.add_row("kernel", *[s.stats.get("method", "–") + (" " + ",".join(map(str, s.stats["cell_groups"]))
-                                                          if "cell_groups" in s.stats else "") for s in samples])
+    t.add_row("kernel", *[s.stats.get("kernel", "–") for s in samples])
     return t

@@ -77,9 +77,8 @@ def space_attrs(space: Space, seed: int, stats: dict | None = None) -> dict:
     if stats:
         attrs["uniform_ratio"] = float(stats.get("u", np.nan))
         attrs["proposals"] = int(stats.get("proposals", 0))
-        if "method" in stats:  # the kernel that drew the rows (a seed's rows are its draws)
-            groups = ",".join(str(g) for g in stats.get("cell_groups", ()))
-            attrs["sampler"] = stats["method"] + (f" {groups}" if groups else "")
+        if "kernel" in stats:  # the kernel that drew the rows (a seed's rows are its draws)
+            attrs["sampler"] = stats["kernel"]
     return attrs
 
 
