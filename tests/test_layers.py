@@ -9,6 +9,7 @@ imports ``nps.pipeline``.
 from __future__ import annotations
 
 import ast
+import gc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,10 +33,28 @@ def modules() -> dict[str, Path]:
 KNOWN = modules()
 
 
+def parse(path: Path) -> ast.Module:
+    """The module's tree, parsed with the garbage collector off.
+
+    CPython 3.11 keeps one AST-construction depth per interpreter: a collection during the parse runs finalizers
+    (numba's dispatchers, from earlier tests in this worker), those can hand the GIL to another thread that builds a
+    tree too, and the parse then fails with "AST constructor recursion depth mismatch" (CI, 3.11.7; CPython gh-106905).
+    With collection off the C constructor runs no Python code, so no other thread can interleave.
+    """
+    text = path.read_text()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(text)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def imports(path: Path, name: str) -> set[str]:
     found = set()
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parse(path)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -149,3 +168,49 @@ def test_results_imports_no_torch_and_nothing_that_runs_networks():
                         if any(t.split(".")[0] in ("torch", "torchvision") for t in imports(known[m], m))})
     assert offenders == []
     assert not any(m.startswith("nps.pipeline.deploy") for mods in reached.values() for m in mods)
+
+
+def test_the_parse_survives_finalizers_and_a_thread_that_parses_too():
+    """CI's failure, reproduced: a thread parsing beside us and finalizers run by a collection inside our parse.
+
+    Unguarded, most parses of this loop fail on CPython 3.11 ("AST constructor recursion depth mismatch").
+    """
+    import threading
+    import weakref
+
+    path = ROOT / "pipeline" / "run" / "driver.py"
+    text = path.read_text()
+    stop = threading.Event()
+
+    def other() -> None:
+        while not stop.is_set():
+            try:
+                ast.parse(text)
+            except SystemError:
+                pass
+
+    def finalizer() -> None:
+        sum(range(200))  # Python code: the interpreter may switch threads here
+
+    class Node:
+        pass
+
+    thread = threading.Thread(target=other, daemon=True)
+    thread.start()
+    failures = 0
+    try:
+        for _ in range(40):
+            for _ in range(200):
+                a, b = Node(), Node()
+                a.other, b.other = b, a  # a cycle: only a collection frees it
+                weakref.finalize(a, finalizer)
+                del a, b
+            try:
+                parse(path)
+            except SystemError:
+                failures += 1
+    finally:
+        stop.set()
+        thread.join()
+    gc.collect()
+    assert failures == 0
