@@ -41,6 +41,7 @@ import torch
 
 from nps.datasets.batch_ops import BatchFinisher
 from nps.datasets.errors import DatasetError
+from nps.datasets.ffcv_epoch import end_epoch_later
 from nps.datasets.meta import load_meta
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,11 @@ class FFCVImageLoader:
         # FFCV sets torch's thread count to its own num_workers; the caller's setting wins (on CPU the finishing
         # ops would otherwise compete with FFCV's decoding threads).
         torch.set_num_threads(threads)
-        for images, labels in batches:
-            yield self.finisher(images), labels.reshape(-1).clone()
+        try:
+            for images, labels in batches:
+                yield self.finisher(images), labels.reshape(-1).clone()
+        finally:  # a consumer that stops early would leave FFCV's thread and its buffers alive (ffcv_epoch)
+            end_epoch_later(batches)
 
 
 def free_device_memory(device: torch.device) -> int:
