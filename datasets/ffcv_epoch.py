@@ -87,7 +87,13 @@ def end_epoch_later(batches) -> threading.Thread | None:
     if oldest is not None:
         oldest.join()  # end_epoch itself gives up after its timeout
     thread = threading.Thread(target=end_epoch, args=(batches,), name="nps-ffcv-end-epoch", daemon=True)
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError:  # the interpreter is shutting down: nothing outlives the process anyway
+        event = getattr(batches, "terminate_event", None)
+        if event is not None:
+            event.set()
+        return None
     with _ENDING_LOCK:
         _ENDING.append(thread)
     return thread

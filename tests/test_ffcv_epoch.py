@@ -117,3 +117,20 @@ def test_the_consumer_does_not_wait_for_the_thread_to_end(data_dir, monkeypatch)
     third.join(30)
     assert not third.is_alive() and len(calls) == ffcv_epoch.MAX_ENDING + 1
     assert not settle(before)
+
+
+def test_at_interpreter_shutdown_the_epoch_is_only_told_to_stop(monkeypatch):
+    """No new thread can start then; the epoch's own thread ends with the process."""
+    class Shut(threading.Thread):
+        def start(self):
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    class Epoch:
+        terminate_event = threading.Event()
+
+        def is_alive(self):
+            return True
+
+    monkeypatch.setattr(ffcv_epoch.threading, "Thread", Shut)
+    epoch = Epoch()
+    assert end_epoch_later(epoch) is None and epoch.terminate_event.is_set()
