@@ -134,3 +134,18 @@ def test_at_interpreter_shutdown_the_epoch_is_only_told_to_stop(monkeypatch):
     monkeypatch.setattr(ffcv_epoch.threading, "Thread", Shut)
     epoch = Epoch()
     assert end_epoch_later(epoch) is None and epoch.terminate_event.is_set()
+
+
+def test_the_gpu_acceptance_check_runs_on_the_cpu(capsys):
+    """tools/gpu_acceptance.py's check of the same, which a GPU session runs first, works where it can be tried."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "gpu_acceptance.py"
+    spec = importlib.util.spec_from_file_location("gpu_acceptance", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.check_ffcv_epochs("cpu", stops=4)
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["loader"] == "ffcv" and line["threads_left"] == 0 and line["ok"] is True, line

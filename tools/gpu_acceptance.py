@@ -26,6 +26,11 @@ non-negative and the error stated.
     python tools/gpu_acceptance.py [--budget-s 420] [--models resnet20,resnet56,mobilenet_v2,resnet50]
     python tools/gpu_acceptance.py --only resume     # the base-training checks alone (under a minute)
     python tools/gpu_acceptance.py --only latency    # the latency model alone
+    python tools/gpu_acceptance.py --only ffcv       # FFCV epochs left early (about 10 s)
+
+Then ``check_ffcv_epochs``: an FFCV loader delivering to the GPU (96 px RGB, batch 64), 10 epochs each left after
+one batch (as adaptive BN leaves them, datasets/ffcv_epoch.py): one line with the loader threads left and the device
+memory still allocated once they have ended (at most 10 s after the last; FFCV's device buffers of every epoch left running, before nps ended them).
 """
 from __future__ import annotations
 
@@ -211,8 +216,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new measurements after this")
     ap.add_argument("--models", default="resnet20,resnet56,mobilenet_v2,resnet50")
     ap.add_argument("--k", default="1,4,16,32")
-    ap.add_argument("--only", choices=["resume", "latency"],
-                    help="run only these checks (resume: base training's; latency: the latency model)")
+    ap.add_argument("--only", choices=["resume", "latency", "ffcv"],
+                    help="run only these checks (resume: base training's; latency: the latency model; ffcv: FFCV "
+                         "epochs left early)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         emit(error="no CUDA device: this script measures what only a GPU can show")
@@ -220,10 +226,12 @@ def main() -> int:
     device = torch.device("cuda:0")
     emit(device=torch.cuda.get_device_name(device), torch=torch.__version__, cuda=torch.version.cuda,
          cpu_cores=len(os.sched_getaffinity(0)))
-    if args.only != "latency":
+    if args.only in (None, "resume"):
         check_resume(device)
-    if args.only != "resume":
+    if args.only in (None, "latency"):
         check_latency_model(device)  # before cudnn.benchmark: as nps latency-model runs
+    if args.only in (None, "ffcv"):
+        check_ffcv_epochs(device)
     if args.only is not None:
         return 0
     torch.backends.cudnn.benchmark = True
@@ -337,6 +345,55 @@ def check_latency_model(device) -> None:
                      and np.all(np.isfinite(m.fit_error))
                      and np.isfinite(m.network_error)
                      and len(cal["measured_s"]) == len(CALIBRATION_KEEPS) + CALIBRATION_RANDOM))
+    except Exception as exc:  # noqa: BLE001 - reported; the measurements after it still run
+        emit(check=what, error=f"{type(exc).__name__}: {exc}"[:300], ok=False)
+
+
+def check_ffcv_epochs(device, stops: int = 10, settle_s: float = 10.0) -> None:
+    """FFCV epochs left after one batch end (datasets/ffcv_epoch.py): ``ok`` when no loader thread is left and the
+    device memory allocated after ``stops`` early stops is within one epoch's buffers of what it was before (left
+    running, each held its batches on the device). Runs on the CPU too (no memory figure there)."""
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    import numpy as np
+
+    from nps.datasets.convert import convert_dataset
+    from nps.datasets.loaders import make_loaders
+
+    what = f"FFCV epochs left early ({stops}, 96 px RGB, batch 64)"
+    cuda = torch.device(device).type == "cuda"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rng = np.random.default_rng(0)
+            x = rng.integers(0, 256, (1200, 96, 96, 3), dtype=np.uint8)
+            np.savez(Path(tmp) / "d.npz", x_train=x[:1000], y_train=np.arange(1000) % 10, x_test=x[1000:],
+                     y_test=np.arange(200) % 10)
+            convert_dataset("npz", Path(tmp) / "out", src=Path(tmp) / "d.npz", workers=1)
+            train, _, info = make_loaders(Path(tmp) / "out", batch_size=64, device=device, on_device=False,
+                                          resolution=96)
+            threads = threading.active_count()
+
+            def settled() -> None:  # the loader's threads gone, or settle_s passed
+                deadline = time.monotonic() + settle_s
+                while threading.active_count() > threads and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+            for _ in train:  # compiles; a whole pass leaves nothing running
+                pass
+            settled()
+            allocated = torch.cuda.memory_allocated(device) if cuda else 0
+            for epoch in range(stops):
+                train.set_epoch(epoch)
+                for _ in train:
+                    break
+            settled()
+            grown = (torch.cuda.memory_allocated(device) - allocated) if cuda else 0
+            epoch_bytes = 64 * 3 * 96 * 96 * (train.loader.batches_ahead + 2)  # uint8 batches FFCV keeps
+            left = threading.active_count() - threads
+            emit(check=what, loader=info.implementation, threads_left=left, device_mib_grown=round(grown / 2**20, 2),
+                 one_epoch_mib=round(epoch_bytes / 2**20, 2), ok=bool(left == 0 and grown <= epoch_bytes))
     except Exception as exc:  # noqa: BLE001 - reported; the measurements after it still run
         emit(check=what, error=f"{type(exc).__name__}: {exc}"[:300], ok=False)
 
