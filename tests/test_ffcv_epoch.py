@@ -146,6 +146,6 @@ def test_the_gpu_acceptance_check_runs_on_the_cpu(capsys):
     spec = importlib.util.spec_from_file_location("gpu_acceptance", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.check_ffcv_epochs("cpu", stops=4)
+    module.check_ffcv_epochs("cpu", stops=4, images=450, side=32)  # small: the logic, not the figure
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["loader"] == "ffcv" and line["threads_left"] == 0 and line["ok"] is True, line

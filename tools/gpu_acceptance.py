@@ -28,7 +28,7 @@ non-negative and the error stated.
     python tools/gpu_acceptance.py --only latency    # the latency model alone
     python tools/gpu_acceptance.py --only ffcv       # FFCV epochs left early (about 10 s)
 
-Then ``check_ffcv_epochs``: an FFCV loader delivering to the GPU (96 px RGB, batch 64), 10 epochs each left after
+Then ``check_ffcv_epochs``: an FFCV loader delivering to the GPU (96 px RGB unaugmented, batch 64), 10 epochs each left after
 one batch (as adaptive BN leaves them, datasets/ffcv_epoch.py): one line with the loader threads left and the device
 memory still allocated once they have ended (at most 10 s after the last; FFCV's device buffers of every epoch left running, before nps ended them).
 """
@@ -349,7 +349,7 @@ def check_latency_model(device) -> None:
         emit(check=what, error=f"{type(exc).__name__}: {exc}"[:300], ok=False)
 
 
-def check_ffcv_epochs(device, stops: int = 10, settle_s: float = 10.0) -> None:
+def check_ffcv_epochs(device, stops: int = 10, settle_s: float = 10.0, images: int = 1200, side: int = 96) -> None:
     """FFCV epochs left after one batch end (datasets/ffcv_epoch.py): ``ok`` when no loader thread is left and the
     device memory allocated after ``stops`` early stops is within one epoch's buffers of what it was before (left
     running, each held its batches on the device). Runs on the CPU too (no memory figure there)."""
@@ -362,17 +362,18 @@ def check_ffcv_epochs(device, stops: int = 10, settle_s: float = 10.0) -> None:
     from nps.datasets.convert import convert_dataset
     from nps.datasets.loaders import make_loaders
 
-    what = f"FFCV epochs left early ({stops}, 96 px RGB, batch 64)"
+    what = f"FFCV epochs left early ({stops}, {side} px RGB, batch 64)"
     cuda = torch.device(device).type == "cuda"
     try:
         with tempfile.TemporaryDirectory() as tmp:
             rng = np.random.default_rng(0)
-            x = rng.integers(0, 256, (1200, 96, 96, 3), dtype=np.uint8)
-            np.savez(Path(tmp) / "d.npz", x_train=x[:1000], y_train=np.arange(1000) % 10, x_test=x[1000:],
-                     y_test=np.arange(200) % 10)
+            x = rng.integers(0, 256, (images, side, side, 3), dtype=np.uint8)
+            train_n = images * 5 // 6
+            np.savez(Path(tmp) / "d.npz", x_train=x[:train_n], y_train=np.arange(train_n) % 10, x_test=x[train_n:],
+                     y_test=np.arange(images - train_n) % 10)
             convert_dataset("npz", Path(tmp) / "out", src=Path(tmp) / "d.npz", workers=1)
             train, _, info = make_loaders(Path(tmp) / "out", batch_size=64, device=device, on_device=False,
-                                          resolution=96)
+                                          resolution=side, augment=False)
             threads = threading.active_count()
 
             def settled() -> None:  # the loader's threads gone, or settle_s passed
@@ -390,7 +391,7 @@ def check_ffcv_epochs(device, stops: int = 10, settle_s: float = 10.0) -> None:
                     break
             settled()
             grown = (torch.cuda.memory_allocated(device) - allocated) if cuda else 0
-            epoch_bytes = 64 * 3 * 96 * 96 * (train.loader.batches_ahead + 2)  # uint8 batches FFCV keeps
+            epoch_bytes = 64 * 3 * side * side * (train.loader.batches_ahead + 2)  # uint8 batches FFCV keeps
             left = threading.active_count() - threads
             emit(check=what, loader=info.implementation, threads_left=left, device_mib_grown=round(grown / 2**20, 2),
                  one_epoch_mib=round(epoch_bytes / 2**20, 2), ok=bool(left == 0 and grown <= epoch_bytes))
