@@ -28,9 +28,10 @@ non-negative and the error stated.
     python tools/gpu_acceptance.py --only latency    # the latency model alone
     python tools/gpu_acceptance.py --only ffcv       # FFCV epochs left early (about 10 s)
 
-Then ``check_ffcv_epochs``: an FFCV loader delivering to the GPU (96 px RGB unaugmented, batch 64), 10 epochs each left after
-one batch (as adaptive BN leaves them, datasets/ffcv_epoch.py): one line with the loader threads left and the device
-memory still allocated once they have ended (at most 10 s after the last; FFCV's device buffers of every epoch left running, before nps ended them).
+Then ``check_ffcv_epochs``: an FFCV loader delivering to the GPU (96 px RGB unaugmented, batch 64), 10 epochs each
+left after one batch (as adaptive BN leaves them, datasets/ffcv_epoch.py): one line with the loader threads left and
+the device memory still allocated once they have ended (at most 10 s after the last). Before nps ended such epochs,
+each kept its FFCV device buffers.
 """
 from __future__ import annotations
 
