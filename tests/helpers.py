@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,8 +105,12 @@ def paired_stand_in(time_network):
 
 
 def load_tool(name: str):
-    """The module of ``tools/<name>.py`` (the tools are scripts, not a package)."""
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    """The module of ``tools/<name>.py`` (the tools are scripts, not a package). tools/ goes on ``sys.path``, as
+    it is for a script run from there: a tool may import the modules it shares with others (space_table)."""
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    if str(tools) not in sys.path:
+        sys.path.append(str(tools))
+    path = tools / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

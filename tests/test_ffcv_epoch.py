@@ -1,6 +1,7 @@
 """An FFCV epoch its consumer leaves early ends: its thread, its page readers and its buffers do not outlive it."""
 from __future__ import annotations
 
+import json
 import operator
 import threading
 import time
@@ -12,6 +13,8 @@ from nps.datasets.convert import convert_dataset
 from nps.datasets import ffcv_epoch
 from nps.datasets.ffcv_epoch import end_epoch, end_epoch_later
 from nps.datasets.loaders import make_loaders
+
+from helpers import load_tool
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +141,7 @@ def test_at_interpreter_shutdown_the_epoch_is_only_told_to_stop(monkeypatch):
 
 def test_the_gpu_acceptance_check_runs_on_the_cpu(capsys):
     """tools/gpu_acceptance.py's check of the same, which a GPU session runs first, works where it can be tried."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "gpu_acceptance.py"
-    spec = importlib.util.spec_from_file_location("gpu_acceptance", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("gpu_acceptance")
     module.check_ffcv_epochs("cpu", stops=4, images=450, side=32)  # small: the logic, not the figure
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["loader"] == "ffcv" and line["threads_left"] == 0 and line["ok"] is True, line

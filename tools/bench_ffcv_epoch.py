@@ -52,6 +52,20 @@ def dataset(data: Path, images: int, side: int) -> Path:
     return out
 
 
+def stop_early(train, stops: int, gap: float = 0.0) -> float:
+    """Leave ``stops`` epochs of ``train`` after their first batch, ``gap`` seconds apart (the consumer's own work
+    between stops: training a cohort); the consumer's seconds for the stops, the gaps not counted."""
+    took = 0.0
+    for epoch in range(stops):
+        started = time.perf_counter()
+        train.set_epoch(epoch)
+        for _ in train:
+            break
+        took += time.perf_counter() - started
+        time.sleep(gap)
+    return took
+
+
 def one(policy: str, args) -> dict:
     """Runs in the child process."""
     import nps.datasets.loaders as loaders
@@ -68,14 +82,7 @@ def one(policy: str, args) -> dict:
         pass
     time.sleep(args.settle)
     threads, rss = threading.active_count(), rss_mib()
-    took = 0.0
-    for epoch in range(args.stops):
-        started = time.perf_counter()
-        train.set_epoch(epoch)
-        for _ in train:
-            break
-        took += time.perf_counter() - started
-        time.sleep(args.gap)  # the consumer's own work between stops (training a cohort), not counted
+    took = stop_early(train, args.stops, args.gap)
     time.sleep(args.settle)
     return {"bench": "ffcv_epoch", "policy": policy, "stops": args.stops, "consumer_s": round(took, 3),
             "s_per_stop": round(took / args.stops, 4), "threads_left": threading.active_count() - threads,

@@ -23,8 +23,7 @@ import time
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import nps.kernels.samplers as samplers  # noqa: E402
-from nps.kernels.spaces import parse_space  # noqa: E402
-from nps.pipeline.network.layer_table import build_layer_table  # noqa: E402
+from space_table import add_space_arguments, table_and_space  # noqa: E402  (tools/, beside this script)
 
 PINNED = {"window": {"CELL_GROUPS": ()}, "cells-1": {"WINDOW_COST": math.inf, "CELL_GROUPS": (1,)},
           "cells-2": {"WINDOW_COST": math.inf, "CELL_GROUPS": (2,)}, "plain": {"PLAIN_ABOVE": -1.0}}
@@ -55,27 +54,12 @@ def measure(table, space, kernel: str, n: int, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--resolution", type=int, default=28)
-    ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--in-channels", type=int, default=1)
-    ap.add_argument("--mode", default="all")
-    ap.add_argument("--latency-model", default=None, help="a model file (nps latency-model): c_latency targets")
-    ap.add_argument("--space", default="std-0.05")
-    ap.add_argument("--target", default="c_latency")
-    ap.add_argument("--value", type=float, required=True)
+    add_space_arguments(ap)
     ap.add_argument("--n", type=int, default=300_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kernels", default=",".join(PINNED), help="which of: " + ", ".join(PINNED))
     args = ap.parse_args()
-    model = None
-    if args.latency_model:
-        from nps.pipeline.network.latency_model import LatencyModel
-
-        model = LatencyModel.load(args.latency_model)
-    table = build_layer_table(args.model, args.mode, args.resolution, args.classes, args.in_channels,
-                              latency_model=model)
-    space = parse_space(args.space, args.target, args.value)
+    table, space = table_and_space(args)
     base = None
     for kernel in ["window"] + [k for k in args.kernels.split(",") if k and k != "window"]:
         line = measure(table, space, kernel, args.n, args.repeats)

@@ -353,28 +353,22 @@ def check_latency_model(device) -> None:
 def check_ffcv_epochs(device, stops: int = 10, settle_s: float = 10.0, images: int = 1200, side: int = 96) -> None:
     """FFCV epochs left after one batch end (datasets/ffcv_epoch.py): ``ok`` when no loader thread is left and the
     device memory allocated after ``stops`` early stops is within one epoch's buffers of what it was before (left
-    running, each held its batches on the device). Runs on the CPU too (no memory figure there)."""
+    running, each held its batches on the device). Runs on the CPU too (no memory figure there). The dataset and
+    the stops are tools/bench_ffcv_epoch.py's."""
     import tempfile
     import threading
     from pathlib import Path
 
-    import numpy as np
+    from bench_ffcv_epoch import dataset, stop_early  # tools/, beside this script
 
-    from nps.datasets.convert import convert_dataset
     from nps.datasets.loaders import make_loaders
 
     what = f"FFCV epochs left early ({stops}, {side} px RGB, batch 64)"
     cuda = torch.device(device).type == "cuda"
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            rng = np.random.default_rng(0)
-            x = rng.integers(0, 256, (images, side, side, 3), dtype=np.uint8)
-            train_n = images * 5 // 6
-            np.savez(Path(tmp) / "d.npz", x_train=x[:train_n], y_train=np.arange(train_n) % 10, x_test=x[train_n:],
-                     y_test=np.arange(images - train_n) % 10)
-            convert_dataset("npz", Path(tmp) / "out", src=Path(tmp) / "d.npz", workers=1)
-            train, _, info = make_loaders(Path(tmp) / "out", batch_size=64, device=device, on_device=False,
-                                          resolution=side, augment=False)
+            train, _, info = make_loaders(dataset(Path(tmp), images, side), batch_size=64, device=device,
+                                          on_device=False, resolution=side, augment=False)
             threads = threading.active_count()
 
             def settled() -> None:  # the loader's threads gone, or settle_s passed
@@ -386,10 +380,7 @@ def check_ffcv_epochs(device, stops: int = 10, settle_s: float = 10.0, images: i
                 pass
             settled()
             allocated = torch.cuda.memory_allocated(device) if cuda else 0
-            for epoch in range(stops):
-                train.set_epoch(epoch)
-                for _ in train:
-                    break
+            stop_early(train, stops)
             settled()
             grown = (torch.cuda.memory_allocated(device) - allocated) if cuda else 0
             epoch_bytes = 64 * 3 * side * side * (train.loader.batches_ahead + 2)  # uint8 batches FFCV keeps
@@ -398,7 +389,6 @@ def check_ffcv_epochs(device, stops: int = 10, settle_s: float = 10.0, images: i
                  one_epoch_mib=round(epoch_bytes / 2**20, 2), ok=bool(left == 0 and grown <= epoch_bytes))
     except Exception as exc:  # noqa: BLE001 - reported; the measurements after it still run
         emit(check=what, error=f"{type(exc).__name__}: {exc}"[:300], ok=False)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,8 +33,8 @@ import numpy as np
 
 from nps.kernels.complexity import keep_from_recipe, unit_table
 from nps.kernels.samplers import _target_bounds, window_direction
-from nps.kernels.spaces import parse_space, space_center, target_form
-from nps.pipeline.network.layer_table import build_layer_table
+from nps.kernels.spaces import space_center, target_form
+from space_table import add_space_arguments, table_and_space  # tools/, beside this script
 
 
 def window_masses(table, space, u, d, draws: int, grid: int, seed: int = 0) -> np.ndarray:
@@ -82,30 +82,15 @@ def _line(args, name: str, moving, z: np.ndarray) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--resolution", type=int, default=28)
-    ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--in-channels", type=int, default=1)
-    ap.add_argument("--mode", default="all")
-    ap.add_argument("--latency-model", default=None, help="a model file (nps latency-model): c_latency targets")
-    ap.add_argument("--space", default="std-0.05")
-    ap.add_argument("--target", default="c_latency")
-    ap.add_argument("--value", type=float, required=True)
+    add_space_arguments(ap)
     ap.add_argument("--draws", type=int, default=3000)
     ap.add_argument("--grid", type=int, default=1201, help="t values across ±4σ")
     ap.add_argument("--pairs", default="", help="pairs of groups for two-group windows: 0,1;4,8")
     ap.add_argument("--pair-grid", type=int, default=121, help="t values per group of a pair across ±4σ")
     ap.add_argument("--pair-draws", type=int, default=1000)
     args = ap.parse_args()
-    model = None
-    if args.latency_model:
-        from nps.pipeline.network.latency_model import LatencyModel
-
-        model = LatencyModel.load(args.latency_model)
-    table = build_layer_table(args.model, args.mode, args.resolution, args.classes, args.in_channels,
-                              latency_model=model)
+    table, space = table_and_space(args)
     units, _ = unit_table(table)
-    space = parse_space(args.space, args.target, args.value)
     (form, _), _ = target_form(units, space.target)
     u = space_center(units, space)
     c = np.asarray(units.channels, dtype=np.float64)
